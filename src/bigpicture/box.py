@@ -1,0 +1,112 @@
+"""Box: an N-d half-open integer region, the one geometric value of bigpicture.
+
+    lo[0]            hi[0]
+      |rrrr|wwwwwwwwwwww|rrrr|      read box = write box .grow(halo)
+           lo          hi
+
+A box never means "everything": an empty box has ``lo == hi`` in some dimension.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from itertools import product
+
+
+@dataclass(frozen=True)
+class Box:
+    lo: tuple[int, ...]
+    hi: tuple[int, ...]
+
+    def __post_init__(self) -> None:
+        assert len(self.lo) == len(self.hi), (self.lo, self.hi)
+        object.__setattr__(self, "lo", tuple(int(v) for v in self.lo))
+        object.__setattr__(self, "hi", tuple(int(v) for v in self.hi))
+
+    @classmethod
+    def from_shape(cls, shape) -> Box:
+        return cls((0,) * len(shape), tuple(shape))
+
+    @property
+    def ndim(self) -> int:
+        return len(self.lo)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(max(h - lo, 0) for lo, h in zip(self.lo, self.hi))
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n
+
+    @property
+    def empty(self) -> bool:
+        return any(h <= lo for lo, h in zip(self.lo, self.hi))
+
+    def grow(self, lo, hi=None) -> Box:
+        """Grow by ``lo`` below and ``hi`` above (ints or per-dimension tuples; negative shrinks)."""
+        lo = _per_dim(lo, self.ndim)
+        hi = lo if hi is None else _per_dim(hi, self.ndim)
+        return Box(tuple(a - g for a, g in zip(self.lo, lo)), tuple(b + g for b, g in zip(self.hi, hi)))
+
+    def shift(self, offset) -> Box:
+        offset = _per_dim(offset, self.ndim)
+        return Box(tuple(a + o for a, o in zip(self.lo, offset)), tuple(b + o for b, o in zip(self.hi, offset)))
+
+    def intersect(self, other: Box) -> Box:
+        lo = tuple(max(a, b) for a, b in zip(self.lo, other.lo))
+        hi = tuple(max(min(a, b), lo_) for a, b, lo_ in zip(self.hi, other.hi, lo))
+        return Box(lo, hi)
+
+    def clip(self, shape) -> Box:
+        return self.intersect(Box.from_shape(shape))
+
+    def hull(self, other: Box) -> Box:
+        if self.empty:
+            return other
+        if other.empty:
+            return self
+        return Box(tuple(map(min, self.lo, other.lo)), tuple(map(max, self.hi, other.hi)))
+
+    def contains(self, other: Box) -> bool:
+        return other.empty or all(a <= c and d <= b for a, b, c, d in zip(self.lo, self.hi, other.lo, other.hi))
+
+    def relative_to(self, outer: Box) -> Box:
+        """This box in the coordinates of ``outer`` (whose lo becomes the origin)."""
+        return self.shift(tuple(-v for v in outer.lo))
+
+    def slices(self) -> tuple[slice, ...]:
+        return tuple(slice(a, b) for a, b in zip(self.lo, self.hi))
+
+    def dim(self, d: int) -> tuple[int, int]:
+        return self.lo[d], self.hi[d]
+
+    def with_dim(self, d: int, lo: int, hi: int) -> Box:
+        return Box(self.lo[:d] + (lo,) + self.lo[d + 1 :], self.hi[:d] + (hi,) + self.hi[d + 1 :])
+
+    @classmethod
+    def from_dims(cls, dims) -> Box:
+        dims = list(dims)
+        return cls(tuple(a for a, _ in dims), tuple(b for _, b in dims))
+
+    def __str__(self) -> str:
+        return "[" + ", ".join(f"{a}:{b}" for a, b in zip(self.lo, self.hi)) + ")"
+
+
+def grid(boxes_per_dim) -> list[tuple[tuple[int, ...], Box]]:
+    """All combinations of per-dimension intervals, with their grid index, in row-major order."""
+    out = []
+    for index in product(*[range(len(b)) for b in boxes_per_dim]):
+        out.append((index, Box.from_dims(boxes_per_dim[d][i] for d, i in enumerate(index))))
+    return out
+
+
+def _per_dim(v, n: int) -> tuple[int, ...]:
+    if isinstance(v, int):
+        return (v,) * n
+    v = tuple(v)
+    assert len(v) == n, (v, n)
+    return v

@@ -1,0 +1,299 @@
+"""Devices the performance model can plan for: a table of GPUs and the local CPU.
+
+GPU figures are NVIDIA's published peaks for *dense* math (the datasheets quote
+tensor-core rates "with sparsity"; those are halved here). Memory sizes are the
+marketed capacity taken as GiB, which is how the parts are built; the usable
+part is a little less (CUDA context, ECC), so a planner keeps headroom.
+Bandwidths are decimal (1 GB/s = 1e9 B/s) as in the datasheets. The launch
+overhead of a GPU is an assumption (typical CUDA kernel launch latency), not a
+datasheet figure. The local CPU is measured by `calibrate`.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import os
+import platform
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any
+
+import torch
+
+from bigpicture.errors import TilingError
+
+GiB = 2**30
+TFLOPS = 1e12
+GB_PER_S = 1e9
+GPU_LAUNCH_S = 5e-6  # assumed: CUDA kernel launches typically take 3-10 us, none is on a datasheet
+
+DTYPE_KEYS: Mapping[torch.dtype, str] = MappingProxyType(
+    {torch.float32: "fp32", torch.float64: "fp64", torch.float16: "fp16", torch.bfloat16: "bf16"}
+)
+
+
+@dataclass(frozen=True)
+class Device:
+    name: str
+    memory_bytes: int
+    bandwidth_bytes_per_s: float
+    # dtype key ("fp32", "tf32", "fp16", "bf16", "fp64") -> dense flops/s
+    peak_flops: Mapping[str, float] = field(hash=False)
+    launch_overhead_s: float
+    source: str
+    cores: int | None = None
+
+    def __post_init__(self) -> None:
+        # a read-only view, so a Device shared by many plans cannot be edited through one of them
+        object.__setattr__(self, "peak_flops", MappingProxyType(dict(self.peak_flops)))
+
+    def peak(self, dtype: torch.dtype | str) -> float:
+        """Dense peak flops/s for a torch dtype or a key such as "tf32"."""
+        key = DTYPE_KEYS.get(dtype, dtype) if isinstance(dtype, torch.dtype) else dtype
+        if key not in self.peak_flops:
+            raise TilingError(
+                f"device {self.name} has no peak throughput for {dtype}; "
+                f"known: {', '.join(self.peak_flops)}. Plan with one of those dtypes."
+            )
+        return self.peak_flops[key]
+
+
+def _gpu(
+    name: str,
+    memory_gib: float,
+    bandwidth_gb_s: float,
+    fp32: float,
+    tf32: float,
+    fp16: float,
+    bf16: float,
+    source: str,
+    fp64: float | None = None,
+) -> Device:
+    """A table entry, in the datasheets' units: GiB, GB/s and dense TFLOPS."""
+    flops = {"fp32": fp32, "tf32": tf32, "fp16": fp16, "bf16": bf16}
+    if fp64 is not None:
+        flops["fp64"] = fp64
+    return Device(
+        name=name,
+        memory_bytes=int(memory_gib * GiB),
+        bandwidth_bytes_per_s=bandwidth_gb_s * GB_PER_S,
+        peak_flops={k: v * TFLOPS for k, v in flops.items()},
+        launch_overhead_s=GPU_LAUNCH_S,
+        source=source,
+    )
+
+
+# Volta and Turing have no TF32 or BF16 units: torch runs those as fp32 on the CUDA cores,
+# so their fp32 rate is given. GeForce cards are quoted with fp32 accumulation (what torch uses),
+# which runs at half their fp16-accumulate rate. fp64 is listed where the datasheet gives it;
+# on A100/H100/H200 it is the FP64 Tensor Core rate that cuBLAS DGEMM reaches.
+# fmt: off
+_TABLE = [
+    # name, memory GiB, bandwidth GB/s, then dense TFLOPS: fp32, tf32, fp16, bf16
+    _gpu("V100", 32, 900, 15.7, 15.7, 125, 15.7,
+         "NVIDIA Tesla V100 GPU Accelerator datasheet (V100 SXM2 32GB)", fp64=7.8),
+    _gpu("A100-40GB", 40, 1555, 19.5, 156, 312, 312,
+         "NVIDIA A100 Tensor Core GPU datasheet (A100 40GB SXM)", fp64=19.5),
+    _gpu("A100-80GB", 80, 2039, 19.5, 156, 312, 312,
+         "NVIDIA A100 Tensor Core GPU datasheet (A100 80GB SXM)", fp64=19.5),
+    _gpu("H100-SXM", 80, 3350, 67, 494.5, 989.5, 989.5,
+         "NVIDIA H100 Tensor Core GPU datasheet (H100 SXM)", fp64=67),
+    _gpu("H100-PCIe", 80, 2000, 51, 378, 756.5, 756.5,
+         "NVIDIA H100 Tensor Core GPU datasheet (H100 PCIe)", fp64=51),
+    _gpu("H200", 141, 4800, 67, 494.5, 989.5, 989.5,
+         "NVIDIA H200 Tensor Core GPU datasheet (H200 SXM)", fp64=67),
+    _gpu("L4", 24, 300, 30.3, 60, 121, 121,
+         "NVIDIA L4 Tensor Core GPU datasheet"),
+    _gpu("L40S", 48, 864, 91.6, 183, 362.05, 362.05,
+         "NVIDIA L40S GPU datasheet"),
+    _gpu("A10", 24, 600, 31.2, 62.5, 125, 125,
+         "NVIDIA A10 Tensor Core GPU datasheet"),
+    _gpu("T4", 16, 320, 8.1, 8.1, 65, 8.1,
+         "NVIDIA T4 Tensor Core GPU datasheet"),
+    _gpu("RTX-3090", 24, 936, 35.6, 35.6, 71, 71,
+         "NVIDIA Ampere GA102 GPU Architecture whitepaper (GeForce RTX 3090)"),
+    _gpu("RTX-4090", 24, 1008, 82.6, 82.6, 165.2, 165.2,
+         "NVIDIA Ada GPU Architecture whitepaper (GeForce RTX 4090)"),
+]
+# fmt: on
+DEVICES: Mapping[str, Device] = MappingProxyType({d.name: d for d in _TABLE})
+# the full product names, for users who copy them from a datasheet or nvidia-smi
+_ALIASES = {"V100-SXM2-32GB": "V100", "A100-SXM4-40GB": "A100-40GB", "A100-SXM4-80GB": "A100-80GB",
+            "H100-80GB-HBM3": "H100-SXM", "H200-SXM": "H200", "GeForce-RTX-3090": "RTX-3090",
+            "GeForce-RTX-4090": "RTX-4090"}  # fmt: skip
+
+
+def _key(name: str) -> str:
+    return "".join(c for c in name.lower() if c not in "-_ ")
+
+
+def get_device(name: str) -> Device:
+    """A device by name, ignoring case, '-', '_' and spaces; "cpu" is the local CPU."""
+    key = _key(name)
+    if key in ("cpu", "local", "localcpu"):
+        return local_cpu()
+    by_key = {_key(n): d for n, d in DEVICES.items()} | {_key(a): DEVICES[n] for a, n in _ALIASES.items()}
+    if key in by_key:
+        return by_key[key]
+    # "A100" is ambiguous rather than a typo: offer every table entry it starts
+    similar = [k for k in by_key if k.startswith(key)] or difflib.get_close_matches(key, by_key, n=3)
+    names = dict.fromkeys(by_key[k].name for k in similar)  # aliases repeat names; keep order
+    hint = f" Did you mean {' or '.join(map(repr, names))}?" if names else ""
+    raise TilingError(
+        f"unknown device {name!r}.{hint} Known devices: {', '.join(DEVICES)}, and 'cpu' "
+        "(this machine). For another device, build a bigpicture.devices.Device with its figures."
+    )
+
+
+def _memory_bytes() -> int:
+    total = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    # a container sees the host's memory in /proc; its cgroup limit is what it may use
+    for limit_file in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            limit = Path(limit_file).read_text().strip()
+        except OSError:
+            continue
+        if limit.isdigit():
+            total = min(total, int(limit))
+    return total
+
+
+def _cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def _cpu_model() -> str:
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return platform.processor()
+    return next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("model name")), "")
+
+
+def _machine() -> dict[str, Any]:
+    """What a calibration is valid for: a shared home directory must not leak one node's numbers."""
+    return {"node": platform.node(), "cpu": _cpu_model(), "cores": _cores(), "torch": torch.__version__}
+
+
+def local_cpu(path: str | os.PathLike | None = None) -> Device:
+    """This machine's CPU: calibrated figures if `calibrate` was run here, else nominal ones."""
+    cal = load_calibration(path)
+    if cal is not None:
+        flops = {DTYPE_KEYS[getattr(torch, dt)]: max(r.values()) for dt, r in cal["matmul"].items()}
+        flops["tf32"] = flops["fp32"]  # no TF32 on CPUs
+        return Device(
+            "cpu",
+            _memory_bytes(),
+            cal["bandwidth_bytes_per_s"],
+            flops,
+            cal["launch_overhead_s"],
+            f"calibrated {cal['created']}",
+            _cores(),
+        )
+    # 2 FMA units x 8 fp32 lanes (AVX2) x 2 flops at 2.5 GHz: a guess to be replaced by calibrate()
+    fp32 = _cores() * 2.5e9 * 32
+    return Device(
+        "cpu", _memory_bytes(), 20 * GB_PER_S,
+        {"fp32": fp32, "tf32": fp32, "fp64": fp32 / 2, "fp16": fp32, "bf16": fp32},
+        5e-6, "nominal, uncalibrated: run bigpicture.devices.calibrate()", _cores(),
+    )  # fmt: skip
+
+
+def calibration_path(path: str | os.PathLike | None = None) -> Path:
+    """The calibration file: `path`, else $BIGPICTURE_CACHE, else ~/.cache/bigpicture."""
+    if path is not None:
+        return Path(path)
+    cache = os.environ.get("BIGPICTURE_CACHE")
+    if cache is None:
+        cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "bigpicture"
+    return Path(cache) / "calibration.json"
+
+
+def load_calibration(path: str | os.PathLike | None = None) -> dict[str, Any] | None:
+    """The stored calibration of this machine, or None if absent, unreadable or from another machine."""
+    try:
+        cal = json.loads(calibration_path(path).read_text())
+    except (OSError, ValueError):
+        return None
+    return cal if cal.get("machine") == _machine() else None
+
+
+def _seconds_per_call(fn: Callable[[], object], min_time: float) -> float:
+    """Best time per call, with enough calls per trial that timer resolution does not matter."""
+    fn()  # warm-up: first calls pay for allocation and kernel selection
+    calls, best = 1, float("inf")
+    for _ in range(20):
+        start = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        elapsed = time.perf_counter() - start
+        best = min(best, elapsed / calls)
+        if elapsed >= min_time:
+            return best
+        calls *= 2
+    return best
+
+
+def _matmul(sizes: list[int], dtypes: list[torch.dtype], min_time: float) -> dict[str, dict[str, float]]:
+    out: dict[str, dict[str, float]] = {}
+    for dt in dtypes:
+        out[str(dt).removeprefix("torch.")] = {}
+        for n in sizes:
+            a, b = torch.randn(n, n).to(dt), torch.randn(n, n).to(dt)
+            s = _seconds_per_call(lambda a=a, b=b: a @ b, min_time)
+            out[str(dt).removeprefix("torch.")][str(n)] = 2 * n**3 / s
+    return out
+
+
+def _conv2d(cases: list[tuple[tuple[int, ...], tuple[int, ...]]], min_time: float) -> list[dict[str, Any]]:
+    out = []
+    for x_shape, w_shape in cases:
+        x, w = torch.randn(x_shape), torch.randn(w_shape)
+        s = _seconds_per_call(lambda x=x, w=w: torch.conv2d(x, w, padding="same"), min_time)
+        # same padding keeps H x W, so this is 2 * N * Cout * H * W * Cin * kh * kw
+        flops = 2 * x_shape[0] * x_shape[2] * x_shape[3] * w_shape[0] * w_shape[1] * w_shape[2] * w_shape[3]
+        out.append({"input": list(x_shape), "weight": list(w_shape), "flops_per_s": flops / s})
+    return out
+
+
+def _bandwidth(nbytes: int, min_time: float) -> float:
+    src = torch.ones(nbytes // 4)
+    dst = torch.empty_like(src)
+    return 2 * nbytes / _seconds_per_call(lambda: dst.copy_(src), min_time)  # a copy reads and writes
+
+
+def _launch_overhead(min_time: float) -> float:
+    a, b, c = torch.ones(1), torch.ones(1), torch.empty(1)
+    return _seconds_per_call(lambda: torch.add(a, b, out=c), min_time)
+
+
+def calibrate(path: str | os.PathLike | None = None, quick: bool = False) -> dict[str, Any]:
+    """Measure this machine and store the result as JSON (about 10 s; `quick` < 1 s, for tests)."""
+    min_time = 0.01 if quick else 0.2
+    sizes = [64, 128] if quick else [256, 512, 1024]
+    cases = [((1, 8, 32, 32), (8, 8, 3, 3))] if quick else [
+        ((1, 64, 56, 56), (64, 64, 3, 3)),
+        ((1, 32, 128, 128), (32, 32, 3, 3)),
+        ((1, 3, 224, 224), (64, 3, 7, 7)),
+    ]  # fmt: skip
+    cal = {
+        "version": 1,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "machine": _machine(),
+        "threads": torch.get_num_threads(),
+        "matmul": _matmul(sizes, [torch.float32, torch.float64, torch.bfloat16, torch.float16], min_time),
+        "conv2d": _conv2d(cases, min_time),
+        "bandwidth_bytes_per_s": _bandwidth((8 if quick else 256) * 2**20, min_time),
+        "launch_overhead_s": _launch_overhead(min_time),
+    }
+    target = calibration_path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_suffix(".tmp")
+    tmp.write_text(json.dumps(cal, indent=1))
+    tmp.replace(target)  # atomic: a concurrent reader sees the old file or the new one, never half
+    return cal

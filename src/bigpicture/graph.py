@@ -1,0 +1,113 @@
+"""Capture a model's graph with torch.fx and propagate shapes on fake tensors.
+
+The captured GraphModule shares the user's submodules and parameters (no copies), so every
+gradient lands on the user's own ``nn.Parameter`` objects.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import fx
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.fx.node import map_arg
+
+from .errors import TilingError
+
+
+def capture(model: torch.nn.Module) -> fx.GraphModule:
+    tracer = fx.Tracer()
+    tracer.record_stack_traces = True
+    try:
+        graph = tracer.trace(model)
+    except Exception as e:  # fx raises many kinds; each means the same to the user
+        raise TilingError(
+            f"could not capture {type(model).__name__} with torch.fx ({type(e).__name__}: {e}). Tracing "
+            "fails on Python control flow that depends on tensor values; move such code out of forward, "
+            "or mark the offending submodule as a leaf by wrapping it."
+        ) from e
+    return fx.GraphModule(tracer.root, graph, type(model).__name__)
+
+
+def fetch_attr(gm: fx.GraphModule, target: str):
+    obj = gm
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def call(gm: fx.GraphModule, node: fx.Node, args, kwargs):
+    """Run one node on resolved arguments, exactly as the module's own forward would."""
+    if node.op == "call_module":
+        return gm.get_submodule(node.target)(*args, **kwargs)
+    if node.op == "call_function":
+        return node.target(*args, **kwargs)
+    if node.op == "call_method":
+        return getattr(args[0], node.target)(*args[1:], **kwargs)
+    if node.op == "get_attr":
+        return fetch_attr(gm, node.target)
+    raise AssertionError(node.op)
+
+
+def resolve(node: fx.Node, env: dict):
+    return map_arg(node.args, env.__getitem__), map_arg(node.kwargs, env.__getitem__)
+
+
+def describe(gm: fx.GraphModule, node: fx.Node) -> str:
+    """``node `name` (op) at file:line`` for error messages."""
+    where = f"node `{node.name}` ({op_name(gm, node)}"
+    if node.op == "call_module":
+        where += f" `{node.target}`"
+    trace = (node.stack_trace or "").strip().splitlines()
+    files = [line.strip() for line in trace if line.strip().startswith("File ")]
+    if files:
+        where += ", " + files[-1].replace("File ", "", 1)
+    return where + ")"
+
+
+def op_name(gm: fx.GraphModule, node: fx.Node) -> str:
+    if node.op == "call_module":
+        return type(gm.get_submodule(node.target)).__name__
+    if node.op == "call_method":
+        return f"Tensor.{node.target}"
+    target = node.target
+    module = getattr(target, "__module__", None) or ""
+    name = getattr(target, "__name__", str(target))
+    prefix = {"torch.nn.functional": "F.", "_operator": "operator.", "torch": "torch."}.get(module, "")
+    return prefix + name
+
+
+def propagate(gm: fx.GraphModule, inputs: list) -> dict[fx.Node, object]:
+    """Every node's value on fake tensors: shapes and dtypes, with nothing of the input allocated.
+
+    ``inputs`` holds, per placeholder, a (shape, dtype, device) triple for tensors or the value.
+    """
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    env: dict[fx.Node, object] = {}
+    placeholders = iter(inputs)
+    with mode:
+        for node in gm.graph.nodes:
+            if node.op == "placeholder":
+                value = next(placeholders, None)
+                if isinstance(value, tuple) and len(value) == 3 and isinstance(value[1], torch.dtype):
+                    shape, dtype, device = value
+                    value = torch.empty(shape, dtype=dtype, device=device)
+                env[node] = value
+            elif node.op == "output":
+                env[node] = map_arg(node.args[0], env.__getitem__)
+            else:
+                args, kwargs = resolve(node, env)
+                try:
+                    env[node] = call(gm, node, args, kwargs)
+                except Exception as e:
+                    raise _shape_error(gm, node, e, inputs) from e
+    return env
+
+
+def _shape_error(gm, node, e, inputs) -> TilingError:
+    text = str(e).splitlines()[0] if str(e) else type(e).__name__
+    if any(s in text.lower() for s in ("too small", "output size", "kernel size can't be greater")):
+        return TilingError(
+            f"the input {tuple(inputs[0][0])} is smaller than the network's minimum: {describe(gm, node)} "
+            f"fails with: {text}. Use a larger input (or pad it)."
+        )
+    return TilingError(f"{describe(gm, node)} fails on the input's shape: {text}")

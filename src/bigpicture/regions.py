@@ -1,0 +1,36 @@
+"""The reverse walk: from the write boxes of the sinks to the box every node must compute.
+
+A node's *needs* is the hull of what its users need from it (and its own write box if it is
+a sink). Walking the spatial nodes in reverse topological order gives, for one tile, the
+box of every node, down to the input's read box.
+"""
+
+from __future__ import annotations
+
+from .box import Box
+from .split import Split
+
+
+def needs(split: Split, writes: dict) -> dict:
+    """The box each spatial node computes for one tile, given the write box of each sink."""
+    empty = Box((0,) * split.nd, (0,) * split.nd)
+    need: dict = {}
+    for node in reversed(split.order):
+        if split.roles[node] != "spatial":
+            continue
+        box = writes.get(node, empty)
+        for user in node.users:
+            if split.roles.get(user) != "spatial" or need[user].empty:
+                continue
+            op = split.ops[user]
+            box = box.hull(op.needs(need[user])[op.inputs.index(node)])
+        need[node] = box
+    return need
+
+
+def receptive_field(split: Split) -> tuple[int, ...]:
+    """Input pixels that one output pixel in the middle of the first sink depends on."""
+    sink = split.sinks[0]
+    center = tuple(n // 2 for n in split.extents[sink])
+    box = needs(split, {sink: Box(center, tuple(c + 1 for c in center))})[split.input]
+    return box.shape

@@ -1,0 +1,294 @@
+"""Ops that change resolution by other means than a window: transposed convolution, interpolation,
+pixel (un)shuffle; and ops that shift coordinates: padding and spatial slicing."""
+
+from __future__ import annotations
+
+import math
+from fractions import Fraction
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..box import Box
+from ..errors import TilingError
+from ..padding import read, source_box
+from . import Op, Window, _bind, _bind_values, _tuple, rule
+
+_CONVT_ARGS = ["weight", "bias", "stride", "padding", "output_padding", "groups", "dilation"]
+_CONVT_DEFAULTS = {"bias": None, "stride": 1, "padding": 0, "output_padding": 0, "groups": 1, "dilation": 1}
+
+
+@rule(
+    nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d,
+    F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d,
+)  # fmt: skip
+class ConvTranspose(Op):
+    """Input i writes output [i*s - p, i*s - p + d*(k-1)]; output_padding rows get the bias only."""
+
+    def __init__(self, node, ctx):
+        super().__init__(node, ctx)
+        n = self.nd
+        if node.op == "call_module":
+            m = ctx.module(node)
+            self.module = m
+            kernel, stride, padding, dilation, self.groups = (
+                m.kernel_size, m.stride, m.padding, m.dilation, m.groups,
+            )  # fmt: skip
+        else:
+            a = ctx.static(_bind(node, ctx, _CONVT_ARGS, _CONVT_DEFAULTS))
+            self.module = None
+            kernel = tuple(ctx.shape(node.args[1] if len(node.args) > 1 else node.kwargs["weight"])[2:])
+            stride, padding, dilation, self.groups = a["stride"], a["padding"], a["dilation"], a["groups"]
+        self.kernel, self.step = _tuple(kernel, n), _tuple(stride, n)
+        self.pad, self.dilation = _tuple(padding, n), _tuple(dilation, n)
+
+    @property
+    def stride(self):
+        return tuple(Fraction(1, s) for s in self.step)
+
+    def needs(self, out):
+        dims = []
+        for a, b, s, p, d, k, n in zip(
+            out.lo, out.hi, self.step, self.pad, self.dilation, self.kernel, self.in_extents[0]
+        ):
+            lo, hi = max(-((d * (k - 1) - a - p) // s), 0), min((b - 1 + p) // s + 1, n)
+            dims.append((lo, hi) if lo < hi and a < b else (0, 0))
+        return [Box.from_dims(dims)]
+
+    def run(self, out, args, kwargs):
+        if self.module is not None:
+            weight, bias = self.module.weight, self.module.bias
+        else:
+            a = _bind_values(args, kwargs, _CONVT_ARGS, _CONVT_DEFAULTS)
+            weight, bias = a["weight"], a["bias"]
+        value = args[0]
+        box = self.needs(out)[0]
+        x = read(value, box, self.in_extents[0])
+        if box.empty:
+            y = x.new_zeros(x.shape[:1] + (weight.shape[1] * self.groups,) + out.shape)
+        else:
+            convt = (F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d)[self.nd - 1]
+            y = convt(x, weight, None, self.step, 0, 0, self.groups, self.dilation)
+            pads = []
+            for d in reversed(range(self.nd)):
+                start = box.lo[d] * self.step[d] - self.pad[d]
+                pads += [start - out.lo[d], out.hi[d] - (start + y.shape[2 + d])]
+            y = F.pad(y, pads)
+        if bias is not None:
+            y = y + bias.view((1, -1) + (1,) * self.nd)
+        return y
+
+    def flops(self, out, channels):
+        return 2 * out.numel * channels * math.prod(self.kernel) // max(math.prod(self.step), 1)
+
+
+_INTERP_ARGS = ["size", "scale_factor", "mode", "align_corners", "recompute_scale_factor", "antialias"]
+_INTERP_DEFAULTS = {
+    "size": None, "scale_factor": None, "mode": "nearest", "align_corners": None,
+    "recompute_scale_factor": None, "antialias": False,
+}  # fmt: skip
+
+
+@rule(nn.Upsample, F.interpolate, F.upsample)
+class Resample(Op):
+    """Nearest and (bi/tri)linear interpolation in image coordinates, with PyTorch's index formulas."""
+
+    def __init__(self, node, ctx):
+        super().__init__(node, ctx)
+        if node.op == "call_module":
+            m = ctx.module(node)
+            a = {"scale_factor": m.scale_factor, "mode": m.mode, "align_corners": m.align_corners,
+                 "recompute_scale_factor": m.recompute_scale_factor}  # fmt: skip
+        else:
+            a = ctx.static(_bind(node, ctx, _INTERP_ARGS, _INTERP_DEFAULTS))
+        self.mode, self.align_corners = a["mode"], bool(a["align_corners"])
+        if self.mode not in ("nearest", "nearest-exact", "linear", "bilinear", "trilinear") or a.get("antialias"):
+            raise TilingError(
+                f"{ctx.where(node)}: interpolation mode {self.mode!r} has no exact tiled rule yet; "
+                "use nearest, nearest-exact or (bi/tri)linear without antialias."
+            )
+        sizes = list(zip(self.in_extents[0], self.extent))
+        given = a["scale_factor"] is not None and not a["recompute_scale_factor"]
+        factors = _tuple(a["scale_factor"], self.nd) if given else (None,) * self.nd
+        # PyTorch computes the source coordinate in float32 for every float dtype but double.
+        self.dtype = torch.float64 if ctx.dtype(node) == torch.float64 else torch.float32
+        self.scales = [self._scale(n_in, n_out, f) for (n_in, n_out), f in zip(sizes, factors)]
+
+    def _scale(self, n_in, n_out, factor):
+        linear = self.mode not in ("nearest", "nearest-exact")
+        if linear and self.align_corners:
+            return (n_in - 1) / (n_out - 1) if n_out > 1 else 0.0
+        return 1.0 / factor if factor else n_in / n_out
+
+    @property
+    def stride(self):
+        return tuple(Fraction(a, b) for a, b in zip(self.in_extents[0], self.extent))
+
+    def sources(self, d, lo, hi):
+        """Source rows i0, i1 and the weight of i1 for output rows [lo, hi) of dimension d."""
+        n = self.in_extents[0][d]
+        scale = torch.tensor(self.scales[d], dtype=self.dtype)
+        i = torch.arange(lo, hi).to(self.dtype)
+        if self.mode in ("nearest", "nearest-exact"):
+            src = torch.floor((i + 0.5) * scale if self.mode == "nearest-exact" else i * scale)
+            i0 = src.to(torch.int64).clamp(max=n - 1)
+            return i0, i0, None
+        src = scale * i if self.align_corners else (scale * (i + 0.5) - 0.5).clamp(min=0)
+        i0 = src.to(torch.int64)
+        return i0, torch.where(i0 < n - 1, i0 + 1, i0), src - i0
+
+    def needs(self, out):
+        dims = []
+        for d in range(self.nd):
+            if out.hi[d] <= out.lo[d]:
+                dims.append((0, 0))
+                continue
+            i0, i1, _ = self.sources(d, out.lo[d], out.hi[d])
+            dims.append((int(i0.min()), int(i1.max()) + 1))
+        return [Box.from_dims(dims)]
+
+    def run(self, out, args, kwargs):
+        x, have = args[0]
+        for d in range(self.nd):
+            i0, i1, lam = self.sources(d, out.lo[d], out.hi[d])
+            x0 = x.index_select(2 + d, (i0 - have.lo[d]).to(x.device))
+            if lam is None:
+                x = x0
+                continue
+            x1 = x.index_select(2 + d, (i1 - have.lo[d]).to(x.device))
+            shape = [1] * x.ndim
+            shape[2 + d] = -1
+            lam = lam.to(x.dtype).to(x.device).view(shape)
+            x = x0 * (1 - lam) + x1 * lam
+        return x
+
+
+def _pixel_shuffle_factor(node, ctx):
+    if node.op == "call_module":
+        m = ctx.module(node)
+        return getattr(m, "upscale_factor", None) or m.downscale_factor
+    return ctx.static(node.args[1] if len(node.args) > 1 else next(iter(node.kwargs.values())))
+
+
+class _PixelShuffleBase(Op):
+    def __init__(self, node, ctx):
+        super().__init__(node, ctx)
+        if self.nd != 2:
+            raise TilingError(f"{ctx.where(node)}: {self.name} is defined for 2D images only.")
+        self.r = _pixel_shuffle_factor(node, ctx)
+
+
+@rule(nn.PixelShuffle, F.pixel_shuffle)
+class PixelShuffle(_PixelShuffleBase):
+    @property
+    def stride(self):
+        return (Fraction(1, self.r),) * 2
+
+    def needs(self, out):
+        return [Box(tuple(a // self.r for a in out.lo), tuple((b - 1) // self.r + 1 for b in out.hi))]
+
+    def run(self, out, args, kwargs):
+        box = self.needs(out)[0]
+        y = F.pixel_shuffle(read(args[0], box, self.in_extents[0]), self.r)
+        return y[(..., *out.relative_to(Box(tuple(a * self.r for a in box.lo), out.hi)).slices())]
+
+
+@rule(nn.PixelUnshuffle, F.pixel_unshuffle)
+class PixelUnshuffle(_PixelShuffleBase):
+    @property
+    def stride(self):
+        return (Fraction(self.r),) * 2
+
+    def needs(self, out):
+        return [Box(tuple(a * self.r for a in out.lo), tuple(b * self.r for b in out.hi))]
+
+    def run(self, out, args, kwargs):
+        return F.pixel_unshuffle(read(args[0], self.needs(out)[0], self.in_extents[0]), self.r)
+
+
+_PAD_MODES = {"Reflection": "reflect", "Replication": "replicate", "Circular": "circular"}
+
+
+@rule(
+    nn.ConstantPad1d, nn.ConstantPad2d, nn.ConstantPad3d, nn.ZeroPad1d, nn.ZeroPad2d, nn.ZeroPad3d,
+    nn.ReflectionPad1d, nn.ReflectionPad2d, nn.ReflectionPad3d,
+    nn.ReplicationPad1d, nn.ReplicationPad2d, nn.ReplicationPad3d,
+    nn.CircularPad1d, nn.CircularPad2d, nn.CircularPad3d, F.pad,
+)  # fmt: skip
+class Pad(Op):
+    """Output row i is input row i - pad_lo; rows outside the image come from the padding mode."""
+
+    def __init__(self, node, ctx):
+        super().__init__(node, ctx)
+        if node.op == "call_module":
+            m = ctx.module(node)
+            pad, self.fill = m.padding, getattr(m, "value", 0.0)
+            name = type(m).__name__
+            self.mode = next((mode for key, mode in _PAD_MODES.items() if name.startswith(key)), "constant")
+        else:
+            a = ctx.static(_bind(node, ctx, ["pad", "mode", "value"], {"mode": "constant", "value": None}))
+            pad, self.mode, self.fill = a["pad"], a["mode"], a["value"] or 0.0
+        pad = _tuple(pad, 2 * self.nd)
+        if len(pad) > 2 * self.nd:
+            raise TilingError(f"{ctx.where(node)}: {self.name} pads non-spatial dimensions; only spatial "
+                              "padding can be tiled.")  # fmt: skip
+        pad = tuple(pad) + (0,) * (2 * self.nd - len(pad))
+        self.pad_lo = tuple(pad[2 * (self.nd - 1 - d)] for d in range(self.nd))
+
+    def padded_box(self, out):
+        return out.shift(tuple(-p for p in self.pad_lo))
+
+    def needs(self, out):
+        return [source_box(self.padded_box(out), self.in_extents[0], self.mode)]
+
+    def run(self, out, args, kwargs):
+        return read(args[0], self.padded_box(out), self.in_extents[0], self.mode, self.fill)
+
+
+class Slice(Op):
+    """``x[..., a:b:s]`` on spatial dimensions: output row i is input row a + i*s."""
+
+    def __init__(self, node, ctx, index):
+        super().__init__(node, ctx)
+        shape = ctx.shape(node.args[0])
+        index = _expand_index(index, len(shape))
+        if index is None or not all(isinstance(i, slice) for i in index):
+            raise TilingError(
+                f"{ctx.where(node)}: indexing {index} drops or reorders spatial dimensions; only slices "
+                "with a positive step can be tiled. Move it after the tiled part."
+            )
+        self.head = index[:2]
+        self.start, self.step = [], []
+        for sl, n in zip(index[2:], shape[2:]):
+            start, _, step = sl.indices(n)
+            if step <= 0:
+                raise TilingError(f"{ctx.where(node)}: slice step {step} must be positive.")
+            self.start.append(start)
+            self.step.append(step)
+
+    @property
+    def stride(self):
+        return tuple(Fraction(s) for s in self.step)
+
+    def needs(self, out):
+        dims = [(s + a * t, s + (b - 1) * t + 1) if a < b else (0, 0)
+                for a, b, s, t in zip(out.lo, out.hi, self.start, self.step)]  # fmt: skip
+        return [Box.from_dims(dims)]
+
+    def run(self, out, args, kwargs):
+        x, have = args[0]
+        box = self.needs(out)[0]
+        spatial = tuple(slice(a - h, b - h, t) for a, b, h, t in zip(box.lo, box.hi, have.lo, self.step))
+        return x[(slice(None), slice(None)) + spatial][self.head]
+
+
+def _expand_index(index, ndim):
+    """A tuple of one entry per dimension, or None where the index has None or tensors."""
+    index = index if isinstance(index, tuple) else (index,)
+    if any(i is None or isinstance(i, torch.Tensor) for i in index):
+        return None
+    if Ellipsis in index:
+        k = index.index(Ellipsis)
+        index = index[:k] + (slice(None),) * (ndim - len(index) + 1) + index[k + 1 :]
+    return index + (slice(None),) * (ndim - len(index))

@@ -1,0 +1,129 @@
+"""Convolution and pooling: window ops with explicit padding at the image border."""
+
+from __future__ import annotations
+
+import math
+from fractions import Fraction
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..box import Box
+from ..errors import TilingError
+from ..padding import read, source_box
+from . import Op, Window, _bind, _bind_values, _tuple, rule
+
+_CONV_ARGS = ["weight", "bias", "stride", "padding", "dilation", "groups"]
+_CONV_DEFAULTS = {"bias": None, "stride": 1, "padding": 0, "dilation": 1, "groups": 1}
+
+
+@rule(nn.Conv1d, nn.Conv2d, nn.Conv3d, F.conv1d, F.conv2d, F.conv3d)
+class Conv(Window):
+    def __init__(self, node, ctx):
+        super().__init__(node, ctx)
+        n = self.nd
+        if node.op == "call_module":
+            m = ctx.module(node)
+            kernel, stride, padding, dilation = m.kernel_size, m.stride, m.padding, m.dilation
+            self.groups, self.module, self.cin_per_group = m.groups, m, m.weight.shape[1]
+            self.mode = {"zeros": "constant"}.get(m.padding_mode, m.padding_mode)
+        else:
+            a = ctx.static(_bind(node, ctx, _CONV_ARGS, _CONV_DEFAULTS))
+            weight = ctx.shape(node.args[1] if len(node.args) > 1 else node.kwargs["weight"])
+            kernel, self.cin_per_group = tuple(weight[2:]), weight[1]
+            stride, padding, dilation, self.groups = a["stride"], a["padding"], a["dilation"], a["groups"]
+            self.module = None
+        self.kernel, self.step, self.dilation = _tuple(kernel, n), _tuple(stride, n), _tuple(dilation, n)
+        if padding == "same":
+            self.pad_lo, _ = _same_padding(self.kernel, self.dilation)
+        elif padding == "valid":
+            self.pad_lo = (0,) * n
+        else:
+            self.pad_lo = _tuple(padding, n)
+
+    def weights(self, args, kwargs):
+        if self.module is not None:
+            return self.module.weight, self.module.bias
+        a = _bind_values(args, kwargs, _CONV_ARGS, _CONV_DEFAULTS)
+        return a["weight"], a["bias"]
+
+    def run(self, out, args, kwargs):
+        weight, bias = self.weights(args, kwargs)
+        conv = (F.conv1d, F.conv2d, F.conv3d)[self.nd - 1]
+        return conv(self.read(out, args[0]), weight, bias, self.step, 0, self.dilation, self.groups)
+
+    def flops(self, out, channels):
+        return 2 * out.numel * channels * math.prod(self.kernel) * self.cin_per_group
+
+
+_MAXPOOL_ARGS = ["kernel_size", "stride", "padding", "dilation", "ceil_mode", "return_indices"]
+_MAXPOOL_DEFAULTS = {"stride": None, "padding": 0, "dilation": 1, "ceil_mode": False, "return_indices": False}
+_AVGPOOL_ARGS = ["kernel_size", "stride", "padding", "ceil_mode", "count_include_pad", "divisor_override"]
+_AVGPOOL_DEFAULTS = {
+    "stride": None, "padding": 0, "ceil_mode": False, "count_include_pad": True, "divisor_override": None,
+}  # fmt: skip
+
+
+class Pool(Window):
+    def configure(self, ctx, a):
+        n = self.nd
+        self.kernel = _tuple(a["kernel_size"], n)
+        self.step = _tuple(a["stride"] or a["kernel_size"], n)
+        self.pad_lo = _tuple(a["padding"], n)
+        self.dilation = _tuple(a.get("dilation", 1), n)
+        if a.get("return_indices"):
+            raise TilingError(
+                f"{ctx.where(self.node)}: {self.name} with return_indices=True returns positions in "
+                "image coordinates, which bigpicture does not tile yet; use return_indices=False."
+            )
+
+    def arguments(self, node, ctx, names, defaults):
+        if node.op == "call_module":
+            m = ctx.module(node)
+            return {k: getattr(m, k, defaults.get(k)) for k in ["kernel_size"] + list(defaults)}
+        return ctx.static(_bind(node, ctx, names, defaults))
+
+    def flops(self, out, channels):
+        return out.numel * channels * math.prod(self.kernel)
+
+
+@rule(nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, F.max_pool1d, F.max_pool2d, F.max_pool3d)
+class MaxPool(Pool):
+    def __init__(self, node, ctx):
+        super().__init__(node, ctx)
+        self.configure(ctx, self.arguments(node, ctx, _MAXPOOL_ARGS, _MAXPOOL_DEFAULTS))
+
+    def run(self, out, args, kwargs):
+        pool = (F.max_pool1d, F.max_pool2d, F.max_pool3d)[self.nd - 1]
+        return pool(self.read(out, args[0], -math.inf), self.kernel, self.step, 0, self.dilation)
+
+
+@rule(nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d, F.avg_pool1d, F.avg_pool2d, F.avg_pool3d)
+class AvgPool(Pool):
+    """Window sums with zero padding, divided by PyTorch's divisor at each image position."""
+
+    def __init__(self, node, ctx):
+        super().__init__(node, ctx)
+        a = self.arguments(node, ctx, _AVGPOOL_ARGS, _AVGPOOL_DEFAULTS)
+        self.configure(ctx, a)
+        self.count_include_pad, self.divisor_override = a["count_include_pad"], a["divisor_override"]
+
+    def run(self, out, args, kwargs):
+        x = self.read(out, args[0])
+        if self.nd == 1:
+            sums = F.avg_pool2d(x.unsqueeze(2), (1,) + self.kernel, (1,) + self.step, divisor_override=1)
+            sums = sums.squeeze(2)
+        else:
+            pool = (F.avg_pool2d, F.avg_pool3d)[self.nd - 2]
+            sums = pool(x, self.kernel, self.step, divisor_override=1)
+        if self.divisor_override:
+            return sums / self.divisor_override
+        divisor = torch.ones((), dtype=torch.int64)
+        for d in range(self.nd):
+            i = torch.arange(out.lo[d], out.hi[d])
+            start, n, p = i * self.step[d] - self.pad_lo[d], self.in_extents[0][d], self.pad_lo[d]
+            end = torch.clamp(start + self.kernel[d], max=n + p)
+            count = end - start if self.count_include_pad else end.clamp(max=n) - start.clamp(min=0)
+            divisor = divisor.unsqueeze(-1) * count
+        return sums / divisor.to(sums.device)
