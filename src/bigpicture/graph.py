@@ -17,6 +17,8 @@ from .errors import TilingError
 def capture(model: torch.nn.Module) -> fx.GraphModule:
     tracer = fx.Tracer()
     tracer.record_stack_traces = True
+    if tracer.is_leaf_module(model, ""):  # a bare torch.nn layer: trace it as a call, not its insides
+        model = torch.nn.Sequential(model)
     try:
         graph = tracer.trace(model)
     except Exception as e:  # fx raises many kinds; each means the same to the user
@@ -58,7 +60,7 @@ def describe(gm: fx.GraphModule, node: fx.Node) -> str:
     if node.op == "call_module":
         where += f" `{node.target}`"
     trace = (node.stack_trace or "").strip().splitlines()
-    files = [line.strip() for line in trace if line.strip().startswith("File ")]
+    files = [line.strip() for line in trace if line.strip().startswith("File ") and "/torch/" not in line]
     if files:
         where += ", " + files[-1].replace("File ", "", 1)
     return where + ")"

@@ -15,8 +15,8 @@ write box of each sink.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import cached_property
 from fractions import Fraction
+from functools import cached_property
 
 import torch
 from torch import fx

@@ -148,11 +148,11 @@ def _tuple(v, n):
 
 
 def _bind(node, ctx, names, defaults):
-    """Non-input arguments of a functional call, by name, with static values resolved."""
+    """Non-tensor arguments of a functional call, by name (weights are read when the tile runs)."""
     bound = dict(defaults)
     bound.update(zip(names, node.args[1:]))
     bound.update(node.kwargs)
-    return bound
+    return {k: v for k, v in bound.items() if k not in ("weight", "bias")}
 
 
 def _same_padding(kernel, dilation):

@@ -13,7 +13,7 @@ from torch import nn
 from ..box import Box
 from ..errors import TilingError
 from ..padding import read, source_box
-from . import Op, Window, _bind, _bind_values, _tuple, rule
+from . import Op, _bind, _bind_values, _tuple, rule
 
 _CONVT_ARGS = ["weight", "bias", "stride", "padding", "output_padding", "groups", "dilation"]
 _CONVT_DEFAULTS = {"bias": None, "stride": 1, "padding": 0, "output_padding": 0, "groups": 1, "dilation": 1}

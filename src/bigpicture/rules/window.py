@@ -3,16 +3,13 @@
 from __future__ import annotations
 
 import math
-from fractions import Fraction
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..box import Box
 from ..errors import TilingError
-from ..padding import read, source_box
-from . import Op, Window, _bind, _bind_values, _tuple, rule
+from . import Window, _bind, _bind_values, _same_padding, _tuple, rule
 
 _CONV_ARGS = ["weight", "bias", "stride", "padding", "dilation", "groups"]
 _CONV_DEFAULTS = {"bias": None, "stride": 1, "padding": 0, "dilation": 1, "groups": 1}
