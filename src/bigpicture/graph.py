@@ -14,9 +14,10 @@ from torch.fx.node import map_arg
 from .errors import TilingError
 
 
-def capture(model: torch.nn.Module) -> fx.GraphModule:
+def capture(model: torch.nn.Module, stack_traces: bool = False) -> fx.GraphModule:
+    """The model's graph. Source lines cost seconds to record, so errors re-trace to get them."""
     tracer = fx.Tracer()
-    tracer.record_stack_traces = True
+    tracer.record_stack_traces = stack_traces
     if tracer.is_leaf_module(model, ""):  # a bare torch.nn layer: trace it as a call, not its insides
         model = torch.nn.Sequential(model)
     try:
@@ -27,7 +28,9 @@ def capture(model: torch.nn.Module) -> fx.GraphModule:
             "fails on Python control flow that depends on tensor values; move such code out of forward, "
             "or mark the offending submodule as a leaf by wrapping it."
         ) from e
-    return fx.GraphModule(tracer.root, graph, type(model).__name__)
+    gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
+    gm.meta["bigpicture_model"] = model
+    return gm
 
 
 def fetch_attr(gm: fx.GraphModule, target: str):
@@ -59,11 +62,21 @@ def describe(gm: fx.GraphModule, node: fx.Node) -> str:
     where = f"node `{node.name}` ({op_name(gm, node)}"
     if node.op == "call_module":
         where += f" `{node.target}`"
-    trace = (node.stack_trace or "").strip().splitlines()
+    trace = (node.stack_trace or _stack_trace(gm, node.name) or "").strip().splitlines()
     files = [line.strip() for line in trace if line.strip().startswith("File ") and "/torch/" not in line]
     if files:
         where += ", " + files[-1].replace("File ", "", 1)
     return where + ")"
+
+
+def _stack_trace(gm: fx.GraphModule, name: str) -> str | None:
+    model = gm.meta.get("bigpicture_model")
+    if model is None:
+        return None
+    if "bigpicture_traces" not in gm.meta:
+        traced = capture(model, stack_traces=True)
+        gm.meta["bigpicture_traces"] = {n.name: n.stack_trace for n in traced.graph.nodes}
+    return gm.meta["bigpicture_traces"].get(name)
 
 
 def op_name(gm: fx.GraphModule, node: fx.Node) -> str:
