@@ -157,7 +157,11 @@ class FileSource(Source):
 
 
 class ArraySource(Source):
-    """Any array-like with ``shape``, ``dtype`` and slicing: numpy, memmap, zarr, h5py, dask."""
+    """Any array-like with ``shape``, ``dtype`` and slicing: numpy, memmap, zarr, h5py, dask.
+
+    Regions of in-memory arrays are copied, so a model that changes its input in
+    place cannot alter the pixels that a neighbouring tile reads as its halo.
+    """
 
     def __init__(self, array):
         self.array = array
@@ -165,14 +169,15 @@ class ArraySource(Source):
         self.dtype = np.dtype(array.dtype)
 
     def read(self, region: Region) -> np.ndarray:
-        return np.asarray(self.array[region])
+        out = self.array[region]
+        return np.array(out) if isinstance(self.array, np.ndarray) else np.asarray(out)
 
     def __repr__(self) -> str:
         return f"ArraySource({type(self.array).__name__}, shape={self.shape}, dtype={self.dtype})"
 
 
 class TensorSource(Source):
-    """A torch tensor, read region by region into numpy (detached, on the CPU)."""
+    """A torch tensor, read region by region into numpy (detached, copied to the CPU)."""
 
     def __init__(self, tensor: torch.Tensor):
         try:
@@ -183,7 +188,7 @@ class TensorSource(Source):
         self.shape = tuple(tensor.shape)
 
     def read(self, region: Region) -> np.ndarray:
-        return self.tensor[region].cpu().numpy()
+        return self.tensor[region].cpu().numpy().copy()
 
 
 class TransformedSource(Source):

@@ -26,9 +26,9 @@ from bigpicture.io.sources import FileSource, Region, existing_path, optional_im
 def open_volume(path: str | os.PathLike):
     """A lazy ``(1, C, D, H, W)`` source for a NIfTI file or a folder holding one DICOM series.
 
-    For large volumes prefer uncompressed ``.nii``: it is memory-mapped, while
-    each region of a ``.nii.gz`` is decompressed from the start of the file
-    (install ``indexed_gzip`` to make that fast).
+    For large volumes prefer uncompressed ``.nii``: a region reads only its own
+    bytes, while each region of a ``.nii.gz`` is decompressed from the start of
+    the file (install ``indexed_gzip`` to make that fast).
     """
     path = existing_path(path)
     return DicomSource(path) if path.is_dir() else NiftiSource(path)
