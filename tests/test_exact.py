@@ -5,9 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
-
 from helpers import assert_tiled_matches
+from torch import nn
 
 
 class Lambda(nn.Module):

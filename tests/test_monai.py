@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import assert_tiled_matches
 
 import bigpicture as bp
-from helpers import assert_tiled_matches
 
 nets = pytest.importorskip("monai.networks.nets")
 

@@ -54,7 +54,9 @@ class Box:
 
     def shift(self, offset) -> Box:
         offset = _per_dim(offset, self.ndim)
-        return Box(tuple(a + o for a, o in zip(self.lo, offset)), tuple(b + o for b, o in zip(self.hi, offset)))
+        return Box(
+            tuple(a + o for a, o in zip(self.lo, offset)), tuple(b + o for b, o in zip(self.hi, offset))
+        )
 
     def intersect(self, other: Box) -> Box:
         lo = tuple(max(a, b) for a, b in zip(self.lo, other.lo))
@@ -72,7 +74,9 @@ class Box:
         return Box(tuple(map(min, self.lo, other.lo)), tuple(map(max, self.hi, other.hi)))
 
     def contains(self, other: Box) -> bool:
-        return other.empty or all(a <= c and d <= b for a, b, c, d in zip(self.lo, self.hi, other.lo, other.hi))
+        return other.empty or all(
+            a <= c and d <= b for a, b, c, d in zip(self.lo, self.hi, other.lo, other.hi)
+        )
 
     def relative_to(self, outer: Box) -> Box:
         """This box in the coordinates of ``outer`` (whose lo becomes the origin)."""

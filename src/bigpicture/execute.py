@@ -25,12 +25,15 @@ from .rules.reduce import Partial
 class Runner:
     """Runs one plan on one call's inputs."""
 
-    def __init__(self, plan: Plan, args: tuple, params: list, device: torch.device, progress=None) -> None:
+    def __init__(
+        self, plan: Plan, args: tuple, params: list, device: torch.device, progress=None, derived=None
+    ) -> None:
         self.plan, self.split, self.args, self.params = plan, plan.split, args, params
         self.device, self.progress = device, progress
+        self.derived = derived or {}  # values of earlier passes that the tiles use
         s = self.split
         self.dense = [k for k in s.sinks if any(s.roles[u] in ("tail", "output") for u in k.users)]
-        self.reductions = [n for n in s.gm.graph.nodes if s.roles[n] == "reduce"]
+        self.reductions = [r for k in s.sinks for r in k.users if s.roles[r] == "reduce"]
         self.last_use = {}
         for i, node in enumerate(s.order):
             for inp in node.all_input_nodes:
@@ -46,7 +49,7 @@ class Runner:
 
     def consts(self) -> dict:
         """Placeholders other than the image, and the parameter-only nodes the tiles use."""
-        s, env = self.split, {}
+        s, env = self.split, dict(self.derived)
         placeholders = [n for n in s.gm.graph.nodes if n.op == "placeholder"]
         for node, value in zip(placeholders[1:], self.args[1:]):
             env[node] = value
@@ -70,7 +73,10 @@ class Runner:
             if s.roles[node] != "spatial" or node is s.input:
                 continue
             box = need[node]
-            if not box.empty:
+            if box.empty:  # users may still ask for an empty box of it (padding, output_padding)
+                shape = s.shapes[node][:2] + box.shape
+                env[node] = Value(torch.empty(shape, dtype=self.plan.dtype, device=self.device), box)
+            else:
                 args, kwargs = map_arg((node.args, node.kwargs), lambda n: self._arg(n, env))
                 env[node] = Value(s.ops[node].run(box, args, kwargs), box)
             for inp in node.all_input_nodes:
@@ -111,13 +117,18 @@ class Runner:
         return torch.empty(self.split.shapes[node], dtype=self.plan.dtype, device=device)
 
     def backward(self, dense_grads: dict, reduce_grads: dict, partials: dict, x_grad: torch.Tensor | None):
-        """Per-tile recompute; returns the summed parameter gradients (None where unused)."""
+        """Per-tile recompute; the summed gradients of the parameters, then of the derived values."""
         s = self.split
-        totals = [None] * len(self.params)
+        derived = [n for n in self.derived if self.derived[n].requires_grad]
+        wrt = len(self.params) + len(derived)
+        totals = [None] * wrt
         for tile in self._tiles("backward"):
             with torch.enable_grad():
                 x = self.read_input(tile.read).detach().requires_grad_(x_grad is not None)
-                sinks = self.run_tile(tile, x, self.consts())
+                consts = self.consts()
+                leaves = [consts[n].detach().requires_grad_() for n in derived]
+                consts.update(zip(derived, leaves))
+                sinks = self.run_tile(tile, x, consts)
                 terms = []
                 for k, write in zip(s.sinks, tile.writes):
                     if write.empty:
@@ -134,55 +145,44 @@ class Runner:
                 total = torch.stack(terms).sum()
                 if not total.requires_grad:
                     continue
-                inputs = ([x] if x_grad is not None else []) + self.params
+                inputs = ([x] if x_grad is not None else []) + self.params + leaves
                 grads = torch.autograd.grad(total, inputs, allow_unused=True)
             if x_grad is not None:
-                x_grad[(slice(None), slice(None)) + tile.read.slices()] += grads[0].to(x_grad.device)
+                if grads[0] is not None:  # None where the tile reads only padding
+                    x_grad[(slice(None), slice(None)) + tile.read.slices()] += grads[0].to(x_grad.device)
                 grads = grads[1:]
             for i, gr in enumerate(grads):
                 if gr is not None:
                     totals[i] = gr if totals[i] is None else totals[i] + gr
         return totals
 
+    def used_parameters(self) -> set[int]:
+        s, used = self.split, set()
+        for node in s.order:
+            if node.op == "call_module":
+                used.update(id(p) for p in s.gm.get_submodule(node.target).parameters())
+            elif node.op == "get_attr":
+                used.add(id(g.fetch_attr(s.gm, node.target)))
+        return used
+
+    def outputs(self, dense: dict, partials: dict) -> list:
+        return [dense[k] for k in self.dense] + [partials[r].value for r in self.reductions]
+
     def _tiles(self, what: str):
         if self.progress is None:
             return self.plan.tiles
         return self.progress(self.plan.tiles, desc=f"bigpicture {what}", unit="tile")
 
-    # -- after the tiles -----------------------------------------------------------------------
-
-    def tail(self, boundary: dict, reduced: dict):
-        """Run the untiled rest of the graph on the boundary tensors."""
-        s, env = self.split, dict(boundary)
-        placeholders = iter(self.args)
-        for node in s.gm.graph.nodes:
-            role = s.roles[node]
-            if node.op == "placeholder":
-                value = next(placeholders, None)
-                env.setdefault(node, value)
-            elif node.op == "output":
-                return map_arg(node.args[0], env.__getitem__)
-            elif role == "static":
-                env[node] = s.statics[node]
-            elif role == "reduce":
-                rest, kwargs = map_arg((node.args[1:], node.kwargs), env.__getitem__)
-                env[node] = s.ops[node].finalize(reduced[node], rest, kwargs)
-            elif role in ("const", "tail"):
-                args, kwargs = map_arg((node.args, node.kwargs), env.__getitem__)
-                env[node] = g.call(s.gm, node, args, kwargs)
-        raise AssertionError("graph without output")
-
 
 class TiledFunction(torch.autograd.Function):
-    """Boundary tensors of the tiled part, differentiable in the input and the parameters."""
+    """Boundary tensors of one pass, differentiable in the input, parameters and derived values."""
 
     @staticmethod
-    def forward(ctx, runner: Runner, x, *params):
+    def forward(ctx, runner: Runner, x, *inputs):
         dense, partials = runner.forward()
         ctx.runner, ctx.partials = runner, partials
-        ctx.x_shape = None if x is None else (x.shape, x.dtype, x.device)
-        outputs = [dense[k] for k in runner.dense] + [partials[r].value for r in runner.reductions]
-        return tuple(outputs)
+        ctx.x_spec = None if x is None else (x.shape, x.dtype, x.device)
+        return tuple(runner.outputs(dense, partials))
 
     @staticmethod
     def backward(ctx, *grads):
@@ -191,26 +191,68 @@ class TiledFunction(torch.autograd.Function):
         dense_grads = dict(zip(runner.dense, grads[:n]))
         reduce_grads = dict(zip(runner.reductions, grads[n:]))
         x_grad = None
-        if ctx.x_shape is not None and ctx.needs_input_grad[1]:
-            shape, dtype, device = ctx.x_shape
+        if ctx.x_spec is not None and ctx.needs_input_grad[1]:
+            shape, dtype, device = ctx.x_spec
             x_grad = torch.zeros(shape, dtype=dtype, device=device)
-        param_grads = runner.backward(dense_grads, reduce_grads, ctx.partials, x_grad)
-        return (None, x_grad, *param_grads)
+        totals = runner.backward(dense_grads, reduce_grads, ctx.partials, x_grad)
+        params, derived = totals[: len(runner.params)], iter(totals[len(runner.params) :])
+        # A parameter the tiles use gets a gradient, zero if nothing reached it, as in PyTorch.
+        used = runner.used_parameters()
+        params = [
+            torch.zeros_like(p) if gr is None and id(p) in used else gr
+            for p, gr in zip(runner.params, params)
+        ]
+        derived = [next(derived) if v.requires_grad else None for v in runner.derived.values()]
+        return (None, x_grad, *params, *derived)
 
 
 def run(plan: Plan, args: tuple, params: list, device: torch.device, progress=None):
     """The model's output on ``args``, computed tile by tile; differentiable where grad is enabled."""
-    runner = Runner(plan, args, params, device, progress)
     x = args[0] if isinstance(args[0], torch.Tensor) else None
     trainable = [p for p in params if p.requires_grad]
-    runner.params = trainable
-    grad = torch.is_grad_enabled() and (bool(trainable) or (x is not None and x.requires_grad))
-    if grad:
-        outputs = TiledFunction.apply(runner, x, *trainable)
-    else:
-        dense, partials = runner.forward()
-        outputs = [dense[k] for k in runner.dense] + [partials[r].value for r in runner.reductions]
-    n = len(runner.dense)
-    boundary = dict(zip(runner.dense, outputs[:n]))
-    reduced = dict(zip(runner.reductions, outputs[n:]))
-    return runner.tail(boundary, reduced)
+    graph = Evaluator(plan.split, args)
+    for stage in plan.earlier + (plan,):
+        graph.evaluate_ready()
+        derived = {n: graph.env[n] for n in stage.split.derived}
+        runner = Runner(stage, args, trainable, device, progress, derived)
+        grad = torch.is_grad_enabled() and (
+            bool(trainable)
+            or (x is not None and x.requires_grad)
+            or any(v.requires_grad for v in derived.values())
+        )
+        if grad:
+            outputs = TiledFunction.apply(runner, x, *trainable, *derived.values())
+        else:
+            outputs = runner.outputs(*runner.forward())
+        n = len(runner.dense)
+        graph.env.update(zip(runner.dense, outputs[:n]))
+        graph.reduced.update(zip(runner.reductions, outputs[n:]))
+    return graph.evaluate_ready()
+
+
+class Evaluator:
+    """Runs the untiled nodes, each as soon as its inputs are known (between and after passes)."""
+
+    def __init__(self, split, args: tuple) -> None:
+        self.split, self.env, self.reduced = split, {}, {}
+        placeholders = [n for n in split.gm.graph.nodes if n.op == "placeholder"]
+        self.env.update((n, v) for n, v in zip(placeholders[1:], args[1:]))
+        self.env.update(split.statics)
+
+    def evaluate_ready(self):
+        s, env = self.split, self.env
+        for node in s.gm.graph.nodes:
+            if node in env or s.roles[node] == "spatial" or node.op == "placeholder":
+                continue
+            if node.op == "output":
+                if all(i in env for i in node.all_input_nodes):
+                    return map_arg(node.args[0], env.__getitem__)
+                continue
+            if s.roles[node] == "reduce":
+                if node in self.reduced and all(i in env for i in node.all_input_nodes[1:]):
+                    rest, kwargs = map_arg((node.args[1:], node.kwargs), env.__getitem__)
+                    env[node] = s.ops[node].finalize(self.reduced[node], rest, kwargs)
+            elif all(i in env for i in node.all_input_nodes):
+                args, kwargs = map_arg((node.args, node.kwargs), env.__getitem__)
+                env[node] = g.call(s.gm, node, args, kwargs)
+        return None

@@ -6,6 +6,8 @@ gradient lands on the user's own ``nn.Parameter`` objects.
 
 from __future__ import annotations
 
+import logging
+
 import torch
 from torch import fx
 from torch._subclasses.fake_tensor import FakeTensorMode
@@ -63,10 +65,14 @@ def describe(gm: fx.GraphModule, node: fx.Node) -> str:
     if node.op == "call_module":
         where += f" `{node.target}`"
     trace = (node.stack_trace or _stack_trace(gm, node.name) or "").strip().splitlines()
-    files = [line.strip() for line in trace if line.strip().startswith("File ") and "/torch/" not in line]
+    files = [line.strip() for line in trace if line.strip().startswith("File ") and not _internal(line)]
     if files:
         where += ", " + files[-1].replace("File ", "", 1)
     return where + ")"
+
+
+def _internal(line: str) -> bool:
+    return any(part in line for part in ("/torch/", "/bigpicture/graph.py", "/bigpicture/plan.py"))
 
 
 def _stack_trace(gm: fx.GraphModule, name: str) -> str | None:
@@ -97,6 +103,8 @@ def propagate(gm: fx.GraphModule, inputs: list) -> dict[fx.Node, object]:
     ``inputs`` holds, per placeholder, a (shape, dtype, device) triple for tensors or the value.
     """
     mode = FakeTensorMode(allow_non_fake_inputs=True)
+    # FakeTensor logs every failing op with a traceback; the TilingError below says it better.
+    logging.getLogger("torch._subclasses.fake_tensor").setLevel(logging.CRITICAL)
     env: dict[fx.Node, object] = {}
     placeholders = iter(inputs)
     with mode:
@@ -125,4 +133,7 @@ def _shape_error(gm, node, e, inputs) -> TilingError:
             f"the input {tuple(inputs[0][0])} is smaller than the network's minimum: {describe(gm, node)} "
             f"fails with: {text}. Use a larger input (or pad it)."
         )
-    return TilingError(f"{describe(gm, node)} fails on the input's shape: {text}")
+    return TilingError(
+        f"{describe(gm, node)} fails on the input's shape {tuple(inputs[0][0])}: {text}. Check that the "
+        "untiled model accepts this input (a larger input, or one of the sizes the model expects)."
+    )

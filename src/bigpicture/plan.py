@@ -13,7 +13,7 @@ last tile in each dimension takes the remainder.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from fractions import Fraction
 
 import torch
@@ -22,7 +22,8 @@ from . import graph as g
 from .box import Box, grid
 from .errors import TilingError
 from .regions import needs, receptive_field
-from .split import Split, split
+from .rules.stats import rewrite_global_norms
+from .split import Split, split, stages
 
 
 @dataclass(frozen=True)
@@ -41,6 +42,7 @@ class Plan:
     requested: tuple[int, ...]
     tile: tuple[int, ...]
     tiles: tuple[Tile, ...]
+    earlier: tuple[Plan, ...] = ()  # passes before this one, for global ops (multipass=True)
 
     @property
     def grid(self) -> tuple[int, ...]:
@@ -81,19 +83,35 @@ class Plan:
         s, roles = self.split, list(self.split.roles.values())
         rows = [
             ("input", f"{tuple(self.input_shape)} {str(self.dtype).replace('torch.', '')}"),
-            ("split", f"{roles.count('spatial')} tiled nodes, {roles.count('reduce')} streamed reductions, "
-                      f"{roles.count('tail')} untiled nodes after them"),  # fmt: skip
+            (
+                "split",
+                f"{roles.count('spatial')} tiled nodes, {roles.count('reduce')} streamed reductions, "
+                f"{roles.count('tail')} untiled nodes after them",
+            ),  # fmt: skip
             ("tile", _tile_text(self)),
-            ("grid", f"{' x '.join(map(str, self.grid))} = {len(self.tiles)} tiles"),
+            ("grid", _grid_text(self)),
             ("halo", ", ".join(f"-{a}/+{b}" for a, b in self.halo) + " input px (below/above, per dim)"),
             ("receptive field", " x ".join(map(str, self.receptive_field)) + " input px"),
         ]
-        for k, sink in enumerate(s.sinks):
-            stride = "x".join(str(f) for f in s.strides[sink])
-            kind = "reduced" if any(s.roles.get(u) == "reduce" for u in sink.users) else "dense"
-            rows.append((f"sink {k}", f"`{sink.name}` {kind}, shape {s.extents[sink]}, stride {stride}"))
+        if self.earlier:
+            rows.append(("passes", f"{len(self.earlier) + 1} over the tiles; the earlier ones compute "
+                                   "image statistics that later tiles use"))  # fmt: skip
+        for p, stage in enumerate(self.earlier + (self,)):
+            for k, sink in enumerate(stage.split.sinks):
+                stride = "x".join(str(f) for f in s.strides[sink])
+                kind = "reduced" if any(s.roles.get(u) == "reduce" for u in sink.users) else "dense"
+                name = f"pass {p} sink {k}" if self.earlier else f"sink {k}"
+                rows.append((name, f"`{sink.name}` {kind}, shape {s.extents[sink]}, stride {stride}"))
         width = max(len(k) for k, _ in rows)
         return "\n".join(f"{k.ljust(width)}  {v}" for k, v in rows)
+
+
+def _grid_text(plan: Plan) -> str:
+    cells = math.prod(plan.grid)
+    text = f"{' x '.join(map(str, plan.grid))} = "
+    if cells == len(plan.tiles):
+        return text + f"{cells} tiles"
+    return text + f"{cells} cells, {len(plan.tiles)} tiles with work (the others write nothing)"
 
 
 def _tile_text(plan: Plan) -> str:
@@ -108,10 +126,11 @@ def plan_for_split(s: Split, input_shape, dtype, tile) -> Plan:
     spatial = tuple(input_shape[2:])
     requested = _per_dim_tile(tile, len(spatial))
     used = tuple(
-        _round_tile(t, n, [s.strides[k][d] for k in s.sinks]) for d, (t, n) in enumerate(zip(requested, spatial))
+        _round_tile(t, n, [s.strides[k][d] for k in s.sinks])
+        for d, (t, n) in enumerate(zip(requested, spatial))
     )
     per_dim = []
-    for d, (t, n) in enumerate(zip(used, spatial)):
+    for t, n in zip(used, spatial):
         count = math.ceil(n / t)
         per_dim.append([(j * t, n if j == count - 1 else (j + 1) * t) for j in range(count)])
     tiles = []
@@ -127,9 +146,9 @@ def plan_for_split(s: Split, input_shape, dtype, tile) -> Plan:
 
 
 def _per_dim_tile(tile, nd: int) -> tuple[int, ...]:
-    if isinstance(tile, int):
-        return (tile,) * nd
-    tile = tuple(tile)
+    tile = (
+        (tile,) * nd if isinstance(tile, int) else tuple(tile) if isinstance(tile, (tuple, list)) else (tile,)
+    )
     if len(tile) != nd or not all(isinstance(t, int) and t > 0 for t in tile):
         raise TilingError(
             f"tile={tile} does not fit a {nd}D input: give one positive int, or {nd} of them "
@@ -154,17 +173,27 @@ def _write_box(index, used, per_dim, stride, extent) -> Box:
     return Box.from_dims(dims)
 
 
-def make_plan(model: torch.nn.Module, input_shape, tile=512, dtype=torch.float32, device="cpu") -> Plan:
+def make_plan(
+    model: torch.nn.Module, input_shape, tile=512, dtype=torch.float32, device="cpu", multipass=False
+) -> Plan:
     """The plan for ``model`` on an input of ``input_shape`` (N, C, *spatial), with no tensor allocated."""
+    gm = capture(model, multipass)
+    return plan_graph(gm, [(tuple(input_shape), dtype, torch.device(device))], tile, multipass)
+
+
+def capture(model: torch.nn.Module, multipass: bool = False):
     gm = g.capture(model)
-    return plan_graph(gm, [(tuple(input_shape), dtype, torch.device(device))], tile)
+    if multipass:
+        rewrite_global_norms(gm)
+    return gm
 
 
-def plan_graph(gm, inputs: list, tile) -> Plan:
+def plan_graph(gm, inputs: list, tile, multipass: bool = False) -> Plan:
     """Plan a captured graph for placeholder inputs given as (shape, dtype, device) or values."""
     shape, dtype, _ = inputs[0]
     if len(shape) < 3:
         raise TilingError(f"input shape {tuple(shape)} has no spatial dimension: expected (N, C, *spatial).")
     values = g.propagate(gm, inputs)
     x = next(n for n in gm.graph.nodes if n.op == "placeholder")
-    return plan_for_split(split(gm, values, x), shape, dtype, tile)
+    plans = [plan_for_split(s, shape, dtype, tile) for s in stages(split(gm, values, x, multipass))]
+    return replace(plans[-1], earlier=tuple(plans[:-1]))

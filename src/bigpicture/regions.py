@@ -20,7 +20,7 @@ def needs(split: Split, writes: dict) -> dict:
             continue
         box = writes.get(node, empty)
         for user in node.users:
-            if split.roles.get(user) != "spatial" or need[user].empty:
+            if user not in need or need[user].empty:  # not spatial, or computed in another pass
                 continue
             op = split.ops[user]
             box = box.hull(op.needs(need[user])[op.inputs.index(node)])

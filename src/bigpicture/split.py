@@ -14,7 +14,7 @@ write box of each sink.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from fractions import Fraction
 from functools import cached_property
 
@@ -90,6 +90,8 @@ class Split:
     sinks: tuple  # spatial nodes whose values leave the tiled part
     order: tuple  # spatial and const nodes in topological order, as tiles compute them
     shapes: dict  # spatial node -> full shape (N, C, *spatial) for this input
+    passes: dict  # node -> the pass over the tiles that computes it (spatial) or after which it is known
+    derived: tuple = ()  # values from earlier passes that this pass's tiles use
 
     @cached_property
     def extents(self) -> dict:
@@ -100,11 +102,12 @@ class Split:
         return len(self.extents[self.input])
 
 
-def split(gm: fx.GraphModule, values: dict, x: fx.Node) -> Split:
+def split(gm: fx.GraphModule, values: dict, x: fx.Node, multipass: bool = False) -> Split:
     ndim = values[x].ndim
     roles: dict = {}
     ctx = Context(gm, values, roles, ndim)
     ops, statics, strides, sinks = {}, {}, {x: (Fraction(1),) * (ndim - 2)}, []
+    passes = {x: 0}  # spatial node: the pass that computes it; others: the pass after which it is known
     for node in gm.graph.nodes:
         roles[node] = role = _role(node, ctx, x)
         if role == "static":
@@ -112,6 +115,8 @@ def split(gm: fx.GraphModule, values: dict, x: fx.Node) -> Split:
         if role not in ("spatial", "reduce", "tail") or node is x:
             continue
         inputs = ctx.spatial_inputs(node)
+        derived = [i for i in node.all_input_nodes if roles[i] in ("tail", "reduce")]
+        passes[node] = max([passes[i] for i in inputs + derived], default=0)
         if role == "tail":
             sinks += [i for i in inputs if i not in sinks]
             continue
@@ -123,8 +128,9 @@ def split(gm: fx.GraphModule, values: dict, x: fx.Node) -> Split:
             roles[node] = "reduce"
             sinks += [i for i in inputs if i not in sinks]
         else:
-            _check_local(node, ctx, x, op)
+            _check_local(node, ctx, x, op, multipass)
             strides[node] = tuple(a * b for a, b in zip(strides[inputs[0]], op.stride))
+            passes[node] = max([passes[i] for i in inputs] + [passes[d] + 1 for d in derived])
     for node in gm.graph.nodes:
         if node.op == "output":
             sinks += [i for i in ctx.spatial_inputs(node) if i not in sinks]
@@ -134,10 +140,29 @@ def split(gm: fx.GraphModule, values: dict, x: fx.Node) -> Split:
         if not isinstance(values[s], torch.Tensor):
             raise TilingError(f"{ctx.where(s)}: a tuple of spatial tensors leaves the tiled part; return "
                               "its items instead.")  # fmt: skip
-    needed = _needed_by_tiles(gm, roles)
-    order = tuple(n for n in gm.graph.nodes if roles[n] == "spatial" or n in needed)
     shapes = {n: ctx.shape(n) for n in gm.graph.nodes if roles[n] == "spatial"}
-    return Split(gm, x, roles, ops, statics, strides, tuple(sinks), order, shapes)
+    whole = Split(gm, x, roles, ops, statics, strides, tuple(sinks), (), shapes, passes)
+    return whole
+
+
+def stages(whole: Split) -> list[Split]:
+    """One split per pass over the tiles: the sinks it computes and the nodes they need.
+
+    Without global ops there is one pass. Each op that combines spatial features with a value
+    known only after a pass (image statistics, squeeze-excitation) starts a later one.
+    """
+    count = 1 + max(whole.passes[k] for k in whole.sinks)
+    out = []
+    for k in range(count):
+        sinks = tuple(s for s in whole.sinks if whole.passes[s] == k)
+        if not sinks:
+            continue
+        needed = _ancestors(sinks, whole.roles)
+        order = tuple(n for n in whole.gm.graph.nodes if n in needed)
+        derived = tuple(n for n in order if whole.roles[n] in ("tail", "reduce"))
+        order = tuple(n for n in order if whole.roles[n] in ("spatial", "const"))
+        out.append(replace(whole, sinks=sinks, order=order, derived=derived))
+    return out
 
 
 def _role(node, ctx: Context, x) -> str:
@@ -156,13 +181,14 @@ def _role(node, ctx: Context, x) -> str:
     return "spatial" if "spatial" in roles else "tail"
 
 
-def _check_local(node, ctx: Context, x, op) -> None:
+def _check_local(node, ctx: Context, x, op, multipass: bool) -> None:
     derived = [i for i in node.all_input_nodes if ctx.roles[i] in ("tail", "reduce")]
-    if derived:
+    if derived and not multipass:
         raise TilingError(
             f"{ctx.where(node)} combines the spatial features with {ctx.where(derived[0])}, which depends on "
-            "the whole image (a global op such as squeeze-excitation or attention) in the middle of the "
-            "local part. Exact tiling of global ops is not supported yet."
+            "the whole image (a global op such as squeeze-excitation) in the middle of the local part. "
+            "`bp.tiled(model, ..., multipass=True)` makes it exact with one more pass over the tiles "
+            "per such op; or move the op after the tiled part."
         )
     value, first = ctx.values[node], ctx.values[x]
     tensor = value[0] if isinstance(value, (tuple, list)) else value
@@ -187,10 +213,14 @@ def _has_tensor(value) -> bool:
     return False
 
 
-def _needed_by_tiles(gm, roles) -> set:
-    """Const nodes that spatial nodes use, directly or through other const nodes."""
-    needed: set = set()
-    for node in reversed(list(gm.graph.nodes)):
-        if roles[node] == "spatial" or node in needed:
-            needed.update(i for i in node.all_input_nodes if roles[i] == "const")
-    return needed
+def _ancestors(sinks, roles) -> set:
+    """Spatial nodes the sinks depend on, with the const nodes and computed values they use."""
+    needed, todo = set(), list(sinks)
+    while todo:
+        node = todo.pop()
+        if node in needed:
+            continue
+        needed.add(node)
+        if roles[node] in ("spatial", "const"):
+            todo.extend(node.all_input_nodes)
+    return {n for n in needed if roles[n] in ("spatial", "const", "tail", "reduce")}

@@ -6,9 +6,8 @@ import torch
 from torch import nn
 
 from . import execute
-from . import graph as g
 from .errors import TilingError
-from .plan import Plan, plan_graph
+from .plan import Plan, capture, plan_graph
 
 
 class Tiled(nn.Module):
@@ -17,29 +16,41 @@ class Tiled(nn.Module):
     Plans are made per input shape, dtype, device and train/eval state, and cached.
     """
 
-    def __init__(self, model: nn.Module, tile=512, progress: bool = False) -> None:
+    def __init__(self, model: nn.Module, tile=512, progress: bool = False, multipass: bool = False) -> None:
         super().__init__()
         self.model = model
         self.tile = tile
         self.progress = progress
+        self.multipass = multipass
         self._graphs: dict = {}
         self._plans: dict = {}
         self.plan: Plan | None = None
+        self.report = None  # what the last `run` did (tiles computed, reused, I/O wait)
 
-    def forward(self, x, *args):
+    def plan_for(self, x, *args) -> Plan:
+        """The plan for input ``x``, cached by shape, dtype, device and train/eval state; runs nothing."""
         shape = tuple(x.shape)
         dtype = x.dtype if isinstance(x, torch.Tensor) else self._param_dtype()
-        device = self._device()
-        state = tuple(m.training for m in self.model.modules())
+        device, state = self._device(), tuple(m.training for m in self.model.modules())
         key = (shape, dtype, device, state, tuple(_describe(a) for a in args))
         if key not in self._plans:
             if state not in self._graphs:
-                self._graphs[state] = g.capture(self.model)
+                self._graphs[state] = capture(self.model, self.multipass)
             inputs = [(shape, dtype, device)] + [_fake_spec(a) for a in args]
-            self._plans[key] = plan_graph(self._graphs[state], inputs, self.tile)
+            self._plans[key] = plan_graph(self._graphs[state], inputs, self.tile, self.multipass)
         self.plan = self._plans[key]
-        params = list(self.model.parameters())
-        return execute.run(self.plan, (x, *args), params, device, _progress_bar() if self.progress else None)
+        return self.plan
+
+    def forward(self, x, *args):
+        plan = self.plan_for(x, *args)
+        progress = _progress_bar() if self.progress else None
+        return execute.run(plan, (x, *args), list(self.model.parameters()), self._device(), progress)
+
+    def run(self, src, out=None, **kwargs):
+        """Inference into memory or a resumable zarr store: see ``bigpicture.inference.run``."""
+        from .inference import run
+
+        return run(self, src, out, **kwargs)
 
     def _device(self) -> torch.device:
         p = next(self.model.parameters(), None)
@@ -53,11 +64,13 @@ class Tiled(nn.Module):
         return f"tile={self.tile}"
 
 
-def tiled(model: nn.Module, tile=512, memory=None, progress: bool = False) -> Tiled:
+def tiled(model: nn.Module, tile=512, memory=None, progress: bool = False, multipass: bool = False) -> Tiled:
     """``model`` run tile by tile: same outputs, parameter gradients and input gradients.
 
     ``tile`` is the input extent each tile owns, excluding its halo (an int for every spatial
     dimension, or one per dimension), rounded to the network's total stride where needed.
+    ``multipass=True`` makes global ops exact (GroupNorm, InstanceNorm statistics,
+    squeeze-excitation) at the cost of one more pass over the tiles per level of them.
     """
     if memory is not None:
         raise TilingError(
@@ -66,7 +79,7 @@ def tiled(model: nn.Module, tile=512, memory=None, progress: bool = False) -> Ti
         )
     if not isinstance(model, nn.Module):
         raise TypeError(f"bp.tiled expects an nn.Module, got {type(model).__name__}")
-    return Tiled(model, tile, progress)
+    return Tiled(model, tile, progress, multipass)
 
 
 def freeze_batchnorm(model: nn.Module) -> nn.Module:

@@ -8,7 +8,7 @@ write boxes are whole chunks (tile edges on chunk edges): then no two tiles
 write the same chunk and concurrent writers never race.
 
 The record lives in the array's attributes as ``{"bigpicture": {"meta": ...,
-"done": [[start, stop], ...]}}``; runs of finished indices are stored as
+"done": [[start, stop], ...], "state": ...}}``; runs of finished indices are stored as
 half-open ranges, so the record stays small when tiles finish roughly in order.
 Writing data before marking it done makes a crash safe: at worst a finished tile
 is computed again. The record is rewritten by the process that marks tiles, so
@@ -66,7 +66,7 @@ class ZarrSink:
             )
             self.array.attrs[RECORD] = {"meta": stored_meta or {}, "done": []}
         record = self.array.attrs[RECORD]
-        self.meta = record["meta"]
+        self.meta, self.state = record["meta"], record.get("state")
         self._done = {i for start, stop in record["done"] for i in range(start, stop)}
 
     def _reopen(self, zarr, shape, dtype, chunks, meta):
@@ -131,14 +131,23 @@ class ZarrSink:
     def is_done(self, index: int) -> bool:
         return int(index) in self._done
 
-    def mark_done(self, index: int) -> None:
-        """Record that tile ``index`` is written; persists at once."""
+    def mark_done(self, index: int, state=None) -> None:
+        """Record that tile ``index`` is written; persists at once.
+
+        ``state`` (JSON-serialisable, e.g. streamed reductions so far) is stored in the same
+        write as the done record, so the two always agree after a crash; ``sink.state`` reads it.
+        """
         if not isinstance(index, (int, np.integer)) or index < 0:
             raise TypeError(f"tile indices are non-negative integers, not {index!r}")
-        if int(index) in self._done:
+        if int(index) in self._done and state is None:
             return
         self._done.add(int(index))
-        self.array.attrs[RECORD] = {"meta": self.meta, "done": _ranges(self._done)}
+        if state is not None:
+            self.state = _as_json(state)
+        record = {"meta": self.meta, "done": _ranges(self._done)}
+        if self.state is not None:
+            record["state"] = self.state
+        self.array.attrs[RECORD] = record
 
     def __repr__(self) -> str:
         return f"ZarrSink({str(self.path)!r}, shape={self.shape}, dtype={self.dtype}, done={len(self._done)})"
@@ -149,7 +158,7 @@ def _as_json(meta: dict) -> dict:
         return json.loads(json.dumps(meta))
     except TypeError as exc:
         raise TypeError(
-            f"ZarrSink meta must be JSON-serialisable (numbers, strings, lists, dicts): {exc}"
+            f"ZarrSink meta and state must be JSON-serialisable (numbers, strings, lists, dicts): {exc}"
         ) from exc
 
 

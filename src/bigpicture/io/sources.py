@@ -13,6 +13,7 @@ wraps everything else (tensors, paths, slides, volumes) and adds a per-region
 from __future__ import annotations
 
 import importlib
+import inspect
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -111,7 +112,13 @@ class Source:
             where = ", ".join(f"{s.start}:{s.stop}" for s in region)
             raise TilingError(f"{self!r}: reading region [{where}] failed: {exc}. {self.hint}") from exc
         assert out.shape == region_shape(region), (self, out.shape, region)
+        if not out.flags.writeable:  # e.g. a view of a read-only memory map: torch wants to own its tensors
+            out = out.copy()
         return out[drop] if drop else out
+
+    def identity(self) -> dict:
+        """What identifies this input in a resumable run's record (JSON): kind, shape, dtype."""
+        return {"kind": type(self).__name__, "shape": list(self.shape), "dtype": str(self.dtype)}
 
     def __array__(self, dtype=None, copy=None) -> np.ndarray:
         out = self[()]
@@ -145,6 +152,14 @@ class FileSource(Source):
     def __getstate__(self) -> dict:
         return {k: v for k, v in self.__dict__.items() if k != "_handle"}
 
+    def identity(self) -> dict:
+        out = {**super().identity(), "path": str(self.path.resolve())}
+        if self.path.is_file():
+            out["bytes"] = self.path.stat().st_size
+        if getattr(self, "level", None) is not None:
+            out["level"] = int(self.level)
+        return out
+
     def probe(self) -> None:
         """Read one pixel at each spatial corner, so that a broken file fails now."""
         spatial = self.shape[2:]
@@ -171,6 +186,11 @@ class ArraySource(Source):
     def read(self, region: Region) -> np.ndarray:
         out = self.array[region]
         return np.array(out) if isinstance(self.array, np.ndarray) else np.asarray(out)
+
+    def identity(self) -> dict:
+        where = getattr(self.array, "filename", None) or getattr(self.array, "store_path", None)
+        out = {**super().identity(), "array": type(self.array).__name__}
+        return {**out, "at": str(where)} if where else out
 
     def __repr__(self) -> str:
         return f"ArraySource({type(self.array).__name__}, shape={self.shape}, dtype={self.dtype})"
@@ -240,6 +260,15 @@ class TransformedSource(Source):
     def read(self, region: Region) -> np.ndarray:
         n, c, *spatial = region
         return self._apply(np.asarray(self.source[(n, slice(None), *spatial)]))[:, c]
+
+    def identity(self) -> dict:
+        t = self.transform
+        if not inspect.isroutine(t) and type(t).__repr__ is not object.__repr__:
+            name = repr(t)  # e.g. a dataclass: its values tell two transforms apart
+        else:
+            name = getattr(t, "__qualname__", type(t).__qualname__)
+        inner = (self.source if isinstance(self.source, Source) else ArraySource(self.source)).identity()
+        return {**super().identity(), "transform": name, "source": inner}
 
     def __repr__(self) -> str:
         return f"TransformedSource({self.source!r}, {self.transform!r})"

@@ -19,13 +19,8 @@ computes exactly the untiled values of its box. Registering a rule for your own 
 
 from __future__ import annotations
 
-import math
-import operator
 from fractions import Fraction
 
-import torch
-import torch.nn.functional as F
-from torch import nn
 from torch.fx.node import map_aggregate
 
 from ..box import Box
@@ -167,4 +162,4 @@ def _bind_values(args, kwargs, names, defaults):
     return bound
 
 
-from . import pointwise, reduce, resample, window  # noqa: E402, F401  (registers the rules)
+from . import pointwise, reduce, resample, stats, window  # noqa: E402, F401  (registers the rules)

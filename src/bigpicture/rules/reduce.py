@@ -27,6 +27,7 @@ class Partial:
 
     value: torch.Tensor | None = None  # (N, C, 1, ...): sum or maximum
     ties: torch.Tensor | None = None  # max: number of positions equal to it; first: their first index
+    count: int = 0  # moments: positions seen
 
 
 class StreamedReduction(Op):
@@ -82,7 +83,9 @@ class StreamedReduction(Op):
             for d, (lo, n) in enumerate(zip(write.lo, self.in_extents[0])):
                 shape = [1] * values.ndim
                 shape[2 + d] = -1
-                index = index * n + torch.arange(lo, lo + values.shape[2 + d], device=values.device).view(shape)
+                index = index * n + torch.arange(lo, lo + values.shape[2 + d], device=values.device).view(
+                    shape
+                )
             return (index == acc.ties) * grad
         return (values == acc.value) * (grad / acc.ties)
 
@@ -144,8 +147,9 @@ def global_op(node, ctx):
     raise TilingError(
         f"{ctx.where(node)}: {ctx.op_name(node)} is a global op: each of its outputs depends on the whole "
         "image (statistics or attention over all positions), and it stands in the middle of the local "
-        "part. Exact tiling of global ops is not supported yet; use a network without it (e.g. BatchNorm "
-        "in eval mode instead of GroupNorm/InstanceNorm), or place it after a global pooling."
+        "part. GroupNorm and InstanceNorm become exact with `bp.tiled(model, ..., multipass=True)` (one "
+        "more pass over the tiles per level of them); attention cannot be tiled exactly yet: place it "
+        "after a global pooling."
     )
 
 

@@ -103,7 +103,9 @@ class Resample(Op):
         else:
             a = ctx.static(_bind(node, ctx, _INTERP_ARGS, _INTERP_DEFAULTS))
         self.mode, self.align_corners = a["mode"], bool(a["align_corners"])
-        if self.mode not in ("nearest", "nearest-exact", "linear", "bilinear", "trilinear") or a.get("antialias"):
+        if self.mode not in ("nearest", "nearest-exact", "linear", "bilinear", "trilinear") or a.get(
+            "antialias"
+        ):
             raise TilingError(
                 f"{ctx.where(node)}: interpolation mode {self.mode!r} has no exact tiled rule yet; "
                 "use nearest, nearest-exact or (bi/tri)linear without antialias."

@@ -1,0 +1,485 @@
+"""Predicted vs measured peak memory and time of tiled runs on this CPU, and the planner's regret.
+
+Each configuration (network x image x tile x inference/training) runs in a fresh process: it
+plans and runs once (warm-up), then times `--repeats` runs (the fastest counts: other jobs only
+add time). Then glibc is told to serve every allocation over 64 KiB with mmap (mallopt), so that
+freed tensors leave the RSS at once, the peak-RSS mark is reset (/proc/self/clear_refs), the
+current RSS taken as the baseline and one more run made: measured memory is the peak RSS above
+the baseline (VmHWM, the figure ru_maxrss reports), i.e. the peak of live memory, which is what
+the model predicts. Predicted memory is compared without the parameters, which are resident
+before the baseline.
+
+    python benchmarks/perfmodel.py --calibrate           # calibrate, then every configuration
+    python benchmarks/perfmodel.py --quick               # a smoke run in about a minute
+    python benchmarks/perfmodel.py --threads 2 --clock wall --calibrate --write   # a quiet machine
+
+On a shared machine use one thread and --clock process (CPU time: the work, not the waiting).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import gc
+import json
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+MiB = 2**20
+HERE = Path(__file__).parent
+RESULTS = HERE / "RESULTS-perfmodel.md"
+PLOT = HERE / "perfmodel.png"
+
+
+# -- networks ------------------------------------------------------------------------------------
+
+
+def network(name: str):
+    import torch
+    from monai.networks import nets
+
+    torch.manual_seed(0)
+    if name == "resnet":  # the engine benchmark's ResNet-style classifier (benchmarks/memory.py)
+        sys.path.insert(0, str(HERE))
+        from memory import resnet
+
+        return resnet()
+    if name == "unet2d":
+        return nets.UNet(
+            2, 3, 2, channels=(16, 32, 64, 128), strides=(2, 2, 2), num_res_units=2, norm="batch"
+        )
+    if name == "unet3d":
+        return nets.UNet(3, 1, 2, channels=(8, 16, 32), strides=(2, 2), num_res_units=1, norm="batch")
+    if name == "densenet":
+        return nets.DenseNet121(spatial_dims=2, in_channels=3, out_channels=2)
+    raise ValueError(name)
+
+
+SHAPES = {
+    "resnet": (1, 3, 1024, 1024),
+    "unet2d": (1, 3, 768, 768),
+    "unet3d": (1, 1, 96, 96, 96),
+    "densenet": (1, 3, 512, 512),
+}
+CONFIGS = [  # network, tile, mode
+    *[
+        (n, t, m)
+        for n, ts in (("resnet", (256, 512)), ("unet2d", (192, 384)), ("unet3d", (32, 48)))
+        for t in ts
+        for m in ("inference", "training")
+    ],
+    ("densenet", 256, "inference"),
+    ("densenet", 512, "inference"),
+]
+SWEEP = {
+    "resnet": (128, 192, 256, 384, 512, 768, 1024),
+    "unet2d": (96, 128, 192, 256, 384, 768),
+    "unet3d": (16, 24, 32, 48, 96),
+}
+QUICK_SHAPES = {
+    "resnet": (1, 3, 256, 256),
+    "unet2d": (1, 3, 192, 192),
+    "unet3d": (1, 1, 32, 32, 32),
+    "densenet": (1, 3, 128, 128),
+}
+
+
+# -- one configuration, in its own process -------------------------------------------------------
+
+
+def _status(key: str) -> int:
+    return int(re.search(rf"{key}:\s+(\d+) kB", Path("/proc/self/status").read_text())[1]) * 1024
+
+
+def one(cfg: dict) -> dict:
+    import torch
+
+    import bigpicture as bp
+    from bigpicture.predict import predict
+
+    torch.set_num_threads(cfg["threads"])
+    clock = time.process_time if cfg["clock"] == "process" else time.perf_counter
+    model = (
+        bp.freeze_batchnorm(network(cfg["net"]).train())
+        if cfg["mode"] == "training"
+        else network(cfg["net"]).eval()
+    )
+    net = bp.tiled(model, tile=cfg["tile"])
+    x = torch.randn(cfg["shape"])
+    weight = None
+
+    def step():
+        nonlocal weight
+        if cfg["mode"] == "inference":
+            with torch.no_grad():
+                return net(x)
+        model.zero_grad(set_to_none=True)
+        y = net(x)
+        weight = torch.randn(y.shape) if weight is None else weight
+        (y * weight).sum().backward()  # a loss whose gradient is a new tensor, like most losses
+        return None
+
+    step()  # warm-up: plans, and pays for one-time kernel and thread set-up
+    times = []
+    for _ in range(cfg["repeats"]):
+        start = clock()
+        step()
+        times.append(clock() - start)
+    # memory: every allocation over 64 KiB from mmap from now on, so that freed tensors leave the RSS
+    libc = ctypes.CDLL("libc.so.6")
+    libc.mallopt(-3, 65536)  # M_MMAP_THRESHOLD (fixed: also stops glibc from raising it)
+    model.zero_grad(set_to_none=True)
+    gc.collect()
+    libc.malloc_trim(0)
+    Path("/proc/self/clear_refs").write_text("5")  # the peak-RSS mark restarts from the current RSS
+    base = _status("VmRSS")
+    step()
+    peak = _status("VmHWM") - base
+    p = predict(net.plan, "cpu", training=cfg["mode"] == "training")
+    params = dict(p.memory_parts)["parameters"]
+    return {
+        "time": min(times),
+        "times": times,
+        "memory": peak,
+        "predicted_time": p.time,
+        "predicted_memory": p.memory - params,
+        "tiles": p.tiles,
+        "tile_used": list(p.tile),
+        "stages": {s.name: s.seconds for s in p.stages},
+    }
+
+
+def run(cfg: dict, timeout: float) -> dict:
+    env = {**os.environ, "OMP_NUM_THREADS": str(cfg["threads"])}
+    try:
+        p = subprocess.run(
+            [sys.executable, __file__, "--one", json.dumps(cfg)],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            env=env,
+        )
+    except subprocess.TimeoutExpired:
+        return {**cfg, "error": f"timed out after {timeout:.0f} s"}
+    if p.returncode != 0:
+        lines = [s for s in p.stderr.strip().splitlines() if s.strip()] or [f"exit code {p.returncode}"]
+        return {**cfg, "error": lines[-1][:200]}
+    return {**cfg, **json.loads(p.stdout.strip().splitlines()[-1])}
+
+
+# -- the planner ---------------------------------------------------------------------------------
+
+
+def regret(net: str, shape, rows: list[dict], budget: int, mode: str, measure) -> dict:
+    """The planner's choice under `budget` against the fastest measured tile that fits it; a choice
+    outside the sweep is measured too (`measure(tile)` runs one configuration)."""
+    import bigpicture as bp
+    from bigpicture.schedule import choose_tile
+
+    model = network(net).eval() if mode == "inference" else bp.freeze_batchnorm(network(net).train())
+    choice = choose_tile(model, shape, budget, "cpu", training=mode == "training", make_plan=False)
+    measured = {tuple(r["tile_used"]): r for r in rows if "error" not in r}
+    if tuple(choice.tile) not in measured:
+        r = measure(choice.tile[0])
+        if "error" not in r:
+            measured[tuple(r["tile_used"])] = r
+    fitting = [r for r in measured.values() if r["memory"] <= budget]
+    best = min(fitting, key=lambda r: r["time"]) if fitting else None
+    chosen = measured.get(tuple(choice.tile))
+    return {
+        "net": net,
+        "mode": mode,
+        "budget": budget,
+        "choice": list(choice.tile),
+        "chosen": chosen,
+        "best": best,
+        "predicted": choice.prediction.memory - dict(choice.prediction.memory_parts)["parameters"],
+    }
+
+
+# -- report --------------------------------------------------------------------------------------
+
+
+def err(pred: float, meas: float) -> float:
+    return (pred - meas) / meas
+
+
+def table(rows: list[dict]) -> str:
+    head = [
+        "network",
+        "input",
+        "tile",
+        "mode",
+        "tiles",
+        "measured MiB",
+        "predicted MiB",
+        "error",
+        "measured s",
+        "predicted s",
+        "error",
+    ]
+    out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        cells = [r["net"], "x".join(map(str, r["shape"][1:])), str(r["tile"]), r["mode"]]
+        if "error" in r:
+            out.append("| " + " | ".join(cells + ["", "", "", "", "", "", r["error"]]) + " |")
+            continue
+        cells += [
+            str(r["tiles"]),
+            f"{r['memory'] / MiB:,.1f}",
+            f"{r['predicted_memory'] / MiB:,.1f}",
+            f"{100 * err(r['predicted_memory'], r['memory']):+.1f}%",
+            f"{r['time']:.2f}",
+            f"{r['predicted_time']:.2f}",
+            f"{100 * err(r['predicted_time'], r['time']):+.1f}%",
+        ]
+        out.append("| " + " | ".join(cells) + " |")
+    return "\n".join(out)
+
+
+def summary(rows: list[dict]) -> str:
+    ok = [r for r in rows if "error" not in r]
+    if not ok:
+        return "no configuration ran"
+    t = [abs(err(r["predicted_time"], r["time"])) for r in ok]
+    m = [abs(err(r["predicted_memory"], r["memory"])) for r in ok]
+    return (
+        f"{len(ok)} configurations. Runtime: median absolute error {100 * statistics.median(t):.1f}%, "
+        f"largest {100 * max(t):.1f}%. Peak memory: median absolute error {100 * statistics.median(m):.1f}%, "
+        f"largest {100 * max(m):.1f}%."
+    )
+
+
+def regret_table(results: list[dict]) -> str:
+    out = [
+        "| network | mode | budget MiB | planner's tile | its measured s (MiB) "
+        "| fastest measured tile that fits | its s (MiB) | regret |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        c, b = r["chosen"], r["best"]
+        if c is None or b is None:
+            out.append(
+                f"| {r['net']} | {r['mode']} | {r['budget'] / MiB:,.0f} | {r['choice']} | not measured |||"
+            )
+            continue
+        out.append(
+            f"| {r['net']} | {r['mode']} | {r['budget'] / MiB:,.0f} | {c['tile']} | {c['time']:.2f} "
+            f"({c['memory'] / MiB:,.0f}; predicted {r['predicted'] / MiB:,.0f}) | {b['tile']} | "
+            f"{b['time']:.2f} ({b['memory'] / MiB:,.0f}) | {100 * (c['time'] / b['time'] - 1):+.1f}% |"
+        )
+    return "\n".join(out)
+
+
+def plot(rows: list[dict]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ok = [r for r in rows if "error" not in r]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 5))
+    for ax, key, unit, scale in ((axes[0], "time", "s", 1), (axes[1], "memory", "MiB", MiB)):
+        for net in dict.fromkeys(r["net"] for r in ok):
+            pts = [(r[key] / scale, r[f"predicted_{key}"] / scale, r["mode"]) for r in ok if r["net"] == net]
+            ax.scatter(
+                [p[0] for p in pts],
+                [p[1] for p in pts],
+                label=net,
+                marker="o" if pts and pts[0][2] == "inference" else "s",
+            )
+        lo = min(min(r[key], r[f"predicted_{key}"]) for r in ok) / scale * 0.8
+        hi = max(max(r[key], r[f"predicted_{key}"]) for r in ok) / scale * 1.2
+        ax.plot([lo, hi], [lo, hi], "k--", lw=0.8)
+        ax.set(
+            xscale="log", yscale="log", xlabel=f"measured {key} ({unit})", ylabel=f"predicted {key} ({unit})"
+        )
+        ax.legend()
+    fig.suptitle("bigpicture performance model on this CPU (circles/squares: first mode per network)")
+    fig.tight_layout()
+    fig.savefig(PLOT, dpi=120)
+
+
+# NVIDIA DeepLearningExamples, PyTorch/Classification/ConvNets/resnet50v1.5/README.md ("Training
+# performance results" and "Inference performance results", pytorch-21.03 NGC container), 1 GPU, img/s
+PUBLISHED = [  # device, published precision, our dtype, mode, batch, images/s
+    ("A100-80GB", "TF32", "float32", "training", 256, 938),
+    ("A100-80GB", "AMP", "float16", "training", 256, 2470),
+    ("V100", "FP32", "float32", "training", 256, 367),
+    ("V100", "AMP", "float16", "training", 256, 1200),
+    ("V100", "FP32", "float32", "inference", 256, 1261),
+    ("V100", "AMP", "float16", "inference", 256, 3382),
+    ("T4", "FP32", "float32", "inference", 256, 415),
+    ("T4", "AMP", "float16", "inference", 256, 1198),
+]
+CPU_METHOD = """\
+Predictions come from `bigpicture.predict` with no tensor allocated: every class of tiles (corner,
+edge, interior) is walked node by node in the tile interpreter's order (`steps.py`): bytes of each
+value with last-use freeing, padded copies at the image border, what autograd saves, gradient
+buffers in the backward; seconds per op from the calibration of this CPU (`rates.py`: convolutions
+by channels, kernel, stride and size, forward and backward; memory-bound ops by size; the
+interpreter's own cost per node per tile). Measured memory is the peak of live memory (see
+`benchmarks/perfmodel.py`), without the parameters on both sides. The planner's regret compares the
+measured time of its choice with the fastest measured tile whose measured peak fits the budget."""
+GPU_METHOD = """\
+ResNet-50 (MONAI `resnet50(spatial_dims=2, conv1_t_stride=2, num_classes=1000)`, the torchvision
+v1.5 layout, 8.17 GFLOP per 224x224 image forward) is planned as one tile covering the 224x224
+image with the batch, and predicted from the device table and the documented GPU assumptions in
+`bigpicture/rates.py` (no GPU was used). Training throughput is the batch over the predicted time
+of a forward with autograd plus the backward (the `recompute` and `backward` stages: an untiled
+step has no separate no-grad forward); inference throughput the batch over the forward. "AMP" is
+predicted as float16 throughout, "FP32" as float32 (TF32 tensor cores on the A100, as PyTorch's
+cuDNN default). Not modelled: training-mode BatchNorm statistics (the engine plans BatchNorm in
+eval mode), the fp32 ops autocast keeps, channels-last layout, the optimizer step, data loading.
+The published figures are NVIDIA's own measurements (1 GPU, DGX-1 V100 16 GB, DGX A100 80 GB, T4)."""
+
+
+def gpu_comparison() -> str:
+    import torch
+    from monai.networks.nets import resnet50
+
+    from bigpicture.predict import predict_splits
+    from bigpicture.schedule import analyse
+
+    model = resnet50(spatial_dims=2, n_input_channels=3, conv1_t_stride=2, num_classes=1000).eval()
+    shapes = {b: (b, 3, 224, 224) for b in {row[4] for row in PUBLISHED}}
+    splits = {b: analyse(model, shape) for b, shape in shapes.items()}
+    out = [
+        "| GPU | precision | mode | batch | published img/s | predicted img/s | error | predicted peak GiB |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    errors = []
+    for device, precision, dtype, mode, batch, published in PUBLISHED:
+        p = predict_splits(
+            splits[batch], shapes[batch], getattr(torch, dtype), 224, device, mode == "training"
+        )
+        stages = {st.name: st.seconds for st in p.stages}
+        seconds = stages["recompute"] + stages["backward"] if mode == "training" else p.time
+        predicted = batch / seconds
+        errors.append(abs(err(predicted, published)))
+        out.append(
+            f"| {device} | {precision} | {mode} | {batch} | {published:,} | {predicted:,.0f} | "
+            f"{100 * err(predicted, published):+.0f}% | {p.memory / 2**30:.1f} |"
+        )
+    out += [
+        "",
+        f"Median absolute error {100 * statistics.median(errors):.0f}%, largest {100 * max(errors):.0f}%.",
+    ]
+    return GPU_METHOD + "\n\n" + "\n".join(out)
+
+
+def machine() -> str:
+    import torch
+
+    cpu = re.search(r"Model name:\s*(.*)", subprocess.run(["lscpu"], capture_output=True, text=True).stdout)
+    return (
+        f"{cpu[1].strip() if cpu else platform.processor()}, {os.cpu_count()} logical CPUs, torch "
+        f"{torch.__version__}, Python {platform.python_version()}"
+    )
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--one", help=argparse.SUPPRESS)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--clock", choices=["wall", "process"], default="process")
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument(
+        "--calibrate", action="store_true", help="calibrate this CPU first (same threads and clock)"
+    )
+    ap.add_argument("--quick", action="store_true", help="small images, one repeat, no sweep")
+    ap.add_argument("--no-sweep", action="store_true", help="skip the planner's tile sweep")
+    ap.add_argument("--timeout", type=float, default=1800)
+    ap.add_argument("--write", action="store_true", help=f"write {RESULTS.name} and {PLOT.name}")
+    ap.add_argument("--gpu", action="store_true", help="only the GPU comparison (no measurement)")
+    a = ap.parse_args()
+    if a.one:
+        print(json.dumps(one(json.loads(a.one))))
+        return
+    if a.gpu:
+        print(gpu_comparison())
+        return
+    started, load = datetime.now(timezone.utc).isoformat(timespec="minutes"), os.getloadavg()[0]
+    t0 = time.perf_counter()
+    if a.calibrate:
+        subprocess.run(
+            [sys.executable, "-m", "bigpicture", "calibrate", "--threads", str(a.threads), "--clock", a.clock]
+            + (["--quick"] if a.quick else []),
+            check=True,
+        )
+    shapes = QUICK_SHAPES if a.quick else SHAPES
+    base = {"threads": a.threads, "clock": a.clock, "repeats": 1 if a.quick else a.repeats}
+    configs = [
+        {**base, "net": n, "shape": shapes[n], "tile": t // (4 if a.quick else 1), "mode": m}
+        for n, t, m in CONFIGS
+    ]
+    rows = []
+    for cfg in configs:
+        rows.append(run(cfg, a.timeout))
+        print(f"[{time.perf_counter() - t0:6.0f} s] {json.dumps(rows[-1])}", flush=True)
+    regrets = []
+    if not (a.quick or a.no_sweep):
+        for net, tiles in SWEEP.items():
+            sweep = [r for r in rows if r["net"] == net and r["mode"] == "inference"]
+            for t in tiles:
+                if not any(r["tile"] == t for r in sweep):
+                    sweep.append(
+                        run(
+                            {**base, "net": net, "shape": shapes[net], "tile": t, "mode": "inference"},
+                            a.timeout,
+                        )
+                    )
+                    print(f"[{time.perf_counter() - t0:6.0f} s] sweep {json.dumps(sweep[-1])}", flush=True)
+            ok = sorted((r for r in sweep if "error" not in r), key=lambda r: r["memory"])
+            budget = int(ok[len(ok) // 2]["memory"] * 1.05)  # about half the sweep fits
+            cfg = {**base, "net": net, "shape": shapes[net], "mode": "inference"}
+            regrets.append(
+                regret(
+                    net,
+                    shapes[net],
+                    sweep,
+                    budget,
+                    "inference",
+                    lambda t, cfg=cfg: run({**cfg, "tile": t}, a.timeout),
+                )
+            )
+    command = "python benchmarks/perfmodel.py " + " ".join(sys.argv[1:])
+    text = "\n".join(
+        [
+            "# Performance model: predicted vs measured (benchmarks/perfmodel.py)",
+            "",
+            f"`{command}`",
+            "",
+            f"Run {started} on {machine()}; {a.threads} thread(s), {a.clock} clock; load average {load:.1f} "
+            f"at start, {os.getloadavg()[0]:.1f} at end; {time.perf_counter() - t0:.0f} s.",
+            "",
+            CPU_METHOD,
+            "",
+            summary(rows),
+            "",
+            table(rows),
+            "",
+            f"![predicted vs measured]({PLOT.name})",
+            "",
+            *(["## Planner regret (inference)", "", regret_table(regrets), ""] if regrets else []),
+            "## GPU predictions against published ResNet-50 throughput",
+            "",
+            gpu_comparison(),
+            "",
+        ]
+    )
+    print("\n" + text)
+    if a.write:
+        RESULTS.write_text(text)
+        plot(rows)
+
+
+if __name__ == "__main__":
+    main()

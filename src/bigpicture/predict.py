@@ -1,0 +1,295 @@
+"""Predicted peak memory and time of a plan, before anything runs.
+
+Each tile is walked node by node in the order the tile interpreter computes it
+(``execute.Runner.run_tile``), with the box each node computes for that tile (``regions.needs``):
+
+    node box --(steps.py)--> bytes of its value, its temporaries, what autograd saves;
+                             seconds of its forward and backward on the device (rates.py)
+    walk in order, each value freed at its last use --> the tile's working set, its time
+
+Tiles repeat: one walk per class of tiles that cost alike (grid.py) covers the whole grid, so
+a 100,000^2 plan predicts as fast as a 4,096^2 one.
+
+Peak memory is the sum of what is resident at the worst moment:
+
+    parameters and buffers (in the run's dtype)
+    + boundary tensors: the dense sinks, at full size (streamed reductions are small)
+    + the largest tile working set: inference, the values alive at once under last-use freeing;
+      training, one tile's recompute (what autograd saves) and backward (gradient buffers)
+    + training: parameter gradients twice (the sum so far, and one tile's) and the boundary's gradients
+    + GPUs: 512 MiB for the CUDA context and library handles, and 10% of the memory that changes
+      (caching-allocator slack, cuDNN workspace); the CPU adds nothing (measured as live bytes)
+
+Not counted: optimizer state, the untiled tail's own activations (small after a global pooling),
+and the input itself when it already lives on the device (a CPU tensor); a GPU receives each
+tile's read box, which is counted.
+
+Time is the sum over tiles of per-op seconds (rates.py) and the interpreter's per-node cost:
+one forward for inference; for training, the forward over the tiles, the recompute of each tile
+with autograd and its backward. On a GPU the host runs ahead, so each phase takes the longer of
+its GPU time and its host time.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+
+import torch
+
+from .box import Box
+from .devices import Device, get_device, load_calibration
+from .grid import Layout, layout, tile_classes
+from .plan import Plan
+from .rates import GPU_ASSUMPTIONS, Rates
+from .split import Split
+from .steps import TileWalk, walk
+
+MiB = 2**20
+GPU_CONTEXT_BYTES = 512 * MiB  # CUDA context and cuDNN/cuBLAS handles: 300-600 MiB on recent GPUs
+GPU_FRAGMENTATION = 0.10  # caching allocator slack and cuDNN workspace, on the memory that changes
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    flops: int
+    seconds: float
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """Predicted peak memory (bytes) and time (seconds: one forward, or forward + backward)."""
+
+    device: str
+    dtype: torch.dtype
+    training: bool
+    tile: tuple[int, ...]
+    tiles: int
+    classes: int
+    memory: int
+    time: float
+    flops: int
+    halo_overhead: float  # work of the tiled run over the untiled one, minus 1
+    memory_parts: tuple[tuple[str, int], ...]
+    stages: tuple[Stage, ...]
+    by_kind: tuple[tuple[str, float], ...]  # seconds per op kind
+    assumptions: str
+    note: str = ""  # why this tile, when the planner chose it
+
+    def with_note(self, note: str) -> Prediction:
+        return replace(self, note=note)
+
+    def __str__(self) -> str:
+        mode = "training step (forward + recompute + backward)" if self.training else "inference (forward)"
+        parts = ", ".join(f"{k} {_size(v)}" for k, v in self.memory_parts if v)
+        stages = ", ".join(f"{s.name} {_seconds(s.seconds)}" for s in self.stages if s.seconds)
+        kinds = ", ".join(f"{k} {100 * v / max(self.time, 1e-12):.0f}%" for k, v in self.by_kind if v)
+        rows = [
+            ("device", f"{self.device}, {str(self.dtype).removeprefix('torch.')}, {mode}"),
+            (
+                "tile",
+                f"{' x '.join(map(str, self.tile))} input px, {self.tiles:,} tiles ({self.classes} kinds)",
+            ),
+            ("halo overhead", f"{100 * self.halo_overhead:.1f}% more work than untiled"),
+            ("peak memory", f"{_size(self.memory)} = {parts}"),
+            ("time", f"{_seconds(self.time)} = {stages}"),
+            ("work", f"{self.flops / 1e12:,.2f} TFLOP; time by op: {kinds}"),
+            ("assumptions", self.assumptions),
+        ]
+        if self.note:
+            rows.insert(2, ("planner", self.note))
+        width = max(len(k) for k, _ in rows)
+        return "\n".join(f"{k.ljust(width)}  {v}" for k, v in rows)
+
+
+def _size(n: float) -> str:
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= scale:
+            return f"{n / scale:,.2f} {unit}"
+    return f"{n:.0f} B"
+
+
+def _seconds(s: float) -> str:
+    if s >= 3600:
+        return f"{s / 3600:.2f} h"
+    return f"{s:.3g} s" if s >= 1 else f"{1e3 * s:.3g} ms"
+
+
+def resolve_device(device: str | Device) -> Device:
+    return device if isinstance(device, Device) else get_device(device)
+
+
+def predict(
+    plan: Plan,
+    device: str | Device = "cpu",
+    training: bool = False,
+    dtype: torch.dtype | None = None,
+    input_grad: bool = False,
+    input_on_device: bool | None = None,
+) -> Prediction:
+    """Peak memory and time of running ``plan`` on ``device`` (a name from the device table or "cpu").
+
+    ``dtype``: of the run, if not the plan's (a float32 model planned for a bfloat16 GPU run).
+    ``input_on_device``: the whole input already lives in the device's memory, so a tile's input is
+    a view (default: True for the CPU, False for GPUs, which receive each tile's read box).
+    """
+    passes = [*plan.earlier, plan]
+    return predict_splits(
+        [p.split for p in passes],
+        plan.input_shape,
+        dtype or plan.dtype,
+        plan.requested,
+        device,
+        training,
+        input_grad,
+        input_on_device,
+    )
+
+
+def predict_splits(
+    splits: list[Split],
+    input_shape,
+    dtype: torch.dtype,
+    tile,
+    device: str | Device = "cpu",
+    training: bool = False,
+    input_grad: bool = False,
+    input_on_device: bool | None = None,
+) -> Prediction:
+    """The prediction for the passes of a split (``split.stages``) with tiles of ``tile`` input pixels."""
+    dev = resolve_device(device)
+    rates = Rates(dev, dtype, None if dev.name != "cpu" else load_calibration())
+    on_device = dev.name == "cpu" if input_on_device is None else input_on_device
+    parts = [
+        _predict_pass(
+            s, input_shape, dtype, layout(s, input_shape, tile), dev, rates, training, input_grad, on_device
+        )
+        for s in splits
+    ]
+    return parts[0] if len(parts) == 1 else _combine(parts)
+
+
+def _predict_pass(
+    split: Split,
+    input_shape,
+    dtype,
+    lay: Layout,
+    dev: Device,
+    rates: Rates,
+    training: bool,
+    input_grad: bool,
+    on_device: bool,
+) -> Prediction:
+    gpu = dev.name != "cpu"
+    classes = tile_classes(split, lay)
+    memo: dict = {}
+    walks = [
+        (c.count, walk(split, c.need, c.writes, dtype, rates, training, input_grad, not on_device, memo))
+        for c in classes
+    ]
+    whole = {n: Box.from_shape(e) for n, e in split.extents.items()}
+    untiled = walk(split, whole, (), dtype, rates, False, False, False)
+    memory_parts = _memory(split, dtype, walks, training, gpu)
+    stages, by_kind = _time(walks, training, gpu, rates)
+    flops = sum(
+        n * (w.flops_fwd * (2 if training else 1) + (w.flops_bwd if training else 0)) for n, w in walks
+    )
+    work = sum(n * w.flops_fwd for n, w in walks)
+    return Prediction(
+        device=dev.name,
+        dtype=dtype,
+        training=training,
+        tile=lay.tile,
+        tiles=sum(n for n, _ in walks),
+        classes=len(classes),
+        memory=sum(v for _, v in memory_parts),
+        time=sum(s.seconds for s in stages),
+        flops=flops,
+        halo_overhead=work / untiled.flops_fwd - 1 if untiled.flops_fwd else 0.0,
+        memory_parts=memory_parts,
+        stages=stages,
+        by_kind=by_kind,
+        assumptions=_assumptions(dev, rates),
+    )
+
+
+def _combine(passes: list[Prediction]) -> Prediction:
+    """Passes run one after the other: times add up, the largest pass sets the peak."""
+    first, peak = passes[0], max(passes, key=lambda p: p.memory)
+    stages = tuple(
+        Stage(f"pass {i + 1} {s.name}", s.flops, s.seconds) for i, p in enumerate(passes) for s in p.stages
+    )
+    kinds: dict = {}
+    for p in passes:
+        for k, v in p.by_kind:
+            kinds[k] = kinds.get(k, 0.0) + v
+    work = sum(p.flops for p in passes)
+    return replace(
+        first,
+        tiles=sum(p.tiles for p in passes),
+        classes=sum(p.classes for p in passes),
+        memory=peak.memory,
+        memory_parts=peak.memory_parts,
+        time=sum(p.time for p in passes),
+        flops=work,
+        stages=stages,
+        halo_overhead=sum(p.halo_overhead * p.flops for p in passes) / work if work else 0.0,
+        by_kind=tuple(sorted(kinds.items(), key=lambda kv: -kv[1])),
+    )
+
+
+def _memory(split: Split, dtype, walks: list[tuple[int, TileWalk]], training: bool, gpu: bool):
+    item = torch.empty((), dtype=dtype).element_size()
+    model = split.gm.meta.get("bigpicture_model", split.gm)
+    params = sum(p.numel() for p in model.parameters()) * item
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad) * item
+    buffers = sum(b.numel() for b in model.buffers()) * item
+    dense = [k for k in split.sinks if any(split.roles.get(u) in ("tail", "output") for u in k.users)]
+    boundary = sum(math.prod(split.shapes[k]) for k in dense) * item
+    working = max(w.peak_train if training else w.peak for _, w in walks)
+    parts = [("parameters", params + buffers), ("boundary tensors", boundary), ("tile working set", working)]
+    if training:
+        # summed parameter gradients, plus one tile's while they are added; the boundary's gradients
+        parts += [("parameter gradients", 2 * trainable), ("boundary gradients", boundary)]
+    if gpu:
+        changing = boundary * (2 if training else 1) + working
+        parts += [
+            (
+                "framework (CUDA context, allocator, workspace)",
+                GPU_CONTEXT_BYTES + int(GPU_FRAGMENTATION * changing),
+            )
+        ]
+    return tuple(parts)
+
+
+def _time(walks: list[tuple[int, TileWalk]], training: bool, gpu: bool, rates: Rates):
+    phases = [("forward", "fwd")] + ([("recompute", "fwd"), ("backward", "bwd")] if training else [])
+    stages, kinds = [], {}
+    for name, phase in phases:
+        device_s = sum(n * getattr(w, f"{phase}_s") for n, w in walks)
+        host_per_node = rates.node_s if name == "forward" else rates.train_node_s / 2
+        host_s = sum(n * (w.nodes * host_per_node + w.ops * rates.host_op_s) for n, w in walks)
+        flops = sum(n * getattr(w, f"flops_{phase}") for n, w in walks)
+        for n, w in walks:
+            for kind, s in getattr(w, f"{phase}_by_kind").items():
+                kinds[kind] = kinds.get(kind, 0.0) + n * s
+        if gpu:  # the host runs ahead of the GPU: a phase takes the longer of the two
+            stages.append(Stage(name, flops, max(device_s, host_s)))
+        else:
+            stages.append(Stage(name, flops, device_s))
+            kinds["engine"] = kinds.get("engine", 0.0) + host_s
+    if not gpu:
+        stages.append(Stage("engine (interpreter)", 0, kinds["engine"]))
+    return tuple(stages), tuple(sorted(kinds.items(), key=lambda kv: -kv[1]))
+
+
+def _assumptions(dev: Device, rates: Rates) -> str:
+    if rates.gpu:
+        return (
+            f"{dev.source}; {GPU_ASSUMPTIONS} Memory adds {GPU_CONTEXT_BYTES // MiB} MiB of CUDA context and "
+            f"{100 * GPU_FRAGMENTATION:.0f}% allocator/workspace slack."
+        )
+    if rates.measured:
+        return f"local CPU, {dev.source}; rates interpolated from the calibration."
+    return "local CPU, uncalibrated: nominal rates (run `bigpicture calibrate` for measured ones)."

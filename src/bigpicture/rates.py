@@ -1,0 +1,309 @@
+"""How fast each kind of op runs on a device: the efficiency half of the roofline.
+
+    op on a box --> kind ("conv", "pool", "unary", "binary", "norm", "copy") and size
+                --> rate: flops/s for convolutions and pooling windows, bytes/s for the rest
+
+The local CPU is *measured* (`measure`, called by `devices.calibrate`): convolutions over a
+grid of channel counts, kernels and spatial sizes, forward and backward; memory-bound ops over
+tensor sizes from cache-resident to DRAM-sized; and the engine's own per-node, per-tile cost
+(the Python interpreter and the box arithmetic), which dominates tiles that are too small.
+A rate for a size between measurements is interpolated in log space.
+
+GPUs in the device table are not measured here; their rates follow documented assumptions
+(see `GPU_ASSUMPTIONS`): cuDNN/cuBLAS convolutions reach at most 70% of the dense peak of the
+dtype, less for few channels or few output positions, and memory-bound ops 80% of the
+datasheet bandwidth, less for tensors of under a few MiB. Every op pays a launch floor, and the
+host (PyTorch eager dispatch plus the tile interpreter) runs ahead of the GPU asynchronously,
+so a tile takes the longer of its GPU time and its host time.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from .devices import Device, _seconds_per_call
+
+GPU_ASSUMPTIONS = (
+    "GPU rates are assumptions, not measurements: convolutions reach 70% of the dtype's dense peak "
+    "at large channel counts (x c/(c+h) for input channels x kernel and for output channels, h = 32 on "
+    "tensor cores (fp16, bf16, tf32) and 8 on CUDA cores (fp32, fp64), x "
+    "p/(p+16384) for output positions), memory-bound ops 80% of datasheet bandwidth (x n/(n+2 MiB) "
+    "for n bytes); 5 us launch floor per op; host dispatch 20 us per op and the tile interpreter "
+    "60 us per node per tile, overlapped with GPU work."
+)
+GPU_CONV_EFFICIENCY = 0.7
+GPU_STREAM_EFFICIENCY = 0.8
+GPU_HOST_OP_S = 20e-6
+GPU_ENGINE_NODE_S = 60e-6
+NOMINAL_ENGINE_NODE_S = 60e-6  # an uncalibrated CPU: Python per node per tile (typical, measured here once)
+
+STREAM_KINDS = ("unary", "binary", "norm", "copy")
+
+
+class Rates:
+    """Rates of one device for one dtype."""
+
+    def __init__(self, device: Device, dtype: torch.dtype, calibration: dict[str, Any] | None = None) -> None:
+        self.device, self.dtype = device, dtype
+        self.peak = device.peak(_compute_dtype(device, dtype))
+        self.gpu = device.name != "cpu"
+        ops = (calibration or {}).get("ops")
+        self.ops = ops if ops and ops.get("dtype") == str(dtype).removeprefix("torch.") else None
+        self.launch_s = device.launch_overhead_s
+        self._conv: dict = {}  # memo: a network repeats a few convolution shapes many times
+        if self.gpu:
+            self.node_s, self.train_node_s, self.host_op_s = (
+                GPU_ENGINE_NODE_S,
+                3 * GPU_ENGINE_NODE_S,
+                GPU_HOST_OP_S,
+            )
+        elif self.ops:
+            self.node_s, self.train_node_s = self.ops["engine_node_s"], self.ops["engine_train_node_s"]
+            self.host_op_s = 0.0
+        else:
+            self.node_s, self.train_node_s, self.host_op_s = (
+                NOMINAL_ENGINE_NODE_S,
+                3 * NOMINAL_ENGINE_NODE_S,
+                0.0,
+            )
+
+    @property
+    def measured(self) -> bool:
+        return self.ops is not None
+
+    def conv(
+        self,
+        nd: int,
+        fan_in: int,
+        cout: int,
+        positions: int,
+        stride: int = 1,
+        backward: bool = False,
+    ) -> float:
+        """Flops/s of a convolution: fan_in = input channels per group x kernel volume."""
+        if self.gpu:
+            # tensor-core tiles are wider than the CUDA cores' (fp32 without TF32): they fill later
+            half = 32 if self.peak > 1.01 * self.device.peak("fp32") else 8
+            shape = fan_in / (fan_in + half) * cout / (cout + half) * positions / (positions + 16384)
+            return self.peak * GPU_CONV_EFFICIENCY * shape
+        if self.ops is None:
+            return 0.5 * self.peak
+        key = (nd, fan_in, cout, positions, stride, backward)
+        if key not in self._conv:
+            points = [p for p in self.ops["conv"] if p["nd"] == nd] or self.ops["conv"]
+            rate = _nearest(
+                [(p["fan_in"], p["cout"], p["positions"], 4 ** (p["stride"] - 1)) for p in points],
+                [p["backward" if backward else "forward"] for p in points],
+                (fan_in, cout, positions, 4 ** (min(stride, 2) - 1)),
+            )
+            self._conv[key] = rate
+        return self._conv[key]
+
+    def pool(self, window_elements: int, backward: bool = False) -> float:
+        """Window elements (output elements x kernel volume) per second of a pooling op."""
+        if self.gpu or self.ops is None:
+            return math.inf  # memory-bound: the stream time of its bytes decides
+        table = self.ops["pool"]["backward" if backward else "forward"]
+        return _interpolate([w for w, _ in table], [r for _, r in table], window_elements)
+
+    def stream(self, kind: str, nbytes: int) -> float:
+        """Bytes/s of a memory-bound op moving `nbytes` (read + written)."""
+        bandwidth = self.device.bandwidth_bytes_per_s
+        if self.gpu:
+            return bandwidth * GPU_STREAM_EFFICIENCY * nbytes / (nbytes + 2 * 2**20)
+        if self.ops is None:
+            return bandwidth
+        table = self.ops["stream"][kind if kind in STREAM_KINDS else "unary"]
+        return _interpolate([s for s, _ in table], [r for _, r in table], nbytes)
+
+
+def _compute_dtype(device: Device, dtype: torch.dtype) -> torch.dtype | str:
+    # torch runs float32 convolutions and matmuls as TF32 on Ampere and newer by default for cuDNN
+    if device.name != "cpu" and dtype == torch.float32 and torch.backends.cudnn.allow_tf32:
+        return "tf32"
+    return dtype
+
+
+def _interpolate(xs: Sequence[float], ys: Sequence[float], x: float) -> float:
+    """Piecewise linear in log x; constant beyond the ends."""
+    if x <= xs[0]:
+        return ys[0]
+    for (x0, y0), (x1, y1) in zip(zip(xs, ys, strict=True), zip(xs[1:], ys[1:], strict=True), strict=False):
+        if x <= x1:
+            w = math.log(x / x0) / math.log(x1 / x0)
+            return y0 + w * (y1 - y0)
+    return ys[-1]
+
+
+def _nearest(points: list[tuple[float, ...]], values: list[float], at: tuple[float, ...]) -> float:
+    """Inverse-distance weighting of the 3 nearest measurements, in log space."""
+    logs = [math.log(max(v, 1)) for v in at]
+    dist = sorted(
+        (math.dist(logs, [math.log(max(v, 1)) for v in p]), value)
+        for p, value in zip(points, values, strict=True)
+    )[:3]
+    if dist[0][0] < 1e-9:
+        return dist[0][1]
+    weights = [1 / d**2 for d, _ in dist]
+    return sum(w * v for w, (_, v) in zip(weights, dist, strict=True)) / sum(weights)
+
+
+# -- measurement of the local CPU --------------------------------------------------------------
+
+
+def _conv_grid(quick: bool) -> list[tuple[int, int, int, int, int, int]]:
+    """(nd, cin, cout, kernel, stride, output side) of the measured convolutions."""
+    if quick:
+        return [(2, 4, 8, 3, 1, 16), (2, 4, 8, 1, 2, 16), (3, 2, 4, 3, 1, 8)]
+    grid = [
+        (2, cin, cout, k, 1, side)
+        for cin in (3, 16, 64, 256)
+        for cout in (16, 64, 256)
+        for k in (1, 3)
+        for side in (4, 16, 64, 160, 320)
+    ]
+    grid += [
+        (2, cin, cout, k, 2, side)
+        for cin in (3, 16, 64)
+        for cout in (16, 64, 128)
+        for k in (1, 3, 7)
+        for side in (4, 32, 160)
+    ]
+    grid += [
+        (3, cin, cout, k, 1, side)
+        for cin in (1, 16, 64)
+        for cout in (16, 64)
+        for k in (1, 3)
+        for side in (2, 8, 24, 48)
+    ]
+    grid += [(3, cin, cout, k, 2, 24) for cin in (1, 16) for cout in (16, 64) for k in (1, 3)]
+    # skip the few cases that would take seconds each; neighbours cover them
+    return [g for g in grid if 2 * g[1] * g[2] * g[3] ** g[0] * g[5] ** g[0] <= 4e9]
+
+
+def _conv(dtype: torch.dtype, quick: bool, seconds, min_time: float) -> list[dict[str, Any]]:
+    """Convolutions as the tile interpreter calls them: the input already padded, padding=0."""
+    out = []
+    for nd, cin, cout, k, stride, side in _conv_grid(quick):
+        conv = (F.conv2d, F.conv3d)[nd - 2]
+        x = torch.randn((1, cin) + ((side - 1) * stride + k,) * nd, dtype=dtype, requires_grad=True)
+        w = torch.randn((cout, cin) + (k,) * nd, dtype=dtype, requires_grad=True)
+        flops = 2 * cin * cout * k**nd * side**nd
+        with torch.no_grad():
+            fwd = seconds(lambda c=conv, x=x, w=w, s=stride: c(x, w, stride=s), min_time)
+        y = conv(x, w, stride=stride)
+        g = torch.ones_like(y)
+        bwd = seconds(
+            lambda y=y, x=x, w=w, g=g: torch.autograd.grad(y, (x, w), g, retain_graph=True), min_time
+        )
+        out.append(
+            {
+                "nd": nd,
+                "fan_in": cin * k**nd,
+                "cout": cout,
+                "positions": side**nd,
+                "stride": stride,
+                "forward": flops / fwd,
+                "backward": 2 * flops / bwd,
+            }
+        )
+    return out
+
+
+def _stream(dtype: torch.dtype, quick: bool, seconds, min_time: float) -> dict[str, list[list[float]]]:
+    sizes = [2**16, 2**22] if quick else [2**12, 2**16, 2**19, 2**22, 2**25, 2**27]
+    item = torch.empty((), dtype=dtype).element_size()
+    out: dict[str, list[list[float]]] = {k: [] for k in STREAM_KINDS}
+    for nbytes in sizes:
+        n = max(nbytes // item // 2, 64)  # nbytes is read + written of a unary op
+        x = torch.randn(1, 16, n // 16, dtype=dtype)
+        mean, var = torch.zeros(16, dtype=dtype), torch.ones(16, dtype=dtype)
+        half = x[:, :8].contiguous()
+        cases = {
+            "unary": (lambda x=x: torch.relu(x), 2),
+            "binary": (lambda x=x: x + x, 3),
+            "norm": (lambda x=x, m=mean, v=var: F.batch_norm(x, m, v, v, m, False), 2),
+            "copy": (lambda h=half: torch.cat([h, h], 1), 2),
+        }
+        for kind, (fn, passes) in cases.items():
+            moved = passes * x.numel() * item
+            out[kind].append([moved, moved / seconds(fn, min_time)])
+    return out
+
+
+def _pool(dtype: torch.dtype, quick: bool, seconds, min_time: float) -> dict[str, list[list[float]]]:
+    """Max pooling 3x3 / 2 as the tile interpreter calls it (input padded already, padding=0), by size."""
+    out: dict[str, list[list[float]]] = {"forward": [], "backward": []}
+    for side in (9, 33) if quick else (9, 65, 257):
+        x = torch.randn(1, 16, side, side, dtype=dtype, requires_grad=True)
+        y = F.max_pool2d(x, 3, 2)
+        window = y.numel() * 9
+        with torch.no_grad():
+            fwd = seconds(lambda x=x: F.max_pool2d(x, 3, 2), min_time)
+        g = torch.ones_like(y)
+        bwd = seconds(lambda x=x, y=y, g=g: torch.autograd.grad(y, x, g, retain_graph=True), min_time)
+        out["forward"].append([window, window / fwd])
+        out["backward"].append([window, window / bwd])
+    return out
+
+
+def _engine(quick: bool, clock: Callable[[], float]) -> tuple[float, float]:
+    """Seconds per node per tile of the tile interpreter itself: the tiled run of a chain of small
+    ops, minus the same ops run directly on every tile's input."""
+    from torch import nn
+
+    from .tiled import tiled
+
+    layers = 8 if quick else 40
+    model = nn.Sequential(*[nn.ReLU() if i % 2 else nn.Conv2d(1, 1, 1) for i in range(layers)])
+    side, tile = (32, 16) if quick else (64, 8)
+    tiles = (side // tile) ** 2
+    net = tiled(model, tile=tile)
+    x, crop = torch.randn(1, 1, side, side), torch.randn(1, 1, tile, tile)
+    with torch.no_grad():
+        net(x)  # plans, so the timing below does not include planning
+
+    def best(fn) -> float:
+        times = []
+        for _ in range(3 if quick else 7):
+            start = clock()
+            fn()
+            times.append(clock() - start)
+        return min(times)
+
+    def direct_train():
+        for _ in range(tiles):
+            model(crop).sum().backward()
+
+    with torch.no_grad():
+        tiled_fwd = best(lambda: net(x))
+        fwd = tiled_fwd - best(lambda: [model(crop) for _ in range(tiles)])
+    # the tiled step is a forward, a recompute and a backward; the direct one a forward and a backward
+    train = best(lambda: net(x).sum().backward()) - best(direct_train) - tiled_fwd
+    return max(fwd, 0.0) / (tiles * layers), max(train, 0.0) / (tiles * layers)
+
+
+def measure(
+    quick: bool = False,
+    dtype: torch.dtype = torch.float32,
+    clock: Callable[[], float] = time.perf_counter,
+) -> dict[str, Any]:
+    """Rates of this CPU for `dtype` (about a minute; `quick` takes a second, for tests)."""
+    min_time = 0.005 if quick else 0.05
+    seconds = functools.partial(_seconds_per_call, clock=clock)
+    node_s, train_node_s = _engine(quick, clock)
+    return {
+        "dtype": str(dtype).removeprefix("torch."),
+        "conv": _conv(dtype, quick, seconds, min_time),
+        "stream": _stream(dtype, quick, seconds, min_time),
+        "pool": _pool(dtype, quick, seconds, min_time),
+        "engine_node_s": node_s,
+        "engine_train_node_s": train_node_s,
+    }

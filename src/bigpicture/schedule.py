@@ -1,0 +1,154 @@
+"""Choose the tile: the fastest predicted one whose predicted peak memory fits the budget.
+
+    tile sides  unit x {1, 1.5, 2, 3, 4, 6, ...} up to the whole image, where unit is the
+                network's total stride (tiles must be whole output pixels)
+        --> predict each (no tensor allocated; the tile grid is walked per class of tile)
+        --> keep those whose predicted peak <= budget --> least predicted time
+
+A budget no tile fits is a ``TilingError`` that says the least memory that would do.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import NamedTuple
+
+import torch
+from torch import fx, nn
+
+from . import graph as g
+from .devices import Device
+from .errors import TilingError
+from .plan import Plan, capture, plan_graph
+from .predict import Prediction, _size, predict, predict_splits, resolve_device
+from .split import Split, split, stages
+
+MAX_TILES_PER_DIM = 256  # smaller tiles are never faster: their halo work and per-tile costs grow
+_UNITS = {
+    "": 1,
+    "b": 1,
+    "k": 2**10,
+    "kib": 2**10,
+    "m": 2**20,
+    "mib": 2**20,
+    "g": 2**30,
+    "gib": 2**30,
+    "t": 2**40,
+    "tib": 2**40,
+    "kb": 1e3,
+    "mb": 1e6,
+    "gb": 1e9,
+    "tb": 1e12,
+}
+
+
+def parse_memory(memory: str | int | float) -> int:
+    """Bytes from ``8GiB``, ``"512 MiB"``, ``"8GB"`` (decimal), ``"8G"`` (binary) or a number of bytes."""
+    if isinstance(memory, (int, float)) and not isinstance(memory, bool):
+        return int(memory)
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(memory))
+    if not match or match[2].lower() not in _UNITS:
+        raise TilingError(
+            f"memory={memory!r} is not a size: write e.g. '8GiB', '512MiB', '24GB' or a number of bytes."
+        )
+    return int(float(match[1]) * _UNITS[match[2].lower()])
+
+
+def model_dtype(gm: fx.GraphModule) -> torch.dtype:
+    """The dtype shapes are propagated in: the model's own (shapes do not depend on it)."""
+    model = gm.meta.get("bigpicture_model", gm)
+    return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+
+
+def analyse(model: nn.Module | fx.GraphModule, input_shape, multipass: bool = False) -> list[Split]:
+    """The passes of the model's split for one input shape (what every tile size shares)."""
+    gm = model if isinstance(model, fx.GraphModule) else capture(model, multipass)
+    if len(input_shape) < 3:
+        raise TilingError(
+            f"input shape {tuple(input_shape)} has no spatial dimension: expected (N, C, *spatial)."
+        )
+    values = g.propagate(gm, [(tuple(input_shape), model_dtype(gm), torch.device("cpu"))])
+    x = next(n for n in gm.graph.nodes if n.op == "placeholder")
+    return stages(split(gm, values, x, multipass))
+
+
+def candidates(splits: list[Split], input_shape) -> list[tuple[int, ...]]:
+    """Tile shapes worth predicting: cubes of side unit x 2^k and 3 x 2^(k-1), and the whole image."""
+    spatial = tuple(input_shape[2:])
+    unit = math.lcm(*[f.numerator for s in splits for k in s.sinks for f in s.strides[k]])
+    smallest = max(unit, math.ceil(max(spatial) / MAX_TILES_PER_DIM))
+    sides, m = set(), 1
+    while unit * m < 2 * max(spatial):
+        for side in (unit * m, unit * (3 * m // 2)):
+            if smallest <= side < max(spatial):
+                sides.add(side)
+        m *= 2
+    shapes = {tuple(min(s, n) for n in spatial) for s in sides} | {spatial}
+    return sorted(shapes, key=math.prod)
+
+
+class Choice(NamedTuple):
+    tile: tuple[int, ...]
+    plan: Plan | None
+    prediction: Prediction
+
+
+def choose_tile(
+    model: nn.Module | fx.GraphModule,
+    input_shape,
+    budget_bytes: int | str,
+    device: str | Device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    training: bool = False,
+    multipass: bool = False,
+    make_plan: bool = True,
+) -> Choice:
+    """The tile with the least predicted time whose predicted peak memory is at most the budget.
+
+    Returns the tile, its plan (None with ``make_plan=False``) and its prediction, whose ``note``
+    says why it was chosen.
+    """
+    gm = model if isinstance(model, fx.GraphModule) else capture(model, multipass)
+    best = best_tile(analyse(gm, input_shape, multipass), input_shape, budget_bytes, device, dtype, training)
+    if not make_plan:
+        return Choice(best.tile, None, best)
+    plan = plan_graph(gm, [(tuple(input_shape), model_dtype(gm), torch.device("cpu"))], best.tile, multipass)
+    return Choice(best.tile, plan, predict(plan, device, training, dtype).with_note(best.note))
+
+
+def best_tile(
+    splits: list[Split],
+    input_shape,
+    budget_bytes: int | str,
+    device: str | Device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    training: bool = False,
+) -> Prediction:
+    """The prediction of the fastest tile that fits (see ``choose_tile``), for an analysed model."""
+    budget, dev = parse_memory(budget_bytes), resolve_device(device)
+    tried: list[Prediction] = []
+    for tile in candidates(splits, input_shape):  # the peak grows with the tile: stop once past the budget
+        tried.append(predict_splits(splits, input_shape, dtype, tile, dev, training))
+        if len(tried) >= 2 and min(p.memory for p in tried[-2:]) > budget:
+            break
+    fits = [p for p in tried if p.memory <= budget]
+    if not fits:
+        p = min(tried, key=lambda p: p.memory)
+        parts = ", ".join(f"{k} {_size(v)}" for k, v in p.memory_parts if v)
+        smaller = " use a smaller dtype," if torch.empty((), dtype=dtype).element_size() > 2 else ""
+        raise TilingError(
+            f"no tile fits {_size(budget)} on {dev.name}: the smallest predicted peak is {_size(p.memory)}, "
+            f"with tile {_side(p.tile)} ({parts}). Give memory of at least {_size(p.memory)},{smaller} or "
+            "use a device with more memory."
+        )
+    best = min(fits, key=lambda p: (p.time, -math.prod(p.tile)))
+    note = f"fastest predicted of the {len(fits)} tile sizes (of {len(tried)}) that fit {_size(budget)}"
+    bigger = [p for p in tried if math.prod(p.tile) > math.prod(best.tile)]
+    if bigger and bigger[0].memory > budget:
+        note += f"; the next larger, {_side(bigger[0].tile)}, needs {_size(bigger[0].memory)}"
+    return best.with_note(note)
+
+
+def _side(tile: tuple[int, ...]) -> str:
+    return " x ".join(map(str, tile))

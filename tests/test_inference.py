@@ -1,0 +1,317 @@
+"""``bigpicture.inference.run``: every source kind equals the untiled model; zarr equals memory;
+a SIGKILLed run resumes to the identical result; changed arguments are refused; bad inputs fail clearly."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import bigpicture as bp
+from bigpicture.cli_infer import add_infer_command
+from bigpicture.inference import run
+
+zarr = pytest.importorskip("zarr")
+TESTS = Path(__file__).parent
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny tiles on a busy 2-core machine: one intra-op thread is 10-50x faster than two."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def slow(x):
+    """The identity, sleeping ``BP_TEST_DELAY`` seconds per call (per tile): slows a run down to kill it."""
+    time.sleep(float(os.environ.get("BP_TEST_DELAY", "0")))
+    return x
+
+
+torch.fx.wrap("slow")  # traced as one call, so that it runs per tile
+bp.register_pointwise(slow)
+
+
+class Slow(nn.Module):
+    def forward(self, x):
+        return slow(x)
+
+
+class SegAndMean(nn.Module):
+    """A small segmentation net that also returns its output's spatial mean (a streamed reduction)."""
+
+    def __init__(self, channels=3, nd=2):
+        super().__init__()
+        conv, pool = (nn.Conv2d, nn.MaxPool2d) if nd == 2 else (nn.Conv3d, nn.MaxPool3d)
+        self.body = nn.Sequential(
+            conv(channels, 4, 3, padding=1), nn.ReLU(), pool(2), conv(4, 4, 3, padding=1), Slow(),
+            nn.Upsample(scale_factor=2), conv(4, 2, 3, padding=1),
+        )  # fmt: skip
+        self.dims = tuple(range(2, 2 + nd))
+
+    def forward(self, x):
+        y = self.body(x)
+        return y, y.mean(dim=self.dims)
+
+
+def seg_net(channels=3, nd=2, seed=0):
+    torch.manual_seed(seed)
+    return SegAndMean(channels, nd).eval()
+
+
+def seg_only(channels=3):
+    """The segmentation part alone, for runs that write one dense output to zarr."""
+    return seg_net(channels).body
+
+
+def image(shape=(1, 3, 48, 56), seed=0):
+    return np.random.default_rng(seed).integers(0, 256, shape, dtype=np.uint8)
+
+
+def untiled(model, x):
+    with torch.no_grad():
+        return model(torch.from_numpy(np.asarray(x)).float())
+
+
+def assert_same(got, expected, exact=False):
+    got = got if isinstance(got, (tuple, list)) else (got,)
+    expected = expected if isinstance(expected, (tuple, list)) else (expected,)
+    for a, b in zip(got, expected, strict=True):
+        a, b = torch.as_tensor(np.asarray(a)), torch.as_tensor(np.asarray(b))
+        if exact:
+            assert torch.equal(a, b)
+        else:
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-4)
+
+
+# -- every source kind --------------------------------------------------------------------------
+
+
+def _sources(tmp_path, x):
+    np.save(tmp_path / "x.npy", x)
+    z = zarr.open_array(str(tmp_path / "x.zarr"), mode="w", shape=x.shape, chunks=(1, 3, 16, 16), dtype="u1")
+    z[:] = x
+    bp_io = pytest.importorskip("bigpicture.io")
+    pytest.importorskip("tifffile")
+    bp_io.write_pyramid(x, tmp_path / "x.ome.tiff", mpp=0.5, tile=16)
+    return {
+        "numpy": x,
+        "memmap": np.load(tmp_path / "x.npy", mmap_mode="r"),
+        "npy path": str(tmp_path / "x.npy"),
+        "zarr array": z,
+        "zarr path": tmp_path / "x.zarr",
+        "tensor": torch.from_numpy(x).float(),
+        "tiff slide": bp_io.open_slide(tmp_path / "x.ome.tiff"),
+        "transformed": bp_io.as_source(x, lambda a: a.astype(np.float32) / 255),
+    }
+
+
+def test_every_source_kind_equals_untiled(tmp_path):
+    x = image()
+    model = seg_net()
+    net = bp.tiled(model, tile=16)
+    for name, src in _sources(tmp_path, x).items():
+        scaled = name == "transformed"
+        expected = untiled(model, x.astype(np.float32) / 255 if scaled else x)
+        got = run(net, src)
+        assert_same(got, expected), name
+        assert net.report.computed == len(net.plan.tiles), name
+
+
+def test_nifti_volume_equals_untiled(tmp_path):
+    nibabel = pytest.importorskip("nibabel")
+    volume = np.random.default_rng(2).standard_normal((20, 16, 12)).astype(np.float32)
+    nibabel.save(nibabel.Nifti1Image(volume, np.eye(4)), str(tmp_path / "v.nii"))
+    model = seg_net(channels=1, nd=3)
+    got = run(bp.tiled(model, tile=8), tmp_path / "v.nii")
+    assert_same(got, untiled(model, volume[None, None]))
+
+
+# -- zarr output ---------------------------------------------------------------------------------
+
+
+def test_zarr_output_equals_memory(tmp_path):
+    x = image()
+    net = bp.tiled(seg_net(), tile=16)
+    memory = run(net, x)
+    stored = run(net, x, out=tmp_path / "y.zarr")
+    assert isinstance(stored[0], zarr.Array) and stored[0].chunks == (1, 2, 16, 16)  # one chunk per write box
+    assert_same(stored, memory, exact=True)
+    assert_same(zarr.open_array(str(tmp_path / "y.zarr"), mode="r")[:], memory[0], exact=True)
+    again = run(net, x, out=tmp_path / "y.zarr")
+    assert net.report.resumed == net.report.tiles and net.report.computed == 0
+    assert_same(again, memory, exact=True)
+
+
+def _kill_target(src: str, out: str) -> None:
+    """Run in a subprocess: a slow run into ``out``, to be killed part-way."""
+    run(bp.tiled(seg_net(), tile=16), zarr.open_array(src, mode="r"), out=out)
+
+
+def test_sigkill_resumes_to_the_identical_result(tmp_path):
+    x = image((1, 3, 64, 64), seed=3)
+    z = zarr.open_array(str(tmp_path / "x.zarr"), mode="w", shape=x.shape, dtype="u1")
+    z[:] = x
+    out = tmp_path / "y.zarr"
+    code = (
+        f"import sys; sys.path.insert(0, {str(TESTS)!r}); "
+        "import test_inference as t; t._kill_target(*sys.argv[1:])"
+    )
+    env = {**os.environ, "BP_TEST_DELAY": "0.15", "OMP_NUM_THREADS": "1"}
+    child = subprocess.Popen([sys.executable, "-c", code, str(tmp_path / "x.zarr"), str(out)], env=env)
+    done, deadline = 0, time.time() + 60
+    while done < 3 and time.time() < deadline and child.poll() is None:
+        time.sleep(0.05)
+        if (out / "zarr.json").exists() or (out / ".zattrs").exists():
+            record = zarr.open_array(str(out), mode="r").attrs["bigpicture"]
+            done = sum(b - a for a, b in record["done"])
+    child.send_signal(signal.SIGKILL)
+    child.wait()
+    assert child.returncode == -signal.SIGKILL and done >= 3, "the run ended before it could be killed"
+
+    net = bp.tiled(seg_net(), tile=16)
+    resumed = run(net, z, out=out)
+    assert done <= net.report.resumed < net.report.tiles == 16
+    assert net.report.computed == net.report.tiles - net.report.resumed
+    whole = run(bp.tiled(seg_net(), tile=16), z, out=tmp_path / "whole.zarr")
+    assert_same(resumed, whole, exact=True)  # the dense output and the streamed mean, bit for bit
+
+
+def test_changed_arguments_are_refused(tmp_path):
+    x, out = image(), tmp_path / "y.zarr"
+    run(bp.tiled(seg_net(), tile=16), x, out=out)
+    with pytest.raises(bp.TilingError, match=r"meta\['tile'\]: stored \[16, 16\], now \[24, 24\]"):
+        run(bp.tiled(seg_net(), tile=24), x, out=out)
+    with pytest.raises(bp.TilingError, match=r"meta\['weights'\]"):
+        run(bp.tiled(seg_net(seed=1), tile=16), x, out=out)
+    with pytest.raises(bp.TilingError, match=r"meta\['input'\]"):
+        run(bp.tiled(seg_net(), tile=16), torch.from_numpy(x).float(), out=out)
+    net = bp.tiled(seg_net(seed=1), tile=24)
+    run(net, x, out=out, resume=False)  # starts over
+    assert net.report.computed == net.report.tiles
+
+
+# -- background ----------------------------------------------------------------------------------
+
+
+def background_image(shape=(1, 3, 64, 80)):
+    x = np.full(shape, 255, np.uint8)
+    x[..., 20:36, 30:52] = image((1, 3, 16, 22), seed=4)
+    return x
+
+
+@pytest.mark.parametrize("value", [255, [255, 255, 255]])
+def test_background_tiles_are_reused_exactly(tmp_path, value):
+    x = background_image()
+    model = seg_net()
+    net = bp.tiled(model, tile=12)  # not a multiple of the net's stride 2: two alignments of tiles
+    plain = run(net, x)
+    skipping = run(net, x, background=value)
+    assert net.report.skipped > 0 and net.report.computed + net.report.skipped == net.report.tiles
+    assert_same(skipping, plain, exact=True)
+    assert_same(skipping, untiled(model, x))
+    stored = run(net, x, out=tmp_path / "y.zarr", background=value)
+    assert_same(stored, plain, exact=True)
+
+
+class CountingSource(bp.io.Source):
+    def __init__(self, x):
+        self.x, self.shape, self.dtype, self.reads = x, x.shape, x.dtype, 0
+
+    def read(self, region):
+        self.reads += 1
+        return self.x[region]
+
+
+def test_tissue_mask_skips_reading_background(tmp_path):
+    from bigpicture.background import MaskedSource
+
+    x = image((1, 3, 64, 80), seed=5)
+    mask = np.zeros((16, 20), bool)
+    mask[5:9, 7:13] = True
+    counting = CountingSource(x)
+    source = MaskedSource(counting, mask, fill=255)
+    model = seg_net()
+    net = bp.tiled(model, tile=8)
+    got = run(net, source)
+    assert net.report.skipped > 0
+    assert counting.reads < net.report.tiles  # tiles known background from the mask are never read
+    masked = np.where(np.repeat(np.repeat(mask, 4, 0), 4, 1), x, 255).astype(np.uint8)
+    assert_same(got, untiled(model, masked))
+    assert_same(got, run(net, masked), exact=True)
+
+
+def test_position_dependent_resampling_turns_skipping_off():
+    model = nn.Sequential(nn.Conv2d(3, 2, 3, padding=1), nn.Upsample(scale_factor=2, mode="bilinear",
+                                                                     align_corners=True)).eval()  # fmt: skip
+    x = background_image()
+    net = bp.tiled(model, tile=16)
+    with pytest.warns(UserWarning, match="align_corners"):
+        got = run(net, x, background=255)
+    assert net.report.skipped == 0
+    assert_same(got, untiled(model, x))
+
+
+# -- errors --------------------------------------------------------------------------------------
+
+
+def test_bad_inputs_fail_clearly(tmp_path):
+    net = bp.tiled(seg_net(), tile=16)
+    with pytest.raises(FileNotFoundError, match="no such file"):
+        run(net, tmp_path / "missing.svs")
+    pytest.importorskip("tifffile")
+    bp.io.write_pyramid(image((1, 3, 64, 64)), tmp_path / "x.tiff", tile=16, compression=None)
+    data = (tmp_path / "x.tiff").read_bytes()
+    (tmp_path / "cut.tiff").write_bytes(data[: len(data) // 2])
+    with pytest.raises(bp.TilingError, match="truncated"):
+        run(net, tmp_path / "cut.tiff")
+    with pytest.raises(bp.TilingError, match="no level 7"):
+        run(net, bp.io.open_slide(tmp_path / "x.tiff", level=7))
+    z = zarr.open_array(
+        str(tmp_path / "x.zarr"), mode="w", shape=(1, 3, 48, 56), chunks=(1, 3, 16, 16), dtype="u1"
+    )
+    z[:] = image()
+    chunk = next(p for p in (tmp_path / "x.zarr").rglob("*") if p.is_file() and "json" not in p.name)
+    chunk.write_bytes(b"not a chunk")
+    with pytest.raises(bp.TilingError, match=r"reading region \[.*\] failed"):
+        run(net, z)
+
+
+# -- the command ---------------------------------------------------------------------------------
+
+
+def test_infer_command_resumes_and_refuses_changes(tmp_path, capsys):
+    (tmp_path / "model.py").write_text(
+        f"import sys; sys.path.insert(0, {str(TESTS)!r})\nfrom test_inference import seg_only as factory\n"
+    )
+    torch.save(seg_only().state_dict(), tmp_path / "w.pt")
+    x = background_image()
+    np.save(tmp_path / "x.npy", x)
+    parser = argparse.ArgumentParser()
+    add_infer_command(parser.add_subparsers())
+
+    def infer(*extra):
+        model = f"{tmp_path / 'model.py'}:factory"
+        a = parser.parse_args(["infer", str(tmp_path / "x.npy"), "--out", str(tmp_path / "y.zarr"), "--model",
+                               model, "--weights", str(tmp_path / "w.pt"), "--quiet", *extra])  # fmt: skip
+        return a.run(a)
+
+    assert infer("--tile", "16", "--background", "255", "--scale", "0.5") == 0
+    expected = untiled(seg_only(), x.astype(np.float32) * 0.5)
+    assert_same(zarr.open_array(str(tmp_path / "y.zarr"), mode="r")[:], expected)
+    assert infer("--tile", "16", "--background", "255", "--scale", "0.5") == 0  # all done: nothing to compute
+    with pytest.raises(bp.TilingError, match="Affine"):
+        infer("--tile", "16", "--background", "255", "--scale", "0.25")
+    assert infer("--tile", "16", "--scale", "0.25", "--overwrite") == 0
+    assert "wrote" in capsys.readouterr().out

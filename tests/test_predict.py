@@ -1,0 +1,210 @@
+import time
+from collections import Counter
+
+import pytest
+import torch
+from torch import nn
+
+import bigpicture as bp
+from bigpicture.devices import DEVICES, local_cpu
+from bigpicture.grid import _group, layout, tile_classes
+from bigpicture.predict import predict, predict_splits
+from bigpicture.rates import Rates, _interpolate
+from bigpicture.schedule import analyse
+
+F32 = 4
+
+
+@pytest.fixture(autouse=True)
+def _uncalibrated(tmp_path, monkeypatch):
+    # nominal CPU rates: predictions must not depend on this machine's calibration
+    monkeypatch.setenv("BIGPICTURE_CACHE", str(tmp_path / "cache"))
+
+
+def parts(p) -> dict:
+    return dict(p.memory_parts)
+
+
+def test_one_conv_one_tile_memory_by_hand():
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1)).eval()
+    p = predict(bp.make_plan(net, (1, 3, 32, 32), tile=32), "cpu")
+    out = 8 * 32 * 32 * F32
+    padded = 3 * 34 * 34 * F32  # the tile touches every border: its input is padded explicitly
+    assert parts(p)["parameters"] == (8 * 3 * 9 + 8) * F32
+    assert parts(p)["boundary tensors"] == out  # the dense output
+    # the new output and the padded input while the conv runs, and the previous tile's output
+    assert parts(p)["tile working set"] == out + padded + out
+    assert p.memory == sum(parts(p).values()) and p.tiles == 1
+
+
+def test_values_are_freed_at_their_last_use():
+    # 1x1 convs need no padding; each value dies when the next op has read it
+    net = nn.Sequential(nn.Conv2d(2, 16, 1), nn.Conv2d(16, 4, 1), nn.Conv2d(4, 1, 1)).eval()
+    p = predict(bp.make_plan(net, (1, 2, 10, 10), tile=10), "cpu")
+    px = 10 * 10 * F32
+    # the peak is while the second conv writes its 4 channels and its 16-channel input is alive
+    assert parts(p)["tile working set"] == px * (16 + 4) + px * 1  # + the previous tile's 1-channel sink
+
+
+def test_inplace_and_identity_allocate_nothing():
+    a = nn.Sequential(nn.Conv2d(2, 8, 1), nn.ReLU(), nn.Identity(), nn.Conv2d(8, 1, 1)).eval()
+    b = nn.Sequential(nn.Conv2d(2, 8, 1), nn.ReLU(inplace=True), nn.Identity(), nn.Conv2d(8, 1, 1)).eval()
+    pa, pb = (predict(bp.make_plan(m, (1, 2, 8, 8), tile=8), "cpu") for m in (a, b))
+    px = 8 * 8 * F32
+    assert parts(pa)["tile working set"] == px * (8 + 8) + px  # ReLU's output next to its input
+    assert parts(pb)["tile working set"] == px * (8 + 1) + px  # written in place: conv in + conv out
+
+
+def test_training_keeps_what_autograd_saves():
+    net = nn.Sequential(nn.Conv2d(2, 8, 1), nn.ReLU(), nn.Conv2d(8, 1, 1))
+    plan = bp.make_plan(net, (1, 2, 8, 8), tile=8)
+    px = 8 * 8 * F32
+    train = predict(plan, "cpu", training=True)
+    # recompute: conv1 saves the input (the caller's, not counted), ReLU its output, conv2 its input
+    # (the same storage); the backward adds gradient buffers; parameters get summed gradients
+    assert parts(train)["tile working set"] >= px * 8 + px * 8
+    n_params = sum(q.numel() for q in net.parameters())
+    assert parts(train)["parameter gradients"] == 2 * n_params * F32
+    assert parts(train)["boundary gradients"] == parts(train)["boundary tensors"] == px
+    assert train.memory > predict(plan, "cpu").memory
+
+
+def test_flops_of_a_conv_net_by_hand():
+    net = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 4, 3, stride=2, padding=1)
+    ).eval()
+    n, h, w = 2, 16, 20
+    conv1 = 2 * n * 8 * h * w * 3 * 9
+    conv2 = 2 * n * 4 * (h // 2) * (w // 2) * 8 * 9
+    plan = bp.make_plan(net, (n, 3, h, w), tile=(h, w))
+    inference = predict(plan, "cpu")
+    # as torch.utils.flop_counter counts: convolutions and matmuls; the other ops are timed by their bytes
+    assert inference.flops == conv1 + conv2 and inference.halo_overhead == 0
+    training = predict(plan, "cpu", training=True)
+    # forward, recomputed forward, and the backward: weight gradients, and input gradients but the first's
+    assert training.flops == 2 * (conv1 + conv2) + conv1 + 2 * conv2
+
+
+def test_halo_overhead_is_the_extra_work_of_the_tiles():
+    net = nn.Sequential(nn.Conv2d(1, 1, 3, padding=1), nn.Conv2d(1, 1, 3, padding=1)).eval()
+    p = predict(bp.make_plan(net, (1, 1, 1, 40), tile=(1, 10)), "cpu")
+    # the first conv computes 1 extra column on each inner side of each of the 4 tiles
+    assert p.flops == 2 * 9 * (40 + 6) + 2 * 9 * 40
+    assert p.halo_overhead == pytest.approx((2 * 9 * 86) / (2 * 9 * 80) - 1)
+
+
+NETS = {
+    "chain": (
+        lambda: nn.Sequential(
+            nn.Conv2d(1, 4, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(4, 4, 3, padding=1),
+            nn.Upsample(scale_factor=2),
+            nn.Conv2d(4, 2, 5, padding=2),
+        ),
+        (1, 1, 203, 181),
+        [16, 24, 50],
+    ),
+    "classifier": (
+        lambda: nn.Sequential(
+            nn.Conv2d(1, 4, 3, stride=2),
+            nn.ReLU(),
+            nn.Conv2d(4, 4, 3, stride=2),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
+        ),
+        (1, 1, 150, 230),
+        [12, 36],
+    ),
+    "3d": (
+        lambda: nn.Sequential(nn.Conv3d(1, 2, 3, padding=1), nn.MaxPool3d(2), nn.Conv3d(2, 2, 3, padding=1)),
+        (1, 1, 30, 26, 34),
+        [8, 12],
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(NETS))
+def test_tile_classes_cover_the_plans_tiles_exactly(name):
+    make, shape, tiles = NETS[name]
+    net = make().eval()
+    for tile in tiles:
+        plan = bp.make_plan(net, shape, tile=tile)
+        classes = tile_classes(plan.split, layout(plan.split, shape, tile))
+        exact = _group((1, t.writes, plan.needs(t)) for t in plan.tiles)
+
+        def weighted(cl):
+            return Counter(
+                {
+                    (tuple(w.shape for w in c.writes), tuple(b.shape for b in c.need.values())): c.count
+                    for c in cl
+                }
+            )
+
+        assert sum(c.count for c in classes) == len(plan.tiles) == predict(plan).tiles
+        assert weighted(classes) == weighted(exact)
+        assert len(classes) <= 3 ** len(shape[2:]) * 2
+
+
+def test_whole_slide_predicts_in_seconds_without_allocating():
+    net = nn.Sequential(
+        nn.Conv2d(3, 16, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(16, 16, 3, padding=1),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(16, 2),
+    ).eval()
+    shape = (1, 3, 100_000, 100_000)
+    start = time.perf_counter()
+    splits = analyse(net, shape)
+    p = predict_splits(splits, shape, torch.bfloat16, 1000, "H100-SXM", training=True)
+    assert time.perf_counter() - start < 30
+    assert p.tiles == 100 * 100 and p.classes <= 9  # corners, edges, interior (mirror images cost alike)
+    assert p.flops > 2 * 2 * 16 * 3 * 9 * shape[2] * shape[3]  # at least the first conv, forward twice
+    assert 0 < p.time < 3600 and p.memory < 80 * 2**30
+
+
+def test_dtype_and_device():
+    net = nn.Sequential(nn.Conv2d(3, 64, 3, padding=1), nn.ReLU(), nn.Conv2d(64, 64, 3, padding=1)).eval()
+    plan = bp.make_plan(
+        net, (1, 3, 4096, 4096), tile=1024
+    )  # big enough for the GPU work to outlast the host's
+    f32 = predict(plan, "A100-80GB", training=True)
+    bf16 = predict(plan, "A100-80GB", training=True, dtype=torch.bfloat16)
+    assert parts(bf16)["tile working set"] * 2 == parts(f32)["tile working set"]
+    assert bf16.time < f32.time
+    assert "CUDA context" in str(f32) and parts(f32)["framework (CUDA context, allocator, workspace)"] > 2**29
+    h100 = predict(plan, "H100-SXM", training=True, dtype=torch.bfloat16)
+    assert h100.time < bf16.time and h100.memory == bf16.memory
+
+
+def test_prediction_prints_its_parts():
+    plan = bp.make_plan(nn.Sequential(nn.Conv2d(1, 2, 3)).eval(), (1, 1, 64, 64), tile=32)
+    text = str(predict(plan, "cpu", training=True))
+    for word in ("peak memory", "tile working set", "recompute", "backward", "halo overhead", "uncalibrated"):
+        assert word in text
+
+
+def test_rates():
+    assert _interpolate([1, 100], [10.0, 30.0], 10) == pytest.approx(20.0)
+    assert (
+        _interpolate([1, 100], [10.0, 30.0], 0.5) == 10.0
+        and _interpolate([1, 100], [10.0, 30.0], 1e4) == 30.0
+    )
+    gpu = Rates(DEVICES["A100-80GB"], torch.bfloat16)
+    big, small = gpu.conv(2, 64 * 9, 256, 2**20), gpu.conv(2, 3 * 9, 16, 1024)
+    assert small < big < 0.7 * DEVICES["A100-80GB"].peak(torch.bfloat16)
+    assert gpu.stream("unary", 2**30) == pytest.approx(0.8 * 2.039e12, rel=0.01)
+    cpu = Rates(local_cpu(), torch.float32)
+    assert not cpu.measured and cpu.conv(2, 27, 16, 1000) == 0.5 * local_cpu().peak(torch.float32)
+
+
+def test_device_of_a_torch_device():
+    from bigpicture.devices import for_torch
+
+    assert for_torch("cpu").name == "cpu" and for_torch(torch.device("cpu")).cores >= 1
+    with pytest.raises(bp.TilingError, match="no performance figures"):
+        for_torch("meta")
