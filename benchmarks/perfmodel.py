@@ -1,13 +1,13 @@
 """Predicted vs measured peak memory and time of tiled runs on this CPU, and the planner's regret.
 
-Each configuration (network x image x tile x inference/training) runs in a fresh process: it
-plans and runs once (warm-up), then times `--repeats` runs (the fastest counts: other jobs only
-add time). Then glibc is told to serve every allocation over 64 KiB with mmap (mallopt), so that
-freed tensors leave the RSS at once, the peak-RSS mark is reset (/proc/self/clear_refs), the
-current RSS taken as the baseline and one more run made: measured memory is the peak RSS above
-the baseline (VmHWM, the figure ru_maxrss reports), i.e. the peak of live memory, which is what
-the model predicts. Predicted memory is compared without the parameters, which are resident
-before the baseline.
+Each configuration (network x image x tile x inference/training) runs in two fresh processes,
+each of which plans and runs once (warm-up) first. The first times `--repeats` runs (the fastest
+counts: other jobs only add time). The second is started with MALLOC_MMAP_THRESHOLD_=65536, so
+that glibc serves every allocation over 64 KiB with mmap and freed tensors leave the RSS at once;
+it resets the peak-RSS mark (/proc/self/clear_refs), takes the current RSS as the baseline and runs
+once more: measured memory is the peak RSS above the baseline (VmHWM, the figure ru_maxrss
+reports), the peak of live memory, which is what the model predicts. Predicted memory is compared
+without the parameters, which are resident before the baseline.
 
     python benchmarks/perfmodel.py --calibrate           # calibrate, then every configuration
     python benchmarks/perfmodel.py --quick               # a smoke run in about a minute
@@ -19,7 +19,6 @@ On a shared machine use one thread and --clock process (CPU time: the work, not 
 from __future__ import annotations
 
 import argparse
-import ctypes
 import gc
 import json
 import os
@@ -78,11 +77,7 @@ CONFIGS = [  # network, tile, mode
     ("densenet", 256, "inference"),
     ("densenet", 512, "inference"),
 ]
-SWEEP = {
-    "resnet": (128, 192, 256, 384, 512, 768, 1024),
-    "unet2d": (96, 128, 192, 256, 384, 768),
-    "unet3d": (16, 24, 32, 48, 96),
-}
+SWEEP = {"resnet": (128, 256, 512, 1024), "unet2d": (96, 192, 384, 768), "unet3d": (16, 32, 48, 96)}
 QUICK_SHAPES = {
     "resnet": (1, 3, 256, 256),
     "unet2d": (1, 3, 192, 192),
@@ -127,27 +122,23 @@ def one(cfg: dict) -> dict:
         return None
 
     step()  # warm-up: plans, and pays for one-time kernel and thread set-up
+    if cfg["measure"] == "memory":  # started with every allocation over 64 KiB served by mmap
+        model.zero_grad(set_to_none=True)
+        gc.collect()
+        Path("/proc/self/clear_refs").write_text("5")  # the peak-RSS mark restarts from the current RSS
+        base = _status("VmRSS")
+        step()
+        return {"memory": _status("VmHWM") - base}
     times = []
     for _ in range(cfg["repeats"]):
         start = clock()
         step()
         times.append(clock() - start)
-    # memory: every allocation over 64 KiB from mmap from now on, so that freed tensors leave the RSS
-    libc = ctypes.CDLL("libc.so.6")
-    libc.mallopt(-3, 65536)  # M_MMAP_THRESHOLD (fixed: also stops glibc from raising it)
-    model.zero_grad(set_to_none=True)
-    gc.collect()
-    libc.malloc_trim(0)
-    Path("/proc/self/clear_refs").write_text("5")  # the peak-RSS mark restarts from the current RSS
-    base = _status("VmRSS")
-    step()
-    peak = _status("VmHWM") - base
     p = predict(net.plan, "cpu", training=cfg["mode"] == "training")
     params = dict(p.memory_parts)["parameters"]
     return {
         "time": min(times),
         "times": times,
-        "memory": peak,
         "predicted_time": p.time,
         "predicted_memory": p.memory - params,
         "tiles": p.tiles,
@@ -157,21 +148,20 @@ def one(cfg: dict) -> dict:
 
 
 def run(cfg: dict, timeout: float) -> dict:
-    env = {**os.environ, "OMP_NUM_THREADS": str(cfg["threads"])}
-    try:
-        p = subprocess.run(
-            [sys.executable, __file__, "--one", json.dumps(cfg)],
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            env=env,
-        )
-    except subprocess.TimeoutExpired:
-        return {**cfg, "error": f"timed out after {timeout:.0f} s"}
-    if p.returncode != 0:
-        lines = [s for s in p.stderr.strip().splitlines() if s.strip()] or [f"exit code {p.returncode}"]
-        return {**cfg, "error": lines[-1][:200]}
-    return {**cfg, **json.loads(p.stdout.strip().splitlines()[-1])}
+    """Time in one fresh process, peak memory in another (whose glibc returns freed memory at once)."""
+    out = dict(cfg)
+    for measure, env in (("time", {}), ("memory", {"MALLOC_MMAP_THRESHOLD_": "65536"})):
+        env = {**os.environ, "OMP_NUM_THREADS": str(cfg["threads"]), **env}
+        try:
+            p = subprocess.run([sys.executable, __file__, "--one", json.dumps({**cfg, "measure": measure})],
+                               capture_output=True, text=True, timeout=timeout, env=env)  # fmt: skip
+        except subprocess.TimeoutExpired:
+            return {**out, "error": f"timed out after {timeout:.0f} s"}
+        if p.returncode != 0:
+            lines = [s for s in p.stderr.strip().splitlines() if s.strip()] or [f"exit code {p.returncode}"]
+            return {**out, "error": lines[-1][:200]}
+        out.update(json.loads(p.stdout.strip().splitlines()[-1]))
+    return out
 
 
 # -- the planner ---------------------------------------------------------------------------------

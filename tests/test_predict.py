@@ -25,9 +25,13 @@ def parts(p) -> dict:
     return dict(p.memory_parts)
 
 
+# on a GPU, with the input already there, nothing but the values themselves is counted in a tile
+GPU = {"device": "A100-80GB", "input_on_device": True}
+
+
 def test_one_conv_one_tile_memory_by_hand():
     net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1)).eval()
-    p = predict(bp.make_plan(net, (1, 3, 32, 32), tile=32), "cpu")
+    p = predict(bp.make_plan(net, (1, 3, 32, 32), tile=32), **GPU)
     out = 8 * 32 * 32 * F32
     padded = 3 * 34 * 34 * F32  # the tile touches every border: its input is padded explicitly
     assert parts(p)["parameters"] == (8 * 3 * 9 + 8) * F32
@@ -35,12 +39,15 @@ def test_one_conv_one_tile_memory_by_hand():
     # the new output and the padded input while the conv runs, and the previous tile's output
     assert parts(p)["tile working set"] == out + padded + out
     assert p.memory == sum(parts(p).values()) and p.tiles == 1
+    # a CPU convolution also holds a workspace (oneDNN's layouts): 1 x its larger operand uncalibrated
+    cpu = predict(bp.make_plan(net, (1, 3, 32, 32), tile=32), "cpu")
+    assert parts(cpu)["tile working set"] == out + padded + out + max(out, padded)
 
 
 def test_values_are_freed_at_their_last_use():
     # 1x1 convs need no padding; each value dies when the next op has read it
     net = nn.Sequential(nn.Conv2d(2, 16, 1), nn.Conv2d(16, 4, 1), nn.Conv2d(4, 1, 1)).eval()
-    p = predict(bp.make_plan(net, (1, 2, 10, 10), tile=10), "cpu")
+    p = predict(bp.make_plan(net, (1, 2, 10, 10), tile=10), **GPU)
     px = 10 * 10 * F32
     # the peak is while the second conv writes its 4 channels and its 16-channel input is alive
     assert parts(p)["tile working set"] == px * (16 + 4) + px * 1  # + the previous tile's 1-channel sink
@@ -49,7 +56,7 @@ def test_values_are_freed_at_their_last_use():
 def test_inplace_and_identity_allocate_nothing():
     a = nn.Sequential(nn.Conv2d(2, 8, 1), nn.ReLU(), nn.Identity(), nn.Conv2d(8, 1, 1)).eval()
     b = nn.Sequential(nn.Conv2d(2, 8, 1), nn.ReLU(inplace=True), nn.Identity(), nn.Conv2d(8, 1, 1)).eval()
-    pa, pb = (predict(bp.make_plan(m, (1, 2, 8, 8), tile=8), "cpu") for m in (a, b))
+    pa, pb = (predict(bp.make_plan(m, (1, 2, 8, 8), tile=8), **GPU) for m in (a, b))
     px = 8 * 8 * F32
     assert parts(pa)["tile working set"] == px * (8 + 8) + px  # ReLU's output next to its input
     assert parts(pb)["tile working set"] == px * (8 + 1) + px  # written in place: conv in + conv out

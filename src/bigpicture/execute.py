@@ -166,7 +166,8 @@ class Runner:
         return used
 
     def outputs(self, dense: dict, partials: dict) -> list:
-        return [dense[k] for k in self.dense] + [partials[r].value for r in self.reductions]
+        # Detached: autograd.Function gives its outputs a grad_fn, and backward reads the partials.
+        return [dense[k] for k in self.dense] + [partials[r].value.detach() for r in self.reductions]
 
     def _tiles(self, what: str):
         if self.progress is None:
@@ -209,6 +210,8 @@ class TiledFunction(torch.autograd.Function):
 def run(plan: Plan, args: tuple, params: list, device: torch.device, progress=None):
     """The model's output on ``args``, computed tile by tile; differentiable where grad is enabled."""
     x = args[0] if isinstance(args[0], torch.Tensor) else None
+    if x is not None and not plan.earlier and len(plan.tiles) == 1:
+        return plan.split.gm(*args)  # one tile is the whole image: tiling would only add a recompute
     trainable = [p for p in params if p.requires_grad]
     graph = Evaluator(plan.split, args)
     for stage in plan.earlier + (plan,):

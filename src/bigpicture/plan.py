@@ -174,7 +174,7 @@ def _write_box(index, used, per_dim, stride, extent) -> Box:
 
 
 def make_plan(
-    model: torch.nn.Module, input_shape, tile=512, dtype=torch.float32, device="cpu", multipass=False
+    model: torch.nn.Module, input_shape, tile=1024, dtype=torch.float32, device="cpu", multipass=False
 ) -> Plan:
     """The plan for ``model`` on an input of ``input_shape`` (N, C, *spatial), with no tensor allocated."""
     gm = capture(model, multipass)

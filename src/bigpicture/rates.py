@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -58,6 +59,8 @@ class Rates:
         self.ops = ops if ops and ops.get("dtype") == str(dtype).removeprefix("torch.") else None
         self.launch_s = device.launch_overhead_s
         self._conv: dict = {}  # memo: a network repeats a few convolution shapes many times
+        # CPU convolutions hold a workspace besides their output (GPUs: in the framework allowance)
+        self.conv_workspace = 0.0 if self.gpu else (self.ops or {}).get("conv_workspace", 1.0)
         if self.gpu:
             self.node_s, self.train_node_s, self.host_op_s = (
                 GPU_ENGINE_NODE_S,
@@ -78,16 +81,10 @@ class Rates:
     def measured(self) -> bool:
         return self.ops is not None
 
-    def conv(
-        self,
-        nd: int,
-        fan_in: int,
-        cout: int,
-        positions: int,
-        stride: int = 1,
-        backward: bool = False,
-    ) -> float:
-        """Flops/s of a convolution: fan_in = input channels per group x kernel volume."""
+    def conv(self, nd: int, fan_in: int, cout: int, positions: int, stride: int = 1, backward: bool = False,
+             transposed: bool = False) -> float:  # fmt: skip
+        """Flops/s of a convolution: fan_in = input channels per group x kernel volume; positions are
+        the output's (the input's for a transposed convolution)."""
         if self.gpu:
             # tensor-core tiles are wider than the CUDA cores' (fp32 without TF32): they fill later
             half = 32 if self.peak > 1.01 * self.device.peak("fp32") else 8
@@ -95,9 +92,12 @@ class Rates:
             return self.peak * GPU_CONV_EFFICIENCY * shape
         if self.ops is None:
             return 0.5 * self.peak
-        key = (nd, fan_in, cout, positions, stride, backward)
+        key = (nd, fan_in, cout, positions, stride, backward, transposed)
         if key not in self._conv:
-            points = [p for p in self.ops["conv"] if p["nd"] == nd] or self.ops["conv"]
+            points = [
+                p for p in self.ops["conv"] if p["nd"] == nd and p.get("transposed", False) == transposed
+            ]
+            points = points or self.ops["conv"]
             rate = _nearest(
                 [(p["fan_in"], p["cout"], p["positions"], 4 ** (p["stride"] - 1)) for p in points],
                 [p["backward" if backward else "forward"] for p in points],
@@ -158,32 +158,22 @@ def _nearest(points: list[tuple[float, ...]], values: list[float], at: tuple[flo
 # -- measurement of the local CPU --------------------------------------------------------------
 
 
-def _conv_grid(quick: bool) -> list[tuple[int, int, int, int, int, int]]:
-    """(nd, cin, cout, kernel, stride, output side) of the measured convolutions."""
+def _conv_grid(quick: bool) -> list[tuple[int, int, int, int, int, int, bool]]:
+    """(nd, cin, cout, kernel, stride, side, transposed) of the measured convolutions; side is the
+    output's (the input's for transposed ones). Small channel counts matter: CPU libraries fall back
+    to slow generic kernels for them, in 3D especially."""
     if quick:
-        return [(2, 4, 8, 3, 1, 16), (2, 4, 8, 1, 2, 16), (3, 2, 4, 3, 1, 8)]
-    grid = [
-        (2, cin, cout, k, 1, side)
-        for cin in (3, 16, 64, 256)
-        for cout in (16, 64, 256)
-        for k in (1, 3)
-        for side in (4, 16, 64, 160, 320)
-    ]
-    grid += [
-        (2, cin, cout, k, 2, side)
-        for cin in (3, 16, 64)
-        for cout in (16, 64, 128)
-        for k in (1, 3, 7)
-        for side in (4, 32, 160)
-    ]
-    grid += [
-        (3, cin, cout, k, 1, side)
-        for cin in (1, 16, 64)
-        for cout in (16, 64)
-        for k in (1, 3)
-        for side in (2, 8, 24, 48)
-    ]
-    grid += [(3, cin, cout, k, 2, 24) for cin in (1, 16) for cout in (16, 64) for k in (1, 3)]
+        return [(2, 4, 8, 3, 1, 16, False), (2, 4, 8, 1, 2, 16, False), (3, 2, 4, 3, 1, 8, False),
+                (2, 4, 4, 2, 2, 8, True)]  # fmt: skip
+    channels = {2: ((3, 8, 32, 128), (8, 32, 128)), 3: ((1, 4, 16, 64), (4, 16, 64))}
+    sides = {2: (4, 16, 64, 200), 3: (4, 12, 32)}
+    grid = [(nd, cin, cout, k, 1, side, False) for nd in (2, 3) for cin in channels[nd][0]
+            for cout in channels[nd][1] for k in (1, 3) for side in sides[nd]]  # fmt: skip
+    grid += [(2, cin, cout, k, 2, side, False) for cin in (3, 16, 64) for cout in (16, 64) for k in (1, 3, 7)
+             for side in (8, 64)]  # fmt: skip
+    grid += [(3, cin, cout, 3, 2, side, False) for cin in (1, 8) for cout in (8, 32) for side in (8, 24)]
+    grid += [(nd, cin, cout, k, 2, side, True) for nd in (2, 3) for cin in (8, 32, 128) for cout in (8, 32)
+             for k in (2, 3) for side in ((8, 48) if nd == 2 else (4, 16))]  # fmt: skip
     # skip the few cases that would take seconds each; neighbours cover them
     return [g for g in grid if 2 * g[1] * g[2] * g[3] ** g[0] * g[5] ** g[0] <= 4e9]
 
@@ -191,10 +181,15 @@ def _conv_grid(quick: bool) -> list[tuple[int, int, int, int, int, int]]:
 def _conv(dtype: torch.dtype, quick: bool, seconds, min_time: float) -> list[dict[str, Any]]:
     """Convolutions as the tile interpreter calls them: the input already padded, padding=0."""
     out = []
-    for nd, cin, cout, k, stride, side in _conv_grid(quick):
-        conv = (F.conv2d, F.conv3d)[nd - 2]
-        x = torch.randn((1, cin) + ((side - 1) * stride + k,) * nd, dtype=dtype, requires_grad=True)
-        w = torch.randn((cout, cin) + (k,) * nd, dtype=dtype, requires_grad=True)
+    for nd, cin, cout, k, stride, side, transposed in _conv_grid(quick):
+        if transposed:
+            conv = (F.conv_transpose2d, F.conv_transpose3d)[nd - 2]
+            x = torch.randn((1, cin) + (side,) * nd, dtype=dtype, requires_grad=True)
+            w = torch.randn((cin, cout) + (k,) * nd, dtype=dtype, requires_grad=True)
+        else:
+            conv = (F.conv2d, F.conv3d)[nd - 2]
+            x = torch.randn((1, cin) + ((side - 1) * stride + k,) * nd, dtype=dtype, requires_grad=True)
+            w = torch.randn((cout, cin) + (k,) * nd, dtype=dtype, requires_grad=True)
         flops = 2 * cin * cout * k**nd * side**nd
         with torch.no_grad():
             fwd = seconds(lambda c=conv, x=x, w=w, s=stride: c(x, w, stride=s), min_time)
@@ -203,17 +198,8 @@ def _conv(dtype: torch.dtype, quick: bool, seconds, min_time: float) -> list[dic
         bwd = seconds(
             lambda y=y, x=x, w=w, g=g: torch.autograd.grad(y, (x, w), g, retain_graph=True), min_time
         )
-        out.append(
-            {
-                "nd": nd,
-                "fan_in": cin * k**nd,
-                "cout": cout,
-                "positions": side**nd,
-                "stride": stride,
-                "forward": flops / fwd,
-                "backward": 2 * flops / bwd,
-            }
-        )
+        shape = {"nd": nd, "fan_in": cin * k**nd, "cout": cout, "positions": side**nd, "stride": stride}
+        out.append({**shape, "transposed": transposed, "forward": flops / fwd, "backward": 2 * flops / bwd})
     return out
 
 
@@ -290,6 +276,45 @@ def _engine(quick: bool, clock: Callable[[], float]) -> tuple[float, float]:
     return max(fwd, 0.0) / (tiles * layers), max(train, 0.0) / (tiles * layers)
 
 
+_WORKSPACE_PROBE = """
+import re, sys, torch, torch.nn.functional as F
+from pathlib import Path
+torch.set_num_threads(1)
+def rss(key):
+    return int(re.search(key + r":\\s+(\\d+) kB", Path("/proc/self/status").read_text())[1]) * 1024
+x, w = torch.randn(1, CIN, SIDE, SIDE), torch.randn(COUT, CIN, 3, 3)
+with torch.no_grad():
+    del_ = F.conv2d(x, w)
+    del del_
+    Path("/proc/self/clear_refs").write_text("5")
+    base = rss("VmRSS")
+    y = F.conv2d(x, w)
+    print((rss("VmHWM") - base - y.numel() * 4) / max(x.numel(), y.numel()) / 4)
+"""
+
+
+def _conv_workspace(quick: bool) -> float:
+    """Bytes a CPU convolution holds besides its output, per byte of its larger operand (oneDNN
+    converts to and from its blocked layouts): measured as peak RSS in fresh processes whose glibc
+    returns freed memory at once. 1.0 if it cannot be measured here."""
+    import statistics
+    import subprocess
+    import sys
+
+    factors = []
+    for cin, cout, side in ((4, 8, 64),) if quick else ((16, 16, 330), (64, 64, 100), (8, 8, 200)):
+        code = _WORKSPACE_PROBE.replace("CIN", str(cin)).replace("COUT", str(cout)).replace("SIDE", str(side))
+        env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "OMP_NUM_THREADS": "1"}
+        try:
+            run = subprocess.run(
+                [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120
+            )
+            factors.append(float(run.stdout.strip().splitlines()[-1]))
+        except (OSError, ValueError, IndexError, subprocess.TimeoutExpired):
+            continue
+    return max(statistics.median(factors), 0.0) if factors else 1.0
+
+
 def measure(
     quick: bool = False,
     dtype: torch.dtype = torch.float32,
@@ -304,6 +329,7 @@ def measure(
         "conv": _conv(dtype, quick, seconds, min_time),
         "stream": _stream(dtype, quick, seconds, min_time),
         "pool": _pool(dtype, quick, seconds, min_time),
+        "conv_workspace": _conv_workspace(quick),
         "engine_node_s": node_s,
         "engine_train_node_s": train_node_s,
     }

@@ -50,7 +50,8 @@ class Step:
     node: object
     inputs: tuple  # spatial input nodes
     out: int  # bytes of the new value; 0 if it is a view of (or written into) inputs[0]
-    temp: int = 0  # the padded copy of its input while it runs
+    temp: int = 0  # bytes it holds only while it runs: padded input, workspace
+    padded: int = 0  # of which the padded copy of its input (what autograd saves, if it saves inputs)
     saves_inputs: bool = False
     saves_output: bool = False
     saved_extra: int = 0  # e.g. max pooling's indices
@@ -77,14 +78,24 @@ def _step(
     st.bytes = in_bytes + elems * item
     pad_copy = 0
     if isinstance(op, Window) and outside:  # a Pad op's padded copy is its own output
-        pad_copy = st.temp = math.prod(split.shapes[ins[0]][:2]) * op.padded_box(box).numel * item
+        pad_copy = st.temp = st.padded = math.prod(split.shapes[ins[0]][:2]) * op.padded_box(box).numel * item
     if isinstance(op, (Conv, ConvTranspose)):
-        st.kind, st.flops, st.saves_inputs = "conv", n * op.flops(box, c), True
-        fan_in = op.cin_per_group * math.prod(op.kernel) if isinstance(op, Conv) else split.shapes[ins[0]][1]
-        stride = max(getattr(op, "step", (1,)))
-        st.fwd_s = st.flops / rates.conv(split.nd, fan_in, c, n * box.numel, stride)
+        st.kind, st.saves_inputs, stride = "conv", True, max(op.step)
+        if isinstance(op, Conv):
+            fan_in, positions, transposed = op.cin_per_group * math.prod(op.kernel), n * box.numel, False
+        else:  # every input position scatters cin x cout/groups x kernel multiply-adds
+            fan_in, positions, transposed = split.shapes[ins[0]][1] * math.prod(op.kernel), n, True
+            positions *= op.needs(box)[0].numel
+        st.flops = 2 * positions * fan_in * c // (op.groups if transposed else 1)
+        read = (
+            math.prod(split.shapes[ins[0]][:2])
+            * (op.padded_box(box) if not transposed else op.needs(box)[0]).numel
+        )
+        st.temp += int(rates.conv_workspace * max(read * item, st.out))
+        st.fwd_s = st.flops / rates.conv(split.nd, fan_in, c, positions, stride, transposed=transposed)
         st.flops_bwd = st.flops * (2 if grad_in else 1)
-        st.bwd_s = st.flops_bwd / rates.conv(split.nd, fan_in, c, n * box.numel, stride, backward=True)
+        rate = rates.conv(split.nd, fan_in, c, positions, stride, backward=True, transposed=transposed)
+        st.bwd_s = st.flops_bwd / rate
     elif isinstance(op, Pool):
         window = elems * math.prod(op.kernel)
         st.kind, st.saves_inputs = "pool", True
@@ -235,8 +246,8 @@ def _forward(split: Split, steps: list, sizes: dict, base: int, training: bool, 
         live += st.out
         if training and grad[node]:
             if st.saves_inputs:
-                if st.temp:
-                    live += st.temp  # the padded copy is what autograd keeps
+                if st.padded:
+                    live += st.padded  # the padded copy is what autograd keeps
                 else:
                     for i in st.inputs:
                         saved[owner[i]] = saved.get(owner[i], 0) + 1
@@ -269,13 +280,13 @@ def _backward(steps: list, sizes: dict, state, grad: dict) -> int:
                 buffers[i] = sizes[i]
         buffers.pop(node)
         released = [owner[node]] if st.saves_output else []
-        if st.saves_inputs and not st.temp:
+        if st.saves_inputs and not st.padded:
             released += [owner[i] for i in st.inputs]
         for o in set(released):
             saved[o] -= 1
             if saved[o] == 0 and o is not x:
                 live -= sizes[o]
-        live -= st.saved_extra + (st.temp if st.saves_inputs else 0)
+        live -= st.saved_extra + (st.padded if st.saves_inputs else 0)
     return peak
 
 

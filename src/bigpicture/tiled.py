@@ -16,7 +16,7 @@ class Tiled(nn.Module):
     Plans are made per input shape, dtype, device and train/eval state, and cached.
     """
 
-    def __init__(self, model: nn.Module, tile=512, progress: bool = False, multipass: bool = False) -> None:
+    def __init__(self, model: nn.Module, tile=1024, progress: bool = False, multipass: bool = False) -> None:
         super().__init__()
         self.model = model
         self.tile = tile
@@ -64,7 +64,7 @@ class Tiled(nn.Module):
         return f"tile={self.tile}"
 
 
-def tiled(model: nn.Module, tile=512, memory=None, progress: bool = False, multipass: bool = False) -> Tiled:
+def tiled(model: nn.Module, tile=1024, memory=None, progress: bool = False, multipass: bool = False) -> Tiled:
     """``model`` run tile by tile: same outputs, parameter gradients and input gradients.
 
     ``tile`` is the input extent each tile owns, excluding its halo (an int for every spatial
