@@ -10,10 +10,10 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import assert_tiled_matches
 from torch import nn
 
 import bigpicture as bp
-from helpers import assert_tiled_matches
 
 
 class SqueezeExcite(nn.Module):
@@ -90,3 +90,10 @@ def test_monai_attention_unet_with_instancenorm():
     torch.manual_seed(0)
     model = nets.AttentionUnet(2, 1, 2, channels=(4, 8, 16), strides=(2, 2)).double().eval()
     assert_tiled_matches(model, torch.randn(1, 1, 32, 28, dtype=torch.float64), 16, multipass=True)
+
+
+def test_monai_segresnet_with_groupnorm():
+    nets = pytest.importorskip("monai.networks.nets")
+    torch.manual_seed(0)
+    model = nets.SegResNet(spatial_dims=2, in_channels=1, out_channels=2, init_filters=4).double().eval()
+    assert_tiled_matches(model, torch.randn(1, 1, 24, 32, dtype=torch.float64), 16, multipass=True)
