@@ -64,9 +64,11 @@ class Step:
 
 
 def _step(
-    split: Split, node, box: Box, outside: bool, need: dict, item: int, rates: Rates, grad_in: bool
+    split: Split, node, box: Box, copied: bool, need: dict, item: int, rates: Rates, grad_in: bool
 ) -> Step:
-    """The step of one node computing ``box`` (``outside``: its window reaches out of the image)."""
+    """The step of one node computing ``box``. ``copied``: its input is copied first, padded (its
+    window reaches out of the image) or made contiguous (it reads a sub-box of a bigger value)."""
+    outside = copied and _outside(split.ops[node], box)
     op, shape = split.ops[node], split.shapes[node]
     n, c = shape[0], shape[1]
     elems = n * c * box.numel
@@ -77,8 +79,9 @@ def _step(
     st = Step(node, ins, 0 if (view or inplace) else elems * item)
     st.bytes = in_bytes + elems * item
     pad_copy = 0
-    if isinstance(op, Window) and outside:  # a Pad op's padded copy is its own output
-        pad_copy = st.temp = st.padded = math.prod(split.shapes[ins[0]][:2]) * op.padded_box(box).numel * item
+    if isinstance(op, Window) and copied:  # a Pad op's padded copy is its own output
+        pad_copy = st.temp = math.prod(split.shapes[ins[0]][:2]) * op.padded_box(box).numel * item
+        st.padded = pad_copy if outside else 0  # autograd saves the padded copy, not a contiguous one
     if isinstance(op, (Conv, ConvTranspose)):
         st.kind, st.saves_inputs, stride = "conv", True, max(op.step)
         if isinstance(op, Conv):
@@ -130,6 +133,15 @@ def _module(split: Split, node):
     return split.gm.get_submodule(node.target) if node.op == "call_module" else None
 
 
+def _stored(split: Split, inputs: list, need: dict, input_copy: bool) -> Box:
+    """The box of the value a node's first input is stored as: the whole image for an input that
+    lives on the device (a tile's input is a view of it)."""
+    first = inputs[0] if inputs else split.input
+    if first is split.input and not input_copy:
+        return Box.from_shape(split.extents[split.input])
+    return need[first]
+
+
 def _outside(op, box: Box) -> bool:
     padded = op.padded_box(box)
     return min(padded.lo) < 0 or any(h > n for h, n in zip(padded.hi, op.in_extents[0], strict=True))
@@ -178,9 +190,15 @@ def walk(
         grad[node] = grad_in or _facts(split, node)[2]
         op, box = split.ops[node], need[node]
         outside = isinstance(op, (Window, Pad)) and _outside(op, box)
-        key = (node, box.shape, outside, grad_in)
+        # convolution and pooling kernels copy a strided input (a sub-box of a bigger value) first
+        strided = (
+            isinstance(op, Window)
+            and not outside
+            and op.padded_box(box) != _stored(split, ins, need, input_copy)
+        )
+        key = (node, box.shape, outside, strided, grad_in)
         if key not in memo:
-            memo[key] = _step(split, node, box, outside, need, item, rates, grad_in)
+            memo[key] = _step(split, node, box, outside or strided, need, item, rates, grad_in)
         st = memo[key]
         steps.append(st)
         sizes[node] = math.prod(split.shapes[node][:2]) * need[node].numel * item
