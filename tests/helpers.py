@@ -3,8 +3,20 @@
 from __future__ import annotations
 
 import torch
+from torch import nn
 
 import bigpicture as bp
+
+
+class Lambda(nn.Module):
+    """A module that applies ``fn``: lets tests put plain functions into nn.Sequential."""
+
+    def __init__(self, fn):
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, x):
+        return self.fn(x)
 
 
 def _loss(y):

@@ -12,7 +12,7 @@ import re
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import assert_tiled_matches
+from helpers import Lambda, assert_tiled_matches
 from torch import nn
 
 import bigpicture as bp
@@ -43,15 +43,6 @@ class Wrap(nn.Module):
 
     def forward(self, x):
         return self.last(self.middle(self.first(x)))
-
-
-class Lambda(nn.Module):
-    def __init__(self, fn):
-        super().__init__()
-        self.fn = fn
-
-    def forward(self, x):
-        return self.fn(x)
 
 
 def expect_error(model, x, tile=4, *fragments):

@@ -25,12 +25,8 @@ TESTS = Path(__file__).parent
 
 
 @pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tiles on a busy 2-core machine: one intra-op thread is 10-50x faster than two."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _one_thread(one_thread):
     yield
-    torch.set_num_threads(threads)
 
 
 def slow(x):

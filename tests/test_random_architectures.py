@@ -41,12 +41,8 @@ def examples(n: int):
 
 
 @pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny tensors: one thread is much faster than two that contend.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _one_thread(one_thread):
     yield
-    torch.set_num_threads(threads)
 
 
 # -- blueprints --------------------------------------------------------------------------------
