@@ -7,7 +7,6 @@ import os
 import numpy as np
 import pytest
 import torch
-from test_inference import one_thread  # noqa: F401  (an autouse fixture)
 from torch import nn
 
 import bigpicture as bp
@@ -87,3 +86,8 @@ def test_align_corners_is_not_shift_exact():
     with pytest.warns(UserWarning, match="align_corners"):
         _, keys = _keys(model, (1, 1, 64, 64), 16)
     assert all(k is None for k in keys)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread(one_thread):
+    yield

@@ -45,7 +45,9 @@ class Runner:
         x = self.args[0]
         index = (slice(None), slice(None)) + box.slices()
         crop = x[index] if isinstance(x, torch.Tensor) else torch.as_tensor(np.asarray(x[index]))
-        return crop.to(device=self.device, dtype=self.plan.dtype)
+        # Contiguous: slide regions arrive channels-last, and torch 2.13's CPU backward of a strided
+        # 1x1 convolution corrupts memory on channels-last inputs with few channels (oneDNN #6035).
+        return crop.to(device=self.device, dtype=self.plan.dtype).contiguous()
 
     def consts(self) -> dict:
         """Placeholders other than the image, and the parameter-only nodes the tiles use."""
