@@ -174,7 +174,9 @@ def regret(net: str, shape, rows: list[dict], budget: int, mode: str, measure) -
     from bigpicture.schedule import choose_tile
 
     model = network(net).eval() if mode == "inference" else bp.freeze_batchnorm(network(net).train())
-    choice = choose_tile(model, shape, budget, "cpu", training=mode == "training", make_plan=False)
+    params = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
+    # the budget is for the memory measured above the resident parameters; the planner counts them too
+    choice = choose_tile(model, shape, budget + params, "cpu", training=mode == "training", make_plan=False)
     measured = {tuple(r["tile_used"]): r for r in rows if "error" not in r}
     if tuple(choice.tile) not in measured:
         r = measure(choice.tile[0])

@@ -215,3 +215,12 @@ def test_device_of_a_torch_device():
     assert for_torch("cpu").name == "cpu" and for_torch(torch.device("cpu")).cores >= 1
     with pytest.raises(bp.TilingError, match="no performance figures"):
         for_torch("meta")
+
+
+def test_cpu_convolution_workspace_follows_the_calibration():
+    cal = {"ops": {"dtype": "float32", "conv": [], "stream": {}, "pool": {}, "engine_node_s": 0.0,
+                   "engine_train_node_s": 0.0, "conv_workspace": {"2": ["operand", 0.5], "3": ["im2col", 1.0]}}}  # fmt: skip
+    cpu = Rates(local_cpu(), torch.float32, cal)
+    assert cpu.workspace(2, operand_bytes=1000, im2col_bytes=9000) == 500
+    assert cpu.workspace(3, operand_bytes=1000, im2col_bytes=27000) == 27000
+    assert Rates(DEVICES["T4"], torch.float16).workspace(2, 1000, 9000) == 0  # in the GPU allowance

@@ -60,7 +60,8 @@ class Rates:
         self.launch_s = device.launch_overhead_s
         self._conv: dict = {}  # memo: a network repeats a few convolution shapes many times
         # CPU convolutions hold a workspace besides their output (GPUs: in the framework allowance)
-        self.conv_workspace = 0.0 if self.gpu else (self.ops or {}).get("conv_workspace", 1.0)
+        workspace = (self.ops or {}).get("conv_workspace", DEFAULT_WORKSPACE)
+        self.conv_workspace = {} if self.gpu else workspace
         if self.gpu:
             self.node_s, self.train_node_s, self.host_op_s = (
                 GPU_ENGINE_NODE_S,
@@ -105,6 +106,11 @@ class Rates:
             )
             self._conv[key] = rate
         return self._conv[key]
+
+    def workspace(self, nd: int, operand_bytes: int, im2col_bytes: int) -> int:
+        """Bytes a convolution holds while it runs besides its output (GPUs: in the framework allowance)."""
+        basis, factor = self.conv_workspace.get(str(nd), ("operand", 0.0))
+        return max(int(factor * (im2col_bytes if basis == "im2col" else operand_bytes)), 0)
 
     def pool(self, window_elements: int, backward: bool = False) -> float:
         """Window elements (output elements x kernel volume) per second of a pooling op."""
@@ -282,37 +288,45 @@ from pathlib import Path
 torch.set_num_threads(1)
 def rss(key):
     return int(re.search(key + r":\\s+(\\d+) kB", Path("/proc/self/status").read_text())[1]) * 1024
-x, w = torch.randn(1, CIN, SIDE, SIDE), torch.randn(COUT, CIN, 3, 3)
+nd, cin, cout, side = ND, CIN, COUT, SIDE
+conv = (F.conv2d, F.conv3d)[nd - 2]
+x, w = torch.randn((1, cin) + (side,) * nd), torch.randn((cout, cin) + (3,) * nd)
 with torch.no_grad():
-    del_ = F.conv2d(x, w)
+    del_ = conv(x, w)
     del del_
     Path("/proc/self/clear_refs").write_text("5")
     base = rss("VmRSS")
-    y = F.conv2d(x, w)
-    print((rss("VmHWM") - base - y.numel() * 4) / max(x.numel(), y.numel()) / 4)
+    y = conv(x, w)
+    extra = rss("VmHWM") - base - y.numel() * 4
+    print(extra / max(x.numel(), y.numel()) / 4, extra / (cin * 3**nd * y[0, 0].numel() * 4))
 """
+# what this machine's torch (2.13, CPU) showed: oneDNN for 2D, im2col ("slow_conv3d") for 3D
+DEFAULT_WORKSPACE = {"2": ["operand", 1.0], "3": ["im2col", 1.0]}
 
 
-def _conv_workspace(quick: bool) -> float:
-    """Bytes a CPU convolution holds besides its output, per byte of its larger operand (oneDNN
-    converts to and from its blocked layouts): measured as peak RSS in fresh processes whose glibc
-    returns freed memory at once. 1.0 if it cannot be measured here."""
-    import statistics
+def _conv_workspace(quick: bool) -> dict[str, list]:
+    """Bytes a CPU convolution holds besides its output, per dimensionality: a multiple of its
+    larger operand (oneDNN converting layouts) or of its im2col matrix (generic kernels). Measured as
+    peak RSS in fresh processes whose glibc returns freed memory at once; the basis that explains
+    the measurement best is kept."""
     import subprocess
     import sys
 
-    factors = []
-    for cin, cout, side in ((4, 8, 64),) if quick else ((16, 16, 330), (64, 64, 100), (8, 8, 200)):
-        code = _WORKSPACE_PROBE.replace("CIN", str(cin)).replace("COUT", str(cout)).replace("SIDE", str(side))
+    out = dict(DEFAULT_WORKSPACE)
+    for nd, cin, cout, side in ((2, 4, 8, 64), (3, 2, 4, 12)) if quick else ((2, 16, 16, 330), (3, 8, 8, 29)):
+        code = _WORKSPACE_PROBE
+        for key, value in (("ND", nd), ("CIN", cin), ("COUT", cout), ("SIDE", side)):
+            code = code.replace(key, str(value))
         env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "OMP_NUM_THREADS": "1"}
         try:
             run = subprocess.run(
                 [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120
             )
-            factors.append(float(run.stdout.strip().splitlines()[-1]))
-        except (OSError, ValueError, IndexError, subprocess.TimeoutExpired):
+            operand, im2col = map(float, run.stdout.split())
+        except (OSError, ValueError, subprocess.TimeoutExpired):
             continue
-    return max(statistics.median(factors), 0.0) if factors else 1.0
+        out[str(nd)] = ["im2col", im2col] if abs(im2col - 1) < abs(operand - 1) else ["operand", operand]
+    return out
 
 
 def measure(

@@ -90,11 +90,12 @@ def _step(
             fan_in, positions, transposed = split.shapes[ins[0]][1] * math.prod(op.kernel), n, True
             positions *= op.needs(box)[0].numel
         st.flops = 2 * positions * fan_in * c // (op.groups if transposed else 1)
-        read = (
-            math.prod(split.shapes[ins[0]][:2])
-            * (op.padded_box(box) if not transposed else op.needs(box)[0]).numel
-        )
-        st.temp += int(rates.conv_workspace * max(read * item, st.out))
+        cin = split.shapes[ins[0]][1]
+        read = n * cin * (op.padded_box(box) if not transposed else op.needs(box)[0]).numel * item
+        # the column matrix: input channels x kernel per output position (a transposed convolution
+        # scatters output channels x kernel per input position)
+        im2col = n * (c * positions // n if transposed else cin * box.numel) * math.prod(op.kernel) * item
+        st.temp += rates.workspace(split.nd, max(read, st.out), im2col)
         st.fwd_s = st.flops / rates.conv(split.nd, fan_in, c, positions, stride, transposed=transposed)
         st.flops_bwd = st.flops * (2 if grad_in else 1)
         rate = rates.conv(split.nd, fan_in, c, positions, stride, backward=True, transposed=transposed)
