@@ -144,9 +144,7 @@ def _tuple(v, n):
 
 def _bind(node, ctx, names, defaults):
     """Non-tensor arguments of a functional call, by name (weights are read when the tile runs)."""
-    bound = dict(defaults)
-    bound.update(zip(names, node.args[1:]))
-    bound.update(node.kwargs)
+    bound = _bind_values(node.args, node.kwargs, names, defaults)
     return {k: v for k, v in bound.items() if k not in ("weight", "bias")}
 
 
@@ -156,6 +154,7 @@ def _same_padding(kernel, dilation):
 
 
 def _bind_values(args, kwargs, names, defaults):
+    """Arguments after the input, by name, with the function's defaults filled in."""
     bound = dict(defaults)
     bound.update(zip(names, args[1:]))
     bound.update(kwargs)
