@@ -12,25 +12,56 @@ gradients are summed where read boxes overlap.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 from torch.fx.node import map_arg
 
 from . import graph as g
+from .background import BackgroundTiles
 from .padding import Value, read
 from .plan import Plan, Tile
 from .rules.reduce import Partial
+
+
+@dataclass
+class TileStats:
+    """What the tiled forward and backward of one call did (``net.report`` after a call)."""
+
+    tiles: int = 0
+    computed: int = 0  # forward tile computations
+    skipped: int = 0  # forward tiles that reused a background tile's outputs
+    backward_skipped: int = 0  # backward recomputations saved by background groups
+
+    def __str__(self) -> str:
+        return (
+            f"{self.tiles} tiles: {self.computed} computed, {self.skipped} reused as background in the "
+            f"forward, {self.backward_skipped} recomputations saved in the backward"
+        )
 
 
 class Runner:
     """Runs one plan on one call's inputs."""
 
     def __init__(
-        self, plan: Plan, args: tuple, params: list, device: torch.device, progress=None, derived=None
+        self,
+        plan: Plan,
+        args: tuple,
+        params: list,
+        device: torch.device,
+        progress=None,
+        derived=None,
+        background=None,
+        stats=None,
     ) -> None:
         self.plan, self.split, self.args, self.params = plan, plan.split, args, params
         self.device, self.progress = device, progress
         self.derived = derived or {}  # values of earlier passes that the tiles use
+        self.kept = None  # (tile, its graph) kept from the forward for the backward
+        self.background = background  # BackgroundTiles: interior background tiles computed once
+        self.groups: dict = {}  # background key -> the tiles that share its outputs
+        self.stats = stats if stats is not None else TileStats()
         s = self.split
         self.dense = [k for k in s.sinks if any(s.roles[u] in ("tail", "output") for u in k.users)]
         self.reductions = [r for k in s.sinks for r in k.users if s.roles[r] == "reduce"]
@@ -95,16 +126,41 @@ class Runner:
 
     # -- all tiles -----------------------------------------------------------------------------
 
-    def forward(self) -> tuple[dict, dict]:
+    def forward(self, keep_last: bool = False, input_grad: bool = False) -> tuple[dict, dict]:
+        """Every tile without grad, assembling the boundary tensors.
+
+        ``keep_last``: run the last tile with grad and keep its graph, so that the backward, which
+        starts from that tile, does not recompute it (one tile's activations, the backward's own peak).
+        With ``background``, interior tiles whose input is all background share one computation.
+        """
         s = self.split
         like = self.args[0] if isinstance(self.args[0], torch.Tensor) else None
         out_device = like.device if like is not None else torch.device("cpu")
         dense = {k: self._empty(k, out_device) for k in self.dense}
         partials = {r: Partial() for r in self.reductions}
+        self.kept, self.groups = None, {}
+        bg, last = self.background, len(self.plan.tiles) - 1
+        self.stats.tiles += len(self.plan.tiles)
         with torch.no_grad():
             consts = self.consts()
-            for tile in self._tiles("forward"):
-                sinks = self.run_tile(tile, self.read_input(tile.read), consts)
+            for i, tile in enumerate(self._tiles("forward")):
+                x = self.read_input(tile.read)
+                key = bg.key(tile) if bg is not None else None
+                if key is not None and bg.is_background(x):
+                    self.groups.setdefault(key, []).append(tile)
+                    if key not in bg.outputs:
+                        bg.outputs[key] = self.run_tile(tile, x, consts)
+                        self.stats.computed += 1
+                    else:
+                        self.stats.skipped += 1
+                    sinks = bg.outputs[key]
+                elif keep_last and i == last:
+                    self.kept = (tile, self._graph(tile, input_grad, x))
+                    sinks = {k: v.detach() for k, v in self.kept[1][2].items()}
+                    self.stats.computed += 1
+                else:
+                    sinks = self.run_tile(tile, x, consts)
+                    self.stats.computed += 1
                 for k, write in zip(s.sinks, tile.writes):
                     if write.empty:
                         continue
@@ -113,35 +169,76 @@ class Runner:
                     for r in k.users:
                         if r in partials:
                             s.ops[r].accumulate(partials[r], sinks[k], write)
+        if bg is not None:
+            bg.outputs.clear()  # the shared values are in the boundary tensors now
         return dense, partials
+
+    def _graph(self, tile: Tile, input_grad: bool, x: torch.Tensor | None = None):
+        """The tile run with grad: its input leaf, the leaves of the derived values, its sinks."""
+        with torch.enable_grad():
+            x = self.read_input(tile.read) if x is None else x
+            x = x.detach().requires_grad_(input_grad)
+            consts = self.consts()
+            leaves = [consts[n].detach().requires_grad_() for n in self._derived_with_grad()]
+            consts.update(zip(self._derived_with_grad(), leaves))
+            return x, leaves, self.run_tile(tile, x, consts)
+
+    def _leaves_like(self) -> list:
+        return [self.derived[n] for n in self._derived_with_grad()]
+
+    def _derived_with_grad(self) -> list:
+        return [n for n in self.derived if self.derived[n].requires_grad]
 
     def _empty(self, node, device):
         return torch.empty(self.split.shapes[node], dtype=self.plan.dtype, device=device)
 
+    def _units(self, input_grad: bool) -> list[tuple[Tile, list[Tile]]]:
+        """What the backward recomputes: (a tile, the tiles whose outputs it stands for).
+
+        A background group is recomputed once and back-propagates the sum of its members' output
+        gradients: their outputs are the same function of the parameters, so the parameter
+        gradient is the same sum. Input gradients differ per member, so with ``input_grad`` every
+        tile stands for itself. The kept tile comes first, the rest in reverse order.
+        """
+        grouped = {} if input_grad else {id(t): m for m in self.groups.values() for t in m}
+        units, seen = [], set()
+        for tile in self.plan.tiles[::-1]:
+            if id(tile) in seen:
+                continue
+            members = grouped.get(id(tile), [tile])
+            seen.update(id(t) for t in members)
+            units.append((tile, members))
+        if self.kept is not None:
+            units.sort(key=lambda u: u[0] is not self.kept[0])
+        return units
+
     def backward(self, dense_grads: dict, reduce_grads: dict, partials: dict, x_grad: torch.Tensor | None):
         """Per-tile recompute; the summed gradients of the parameters, then of the derived values."""
         s = self.split
-        derived = [n for n in self.derived if self.derived[n].requires_grad]
-        wrt = len(self.params) + len(derived)
+        wrt = len(self.params) + len(self._derived_with_grad())
         totals = [None] * wrt
-        for tile in self._tiles("backward"):
+        units = self._units(x_grad is not None)
+        kept, self.kept = self.kept, None
+        for tile, members in self._tiles("backward", units):
+            if kept is not None and kept[0] is tile:
+                (x, leaves, sinks), kept = kept[1], None
+            else:
+                x, leaves, sinks = self._graph(tile, x_grad is not None)
+            self.stats.backward_skipped += len(members) - 1
             with torch.enable_grad():
-                x = self.read_input(tile.read).detach().requires_grad_(x_grad is not None)
-                consts = self.consts()
-                leaves = [consts[n].detach().requires_grad_() for n in derived]
-                consts.update(zip(derived, leaves))
-                sinks = self.run_tile(tile, x, consts)
                 terms = []
-                for k, write in zip(s.sinks, tile.writes):
-                    if write.empty:
-                        continue
-                    if dense_grads.get(k) is not None:
-                        grad = dense_grads[k][(slice(None), slice(None)) + write.slices()]
-                        terms.append((sinks[k] * grad.to(self.device)).sum())
-                    for r in k.users:
-                        if reduce_grads.get(r) is not None:
-                            w = s.ops[r].weights(partials[r], sinks[k].detach(), write, reduce_grads[r])
-                            terms.append((sinks[k] * w).sum())
+                for member in members:
+                    for k, write in zip(s.sinks, member.writes):
+                        if write.empty:
+                            continue
+                        if dense_grads.get(k) is not None:
+                            grad = dense_grads[k][(slice(None), slice(None)) + write.slices()]
+                            terms.append((sinks[k] * grad.to(self.device)).sum())
+                        for r in k.users:
+                            if reduce_grads.get(r) is not None:
+                                w = s.ops[r].weights(partials[r], sinks[k].detach(), write, reduce_grads[r])
+                                terms.append((sinks[k] * w).sum())
+                del sinks
                 if not terms:
                     continue
                 total = torch.stack(terms).sum()
@@ -153,10 +250,11 @@ class Runner:
                 if grads[0] is not None:  # None where the tile reads only padding
                     x_grad[(slice(None), slice(None)) + tile.read.slices()] += grads[0].to(x_grad.device)
                 grads = grads[1:]
-            for i, gr in enumerate(grads):
+            for i, gr in enumerate(grads):  # summed in float64: the tiles' order does not show
                 if gr is not None:
+                    gr = gr.to(_wide(gr))
                     totals[i] = gr if totals[i] is None else totals[i] + gr
-        return totals
+        return [None if t is None else t.to(p.dtype) for t, p in zip(totals, self.params + self._leaves_like())]
 
     def used_parameters(self) -> set[int]:
         s, used = self.split, set()
@@ -171,10 +269,16 @@ class Runner:
         # Detached: autograd.Function gives its outputs a grad_fn, and backward reads the partials.
         return [dense[k] for k in self.dense] + [partials[r].value.detach() for r in self.reductions]
 
-    def _tiles(self, what: str):
+    def _tiles(self, what: str, tiles=None):
+        tiles = self.plan.tiles if tiles is None else tiles
         if self.progress is None:
-            return self.plan.tiles
-        return self.progress(self.plan.tiles, desc=f"bigpicture {what}", unit="tile")
+            return tiles
+        return self.progress(tiles, desc=f"bigpicture {what}", unit="tile")
+
+
+def _wide(t: torch.Tensor) -> torch.dtype:
+    """The dtype tile gradients are summed in: float64 for floating dtypes where the device has it."""
+    return torch.float64 if t.dtype.is_floating_point and t.device.type != "mps" else t.dtype
 
 
 class TiledFunction(torch.autograd.Function):
@@ -182,7 +286,8 @@ class TiledFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, runner: Runner, x, *inputs):
-        dense, partials = runner.forward()
+        input_grad = x is not None and x.requires_grad
+        dense, partials = runner.forward(keep_last=True, input_grad=input_grad)
         ctx.runner, ctx.partials = runner, partials
         ctx.x_spec = None if x is None else (x.shape, x.dtype, x.device)
         return tuple(runner.outputs(dense, partials))
@@ -209,17 +314,26 @@ class TiledFunction(torch.autograd.Function):
         return (None, x_grad, *params, *derived)
 
 
-def run(plan: Plan, args: tuple, params: list, device: torch.device, progress=None):
-    """The model's output on ``args``, computed tile by tile; differentiable where grad is enabled."""
+def run(plan: Plan, args: tuple, params: list, device: torch.device, progress=None, background=None, stats=None):
+    """The model's output on ``args``, computed tile by tile; differentiable where grad is enabled.
+
+    ``background``: a value (or one per channel) in the units the model sees; interior tiles whose
+    read box is all that value are computed once per geometry in the forward, and, when the input
+    needs no gradient, recomputed once per geometry in the backward. ``stats``: a ``TileStats``
+    to count into.
+    """
     x = args[0] if isinstance(args[0], torch.Tensor) else None
+    stats = stats if stats is not None else TileStats()
     if x is not None and not plan.earlier and len(plan.tiles) == 1:
+        stats.tiles, stats.computed = 1, 1
         return plan.split.gm(*args)  # one tile is the whole image: tiling would only add a recompute
     trainable = [p for p in params if p.requires_grad]
     graph = Evaluator(plan.split, args)
     for stage in plan.earlier + (plan,):
         graph.evaluate_ready()
         derived = {n: graph.env[n] for n in stage.split.derived}
-        runner = Runner(stage, args, trainable, device, progress, derived)
+        bg = None if background is None else BackgroundTiles(stage, background, device)
+        runner = Runner(stage, args, trainable, device, progress, derived, bg, stats)
         grad = torch.is_grad_enabled() and (
             bool(trainable)
             or (x is not None and x.requires_grad)
