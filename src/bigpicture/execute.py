@@ -254,7 +254,9 @@ class Runner:
                 if gr is not None:
                     gr = gr.to(_wide(gr))
                     totals[i] = gr if totals[i] is None else totals[i] + gr
-        return [None if t is None else t.to(p.dtype) for t, p in zip(totals, self.params + self._leaves_like())]
+        return [
+            None if t is None else t.to(p.dtype) for t, p in zip(totals, self.params + self._leaves_like())
+        ]
 
     def used_parameters(self) -> set[int]:
         s, used = self.split, set()
@@ -314,7 +316,9 @@ class TiledFunction(torch.autograd.Function):
         return (None, x_grad, *params, *derived)
 
 
-def run(plan: Plan, args: tuple, params: list, device: torch.device, progress=None, background=None, stats=None):
+def run(
+    plan: Plan, args: tuple, params: list, device: torch.device, progress=None, background=None, stats=None
+):
     """The model's output on ``args``, computed tile by tile; differentiable where grad is enabled.
 
     ``background``: a value (or one per channel) in the units the model sees; interior tiles whose
