@@ -14,7 +14,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from .box import Box
 
@@ -62,15 +61,37 @@ def read(value: Value, box: Box, extent: tuple[int, ...], mode: str = "constant"
         return tensor.new_full(tensor.shape[:2] + box.shape, fill)
     if mode == "constant":
         crop = tensor[(slice(None), slice(None)) + inside.relative_to(have).slices()]
-        pads = []
-        for d in reversed(range(box.ndim)):
-            pads += [inside.lo[d] - box.lo[d], box.hi[d] - inside.hi[d]]
-        return F.pad(crop, pads, value=fill)
+        return _Pad.apply(crop, inside.relative_to(box), box.shape, fill)
     out = tensor
     for d in range(box.ndim):
         idx = _map_index(torch.arange(box.lo[d], box.hi[d]), extent[d], mode) - have.lo[d]
         out = out.index_select(2 + d, idx.to(out.device))
     return out
+
+
+class _Pad(torch.autograd.Function):
+    """Constant padding that fills only the border: ``F.pad`` fills the whole result first, which
+    costs as much again as the copy, on every tile at the image border and for every layer."""
+
+    @staticmethod
+    def forward(ctx, crop: torch.Tensor, where: Box, shape: tuple[int, ...], fill: float):
+        out = crop.new_empty(crop.shape[:2] + tuple(shape))
+        out[(slice(None), slice(None)) + where.slices()] = crop
+        for d in range(where.ndim):  # the slabs below and above the crop, one dimension at a time
+            lo, hi = where.dim(d)
+            for a, b in ((0, lo), (hi, shape[d])):
+                if a < b:
+                    index = [slice(None)] * (2 + where.ndim)
+                    index[2 + d] = slice(a, b)
+                    for e in range(d):  # earlier dimensions' slabs are filled already
+                        index[2 + e] = slice(*where.dim(e))
+                    out[tuple(index)] = fill
+        ctx.where = where
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad[(slice(None), slice(None)) + ctx.where.slices()], None, None, None
 
 
 def _map_index(i: torch.Tensor, n: int, mode: str) -> torch.Tensor:
