@@ -194,22 +194,12 @@ def test_cumsum_over_a_spatial_dimension_has_no_rule():
                  "bp.register_pointwise(torch.cumsum)", "@bp.rules.rule(torch.cumsum)")  # fmt: skip
 
 
-@pytest.mark.xfail(strict=True, reason="torch.fx inlines a custom autograd.Function's forward, so its "
-                   "custom backward is silently dropped: no error and wrong gradients")  # fmt: skip
-def test_custom_autograd_function_is_an_error_or_exact():
-    torch.manual_seed(0)
+def test_custom_autograd_function_without_a_rule_is_named():
+    # torch.fx alone would trace through ClampSTE.forward and drop its backward, silently.
     model = Wrap(Lambda(ClampSTE.apply)).double()
-    x = image(13, 12)
-    try:
-        bp.make_plan(model, tuple(x.shape), tile=4, dtype=x.dtype)
-    except bp.TilingError as e:
-        assert "ClampSTE" in str(e) and "bp.register_pointwise" in str(e), str(e)
-        return
-    assert_tiled_matches(model, x, 4)
+    expect_error(model, image(13, 12), 4, "no rule for ClampSTE", "bp.register_pointwise(ClampSTE)")
 
 
-@pytest.mark.xfail(strict=True, reason="torch.fx inlines a custom autograd.Function, so registering it "
-                   "has no effect and its custom backward is dropped")  # fmt: skip
 def test_registered_custom_autograd_function_is_exact(monkeypatch):
     torch.manual_seed(0)
     monkeypatch.setattr(bp.rules, "_RULES", dict(bp.rules._RULES))
@@ -276,8 +266,6 @@ def test_global_op_in_the_middle(name):
     assert any(f in message for f in fixes), message
 
 
-@pytest.mark.xfail(strict=True, reason="`o.view_as(x)` is looked up as a rule before the global-op check, "
-                   "so the message asks to register Tensor.view_as as pointwise")  # fmt: skip
 def test_attention_reshaped_with_view_as_is_named_global():
     expect_error(Wrap(Attention(reshape="view_as")).double(), image(12, 12), 4, "whole image")
 
@@ -354,11 +342,6 @@ def test_partial_spatial_reduction(fn, node, dims):
 )
 def test_spatial_concatenation_and_splitting(fn, node, op):
     expect_error(Wrap(Lambda(fn)).double(), image(12, 12), 4, node, op, "a spatial one", "channel-wise")
-
-
-def test_memory_budget_is_not_supported_yet():
-    with pytest.raises(bp.TilingError, match=r"memory=.*performance model.*tile="):
-        bp.tiled(conv(3, 2), memory="4GiB")
 
 
 # -- what the plan says ------------------------------------------------------------------------

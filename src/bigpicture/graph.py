@@ -6,6 +6,7 @@ gradient lands on the user's own ``nn.Parameter`` objects.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 
 import torch
@@ -23,7 +24,8 @@ def capture(model: torch.nn.Module, stack_traces: bool = False) -> fx.GraphModul
     if tracer.is_leaf_module(model, ""):  # a bare torch.nn layer: trace it as a call, not its insides
         model = torch.nn.Sequential(model)
     try:
-        graph = tracer.trace(model)
+        with _functions_as_calls():
+            graph = tracer.trace(model)
     except Exception as e:  # fx raises many kinds; each means the same to the user
         raise TilingError(
             f"could not capture {type(model).__name__} with torch.fx ({type(e).__name__}: {e}). Tracing "
@@ -33,6 +35,56 @@ def capture(model: torch.nn.Module, stack_traces: bool = False) -> fx.GraphModul
     gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
     gm.meta["bigpicture_model"] = model
     return gm
+
+
+class FunctionApply:
+    """``cls.apply`` of a custom ``torch.autograd.Function``, kept as one call in the graph.
+
+    torch.fx would trace through its forward and silently drop its custom backward. As a call it
+    keeps both, and rules find it by the Function class: ``bp.register_pointwise(MyFunction)``.
+    """
+
+    def __init__(self, cls) -> None:
+        self.cls = cls
+        self.__name__, self.__module__ = cls.__name__, cls.__module__
+        self.__qualname__ = cls.__qualname__
+
+    def __call__(self, *args, **kwargs):
+        return self.cls.apply(*args, **kwargs)
+
+    def __eq__(self, other) -> bool:
+        return other is self.cls or (isinstance(other, FunctionApply) and other.cls is self.cls)
+
+    def __hash__(self) -> int:
+        return hash(self.cls)
+
+    def __repr__(self) -> str:
+        return f"{self.cls.__qualname__}.apply"
+
+
+@contextlib.contextmanager
+def _functions_as_calls():
+    """While tracing, a custom autograd.Function applied to a traced value becomes one graph node.
+
+    ``Function.apply`` ends in ``super().apply``, which finds this hook on the class between it
+    and the C implementation, however the user got hold of ``apply`` (bound early, or not).
+    """
+    base = torch.autograd.function._SingleLevelFunction
+    c_apply = torch._C._FunctionBase.__dict__["apply"]
+
+    def apply(cls, *args, **kwargs):
+        flat = []
+        fx.node.map_aggregate((args, kwargs), flat.append)
+        proxy = next((a for a in flat if isinstance(a, fx.Proxy)), None)
+        if proxy is None:
+            return c_apply.__get__(None, cls)(*args, **kwargs)
+        return proxy.tracer.create_proxy("call_function", FunctionApply(cls), args, kwargs)
+
+    base.apply = classmethod(apply)
+    try:
+        yield
+    finally:
+        del base.apply
 
 
 def fetch_attr(gm: fx.GraphModule, target: str):

@@ -120,7 +120,12 @@ def split(gm: fx.GraphModule, values: dict, x: fx.Node, multipass: bool = False)
         if role == "tail":
             sinks += [i for i in inputs if i not in sinks]
             continue
-        op = ops[node] = rules.lookup(node, ctx)
+        try:
+            op = ops[node] = rules.lookup(node, ctx)
+        except TilingError:
+            if derived:  # no rule, and fed by the whole image: say that first (`o.view_as(x)` of attention)
+                _check_local(node, ctx, x, None, multipass)
+            raise
         if op.kind == "boundary":
             roles[node] = "tail"
             sinks += [i for i in inputs if i not in sinks]
