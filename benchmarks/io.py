@@ -11,7 +11,7 @@
 Every phase runs in a fresh process, so peak RSS is its own.
 
     python benchmarks/io.py --quick            # a 2 x 2 mosaic, a minute
-    python benchmarks/io.py --write            # the full run; writes benchmarks/RESULTS-io.md
+    python benchmarks/io.py --write            # the full run; its section of benchmarks/RESULTS.md
 """
 
 from __future__ import annotations
@@ -28,8 +28,9 @@ import sys
 import time
 from pathlib import Path
 
+from results import write_section
+
 GiB = 2**30
-RESULTS = Path(__file__).with_name("RESULTS-io.md")
 UNET = dict(spatial_dims=2, in_channels=3, out_channels=2, channels=(4, 8, 16), strides=(2, 2),
             num_res_units=0, norm="batch")  # fmt: skip
 
@@ -225,7 +226,7 @@ def main() -> None:
     ap.add_argument("--crop", type=int, default=2048)
     ap.add_argument("--window", type=int, default=512)
     ap.add_argument("--quick", action="store_true", help="a 2 x 2 mosaic (about 4,400 x 5,900 px)")
-    ap.add_argument("--write", action="store_true", help=f"write {RESULTS.name}")
+    ap.add_argument("--write", action="store_true", help="write its section of RESULTS.md")
     a = ap.parse_args()
     if a.phase:
         print(json.dumps({"build": build, "slide": slide, "window": window}[a.phase](a)))
@@ -242,7 +243,7 @@ def main() -> None:
     text = report(a, built, seg, win)
     print(text)
     if a.write:
-        RESULTS.write_text("# Benchmark results: I/O\n\n" + text)
+        write_section("io.py", text)
 
 
 if __name__ == "__main__":

@@ -25,9 +25,9 @@ import time
 from pathlib import Path
 
 import numpy as np
+from results import write_section
 
 GiB, MiB = 2**30, 2**20
-RESULTS = Path(__file__).with_name("RESULTS.md")
 SECTION = "## Engine: memory and time (benchmarks/memory.py)"
 
 
@@ -237,17 +237,6 @@ def machine() -> str:
             f"torch {torch.__version__}, Python {platform.python_version()}, {sh('date')}")  # fmt: skip
 
 
-def write(text: str) -> None:
-    """Replace this script's section of RESULTS.md (other sections stay as they are)."""
-    old = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
-    at = old.find(SECTION)
-    if at < 0:
-        RESULTS.write_text(old.rstrip() + "\n\n" + text + "\n")
-        return
-    end = old.find("\n## ", at + len(SECTION))
-    RESULTS.write_text(old[:at] + text + ("\n" + old[end:] if end >= 0 else "\n"))
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--one", help=argparse.SUPPRESS)
@@ -265,7 +254,7 @@ def main() -> None:
     ap.add_argument("--cap", type=float, default=22, help="address-space cap (GiB) for untiled big runs")
     ap.add_argument("--quick", action="store_true", help="smoke run: small sizes, one repeat")
     ap.add_argument("--timeout", type=float, default=1800)
-    ap.add_argument("--write", action="store_true", help=f"write the table into {RESULTS.name}")
+    ap.add_argument("--write", action="store_true", help="write the table into RESULTS.md")
     a = ap.parse_args()
     if a.one:
         print(json.dumps(one(json.loads(a.one))))
@@ -297,7 +286,7 @@ def main() -> None:
     ])  # fmt: skip
     print("\n" + text)
     if a.write:
-        write(text)
+        write_section("memory.py", text)
 
 
 if __name__ == "__main__":
