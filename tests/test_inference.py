@@ -29,9 +29,24 @@ def _one_thread(one_thread):
     yield
 
 
+class Interrupted(Exception):
+    pass
+
+
+STOP_AFTER: list = [None]  # a number of tile calls of ``slow`` after which it raises Interrupted
+
+
 def slow(x):
-    """The identity, sleeping ``BP_TEST_DELAY`` seconds per call (per tile): slows a run down to kill it."""
+    """The identity, sleeping ``BP_TEST_DELAY`` seconds per call (per tile): slows a run down to kill it.
+
+    With ``STOP_AFTER[0] = n`` the (n + 1)-th call on real values raises ``Interrupted``.
+    """
     time.sleep(float(os.environ.get("BP_TEST_DELAY", "0")))
+    if STOP_AFTER[0] is not None and not isinstance(x, torch._subclasses.FakeTensor):
+        if STOP_AFTER[0] == 0:
+            STOP_AFTER[0] = None
+            raise Interrupted
+        STOP_AFTER[0] -= 1
     return x
 
 
@@ -69,6 +84,31 @@ def seg_net(channels=3, nd=2, seed=0):
 def seg_only(channels=3):
     """The segmentation part alone, for runs that write one dense output to zarr."""
     return seg_net(channels).body
+
+
+class TwoHeads(nn.Module):
+    """Two dense outputs at strides 1 and 2 (a head with deep supervision) around a reduced one;
+    with ``norm``, a GroupNorm in the middle (``multipass=True``: two passes over the tiles)."""
+
+    def __init__(self, channels=3, norm=False, as_dict=False):
+        super().__init__()
+        self.stem = nn.Conv2d(channels, 4, 3, padding=1)
+        self.norm = nn.GroupNorm(2, 4) if norm else nn.Identity()
+        self.down = nn.Conv2d(4, 4, 3, stride=2, padding=1)
+        self.seg, self.aux = nn.Conv2d(4, 2, 3, padding=1), nn.Conv2d(4, 3, 1)
+        self.as_dict = as_dict
+
+    def forward(self, x):
+        y = torch.relu(self.norm(slow(self.stem(x))))
+        d = torch.relu(self.down(y))
+        if self.as_dict:
+            return {"seg": self.seg(y), "aux": self.aux(d)}
+        return self.seg(y), d.mean(dim=(2, 3)), self.aux(d)
+
+
+def two_heads(channels=3, norm=False, as_dict=False, seed=0):
+    torch.manual_seed(seed)
+    return TwoHeads(channels, norm, as_dict).eval()
 
 
 def image(shape=(1, 3, 48, 56), seed=0):
@@ -150,12 +190,102 @@ def test_zarr_output_equals_memory(tmp_path):
     assert_same(again, memory, exact=True)
 
 
-def _kill_target(src: str, out: str) -> None:
+@pytest.mark.parametrize("as_dict", [False, True])
+def test_several_dense_outputs_go_into_one_group(tmp_path, as_dict):
+    x, out = image(), tmp_path / "y.zarr"
+    model = two_heads(as_dict=as_dict)
+    net = bp.tiled(model, tile=16)
+    memory = run(net, x)
+    stored = run(net, x, out=out)
+    names = ("seg", "aux") if as_dict else ("0", "2")  # each output's place in the model's output
+    group = zarr.open_group(str(out), mode="r")
+    assert sorted(group.array_keys()) == sorted(names)
+    assert group[names[0]].chunks == (1, 2, 16, 16) and group[names[1]].chunks == (1, 3, 8, 8)  # write boxes
+    if as_dict:
+        assert set(stored) == {"seg", "aux"} and all(isinstance(v, zarr.Array) for v in stored.values())
+        stored, memory, expected = (tuple(d[k] for k in names) for d in (stored, memory, untiled(model, x)))
+    else:
+        assert isinstance(stored[0], zarr.Array) and isinstance(stored[2], zarr.Array)
+        expected = untiled(model, x)
+    assert_same(stored, memory, exact=True)
+    assert_same(stored, expected)
+    assert_same([group[n] for n in names], [memory[0], memory[-1]], exact=True)
+    again = run(net, x, out=out)
+    assert net.report.resumed == net.report.tiles and net.report.computed == 0
+    assert_same(again if not as_dict else tuple(again[k] for k in names), memory, exact=True)
+    with pytest.raises(bp.TilingError, match=r"meta\['tile'\]: stored \[16, 16\], now \[24, 24\]"):
+        run(bp.tiled(two_heads(as_dict=as_dict), tile=24), x, out=out)
+    run(bp.tiled(seg_net(), tile=16), x, out=tmp_path / "one.zarr")
+    with pytest.raises(bp.TilingError, match="one output array of another run"):
+        run(bp.tiled(two_heads(as_dict=as_dict), tile=16), x, out=tmp_path / "one.zarr")
+
+
+def test_an_output_array_exports_to_a_pyramid(tmp_path):
+    tifffile = pytest.importorskip("tifffile")
+    x, out = image((1, 3, 64, 64)), tmp_path / "y.zarr"
+    run(bp.tiled(two_heads(), tile=16), x, out=out)
+    with pytest.raises(bp.TilingError, match=r"zarr group of 2 arrays \(0, 2\).*y.zarr/0"):
+        bp.io.write_pyramid(out, tmp_path / "y.ome.tif")
+    aux = zarr.open_group(str(out), mode="r")["2"]
+    for given in (out / "2", aux):
+        path = bp.io.write_pyramid(given, tmp_path / "aux.ome.tif", mpp=1.0, tile=16)
+        with tifffile.TiffFile(path) as tif:
+            np.testing.assert_array_equal(tif.series[0].levels[0].asarray(), aux[0])
+
+
+def test_multipass_resume_skips_finished_passes(tmp_path):
+    x, out = image((1, 3, 64, 64), seed=6), tmp_path / "y.zarr"
+    model = two_heads(norm=True)
+    make = lambda: bp.tiled(model, tile=16, multipass=True)  # noqa: E731
+    net = make()
+    whole = run(net, x, out=tmp_path / "whole.zarr")
+    assert_same(whole, untiled(model, x))
+    assert_same(whole, run(net, x), exact=True)
+    per_pass = len(net.plan.tiles)
+    assert len(net.plan.earlier) == 1 and net.report.tiles == 2 * per_pass
+    for calls, passes in ((5, 0), (per_pass, 1)):  # interrupted after 5 tiles of pass 0, then of pass 1
+        STOP_AFTER[0] = calls
+        try:
+            with pytest.raises(Interrupted):
+                run(make(), x, out=out)
+        finally:
+            STOP_AFTER[0] = None
+        record = _record(out)
+        assert len(record.get("passes", [])) == passes and sum(b - a for a, b in record["done"]) == 5
+    net = make()
+    resumed = run(net, x, out=out)
+    assert net.report.resumed == per_pass + 5 and net.report.computed == per_pass - 5  # pass 0 not rerun
+    assert_same(resumed, whole, exact=True)
+    run(net, x, out=out)
+    assert net.report.resumed == net.report.tiles == 2 * per_pass
+    with pytest.raises(bp.TilingError, match=r"meta\['weights'\]"):
+        run(bp.tiled(two_heads(norm=True, seed=1), tile=16, multipass=True), x, out=out)
+
+
+KILLED = {  # kind: (the net, the pass during which the run is killed)
+    "one output": (lambda: bp.tiled(seg_net(), tile=16), 0),
+    "two outputs": (lambda: bp.tiled(two_heads(), tile=16), 0),
+    "multipass, in pass 0": (lambda: bp.tiled(two_heads(norm=True), tile=16, multipass=True), 0),
+    "multipass, in pass 1": (lambda: bp.tiled(two_heads(norm=True), tile=16, multipass=True), 1),
+}
+
+
+def _kill_target(src: str, out: str, kind: str = "one output") -> None:
     """Run in a subprocess: a slow run into ``out``, to be killed part-way."""
-    run(bp.tiled(seg_net(), tile=16), zarr.open_array(src, mode="r"), out=out)
+    run(KILLED[kind][0](), zarr.open_array(src, mode="r"), out=out)
 
 
-def test_sigkill_resumes_to_the_identical_result(tmp_path):
+def _record(out: Path):
+    """The store's record, or None while it does not exist or is being rewritten."""
+    try:
+        return zarr.open(str(out), mode="r").attrs["bigpicture"]
+    except Exception:
+        return None
+
+
+@pytest.mark.parametrize("kind", list(KILLED))
+def test_sigkill_resumes_to_the_identical_result(tmp_path, kind):
+    make, kill_pass = KILLED[kind]
     x = image((1, 3, 64, 64), seed=3)
     z = zarr.open_array(str(tmp_path / "x.zarr"), mode="w", shape=x.shape, dtype="u1")
     z[:] = x
@@ -165,23 +295,30 @@ def test_sigkill_resumes_to_the_identical_result(tmp_path):
         "import test_inference as t; t._kill_target(*sys.argv[1:])"
     )
     env = {**os.environ, "BP_TEST_DELAY": "0.15", "OMP_NUM_THREADS": "1"}
-    child = subprocess.Popen([sys.executable, "-c", code, str(tmp_path / "x.zarr"), str(out)], env=env)
-    done, deadline = 0, time.time() + 60
+    args = [sys.executable, "-c", code, str(tmp_path / "x.zarr"), str(out), kind]
+    child = subprocess.Popen(args, env=env)
+    done, deadline = 0, time.time() + 90
     while done < 3 and time.time() < deadline and child.poll() is None:
         time.sleep(0.05)
-        if (out / "zarr.json").exists() or (out / ".zattrs").exists():
-            record = zarr.open_array(str(out), mode="r").attrs["bigpicture"]
+        record = _record(out) if (out / "zarr.json").exists() else None
+        if record is not None and len(record.get("passes", [])) == kill_pass:
             done = sum(b - a for a, b in record["done"])
     child.send_signal(signal.SIGKILL)
     child.wait()
     assert child.returncode == -signal.SIGKILL and done >= 3, "the run ended before it could be killed"
+    record = _record(out)
+    assert len(record.get("passes", [])) == kill_pass  # killed in the pass meant
+    done = sum(b - a for a, b in record["done"])
 
-    net = bp.tiled(seg_net(), tile=16)
+    net = make()
     resumed = run(net, z, out=out)
-    assert done <= net.report.resumed < net.report.tiles == 16
+    per_pass = len(net.plan.tiles)
+    assert net.report.tiles == per_pass * (1 + len(net.plan.earlier))
+    assert net.report.resumed == kill_pass * per_pass + done  # finished passes and tiles are not redone
     assert net.report.computed == net.report.tiles - net.report.resumed
-    whole = run(bp.tiled(seg_net(), tile=16), z, out=tmp_path / "whole.zarr")
-    assert_same(resumed, whole, exact=True)  # the dense output and the streamed mean, bit for bit
+    whole = run(make(), z, out=tmp_path / "whole.zarr")
+    assert_same(resumed, whole, exact=True)  # the dense outputs and the streamed mean, bit for bit
+    assert_same(resumed, untiled(net.model, x))
 
 
 def test_changed_arguments_are_refused(tmp_path):
@@ -311,3 +448,25 @@ def test_infer_command_resumes_and_refuses_changes(tmp_path, capsys):
         infer("--tile", "16", "--background", "255", "--scale", "0.25")
     assert infer("--tile", "16", "--scale", "0.25", "--overwrite") == 0
     assert "wrote" in capsys.readouterr().out
+
+
+def test_infer_command_writes_every_dense_output(tmp_path, capsys):
+    (tmp_path / "model.py").write_text(
+        f"import sys; sys.path.insert(0, {str(TESTS)!r})\nfrom test_inference import two_heads as factory\n"
+    )
+    torch.save(two_heads().state_dict(), tmp_path / "w.pt")
+    x = image((1, 3, 64, 64), seed=7)
+    np.save(tmp_path / "x.npy", x)
+    parser = argparse.ArgumentParser()
+    add_infer_command(parser.add_subparsers())
+    a = parser.parse_args(["infer", str(tmp_path / "x.npy"), "--out", str(tmp_path / "y.zarr"), "--model",
+                           f"{tmp_path / 'model.py'}:factory", "--weights", str(tmp_path / "w.pt"), "--quiet",
+                           "--tile", "16"])  # fmt: skip
+    assert a.run(a) == 0
+    seg, mean, aux = untiled(two_heads(), x)
+    group = zarr.open_group(str(tmp_path / "y.zarr"), mode="r")
+    assert_same([group["0"], group["2"]], [seg, aux])
+    printed = capsys.readouterr().out
+    assert f"wrote {tmp_path / 'y.zarr'}/0, shape (1, 2, 64, 64)" in printed
+    assert f"wrote {tmp_path / 'y.zarr'}/2, shape (1, 3, 32, 32)" in printed
+    assert "output 1, shape (1, 4), is reduced over the image and not stored" in printed

@@ -5,7 +5,8 @@
         --tile 1024 --scale 0.00392156862745098 --tissue
 
 Run the same command again after an interruption (Ctrl-C, a crash, a killed job): finished
-tiles are kept and the rest is computed; different arguments are refused.
+tiles are kept and the rest is computed; different arguments are refused. A model with several
+dense outputs writes each to its own array of the zarr group at --out (``case_seg.zarr/0``, ...).
 """
 
 from __future__ import annotations
@@ -80,8 +81,36 @@ def infer_main(a: argparse.Namespace) -> int:
     except (FileNotFoundError, ImportError) as e:
         print(f"bigpicture infer: error: {e}", file=sys.stderr)
         return 2
-    print(f"bigpicture infer: wrote {a.out}, shape {tuple(out.shape)}")
+    for line in _written(a.out, out):
+        print(f"bigpicture infer: {line}")
     return 0
+
+
+def _written(path: str, out) -> list[str]:
+    """What the run wrote (each dense output's array) and what it only computed (reduced outputs)."""
+    leaves: list = []
+
+    def walk(value, place):
+        if isinstance(value, (tuple, list)):
+            for i, v in enumerate(value):
+                walk(v, (*place, str(i)))
+        elif isinstance(value, dict):
+            for k, v in value.items():
+                walk(v, (*place, str(k)))
+        else:
+            leaves.append((".".join(place), value))
+
+    walk(out, ())
+    lines = []
+    for place, value in leaves:
+        name = getattr(value, "path", None) if not isinstance(value, torch.Tensor) else None
+        shape = tuple(getattr(value, "shape", ()))
+        if name is None:
+            lines.append(f"output {place or 0}, shape {shape}, is reduced over the image and not stored "
+                         "(bigpicture.inference.run returns it)")  # fmt: skip
+        else:
+            lines.append(f"wrote {path}{'/' + name if name else ''}, shape {shape}")
+    return lines
 
 
 def _state_dict(path: str) -> dict:

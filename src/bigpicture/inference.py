@@ -12,6 +12,12 @@ atomically, together with the streamed reductions accumulated so far. A run kill
 moment (SIGKILL too) and started again with the same arguments skips the finished tiles and
 continues the reductions from the stored partial results in the same order, so the result
 is bitwise the same as an uninterrupted run; only tiles that were in flight are redone.
+
+Several dense outputs (deep supervision, a segmentation and a boundary map, at any strides) go
+into one zarr group, one array each with its own write-box chunks, under one record. A model
+run in several passes (``multipass=True``) opens the store before its first pass; each finished
+earlier pass leaves its streamed reductions in the record (``passes``), so a resumed run starts
+the later passes from them, and reruns only the tiles in flight in the pass it was killed in.
 """
 
 from __future__ import annotations
@@ -28,9 +34,8 @@ import torch
 from .background import BackgroundTiles, MaskedSource
 from .errors import TilingError
 from .execute import Evaluator, Runner
-from .io.sinks import ZarrSink
+from .io.sinks import ZarrGroupSink, ZarrSink
 from .io.sources import TensorSource, as_source
-from .plan import Plan
 from .rules.reduce import Partial
 
 
@@ -58,9 +63,12 @@ def run(net, src, out=None, *, progress=False, background=None, prefetch=True, r
     """The output of ``net`` (a ``bp.tiled`` module) on ``src``, without gradients.
 
     ``src``: a tensor or anything ``bp.io.as_source`` takes (arrays, zarr, slides, volumes, paths).
-    ``out``: None keeps dense outputs in memory; a path writes the dense output to a zarr array
-    there (chunks = write boxes) and returns that array. With ``resume`` an existing store
-    written by the same arguments is continued, else it is started over.
+    ``out``: None keeps dense outputs in memory; a path writes them to zarr there (chunks = write
+    boxes) and returns the zarr arrays in the model's output structure. One dense output is one
+    zarr array at ``out``; several are the arrays of a zarr group at ``out``, named by their place
+    in the output (``"0"``, ``"1"``, ... in a tuple, the keys of a dict, ``"1.0"`` nested). With
+    ``resume`` an existing store written by the same arguments is continued, else it is started
+    over; with ``multipass`` models, finished passes are not run again.
     ``background``: a value (or one per channel), in the units the model sees; interior tiles
     whose read box is all that value are computed once and reused. A ``MaskedSource`` brings
     its own. ``net.report`` tells what was computed, skipped and how long I/O took.
@@ -71,18 +79,29 @@ def run(net, src, out=None, *, progress=False, background=None, prefetch=True, r
     plan, device = net.plan_for(source), net._device()
     if background is None and isinstance(source, MaskedSource):
         background = source.background
+    stages = plan.earlier + (plan,)
+    runners = [Runner(stage, (source,), [], device) for stage in stages]
+    store = targets = None
+    if out is not None:
+        identity = TensorSource(src).identity() if tensor_input else source.identity()
+        store, targets = _open_store(out, net, runners, identity, background, resume)
     graph, report = Evaluator(plan.split, (source,)), Report(tiles=0)
     with torch.no_grad():
-        for stage in plan.earlier + (plan,):
+        for p, runner in enumerate(runners):
+            stage = runner.plan
             graph.evaluate_ready()
-            derived = {n: graph.env[n] for n in stage.split.derived}
-            runner = Runner(stage, (source,), [], device, derived=derived)
-            store = None
-            if out is not None and stage is plan:
-                identity = TensorSource(src).identity() if tensor_input else source.identity()
-                store = _open_store(out, net, plan, runner, identity, background, resume)
-            bg = None if background is None else BackgroundTiles(stage, background, device)
-            dense, reduced = _TileLoop(runner, store, bg, prefetch and not tensor_input, report).run(progress)
+            runner.derived = {n: graph.env[n] for n in stage.split.derived}
+            if store is not None and p < len(store.passes):  # finished before: only its results
+                dense = {k: targets[k].array for k in runner.dense}
+                reduced = _decode_reduced(store.passes[p], runner)
+                report.tiles += len(stage.tiles)
+                report.resumed += len(stage.tiles)
+            else:
+                bg = None if background is None else BackgroundTiles(stage, background, device)
+                loop = _TileLoop(runner, store, targets, bg, prefetch and not tensor_input, report)
+                dense, reduced = loop.run(progress)
+                if store is not None and p < len(runners) - 1:
+                    store.finish_pass({"reduced": [_encode(reduced[u]) for u in runner.reductions]})
             if store is not None and _needs_values(runner):
                 dense = {k: torch.from_numpy(np.asarray(v[:])) for k, v in dense.items()}
             graph.env.update(dense)
@@ -105,23 +124,59 @@ def weights_hash(model: torch.nn.Module) -> str:
     return h.hexdigest()
 
 
+def output_names(split, dense: list) -> dict:
+    """The name of each dense sink's array in a store: its place in the model's output.
+
+    ``"0"``, ``"1"``, ... for the items of a tuple or list, the key for a dict item, joined with
+    ``"."`` when nested (``"1.0"``); ``"0"`` for an output that is the tensor itself. A sink that
+    the output does not return directly (the untiled rest computes with it) is named after its node.
+    """
+    output = next(n for n in split.gm.graph.nodes if n.op == "output")
+    places: dict = {}
+
+    def walk(arg, path):
+        if isinstance(arg, torch.fx.Node):
+            places.setdefault(arg, ".".join(path) or "0")
+        elif isinstance(arg, (tuple, list)):
+            for i, a in enumerate(arg):
+                walk(a, (*path, str(i)))
+        elif isinstance(arg, dict):
+            for key, a in arg.items():
+                walk(a, (*path, str(key).replace("/", "_")))
+
+    walk(output.args[0], ())
+    names: dict = {}
+    for k in dense:
+        name = places.get(k, k.name).lstrip("._") or "0"
+        while name in names.values():
+            name = f"{name}_"
+        names[k] = name
+    return names
+
+
 def _needs_values(runner: Runner) -> bool:
     """Whether the untiled tail computes with a dense output (rather than just returning it)."""
     return any(runner.split.roles.get(u) == "tail" for k in runner.dense for u in k.users)
 
 
-def _open_store(path, net, plan: Plan, runner: Runner, identity: dict, background, resume: bool) -> ZarrSink:
-    if len(runner.dense) != 1:
+def _open_store(path, net, runners: list[Runner], identity: dict, background, resume: bool):
+    """The store at ``path`` and, per dense sink of every pass, the target its tiles write into."""
+    plan = runners[-1].plan
+    dense = [(r, k) for r in runners for k in r.dense]
+    if not dense:
         raise TilingError(
-            f"out= writes one dense output to zarr, and this model has {len(runner.dense)} "
-            "(a classifier's reduced outputs are small: run without out=, or return one spatial tensor)"
+            "out= writes the dense (spatial) outputs to zarr, and this model has none: its outputs are "
+            "reduced over the image and small, so run without out="
         )
-    sink = runner.dense[0]
-    shape, stride = runner.split.shapes[sink], runner.split.strides[sink]
-    chunks = (
-        *shape[:2],
-        *(max(1, min(n, int(t / s))) for n, t, s in zip(shape[2:], plan.tile, stride, strict=True)),
-    )
+    specs = {}
+    dtype = torch.empty(0, dtype=plan.dtype).numpy().dtype
+    for r, k in dense:
+        shape, stride = r.split.shapes[k], r.split.strides[k]
+        chunks = (
+            *shape[:2],
+            *(max(1, min(n, int(t / s))) for n, t, s in zip(shape[2:], r.plan.tile, stride, strict=True)),
+        )
+        specs[k] = (shape, dtype, chunks)
     meta = {
         "model": type(net.model).__qualname__,
         "weights": weights_hash(net.model),
@@ -130,17 +185,30 @@ def _open_store(path, net, plan: Plan, runner: Runner, identity: dict, backgroun
         "tile": list(plan.tile),
         "grid": list(plan.grid),
         "background": None if background is None else np.asarray(background).tolist(),
-        "output": sink.name,
+        "output": dense[0][1].name if len(dense) == 1 else [k.name for _, k in dense],
     }
-    dtype = torch.empty(0, dtype=plan.dtype).numpy().dtype
-    return ZarrSink(path, shape, dtype, chunks, meta=meta, overwrite=not resume)
+    if len(runners) > 1:
+        meta["passes"] = len(runners)
+    if len(dense) == 1:
+        ((_, k),) = dense
+        sink = ZarrSink(path, *specs[k], meta=meta, overwrite=not resume)
+        return sink, {k: sink}
+    names = output_names(plan.split, [k for _, k in dense])
+    sink = ZarrGroupSink(path, {names[k]: spec for k, spec in specs.items()}, meta=meta, overwrite=not resume)
+    return sink, {k: sink[names[k]] for k in specs}
+
+
+def _decode_reduced(stored: dict, runner: Runner) -> dict:
+    values = stored["reduced"]
+    return {u: _decode(v, runner.device) for u, v in zip(runner.reductions, values, strict=True)}
 
 
 class _TileLoop:
     """Runs every tile of one plan in order: prefetch, compute or reuse, write, mark done."""
 
-    def __init__(self, runner: Runner, store, bg: BackgroundTiles | None, prefetch: bool, report: Report):
+    def __init__(self, runner: Runner, store, targets, bg: BackgroundTiles | None, prefetch: bool, report):
         self.runner, self.plan, self.store, self.bg, self.prefetch = runner, runner.plan, store, bg, prefetch
+        self.targets = targets  # dense sink -> where its write boxes go in the store
         self.source, self.report = runner.args[0], report
         masked = bg is not None and isinstance(self.source, MaskedSource)
         self.mask_known = masked and self._fill_is_background()
@@ -152,7 +220,7 @@ class _TileLoop:
     def run(self, progress: bool) -> tuple[dict, dict]:
         r, s = self.runner, self.runner.split
         if self.store is not None:
-            dense = {r.dense[0]: self.store.array}
+            dense = {k: self.targets[k].array for k in r.dense}
         else:
             dense = {k: torch.empty(s.shapes[k], dtype=self.plan.dtype) for k in r.dense}
         partials = self._restore()
@@ -227,7 +295,7 @@ class _TileLoop:
         for k, write in zip(self.runner.split.sinks, tile.writes, strict=True):
             if k in self.runner.dense and not write.empty:
                 where = (slice(None), slice(None)) + write.slices()
-                (dense[k] if dense is not None else self.store)[where] = outs[k]
+                (dense[k] if dense is not None else self.targets[k])[where] = outs[k]
         if self.store is not None:
             self.store.mark_done(i, state)
 
@@ -239,15 +307,16 @@ class _TileLoop:
     def _state(self, partials: dict):
         if self.store is None or not partials:
             return None
-        return {"partials": [[_encode(p.value), _encode(p.ties)] for p in partials.values()]}
+        return {"partials": [[_encode(p.value), _encode(p.ties), p.count] for p in partials.values()]}
 
     def _restore(self) -> dict:
         partials = {u: Partial() for u in self.runner.reductions}
         state = self.store.state if self.store is not None and self.store.done else None
         if state is not None:
             device = self.runner.device
-            for p, (value, ties) in zip(partials.values(), state["partials"], strict=True):
+            for p, (value, ties, *count) in zip(partials.values(), state["partials"], strict=True):
                 p.value, p.ties = _decode(value, device), _decode(ties, device)
+                p.count = count[0] if count else 0  # moments (multipass) weigh each tile by it
         return partials
 
 

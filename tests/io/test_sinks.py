@@ -85,3 +85,64 @@ def test_done_ranges_round_trip(indices):
     runs = _ranges(indices)
     assert {i for start, stop in runs for i in range(start, stop)} == indices
     assert all(a[1] < b[0] for a, b in zip(runs, runs[1:], strict=False))  # disjoint, sorted, not touching
+
+
+# -- several arrays in one group, and runs over several passes -----------------------------------
+
+SPECS = {"0": (SHAPE, np.float32, CHUNKS), "aux": ((1, 3, 10, 15), np.float16, (1, 3, 5, 5))}
+
+
+def test_group_round_trip_and_done_record(tmp_path):
+    from bigpicture.io.sinks import ZarrGroupSink
+
+    rng = np.random.default_rng(1)
+    expected = {n: rng.standard_normal(shape).astype(dtype) for n, (shape, dtype, _) in SPECS.items()}
+    sink = ZarrGroupSink(tmp_path / "out.zarr", SPECS, meta=META)
+    for i, box in enumerate(tile_boxes()[:4]):
+        half = tuple(slice(b.start // 2, b.stop // 2) if d >= 2 else slice(0, 3) if d == 1 else b
+                     for d, b in enumerate(box))  # fmt: skip
+        sink["0"][box] = expected["0"][box]
+        sink["aux"][half] = torch.from_numpy(expected["aux"][half])
+        sink.mark_done(i, state={"sum": i})
+    assert sink.names == ("0", "aux") and sink["aux"].chunks == (1, 3, 5, 5)
+
+    resumed = ZarrGroupSink(tmp_path / "out.zarr", dict(SPECS), meta=dict(META))
+    assert resumed.done == {0, 1, 2, 3} and resumed.state == {"sum": 3} and resumed.passes == ()
+    group = zarr.open_group(str(tmp_path / "out.zarr"), mode="r")
+    np.testing.assert_array_equal(group["0"][:, :, :10], expected["0"][:, :, :10])
+    np.testing.assert_array_equal(resumed["aux"][:, :, :5, :10], expected["aux"][:, :, :5, :10])
+    assert resumed.arrays["aux"].dtype == np.float16 and "passes" not in group.attrs["bigpicture"]
+
+
+def test_group_mismatch_and_array_or_group_are_refused(tmp_path):
+    from bigpicture.io.sinks import ZarrGroupSink
+
+    path = tmp_path / "out.zarr"
+    ZarrGroupSink(path, SPECS, meta=META).mark_done(0)
+    with pytest.raises(TilingError, match=r"aux.chunks: stored \(1, 3, 5, 5\), now \(1, 3, 10, 5\)"):
+        ZarrGroupSink(path, {**SPECS, "aux": ((1, 3, 10, 15), np.float16, (1, 3, 10, 5))}, meta=META)
+    with pytest.raises(TilingError, match=r"arrays: stored \['0', 'aux'\], now \['0'\]"):
+        ZarrGroupSink(path, {"0": SPECS["0"]}, meta=META)
+    with pytest.raises(TilingError, match=r"meta\['tile'\]"):
+        ZarrGroupSink(path, SPECS, meta={**META, "tile": [5, 5]})
+    with pytest.raises(TilingError, match="several output arrays of another run"):
+        ZarrSink(path, SHAPE, np.float32, CHUNKS, meta=META)
+    ZarrSink(tmp_path / "one.zarr", SHAPE, np.float32, CHUNKS, meta=META)
+    with pytest.raises(TilingError, match="one output array of another run"):
+        ZarrGroupSink(tmp_path / "one.zarr", SPECS, meta=META)
+    assert ZarrGroupSink(path, {"0": SPECS["0"]}, meta=META, overwrite=True).done == frozenset()
+    with pytest.raises(ValueError, match="array names"):
+        ZarrGroupSink(tmp_path / "bad.zarr", {"a/b": SPECS["0"]})
+
+
+def test_finished_passes_are_kept_in_the_record(tmp_path):
+    path = tmp_path / "out.zarr"
+    sink = ZarrSink(path, SHAPE, np.float32, CHUNKS, meta=META)
+    for i in range(6):
+        sink.mark_done(i, state={"partial": i})
+    sink.finish_pass({"reduced": [1.5]})
+    assert sink.done == frozenset() and sink.state is None and sink.passes == ({"reduced": [1.5]},)
+    sink.mark_done(0, state={"partial": 10})
+    reopened = ZarrSink(path, SHAPE, np.float32, CHUNKS, meta=META)
+    assert reopened.passes == ({"reduced": [1.5]},) and reopened.done == {0}
+    assert reopened.state == {"partial": 10}

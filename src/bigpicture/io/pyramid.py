@@ -35,7 +35,8 @@ def write_pyramid(
 ) -> Path:
     """Write a 2D ``(C, H, W)`` or ``(1, C, H, W)`` image as a pyramidal OME-TIFF at ``path``.
 
-    ``image`` is anything ``as_source`` takes (array, tensor, zarr, slide, ...).
+    ``image`` is anything ``as_source`` takes (array, tensor, zarr, slide, ...); of a store that
+    ``net.run(..., out=)`` wrote with several outputs, one array: ``"seg.zarr/0"`` or ``group["0"]``.
     ``mpp``: microns per pixel of the image, stored as OME PhysicalSizeX/Y and as
     resolution tags (scaled per level). ``levels``: number of levels including
     the full resolution; by default halve until a level fits in one tile.

@@ -284,7 +284,16 @@ def open_path(path: str | os.PathLike):
         return open_volume(path)
     if name.endswith(".zarr") or (path / "zarr.json").exists() or (path / ".zarray").exists():
         zarr = optional_import("zarr", "reading a zarr array")
-        return ArraySource(zarr.open_array(str(path), mode="r"))
+        try:
+            return ArraySource(zarr.open_array(str(path), mode="r"))
+        except Exception:
+            arrays = _group_arrays(zarr, path)
+            if not arrays:
+                raise
+            raise TilingError(
+                f"{path} is a zarr group of {len(arrays)} arrays ({', '.join(arrays)}), not one image; "
+                f"pass one of them, e.g. {path / arrays[0]}"
+            ) from None
     if name.endswith(".npy"):
         return ArraySource(np.load(path, mmap_mode="r"))
     if path.is_dir():
@@ -294,6 +303,14 @@ def open_path(path: str | os.PathLike):
     from bigpicture.io.slides import open_slide
 
     return open_slide(path)
+
+
+def _group_arrays(zarr, path: Path) -> list[str]:
+    """The names of the arrays in the zarr group at ``path`` (none if it is not a group)."""
+    try:
+        return sorted(zarr.open_group(str(path), mode="r").array_keys())
+    except Exception:
+        return []
 
 
 def as_source(obj, transform: Callable[[np.ndarray], np.ndarray] | None = None) -> Source:
