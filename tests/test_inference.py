@@ -141,7 +141,13 @@ def _sources(tmp_path, x):
     bp_io = pytest.importorskip("bigpicture.io")
     pytest.importorskip("tifffile")
     bp_io.write_pyramid(x, tmp_path / "x.ome.tiff", mpp=0.5, tile=16)
+    h5py = pytest.importorskip("h5py")
+    da = pytest.importorskip("dask.array")
+    h5 = h5py.File(tmp_path / "x.h5", "w")
+    h5.create_dataset("image", data=x, chunks=(1, 3, 16, 16))
     return {
+        "h5py dataset": h5["image"],
+        "dask array": da.from_array(x, chunks=(1, 3, 16, 16)),
         "numpy": x,
         "memmap": np.load(tmp_path / "x.npy", mmap_mode="r"),
         "npy path": str(tmp_path / "x.npy"),
