@@ -317,7 +317,9 @@ edge, interior) is walked node by node in the tile interpreter's order (`steps.p
 value with last-use freeing, padded copies at the image border, what autograd saves, gradient
 buffers in the backward; seconds per op from the calibration of this CPU (`rates.py`: convolutions
 by channels, kernel, stride and size, forward and backward; memory-bound ops by size; the
-interpreter's own cost per node per tile). Measured memory is the peak of live memory (see
+interpreter's own cost per node per tile, from tiled runs of a small reference network). A training
+step is the forward over the tiles (the last one with autograd, its graph kept), the recompute of
+every other tile, and every tile's backward. Measured memory is the peak of live memory (see
 `benchmarks/perfmodel.py`), without the parameters on both sides. The planner's regret compares the
 measured time of its choice with the fastest measured tile whose measured peak fits the budget."""
 GPU_METHOD = """\
@@ -325,8 +327,8 @@ ResNet-50 (MONAI `resnet50(spatial_dims=2, conv1_t_stride=2, num_classes=1000)`,
 v1.5 layout, 8.17 GFLOP per 224x224 image forward) is planned as one tile covering the 224x224
 image with the batch, and predicted from the device table and the documented GPU assumptions in
 `bigpicture/rates.py` (no GPU was used). Training throughput is the batch over the predicted time
-of a forward with autograd plus the backward (the `recompute` and `backward` stages: an untiled
-step has no separate no-grad forward); inference throughput the batch over the forward. "AMP" is
+of a forward with autograd plus the backward (one tile: the engine keeps its graph from the forward
+and recomputes nothing); inference throughput the batch over the forward. "AMP" is
 predicted as float16 throughout, "FP32" as float32 (TF32 tensor cores on the A100, as PyTorch's
 cuDNN default). Not modelled: training-mode BatchNorm statistics (the engine plans BatchNorm in
 eval mode), the fp32 ops autocast keeps, channels-last layout, the optimizer step, data loading.
@@ -352,8 +354,7 @@ def gpu_comparison() -> str:
         p = predict_splits(
             splits[batch], shapes[batch], getattr(torch, dtype), 224, device, mode == "training"
         )
-        stages = {st.name: st.seconds for st in p.stages}
-        seconds = stages["recompute"] + stages["backward"] if mode == "training" else p.time
+        seconds = p.time  # training: one tile, whose graph the forward keeps: nothing is recomputed
         predicted = batch / seconds
         errors.append(abs(err(predicted, published)))
         out.append(

@@ -3,6 +3,7 @@ from collections import Counter
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import bigpicture as bp
@@ -68,10 +69,14 @@ def test_training_keeps_what_autograd_saves():
     px = 8 * 8 * F32
     train = predict(plan, "cpu", training=True)
     # recompute: conv1 saves the input (the caller's, not counted), ReLU its output, conv2 its input
-    # (the same storage); the backward adds gradient buffers; parameters get summed gradients
+    # (the same storage); the backward adds gradient buffers
     assert parts(train)["tile working set"] >= px * 8 + px * 8
     n_params = sum(q.numel() for q in net.parameters())
-    assert parts(train)["parameter gradients"] == 2 * n_params * F32
+    # one tile runs with plain autograd: the parameters' gradients; several tiles: two tiles' gradients
+    # and their sum, which the engine keeps in float64
+    assert parts(train)["parameter gradients"] == n_params * F32
+    tiles = predict(bp.make_plan(net, (1, 2, 8, 8), tile=4), "cpu", training=True)
+    assert parts(tiles)["parameter gradients"] == n_params * (2 * F32 + 8)
     assert parts(train)["boundary gradients"] == parts(train)["boundary tensors"] == px
     assert train.memory > predict(plan, "cpu").memory
 
@@ -88,8 +93,9 @@ def test_flops_of_a_conv_net_by_hand():
     # as torch.utils.flop_counter counts: convolutions and matmuls; the other ops are timed by their bytes
     assert inference.flops == conv1 + conv2 and inference.halo_overhead == 0
     training = predict(plan, "cpu", training=True)
-    # forward, recomputed forward, and the backward: weight gradients, and input gradients but the first's
-    assert training.flops == 2 * (conv1 + conv2) + conv1 + 2 * conv2
+    # one tile: a forward with autograd (its graph kept, nothing recomputed), and the backward: weight
+    # gradients, and input gradients but the first's
+    assert training.flops == (conv1 + conv2) + conv1 + 2 * conv2
 
 
 def test_halo_overhead_is_the_extra_work_of_the_tiles():
@@ -224,3 +230,43 @@ def test_cpu_convolution_workspace_follows_the_calibration():
     assert cpu.workspace(2, operand_bytes=1000, im2col_bytes=9000) == 500
     assert cpu.workspace(3, operand_bytes=1000, im2col_bytes=27000) == 27000
     assert Rates(DEVICES["T4"], torch.float16).workspace(2, 1000, 9000) == 0  # in the GPU allowance
+
+
+class _FunctionalConvs(nn.Module):
+    def __init__(self, conv, convt):
+        super().__init__()
+        self.conv, self.convt = conv, convt
+
+    def forward(self, x):
+        x = F.conv2d(x, self.conv.weight, self.conv.bias, padding=1, groups=2)
+        return F.conv_transpose2d(x, self.convt.weight, self.convt.bias, stride=2, padding=1, groups=2)
+
+
+@pytest.mark.parametrize("functional", [False, True])
+def test_flops_of_conv_and_transposed_conv_rules_by_hand(functional):
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from bigpicture.box import Box
+    from bigpicture.rules.resample import ConvTranspose
+    from bigpicture.rules.window import Conv
+
+    conv = nn.Conv2d(4, 6, 3, padding=1, groups=2)
+    convt = nn.ConvTranspose2d(6, 10, 3, stride=2, padding=1, groups=2)
+    net = _FunctionalConvs(conv, convt) if functional else nn.Sequential(conv, convt)
+    shape = (1, 4, 5, 7)
+    (split,) = analyse(net.eval(), shape)
+    by_kind = {
+        type(op): (node, op) for node, op in split.ops.items() if isinstance(op, (Conv, ConvTranspose))
+    }
+    whole = {k: Box.from_shape(split.extents[node]) for k, (node, _) in by_kind.items()}
+    # Conv2d: each of the 5 x 7 outputs of each of the 6 channels reads 4/2 channels x 3 x 3
+    conv_op = by_kind[Conv][1]
+    assert conv_op.flops(whole[Conv], 6) == 2 * (5 * 7) * 6 * (4 // 2) * 9 == 7560
+    # ConvTranspose2d: each of the 5 x 7 inputs of each of the 6 channels scatters into 10/2 channels x 3 x 3
+    assert split.extents[by_kind[ConvTranspose][0]] == (9, 13)
+    convt_op = by_kind[ConvTranspose][1]
+    assert convt_op.flops(whole[ConvTranspose], 10) == 2 * (5 * 7) * 6 * (10 // 2) * 9 == 18900
+    # as torch counts them (batch 1)
+    with FlopCounterMode(display=False) as counter:
+        net(torch.randn(shape))
+    assert counter.get_total_flops() == 7560 + 18900

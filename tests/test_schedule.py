@@ -1,10 +1,12 @@
+import re
+
 import pytest
 import torch
 from torch import nn
 
 import bigpicture as bp
-from bigpicture.predict import _size, predict, predict_splits
-from bigpicture.schedule import analyse, best_tile, candidates, choose_tile, parse_memory
+from bigpicture.predict import predict, predict_splits
+from bigpicture.schedule import _size_up, analyse, best_tile, candidates, choose_tile, parse_memory
 
 GiB, MiB = 2**30, 2**20
 
@@ -34,6 +36,7 @@ def net():
         ("24GB", 24 * 10**9),
         (4096, 4096),
         ("100", 100),
+        ("1,023.50 MiB", int(1023.5 * MiB)),
     ],
 )
 def test_parse_memory(text, expected):
@@ -98,7 +101,16 @@ def test_no_tile_fits_says_the_least_memory_that_would():
     assert "boundary tensors 32.00 MiB" in text
     splits = analyse(net(), shape)
     least = min(predict_splits(splits, shape, torch.float32, t).memory for t in (16, 32, 64))
-    assert f"at least {_size(least)}" in text
+    said = re.search(r"at least ([0-9.,]+ [KMG]iB)", text)[1]
+    assert said == _size_up(least) and parse_memory(said) >= least > parse_memory(said) - MiB / 100
+    # the size it names, copied as written, is a budget the planner can meet
+    assert choose_tile(net(), shape, said, "cpu", make_plan=False).prediction.memory <= parse_memory(said)
+
+
+@pytest.mark.parametrize("n", [1000, 1024, 1025, MiB + 1, 5 * GiB - 1, 1023 * MiB + 7, 1024 * MiB - 1])
+def test_sizes_in_errors_round_up_and_read_back(n):
+    text = _size_up(n)
+    assert parse_memory(text) >= n and parse_memory(text) < n + max(n // 99, 1)
 
 
 def test_gpu_budget_includes_the_framework():

@@ -15,6 +15,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, replace
 from fractions import Fraction
+from functools import cached_property
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -24,6 +26,9 @@ from .errors import TilingError
 from .regions import needs, receptive_field
 from .rules.stats import rewrite_global_norms
 from .split import Split, split, stages
+
+if TYPE_CHECKING:
+    from .predict import Prediction
 
 
 @dataclass(frozen=True)
@@ -36,13 +41,42 @@ class Tile:
 
 @dataclass(frozen=True)
 class Plan:
+    """Everything decided before the first tile runs; ``prediction`` (and ``memory``, ``time``,
+    ``flops``) is what the performance model predicts for running it on ``device``."""
+
     split: Split
     input_shape: tuple[int, ...]
-    dtype: torch.dtype
+    dtype: torch.dtype  # of the run
     requested: tuple[int, ...]
     tile: tuple[int, ...]
     tiles: tuple[Tile, ...]
     earlier: tuple[Plan, ...] = ()  # passes before this one, for global ops (multipass=True)
+    device: Any = "cpu"  # what the prediction is for: a device-table name, a devices.Device, a torch.device
+    training: bool = False  # predict a training step (forward + backward), else one forward
+    note: str = ""  # why the planner chose this tile (memory= or tile="auto")
+
+    @cached_property
+    def prediction(self) -> Prediction:
+        """Predicted peak memory and time (``bigpicture.predict``), computed on first use."""
+        from .predict import predict
+
+        p = predict(self)
+        return p.with_note(self.note) if self.note else p
+
+    @property
+    def memory(self) -> int:
+        """Predicted peak memory in bytes."""
+        return self.prediction.memory
+
+    @property
+    def time(self) -> float:
+        """Predicted seconds: one forward, or for ``training`` one forward and backward."""
+        return self.prediction.time
+
+    @property
+    def flops(self) -> int:
+        """Predicted floating-point operations of the run (halo recompute included)."""
+        return self.prediction.flops
 
     @property
     def grid(self) -> tuple[int, ...]:
@@ -102,6 +136,12 @@ class Plan:
                 kind = "reduced" if any(s.roles.get(u) == "reduce" for u in sink.users) else "dense"
                 name = f"pass {p} sink {k}" if self.earlier else f"sink {k}"
                 rows.append((name, f"`{sink.name}` {kind}, shape {s.extents[sink]}, stride {stride}"))
+        try:
+            predicted = [(k, v) for k, v in self.prediction.rows() if k != "tile"]
+        except Exception as e:  # printing a plan must not fail for want of a prediction
+            predicted = [("prediction", f"not available ({type(e).__name__}: {e})")]
+        for k, v in predicted:  # the planner's reason right after the tile it chose
+            rows.insert(3 if k == "planner" else len(rows), ("predicted on" if k == "device" else k, v))
         width = max(len(k) for k, _ in rows)
         return "\n".join(f"{k.ljust(width)}  {v}" for k, v in rows)
 
@@ -133,16 +173,36 @@ def plan_for_split(s: Split, input_shape, dtype, tile) -> Plan:
     for t, n in zip(used, spatial):
         count = math.ceil(n / t)
         per_dim.append([(j * t, n if j == count - 1 else (j + 1) * t) for j in range(count)])
-    tiles = []
+    tiles, read_box = [], _read_boxes(s, used, per_dim)
     for index, box in grid(per_dim):
         writes = tuple(_write_box(index, used, per_dim, s.strides[k], s.extents[k]) for k in s.sinks)
         if all(w.empty for w in writes):
             continue
-        read = needs(s, dict(zip(s.sinks, writes)))[s.input]
-        tiles.append(Tile(index, box, read, writes))
+        tiles.append(Tile(index, box, read_box(index, writes), writes))
     plan = Plan(s, tuple(input_shape), dtype, requested, used, tuple(tiles))
     plan.lint()
     return plan
+
+
+def _read_boxes(s: Split, used, per_dim):
+    """``read(index, writes)``: a tile's input box. Every rule maps boxes dimension by dimension, so
+    a tile's box in dimension d is that of the grid's diagonal tile (j_d, j_d, ...): one walk per
+    diagonal tile instead of one per tile (2401 walks for a 100,000^2 slide at tile 2048). An empty
+    box on the diagonal breaks the rule (a hull ignores empty boxes): then every tile is walked."""
+    diagonal = []
+    for k in range(max(len(p) for p in per_dim)):
+        index = tuple(min(k, len(p) - 1) for p in per_dim)
+        writes = tuple(_write_box(index, used, per_dim, s.strides[n], s.extents[n]) for n in s.sinks)
+        diagonal.append((writes, needs(s, dict(zip(s.sinks, writes)))))
+    if any(b.empty for writes, need in diagonal for b in (*writes, *need.values())):
+        return lambda index, writes: needs(s, dict(zip(s.sinks, writes)))[s.input]
+    return lambda index, writes: Box.from_dims(diagonal[j][1][s.input].dim(d) for d, j in enumerate(index))
+
+
+def default_tile(nd: int) -> int:
+    """The tile side when none is given: about a million input positions per tile in 1D, 2D and 3D
+    (1024 x 1024 px; 128^3 voxels), large against most receptive fields and small in memory."""
+    return {1: 2**20, 2: 1024, 3: 128}.get(nd, max(1, round(2 ** (20 / max(nd, 1)))))
 
 
 def _per_dim_tile(tile, nd: int) -> tuple[int, ...]:
@@ -174,11 +234,47 @@ def _write_box(index, used, per_dim, stride, extent) -> Box:
 
 
 def make_plan(
-    model: torch.nn.Module, input_shape, tile=1024, dtype=torch.float32, device="cpu", multipass=False
+    model: torch.nn.Module,
+    input_shape,
+    tile=None,
+    dtype=torch.float32,
+    device="cpu",
+    multipass=False,
+    training=False,
+    memory=None,
 ) -> Plan:
-    """The plan for ``model`` on an input of ``input_shape`` (N, C, *spatial), with no tensor allocated."""
+    """The plan for ``model`` on an input of ``input_shape`` (N, C, *spatial), with no tensor allocated.
+
+    ``tile``: the input extent each tile owns (one int, or one per spatial dimension; default
+    1024 in 2D, 128 in 3D: see ``default_tile``), or ``"auto"``: the planner chooses the fastest
+    predicted tile that fits ``memory``
+    (default: the device's memory). Giving ``memory=`` (bytes or a size like ``"8GiB"``) also lets
+    the planner choose; ``tile`` and ``memory`` together are a TypeError. A budget no tile fits is a
+    ``TilingError`` naming the least memory that would do.
+    ``device``: what the prediction is for: a name from the device table (``"H100-SXM"``, see
+    ``bigpicture.devices.DEVICES``), ``"cpu"`` (this machine), a ``devices.Device`` or a CUDA device.
+    ``dtype``: of the run; ``training``: predict one forward and backward, else one forward.
+    Shapes are found on fake CPU tensors in the model's own dtype, so a plan for a 100,000^2 slide
+    on a GPU takes seconds here. ``plan.prediction`` (and ``plan.memory``, bytes; ``plan.time``,
+    seconds; ``plan.flops``) is computed on first use; ``print(plan)`` shows it.
+    """
+    from .predict import resolve_device
+    from .schedule import choose_tile, for_run, model_dtype
+
+    planned = memory is not None or tile == "auto"
+    if memory is not None and tile is not None and tile != "auto":
+        raise TypeError(
+            f"make_plan got tile={tile!r} and memory={memory!r}: give one, tile= for a tile of your "
+            "choice, memory= for the fastest one the planner predicts to fit."
+        )
+    dev = resolve_device(device)  # an unknown name fails here, listing the known ones
     gm = capture(model, multipass)
-    return plan_graph(gm, [(tuple(input_shape), dtype, torch.device(device))], tile, multipass)
+    if planned:
+        budget = dev.memory_bytes if memory is None else memory
+        return choose_tile(gm, input_shape, budget, dev, dtype, training, multipass).plan
+    shapes = [(tuple(input_shape), model_dtype(gm), torch.device("cpu"))]
+    tile = default_tile(len(input_shape) - 2) if tile is None else tile
+    return for_run(plan_graph(gm, shapes, tile, multipass), dtype, dev, training)
 
 
 def capture(model: torch.nn.Module, multipass: bool = False):

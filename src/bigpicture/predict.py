@@ -16,7 +16,8 @@ Peak memory is the sum of what is resident at the worst moment:
     + boundary tensors: the dense sinks, at full size (streamed reductions are small)
     + the largest tile working set: inference, the values alive at once under last-use freeing;
       training, one tile's recompute (what autograd saves) and backward (gradient buffers)
-    + training: parameter gradients twice (the sum so far, and one tile's) and the boundary's gradients
+    + training: parameter gradients (one tile's, and the sum so far in float64) and the boundary's
+      gradients
     + GPUs: 512 MiB for the CUDA context and library handles, and 10% of the memory that changes
       (caching-allocator slack, cuDNN workspace); the CPU adds nothing (measured as live bytes)
 
@@ -25,8 +26,9 @@ and the input itself when it already lives on the device (a CPU tensor); a GPU r
 tile's read box, which is counted.
 
 Time is the sum over tiles of per-op seconds (rates.py) and the interpreter's per-node cost:
-one forward for inference; for training, the forward over the tiles, the recompute of each tile
-with autograd and its backward. On a GPU the host runs ahead, so each phase takes the longer of
+one forward for inference; for training, the forward over the tiles (the last one with autograd,
+its graph kept for the backward), the recompute with autograd of every other tile, and every
+tile's backward. On a GPU the host runs ahead, so each phase takes the longer of
 its GPU time and its host time.
 """
 
@@ -38,12 +40,12 @@ from dataclasses import dataclass, replace
 import torch
 
 from .box import Box
-from .devices import Device, get_device, load_calibration
+from .devices import Device, for_torch, get_device, load_calibration
 from .grid import Layout, layout, tile_classes
 from .plan import Plan
 from .rates import GPU_ASSUMPTIONS, Rates
 from .split import Split
-from .steps import TileWalk, walk
+from .steps import TileWalk, last_tile, walk
 
 MiB = 2**20
 GPU_CONTEXT_BYTES = 512 * MiB  # CUDA context and cuDNN/cuBLAS handles: 300-600 MiB on recent GPUs
@@ -80,7 +82,8 @@ class Prediction:
     def with_note(self, note: str) -> Prediction:
         return replace(self, note=note)
 
-    def __str__(self) -> str:
+    def rows(self) -> list[tuple[str, str]]:
+        """The lines of ``str(prediction)`` as (name, text) pairs: what ``print(plan)`` shows too."""
         mode = "training step (forward + recompute + backward)" if self.training else "inference (forward)"
         parts = ", ".join(f"{k} {_size(v)}" for k, v in self.memory_parts if v)
         stages = ", ".join(f"{s.name} {_seconds(s.seconds)}" for s in self.stages if s.seconds)
@@ -94,11 +97,15 @@ class Prediction:
             ("halo overhead", f"{100 * self.halo_overhead:.1f}% more work than untiled"),
             ("peak memory", f"{_size(self.memory)} = {parts}"),
             ("time", f"{_seconds(self.time)} = {stages}"),
-            ("work", f"{self.flops / 1e12:,.2f} TFLOP; time by op: {kinds}"),
+            ("work", f"{_flops(self.flops)}; time by op: {kinds}"),
             ("assumptions", self.assumptions),
         ]
         if self.note:
             rows.insert(2, ("planner", self.note))
+        return rows
+
+    def __str__(self) -> str:
+        rows = self.rows()
         width = max(len(k) for k, _ in rows)
         return "\n".join(f"{k.ljust(width)}  {v}" for k, v in rows)
 
@@ -110,38 +117,55 @@ def _size(n: float) -> str:
     return f"{n:.0f} B"
 
 
+def _flops(n: float) -> str:
+    for unit, scale in (("TFLOP", 1e12), ("GFLOP", 1e9), ("MFLOP", 1e6)):
+        if n >= scale:
+            return f"{n / scale:,.2f} {unit}"
+    return f"{n:.0f} FLOP"
+
+
 def _seconds(s: float) -> str:
     if s >= 3600:
         return f"{s / 3600:.2f} h"
     return f"{s:.3g} s" if s >= 1 else f"{1e3 * s:.3g} ms"
 
 
-def resolve_device(device: str | Device) -> Device:
-    return device if isinstance(device, Device) else get_device(device)
+def resolve_device(device: str | Device | torch.device) -> Device:
+    """A ``Device``: a name from the device table, "cpu", or a torch device ("cuda:0": its product)."""
+    if isinstance(device, Device):
+        return device
+    if isinstance(device, torch.device) or (isinstance(device, str) and device.startswith("cuda")):
+        return for_torch(device)
+    return get_device(device)
 
 
 def predict(
     plan: Plan,
-    device: str | Device = "cpu",
-    training: bool = False,
+    device: str | Device | torch.device | None = None,
+    training: bool | None = None,
     dtype: torch.dtype | None = None,
     input_grad: bool = False,
     input_on_device: bool | None = None,
 ) -> Prediction:
     """Peak memory and time of running ``plan`` on ``device`` (a name from the device table or "cpu").
 
+    ``device`` and ``training`` default to the plan's own (``make_plan(..., device=, training=)``).
     ``dtype``: of the run, if not the plan's (a float32 model planned for a bfloat16 GPU run).
     ``input_on_device``: the whole input already lives in the device's memory, so a tile's input is
     a view (default: True for the CPU, False for GPUs, which receive each tile's read box).
     """
     passes = [*plan.earlier, plan]
+    dtype = dtype or plan.dtype
+    if not dtype.is_floating_point:  # an integer image the model converts: it computes in its own dtype
+        model = plan.split.gm.meta.get("bigpicture_model", plan.split.gm)
+        dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
     return predict_splits(
         [p.split for p in passes],
         plan.input_shape,
-        dtype or plan.dtype,
+        dtype,
         plan.requested,
-        device,
-        training,
+        plan.device if device is None else device,
+        plan.training if training is None else training,
         input_grad,
         input_on_device,
     )
@@ -183,18 +207,23 @@ def _predict_pass(
 ) -> Prediction:
     gpu = dev.name != "cpu"
     classes = tile_classes(split, lay)
+    # execute.Runner.read_input copies each tile's read box (contiguous) even from an input that
+    # already lives on the device (``on_device``); one tile runs the model on the input itself
+    copy = not on_device or sum(c.count for c in classes) > 1
     memo: dict = {}
     walks = [
-        (c.count, walk(split, c.need, c.writes, dtype, rates, training, input_grad, not on_device, memo))
+        (c.count, walk(split, c.need, c.writes, dtype, rates, training, input_grad, copy, memo))
         for c in classes
     ]
     whole = {n: Box.from_shape(e) for n, e in split.extents.items()}
     untiled = walk(split, whole, (), dtype, rates, False, False, False)
     memory_parts = _memory(split, dtype, walks, training, gpu)
-    stages, by_kind = _time(walks, training, gpu, rates)
-    flops = sum(
-        n * (w.flops_fwd * (2 if training else 1) + (w.flops_bwd if training else 0)) for n, w in walks
-    )
+    last = None
+    if training:  # the tile whose graph the forward keeps: the backward does not recompute it
+        need, writes = last_tile(split, lay)
+        last = walk(split, need, writes, dtype, rates, training, input_grad, copy, memo)
+    stages, by_kind = _time(walks, training, gpu, rates, last)
+    flops = sum(s.flops for s in stages)
     work = sum(n * w.flops_fwd for n, w in walks)
     return Prediction(
         device=dev.name,
@@ -243,15 +272,19 @@ def _memory(split: Split, dtype, walks: list[tuple[int, TileWalk]], training: bo
     item = torch.empty((), dtype=dtype).element_size()
     model = split.gm.meta.get("bigpicture_model", split.gm)
     params = sum(p.numel() for p in model.parameters()) * item
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad) * item
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     buffers = sum(b.numel() for b in model.buffers()) * item
     dense = [k for k in split.sinks if any(split.roles.get(u) in ("tail", "output") for u in k.users)]
     boundary = sum(math.prod(split.shapes[k]) for k in dense) * item
     working = max(w.peak_train if training else w.peak for _, w in walks)
     parts = [("parameters", params + buffers), ("boundary tensors", boundary), ("tile working set", working)]
     if training:
-        # summed parameter gradients, plus one tile's while they are added; the boundary's gradients
-        parts += [("parameter gradients", 2 * trainable), ("boundary gradients", boundary)]
+        # the sum of the tiles' parameter gradients, kept in float64 (execute.Runner.backward), the
+        # previous tile's (alive until the next tile's are returned) and this tile's; the boundary's.
+        # One tile runs the model with plain autograd: its gradients only.
+        wide = 8 if dtype.is_floating_point else item
+        per_param = item if sum(n for n, _ in walks) == 1 else 2 * item + wide
+        parts += [("parameter gradients", trainable * per_param), ("boundary gradients", boundary)]
     if gpu:
         changing = boundary * (2 if training else 1) + working
         parts += [
@@ -263,17 +296,28 @@ def _memory(split: Split, dtype, walks: list[tuple[int, TileWalk]], training: bo
     return tuple(parts)
 
 
-def _time(walks: list[tuple[int, TileWalk]], training: bool, gpu: bool, rates: Rates):
-    phases = [("forward", "fwd")] + ([("recompute", "fwd"), ("backward", "bwd")] if training else [])
+def _time(
+    walks: list[tuple[int, TileWalk]], training: bool, gpu: bool, rates: Rates, last: TileWalk | None = None
+):
+    """Seconds by stage. Training (``execute.TiledFunction``): the forward runs every tile without
+    autograd but the last one (``last``), whose graph it keeps; the backward starts from that tile
+    and recomputes every other tile with autograd before its backward."""
+    kept = last if training and last is not None else TileWalk()
+    grad_node_s = rates.train_node_s / 2  # the engine's cost per node of a forward with autograd
+    phases = [("forward", "fwd", rates.node_s, None)]
+    if training:
+        phases += [("recompute", "fwd", grad_node_s, kept), ("backward", "bwd", grad_node_s, None)]
     stages, kinds = [], {}
-    for name, phase in phases:
-        device_s = sum(n * getattr(w, f"{phase}_s") for n, w in walks)
-        host_per_node = rates.node_s if name == "forward" else rates.train_node_s / 2
-        host_s = sum(n * (w.nodes * host_per_node + w.ops * rates.host_op_s) for n, w in walks)
-        flops = sum(n * getattr(w, f"flops_{phase}") for n, w in walks)
-        for n, w in walks:
-            for kind, s in getattr(w, f"{phase}_by_kind").items():
-                kinds[kind] = kinds.get(kind, 0.0) + n * s
+    for name, phase, per_node, minus in phases:
+        signed = [(n, w) for n, w in walks] + ([(-1, minus)] if minus is not None else [])
+        device_s = sum(n * getattr(w, f"{phase}_s") for n, w in signed)
+        host_s = sum(n * (w.nodes * per_node + w.ops * rates.host_op_s) for n, w in signed)
+        if name == "forward":  # the kept tile's forward runs with autograd
+            host_s += kept.nodes * (grad_node_s - per_node)
+        flops = sum(n * getattr(w, f"flops_{phase}") for n, w in signed)
+        for n, w in signed:
+            for kind, sec in getattr(w, f"{phase}_by_kind").items():
+                kinds[kind] = kinds.get(kind, 0.0) + n * sec
         if gpu:  # the host runs ahead of the GPU: a phase takes the longer of the two
             stages.append(Stage(name, flops, max(device_s, host_s)))
         else:

@@ -6,7 +6,10 @@
 The local CPU is *measured* (`measure`, called by `devices.calibrate`): convolutions over a
 grid of channel counts, kernels and spatial sizes, forward and backward; memory-bound ops over
 tensor sizes from cache-resident to DRAM-sized; and the engine's own per-node, per-tile cost
-(the Python interpreter and the box arithmetic), which dominates tiles that are too small.
+(the Python interpreter, box arithmetic, border padding, dispatch), which dominates tiles that are
+too small: tiled runs of a small network with the node types of real ones, minus what the rates
+give its ops (a chain of 1x1 convolutions and ReLUs, used before, gave half the cost real
+networks showed).
 A rate for a size between measurements is interpolated in log space.
 
 GPUs in the device table are not measured here; their rates follow documented assumptions
@@ -171,14 +174,17 @@ def _conv_grid(quick: bool) -> list[tuple[int, int, int, int, int, int, bool]]:
     if quick:
         return [(2, 4, 8, 3, 1, 16, False), (2, 4, 8, 1, 2, 16, False), (3, 2, 4, 3, 1, 8, False),
                 (2, 4, 4, 2, 2, 8, True)]  # fmt: skip
-    channels = {2: ((3, 8, 32, 128), (8, 32, 128)), 3: ((1, 4, 16, 64), (4, 16, 64))}
-    sides = {2: (4, 16, 64, 200), 3: (4, 12, 32)}
+    # few output channels (a segmentation head) run far below the rate of 8: measured, not extrapolated
+    channels = {2: ((3, 8, 32, 128), (2, 8, 32, 128)), 3: ((1, 2, 4, 16, 64), (2, 4, 16, 64))}
+    # 3D: torch runs few-channel convolutions as im2col + GEMM, whose column matrix of a large tile
+    # outgrows the caches (and, over 32 MiB, glibc's heap: fresh pages, faulted in on every call)
+    sides = {2: (4, 16, 64, 200), 3: (4, 12, 32, 48)}
     grid = [(nd, cin, cout, k, 1, side, False) for nd in (2, 3) for cin in channels[nd][0]
             for cout in channels[nd][1] for k in (1, 3) for side in sides[nd]]  # fmt: skip
     grid += [(2, cin, cout, k, 2, side, False) for cin in (3, 16, 64) for cout in (16, 64) for k in (1, 3, 7)
              for side in (8, 64)]  # fmt: skip
     grid += [(3, cin, cout, 3, 2, side, False) for cin in (1, 8) for cout in (8, 32) for side in (8, 24)]
-    grid += [(nd, cin, cout, k, 2, side, True) for nd in (2, 3) for cin in (8, 32, 128) for cout in (8, 32)
+    grid += [(nd, cin, cout, k, 2, side, True) for nd in (2, 3) for cin in (8, 32, 128) for cout in (2, 8, 32)
              for k in (2, 3) for side in ((8, 48) if nd == 2 else (4, 16))]  # fmt: skip
     # skip the few cases that would take seconds each; neighbours cover them
     return [g for g in grid if 2 * g[1] * g[2] * g[3] ** g[0] * g[5] ** g[0] <= 4e9]
@@ -246,40 +252,98 @@ def _pool(dtype: torch.dtype, quick: bool, seconds, min_time: float) -> dict[str
     return out
 
 
-def _engine(quick: bool, clock: Callable[[], float]) -> tuple[float, float]:
-    """Seconds per node per tile of the tile interpreter itself: the tiled run of a chain of small
-    ops, minus the same ops run directly on every tile's input."""
+def _reference(nd: int) -> torch.nn.Module:
+    """A small network with the nodes real ones have (3x3 convolutions padded at the image border,
+    strided and transposed ones, normalisation, activations, pooling, a residual addition and a
+    concatenation) and few channels, so that the tile interpreter's own cost dominates its run."""
     from torch import nn
 
-    from .tiled import tiled
+    conv, norm = (nn.Conv2d, nn.Conv3d)[nd - 2], (nn.BatchNorm2d, nn.BatchNorm3d)[nd - 2]
+    pool, up = (nn.MaxPool2d, nn.MaxPool3d)[nd - 2], (nn.ConvTranspose2d, nn.ConvTranspose3d)[nd - 2]
 
-    layers = 8 if quick else 40
-    model = nn.Sequential(*[nn.ReLU() if i % 2 else nn.Conv2d(1, 1, 1) for i in range(layers)])
-    side, tile = (32, 16) if quick else (64, 8)
-    tiles = (side // tile) ** 2
-    net = tiled(model, tile=tile)
-    x, crop = torch.randn(1, 1, side, side), torch.randn(1, 1, tile, tile)
-    with torch.no_grad():
-        net(x)  # plans, so the timing below does not include planning
+    class Reference(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.stem = nn.Sequential(conv(1, 2, 3, padding=1), norm(2), nn.ReLU())
+            self.block = nn.Sequential(
+                conv(2, 2, 3, padding=1), norm(2), nn.PReLU(), conv(2, 2, 3, padding=1)
+            )
+            self.down = nn.Sequential(conv(2, 2, 3, 2, 1), norm(2), nn.ReLU())
+            self.pool = pool(3, 2, 1)
+            self.up = up(2, 2, 3, 2, 1, output_padding=1)
+            self.head = conv(6, 2, 1)
 
-    def best(fn) -> float:
-        times = []
-        for _ in range(3 if quick else 7):
-            start = clock()
-            fn()
-            times.append(clock() - start)
-        return min(times)
+        def forward(self, x):
+            y = self.stem(x)
+            y = torch.relu(y + self.block(y))
+            z = self.up(self.down(y) + self.pool(y))
+            return self.head(torch.cat([y, z, y * z], 1))
 
-    def direct_train():
-        for _ in range(tiles):
-            model(crop).sum().backward()
+    torch.manual_seed(0)
+    return Reference()
 
-    with torch.no_grad():
-        tiled_fwd = best(lambda: net(x))
-        fwd = tiled_fwd - best(lambda: [model(crop) for _ in range(tiles)])
-    # the tiled step is a forward, a recompute and a backward; the direct one a forward and a backward
-    train = best(lambda: net(x).sum().backward()) - best(direct_train) - tiled_fwd
-    return max(fwd, 0.0) / (tiles * layers), max(train, 0.0) / (tiles * layers)
+
+def _engine(quick: bool, clock: Callable[[], float], ops: dict, dtype: torch.dtype) -> tuple[float, float]:
+    """Seconds per node per tile of the tile interpreter itself (the Python code around each op:
+    boxes, padding at the image border, slicing, dispatch), without and with autograd: tiled runs
+    of a small network (`_reference`) minus what the rates just measured (`ops`) give its ops. The
+    training step runs as the engine runs it: a forward, the recompute of every tile but the last,
+    a backward. The 2D and 3D networks' figures are averaged."""
+    from .devices import get_device
+    from .grid import layout
+    from .predict import _predict_pass
+    from .tiled import freeze_batchnorm, tiled
+
+    rates = Rates(
+        get_device("cpu"), dtype, {"ops": {**ops, "engine_node_s": 0.0, "engine_train_node_s": 0.0}}
+    )
+    forward, train = [], []
+    for nd, side, tile in ((2, 32, 16),) if quick else ((2, 64, 16), (3, 16, 8)):
+        shape = (1, 1) + (side,) * nd
+        x = torch.randn(shape, dtype=dtype)
+        left, nodes = {}, {}
+        for training in (False, True):
+            model = _reference(nd).to(dtype)
+            model = freeze_batchnorm(model.train()) if training else model.eval()
+            net = tiled(model, tile=tile)
+            measured = _best_step(net, model, x, training, clock, 3 if quick else 7)
+            split = net.plan.split
+            lay = layout(split, shape, tile)
+            times = {}
+            for node_s, train_s in ((0.0, 0.0), (1.0, 0.0), (0.0, 2.0)):
+                rates.node_s, rates.train_node_s = node_s, train_s
+                p = _predict_pass(split, shape, dtype, lay, rates.device, rates, training, False, True)
+                times[node_s, train_s] = p.time
+            left[training] = measured - times[0.0, 0.0]
+            # nodes run without autograd; twice the nodes run with autograd (their forward and backward)
+            nodes[training] = (times[1.0, 0.0] - times[0.0, 0.0], times[0.0, 2.0] - times[0.0, 0.0])
+        node_s = max(left[False], 0.0) / nodes[False][0]
+        forward.append(node_s)
+        no_grad, grad = nodes[True]
+        train.append(2 * max(left[True] - node_s * no_grad, 0.0) / grad if grad else node_s)
+    return sum(forward) / len(forward), sum(train) / len(train)
+
+
+def _best_step(
+    net, model, x: torch.Tensor, training: bool, clock: Callable[[], float], repeats: int
+) -> float:
+    """Best time of a tiled inference, or training step, after a first call that plans."""
+
+    def step() -> None:
+        if training:
+            model.zero_grad(set_to_none=True)
+            net(x).sum().backward()
+        else:
+            with torch.no_grad():
+                net(x)
+
+    step()
+    times = []
+    for _ in range(repeats):
+        start = clock()
+        step()
+        times.append(clock() - start)
+    return min(times)
 
 
 _WORKSPACE_PROBE = """
@@ -337,13 +401,12 @@ def measure(
     """Rates of this CPU for `dtype` (about a minute; `quick` takes a second, for tests)."""
     min_time = 0.005 if quick else 0.05
     seconds = functools.partial(_seconds_per_call, clock=clock)
-    node_s, train_node_s = _engine(quick, clock)
-    return {
+    ops = {
         "dtype": str(dtype).removeprefix("torch."),
         "conv": _conv(dtype, quick, seconds, min_time),
         "stream": _stream(dtype, quick, seconds, min_time),
         "pool": _pool(dtype, quick, seconds, min_time),
         "conv_workspace": _conv_workspace(quick),
-        "engine_node_s": node_s,
-        "engine_train_node_s": train_node_s,
     }
+    ops["engine_node_s"], ops["engine_train_node_s"] = _engine(quick, clock, ops, dtype)
+    return ops

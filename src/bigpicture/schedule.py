@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import re
+from dataclasses import replace
 from typing import NamedTuple
 
 import torch
@@ -21,7 +22,7 @@ from . import graph as g
 from .devices import Device
 from .errors import TilingError
 from .plan import Plan, capture, plan_graph
-from .predict import Prediction, _size, predict, predict_splits, resolve_device
+from .predict import Prediction, _size, predict_splits, resolve_device
 from .split import Split, split, stages
 
 MAX_TILES_PER_DIM = 256  # smaller tiles are never faster: their halo work and per-tile costs grow
@@ -44,10 +45,16 @@ _UNITS = {
 
 
 def parse_memory(memory: str | int | float) -> int:
-    """Bytes from ``8GiB``, ``"512 MiB"``, ``"8GB"`` (decimal), ``"8G"`` (binary) or a number of bytes."""
+    """Bytes from ``8GiB``, ``"512 MiB"``, ``"8GB"`` (decimal), ``"8G"`` (binary) or a number of bytes.
+
+    ``str(prediction)`` and the planner's errors write sizes the same way: ``"1,023.50 MiB"`` reads back.
+    """
     if isinstance(memory, (int, float)) and not isinstance(memory, bool):
         return int(memory)
-    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(memory))
+    # thousands separators as error messages print them: "1,023.50 MiB"
+    match = re.fullmatch(
+        r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(memory).replace(",", "").replace("_", "")
+    )
     if not match or match[2].lower() not in _UNITS:
         raise TilingError(
             f"memory={memory!r} is not a size: write e.g. '8GiB', '512MiB', '24GB' or a number of bytes."
@@ -61,14 +68,20 @@ def model_dtype(gm: fx.GraphModule) -> torch.dtype:
     return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
 
 
-def analyse(model: nn.Module | fx.GraphModule, input_shape, multipass: bool = False) -> list[Split]:
-    """The passes of the model's split for one input shape (what every tile size shares)."""
+def analyse(
+    model: nn.Module | fx.GraphModule, input_shape, multipass: bool = False, inputs: list | None = None
+) -> list[Split]:
+    """The passes of the model's split for one input shape (what every tile size shares).
+
+    ``inputs``: the placeholders' (shape, dtype, device) or values, as ``plan.plan_graph`` takes them
+    (default: the input alone, on fake CPU tensors in the model's dtype).
+    """
     gm = model if isinstance(model, fx.GraphModule) else capture(model, multipass)
     if len(input_shape) < 3:
         raise TilingError(
             f"input shape {tuple(input_shape)} has no spatial dimension: expected (N, C, *spatial)."
         )
-    values = g.propagate(gm, [(tuple(input_shape), model_dtype(gm), torch.device("cpu"))])
+    values = g.propagate(gm, inputs or [(tuple(input_shape), model_dtype(gm), torch.device("cpu"))])
     x = next(n for n in gm.graph.nodes if n.op == "placeholder")
     return stages(split(gm, values, x, multipass))
 
@@ -106,15 +119,29 @@ def choose_tile(
 ) -> Choice:
     """The tile with the least predicted time whose predicted peak memory is at most the budget.
 
-    Returns the tile, its plan (None with ``make_plan=False``) and its prediction, whose ``note``
-    says why it was chosen.
+    ``budget_bytes``: bytes or a size such as ``"8GiB"``; ``device``: a name from the device table
+    or "cpu"; ``dtype``: of the run. Returns the tile, its plan (None with ``make_plan=False``) and
+    its prediction, whose ``note`` says why it was chosen. A budget no tile fits is a
+    ``TilingError`` naming the least memory that would do.
     """
     gm = model if isinstance(model, fx.GraphModule) else capture(model, multipass)
-    best = best_tile(analyse(gm, input_shape, multipass), input_shape, budget_bytes, device, dtype, training)
+    dev = resolve_device(device)
+    best = best_tile(analyse(gm, input_shape, multipass), input_shape, budget_bytes, dev, dtype, training)
     if not make_plan:
         return Choice(best.tile, None, best)
     plan = plan_graph(gm, [(tuple(input_shape), model_dtype(gm), torch.device("cpu"))], best.tile, multipass)
-    return Choice(best.tile, plan, predict(plan, device, training, dtype).with_note(best.note))
+    return Choice(best.tile, for_run(plan, dtype, dev, training, best), best)
+
+
+def for_run(plan: Plan, dtype, device, training: bool, prediction: Prediction | None = None) -> Plan:
+    """``plan`` for a run on ``device`` (and in ``dtype``, unless None); ``prediction``: if known already."""
+    dtype = plan.dtype if dtype is None else dtype
+    earlier = tuple(replace(e, dtype=dtype, device=device, training=training) for e in plan.earlier)
+    note = prediction.note if prediction is not None else ""
+    plan = replace(plan, dtype=dtype, device=device, training=training, note=note, earlier=earlier)
+    if prediction is not None:
+        plan.__dict__["prediction"] = prediction  # the slot of Plan.prediction (a cached_property)
+    return plan
 
 
 def best_tile(
@@ -139,7 +166,7 @@ def best_tile(
         smaller = " use a smaller dtype," if torch.empty((), dtype=dtype).element_size() > 2 else ""
         raise TilingError(
             f"no tile fits {_size(budget)} on {dev.name}: the smallest predicted peak is {_size(p.memory)}, "
-            f"with tile {_side(p.tile)} ({parts}). Give memory of at least {_size(p.memory)},{smaller} or "
+            f"with tile {_side(p.tile)} ({parts}). Give memory of at least {_size_up(p.memory)},{smaller} or "
             "use a device with more memory."
         )
     best = min(fits, key=lambda p: (p.time, -math.prod(p.tile)))
@@ -148,6 +175,14 @@ def best_tile(
     if bigger and bigger[0].memory > budget:
         note += f"; the next larger, {_side(bigger[0].tile)}, needs {_size(bigger[0].memory)}"
     return best.with_note(note)
+
+
+def _size_up(n: int) -> str:
+    """``n`` bytes as ``_size`` writes them, rounded up: a budget of that size fits ``n``."""
+    for scale in (2**30, 2**20, 2**10):
+        if n >= scale:
+            return _size(math.ceil(100 * n / scale) * scale / 100)
+    return _size(n)
 
 
 def _side(tile: tuple[int, ...]) -> str:

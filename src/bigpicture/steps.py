@@ -321,3 +321,16 @@ def _accumulation_s(split: Split, steps: list, sizes: dict, grad: dict, rates: R
     )
     by_kind["binary"] = by_kind.get("binary", 0.0) + seconds
     return seconds
+
+
+def last_tile(split: Split, lay) -> tuple[dict, tuple]:
+    """The node boxes and write boxes of the grid's last tile (``grid.Layout``): the engine runs it
+    last in the forward with autograd and keeps its graph, so a training step does not recompute it."""
+    from .plan import _write_box
+    from .regions import needs
+
+    index = tuple(g - 1 for g in lay.grid)
+    writes = tuple(
+        _write_box(index, lay.tile, lay.intervals, split.strides[k], split.extents[k]) for k in split.sinks
+    )
+    return needs(split, dict(zip(split.sinks, writes, strict=True))), writes

@@ -2,55 +2,115 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 from torch import nn
 
 from . import execute
+from .devices import DEVICES, Device, get_device
 from .errors import TilingError
-from .plan import Plan, capture, plan_graph
+from .plan import Plan, capture, default_tile, plan_graph
+from .schedule import analyse, best_tile, for_run, parse_memory
 
 
 class Tiled(nn.Module):
     """Wraps ``model``; ``parameters()`` are the model's own, so any optimiser works unchanged.
 
-    Plans are made per input shape, dtype, device and train/eval state, and cached.
+    Plans are made per input shape, dtype, device, train/eval state and whether gradients are
+    taken, and cached. With ``memory=`` (or ``tile="auto"``) each plan's tile is the planner's.
     """
 
-    def __init__(self, model: nn.Module, tile=1024, progress: bool = False, multipass: bool = False) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        tile=None,
+        progress: bool = False,
+        multipass: bool = False,
+        memory=None,
+        background=None,
+    ) -> None:
         super().__init__()
+        if memory is not None and tile is not None and tile != "auto":
+            raise TypeError(
+                f"bp.tiled got tile={tile!r} and memory={memory!r}: give one, tile= for a tile of your "
+                "choice, memory= for the fastest one the planner predicts to fit."
+            )
+        if memory is not None:
+            parse_memory(memory)  # a size that is not one fails now, not at the first call
         self.model = model
-        self.tile = tile
+        self.tile = tile  # None: plan.default_tile for the input's number of spatial dimensions
+        self.memory = memory
         self.progress = progress
         self.multipass = multipass
+        self.background = background
         self._graphs: dict = {}
         self._plans: dict = {}
         self.plan: Plan | None = None
-        self.report = None  # what the last `run` did (tiles computed, reused, I/O wait)
+        self.report = None  # what the last call or `run` did (tiles computed, reused; I/O wait)
 
-    def plan_for(self, x, *args) -> Plan:
-        """The plan for input ``x``, cached by shape, dtype, device and train/eval state; runs nothing."""
+    @property
+    def planned(self) -> bool:
+        """Whether the planner chooses the tile (``memory=`` or ``tile="auto"``)."""
+        return self.memory is not None or self.tile == "auto"
+
+    def plan_for(self, x, *args, training: bool | None = None) -> Plan:
+        """The plan for input ``x``, cached by shape, dtype, device and train/eval state; runs nothing.
+
+        ``training``: plan (and predict) a forward and backward; default: when gradients are
+        enabled and the model has parameters that require them (or ``x`` requires them).
+        """
         shape = tuple(x.shape)
         dtype = x.dtype if isinstance(x, torch.Tensor) else self._param_dtype()
         device, state = self._device(), tuple(m.training for m in self.model.modules())
-        key = (shape, dtype, device, state, tuple(_describe(a) for a in args))
+        if training is None:  # a backward will follow
+            wants_grad = getattr(x, "requires_grad", False) or any(
+                p.requires_grad for p in self.model.parameters()
+            )
+            training = torch.is_grad_enabled() and wants_grad
+        described = tuple(_describe(a) for a in args)
+        key = (shape, dtype, device, state, described, training)
         if key not in self._plans:
             if state not in self._graphs:
                 self._graphs[state] = capture(self.model, self.multipass)
+            gm = self._graphs[state]
             inputs = [(shape, dtype, device)] + [_fake_spec(a) for a in args]
-            self._plans[key] = plan_graph(self._graphs[state], inputs, self.tile, self.multipass)
+            same = (shape, dtype, device, state, described, not training)
+            if self.planned:
+                self._plans[key] = self._choose(gm, inputs, training)
+            elif same in self._plans:  # the same tiles; only the prediction differs
+                self._plans[key] = replace(self._plans[same], training=training)
+            else:
+                tile = default_tile(len(shape) - 2) if self.tile is None else self.tile
+                plan = plan_graph(gm, inputs, tile, self.multipass)
+                self._plans[key] = for_run(plan, None, device, training)
         self.plan = self._plans[key]
         return self.plan
+
+    def _choose(self, gm, inputs: list, training: bool) -> Plan:
+        """The planner's plan: the fastest predicted tile whose predicted peak fits ``memory``."""
+        shape, dtype, device = inputs[0]
+        dev = planning_device(device)
+        run_dtype = dtype if dtype.is_floating_point else self._param_dtype()
+        budget = dev.memory_bytes if self.memory is None else self.memory
+        best = best_tile(analyse(gm, shape, self.multipass, inputs), shape, budget, dev, run_dtype, training)
+        return for_run(plan_graph(gm, inputs, best.tile, self.multipass), None, dev, training, best)
 
     def forward(self, x, *args):
         plan = self.plan_for(x, *args)
         progress = _progress_bar() if self.progress else None
-        return execute.run(plan, (x, *args), list(self.model.parameters()), self._device(), progress)
+        self.report = execute.TileStats()
+        params, device = list(self.model.parameters()), self._device()
+        return execute.run(plan, (x, *args), params, device, progress, self.background, self.report)
 
     def run(self, src, out=None, **kwargs):
         """Inference into memory or a resumable zarr store: see ``bigpicture.inference.run``."""
         from .inference import run
 
-        return run(self, src, out, **kwargs)
+        if self.background is not None:
+            kwargs.setdefault("background", self.background)
+        with torch.no_grad():  # inference: plans (and memory= tiles) for a forward only
+            return run(self, src, out, **kwargs)
 
     def _device(self) -> torch.device:
         p = next(self.model.parameters(), None)
@@ -61,25 +121,64 @@ class Tiled(nn.Module):
         return p.dtype if p is not None else torch.float32
 
     def extra_repr(self) -> str:
-        return f"tile={self.tile}"
+        return f"memory={self.memory!r}" if self.memory is not None else f"tile={self.tile!r}"
 
 
-def tiled(model: nn.Module, tile=1024, memory=None, progress: bool = False, multipass: bool = False) -> Tiled:
+def tiled(
+    model: nn.Module,
+    tile=None,
+    memory=None,
+    progress: bool = False,
+    multipass: bool = False,
+    background=None,
+) -> Tiled:
     """``model`` run tile by tile: same outputs, parameter gradients and input gradients.
 
     ``tile`` is the input extent each tile owns, excluding its halo (an int for every spatial
-    dimension, or one per dimension), rounded to the network's total stride where needed.
+    dimension, or one per dimension; default 1024 in 2D, 128 in 3D), rounded to the network's
+    total stride where needed. ``memory`` (bytes, or a size such as ``"8GiB"``) lets the planner
+    choose the tile instead: for each input shape, the fastest tile whose predicted peak memory fits, on the
+    model's own device ("cpu", or a CUDA GPU from the device table) in the input's dtype, for a
+    training step when gradients are enabled and the model has trainable parameters, else for a
+    forward. ``tile="auto"`` budgets the whole device memory. Give ``tile`` or ``memory``, not both.
+    A budget no tile fits is a ``TilingError`` at the first call, naming the least memory that
+    would do. ``print(net.plan)`` shows the plan of the last call with its prediction and, for
+    the planner's tile, why it was chosen.
     ``multipass=True`` makes global ops exact (GroupNorm, InstanceNorm statistics,
     squeeze-excitation) at the cost of one more pass over the tiles per level of them.
+    ``background``: a value (or one per channel) in the units the model sees, e.g. 1.0 for the
+    white glass of a normalised slide. Interior tiles whose whole read box is that value compute
+    the same outputs, so each geometry of them is computed once in the forward and, when the
+    input needs no gradient, recomputed once in the backward with the summed output gradients:
+    exactly the results of computing every tile. ``net.report`` counts what was reused.
     """
-    if memory is not None:
-        raise TilingError(
-            "memory= needs the performance model, which is not in this version yet; give tile= instead "
-            "(the input extent each tile owns, e.g. tile=1024)."
-        )
     if not isinstance(model, nn.Module):
         raise TypeError(f"bp.tiled expects an nn.Module, got {type(model).__name__}")
-    return Tiled(model, tile, progress, multipass)
+    return Tiled(model, tile, progress, multipass, memory, background)
+
+
+def planning_device(device: torch.device | str) -> Device:
+    """The device-table entry the planner predicts a model on ``device`` with.
+
+    The CPU is this machine; a CUDA GPU is looked up by its product name. Any other device, or a GPU
+    missing from the table, is a ``TilingError``: the planner would only guess its figures.
+    """
+    device = torch.device(device)
+    if device.type == "cpu":
+        return get_device("cpu")
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+    if device.type == "cuda":
+        product = name.removeprefix("NVIDIA ").removeprefix("Tesla ").replace(" ", "-")
+        try:
+            return get_device(product)
+        except TilingError:
+            pass
+    raise TilingError(
+        f"memory= has no performance figures for {name!r} ({device}); the device table knows "
+        f"{', '.join(DEVICES)} and 'cpu'. Give tile= instead (the input extent each tile owns, e.g. "
+        "tile=1024), or choose it with bp.choose_tile(model, shape, budget, device=bigpicture.devices."
+        "Device(...)) describing this device."
+    )
 
 
 def freeze_batchnorm(model: nn.Module) -> nn.Module:

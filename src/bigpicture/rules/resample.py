@@ -35,10 +35,12 @@ class ConvTranspose(Op):
             kernel, stride, padding, dilation, self.groups = (
                 m.kernel_size, m.stride, m.padding, m.dilation, m.groups,
             )  # fmt: skip
+            self.cin = m.in_channels
         else:
             a = ctx.static(_bind(node, ctx, _CONVT_ARGS, _CONVT_DEFAULTS))
             self.module = None
-            kernel = tuple(ctx.shape(node.args[1] if len(node.args) > 1 else node.kwargs["weight"])[2:])
+            weight = ctx.shape(node.args[1] if len(node.args) > 1 else node.kwargs["weight"])
+            kernel, self.cin = tuple(weight[2:]), weight[0]  # weight: (cin, cout / groups, *kernel)
             stride, padding, dilation, self.groups = a["stride"], a["padding"], a["dilation"], a["groups"]
         self.kernel, self.step = _tuple(kernel, n), _tuple(stride, n)
         self.pad, self.dilation = _tuple(padding, n), _tuple(dilation, n)
@@ -80,7 +82,10 @@ class ConvTranspose(Op):
         return y
 
     def flops(self, out, channels):
-        return 2 * out.numel * channels * math.prod(self.kernel) // max(math.prod(self.step), 1)
+        # every input position the box needs scatters cin x cout/groups x kernel multiply-adds
+        # (as torch.utils.flop_counter counts a transposed convolution)
+        positions = self.needs(out)[0].numel
+        return 2 * positions * self.cin * (channels // self.groups) * math.prod(self.kernel)
 
 
 _INTERP_ARGS = ["size", "scale_factor", "mode", "align_corners", "recompute_scale_factor", "antialias"]
