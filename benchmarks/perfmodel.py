@@ -31,9 +31,10 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
+from results import write_section
+
 MiB = 2**20
 HERE = Path(__file__).parent
-RESULTS = HERE / "RESULTS-perfmodel.md"
 PLOT = HERE / "perfmodel.png"
 
 
@@ -390,7 +391,7 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="small images, one repeat, no sweep")
     ap.add_argument("--no-sweep", action="store_true", help="skip the planner's tile sweep")
     ap.add_argument("--timeout", type=float, default=1800)
-    ap.add_argument("--write", action="store_true", help=f"write {RESULTS.name} and {PLOT.name}")
+    ap.add_argument("--write", action="store_true", help=f"write its section of RESULTS.md and {PLOT.name}")
     ap.add_argument("--gpu", action="store_true", help="only the GPU comparison (no measurement)")
     a = ap.parse_args()
     if a.one:
@@ -446,7 +447,7 @@ def main() -> None:
     command = "python benchmarks/perfmodel.py " + " ".join(sys.argv[1:])
     text = "\n".join(
         [
-            "# Performance model: predicted vs measured (benchmarks/perfmodel.py)",
+            "## Performance model: predicted vs measured (benchmarks/perfmodel.py)",
             "",
             f"`{command}`",
             "",
@@ -461,8 +462,8 @@ def main() -> None:
             "",
             f"![predicted vs measured]({PLOT.name})",
             "",
-            *(["## Planner regret (inference)", "", regret_table(regrets), ""] if regrets else []),
-            "## GPU predictions against published ResNet-50 throughput",
+            *(["### Planner regret (inference)", "", regret_table(regrets), ""] if regrets else []),
+            "### GPU predictions against published ResNet-50 throughput",
             "",
             gpu_comparison(),
             "",
@@ -470,7 +471,7 @@ def main() -> None:
     )
     print("\n" + text)
     if a.write:
-        RESULTS.write_text(text)
+        write_section("perfmodel.py", text)
         plot(rows)
 
 
