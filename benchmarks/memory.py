@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from results import write_section
+from results import publish
 
 GiB, MiB = 2**30, 2**20
 SECTION = "## Engine: memory and time (benchmarks/memory.py)"
@@ -279,15 +279,10 @@ def main() -> None:
         r = run(cfg, a.timeout)
         rows.append(r)
         print(f"[{time.perf_counter() - t0:6.0f} s] {json.dumps(r)}", flush=True)
-    text = "\n".join([
-        SECTION, "", f"`python benchmarks/{Path(__file__).name} {' '.join(sys.argv[1:])}`", "",
+    publish("memory.py", SECTION, [
         f"Machine: {machine()}. Load average (1 min) at start {load[0]:.1f}, at end {os.getloadavg()[0]:.1f};"
         f" total {time.perf_counter() - t0:.0f} s.", "", table(rows), "", *checks(rows, a), "",
-    ])  # fmt: skip
-    print("\n" + text)
-    if a.write:
-        write_section("memory.py", text)
-
+    ], a.write)  # fmt: skip
 
 if __name__ == "__main__":
     main()

@@ -14,12 +14,11 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import sys
 import time
 from pathlib import Path
 
 from memory import Synthetic, machine, resnet
-from results import write_section
+from results import publish
 
 
 def steal() -> tuple[int, int]:
@@ -99,17 +98,12 @@ def main() -> None:
             rounds = a.rounds if size <= 4096 else max(2, a.rounds // 2)
             rows += measure(mode, size, a.tiles, rounds, a.threads)
             print(table(rows), flush=True)
-    text = "\n".join([
-        "## Engine: tiled / untiled time side by side (benchmarks/ratios.py)", "",
-        f"`python benchmarks/ratios.py {' '.join(sys.argv[1:])}`", "",
+    publish("ratios.py", "## Engine: tiled / untiled time side by side (benchmarks/ratios.py)", [
         f"Machine: {machine()}. {a.threads} threads; load average at end {os.getloadavg()[0]:.1f}; "
         f"total {time.perf_counter() - t0:.0f} s. Each row: the fastest of {a.rounds} alternating steps "
         f"({max(2, a.rounds // 2)} above 4096²), in one process; ratios of the fastest steps.", "",
         table(rows), "",
-    ])  # fmt: skip
-    print("\n" + text)
-    if a.write:
-        write_section("ratios.py", text)
+    ], a.write)  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 RESULTS = Path(__file__).with_name("RESULTS.md")
@@ -17,3 +18,12 @@ def write_section(script: str, text: str, path: Path = RESULTS) -> None:
     else:
         new = old.rstrip() + "\n\n" + block + "\n"
     path.write_text(new)
+
+
+def publish(script: str, title: str, body: list[str], write: bool) -> str:
+    """Print a section (title, the command that made it, ``body`` lines) and, with ``write``, store it."""
+    text = "\n".join([title, "", f"`python benchmarks/{script} {' '.join(sys.argv[1:])}`", "", *body])
+    print("\n" + text)
+    if write:
+        write_section(script, text)
+    return text
