@@ -199,6 +199,15 @@ class BackgroundTiles:
     def is_background(self, x: torch.Tensor) -> bool:
         return bool((x == self.value).all())
 
+    def shared(self, key, compute) -> tuple[dict, bool]:
+        """The outputs of background group ``key``: ``compute()`` for its first tile, then reused.
+
+        Returns the outputs and whether they were reused."""
+        reused = key in self.outputs
+        if not reused:
+            self.outputs[key] = compute()
+        return self.outputs[key], reused
+
     def known(self, key) -> bool:
         return key is not None and key in self.outputs
 

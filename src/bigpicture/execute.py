@@ -148,12 +148,9 @@ class Runner:
                 key = bg.key(tile) if bg is not None else None
                 if key is not None and bg.is_background(x):
                     self.groups.setdefault(key, []).append(tile)
-                    if key not in bg.outputs:
-                        bg.outputs[key] = self.run_tile(tile, x, consts)
-                        self.stats.computed += 1
-                    else:
-                        self.stats.skipped += 1
-                    sinks = bg.outputs[key]
+                    sinks, reused = bg.shared(key, lambda t=tile, x=x: self.run_tile(t, x, consts))
+                    self.stats.skipped += reused
+                    self.stats.computed += not reused
                 elif keep_last and i == last:
                     self.kept = (tile, self._graph(tile, input_grad, x))
                     sinks = {k: v.detach() for k, v in self.kept[1][2].items()}

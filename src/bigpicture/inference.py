@@ -282,12 +282,11 @@ class _TileLoop:
     def _compute(self, tile, x, key, consts) -> dict:
         bg = self.bg
         if bg is not None and key is not None and (x is None or bg.is_background(x)):
-            if key in bg.outputs:  # always so when x is None: see read() in _fetcher
-                self.report.skipped += 1
-            else:
-                bg.outputs[key] = self.runner.run_tile(tile, x, consts)
-                self.report.computed += 1
-            return bg.outputs[key]
+            # reused always when x is None: see read() in _fetcher
+            outs, reused = bg.shared(key, lambda: self.runner.run_tile(tile, x, consts))
+            self.report.skipped += reused
+            self.report.computed += not reused
+            return outs
         self.report.computed += 1
         return self.runner.run_tile(tile, x, consts)
 
