@@ -317,8 +317,10 @@ Predictions come from `bigpicture.predict` with no tensor allocated: every class
 edge, interior) is walked node by node in the tile interpreter's order (`steps.py`): bytes of each
 value with last-use freeing, padded copies at the image border, what autograd saves, gradient
 buffers in the backward; seconds per op from the calibration of this CPU (`rates.py`: convolutions
-by channels, kernel, stride and size, forward and backward; memory-bound ops by size; the
-interpreter's own cost per node per tile, from tiled runs of a small reference network). A training
+by the backend torch picks for the shape (im2col or oneDNN), input and output channels, kernel,
+stride and size, forward and backward; memory-bound ops by size; the interpreter's own cost per
+node per tile, from tiled runs of a small reference network; what each op on every thread adds in a
+tiled run, from tiled runs of memory-bound ops). A training
 step is the forward over the tiles (the last one with autograd, its graph kept), the recompute of
 every other tile, and every tile's backward. Measured memory is the peak of live memory (see
 `benchmarks/perfmodel.py`), without the parameters on both sides. The planner's regret compares the
@@ -375,7 +377,8 @@ def machine() -> str:
     cpu = re.search(r"Model name:\s*(.*)", subprocess.run(["lscpu"], capture_output=True, text=True).stdout)
     return (
         f"{cpu[1].strip() if cpu else platform.processor()}, {os.cpu_count()} logical CPUs, torch "
-        f"{torch.__version__}, Python {platform.python_version()}"
+        f"{torch.__version__}, Python {platform.python_version()}, "
+        f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY') or 'unset'}"
     )
 
 

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .cli_infer import add_infer_command
 from .devices import DEVICES, calibrate, calibration_path, get_device, local_cpu
 from .errors import TilingError
 from .predict import _seconds, _size, predict_splits
@@ -171,8 +172,9 @@ def _calibrate(a: argparse.Namespace) -> int:
     print(
         f"  matmul fp32 {cpu.peak(torch.float32) / 1e9:.1f} GFLOP/s, convolution up to "
         f"{best / 1e9:.1f} GFLOP/s, copy {cpu.bandwidth_bytes_per_s / 1e9:.1f} GB/s, "
-        f"{1e6 * cal['ops']['engine_node_s']:.0f} us per node "
-        "per tile"
+        f"{1e6 * cal['ops']['engine_node_s']:.0f} us per node per tile, "
+        f"{1e6 * cal['ops']['wake_s']:.0f} us per multi-threaded op to wake idle threads "
+        f"(OMP_WAIT_POLICY={cal['omp_wait_policy'] or 'unset'}: calibrate and run under the same)"
     )
     return 0
 
@@ -206,7 +208,7 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     c.set_defaults(run=_calibrate)
 
 
-HOOKS: list[Callable[[argparse._SubParsersAction], None]] = [add_commands]
+HOOKS: list[Callable[[argparse._SubParsersAction], None]] = [add_commands, add_infer_command]
 
 
 def parser() -> argparse.ArgumentParser:

@@ -7,6 +7,7 @@
 Run the same command again after an interruption (Ctrl-C, a crash, a killed job): finished
 tiles are kept and the rest is computed; different arguments are refused. A model with several
 dense outputs writes each to its own array of the zarr group at --out (``case_seg.zarr/0``, ...).
+``--memory 8GiB`` instead of ``--tile`` lets the planner choose the tile (printed, with why).
 """
 
 from __future__ import annotations
@@ -42,7 +43,10 @@ def add_infer_command(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--model", required=True, help="monai:UNet, package.module:factory or file.py:factory")
     p.add_argument("--model-args", default="", help="keyword arguments, e.g. spatial_dims=2,in_channels=3")
     p.add_argument("--weights", help="a state_dict saved with torch.save (or a checkpoint with 'state_dict')")
-    p.add_argument("--tile", type=int, default=1024, help="input pixels each tile owns (default 1024)")
+    size = p.add_mutually_exclusive_group()
+    size.add_argument("--tile", type=int, help="input pixels each tile owns (default 1024)")
+    size.add_argument("--memory", help="a budget, e.g. 8GiB or 512MiB: the planner chooses the fastest tile "
+                      "predicted to fit it on --device")  # fmt: skip
     p.add_argument("--level", type=int, default=0, help="slide pyramid level (default 0)")
     p.add_argument("--scale", type=float, default=1.0, help="input transform x * scale + offset")
     p.add_argument("--offset", type=float, default=0.0)
@@ -71,7 +75,11 @@ def infer_main(a: argparse.Namespace) -> int:
             print("bigpicture infer: no --weights: the model keeps its initial weights", file=sys.stderr)
         model = model.to(a.device).eval()
         source, background = _source(a)
-        net = tiled(model, tile=a.tile, multipass=a.multipass)
+        tile = None if a.memory is not None else 1024 if a.tile is None else a.tile
+        net = tiled(model, tile=tile, memory=a.memory, multipass=a.multipass)
+        if a.memory is not None:  # the plan that run() makes (and caches) now, before the long part
+            plan = net.plan_for(source, training=False)
+            print(f"bigpicture infer: tile {' x '.join(map(str, plan.tile))} ({plan.note})")
         out = run(net, source, a.out, progress=not a.quiet, background=background,
                   prefetch=not a.no_prefetch, resume=not a.overwrite)  # fmt: skip
     except KeyboardInterrupt:

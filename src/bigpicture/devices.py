@@ -329,6 +329,8 @@ def calibrate(
         "bandwidth_bytes_per_s": _bandwidth((8 if quick else 256) * 2**20, min_time),
         "launch_overhead_s": _launch_overhead(min_time),
         "clock": clock,
+        # idle OpenMP threads spin or sleep: the per-op wake-up measured depends on it
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", ""),
         "ops": measure(quick, torch.float32, CLOCKS[clock]),
     }
     target = calibration_path(path)

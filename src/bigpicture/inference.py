@@ -71,12 +71,13 @@ def run(net, src, out=None, *, progress=False, background=None, prefetch=True, r
     over; with ``multipass`` models, finished passes are not run again.
     ``background``: a value (or one per channel), in the units the model sees; interior tiles
     whose read box is all that value are computed once and reused. A ``MaskedSource`` brings
-    its own. ``net.report`` tells what was computed, skipped and how long I/O took.
+    its own. ``net.report`` tells what was computed, skipped and how long I/O took. A ``net`` built
+    with ``memory=`` runs the planner's tile for a forward, whether or not gradients are enabled.
     """
     started = time.perf_counter()
     tensor_input = isinstance(src, torch.Tensor)
     source = src if tensor_input else as_source(src)
-    plan, device = net.plan_for(source), net._device()
+    plan, device = net.plan_for(source, training=False), net._device()  # memory=: a tile for a forward
     if background is None and isinstance(source, MaskedSource):
         background = source.background
     stages = plan.earlier + (plan,)

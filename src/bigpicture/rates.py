@@ -23,6 +23,7 @@ so a tile takes the longer of its GPU time and its host time.
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 import os
 import time
@@ -49,6 +50,7 @@ GPU_ENGINE_NODE_S = 60e-6
 NOMINAL_ENGINE_NODE_S = 60e-6  # an uncalibrated CPU: Python per node per tile (typical, measured here once)
 
 STREAM_KINDS = ("unary", "binary", "norm", "copy")
+PARALLEL_ELEMENTS = 32768  # at::internal::GRAIN_SIZE: smaller elementwise ops run on one thread
 
 
 class Rates:
@@ -61,6 +63,8 @@ class Rates:
         ops = (calibration or {}).get("ops")
         self.ops = ops if ops and ops.get("dtype") == str(dtype).removeprefix("torch.") else None
         self.launch_s = device.launch_overhead_s
+        # CPU: an op big enough to run on every thread first wakes the idle ones (OMP_WAIT_POLICY)
+        self.wake_s = 0.0 if self.gpu else (self.ops or {}).get("wake_s", 0.0)
         self._conv: dict = {}  # memo: a network repeats a few convolution shapes many times
         # CPU convolutions hold a workspace besides their output (GPUs: in the framework allowance)
         workspace = (self.ops or {}).get("conv_workspace", DEFAULT_WORKSPACE)
@@ -86,9 +90,12 @@ class Rates:
         return self.ops is not None
 
     def conv(self, nd: int, fan_in: int, cout: int, positions: int, stride: int = 1, backward: bool = False,
-             transposed: bool = False) -> float:  # fmt: skip
+             transposed: bool = False, *, cin: int | None = None, kernel: int | None = None,
+             backend: str | None = None) -> float:  # fmt: skip
         """Flops/s of a convolution: fan_in = input channels per group x kernel volume; positions are
-        the output's (the input's for a transposed convolution)."""
+        the output's (the input's for a transposed convolution). With the input channels `cin`, the
+        kernel volume and torch's `backend` (`conv_backend`), a CPU rate is interpolated among the
+        measurements of that backend and kernel (`_grid_rate`); else from the nearest ones."""
         if self.gpu:
             # tensor-core tiles are wider than the CUDA cores' (fp32 without TF32): they fill later
             half = 32 if self.peak > 1.01 * self.device.peak("fp32") else 8
@@ -96,17 +103,22 @@ class Rates:
             return self.peak * GPU_CONV_EFFICIENCY * shape
         if self.ops is None:
             return 0.5 * self.peak
-        key = (nd, fan_in, cout, positions, stride, backward, transposed)
+        key = (nd, fan_in, cout, positions, stride, backward, transposed, cin, kernel, backend)
         if key not in self._conv:
+            value = "backward" if backward else "forward"
             points = [
                 p for p in self.ops["conv"] if p["nd"] == nd and p.get("transposed", False) == transposed
             ]
             points = points or self.ops["conv"]
-            rate = _nearest(
-                [(p["fan_in"], p["cout"], p["positions"], 4 ** (p["stride"] - 1)) for p in points],
-                [p["backward" if backward else "forward"] for p in points],
-                (fan_in, cout, positions, 4 ** (min(stride, 2) - 1)),
-            )
+            rate = None
+            if cin is not None and kernel is not None and all("cin" in p for p in points):
+                rate = _grid_rate(points, value, cin, cout, positions, stride, kernel, backend)
+            if rate is None:
+                rate = _nearest(
+                    [(p["fan_in"], p["cout"], p["positions"], 4 ** (p["stride"] - 1)) for p in points],
+                    [p[value] for p in points],
+                    (fan_in, cout, positions, 4 ** (min(stride, 2) - 1)),
+                )
             self._conv[key] = rate
         return self._conv[key]
 
@@ -164,30 +176,91 @@ def _nearest(points: list[tuple[float, ...]], values: list[float], at: tuple[flo
     return sum(w * v for w, (_, v) in zip(weights, dist, strict=True)) / sum(weights)
 
 
+def _grid_rate(
+    points: list[dict], value: str, cin: int, cout: int, positions: int, stride: int, kernel: int,
+    backend: str | None,
+) -> float | None:  # fmt: skip
+    """A convolution's rate from the calibration grid: among the measurements with the same stride
+    class (1 or more), the same backend if any were measured with it (torch switches between im2col
+    and oneDNN kernels at input sizes where rates jump), and the nearest kernel volume, multilinear
+    in log(input channels), log(output channels), log(positions) over the grid's corners around the
+    query, geometric in the rate; corners the grid skipped are left out of the weights."""
+    points = [p for p in points if (p["stride"] > 1) == (stride > 1)] or points
+    if backend is not None:
+        points = [p for p in points if p.get("backend") == backend] or points
+    near = min({p["kernel"] for p in points}, key=lambda k: (abs(math.log(k / kernel)), -k))
+    points = [p for p in points if p["kernel"] == near]
+    table = {(p["cin"], p["cout"], p["positions"]): p[value] for p in points}
+    corners = []
+    for axis, q in enumerate((cin, cout, positions)):
+        values = sorted({k[axis] for k in table})
+        lo = max((v for v in values if v <= q), default=values[0])
+        hi = min((v for v in values if v >= q), default=values[-1])
+        w = math.log(q / lo) / math.log(hi / lo) if hi > lo else 0.0
+        corners.append(((lo, 1 - w), (hi, w)) if hi > lo else ((lo, 1.0),))
+    total = weight = 0.0
+    for corner in itertools.product(*corners):
+        w = math.prod(w for _, w in corner)
+        rate = table.get(tuple(v for v, _ in corner))
+        if rate and w > 0:
+            total, weight = total + w * math.log(rate), weight + w
+    return math.exp(total / weight) if weight > 0 else None
+
+
+@functools.lru_cache(maxsize=4096)
+def conv_backend(
+    input_shape: tuple[int, ...], weight_shape: tuple[int, ...], stride: tuple[int, ...],
+    dilation: tuple[int, ...], groups: int, transposed: bool, dtype: torch.dtype = torch.float32,
+) -> str | None:  # fmt: skip
+    """The kernel family torch's CPU dispatch picks for a convolution of these shapes, as the tile
+    interpreter calls it (input padded already, padding 0): "Slow2d"/"Slow3d" (im2col + GEMM),
+    "Mkldnn" (oneDNN), ... Asked of torch's own heuristic on tensors expanded from one element, so
+    nothing of the shape is allocated; None where this torch cannot say."""
+    nd = len(input_shape) - 2
+    try:
+        x = torch.empty(1, dtype=dtype).expand(input_shape)
+        w = torch.empty(1, dtype=dtype).expand(weight_shape)
+        backend = torch._C._select_conv_backend(
+            x, w, None, list(stride), [0] * nd, list(dilation), transposed, [0] * nd, groups, None
+        )
+    except (AttributeError, RuntimeError, TypeError):
+        return None
+    return str(backend).rsplit(".", 1)[-1]
+
+
 # -- measurement of the local CPU --------------------------------------------------------------
 
 
 def _conv_grid(quick: bool) -> list[tuple[int, int, int, int, int, int, bool]]:
     """(nd, cin, cout, kernel, stride, side, transposed) of the measured convolutions; side is the
-    output's (the input's for transposed ones). Small channel counts matter: CPU libraries fall back
-    to slow generic kernels for them, in 3D especially."""
+    output's (the input's for transposed ones). Channel counts step by 2 where networks live (CPU
+    kernels run multiples of the vector width far faster than the counts between), and small ones
+    are measured: CPU libraries fall back to slow generic kernels for them, in 3D especially. Sides
+    straddle the input sizes where torch switches between im2col and oneDNN kernels."""
     if quick:
         return [(2, 4, 8, 3, 1, 16, False), (2, 4, 8, 1, 2, 16, False), (3, 2, 4, 3, 1, 8, False),
                 (2, 4, 4, 2, 2, 8, True)]  # fmt: skip
-    # few output channels (a segmentation head) run far below the rate of 8: measured, not extrapolated
-    channels = {2: ((3, 8, 32, 128), (2, 8, 32, 128)), 3: ((1, 2, 4, 16, 64), (2, 4, 16, 64))}
-    # 3D: torch runs few-channel convolutions as im2col + GEMM, whose column matrix of a large tile
+    channels = {
+        2: ((3, 8, 16, 32, 64, 128), (2, 8, 16, 32, 64, 128)),
+        3: ((1, 4, 8, 16, 32, 64), (2, 4, 8, 16, 32, 64)),
+    }
+    # 3D: torch runs small convolutions as im2col + GEMM, whose column matrix of a large tile
     # outgrows the caches (and, over 32 MiB, glibc's heap: fresh pages, faulted in on every call)
-    sides = {2: (4, 16, 64, 200), 3: (4, 12, 32, 48)}
+    sides = {2: (4, 16, 48, 128, 256), 3: (4, 12, 24, 40, 56)}
     grid = [(nd, cin, cout, k, 1, side, False) for nd in (2, 3) for cin in channels[nd][0]
             for cout in channels[nd][1] for k in (1, 3) for side in sides[nd]]  # fmt: skip
-    grid += [(2, cin, cout, k, 2, side, False) for cin in (3, 16, 64) for cout in (16, 64) for k in (1, 3, 7)
-             for side in (8, 64)]  # fmt: skip
-    grid += [(3, cin, cout, 3, 2, side, False) for cin in (1, 8) for cout in (8, 32) for side in (8, 24)]
-    grid += [(nd, cin, cout, k, 2, side, True) for nd in (2, 3) for cin in (8, 32, 128) for cout in (2, 8, 32)
-             for k in (2, 3) for side in ((8, 48) if nd == 2 else (4, 16))]  # fmt: skip
+    # downsampling: channels kept or doubled; a 7x7 stem on RGB
+    grid += [(2, cin, cout, k, 2, side, False) for cin in (16, 32, 64, 128) for cout in (16, 32, 64, 128)
+             if cout >= cin for k in (1, 3) for side in (8, 32, 96)]  # fmt: skip
+    grid += [(2, 3, cout, 7, 2, side, False) for cout in (16, 32, 64) for side in (8, 32, 128)]
+    grid += [(3, cin, cout, 3, 2, side, False) for cin in (1, 8, 16, 32) for cout in (8, 16, 32, 64)
+             if cout >= cin for side in (8, 24)]  # fmt: skip
+    # upsampling: channels kept or reduced, down to a segmentation head's few
+    grid += [(nd, cin, cout, k, 2, side, True) for nd in (2, 3) for cin in (8, 16, 32, 64, 128)
+             for cout in (2, 8, 16, 32, 64) if cout <= cin for k in (2, 3)
+             for side in ((8, 48) if nd == 2 else (4, 16))]  # fmt: skip
     # skip the few cases that would take seconds each; neighbours cover them
-    return [g for g in grid if 2 * g[1] * g[2] * g[3] ** g[0] * g[5] ** g[0] <= 4e9]
+    return [g for g in grid if 2 * g[1] * g[2] * g[3] ** g[0] * g[5] ** g[0] <= 2e9]
 
 
 def _conv(dtype: torch.dtype, quick: bool, seconds, min_time: float) -> list[dict[str, Any]]:
@@ -210,8 +283,12 @@ def _conv(dtype: torch.dtype, quick: bool, seconds, min_time: float) -> list[dic
         bwd = seconds(
             lambda y=y, x=x, w=w, g=g: torch.autograd.grad(y, (x, w), g, retain_graph=True), min_time
         )
-        shape = {"nd": nd, "fan_in": cin * k**nd, "cout": cout, "positions": side**nd, "stride": stride}
-        out.append({**shape, "transposed": transposed, "forward": flops / fwd, "backward": 2 * flops / bwd})
+        strides, ones = (stride,) * nd, (1,) * nd
+        backend = conv_backend(tuple(x.shape), tuple(w.shape), strides, ones, 1, transposed, dtype)
+        shape = {"nd": nd, "cin": cin, "cout": cout, "kernel": k**nd, "fan_in": cin * k**nd,
+                 "positions": side**nd, "stride": stride, "transposed": transposed,
+                 "backend": backend}  # fmt: skip
+        out.append({**shape, "forward": flops / fwd, "backward": 2 * flops / bwd})
     return out
 
 
@@ -283,12 +360,38 @@ def _reference(nd: int) -> torch.nn.Module:
     return Reference()
 
 
-def _engine(quick: bool, clock: Callable[[], float], ops: dict, dtype: torch.dtype) -> tuple[float, float]:
+def _pointwise() -> torch.nn.Module:
+    """Memory-bound ops only (normalisation, activations, additions, a concatenation) on 8 channels:
+    the reference for what an op on every thread costs in a tiled run over its rate back to back."""
+    from torch import nn
+
+    class Pointwise(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.norm, self.act = nn.BatchNorm2d(8), nn.PReLU()
+
+        def forward(self, x):
+            y = torch.relu(self.norm(x))
+            z = self.act(y + x)
+            return torch.cat([y, z * y], 1)
+
+    torch.manual_seed(0)
+    return Pointwise()
+
+
+def _engine(
+    quick: bool, clock: Callable[[], float], ops: dict, dtype: torch.dtype
+) -> tuple[float, float, float]:
     """Seconds per node per tile of the tile interpreter itself (the Python code around each op:
     boxes, padding at the image border, slicing, dispatch), without and with autograd: tiled runs
     of a small network (`_reference`) minus what the rates just measured (`ops`) give its ops. The
     training step runs as the engine runs it: a forward, the recompute of every tile but the last,
-    a backward. The 2D and 3D networks' figures are averaged."""
+    a backward. The 2D and 3D networks' figures are averaged.
+
+    Third, the seconds each op big enough to run on every thread adds in a tiled run over its rate
+    measured back to back: the idle OpenMP threads it wakes after the interpreter's Python (tens of
+    microseconds with OMP_WAIT_POLICY=PASSIVE, about nothing when they spin, the default): the 2D
+    network on tiles whose ops run on every thread, minus its ops and its nodes."""
     from .devices import get_device
     from .grid import layout
     from .predict import _predict_pass
@@ -297,31 +400,47 @@ def _engine(quick: bool, clock: Callable[[], float], ops: dict, dtype: torch.dty
     rates = Rates(
         get_device("cpu"), dtype, {"ops": {**ops, "engine_node_s": 0.0, "engine_train_node_s": 0.0}}
     )
+
+    def run(nd: int, side: int, tile: int, training: bool, pointwise: bool = False) -> tuple[float, dict]:
+        """Measured seconds and predicted ones with unit costs: {(node_s, train_node_s, wake_s): s}."""
+        shape = (1, 8 if pointwise else 1) + (side,) * nd
+        model = (_pointwise() if pointwise else _reference(nd)).to(dtype)
+        model = freeze_batchnorm(model.train()) if training else model.eval()
+        net = tiled(model, tile=tile)
+        measured = _best_step(net, model, torch.randn(shape, dtype=dtype), training, clock, 3 if quick else 7)
+        split = net.plan.split
+        lay = layout(split, shape, tile)
+        times = {}
+        for costs in ((0.0, 0.0, 0.0), (1.0, 0.0, 0.0), (0.0, 2.0, 0.0), (0.0, 0.0, 1.0)):
+            rates.node_s, rates.train_node_s, rates.wake_s = costs
+            times[costs] = _predict_pass(
+                split, shape, dtype, lay, rates.device, rates, training, False, True
+            ).time
+        rates.node_s = rates.train_node_s = rates.wake_s = 0.0
+        return measured, times
+
+    zero, node, grad, wake = (0.0, 0.0, 0.0), (1.0, 0.0, 0.0), (0.0, 2.0, 0.0), (0.0, 0.0, 1.0)
     forward, train = [], []
     for nd, side, tile in ((2, 32, 16),) if quick else ((2, 64, 16), (3, 16, 8)):
-        shape = (1, 1) + (side,) * nd
-        x = torch.randn(shape, dtype=dtype)
         left, nodes = {}, {}
         for training in (False, True):
-            model = _reference(nd).to(dtype)
-            model = freeze_batchnorm(model.train()) if training else model.eval()
-            net = tiled(model, tile=tile)
-            measured = _best_step(net, model, x, training, clock, 3 if quick else 7)
-            split = net.plan.split
-            lay = layout(split, shape, tile)
-            times = {}
-            for node_s, train_s in ((0.0, 0.0), (1.0, 0.0), (0.0, 2.0)):
-                rates.node_s, rates.train_node_s = node_s, train_s
-                p = _predict_pass(split, shape, dtype, lay, rates.device, rates, training, False, True)
-                times[node_s, train_s] = p.time
-            left[training] = measured - times[0.0, 0.0]
+            measured, times = run(nd, side, tile, training)
+            left[training] = measured - times[zero]
             # nodes run without autograd; twice the nodes run with autograd (their forward and backward)
-            nodes[training] = (times[1.0, 0.0] - times[0.0, 0.0], times[0.0, 2.0] - times[0.0, 0.0])
+            nodes[training] = (times[node] - times[zero], times[grad] - times[zero])
         node_s = max(left[False], 0.0) / nodes[False][0]
         forward.append(node_s)
-        no_grad, grad = nodes[True]
-        train.append(2 * max(left[True] - node_s * no_grad, 0.0) / grad if grad else node_s)
-    return sum(forward) / len(forward), sum(train) / len(train)
+        no_grad, with_grad = nodes[True]
+        train.append(2 * max(left[True] - node_s * no_grad, 0.0) / with_grad if with_grad else node_s)
+    node_s = sum(forward) / len(forward)
+    wake_s = 0.0
+    if torch.get_num_threads() > 1 and not quick:
+        # 8 channels x 96^2 > PARALLEL_ELEMENTS: every op runs on every thread
+        measured, times = run(2, 384, 96, False, pointwise=True)
+        parallel_ops = times[wake] - times[zero]
+        left = measured - times[zero] - node_s * (times[node] - times[zero])
+        wake_s = max(left, 0.0) / max(parallel_ops, 1)
+    return node_s, sum(train) / len(train), wake_s
 
 
 def _best_step(
@@ -399,7 +518,7 @@ def measure(
     clock: Callable[[], float] = time.perf_counter,
 ) -> dict[str, Any]:
     """Rates of this CPU for `dtype` (about a minute; `quick` takes a second, for tests)."""
-    min_time = 0.005 if quick else 0.05
+    min_time = 0.005 if quick else 0.02
     seconds = functools.partial(_seconds_per_call, clock=clock)
     ops = {
         "dtype": str(dtype).removeprefix("torch."),
@@ -408,5 +527,5 @@ def measure(
         "pool": _pool(dtype, quick, seconds, min_time),
         "conv_workspace": _conv_workspace(quick),
     }
-    ops["engine_node_s"], ops["engine_train_node_s"] = _engine(quick, clock, ops, dtype)
+    ops["engine_node_s"], ops["engine_train_node_s"], ops["wake_s"] = _engine(quick, clock, ops, dtype)
     return ops

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .box import Box
-from .rates import Rates
+from .rates import PARALLEL_ELEMENTS, Rates, conv_backend
 from .rules import Window
 from .rules.resample import ConvTranspose, Pad, Resample, Slice
 from .rules.window import AvgPool, Conv, MaxPool, Pool
@@ -96,10 +96,12 @@ def _step(
         # scatters output channels x kernel per input position)
         im2col = n * (c * positions // n if transposed else cin * box.numel) * math.prod(op.kernel) * item
         st.temp += rates.workspace(split.nd, max(read, st.out), im2col)
-        st.fwd_s = st.flops / rates.conv(split.nd, fan_in, c, positions, stride, transposed=transposed)
+        backend = _backend(op, box, n, cin, c, transposed, rates)
+        case = {"transposed": transposed, "cin": cin // (1 if transposed else op.groups),
+                "kernel": math.prod(op.kernel), "backend": backend}  # fmt: skip
+        st.fwd_s = st.flops / rates.conv(split.nd, fan_in, c, positions, stride, **case)
         st.flops_bwd = st.flops * (2 if grad_in else 1)
-        rate = rates.conv(split.nd, fan_in, c, positions, stride, backward=True, transposed=transposed)
-        st.bwd_s = st.flops_bwd / rate
+        st.bwd_s = st.flops_bwd / rates.conv(split.nd, fan_in, c, positions, stride, backward=True, **case)
     elif isinstance(op, Pool):
         window = elems * math.prod(op.kernel)
         st.kind, st.saves_inputs = "pool", True
@@ -121,7 +123,22 @@ def _step(
         st.bwd_s = moved / rates.stream("unary", moved) if moved else 0.0
     if pad_copy:
         st.fwd_s += 2 * pad_copy / rates.stream("copy", 2 * pad_copy)
+    if st.kind != "view" and elems >= PARALLEL_ELEMENTS:  # it runs on every thread: wakes them first
+        st.fwd_s += rates.wake_s
+        st.bwd_s += rates.wake_s if st.bwd_s else 0.0
     return st
+
+
+def _backend(op, box: Box, n: int, cin: int, cout: int, transposed: bool, rates: Rates) -> str | None:
+    """The kernel family torch will run this convolution with on the CPU (`rates.conv_backend`)."""
+    if rates.gpu or not rates.measured:
+        return None
+    if transposed:
+        shape, weight = op.needs(box)[0].shape, (cin, cout // op.groups) + tuple(op.kernel)
+    else:
+        shape, weight = op.padded_box(box).shape, (cout, cin // op.groups) + tuple(op.kernel)
+    return conv_backend((n, cin) + tuple(shape), weight, tuple(op.step), tuple(op.dilation), op.groups,
+                        transposed, rates.dtype)  # fmt: skip
 
 
 def _stream_kind(op, name: str) -> str:

@@ -1,0 +1,156 @@
+"""Convolution rates of a calibrated CPU: torch's backend per shape, the grid interpolation."""
+
+import math
+import resource
+
+import pytest
+import torch
+from torch import nn
+
+import bigpicture as bp
+from bigpicture.devices import local_cpu
+from bigpicture.grid import layout
+from bigpicture.predict import _predict_pass
+from bigpicture.rates import Rates, _grid_rate, conv_backend
+
+
+def _select(x_shape, w_shape, stride=1, transposed=False):
+    nd = len(x_shape) - 2
+    x, w = torch.zeros(x_shape), torch.zeros(w_shape)
+    backend = torch._C._select_conv_backend(
+        x, w, None, [stride] * nd, [0] * nd, [1] * nd, transposed, [0] * nd, 1, None
+    )
+    return str(backend).rsplit(".", 1)[-1]
+
+
+CASES = {  # name: (input shape, weight shape, stride, transposed)
+    "2d few channels": ((1, 3, 34, 34), (8, 3, 3, 3), 1, False),
+    "2d wide": ((1, 32, 66, 66), (32, 32, 3, 3), 1, False),
+    "2d 1x1": ((1, 16, 20, 20), (16, 16, 1, 1), 1, False),
+    "2d strided stem": ((1, 3, 229, 229), (16, 3, 7, 7), 2, False),
+    "3d small": ((1, 16, 34, 34, 34), (16, 16, 3, 3, 3), 1, False),
+    "3d large": ((1, 16, 50, 50, 50), (16, 16, 3, 3, 3), 1, False),
+    "3d transposed": ((1, 16, 8, 8, 8), (16, 8, 2, 2, 2), 2, True),
+}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_conv_backend_is_torchs_choice(case):
+    x_shape, w_shape, stride, transposed = CASES[case]
+    nd = len(x_shape) - 2
+    got = conv_backend(x_shape, w_shape, (stride,) * nd, (1,) * nd, 1, transposed)
+    assert got == _select(x_shape, w_shape, stride, transposed)
+
+
+def test_conv_backend_switches_with_size_and_allocates_nothing():
+    # torch runs a small 3D convolution as im2col + GEMM, a large one with oneDNN: rates jump there
+    small = conv_backend((1, 16, 34, 34, 34), (16, 16, 3, 3, 3), (1,) * 3, (1,) * 3, 1, False)
+    large = conv_backend((1, 16, 50, 50, 50), (16, 16, 3, 3, 3), (1,) * 3, (1,) * 3, 1, False)
+    assert small != large
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    huge = conv_backend((1, 64, 100_000, 100_000), (64, 64, 3, 3), (1, 1), (1, 1), 1, False)
+    assert huge is not None  # 2.4 TiB of input, asked of torch's heuristic without allocating it
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 100_000  # KiB
+
+
+def _point(cin, cout, positions, rate, kernel=9, stride=1, backend="Mkldnn", nd=2):
+    return {"nd": nd, "cin": cin, "cout": cout, "kernel": kernel, "fan_in": cin * kernel, "positions": positions,
+            "stride": stride, "transposed": False, "backend": backend, "forward": rate, "backward": rate / 2}  # fmt: skip
+
+
+GRID = [_point(c, o, p, 1e9 * c * o * p / 64) for c in (8, 32) for o in (8, 32) for p in (256, 4096)]
+
+
+def test_grid_rate_is_exact_on_the_grid_and_geometric_between():
+    for p in GRID:
+        assert _grid_rate(GRID, "forward", p["cin"], p["cout"], p["positions"], 1, 9, None) == pytest.approx(
+            p["forward"]
+        )
+    # the rate is a product of powers of the axes: multilinear in logs is exact for it
+    at = (16, 8, 1024)
+    want = 1e9 * math.prod(at) / 64
+    assert _grid_rate(GRID, "forward", *at, 1, 9, None) == pytest.approx(want)
+    assert _grid_rate(GRID, "backward", *at, 1, 9, None) == pytest.approx(want / 2)
+    # beyond the grid: the nearest edge
+    assert _grid_rate(GRID, "forward", 4, 8, 256, 1, 9, None) == pytest.approx(GRID[0]["forward"])
+
+
+def test_grid_rate_keeps_to_the_backend_kernel_and_stride_measured():
+    slow = [{**p, "backend": "Slow2d", "forward": p["forward"] / 10} for p in GRID]
+    ones = [{**p, "kernel": 1, "fan_in": p["cin"], "forward": 7.0} for p in GRID]
+    strided = [{**p, "stride": 2, "forward": 3.0} for p in GRID]
+    points = GRID + slow + ones + strided
+    fast = _grid_rate(points, "forward", 8, 8, 256, 1, 9, "Mkldnn")
+    assert fast == pytest.approx(GRID[0]["forward"])
+    assert _grid_rate(points, "forward", 8, 8, 256, 1, 9, "Slow2d") == pytest.approx(fast / 10)
+    assert _grid_rate(points, "forward", 8, 8, 256, 1, 1, "Mkldnn") == pytest.approx(7.0)
+    assert _grid_rate(points, "forward", 8, 8, 256, 2, 9, "Mkldnn") == pytest.approx(3.0)
+    # a backend never measured: every backend's points; a 5x5 kernel: the nearer 3x3 ones
+    assert _grid_rate(points, "forward", 8, 8, 256, 1, 25, "Winograd") > 0
+    assert _grid_rate(GRID + ones, "forward", 8, 8, 256, 1, 25, None) == pytest.approx(fast)
+    # a corner the grid skipped leaves the weights, not a zero rate
+    holes = [p for p in GRID if (p["cin"], p["cout"], p["positions"]) != (32, 32, 4096)]
+    assert _grid_rate(holes, "forward", 16, 16, 1024, 1, 9, None) > 0
+
+
+def test_prediction_uses_the_grid_of_a_calibration():
+    """Two calibrations that differ only in the rate of one backend give different conv times, and
+    an old calibration (no channels or backends recorded) still predicts through the nearest points."""
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1)).eval()
+    x_shape = (1, 3, 64, 64)
+    plan = bp.make_plan(model, x_shape, tile=32)
+    points = [_point(c, o, p, 1e10, backend=b) for c in (2, 8) for o in (4, 8) for p in (256, 4096)
+              for b in ("Slow2d", "Mkldnn")]  # fmt: skip
+    # memory-bound ops (the padded copies a conv step includes) take no time here
+    stream = {k: [[1, 1e30], [2**30, 1e30]] for k in ("unary", "binary", "norm", "copy")}
+    base = {"dtype": "float32", "stream": stream, "pool": {"forward": [[1, 1e9]], "backward": [[1, 1e9]]},
+            "engine_node_s": 0.0, "engine_train_node_s": 0.0}  # fmt: skip
+    backends = {
+        conv_backend((1, c, s + 2, s + 2), (8, c, 3, 3), (1, 1), (1, 1), 1, False)
+        for c in (3, 8)
+        for s in (32, 34)
+    }
+    assert backends, "torch names no backend"
+
+    def conv_seconds(conv_points):
+        rates = Rates(local_cpu(), torch.float32, {"ops": {**base, "conv": conv_points}})
+        lay = layout(plan.split, x_shape, 32)
+        p = _predict_pass(plan.split, x_shape, torch.float32, lay, rates.device, rates, False, False, True)
+        return dict(p.by_kind)["conv"]
+
+    slower = [{**p, "forward": p["forward"] / (10 if p["backend"] in backends else 1)} for p in points]
+    assert conv_seconds(slower) == pytest.approx(10 * conv_seconds(points))
+    old = [{k: v for k, v in p.items() if k not in ("cin", "kernel", "backend")} for p in points]
+    assert conv_seconds(old) > 0
+
+
+def _rates(wake_s: float) -> Rates:
+    stream = {k: [[1, 1e10], [2**30, 1e10]] for k in ("unary", "binary", "norm", "copy")}
+    ops = {"dtype": "float32", "conv": [_point(8, 8, 4096, 1e10)], "stream": stream,
+           "pool": {"forward": [[1, 1e9]], "backward": [[1, 1e9]]}, "engine_node_s": 0.0,
+           "engine_train_node_s": 0.0, "wake_s": wake_s}  # fmt: skip
+    return Rates(local_cpu(), torch.float32, {"ops": ops})
+
+
+@pytest.mark.parametrize("side, tile, parallel", [(128, 64, True), (32, 16, False)])
+def test_ops_on_every_thread_pay_the_calibrated_wake(side, tile, parallel):
+    """An op of at least PARALLEL_ELEMENTS elements wakes the idle threads once (OMP_WAIT_POLICY):
+    a convolution and a ReLU per tile, four tiles; smaller ops run on one thread and pay nothing."""
+    model = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.ReLU()).eval()
+    shape = (1, 8, side, side)
+    split = bp.make_plan(model, shape, tile=tile).split
+    lay = layout(split, shape, tile)
+    times = [
+        _predict_pass(split, shape, torch.float32, lay, r.device, r, False, False, True).time
+        for r in (_rates(0.0), _rates(1e-3))
+    ]
+    assert times[1] - times[0] == pytest.approx(4 * 2 * 1e-3 if parallel else 0.0, abs=1e-9)
+
+
+def test_quick_calibration_records_the_wait_policy(tmp_path, monkeypatch):
+    from bigpicture.devices import calibrate
+
+    monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")
+    cal = calibrate(tmp_path / "cal.json", quick=True)
+    assert cal["omp_wait_policy"] == "PASSIVE" and cal["ops"]["wake_s"] >= 0.0
+    assert all("backend" in p and "cin" in p for p in cal["ops"]["conv"])
