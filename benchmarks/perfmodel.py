@@ -387,7 +387,7 @@ def main() -> None:
     ap.add_argument("--one", help=argparse.SUPPRESS)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--clock", choices=["wall", "process"], default="process")
-    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=10)
     ap.add_argument(
         "--calibrate", action="store_true", help="calibrate this CPU first (same threads and clock)"
     )

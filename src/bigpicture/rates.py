@@ -518,7 +518,7 @@ def measure(
     clock: Callable[[], float] = time.perf_counter,
 ) -> dict[str, Any]:
     """Rates of this CPU for `dtype` (about a minute; `quick` takes a second, for tests)."""
-    min_time = 0.005 if quick else 0.02
+    min_time = 0.005 if quick else 0.01
     seconds = functools.partial(_seconds_per_call, clock=clock)
     ops = {
         "dtype": str(dtype).removeprefix("torch."),
