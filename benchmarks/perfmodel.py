@@ -39,6 +39,7 @@ from results import write_section
 MiB = 2**20
 HERE = Path(__file__).parent
 PLOT = HERE / "perfmodel.png"
+ROWS = HERE / "perfmodel.json"  # the measured and predicted rows of the last --write run
 
 
 # -- networks ------------------------------------------------------------------------------------
@@ -289,7 +290,11 @@ def regret_table(results: list[dict]) -> str:
 
 
 def plot(rows: list[dict]) -> None:
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError:
+        print(f"no matplotlib: pip install matplotlib, then `python {__file__} --plot` draws {PLOT.name}")
+        return
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -297,14 +302,13 @@ def plot(rows: list[dict]) -> None:
     ok = [r for r in rows if "error" not in r]
     fig, axes = plt.subplots(1, 2, figsize=(11, 5))
     for ax, key, unit, scale in ((axes[0], "time", "s", 1), (axes[1], "memory", "MiB", MiB)):
-        for net in dict.fromkeys(r["net"] for r in ok):
-            pts = [(r[key] / scale, r[f"predicted_{key}"] / scale, r["mode"]) for r in ok if r["net"] == net]
-            ax.scatter(
-                [p[0] for p in pts],
-                [p[1] for p in pts],
-                label=net,
-                marker="o" if pts and pts[0][2] == "inference" else "s",
-            )
+        nets = list(dict.fromkeys(r["net"] for r in ok))
+        for r in ok:
+            color = f"C{nets.index(r['net'])}"
+            ax.scatter(r[key] / scale, r[f"predicted_{key}"] / scale, color=color,
+                       marker="o" if r["mode"] == "inference" else "s")  # fmt: skip
+        for i, net in enumerate(nets):
+            ax.scatter([], [], color=f"C{i}", label=net)
         lo = min(min(r[key], r[f"predicted_{key}"]) for r in ok) / scale * 0.8
         hi = max(max(r[key], r[f"predicted_{key}"]) for r in ok) / scale * 1.2
         ax.plot([lo, hi], [lo, hi], "k--", lw=0.8)
@@ -312,7 +316,7 @@ def plot(rows: list[dict]) -> None:
             xscale="log", yscale="log", xlabel=f"measured {key} ({unit})", ylabel=f"predicted {key} ({unit})"
         )
         ax.legend()
-    fig.suptitle("bigpicture performance model on this CPU (circles/squares: first mode per network)")
+    fig.suptitle("bigpicture performance model on this CPU (circles: inference, squares: training)")
     fig.tight_layout()
     fig.savefig(PLOT, dpi=120)
 
@@ -419,12 +423,16 @@ def main() -> None:
     ap.add_argument("--timeout", type=float, default=1800)
     ap.add_argument("--write", action="store_true", help=f"write its section of RESULTS.md and {PLOT.name}")
     ap.add_argument("--gpu", action="store_true", help="only the GPU comparison (no measurement)")
+    ap.add_argument("--plot", action="store_true", help=f"draw {PLOT.name} again from {ROWS.name}")
     a = ap.parse_args()
     if a.one:
         print(json.dumps(one(json.loads(a.one))))
         return
     if a.gpu:
         print(gpu_comparison())
+        return
+    if a.plot:
+        plot(json.loads(ROWS.read_text()))
         return
     started, load = datetime.now(timezone.utc).isoformat(timespec="minutes"), os.getloadavg()[0]
     t0 = time.perf_counter()
@@ -501,6 +509,7 @@ def main() -> None:
     print("\n" + text)
     if a.write:
         write_section("perfmodel.py", text)
+        ROWS.write_text(json.dumps(measured, indent=1))  # the table's rows and the sweep's
         plot(rows)
 
 
