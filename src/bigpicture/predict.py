@@ -29,7 +29,9 @@ Time is the sum over tiles of per-op seconds (rates.py) and the interpreter's pe
 one forward for inference; for training, the forward over the tiles (the last one with autograd,
 its graph kept for the backward), the recompute with autograd of every other tile, and every
 tile's backward. On a GPU the host runs ahead, so each phase takes the longer of
-its GPU time and its host time.
+its GPU time and its host time. An input on disk (``source=``) adds its reads, timed on a few read
+boxes and overlapped with the compute by ``net.run``'s reader thread (assumed perfect: on a CPU
+that decodes JPEG tiles the reader also takes compute time from the tiles).
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ import torch
 
 from .box import Box
 from .devices import Device, for_torch, get_device, load_calibration
+from .errors import TilingError
 from .grid import Layout, layout, tile_classes
 from .plan import Plan
 from .rates import GPU_ASSUMPTIONS, Rates
@@ -146,6 +149,8 @@ def predict(
     dtype: torch.dtype | None = None,
     input_grad: bool = False,
     input_on_device: bool | None = None,
+    source=None,
+    prefetch: bool = True,
 ) -> Prediction:
     """Peak memory and time of running ``plan`` on ``device`` (a name from the device table or "cpu").
 
@@ -153,7 +158,14 @@ def predict(
     ``dtype``: of the run, if not the plan's (a float32 model planned for a bfloat16 GPU run).
     ``input_on_device``: the whole input already lives in the device's memory, so a tile's input is
     a view (default: True for the CPU, False for GPUs, which receive each tile's read box).
+    ``source``: the input on disk (a slide, zarr, TIFF or volume path, or a ``bigpicture.io``
+    source) that ``net.run`` will read: its read time is measured here on a few of the plan's read
+    boxes (``read_seconds``) and added, overlapped with the compute when ``prefetch`` (as
+    ``net.run`` does by default): the longer of the two, plus the first tile's read.
     """
+    if source is not None:
+        compute = predict(plan, device, training, dtype, input_grad, False)
+        return with_reads(compute, read_seconds(plan, source), prefetch)
     passes = [*plan.earlier, plan]
     dtype = dtype or plan.dtype
     if not dtype.is_floating_point:  # an integer image the model converts: it computes in its own dtype
@@ -169,6 +181,48 @@ def predict(
         input_grad,
         input_on_device,
     )
+
+
+def read_seconds(plan: Plan, source, samples: int = 4, clock=None) -> tuple[float, float]:
+    """(seconds to read every tile's read box of ``plan`` and of its earlier passes from ``source``,
+    seconds of the first tile's read), from timed reads of ``samples`` read boxes spread over the
+    grid, extrapolated by bytes. Real reads: the source is opened, nothing else is computed."""
+    import time
+
+    import numpy as np
+
+    from .io import as_source
+
+    clock = clock or time.perf_counter
+    src = as_source(source)
+    if len(src.shape) != len(plan.input_shape) or tuple(src.shape[2:]) != tuple(plan.input_shape[2:]):
+        raise TilingError(
+            f"source of shape {tuple(src.shape)} does not match the plan's input {tuple(plan.input_shape)}: "
+            "plan for the source's shape (bp.make_plan(model, source.shape, ...))"
+        )
+    tiles = plan.tiles
+    n = min(samples, len(tiles))
+    picks = sorted({round(i * (len(tiles) - 1) / max(n - 1, 1)) for i in range(n)})
+    seconds = sizes = 0.0
+    for i in picks:
+        started = clock()
+        np.asarray(src[(slice(None), slice(None)) + tiles[i].read.slices()])
+        seconds += clock() - started
+        sizes += tiles[i].read.numel
+    per_pixel = seconds / max(sizes, 1)
+    passes = 1 + len(plan.earlier)  # multipass plans read every tile once per pass
+    return passes * per_pixel * sum(t.read.numel for t in tiles), per_pixel * tiles[0].read.numel
+
+
+def with_reads(prediction: Prediction, reads: tuple[float, float], prefetch: bool = True) -> Prediction:
+    """``prediction`` with the input's reads (``read_seconds``) added: overlapped with the compute
+    by a reader thread when ``prefetch`` (the longer of the two, plus the first read), else in turn."""
+    total, first = reads
+    compute = prediction.time
+    time_s = max(compute, total) + first if prefetch else compute + total
+    mode = "overlapped with the compute" if prefetch else "before each tile"
+    stages = (*prediction.stages, Stage(f"input reads ({mode})", 0, total))
+    return replace(prediction, time=time_s, stages=stages)
 
 
 def predict_splits(
