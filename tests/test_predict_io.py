@@ -40,13 +40,13 @@ def test_read_seconds_extrapolate_timed_reads_by_pixels(samples):
     assert src.reads == min(samples, len(plan.tiles))  # a sample of the tiles, not all of them
 
 
-def test_reads_overlap_the_compute_with_prefetch():
+def test_reads_overlap_the_compute_or_add_to_it():
     plan = bp.make_plan(_model(), (1, 3, 64, 64), tile=32)
     p = predict(plan, "cpu")
     slow, fast = (10 * p.time + 1.0, 0.5), (p.time / 10, p.time / 100)
     assert with_reads(p, slow).time == pytest.approx(slow[0] + slow[1])  # reading bounds the run
     assert with_reads(p, fast).time == pytest.approx(p.time + fast[1])  # compute bounds it
-    assert with_reads(p, slow, prefetch=False).time == pytest.approx(p.time + slow[0])
+    assert with_reads(p, slow, overlap=False).time == pytest.approx(p.time + slow[0])
     assert with_reads(p, fast).stages[-1].name == "input reads (overlapped with the compute)"
     assert with_reads(p, fast).memory == p.memory
 
@@ -58,8 +58,14 @@ def test_predict_with_a_zarr_source_on_disk(tmp_path):
     model = _model()
     plan = bp.make_plan(model, x.shape, tile=32)
     p = predict(plan, "cpu", source=tmp_path / "x.zarr")
-    assert p.stages[-1].name.startswith("input reads") and p.stages[-1].seconds > 0
-    assert p.time >= predict(plan, "cpu", input_on_device=False).time
+    reads = p.stages[-1]
+    assert reads.name == "input reads (in turn with the compute)" and reads.seconds > 0  # CPU: the same cores
+    assert p.time == pytest.approx(predict(plan, "cpu", input_on_device=False).time + reads.seconds)
+    gpu = predict(plan, "T4", source=tmp_path / "x.zarr")
+    assert gpu.stages[-1].name == "input reads (overlapped with the compute)"
+    assert (
+        predict(plan, "T4", source=tmp_path / "x.zarr", prefetch=False).stages[-1].name.endswith("compute)")
+    )
     with torch.no_grad():  # the plan the prediction is of runs exactly on the same source
         out = bp.tiled(model, tile=32).run(tmp_path / "x.zarr")
         torch.testing.assert_close(torch.as_tensor(np.asarray(out)), model(x))

@@ -57,7 +57,8 @@ def add_infer_command(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--multipass", action="store_true", help="tile global norms with extra passes")
     p.add_argument("--overwrite", action="store_true", help="start over instead of resuming")
-    p.add_argument("--no-prefetch", action="store_true", help="read each tile only when it is needed")
+    p.add_argument("--prefetch", action=argparse.BooleanOptionalAction, default=None,
+                   help="read the next tile while one computes (default: on a GPU only)")  # fmt: skip
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(run=infer_main)
 
@@ -81,7 +82,7 @@ def infer_main(a: argparse.Namespace) -> int:
             plan = net.plan_for(source, training=False)
             print(f"bigpicture infer: tile {' x '.join(map(str, plan.tile))} ({plan.note})")
         out = run(net, source, a.out, progress=not a.quiet, background=background,
-                  prefetch=not a.no_prefetch, resume=not a.overwrite)  # fmt: skip
+                  prefetch=a.prefetch, resume=not a.overwrite)  # fmt: skip
     except KeyboardInterrupt:
         print(f"\nbigpicture infer: interrupted; run the same command again to resume into {a.out}",
               file=sys.stderr)  # fmt: skip

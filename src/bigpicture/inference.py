@@ -59,7 +59,7 @@ class Report:
         )
 
 
-def run(net, src, out=None, *, progress=False, background=None, prefetch=True, resume=True):
+def run(net, src, out=None, *, progress=False, background=None, prefetch=None, resume=True):
     """The output of ``net`` (a ``bp.tiled`` module) on ``src``, without gradients.
 
     ``src``: a tensor or anything ``bp.io.as_source`` takes (arrays, zarr, slides, volumes, paths).
@@ -73,11 +73,16 @@ def run(net, src, out=None, *, progress=False, background=None, prefetch=True, r
     whose read box is all that value are computed once and reused. A ``MaskedSource`` brings
     its own. ``net.report`` tells what was computed, skipped and how long I/O took. A ``net`` built
     with ``memory=`` runs the planner's tile for a forward, whether or not gradients are enabled.
+    ``prefetch``: a reader thread reads the next tile while this one computes. Default: on for a
+    GPU, off for the CPU, where the reader (decoding slide tiles) takes the cores the compute uses:
+    a slide ran 15-25% slower with it on 2 cores (benchmarks/RESULTS.md).
     """
     started = time.perf_counter()
     tensor_input = isinstance(src, torch.Tensor)
     source = src if tensor_input else as_source(src)
     plan, device = net.plan_for(source, training=False), net._device()  # memory=: a tile for a forward
+    if prefetch is None:  # a GPU computes while the reader reads; a CPU's cores would be shared
+        prefetch = torch.device(device).type != "cpu"
     if background is None and isinstance(source, MaskedSource):
         background = source.background
     stages = plan.earlier + (plan,)
