@@ -337,13 +337,13 @@ CPU_METHOD = """\
 Predictions come from `bigpicture.predict` with no tensor allocated: every class of tiles (corner,
 edge, interior) is walked node by node in the tile interpreter's order (`steps.py`): bytes of each
 value with last-use freeing, padded copies at the image border, what autograd saves, gradient
-buffers in the backward; seconds per op from the calibration of this CPU (`rates.py`: convolutions
-by the backend torch picks for the shape (im2col or oneDNN), input and output channels, kernel,
-stride and size, forward and backward; memory-bound ops by size; the interpreter's own cost per
-node per tile, from tiled runs of a small reference network; what each op on every thread adds in a
-tiled run, from tiled runs of memory-bound ops). A training
-step is the forward over the tiles (the last one with autograd, its graph kept), the recompute of
-every other tile, and every tile's backward. Measured memory is the peak of live memory (see
+buffers in the backward; seconds per op from the calibration of this CPU (`calibrate.py`,
+`rates.py`: convolutions by the backend torch picks for the shape (im2col or oneDNN), input and
+output channels, kernel, stride and size, forward and backward; memory-bound ops by size; the
+interpreter's own cost per node per tile, from tiled runs of a small reference network; what each
+op on every thread adds in a tiled run, from tiled runs of memory-bound ops). A training step is
+the forward over the tiles (the last one with autograd, its graph kept), the recompute of every
+other tile, and every tile's backward. Measured memory is the peak of live memory (see
 `benchmarks/perfmodel.py`), without the parameters on both sides. The planner's regret compares the
 measured time of its choice with the fastest measured tile whose measured peak fits the budget."""
 GPU_METHOD = """\

@@ -312,7 +312,7 @@ def calibrate(
     `clock="process"` times by CPU time rather than wall time: on a machine shared with other
     jobs it measures the work, not the waiting (use it with one thread, and time runs the same way).
     """
-    from .rates import measure  # rates builds on Device: imported here, not at the top
+    from .calibrate import measure  # it builds on Device: imported here, not at the top
 
     min_time = 0.01 if quick else 0.2
     sizes = [64, 128] if quick else [256, 512, 1024]

@@ -1,0 +1,324 @@
+"""Measurement of the local CPU for the performance model: what ``bigpicture calibrate`` stores.
+
+    convolutions   a grid of channels, kernels, strides and sizes, forward and backward, each with
+                   the backend torch picks for it (im2col or oneDNN): ``rates._grid_rate`` reads it
+    memory-bound   unary, binary, normalisation and copy ops by size
+    pooling        max pooling windows by size
+    workspace      what a convolution holds besides its output, in fresh processes
+    engine         the tile interpreter's own cost per node per tile (a small reference network),
+                   and what each multi-threaded op adds in a tiled run (``wake_s``)
+
+Every figure is the best of several trials: other jobs only add time.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from .devices import _seconds_per_call
+from .rates import DEFAULT_WORKSPACE, STREAM_KINDS, Rates, conv_backend
+
+
+def _conv_grid(quick: bool) -> list[tuple[int, int, int, int, int, int, bool]]:
+    """(nd, cin, cout, kernel, stride, side, transposed) of the measured convolutions; side is the
+    output's (the input's for transposed ones). Channel counts step by 2 where networks live (CPU
+    kernels run multiples of the vector width far faster than the counts between), and small ones
+    are measured: CPU libraries fall back to slow generic kernels for them, in 3D especially. Sides
+    straddle the input sizes where torch switches between im2col and oneDNN kernels."""
+    if quick:
+        return [(2, 4, 8, 3, 1, 16, False), (2, 4, 8, 1, 2, 16, False), (3, 2, 4, 3, 1, 8, False),
+                (2, 4, 4, 2, 2, 8, True)]  # fmt: skip
+    channels = {
+        2: ((3, 8, 16, 32, 64, 128), (2, 8, 16, 32, 64, 128)),
+        3: ((1, 4, 8, 16, 32, 64), (2, 4, 8, 16, 32, 64)),
+    }
+    # 3D: torch runs small convolutions as im2col + GEMM, whose column matrix of a large tile
+    # outgrows the caches (and, over 32 MiB, glibc's heap: fresh pages, faulted in on every call)
+    sides = {2: (4, 16, 48, 128, 256), 3: (4, 12, 24, 40, 56)}
+    grid = [(nd, cin, cout, k, 1, side, False) for nd in (2, 3) for cin in channels[nd][0]
+            for cout in channels[nd][1] for k in (1, 3) for side in sides[nd]]  # fmt: skip
+    # downsampling: channels kept or doubled; a 7x7 stem on RGB
+    grid += [(2, cin, cout, k, 2, side, False) for cin in (16, 32, 64, 128) for cout in (16, 32, 64, 128)
+             if cout >= cin for k in (1, 3) for side in (8, 32, 96)]  # fmt: skip
+    grid += [(2, 3, cout, 7, 2, side, False) for cout in (16, 32, 64) for side in (8, 32, 128)]
+    grid += [(3, cin, cout, 3, 2, side, False) for cin in (1, 8, 16, 32) for cout in (8, 16, 32, 64)
+             if cout >= cin for side in (8, 24)]  # fmt: skip
+    # upsampling: channels kept or reduced, down to a segmentation head's few
+    grid += [(nd, cin, cout, k, 2, side, True) for nd in (2, 3) for cin in (8, 16, 32, 64, 128)
+             for cout in (2, 8, 16, 32, 64) if cout <= cin for k in (2, 3)
+             for side in ((8, 48) if nd == 2 else (4, 16))]  # fmt: skip
+    # skip the few cases that would take seconds each; neighbours cover them
+    return [g for g in grid if 2 * g[1] * g[2] * g[3] ** g[0] * g[5] ** g[0] <= 2e9]
+
+
+def _conv(dtype: torch.dtype, quick: bool, seconds, min_time: float) -> list[dict[str, Any]]:
+    """Convolutions as the tile interpreter calls them: the input already padded, padding=0."""
+    out = []
+    for nd, cin, cout, k, stride, side, transposed in _conv_grid(quick):
+        if transposed:
+            conv = (F.conv_transpose2d, F.conv_transpose3d)[nd - 2]
+            x = torch.randn((1, cin) + (side,) * nd, dtype=dtype, requires_grad=True)
+            w = torch.randn((cin, cout) + (k,) * nd, dtype=dtype, requires_grad=True)
+        else:
+            conv = (F.conv2d, F.conv3d)[nd - 2]
+            x = torch.randn((1, cin) + ((side - 1) * stride + k,) * nd, dtype=dtype, requires_grad=True)
+            w = torch.randn((cout, cin) + (k,) * nd, dtype=dtype, requires_grad=True)
+        flops = 2 * cin * cout * k**nd * side**nd
+        with torch.no_grad():
+            fwd = seconds(lambda c=conv, x=x, w=w, s=stride: c(x, w, stride=s), min_time)
+        y = conv(x, w, stride=stride)
+        g = torch.ones_like(y)
+        bwd = seconds(
+            lambda y=y, x=x, w=w, g=g: torch.autograd.grad(y, (x, w), g, retain_graph=True), min_time
+        )
+        strides, ones = (stride,) * nd, (1,) * nd
+        backend = conv_backend(tuple(x.shape), tuple(w.shape), strides, ones, 1, transposed, dtype)
+        shape = {"nd": nd, "cin": cin, "cout": cout, "kernel": k**nd, "fan_in": cin * k**nd,
+                 "positions": side**nd, "stride": stride, "transposed": transposed,
+                 "backend": backend}  # fmt: skip
+        out.append({**shape, "forward": flops / fwd, "backward": 2 * flops / bwd})
+    return out
+
+
+def _stream(dtype: torch.dtype, quick: bool, seconds, min_time: float) -> dict[str, list[list[float]]]:
+    sizes = [2**16, 2**22] if quick else [2**12, 2**16, 2**19, 2**22, 2**25, 2**27]
+    item = torch.empty((), dtype=dtype).element_size()
+    out: dict[str, list[list[float]]] = {k: [] for k in STREAM_KINDS}
+    for nbytes in sizes:
+        n = max(nbytes // item // 2, 64)  # nbytes is read + written of a unary op
+        x = torch.randn(1, 16, n // 16, dtype=dtype)
+        mean, var = torch.zeros(16, dtype=dtype), torch.ones(16, dtype=dtype)
+        half = x[:, :8].contiguous()
+        cases = {
+            "unary": (lambda x=x: torch.relu(x), 2),
+            "binary": (lambda x=x: x + x, 3),
+            "norm": (lambda x=x, m=mean, v=var: F.batch_norm(x, m, v, v, m, False), 2),
+            "copy": (lambda h=half: torch.cat([h, h], 1), 2),
+        }
+        for kind, (fn, passes) in cases.items():
+            moved = passes * x.numel() * item
+            out[kind].append([moved, moved / seconds(fn, min_time)])
+    return out
+
+
+def _pool(dtype: torch.dtype, quick: bool, seconds, min_time: float) -> dict[str, list[list[float]]]:
+    """Max pooling 3x3 / 2 as the tile interpreter calls it (input padded already, padding=0), by size."""
+    out: dict[str, list[list[float]]] = {"forward": [], "backward": []}
+    for side in (9, 33) if quick else (9, 65, 257):
+        x = torch.randn(1, 16, side, side, dtype=dtype, requires_grad=True)
+        y = F.max_pool2d(x, 3, 2)
+        window = y.numel() * 9
+        with torch.no_grad():
+            fwd = seconds(lambda x=x: F.max_pool2d(x, 3, 2), min_time)
+        g = torch.ones_like(y)
+        bwd = seconds(lambda x=x, y=y, g=g: torch.autograd.grad(y, x, g, retain_graph=True), min_time)
+        out["forward"].append([window, window / fwd])
+        out["backward"].append([window, window / bwd])
+    return out
+
+
+def _reference(nd: int) -> torch.nn.Module:
+    """A small network with the nodes real ones have (3x3 convolutions padded at the image border,
+    strided and transposed ones, normalisation, activations, pooling, a residual addition and a
+    concatenation) and few channels, so that the tile interpreter's own cost dominates its run."""
+    from torch import nn
+
+    conv, norm = (nn.Conv2d, nn.Conv3d)[nd - 2], (nn.BatchNorm2d, nn.BatchNorm3d)[nd - 2]
+    pool, up = (nn.MaxPool2d, nn.MaxPool3d)[nd - 2], (nn.ConvTranspose2d, nn.ConvTranspose3d)[nd - 2]
+
+    class Reference(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.stem = nn.Sequential(conv(1, 2, 3, padding=1), norm(2), nn.ReLU())
+            self.block = nn.Sequential(
+                conv(2, 2, 3, padding=1), norm(2), nn.PReLU(), conv(2, 2, 3, padding=1)
+            )
+            self.down = nn.Sequential(conv(2, 2, 3, 2, 1), norm(2), nn.ReLU())
+            self.pool = pool(3, 2, 1)
+            self.up = up(2, 2, 3, 2, 1, output_padding=1)
+            self.head = conv(6, 2, 1)
+
+        def forward(self, x):
+            y = self.stem(x)
+            y = torch.relu(y + self.block(y))
+            z = self.up(self.down(y) + self.pool(y))
+            return self.head(torch.cat([y, z, y * z], 1))
+
+    torch.manual_seed(0)
+    return Reference()
+
+
+def _pointwise() -> torch.nn.Module:
+    """Memory-bound ops only (normalisation, activations, additions, a concatenation) on 8 channels:
+    the reference for what an op on every thread costs in a tiled run over its rate back to back."""
+    from torch import nn
+
+    class Pointwise(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.norm, self.act = nn.BatchNorm2d(8), nn.PReLU()
+
+        def forward(self, x):
+            y = torch.relu(self.norm(x))
+            z = self.act(y + x)
+            return torch.cat([y, z * y], 1)
+
+    torch.manual_seed(0)
+    return Pointwise()
+
+
+def _engine(
+    quick: bool, clock: Callable[[], float], ops: dict, dtype: torch.dtype
+) -> tuple[float, float, float]:
+    """Seconds per node per tile of the tile interpreter itself (the Python code around each op:
+    boxes, padding at the image border, slicing, dispatch), without and with autograd: tiled runs
+    of a small network (`_reference`) minus what the rates just measured (`ops`) give its ops. The
+    training step runs as the engine runs it: a forward, the recompute of every tile but the last,
+    a backward. The 2D and 3D networks' figures are averaged.
+
+    Third, the seconds each op big enough to run on every thread adds in a tiled run over its rate
+    measured back to back: the idle OpenMP threads it wakes after the interpreter's Python (tens of
+    microseconds with OMP_WAIT_POLICY=PASSIVE, about nothing when they spin, the default): the 2D
+    network on tiles whose ops run on every thread, minus its ops and its nodes."""
+    from .devices import get_device
+    from .grid import layout
+    from .predict import _predict_pass
+    from .tiled import freeze_batchnorm, tiled
+
+    rates = Rates(
+        get_device("cpu"), dtype, {"ops": {**ops, "engine_node_s": 0.0, "engine_train_node_s": 0.0}}
+    )
+
+    def run(nd: int, side: int, tile: int, training: bool, pointwise: bool = False) -> tuple[float, dict]:
+        """Measured seconds and predicted ones with unit costs: {(node_s, train_node_s, wake_s): s}."""
+        shape = (1, 8 if pointwise else 1) + (side,) * nd
+        model = (_pointwise() if pointwise else _reference(nd)).to(dtype)
+        model = freeze_batchnorm(model.train()) if training else model.eval()
+        net = tiled(model, tile=tile)
+        measured = _best_step(net, model, torch.randn(shape, dtype=dtype), training, clock, 3 if quick else 7)
+        split = net.plan.split
+        lay = layout(split, shape, tile)
+        times = {}
+        for costs in ((0.0, 0.0, 0.0), (1.0, 0.0, 0.0), (0.0, 2.0, 0.0), (0.0, 0.0, 1.0)):
+            rates.node_s, rates.train_node_s, rates.wake_s = costs
+            times[costs] = _predict_pass(
+                split, shape, dtype, lay, rates.device, rates, training, False, True
+            ).time
+        rates.node_s = rates.train_node_s = rates.wake_s = 0.0
+        return measured, times
+
+    zero, node, grad, wake = (0.0, 0.0, 0.0), (1.0, 0.0, 0.0), (0.0, 2.0, 0.0), (0.0, 0.0, 1.0)
+    forward, train = [], []
+    for nd, side, tile in ((2, 32, 16),) if quick else ((2, 64, 16), (3, 16, 8)):
+        left, nodes = {}, {}
+        for training in (False, True):
+            measured, times = run(nd, side, tile, training)
+            left[training] = measured - times[zero]
+            # nodes run without autograd; twice the nodes run with autograd (their forward and backward)
+            nodes[training] = (times[node] - times[zero], times[grad] - times[zero])
+        node_s = max(left[False], 0.0) / nodes[False][0]
+        forward.append(node_s)
+        no_grad, with_grad = nodes[True]
+        train.append(2 * max(left[True] - node_s * no_grad, 0.0) / with_grad if with_grad else node_s)
+    node_s = sum(forward) / len(forward)
+    wake_s = 0.0
+    if torch.get_num_threads() > 1 and not quick:
+        # 8 channels x 96^2 > PARALLEL_ELEMENTS: every op runs on every thread
+        measured, times = run(2, 384, 96, False, pointwise=True)
+        parallel_ops = times[wake] - times[zero]
+        left = measured - times[zero] - node_s * (times[node] - times[zero])
+        wake_s = max(left, 0.0) / max(parallel_ops, 1)
+    return node_s, sum(train) / len(train), wake_s
+
+
+def _best_step(
+    net, model, x: torch.Tensor, training: bool, clock: Callable[[], float], repeats: int
+) -> float:
+    """Best time of a tiled inference, or training step, after a first call that plans."""
+
+    def step() -> None:
+        if training:
+            model.zero_grad(set_to_none=True)
+            net(x).sum().backward()
+        else:
+            with torch.no_grad():
+                net(x)
+
+    step()
+    times = []
+    for _ in range(repeats):
+        start = clock()
+        step()
+        times.append(clock() - start)
+    return min(times)
+
+
+_WORKSPACE_PROBE = """
+import re, sys, torch, torch.nn.functional as F
+from pathlib import Path
+torch.set_num_threads(1)
+def rss(key):
+    return int(re.search(key + r":\\s+(\\d+) kB", Path("/proc/self/status").read_text())[1]) * 1024
+nd, cin, cout, side = ND, CIN, COUT, SIDE
+conv = (F.conv2d, F.conv3d)[nd - 2]
+x, w = torch.randn((1, cin) + (side,) * nd), torch.randn((cout, cin) + (3,) * nd)
+with torch.no_grad():
+    del_ = conv(x, w)
+    del del_
+    Path("/proc/self/clear_refs").write_text("5")
+    base = rss("VmRSS")
+    y = conv(x, w)
+    extra = rss("VmHWM") - base - y.numel() * 4
+    print(extra / max(x.numel(), y.numel()) / 4, extra / (cin * 3**nd * y[0, 0].numel() * 4))
+"""
+
+
+def _conv_workspace(quick: bool) -> dict[str, list]:
+    """Bytes a CPU convolution holds besides its output, per dimensionality: a multiple of its
+    larger operand (oneDNN converting layouts) or of its im2col matrix (generic kernels). Measured as
+    peak RSS in fresh processes whose glibc returns freed memory at once; the basis that explains
+    the measurement best is kept."""
+    import subprocess
+    import sys
+
+    out = dict(DEFAULT_WORKSPACE)
+    for nd, cin, cout, side in ((2, 4, 8, 64), (3, 2, 4, 12)) if quick else ((2, 16, 16, 330), (3, 8, 8, 29)):
+        code = _WORKSPACE_PROBE
+        for key, value in (("ND", nd), ("CIN", cin), ("COUT", cout), ("SIDE", side)):
+            code = code.replace(key, str(value))
+        env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "OMP_NUM_THREADS": "1"}
+        try:
+            run = subprocess.run(
+                [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120
+            )
+            operand, im2col = map(float, run.stdout.split())
+        except (OSError, ValueError, subprocess.TimeoutExpired):
+            continue
+        out[str(nd)] = ["im2col", im2col] if abs(im2col - 1) < abs(operand - 1) else ["operand", operand]
+    return out
+
+
+def measure(
+    quick: bool = False,
+    dtype: torch.dtype = torch.float32,
+    clock: Callable[[], float] = time.perf_counter,
+) -> dict[str, Any]:
+    """Rates of this CPU for `dtype` (about a minute; `quick` takes a second, for tests)."""
+    min_time = 0.005 if quick else 0.01
+    seconds = functools.partial(_seconds_per_call, clock=clock)
+    ops = {
+        "dtype": str(dtype).removeprefix("torch."),
+        "conv": _conv(dtype, quick, seconds, min_time),
+        "stream": _stream(dtype, quick, seconds, min_time),
+        "pool": _pool(dtype, quick, seconds, min_time),
+        "conv_workspace": _conv_workspace(quick),
+    }
+    ops["engine_node_s"], ops["engine_train_node_s"], ops["wake_s"] = _engine(quick, clock, ops, dtype)
+    return ops
