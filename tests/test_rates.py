@@ -154,3 +154,16 @@ def test_quick_calibration_records_the_wait_policy(tmp_path, monkeypatch):
     cal = calibrate(tmp_path / "cal.json", quick=True)
     assert cal["omp_wait_policy"] == "PASSIVE" and cal["ops"]["wake_s"] >= 0.0
     assert all("backend" in p and "cin" in p for p in cal["ops"]["conv"])
+
+
+def test_a_calibration_without_convolutions_falls_back_to_half_the_peak():
+    ops = {
+        "dtype": "float32",
+        "conv": [],
+        "stream": {},
+        "pool": {},
+        "engine_node_s": 0.0,
+        "engine_train_node_s": 0.0,
+    }
+    rates = Rates(local_cpu(), torch.float32, {"ops": ops})
+    assert rates.conv(2, 27, 16, 1000, cin=3, kernel=9, backend="Mkldnn") == 0.5 * rates.peak

@@ -106,8 +106,8 @@ class Rates:
                 p for p in self.ops["conv"] if p["nd"] == nd and p.get("transposed", False) == transposed
             ]
             points = points or self.ops["conv"]
-            rate = None
-            if cin is not None and kernel is not None and all("cin" in p for p in points):
+            rate = None if points else 0.5 * self.peak  # a calibration without convolutions
+            if rate is None and cin is not None and kernel is not None and all("cin" in p for p in points):
                 rate = _grid_rate(points, value, cin, cout, positions, stride, kernel, backend)
             if rate is None:
                 rate = _nearest(
