@@ -154,3 +154,24 @@ def test_calibrate_and_python_dash_m(tmp_path):
     assert "calibrated" in run.stdout and path.is_file()
     run = subprocess.run([sys.executable, "-m", "bigpicture", "--help"], capture_output=True, text=True)
     assert run.returncode == 0 and "plan" in run.stdout and "calibrate" in run.stdout
+
+
+def test_plan_of_a_source_on_disk_adds_its_reads(model_file, tmp_path, capsys):
+    """`--source`: the input's size from the file, and its timed reads in each row's time (-v shows
+    them: in turn with a CPU's compute, overlapped with a GPU's)."""
+    import numpy as np
+    import zarr
+
+    z = zarr.open_array(
+        str(tmp_path / "x.zarr"), mode="w", shape=(1, 3, 96, 64), chunks=(1, 3, 32, 32), dtype="f4"
+    )
+    z[:] = np.random.default_rng(0).random(z.shape, dtype=np.float32)
+    args = ["plan", "--model", model_file, "--source", str(tmp_path / "x.zarr"), "--tile", "32"]
+    assert main([*args, "--device", "cpu,T4", "-v"]) == 0
+    out = capsys.readouterr().out
+    assert "on 1x3x96x64, float32, inference" in out.splitlines()[0]
+    assert (
+        "input reads (in turn with the compute)" in out and "input reads (overlapped with the compute)" in out
+    )
+    assert main([*args, "--input", "3x96x64"]) == 2
+    assert "or a file as --source PATH" in capsys.readouterr().err

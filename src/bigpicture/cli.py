@@ -25,7 +25,8 @@ from torch import nn
 from .cli_infer import add_infer_command
 from .devices import DEVICES, calibrate, calibration_path, get_device, local_cpu
 from .errors import TilingError
-from .predict import _seconds, _size, predict_splits
+from .plan import plan_for_split
+from .predict import _seconds, _size, predict_splits, read_seconds, with_reads
 from .schedule import analyse, best_tile, parse_memory
 
 DTYPES = {
@@ -111,7 +112,17 @@ def _plan(a: argparse.Namespace) -> int:
     if dtype is None:
         raise TilingError(f"--dtype {a.dtype!r}: known dtypes are {', '.join(DTYPES)}.")
     devices = [get_device(name.strip()) for name in a.device.split(",") if name.strip()]
-    shape = parse_input(a.input, a.batch)
+    if (a.input is None) == (a.source is None):
+        raise TilingError("give the input's size as --input 3x100000x100000, or a file as --source PATH")
+    source = None
+    if a.source is not None:
+        from .io import as_source
+
+        source = as_source(a.source)
+        shape = tuple(source.shape)
+    else:
+        shape = parse_input(a.input, a.batch)
+    reads: dict = {}  # per tile: the source's read seconds (timed once)
     model = load_model(a.model, parse_args_text(a.model_args))
     model.train() if a.train else model.eval()
     if a.train:
@@ -132,6 +143,11 @@ def _plan(a: argparse.Namespace) -> int:
             else:
                 p = best_tile(splits, shape, a.memory or dev.memory_bytes, dev, dtype, a.train)
                 note = "planner"
+            if source is not None:  # a GPU computes while net.run's reader reads; a CPU shares its cores
+                if p.tile not in reads:
+                    reads[p.tile] = read_seconds(plan_for_split(splits[-1], shape, dtype, p.tile), source)
+                total, first = reads[p.tile]
+                p = with_reads(p, (len(splits) * total, first), overlap=dev.name != "cpu")
         except TilingError as e:
             if "no tile fits" not in str(e):
                 raise
@@ -190,7 +206,11 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
         "--model", required=True, help="monai:DenseNet121, package.module:factory or file.py:factory"
     )
     p.add_argument("--model-args", default="", help="keyword arguments, e.g. spatial_dims=2,in_channels=3")
-    p.add_argument("--input", required=True, help="channels x spatial size, e.g. 3x100000x100000")
+    p.add_argument("--input", help="channels x spatial size, e.g. 3x100000x100000")
+    p.add_argument(
+        "--source",
+        help="an input on disk (slide, zarr, TIFF, volume) instead of --input: its reads are timed and added",
+    )
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--device", default="cpu", help="comma-separated device names")
     p.add_argument("--dtype", default="fp32", help="fp32, bf16, fp16 or fp64")
