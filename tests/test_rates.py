@@ -167,3 +167,29 @@ def test_a_calibration_without_convolutions_falls_back_to_half_the_peak():
     }
     rates = Rates(local_cpu(), torch.float32, {"ops": ops})
     assert rates.conv(2, 27, 16, 1000, cin=3, kernel=9, backend="Mkldnn") == 0.5 * rates.peak
+
+
+def test_backward_of_memory_bound_ops_uses_its_own_calibration():
+    """PReLU's backward (a reduction for its weight) is timed from its own table, ReLU's from its
+    own; a kind without a backward table (a multiplication) falls back to the unary rate."""
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.PReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU())
+    model = bp.freeze_batchnorm(model.train())
+    shape = (1, 3, 64, 64)
+    split = bp.make_plan(model, shape, tile=32).split
+    lay = layout(split, shape, 32)
+
+    def backward_by_kind(slow_prelu: float) -> dict:
+        rates = _rates(0.0)
+        table = [[1, 1e10], [2**30, 1e10]]
+        rates.ops["stream_backward"] = {"unary": table, "prelu": [[b, r / slow_prelu] for b, r in table]}
+        p = _predict_pass(split, shape, torch.float32, lay, rates.device, rates, True, False, True)
+        return dict(p.by_kind)
+
+    fast, slow = backward_by_kind(1.0), backward_by_kind(10.0)
+    assert slow["unary"] == pytest.approx(fast["unary"]) and slow["conv"] == pytest.approx(fast["conv"])
+    assert slow["prelu"] > 2 * fast["prelu"] > 0  # its backward, 10x slower, outweighs its forward
+    rates = _rates(0.0)
+    rates.ops["stream_backward"] = {"prelu": [[1, 5.0]]}
+    assert rates.stream("prelu", 1000, backward=True) == 5.0
+    assert rates.stream("binary", 1000, backward=True) == rates.stream("unary", 1000)
+    assert rates.stream("prelu", 1000) == rates.stream("unary", 1000)  # no forward table of its own here

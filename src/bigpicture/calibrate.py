@@ -95,16 +95,51 @@ def _stream(dtype: torch.dtype, quick: bool, seconds, min_time: float) -> dict[s
         n = max(nbytes // item // 2, 64)  # nbytes is read + written of a unary op
         x = torch.randn(1, 16, n // 16, dtype=dtype)
         mean, var = torch.zeros(16, dtype=dtype), torch.ones(16, dtype=dtype)
-        half = x[:, :8].contiguous()
+        half, slope = x[:, :8].contiguous(), torch.full((1,), 0.25, dtype=dtype)
         cases = {
             "unary": (lambda x=x: torch.relu(x), 2),
             "binary": (lambda x=x: x + x, 3),
             "norm": (lambda x=x, m=mean, v=var: F.batch_norm(x, m, v, v, m, False), 2),
             "copy": (lambda h=half: torch.cat([h, h], 1), 2),
+            "prelu": (lambda x=x, a=slope: F.prelu(x, a), 2),
         }
         for kind, (fn, passes) in cases.items():
             moved = passes * x.numel() * item
             out[kind].append([moved, moved / seconds(fn, min_time)])
+    return out
+
+
+def _stream_backward(
+    dtype: torch.dtype, quick: bool, seconds, min_time: float
+) -> dict[str, list[list[float]]]:
+    """Backward of the memory-bound ops autograd saves something for, as three passes over the
+    tensor (its gradient and what was saved read, the input's gradient written): ReLU,
+    normalisation (as the engine runs it: eval statistics, gradients of its weight and bias) and
+    PReLU, whose weight gradient is a reduction over the whole tensor, many times a ReLU's cost."""
+    sizes = [2**16, 2**22] if quick else [2**12, 2**16, 2**19, 2**22, 2**25, 2**27]
+    item = torch.empty((), dtype=dtype).element_size()
+    out: dict[str, list[list[float]]] = {"unary": [], "norm": [], "prelu": []}
+    for nbytes in sizes:
+        n = max(nbytes // item // 2, 64)
+        x = torch.randn(1, 16, n // 16, dtype=dtype, requires_grad=True)
+        w, b = (
+            torch.ones(16, dtype=dtype, requires_grad=True),
+            torch.zeros(16, dtype=dtype, requires_grad=True),
+        )
+        mean, var = torch.zeros(16, dtype=dtype), torch.ones(16, dtype=dtype)
+        a = torch.full((1,), 0.25, dtype=dtype, requires_grad=True)
+        g = torch.ones_like(x)
+        cases = {
+            "unary": (torch.relu(x), (x,)),
+            "norm": (F.batch_norm(x, mean, var, w, b, False), (x, w, b)),
+            "prelu": (F.prelu(x, a), (x, a)),
+        }
+        for kind, (y, wrt) in cases.items():
+            grad = seconds(
+                lambda y=y, wrt=wrt, g=g: torch.autograd.grad(y, wrt, g, retain_graph=True), min_time
+            )
+            moved = 3 * x.numel() * item
+            out[kind].append([moved, moved / grad])
     return out
 
 
@@ -317,6 +352,7 @@ def measure(
         "dtype": str(dtype).removeprefix("torch."),
         "conv": _conv(dtype, quick, seconds, min_time),
         "stream": _stream(dtype, quick, seconds, min_time),
+        "stream_backward": _stream_backward(dtype, quick, seconds, min_time),
         "pool": _pool(dtype, quick, seconds, min_time),
         "conv_workspace": _conv_workspace(quick),
     }

@@ -45,7 +45,7 @@ GPU_HOST_OP_S = 20e-6
 GPU_ENGINE_NODE_S = 60e-6
 NOMINAL_ENGINE_NODE_S = 60e-6  # an uncalibrated CPU: Python per node per tile (typical, measured here once)
 
-STREAM_KINDS = ("unary", "binary", "norm", "copy")
+STREAM_KINDS = ("unary", "binary", "norm", "copy", "prelu")
 PARALLEL_ELEMENTS = 32768  # at::internal::GRAIN_SIZE: smaller elementwise ops run on one thread
 
 
@@ -130,14 +130,17 @@ class Rates:
         table = self.ops["pool"]["backward" if backward else "forward"]
         return _interpolate([w for w, _ in table], [r for _, r in table], window_elements)
 
-    def stream(self, kind: str, nbytes: int) -> float:
-        """Bytes/s of a memory-bound op moving `nbytes` (read + written)."""
+    def stream(self, kind: str, nbytes: int, backward: bool = False) -> float:
+        """Bytes/s of a memory-bound op moving `nbytes` (read + written); with `backward`, of its
+        backward where it was calibrated (ReLU, normalisation, PReLU), else a unary op's rate."""
         bandwidth = self.device.bandwidth_bytes_per_s
         if self.gpu:
             return bandwidth * GPU_STREAM_EFFICIENCY * nbytes / (nbytes + 2 * 2**20)
         if self.ops is None:
             return bandwidth
-        table = self.ops["stream"][kind if kind in STREAM_KINDS else "unary"]
+        forward = self.ops["stream"]
+        tables = self.ops.get("stream_backward", {}) if backward else forward
+        table = tables.get(kind) or forward.get(kind if not backward else "unary") or forward["unary"]
         return _interpolate([s for s, _ in table], [r for _, r in table], nbytes)
 
 

@@ -120,7 +120,7 @@ def _step(
         )
         st.fwd_s = st.bytes / rates.stream(st.kind, st.bytes)
         moved = 3 * elems * item if (st.saves_inputs or st.saves_output) else 0
-        st.bwd_s = moved / rates.stream("unary", moved) if moved else 0.0
+        st.bwd_s = moved / rates.stream(st.kind, moved, backward=True) if moved else 0.0
     if pad_copy:
         st.fwd_s += 2 * pad_copy / rates.stream("copy", 2 * pad_copy)
     if st.kind != "view" and elems >= PARALLEL_ELEMENTS:  # it runs on every thread: wakes them first
@@ -144,6 +144,8 @@ def _backend(op, box: Box, n: int, cin: int, cout: int, transposed: bool, rates:
 def _stream_kind(op, name: str) -> str:
     if name in _COPY or isinstance(op, (Pad, Resample)):
         return "copy"
+    if name == "prelu":  # its weight gradient reduces over the tile: calibrated on its own
+        return "prelu"
     return "norm" if name in _NORM else "binary" if name in _BINARY else "unary"
 
 
