@@ -87,12 +87,18 @@ def _conv(dtype: torch.dtype, quick: bool, seconds, min_time: float) -> list[dic
     return out
 
 
-def _stream(dtype: torch.dtype, quick: bool, seconds, min_time: float) -> dict[str, list[list[float]]]:
+def _stream_elements(dtype: torch.dtype, quick: bool) -> list[int]:
+    """Element counts of the memory-bound ops measured: a unary op moving (read + written) from
+    4 KiB, cache-resident, to 128 MiB, DRAM-sized."""
+    item = torch.empty((), dtype=dtype).element_size()
     sizes = [2**16, 2**22] if quick else [2**12, 2**16, 2**19, 2**22, 2**25, 2**27]
+    return [max(nbytes // item // 2, 64) for nbytes in sizes]
+
+
+def _stream(dtype: torch.dtype, quick: bool, seconds, min_time: float) -> dict[str, list[list[float]]]:
     item = torch.empty((), dtype=dtype).element_size()
     out: dict[str, list[list[float]]] = {k: [] for k in STREAM_KINDS}
-    for nbytes in sizes:
-        n = max(nbytes // item // 2, 64)  # nbytes is read + written of a unary op
+    for n in _stream_elements(dtype, quick):
         x = torch.randn(1, 16, n // 16, dtype=dtype)
         mean, var = torch.zeros(16, dtype=dtype), torch.ones(16, dtype=dtype)
         half, slope = x[:, :8].contiguous(), torch.full((1,), 0.25, dtype=dtype)
@@ -116,11 +122,9 @@ def _stream_backward(
     tensor (its gradient and what was saved read, the input's gradient written): ReLU,
     normalisation (as the engine runs it: eval statistics, gradients of its weight and bias) and
     PReLU, whose weight gradient is a reduction over the whole tensor, many times a ReLU's cost."""
-    sizes = [2**16, 2**22] if quick else [2**12, 2**16, 2**19, 2**22, 2**25, 2**27]
     item = torch.empty((), dtype=dtype).element_size()
     out: dict[str, list[list[float]]] = {"unary": [], "norm": [], "prelu": []}
-    for nbytes in sizes:
-        n = max(nbytes // item // 2, 64)
+    for n in _stream_elements(dtype, quick):
         x = torch.randn(1, 16, n // 16, dtype=dtype, requires_grad=True)
         w, b = (
             torch.ones(16, dtype=dtype, requires_grad=True),

@@ -31,7 +31,7 @@ its graph kept for the backward), the recompute with autograd of every other til
 tile's backward. On a GPU the host runs ahead, so each phase takes the longer of
 its GPU time and its host time. An input on disk (``source=``) adds its reads, timed on a few read
 boxes: overlapped with a GPU's compute by ``net.run``'s reader thread, added to a CPU's (measured:
-a 2-core CPU ran a slide 10% slower *with* the reader thread than without it).
+a 2-core CPU ran a slide 15-25% slower *with* the reader thread than without it).
 """
 
 from __future__ import annotations
@@ -188,7 +188,7 @@ def predict(
 def read_seconds(plan: Plan, source, samples: int = 8, clock=None) -> tuple[float, float]:
     """(seconds to read every tile's read box of ``plan`` and of its earlier passes from ``source``,
     seconds of the first tile's read), from timed reads of ``samples`` read boxes spread over the
-    grid, extrapolated by bytes. Real reads: the source is opened, nothing else is computed."""
+    grid, extrapolated by pixels. Real reads: the source is opened, nothing else is computed."""
     import time
 
     import numpy as np

@@ -139,8 +139,7 @@ class Rates:
         if self.ops is None:
             return bandwidth
         forward = self.ops["stream"]
-        tables = self.ops.get("stream_backward", {}) if backward else forward
-        table = tables.get(kind) or forward.get(kind if not backward else "unary") or forward["unary"]
+        table = (self.ops.get("stream_backward", {}) if backward else forward).get(kind) or forward["unary"]
         return _interpolate([s for s, _ in table], [r for _, r in table], nbytes)
 
 
