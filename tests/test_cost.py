@@ -5,9 +5,9 @@ import pytest
 import torch
 from torch import nn
 
-from bigpicture.cost import Cost, activation_bytes, count
-from bigpicture.devices import Device
 from bigpicture.errors import TilingError
+from bigpicture.perf.cost import Cost, activation_bytes, count
+from bigpicture.perf.devices import Device
 
 
 def out_size(size: int, k: int, stride: int = 1, pad: int = 0, dilation: int = 1) -> int:

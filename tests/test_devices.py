@@ -4,8 +4,9 @@ import json
 import pytest
 import torch
 
-from bigpicture.devices import DEVICES, Device, calibrate, get_device, load_calibration, local_cpu
 from bigpicture.errors import TilingError
+from bigpicture.perf.calibrate import calibrate
+from bigpicture.perf.devices import DEVICES, Device, get_device, load_calibration, local_cpu
 
 # the figures most likely to be mistyped as the "with sparsity" ones, which are twice these
 DENSE_BF16_TFLOPS = {"A100-80GB": 312, "H100-SXM": 989.5, "L4": 121, "L40S": 362.05, "A10": 125}

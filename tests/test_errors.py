@@ -16,7 +16,7 @@ from helpers import Lambda, assert_tiled_matches
 from torch import nn
 
 import bigpicture as bp
-import bigpicture.execute
+import bigpicture.engine.execute
 
 
 @pytest.fixture(autouse=True)
@@ -50,9 +50,9 @@ def expect_error(model, x, tile=4, *fragments):
     with pytest.raises(bp.TilingError) as planned:
         bp.make_plan(model, tuple(x.shape), tile=tile, dtype=x.dtype)
     ran = []
-    run_tile = bigpicture.execute.Runner.run_tile
+    run_tile = bigpicture.engine.execute.Runner.run_tile
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(bigpicture.execute.Runner, "run_tile", lambda *a: ran.append(1) or run_tile(*a))
+        mp.setattr(bigpicture.engine.execute.Runner, "run_tile", lambda *a: ran.append(1) or run_tile(*a))
         with pytest.raises(bp.TilingError) as called:
             bp.tiled(model, tile=tile)(x)
     assert not ran, "a tile ran before the error"
@@ -372,7 +372,7 @@ def test_plan_grid_row_agrees_with_the_tile_count():
 
 def test_error_location_is_not_inside_bigpicture():
     message = expect_error(nn.Sequential(nn.Conv2d(3, 4, 3), nn.GroupNorm(2, 4)).double(), image(9, 9), 4)
-    assert ", in capture)" not in message and "graph.py" not in message, message
+    assert ", in capture)" not in message and "capture.py" not in message, message
 
 
 # -- a drop-in module for training -------------------------------------------------------------

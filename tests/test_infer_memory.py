@@ -13,10 +13,10 @@ from torch import nn
 
 import bigpicture as bp
 from bigpicture import cli
-from bigpicture.cli_infer import add_infer_command
-from bigpicture.inference import run
-from bigpicture.predict import predict_splits
-from bigpicture.schedule import analyse
+from bigpicture.cli.infer import add_infer_command
+from bigpicture.engine.inference import run
+from bigpicture.perf.predict import predict_splits
+from bigpicture.perf.schedule import analyse
 
 zarr = pytest.importorskip("zarr")
 TESTS = Path(__file__).parent

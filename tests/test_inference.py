@@ -1,4 +1,4 @@
-"""``bigpicture.inference.run``: every source kind equals the untiled model; zarr equals memory;
+"""``bigpicture.engine.inference.run``: every source kind equals the untiled model; zarr equals memory;
 a SIGKILLed run resumes to the identical result; changed arguments are refused; bad inputs fail clearly."""
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ import torch
 from torch import nn
 
 import bigpicture as bp
-from bigpicture.cli_infer import add_infer_command
-from bigpicture.inference import run
+from bigpicture.cli.infer import add_infer_command
+from bigpicture.engine.inference import run
 
 zarr = pytest.importorskip("zarr")
 TESTS = Path(__file__).parent
@@ -374,7 +374,7 @@ class CountingSource(bp.io.Source):
 
 
 def test_tissue_mask_skips_reading_background(tmp_path):
-    from bigpicture.background import MaskedSource
+    from bigpicture.engine.background import MaskedSource
 
     x = image((1, 3, 64, 80), seed=5)
     mask = np.zeros((16, 20), bool)

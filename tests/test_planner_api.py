@@ -10,9 +10,9 @@ from helpers import _compare, _loss
 from torch import nn
 
 import bigpicture as bp
-from bigpicture.devices import DEVICES
-from bigpicture.predict import _size, predict, predict_splits
-from bigpicture.schedule import analyse, parse_memory
+from bigpicture.perf.devices import DEVICES
+from bigpicture.perf.predict import _size, predict, predict_splits
+from bigpicture.perf.schedule import analyse, parse_memory
 from bigpicture.tiled import planning_device
 
 MiB = 2**20

@@ -7,11 +7,11 @@ import torch.nn.functional as F
 from torch import nn
 
 import bigpicture as bp
-from bigpicture.devices import DEVICES, local_cpu
-from bigpicture.grid import _group, layout, tile_classes
-from bigpicture.predict import predict, predict_splits
-from bigpicture.rates import Rates, _interpolate
-from bigpicture.schedule import analyse
+from bigpicture.perf.devices import DEVICES, local_cpu
+from bigpicture.perf.grid import _group, layout, tile_classes
+from bigpicture.perf.predict import predict, predict_splits
+from bigpicture.perf.rates import Rates, _interpolate
+from bigpicture.perf.schedule import analyse
 
 F32 = 4
 
@@ -216,7 +216,7 @@ def test_rates():
 
 
 def test_device_of_a_torch_device():
-    from bigpicture.devices import for_torch
+    from bigpicture.perf.devices import for_torch
 
     assert for_torch("cpu").name == "cpu" and for_torch(torch.device("cpu")).cores >= 1
     with pytest.raises(bp.TilingError, match="no performance figures"):
@@ -246,9 +246,9 @@ class _FunctionalConvs(nn.Module):
 def test_flops_of_conv_and_transposed_conv_rules_by_hand(functional):
     from torch.utils.flop_counter import FlopCounterMode
 
-    from bigpicture.box import Box
-    from bigpicture.rules.resample import ConvTranspose
-    from bigpicture.rules.window import Conv
+    from bigpicture.engine.box import Box
+    from bigpicture.engine.rules.resample import ConvTranspose
+    from bigpicture.engine.rules.window import Conv
 
     conv = nn.Conv2d(4, 6, 3, padding=1, groups=2)
     convt = nn.ConvTranspose2d(6, 10, 3, stride=2, padding=1, groups=2)

@@ -8,7 +8,7 @@ from torch import nn
 
 import bigpicture as bp
 from bigpicture.io.sources import Source
-from bigpicture.predict import predict, read_seconds, with_reads
+from bigpicture.perf.predict import predict, read_seconds, with_reads
 
 
 class MeteredSource(Source):

@@ -8,10 +8,10 @@ import torch
 from torch import nn
 
 import bigpicture as bp
-from bigpicture.devices import local_cpu
-from bigpicture.grid import layout
-from bigpicture.predict import _predict_pass
-from bigpicture.rates import Rates, _grid_rate, conv_backend
+from bigpicture.perf.devices import local_cpu
+from bigpicture.perf.grid import layout
+from bigpicture.perf.predict import _predict_pass
+from bigpicture.perf.rates import Rates, _grid_rate, conv_backend
 
 
 def _select(x_shape, w_shape, stride=1, transposed=False):
@@ -148,7 +148,7 @@ def test_ops_on_every_thread_pay_the_calibrated_wake(side, tile, parallel):
 
 
 def test_quick_calibration_records_the_wait_policy(tmp_path, monkeypatch):
-    from bigpicture.devices import calibrate
+    from bigpicture.perf.calibrate import calibrate
 
     monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")
     cal = calibrate(tmp_path / "cal.json", quick=True)

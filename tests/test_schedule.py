@@ -5,8 +5,8 @@ import torch
 from torch import nn
 
 import bigpicture as bp
-from bigpicture.predict import predict, predict_splits
-from bigpicture.schedule import _size_up, analyse, best_tile, candidates, choose_tile, parse_memory
+from bigpicture.perf.predict import predict, predict_splits
+from bigpicture.perf.schedule import _size_up, analyse, best_tile, candidates, choose_tile, parse_memory
 
 GiB, MiB = 2**30, 2**20
 

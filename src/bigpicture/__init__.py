@@ -1,13 +1,18 @@
-"""bigpicture: exact tiled training and inference of ordinary PyTorch networks on huge images."""
+"""bigpicture: exact tiled training and inference of ordinary PyTorch networks on huge images.
 
-from . import rules
-from .box import Box
-from .errors import TilingError
-from .plan import Plan, Tile, make_plan
-from .predict import Prediction, predict
-from .rules import register_pointwise
-from .schedule import choose_tile
-from .tiled import Tiled, freeze_batchnorm, tiled
+The public face: ``tiled`` composes the engine (``bigpicture.engine``: capture, split, regions,
+plan, execute) and the performance model and planner (``bigpicture.perf``). See ARCHITECTURE.md.
+"""
+
+from bigpicture.engine import rules
+from bigpicture.engine.batchnorm import freeze_batchnorm
+from bigpicture.engine.box import Box
+from bigpicture.engine.plan import Plan, Tile
+from bigpicture.engine.rules import register_pointwise
+from bigpicture.errors import TilingError
+from bigpicture.perf.predict import Prediction, predict
+from bigpicture.perf.schedule import choose_tile, make_plan
+from bigpicture.tiled import Tiled, tiled
 
 __all__ = [
     "Box", "Plan", "Prediction", "Tile", "Tiled", "TilingError",

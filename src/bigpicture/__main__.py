@@ -1,5 +1,5 @@
 """``python -m bigpicture``: the command line (see bigpicture.cli)."""
 
-from .cli import main
+from bigpicture.cli import main
 
 raise SystemExit(main())

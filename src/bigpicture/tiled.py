@@ -7,11 +7,11 @@ from dataclasses import replace
 import torch
 from torch import nn
 
-from . import execute
-from .devices import DEVICES, Device, get_device
-from .errors import TilingError
-from .plan import Plan, capture, default_tile, plan_graph
-from .schedule import analyse, best_tile, for_run, parse_memory
+from bigpicture.engine import execute
+from bigpicture.engine.plan import Plan, capture, default_tile, plan_graph
+from bigpicture.errors import TilingError
+from bigpicture.perf.devices import DEVICES, Device, get_device
+from bigpicture.perf.schedule import analyse, best_tile, for_run, parse_memory
 
 
 class Tiled(nn.Module):
@@ -104,8 +104,8 @@ class Tiled(nn.Module):
         return execute.run(plan, (x, *args), params, device, progress, self.background, self.report)
 
     def run(self, src, out=None, **kwargs):
-        """Inference into memory or a resumable zarr store: see ``bigpicture.inference.run``."""
-        from .inference import run
+        """Inference into memory or a resumable zarr store: see ``bigpicture.engine.inference.run``."""
+        from bigpicture.engine.inference import run
 
         if self.background is not None:
             kwargs.setdefault("background", self.background)
@@ -176,26 +176,9 @@ def planning_device(device: torch.device | str) -> Device:
     raise TilingError(
         f"memory= has no performance figures for {name!r} ({device}); the device table knows "
         f"{', '.join(DEVICES)} and 'cpu'. Give tile= instead (the input extent each tile owns, e.g. "
-        "tile=1024), or choose it with bp.choose_tile(model, shape, budget, device=bigpicture.devices."
+        "tile=1024), or choose it with bp.choose_tile(model, shape, budget, device=bigpicture.perf.devices."
         "Device(...)) describing this device."
     )
-
-
-def freeze_batchnorm(model: nn.Module) -> nn.Module:
-    """Keep every BatchNorm layer in eval mode (running statistics), even after ``model.train()``.
-
-    Their affine parameters still train. This is what makes a network with BatchNorm tileable
-    during training: train-mode BatchNorm normalises with whole-image statistics.
-    """
-    for m in model.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            m.eval()
-            m.train = _stay_in_eval.__get__(m)
-    return model
-
-
-def _stay_in_eval(self, mode: bool = True):
-    return nn.Module.train(self, False)
 
 
 def _describe(a):

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from bigpicture.errors import TilingError
-from bigpicture.io.sources import FileSource, Region, existing_path, optional_import
+from bigpicture.io.sources import FileSource, Region, existing_path, optional_import, register_opener
 
 TIFF_MAGIC = (b"II*\0", b"MM\0*", b"II+\0", b"MM\0+")
 MICRONS = {"µm": 1.0, "um": 1.0, "nm": 1e-3, "mm": 1e3, "cm": 1e4, "m": 1e6}
@@ -250,3 +250,6 @@ def _tiff_mpp(tif) -> float | None:
         numerator, denominator = xres.value
         return 1e4 * denominator / numerator if numerator else None
     return None
+
+
+register_opener(lambda path: path.is_file(), open_slide, fallback=True)  # whatever else is a file: a slide

@@ -274,35 +274,48 @@ class TransformedSource(Source):
         return f"TransformedSource({self.source!r}, {self.transform!r})"
 
 
+Opener = Callable[[Path], "Source"]
+_OPENERS: list[tuple[Callable[[Path], bool], Opener]] = []
+_FALLBACKS: list[tuple[Callable[[Path], bool], Opener]] = []
+
+
+def register_opener(matches: Callable[[Path], bool], opener: Opener, fallback: bool = False) -> None:
+    """Let ``open_path`` open the files or folders that ``matches(path)`` accepts with ``opener(path)``.
+
+    Openers are tried in the order registered; ``fallback`` ones (e.g. slides: any file) after all
+    others. ``bigpicture.io`` registers zarr, .npy, volumes (NIfTI, DICOM folders) and slides."""
+    (_FALLBACKS if fallback else _OPENERS).append((matches, opener))
+
+
 def open_path(path: str | os.PathLike):
     """A source for a file or folder, chosen by its name: NIfTI, DICOM, zarr, .npy, or a slide."""
     path = existing_path(path)
+    for matches, opener in _OPENERS + _FALLBACKS:
+        if matches(path):
+            return opener(path)
+    raise TilingError(
+        f"no reader for {path}: bigpicture.io opens slides and TIFF files, NIfTI, DICOM folders, zarr and "
+        ".npy; register another with bigpicture.io.sources.register_opener(matches, opener)"
+    )
+
+
+def _is_zarr(path: Path) -> bool:
     name = path.name.lower()
-    if name.endswith((".nii", ".nii.gz", ".mgz", ".mgh")):
-        from bigpicture.io.volumes import open_volume
+    return name.endswith(".zarr") or (path / "zarr.json").exists() or (path / ".zarray").exists()
 
-        return open_volume(path)
-    if name.endswith(".zarr") or (path / "zarr.json").exists() or (path / ".zarray").exists():
-        zarr = optional_import("zarr", "reading a zarr array")
-        try:
-            return ArraySource(zarr.open_array(str(path), mode="r"))
-        except Exception:
-            arrays = _group_arrays(zarr, path)
-            if not arrays:
-                raise
-            raise TilingError(
-                f"{path} is a zarr group of {len(arrays)} arrays ({', '.join(arrays)}), not one image; "
-                f"pass one of them, e.g. {path / arrays[0]}"
-            ) from None
-    if name.endswith(".npy"):
-        return ArraySource(np.load(path, mmap_mode="r"))
-    if path.is_dir():
-        from bigpicture.io.volumes import open_volume
 
-        return open_volume(path)
-    from bigpicture.io.slides import open_slide
-
-    return open_slide(path)
+def _open_zarr(path: Path) -> Source:
+    zarr = optional_import("zarr", "reading a zarr array")
+    try:
+        return ArraySource(zarr.open_array(str(path), mode="r"))
+    except Exception:
+        arrays = _group_arrays(zarr, path)
+        if not arrays:
+            raise
+        raise TilingError(
+            f"{path} is a zarr group of {len(arrays)} arrays ({', '.join(arrays)}), not one image; "
+            f"pass one of them, e.g. {path / arrays[0]}"
+        ) from None
 
 
 def _group_arrays(zarr, path: Path) -> list[str]:
@@ -340,3 +353,9 @@ def as_source(obj, transform: Callable[[np.ndarray], np.ndarray] | None = None) 
             "for an (H, W, C) image pass np.moveaxis(image, -1, 0)[None]"
         )
     return source if transform is None else TransformedSource(source, transform)
+
+
+register_opener(_is_zarr, _open_zarr)
+register_opener(
+    lambda path: path.name.lower().endswith(".npy"), lambda path: ArraySource(np.load(path, mmap_mode="r"))
+)

@@ -20,7 +20,14 @@ from pathlib import Path
 import numpy as np
 
 from bigpicture.errors import TilingError
-from bigpicture.io.sources import FileSource, Region, existing_path, optional_import, region_shape
+from bigpicture.io.sources import (
+    FileSource,
+    Region,
+    existing_path,
+    optional_import,
+    region_shape,
+    register_opener,
+)
 
 
 def open_volume(path: str | os.PathLike):
@@ -180,3 +187,8 @@ def _slice_positions(headers: list) -> np.ndarray:
         return np.array([np.dot(np.array(h.ImagePositionPatient, float), normal) for h in headers])
     except AttributeError:
         return np.array([float(getattr(h, "InstanceNumber", i)) for i, h in enumerate(headers)])
+
+
+_VOLUME_SUFFIXES = (".nii", ".nii.gz", ".mgz", ".mgh")
+# after zarr (a zarr store is a folder too): volume files by name, and any other folder as a DICOM series
+register_opener(lambda path: path.name.lower().endswith(_VOLUME_SUFFIXES) or path.is_dir(), open_volume)

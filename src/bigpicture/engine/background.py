@@ -32,9 +32,9 @@ from fractions import Fraction
 import numpy as np
 import torch
 
-from .errors import TilingError
-from .io.sources import Region, Source, as_source, region_shape
-from .plan import Plan, Tile
+from bigpicture.engine.plan import Plan, Tile
+from bigpicture.errors import TilingError
+from bigpicture.io.sources import Region, Source, as_source, region_shape
 
 
 def otsu_threshold(values: np.ndarray, bins: int = 256) -> float:
@@ -80,7 +80,7 @@ def tissue_mask(slide, max_size: int = 2048, dilate: int = 2) -> np.ndarray:
 
 
 def _thumbnail(slide, max_size: int) -> np.ndarray:
-    from .io.slides import open_slide
+    from bigpicture.io.slides import open_slide
 
     source = open_slide(slide) if isinstance(slide, (str, os.PathLike)) else slide
     shapes = getattr(source, "level_shapes", (tuple(source.shape),))

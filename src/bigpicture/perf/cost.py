@@ -28,8 +28,8 @@ from torch.utils._pytree import tree_flatten
 from torch.utils.flop_counter import flop_registry
 from torch.utils.module_tracker import ModuleTracker
 
-from bigpicture.devices import Device
 from bigpicture.errors import TilingError
+from bigpicture.perf.devices import Device
 
 aten = torch.ops.aten
 

@@ -14,9 +14,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import TilingError
-from . import Pointwise, register_pointwise, rule
-from .resample import Slice
+from bigpicture.engine.rules import Pointwise, register_pointwise, rule
+from bigpicture.engine.rules.resample import Slice
+from bigpicture.errors import TilingError
 
 _ACTIVATIONS = (
     nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish,
@@ -127,7 +127,7 @@ def dropout(node, ctx):
 @rule(torch.mean, torch.sum, torch.amax, torch.amin, "mean", "sum", "amax", "amin")
 def reduction(node, ctx):
     """Over channels only: pointwise. Over every spatial dimension: a streamed reduction."""
-    from .reduce import StreamedReduction
+    from bigpicture.engine.rules.reduce import StreamedReduction
 
     args = node.args[1:]
     dim = ctx.static(node.kwargs.get("dim", args[0] if args else None))

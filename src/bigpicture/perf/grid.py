@@ -18,10 +18,10 @@ import math
 from dataclasses import dataclass
 from fractions import Fraction
 
-from .box import Box
-from .plan import _per_dim_tile, _round_tile, _write_box
-from .regions import needs
-from .split import Split
+from bigpicture.engine.box import Box
+from bigpicture.engine.plan import _per_dim_tile, _round_tile, _write_box
+from bigpicture.engine.regions import needs
+from bigpicture.engine.split import Split
 
 
 @dataclass(frozen=True)

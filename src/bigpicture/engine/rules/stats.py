@@ -16,9 +16,9 @@ from __future__ import annotations
 import torch
 from torch import fx, nn
 
-from ..box import Box
-from . import register_pointwise, rule
-from .reduce import Partial, StreamedReduction
+from bigpicture.engine.box import Box
+from bigpicture.engine.rules import register_pointwise, rule
+from bigpicture.engine.rules.reduce import Partial, StreamedReduction
 
 
 def moments(a: torch.Tensor, groups: int) -> torch.Tensor:

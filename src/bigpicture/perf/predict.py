@@ -41,14 +41,14 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from .box import Box
-from .devices import Device, for_torch, get_device, load_calibration
-from .errors import TilingError
-from .grid import Layout, layout, tile_classes
-from .plan import Plan
-from .rates import GPU_ASSUMPTIONS, Rates
-from .split import Split
-from .steps import TileWalk, last_tile, walk
+from bigpicture.engine.box import Box
+from bigpicture.engine.plan import Plan
+from bigpicture.engine.split import Split
+from bigpicture.errors import TilingError
+from bigpicture.perf.devices import Device, for_torch, get_device, load_calibration
+from bigpicture.perf.grid import Layout, layout, tile_classes
+from bigpicture.perf.rates import GPU_ASSUMPTIONS, Rates
+from bigpicture.perf.steps import TileWalk, last_tile, walk
 
 MiB = 2**20
 GPU_CONTEXT_BYTES = 512 * MiB  # CUDA context and cuDNN/cuBLAS handles: 300-600 MiB on recent GPUs
@@ -193,7 +193,7 @@ def read_seconds(plan: Plan, source, samples: int = 8, clock=None) -> tuple[floa
 
     import numpy as np
 
-    from .io import as_source
+    from bigpicture.io import as_source
 
     clock = clock or time.perf_counter
     src = as_source(source)

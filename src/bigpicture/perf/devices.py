@@ -16,10 +16,8 @@ import difflib
 import json
 import os
 import platform
-import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
@@ -147,7 +145,7 @@ def get_device(name: str) -> Device:
     hint = f" Did you mean {' or '.join(map(repr, names))}?" if names else ""
     raise TilingError(
         f"unknown device {name!r}.{hint} Known devices: {', '.join(DEVICES)}, and 'cpu' "
-        "(this machine). For another device, build a bigpicture.devices.Device with its figures."
+        "(this machine). For another device, build a bigpicture.perf.devices.Device with its figures."
     )
 
 
@@ -197,7 +195,7 @@ def _cpu_model() -> str:
     return next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("model name")), "")
 
 
-def _machine() -> dict[str, Any]:
+def machine() -> dict[str, Any]:
     """What a calibration is valid for: a shared home directory must not leak one node's numbers."""
     return {"node": platform.node(), "cpu": _cpu_model(), "cores": _cores(), "torch": torch.__version__}
 
@@ -222,7 +220,7 @@ def local_cpu(path: str | os.PathLike | None = None) -> Device:
     return Device(
         "cpu", _memory_bytes(), 20 * GB_PER_S,
         {"fp32": fp32, "tf32": fp32, "fp64": fp32 / 2, "fp16": fp32, "bf16": fp32},
-        5e-6, "nominal, uncalibrated: run bigpicture.devices.calibrate()", _cores(),
+        5e-6, "nominal, uncalibrated: run bigpicture.perf.devices.calibrate()", _cores(),
     )  # fmt: skip
 
 
@@ -242,102 +240,4 @@ def load_calibration(path: str | os.PathLike | None = None) -> dict[str, Any] | 
         cal = json.loads(calibration_path(path).read_text())
     except (OSError, ValueError):
         return None
-    return cal if cal.get("machine") == _machine() else None
-
-
-def _seconds_per_call(
-    fn: Callable[[], object], min_time: float, clock: Callable[[], float] = time.perf_counter
-) -> float:
-    """Best time per call, with enough calls per trial that timer resolution does not matter."""
-    fn()  # warm-up: first calls pay for allocation and kernel selection
-    calls, best = 1, float("inf")
-    for trial in range(20):
-        start = clock()
-        for _ in range(calls):
-            fn()
-        elapsed = clock() - start
-        best = min(best, elapsed / calls)
-        # the best of five at least: other jobs only add time, and on a shared host the speed of
-        # one and the same call swings by a quarter from one moment to the next
-        if elapsed >= min_time and trial >= 4:
-            return best
-        if elapsed < min_time:
-            calls *= 2
-    return best
-
-
-def _matmul(sizes: list[int], dtypes: list[torch.dtype], min_time: float) -> dict[str, dict[str, float]]:
-    out: dict[str, dict[str, float]] = {}
-    for dt in dtypes:
-        out[str(dt).removeprefix("torch.")] = {}
-        for n in sizes:
-            a, b = torch.randn(n, n).to(dt), torch.randn(n, n).to(dt)
-            s = _seconds_per_call(lambda a=a, b=b: a @ b, min_time)
-            out[str(dt).removeprefix("torch.")][str(n)] = 2 * n**3 / s
-    return out
-
-
-def _conv2d(cases: list[tuple[tuple[int, ...], tuple[int, ...]]], min_time: float) -> list[dict[str, Any]]:
-    out = []
-    for x_shape, w_shape in cases:
-        x, w = torch.randn(x_shape), torch.randn(w_shape)
-        s = _seconds_per_call(lambda x=x, w=w: torch.conv2d(x, w, padding="same"), min_time)
-        # same padding keeps H x W, so this is 2 * N * Cout * H * W * Cin * kh * kw
-        flops = 2 * x_shape[0] * x_shape[2] * x_shape[3] * w_shape[0] * w_shape[1] * w_shape[2] * w_shape[3]
-        out.append({"input": list(x_shape), "weight": list(w_shape), "flops_per_s": flops / s})
-    return out
-
-
-def _bandwidth(nbytes: int, min_time: float) -> float:
-    src = torch.ones(nbytes // 4)
-    dst = torch.empty_like(src)
-    return 2 * nbytes / _seconds_per_call(lambda: dst.copy_(src), min_time)  # a copy reads and writes
-
-
-def _launch_overhead(min_time: float) -> float:
-    a, b, c = torch.ones(1), torch.ones(1), torch.empty(1)
-    return _seconds_per_call(lambda: torch.add(a, b, out=c), min_time)
-
-
-CLOCKS: Mapping[str, Callable[[], float]] = MappingProxyType(
-    {"wall": time.perf_counter, "process": time.process_time}
-)
-
-
-def calibrate(
-    path: str | os.PathLike | None = None, quick: bool = False, clock: str = "wall"
-) -> dict[str, Any]:
-    """Measure this machine and store the result as JSON (about a minute; `quick` a second, for tests).
-
-    `clock="process"` times by CPU time rather than wall time: on a machine shared with other
-    jobs it measures the work, not the waiting (use it with one thread, and time runs the same way).
-    """
-    from .calibrate import measure  # it builds on Device: imported here, not at the top
-
-    min_time = 0.01 if quick else 0.2
-    sizes = [64, 128] if quick else [256, 512, 1024]
-    cases = [((1, 8, 32, 32), (8, 8, 3, 3))] if quick else [
-        ((1, 64, 56, 56), (64, 64, 3, 3)),
-        ((1, 32, 128, 128), (32, 32, 3, 3)),
-        ((1, 3, 224, 224), (64, 3, 7, 7)),
-    ]  # fmt: skip
-    cal = {
-        "version": 1,
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "machine": _machine(),
-        "threads": torch.get_num_threads(),
-        "matmul": _matmul(sizes, [torch.float32, torch.float64, torch.bfloat16, torch.float16], min_time),
-        "conv2d": _conv2d(cases, min_time),
-        "bandwidth_bytes_per_s": _bandwidth((8 if quick else 256) * 2**20, min_time),
-        "launch_overhead_s": _launch_overhead(min_time),
-        "clock": clock,
-        # idle OpenMP threads spin or sleep: the per-op wake-up measured depends on it
-        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", ""),
-        "ops": measure(quick, torch.float32, CLOCKS[clock]),
-    }
-    target = calibration_path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_suffix(".tmp")
-    tmp.write_text(json.dumps(cal, indent=1))
-    tmp.replace(target)  # atomic: a concurrent reader sees the old file or the new one, never half
-    return cal
+    return cal if cal.get("machine") == machine() else None

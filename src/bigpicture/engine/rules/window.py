@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import TilingError
-from . import Window, _bind, _bind_values, _same_padding, _tuple, rule
+from bigpicture.engine.rules import Window, _bind, _bind_values, _same_padding, _tuple, rule
+from bigpicture.errors import TilingError
 
 _CONV_ARGS = ["weight", "bias", "stride", "padding", "dilation", "groups"]
 _CONV_DEFAULTS = {"bias": None, "stride": 1, "padding": 0, "dilation": 1, "groups": 1}

@@ -23,9 +23,9 @@ from fractions import Fraction
 
 from torch.fx.node import map_aggregate
 
-from ..box import Box
-from ..errors import TilingError
-from ..padding import Value, read, source_box
+from bigpicture.engine.box import Box
+from bigpicture.engine.padding import Value, read, source_box
+from bigpicture.errors import TilingError
 
 _RULES: dict[object, object] = {}
 
@@ -63,7 +63,7 @@ def lookup(node, ctx) -> Op:
             f"{ctx.where(node)}: no rule for {name}, so bigpicture cannot tell which input region each "
             f"output region needs. If {name} acts on each spatial position alone, declare it with "
             f"`bp.register_pointwise({name})`; otherwise register a rule with `@bp.rules.rule({name})` "
-            "(see the bigpicture.rules docstring)."
+            "(see the bigpicture.engine.rules docstring)."
         )
     return fn(node, ctx)
 
@@ -161,4 +161,4 @@ def _bind_values(args, kwargs, names, defaults):
     return bound
 
 
-from . import pointwise, reduce, resample, stats, window  # noqa: E402, F401  (registers the rules)
+from bigpicture.engine.rules import pointwise, reduce, resample, stats, window  # noqa: E402, F401  (registers the rules)

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .box import Box
+from bigpicture.engine.box import Box
 
 MODES = ("constant", "reflect", "replicate", "circular")
 

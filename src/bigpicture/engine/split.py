@@ -22,9 +22,9 @@ import torch
 from torch import fx
 from torch.fx.node import map_aggregate
 
-from . import graph as g
-from . import rules
-from .errors import TilingError
+from bigpicture.engine import capture as g
+from bigpicture.engine import rules
+from bigpicture.errors import TilingError
 
 
 class Context:

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .errors import TilingError
+from bigpicture.errors import TilingError
 
 
 @dataclass(frozen=True)
@@ -64,9 +64,9 @@ def add_infer_command(subparsers: argparse._SubParsersAction) -> None:
 
 
 def infer_main(a: argparse.Namespace) -> int:
-    from .cli import load_model, parse_args_text
-    from .inference import run
-    from .tiled import tiled
+    from bigpicture.cli.common import load_model, parse_args_text
+    from bigpicture.engine.inference import run
+    from bigpicture.tiled import tiled
 
     try:
         model = load_model(a.model, parse_args_text(a.model_args))
@@ -116,7 +116,7 @@ def _written(path: str, out) -> list[str]:
         shape = tuple(getattr(value, "shape", ()))
         if name is None:
             lines.append(f"output {place or 0}, shape {shape}, is reduced over the image and not stored "
-                         "(bigpicture.inference.run returns it)")  # fmt: skip
+                         "(bigpicture.engine.inference.run returns it)")  # fmt: skip
         else:
             lines.append(f"wrote {path}{'/' + name if name else ''}, shape {shape}")
     return lines
@@ -134,8 +134,8 @@ def _state_dict(path: str) -> dict:
 
 def _source(a: argparse.Namespace):
     """The input as the model sees it, and the background value in those units (or None)."""
-    from .background import MaskedSource, tissue_mask
-    from .io import as_source, open_slide
+    from bigpicture.engine.background import MaskedSource, tissue_mask
+    from bigpicture.io import as_source, open_slide
 
     source = open_slide(a.input, level=a.level) if a.level else as_source(a.input)
     raw = None if a.background is None else [float(v) for v in a.background.split(",")]

@@ -10,10 +10,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..box import Box
-from ..errors import TilingError
-from ..padding import read, source_box
-from . import Op, _bind, _bind_values, _tuple, rule
+from bigpicture.engine.box import Box
+from bigpicture.engine.padding import read, source_box
+from bigpicture.engine.rules import Op, _bind, _bind_values, _tuple, rule
+from bigpicture.errors import TilingError
 
 _CONVT_ARGS = ["weight", "bias", "stride", "padding", "output_padding", "groups", "dilation"]
 _CONVT_DEFAULTS = {"bias": None, "stride": 1, "padding": 0, "output_padding": 0, "groups": 1, "dilation": 1}

@@ -18,12 +18,12 @@ from typing import NamedTuple
 import torch
 from torch import fx, nn
 
-from . import graph as g
-from .devices import Device
-from .errors import TilingError
-from .plan import Plan, capture, plan_graph
-from .predict import Prediction, _size, predict_splits, resolve_device
-from .split import Split, split, stages
+from bigpicture.engine import capture as g
+from bigpicture.engine.plan import Plan, capture, default_tile, plan_graph
+from bigpicture.engine.split import Split, split, stages
+from bigpicture.errors import TilingError
+from bigpicture.perf.devices import Device
+from bigpicture.perf.predict import Prediction, _size, predict, predict_splits, resolve_device
 
 MAX_TILES_PER_DIM = 256  # smaller tiles are never faster: their halo work and per-tile costs grow
 _UNITS = {
@@ -134,14 +134,21 @@ def choose_tile(
 
 
 def for_run(plan: Plan, dtype, device, training: bool, prediction: Prediction | None = None) -> Plan:
-    """``plan`` for a run on ``device`` (and in ``dtype``, unless None); ``prediction``: if known already."""
+    """``plan`` for a run on ``device`` (and in ``dtype``, unless None), with the performance model
+    attached: ``plan.prediction`` is computed on first use, or is ``prediction`` if known already."""
     dtype = plan.dtype if dtype is None else dtype
-    earlier = tuple(replace(e, dtype=dtype, device=device, training=training) for e in plan.earlier)
+    run = dict(dtype=dtype, device=device, training=training, predictor=_predict)
+    earlier = tuple(replace(e, **run) for e in plan.earlier)
     note = prediction.note if prediction is not None else ""
-    plan = replace(plan, dtype=dtype, device=device, training=training, note=note, earlier=earlier)
+    plan = replace(plan, **run, note=note, earlier=earlier)
     if prediction is not None:
         plan.__dict__["prediction"] = prediction  # the slot of Plan.prediction (a cached_property)
     return plan
+
+
+def _predict(plan: Plan) -> Prediction:
+    p = predict(plan)
+    return p.with_note(plan.note) if plan.note else p
 
 
 def best_tile(
@@ -175,6 +182,47 @@ def best_tile(
     if bigger and bigger[0].memory > budget:
         note += f"; the next larger, {_side(bigger[0].tile)}, needs {_size(bigger[0].memory)}"
     return best.with_note(note)
+
+
+def make_plan(
+    model: torch.nn.Module,
+    input_shape,
+    tile=None,
+    dtype=torch.float32,
+    device="cpu",
+    multipass=False,
+    training=False,
+    memory=None,
+) -> Plan:
+    """The plan for ``model`` on an input of ``input_shape`` (N, C, *spatial), with no tensor allocated.
+
+    ``tile``: the input extent each tile owns (one int, or one per spatial dimension; default
+    1024 in 2D, 128 in 3D: see ``default_tile``), or ``"auto"``: the planner chooses the fastest
+    predicted tile that fits ``memory``
+    (default: the device's memory). Giving ``memory=`` (bytes or a size like ``"8GiB"``) also lets
+    the planner choose; ``tile`` and ``memory`` together are a TypeError. A budget no tile fits is a
+    ``TilingError`` naming the least memory that would do.
+    ``device``: what the prediction is for: a name from the device table (``"H100-SXM"``, see
+    ``bigpicture.perf.devices.DEVICES``), ``"cpu"`` (this machine), a ``devices.Device`` or a CUDA device.
+    ``dtype``: of the run; ``training``: predict one forward and backward, else one forward.
+    Shapes are found on fake CPU tensors in the model's own dtype, so a plan for a 100,000^2 slide
+    on a GPU takes seconds here. ``plan.prediction`` (and ``plan.memory``, bytes; ``plan.time``,
+    seconds; ``plan.flops``) is computed on first use; ``print(plan)`` shows it.
+    """
+    planned = memory is not None or tile == "auto"
+    if memory is not None and tile is not None and tile != "auto":
+        raise TypeError(
+            f"make_plan got tile={tile!r} and memory={memory!r}: give one, tile= for a tile of your "
+            "choice, memory= for the fastest one the planner predicts to fit."
+        )
+    dev = resolve_device(device)  # an unknown name fails here, listing the known ones
+    gm = capture(model, multipass)
+    if planned:
+        budget = dev.memory_bytes if memory is None else memory
+        return choose_tile(gm, input_shape, budget, dev, dtype, training, multipass).plan
+    shapes = [(tuple(input_shape), model_dtype(gm), torch.device("cpu"))]
+    tile = default_tile(len(input_shape) - 2) if tile is None else tile
+    return for_run(plan_graph(gm, shapes, tile, multipass), dtype, dev, training)
 
 
 def _size_up(n: int) -> str:

@@ -16,9 +16,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..box import Box
-from ..errors import TilingError
-from . import Op, rule
+from bigpicture.engine.box import Box
+from bigpicture.engine.rules import Op, rule
+from bigpicture.errors import TilingError
 
 
 @dataclass
@@ -158,6 +158,6 @@ def functional_batch_norm(node, ctx):
     training = node.kwargs.get("training", node.args[5] if len(node.args) > 5 else False)
     if ctx.static(training):
         return global_op(node, ctx)
-    from . import Pointwise
+    from bigpicture.engine.rules import Pointwise
 
     return Pointwise(node, ctx)

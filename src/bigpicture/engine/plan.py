@@ -13,22 +13,20 @@ last tile in each dimension takes the remainder.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 from fractions import Fraction
 from functools import cached_property
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
-from . import graph as g
-from .box import Box, grid
-from .errors import TilingError
-from .regions import needs, receptive_field
-from .rules.stats import rewrite_global_norms
-from .split import Split, split, stages
-
-if TYPE_CHECKING:
-    from .predict import Prediction
+from bigpicture.engine import capture as g
+from bigpicture.engine.box import Box, grid
+from bigpicture.engine.regions import needs, receptive_field
+from bigpicture.engine.rules.stats import rewrite_global_norms
+from bigpicture.engine.split import Split, split, stages
+from bigpicture.errors import TilingError
 
 
 @dataclass(frozen=True)
@@ -41,8 +39,11 @@ class Tile:
 
 @dataclass(frozen=True)
 class Plan:
-    """Everything decided before the first tile runs; ``prediction`` (and ``memory``, ``time``,
-    ``flops``) is what the performance model predicts for running it on ``device``."""
+    """Everything decided before the first tile runs.
+
+    ``prediction`` (and ``memory``, ``time``, ``flops``) is what the performance model predicts for
+    running it on ``device``: the planner attaches a ``predictor`` (a function of the plan), and the
+    engine itself never predicts."""
 
     split: Split
     input_shape: tuple[int, ...]
@@ -55,13 +56,17 @@ class Plan:
     training: bool = False  # predict a training step (forward + backward), else one forward
     note: str = ""  # why the planner chose this tile (memory= or tile="auto")
 
-    @cached_property
-    def prediction(self) -> Prediction:
-        """Predicted peak memory and time (``bigpicture.predict``), computed on first use."""
-        from .predict import predict
+    predictor: Callable[[Plan], Any] | None = field(default=None, compare=False, repr=False)
 
-        p = predict(self)
-        return p.with_note(self.note) if self.note else p
+    @cached_property
+    def prediction(self):
+        """Predicted peak memory and time (a ``bigpicture.perf.predict.Prediction``), on first use."""
+        if self.predictor is None:
+            raise TilingError(
+                "this plan has no performance model attached: make it with bp.make_plan(...) or "
+                "predict it with bp.predict(plan, device)."
+            )
+        return self.predictor(self)
 
     @property
     def memory(self) -> int:
@@ -231,50 +236,6 @@ def _write_box(index, used, per_dim, stride, extent) -> Box:
         hi = extent[d] if j == len(per_dim[d]) - 1 else min((j + 1) * w, extent[d])
         dims.append((lo, hi))
     return Box.from_dims(dims)
-
-
-def make_plan(
-    model: torch.nn.Module,
-    input_shape,
-    tile=None,
-    dtype=torch.float32,
-    device="cpu",
-    multipass=False,
-    training=False,
-    memory=None,
-) -> Plan:
-    """The plan for ``model`` on an input of ``input_shape`` (N, C, *spatial), with no tensor allocated.
-
-    ``tile``: the input extent each tile owns (one int, or one per spatial dimension; default
-    1024 in 2D, 128 in 3D: see ``default_tile``), or ``"auto"``: the planner chooses the fastest
-    predicted tile that fits ``memory``
-    (default: the device's memory). Giving ``memory=`` (bytes or a size like ``"8GiB"``) also lets
-    the planner choose; ``tile`` and ``memory`` together are a TypeError. A budget no tile fits is a
-    ``TilingError`` naming the least memory that would do.
-    ``device``: what the prediction is for: a name from the device table (``"H100-SXM"``, see
-    ``bigpicture.devices.DEVICES``), ``"cpu"`` (this machine), a ``devices.Device`` or a CUDA device.
-    ``dtype``: of the run; ``training``: predict one forward and backward, else one forward.
-    Shapes are found on fake CPU tensors in the model's own dtype, so a plan for a 100,000^2 slide
-    on a GPU takes seconds here. ``plan.prediction`` (and ``plan.memory``, bytes; ``plan.time``,
-    seconds; ``plan.flops``) is computed on first use; ``print(plan)`` shows it.
-    """
-    from .predict import resolve_device
-    from .schedule import choose_tile, for_run, model_dtype
-
-    planned = memory is not None or tile == "auto"
-    if memory is not None and tile is not None and tile != "auto":
-        raise TypeError(
-            f"make_plan got tile={tile!r} and memory={memory!r}: give one, tile= for a tile of your "
-            "choice, memory= for the fastest one the planner predicts to fit."
-        )
-    dev = resolve_device(device)  # an unknown name fails here, listing the known ones
-    gm = capture(model, multipass)
-    if planned:
-        budget = dev.memory_bytes if memory is None else memory
-        return choose_tile(gm, input_shape, budget, dev, dtype, training, multipass).plan
-    shapes = [(tuple(input_shape), model_dtype(gm), torch.device("cpu"))]
-    tile = default_tile(len(input_shape) - 2) if tile is None else tile
-    return for_run(plan_graph(gm, shapes, tile, multipass), dtype, dev, training)
 
 
 def capture(model: torch.nn.Module, multipass: bool = False):

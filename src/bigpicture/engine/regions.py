@@ -7,8 +7,8 @@ box of every node, down to the input's read box.
 
 from __future__ import annotations
 
-from .box import Box
-from .split import Split
+from bigpicture.engine.box import Box
+from bigpicture.engine.split import Split
 
 
 def needs(split: Split, writes: dict) -> dict:

@@ -22,12 +22,12 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .box import Box
-from .rates import PARALLEL_ELEMENTS, Rates, conv_backend
-from .rules import Window
-from .rules.resample import ConvTranspose, Pad, Resample, Slice
-from .rules.window import AvgPool, Conv, MaxPool, Pool
-from .split import Split
+from bigpicture.engine.box import Box
+from bigpicture.engine.rules import Window
+from bigpicture.engine.rules.resample import ConvTranspose, Pad, Resample, Slice
+from bigpicture.engine.rules.window import AvgPool, Conv, MaxPool, Pool
+from bigpicture.engine.split import Split
+from bigpicture.perf.rates import PARALLEL_ELEMENTS, Rates, conv_backend
 
 # fmt: off
 _VIEWS = {"identity", "dropout", "dropout1d", "dropout2d", "dropout3d", "alphadropout", "featurealphadropout",
@@ -345,8 +345,8 @@ def _accumulation_s(split: Split, steps: list, sizes: dict, grad: dict, rates: R
 def last_tile(split: Split, lay) -> tuple[dict, tuple]:
     """The node boxes and write boxes of the grid's last tile (``grid.Layout``): the engine runs it
     last in the forward with autograd and keeps its graph, so a training step does not recompute it."""
-    from .plan import _write_box
-    from .regions import needs
+    from bigpicture.engine.plan import _write_box
+    from bigpicture.engine.regions import needs
 
     index = tuple(g - 1 for g in lay.grid)
     writes = tuple(

@@ -18,11 +18,11 @@ import numpy as np
 import torch
 from torch.fx.node import map_arg
 
-from . import graph as g
-from .background import BackgroundTiles
-from .padding import Value, read
-from .plan import Plan, Tile
-from .rules.reduce import Partial
+from bigpicture.engine import capture as g
+from bigpicture.engine.background import BackgroundTiles
+from bigpicture.engine.padding import Value, read
+from bigpicture.engine.plan import Plan, Tile
+from bigpicture.engine.rules.reduce import Partial
 
 
 @dataclass

@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from .devices import Device
+from bigpicture.perf.devices import Device
 
 GPU_ASSUMPTIONS = (
     "GPU rates are assumptions, not measurements: convolutions reach 70% of the dtype's dense peak "

@@ -31,12 +31,12 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .background import BackgroundTiles, MaskedSource
-from .errors import TilingError
-from .execute import Evaluator, Runner
-from .io.sinks import ZarrGroupSink, ZarrSink
-from .io.sources import TensorSource, as_source
-from .rules.reduce import Partial
+from bigpicture.engine.background import BackgroundTiles, MaskedSource
+from bigpicture.engine.execute import Evaluator, Runner
+from bigpicture.engine.rules.reduce import Partial
+from bigpicture.errors import TilingError
+from bigpicture.io.sinks import ZarrGroupSink, ZarrSink
+from bigpicture.io.sources import TensorSource, as_source
 
 
 @dataclass

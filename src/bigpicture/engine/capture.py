@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from pathlib import Path
 
 import torch
 from torch import fx
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx.node import map_arg
 
-from .errors import TilingError
+from bigpicture.errors import TilingError
 
 
 def capture(model: torch.nn.Module, stack_traces: bool = False) -> fx.GraphModule:
@@ -123,8 +124,11 @@ def describe(gm: fx.GraphModule, node: fx.Node) -> str:
     return where + ")"
 
 
+_PACKAGE = str(Path(__file__).resolve().parents[1])  # frames in bigpicture or torch are not the user's line
+
+
 def _internal(line: str) -> bool:
-    return any(part in line for part in ("/torch/", "/bigpicture/graph.py", "/bigpicture/plan.py"))
+    return "/torch/" in line or _PACKAGE in line
 
 
 def _stack_trace(gm: fx.GraphModule, name: str) -> str | None:

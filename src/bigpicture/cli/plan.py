@@ -1,0 +1,111 @@
+"""``bigpicture plan``: predicted peak memory and time per device, and the planner's tile.
+
+    bigpicture plan --model monai:DenseNet121 --model-args spatial_dims=2,in_channels=3,out_channels=2 \\
+        --input 3x100000x100000 --device H100-SXM,A100-80GB,RTX-4090 --dtype bf16 --train
+    bigpicture plan --model path/to/file.py:factory --input 1x512x512x512 --device cpu --tile 128
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from bigpicture.cli.common import DTYPES, load_model, parse_args_text, parse_input
+from bigpicture.engine.batchnorm import freeze_batchnorm
+from bigpicture.engine.plan import plan_for_split
+from bigpicture.errors import TilingError
+from bigpicture.perf.devices import DEVICES, get_device
+from bigpicture.perf.predict import _seconds, _size, predict_splits, read_seconds, with_reads
+from bigpicture.perf.schedule import analyse, best_tile, parse_memory
+
+
+def _plan(a: argparse.Namespace) -> int:
+    dtype = DTYPES.get(a.dtype.lower())
+    if dtype is None:
+        raise TilingError(f"--dtype {a.dtype!r}: known dtypes are {', '.join(DTYPES)}.")
+    devices = [get_device(name.strip()) for name in a.device.split(",") if name.strip()]
+    if (a.input is None) == (a.source is None):
+        raise TilingError("give the input's size as --input 3x100000x100000, or a file as --source PATH")
+    source = None
+    if a.source is not None:
+        from bigpicture.io import as_source
+
+        source = as_source(a.source)
+        shape = tuple(source.shape)
+    else:
+        shape = parse_input(a.input, a.batch)
+    reads: dict = {}  # per tile: the source's read seconds (timed once)
+    model = load_model(a.model, parse_args_text(a.model_args))
+    model.train() if a.train else model.eval()
+    if a.train:
+        freeze_batchnorm(model)  # train-mode BatchNorm needs whole-image statistics
+    splits = analyse(model, shape, a.multipass)
+    mode = "training step (forward + backward)" if a.train else "inference"
+    print(f"{a.model} on {'x'.join(map(str, shape))}, {str(dtype).removeprefix('torch.')}, {mode}")
+    head = ("device", "memory", "tile", "tiles", "halo", "peak memory", "time", "note")
+    rows = [head]
+    for dev in devices:
+        try:
+            if a.tile:
+                p = predict_splits(splits, shape, dtype, a.tile, dev, a.train)
+                fits = p.memory <= (parse_memory(a.memory) if a.memory else dev.memory_bytes)
+                note = "" if fits else "does not fit"
+            else:
+                p = best_tile(splits, shape, a.memory or dev.memory_bytes, dev, dtype, a.train)
+                note = "planner"
+            if source is not None:  # a GPU computes while net.run's reader reads; a CPU shares its cores
+                if p.tile not in reads:
+                    reads[p.tile] = read_seconds(plan_for_split(splits[-1], shape, dtype, p.tile), source)
+                total, first = reads[p.tile]
+                p = with_reads(p, (len(splits) * total, first), overlap=dev.name != "cpu")
+        except TilingError as e:
+            if "no tile fits" not in str(e):
+                raise
+            rows.append(
+                (dev.name, _size(dev.memory_bytes), "-", "-", "-", "-", "-", str(e).split(": ", 1)[1])
+            )
+            continue
+        rows.append(
+            (
+                dev.name,
+                _size(dev.memory_bytes),
+                "x".join(map(str, p.tile)),
+                f"{p.tiles:,}",
+                f"{100 * p.halo_overhead:.1f}%",
+                _size(p.memory),
+                _seconds(p.time),
+                note,
+            )
+        )
+        if a.verbose:
+            print(p, end="\n\n")
+    widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
+    for r in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
+    return 0
+
+
+def add_plan_command(subparsers: argparse._SubParsersAction) -> None:
+    known = ", ".join(DEVICES)
+    p = subparsers.add_parser(
+        "plan",
+        help="predict peak memory and time per device, and choose the tile",
+        description=f"Known devices: {known}, and cpu (this machine).",
+    )
+    p.add_argument(
+        "--model", required=True, help="monai:DenseNet121, package.module:factory or file.py:factory"
+    )
+    p.add_argument("--model-args", default="", help="keyword arguments, e.g. spatial_dims=2,in_channels=3")
+    p.add_argument("--input", help="channels x spatial size, e.g. 3x100000x100000")
+    p.add_argument(
+        "--source",
+        help="an input on disk (slide, zarr, TIFF, volume) instead of --input: its reads are timed and added",
+    )
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--device", default="cpu", help="comma-separated device names")
+    p.add_argument("--dtype", default="fp32", help="fp32, bf16, fp16 or fp64")
+    p.add_argument("--train", action="store_true", help="a training step (forward + backward), not inference")
+    p.add_argument("--memory", help="budget, e.g. 8GiB (default: each device's memory)")
+    p.add_argument("--tile", type=int, help="predict this tile instead of choosing one")
+    p.add_argument("--multipass", action="store_true", help="tile global norms with extra passes")
+    p.add_argument("-v", "--verbose", action="store_true", help="print each device's full prediction")
+    p.set_defaults(run=_plan)
