@@ -71,10 +71,11 @@ class Tiled(nn.Module):
         described = tuple(_describe(a) for a in args)
         key = (shape, dtype, device, state, described, training)
         if key not in self._plans:
-            if state not in self._graphs:
-                self._graphs[state] = capture(self.model, self.multipass)
-            gm = self._graphs[state]
             inputs = [(shape, dtype, device)] + [_fake_spec(a) for a in args]
+            graph_key = key[:-1]  # a graph is checked against the model for each input shape
+            if graph_key not in self._graphs:
+                self._graphs[graph_key] = capture(self.model, self.multipass, inputs)
+            gm = self._graphs[graph_key]
             same = (shape, dtype, device, state, described, not training)
             if self.planned:
                 self._plans[key] = self._choose(gm, inputs, training)

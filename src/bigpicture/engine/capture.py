@@ -25,7 +25,7 @@ def capture(model: torch.nn.Module, stack_traces: bool = False) -> fx.GraphModul
     if tracer.is_leaf_module(model, ""):  # a bare torch.nn layer: trace it as a call, not its insides
         model = torch.nn.Sequential(model)
     try:
-        with _functions_as_calls():
+        with functions_as_calls(_proxy_apply):
             graph = tracer.trace(model)
     except Exception as e:  # fx raises many kinds; each means the same to the user
         raise TilingError(
@@ -63,23 +63,28 @@ class FunctionApply:
         return f"{self.cls.__qualname__}.apply"
 
 
+def _proxy_apply(cls, c_apply, args, kwargs):
+    flat = []
+    fx.node.map_aggregate((args, kwargs), flat.append)
+    proxy = next((a for a in flat if isinstance(a, fx.Proxy)), None)
+    if proxy is None:
+        return c_apply(*args, **kwargs)
+    return proxy.tracer.create_proxy("call_function", FunctionApply(cls), args, kwargs)
+
+
 @contextlib.contextmanager
-def _functions_as_calls():
-    """While tracing, a custom autograd.Function applied to a traced value becomes one graph node.
+def functions_as_calls(on_apply):
+    """While capturing, ``on_apply(cls, c_apply, args, kwargs)`` applies every custom autograd.Function.
 
     ``Function.apply`` ends in ``super().apply``, which finds this hook on the class between it
-    and the C implementation, however the user got hold of ``apply`` (bound early, or not).
+    and the C implementation, however the user got hold of ``apply`` (bound early, or not); the
+    capture makes the call one graph node (``FunctionApply``) when a captured value goes in.
     """
     base = torch.autograd.function._SingleLevelFunction
     c_apply = torch._C._FunctionBase.__dict__["apply"]
 
     def apply(cls, *args, **kwargs):
-        flat = []
-        fx.node.map_aggregate((args, kwargs), flat.append)
-        proxy = next((a for a in flat if isinstance(a, fx.Proxy)), None)
-        if proxy is None:
-            return c_apply.__get__(None, cls)(*args, **kwargs)
-        return proxy.tracer.create_proxy("call_function", FunctionApply(cls), args, kwargs)
+        return on_apply(cls, c_apply.__get__(None, cls), args, kwargs)
 
     base.apply = classmethod(apply)
     try:
@@ -133,7 +138,7 @@ def _internal(line: str) -> bool:
 
 def _stack_trace(gm: fx.GraphModule, name: str) -> str | None:
     model = gm.meta.get("bigpicture_model")
-    if model is None:
+    if model is None or gm.meta.get("bigpicture_capture") == "recorded":  # recorded with its lines
         return None
     if "bigpicture_traces" not in gm.meta:
         traced = capture(model, stack_traces=True)
@@ -158,19 +163,13 @@ def propagate(gm: fx.GraphModule, inputs: list) -> dict[fx.Node, object]:
 
     ``inputs`` holds, per placeholder, a (shape, dtype, device) triple for tensors or the value.
     """
-    mode = FakeTensorMode(allow_non_fake_inputs=True)
-    # FakeTensor logs every failing op with a traceback; the TilingError below says it better.
-    logging.getLogger("torch._subclasses.fake_tensor").setLevel(logging.CRITICAL)
+    quiet_fake_tensors()
     env: dict[fx.Node, object] = {}
     placeholders = iter(inputs)
-    with mode:
+    with FakeTensorMode(allow_non_fake_inputs=True):
         for node in gm.graph.nodes:
             if node.op == "placeholder":
-                value = next(placeholders, None)
-                if isinstance(value, tuple) and len(value) == 3 and isinstance(value[1], torch.dtype):
-                    shape, dtype, device = value
-                    value = torch.empty(shape, dtype=dtype, device=device)
-                env[node] = value
+                env[node] = fake(next(placeholders, None))
             elif node.op == "output":
                 env[node] = map_arg(node.args[0], env.__getitem__)
             else:
@@ -178,11 +177,24 @@ def propagate(gm: fx.GraphModule, inputs: list) -> dict[fx.Node, object]:
                 try:
                     env[node] = call(gm, node, args, kwargs)
                 except Exception as e:
-                    raise _shape_error(gm, node, e, inputs) from e
+                    raise shape_error(gm, node, e, inputs) from e
     return env
 
 
-def _shape_error(gm, node, e, inputs) -> TilingError:
+def fake(value):
+    """A placeholder's value: a (shape, dtype, device) triple becomes an empty (fake) tensor."""
+    if isinstance(value, tuple) and len(value) == 3 and isinstance(value[1], torch.dtype):
+        shape, dtype, device = value
+        return torch.empty(shape, dtype=dtype, device=device)
+    return value
+
+
+def quiet_fake_tensors() -> None:
+    """FakeTensor logs every failing op with a traceback; bigpicture's TilingError says it better."""
+    logging.getLogger("torch._subclasses.fake_tensor").setLevel(logging.CRITICAL)
+
+
+def shape_error(gm, node, e, inputs) -> TilingError:
     text = str(e).splitlines()[0] if str(e) else type(e).__name__
     if any(s in text.lower() for s in ("too small", "output size", "kernel size can't be greater")):
         return TilingError(

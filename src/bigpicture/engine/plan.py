@@ -23,6 +23,7 @@ import torch
 
 from bigpicture.engine import capture as g
 from bigpicture.engine.box import Box, grid
+from bigpicture.engine.check import checked_capture
 from bigpicture.engine.regions import needs, receptive_field
 from bigpicture.engine.rules.stats import rewrite_global_norms
 from bigpicture.engine.split import Split, split, stages
@@ -238,8 +239,10 @@ def _write_box(index, used, per_dim, stride, extent) -> Box:
     return Box.from_dims(dims)
 
 
-def capture(model: torch.nn.Module, multipass: bool = False):
-    gm = g.capture(model)
+def capture(model: torch.nn.Module, multipass: bool = False, inputs: list | None = None):
+    """The model's graph; with ``inputs`` (as ``plan_graph`` takes them) checked against the model
+    for them, and captured another way where torch.fx gets it wrong (``check.checked_capture``)."""
+    gm = g.capture(model) if inputs is None else checked_capture(model, inputs)
     if multipass:
         rewrite_global_norms(gm)
     return gm

@@ -62,9 +62,10 @@ def parse_memory(memory: str | int | float) -> int:
     return int(float(match[1]) * _UNITS[match[2].lower()])
 
 
-def model_dtype(gm: fx.GraphModule) -> torch.dtype:
+def model_dtype(model: nn.Module | fx.GraphModule) -> torch.dtype:
     """The dtype shapes are propagated in: the model's own (shapes do not depend on it)."""
-    model = gm.meta.get("bigpicture_model", gm)
+    if isinstance(model, fx.GraphModule):
+        model = model.meta.get("bigpicture_model", model)
     return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
 
 
@@ -76,12 +77,13 @@ def analyse(
     ``inputs``: the placeholders' (shape, dtype, device) or values, as ``plan.plan_graph`` takes them
     (default: the input alone, on fake CPU tensors in the model's dtype).
     """
-    gm = model if isinstance(model, fx.GraphModule) else capture(model, multipass)
     if len(input_shape) < 3:
         raise TilingError(
             f"input shape {tuple(input_shape)} has no spatial dimension: expected (N, C, *spatial)."
         )
-    values = g.propagate(gm, inputs or [(tuple(input_shape), model_dtype(gm), torch.device("cpu"))])
+    inputs = inputs or [(tuple(input_shape), model_dtype(model), torch.device("cpu"))]
+    gm = model if isinstance(model, fx.GraphModule) else capture(model, multipass, inputs)
+    values = g.propagate(gm, inputs)
     x = next(n for n in gm.graph.nodes if n.op == "placeholder")
     return stages(split(gm, values, x, multipass))
 
@@ -124,7 +126,8 @@ def choose_tile(
     its prediction, whose ``note`` says why it was chosen. A budget no tile fits is a
     ``TilingError`` naming the least memory that would do.
     """
-    gm = model if isinstance(model, fx.GraphModule) else capture(model, multipass)
+    shapes = [(tuple(input_shape), model_dtype(model), torch.device("cpu"))]
+    gm = model if isinstance(model, fx.GraphModule) else capture(model, multipass, shapes)
     dev = resolve_device(device)
     best = best_tile(analyse(gm, input_shape, multipass), input_shape, budget_bytes, dev, dtype, training)
     if not make_plan:
@@ -216,7 +219,7 @@ def make_plan(
             "choice, memory= for the fastest one the planner predicts to fit."
         )
     dev = resolve_device(device)  # an unknown name fails here, listing the known ones
-    gm = capture(model, multipass)
+    gm = capture(model, multipass, [(tuple(input_shape), model_dtype(model), torch.device("cpu"))])
     if planned:
         budget = dev.memory_bytes if memory is None else memory
         return choose_tile(gm, input_shape, budget, dev, dtype, training, multipass).plan
