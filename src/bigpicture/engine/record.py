@@ -36,7 +36,7 @@ from bigpicture.engine import capture as g
 from bigpicture.errors import TilingError
 
 _OPERATORS = {
-    "__getitem__": operator.getitem, "__setitem__": operator.setitem, "__add__": operator.add,
+    "__getitem__": operator.getitem, "__add__": operator.add,
     "__iadd__": operator.iadd, "__sub__": operator.sub, "__isub__": operator.isub, "__mul__": operator.mul,
     "__imul__": operator.imul, "__truediv__": operator.truediv, "__itruediv__": operator.itruediv,
     "__floordiv__": operator.floordiv, "__mod__": operator.mod, "__pow__": operator.pow,
@@ -53,6 +53,8 @@ _REFLECTED = {
 }  # fmt: skip
 # Calls that turn a tensor into a Python value: the model branches on (or computes with) tensor values.
 _VALUE = {"__bool__", "item", "tolist", "__int__", "__float__", "__index__", "numpy", "__array__"}
+# Calls that return their tensor itself when it already has the asked dtype, device and layout.
+_SAME = {"as_tensor", "asarray", "to", "type", "type_as", "contiguous", "float", "double", "half", "cpu"}
 _DATA_DEPENDENT = (DataDependentOutputException, DynamicOutputShapeException)
 
 
@@ -161,10 +163,14 @@ class _Mode(TorchFunctionMode):
             if rec.tracks(args, kwargs):  # the model fails here: name this call in the error
                 rec.fail(self._node(func, name, args, kwargs), _user_line())
             raise
-        if not _has_tensor(out) and name not in ("__setitem__",):
+        if name == "__setitem__":  # recorded as a copy: a later use sees the new values in any graph
+            func, name, out = assign, "assign", args[0]
+        if not _has_tensor(out):
+            return out
+        if name in _SAME and out is args[0]:  # torch.as_tensor(x), x.to(x.dtype): x itself, no node
             return out
         node = self._node(func, name, args, kwargs)
-        rec.bind(out if name != "__setitem__" else args[0], node, _user_line())
+        rec.bind(out, node, _user_line())
         return out
 
     def _node(self, func, name, args, kwargs) -> fx.Node:
@@ -178,6 +184,13 @@ class _Mode(TorchFunctionMode):
                 return graph.call_function(_REFLECTED[name], (arg(args[1]), arg(args[0])))
             return graph.call_method(name, arg(tuple(args)), arg(kwargs))
         return graph.call_function(func, arg(tuple(args)), arg(kwargs))
+
+
+def assign(tensor: torch.Tensor, index, value) -> torch.Tensor:
+    """``tensor[index] = value`` without changing ``tensor``: a new tensor with the assignment."""
+    out = tensor.clone()
+    out[index] = value
+    return out
 
 
 def _returns_tensor_attr(getter) -> bool:
