@@ -88,9 +88,9 @@ def _check_norm(node, ctx, uses_batch_stats: bool):
         )
     raise TilingError(
         f"{ctx.where(node)}: {name} normalises with statistics over the whole image (a global op) in the "
-        "middle of the local part, which one pass over the tiles cannot reproduce. Use "
-        "`bp.tiled(model, ..., multipass=True)` (exact, one more pass over the tiles per level of such "
-        "ops), or running statistics in eval mode (track_running_stats=True)."
+        "middle of the local part, which one pass over the tiles cannot reproduce, and multipass=False "
+        "allows one pass only. Without multipass=False (the default) it is exact with one more pass over "
+        "the tiles per level of such ops; or use running statistics in eval mode (track_running_stats=True)."
     )
 
 
