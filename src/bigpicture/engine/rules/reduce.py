@@ -166,8 +166,8 @@ class Boundary(Op):
     kind = "boundary"
 
 
-@rule(nn.Flatten, torch.flatten, torch.reshape, torch.permute, torch.transpose,
-      "flatten", "view", "reshape", "permute", "transpose", "unsqueeze", "squeeze")  # fmt: skip
+@rule(nn.Flatten, torch.flatten, torch.reshape, "flatten", "view", "reshape", "unsqueeze", "squeeze")
+# (permute and transpose: channels.permute, pointwise where they keep every dimension in place)
 def boundary(node, ctx):
     return Boundary(node, ctx)
 
@@ -175,7 +175,7 @@ def boundary(node, ctx):
 _GLOBAL = (
     nn.GroupNorm, nn.LayerNorm, nn.MultiheadAttention, nn.Transformer, nn.TransformerEncoderLayer,
     F.group_norm, F.layer_norm, F.instance_norm, F.scaled_dot_product_attention,
-    torch.matmul, torch.bmm, torch.einsum, "matmul", "bmm",
+    torch.matmul, torch.bmm, "matmul", "bmm",
 )  # fmt: skip
 
 
