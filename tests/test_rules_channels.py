@@ -112,7 +112,9 @@ def test_permute_of_a_spatial_dimension_ends_the_tiled_part_and_stays_exact(one_
 
     torch.manual_seed(0)
     net = assert_tiled_matches(ChannelsLast().double(), torch.randn(1, 3, 13, 11, dtype=torch.float64), 4)
-    assert "untiled nodes after them" in str(net.plan) and net.plan.split.roles[net.plan.sinks[0]] == "spatial"
+    assert (
+        "untiled nodes after them" in str(net.plan) and net.plan.split.roles[net.plan.sinks[0]] == "spatial"
+    )
 
 
 def wrap(fn):

@@ -104,6 +104,7 @@ def _adaptive(node, ctx, how):
     else:
         size = ctx.static(node.args[1] if len(node.args) > 1 else node.kwargs["output_size"])
         indices = ctx.static(node.kwargs.get("return_indices", node.args[2] if len(node.args) > 2 else False))
+        indices = indices or node.target.__name__.endswith("_with_indices")
     sizes = size if isinstance(size, (tuple, list)) else (size,) * ctx.nd
     if not indices and all(s == 1 for s in sizes):
         return StreamedReduction(node, ctx, how)
@@ -119,7 +120,8 @@ def adaptive_avg_pool(node, ctx):
 
 
 @rule(nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d,
-      F.adaptive_max_pool1d, F.adaptive_max_pool2d, F.adaptive_max_pool3d)  # fmt: skip
+      F.adaptive_max_pool1d, F.adaptive_max_pool2d, F.adaptive_max_pool3d, F.adaptive_max_pool1d_with_indices,
+      F.adaptive_max_pool2d_with_indices, F.adaptive_max_pool3d_with_indices)  # fmt: skip
 def adaptive_max_pool(node, ctx):
     return _adaptive(node, ctx, "first")
 

@@ -182,7 +182,11 @@ class _PixelShuffleBase(Op):
     def __init__(self, node, ctx):
         super().__init__(node, ctx)
         if self.nd != 2:
-            raise TilingError(f"{ctx.where(node)}: {self.name} is defined for 2D images only.")
+            raise TilingError(
+                f"{ctx.where(node)}: {self.name} on a {self.nd}D image: torch's pixel (un)shuffle moves "
+                "pixels of the last two dimensions only (of a volume it would mix depth into channels), so "
+                "bigpicture tiles it on 2D images only. Use it on 2D images, or after the tiled part."
+            )
         self.r = _pixel_shuffle_factor(node, ctx)
 
 
