@@ -24,6 +24,7 @@ from torch.fx.node import map_aggregate
 
 from bigpicture.engine import capture as g
 from bigpicture.engine import rules
+from bigpicture.engine.rules import shuffle
 from bigpicture.errors import TilingError
 
 
@@ -108,6 +109,7 @@ class Split:
 
 def split(gm: fx.GraphModule, values: dict, x: fx.Node, multipass: bool = True) -> Split:
     """``multipass=False``: one pass over the tiles; a global op in the middle is then an error."""
+    gm, values, x = shuffle.fold(gm, values, x)  # pixel shuffles spelt with view/permute/reshape
     ndim = values[x].ndim
     roles: dict = {}
     ctx = Context(gm, values, roles, ndim, multipass)

@@ -1,5 +1,5 @@
-"""Ops that change resolution by other means than a window: transposed convolution, interpolation,
-pixel (un)shuffle; and ops that shift coordinates: padding and spatial slicing."""
+"""Ops that change resolution by other means than a window: transposed convolution, interpolation
+(pixel (un)shuffle: ``shuffle``); and ops that shift coordinates: padding and spatial slicing."""
 
 from __future__ import annotations
 
@@ -169,53 +169,6 @@ class Resample(Op):
             lam = lam.to(x.dtype).to(x.device).view(shape)
             x = x0 * (1 - lam) + x1 * lam
         return x
-
-
-def _pixel_shuffle_factor(node, ctx):
-    if node.op == "call_module":
-        m = ctx.module(node)
-        return getattr(m, "upscale_factor", None) or m.downscale_factor
-    return ctx.static(node.args[1] if len(node.args) > 1 else next(iter(node.kwargs.values())))
-
-
-class _PixelShuffleBase(Op):
-    def __init__(self, node, ctx):
-        super().__init__(node, ctx)
-        if self.nd != 2:
-            raise TilingError(
-                f"{ctx.where(node)}: {self.name} on a {self.nd}D image: torch's pixel (un)shuffle moves "
-                "pixels of the last two dimensions only (of a volume it would mix depth into channels), so "
-                "bigpicture tiles it on 2D images only. Use it on 2D images, or after the tiled part."
-            )
-        self.r = _pixel_shuffle_factor(node, ctx)
-
-
-@rule(nn.PixelShuffle, F.pixel_shuffle)
-class PixelShuffle(_PixelShuffleBase):
-    @property
-    def stride(self):
-        return (Fraction(1, self.r),) * 2
-
-    def needs(self, out):
-        return [Box(tuple(a // self.r for a in out.lo), tuple((b - 1) // self.r + 1 for b in out.hi))]
-
-    def run(self, out, args, kwargs):
-        box = self.needs(out)[0]
-        y = F.pixel_shuffle(read(args[0], box, self.in_extents[0]), self.r)
-        return y[(..., *out.relative_to(Box(tuple(a * self.r for a in box.lo), out.hi)).slices())]
-
-
-@rule(nn.PixelUnshuffle, F.pixel_unshuffle)
-class PixelUnshuffle(_PixelShuffleBase):
-    @property
-    def stride(self):
-        return (Fraction(self.r),) * 2
-
-    def needs(self, out):
-        return [Box(tuple(a * self.r for a in out.lo), tuple(b * self.r for b in out.hi))]
-
-    def run(self, out, args, kwargs):
-        return F.pixel_unshuffle(read(args[0], self.needs(out)[0], self.in_extents[0]), self.r)
 
 
 _PAD_MODES = {"Reflection": "reflect", "Replication": "replicate", "Circular": "circular"}
