@@ -28,6 +28,7 @@ class Around(nn.Module):
         self.fn, self.nd = fn, nd
         self.a = CONV[nd](3, 4, 3, padding=1)
         self.w = nn.Parameter(torch.randn(4, 4))
+        self.shuffle = nn.ChannelShuffle(4)
         self.b = CONV[nd](cout, 2, 3, padding=1)
 
     def forward(self, x):
@@ -67,6 +68,7 @@ CASES = {
     "narrow_channels": (lambda y, m: torch.cat([y.narrow(1, 1, 3), torch.narrow(y, 1, 0, 1)], 1), 4),
     "narrow_spatial_negative_start": (lambda y, m: y.narrow(-1, -4, 3), 4),
     "chunk_and_split": (lambda y, m: chunk_and_split(y), 8),
+    "channel_shuffle": (lambda y, m: F.channel_shuffle(y, 2) + m.shuffle(y), 4),
     "flip_channels": (lambda y, m: torch.flip(y, [1]) + y.flip(dims=(1,)) * y, 4),
     "permute_identity": (lambda y, m: y.permute(*range(2 + m.nd)) + torch.transpose(y, 1, 1), 4),
     "where_and_comparisons": (lambda y, m: torch.where(y > 0, y, 0.1 * y) + (y <= 0.5).to(y.dtype), 4),

@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import assert_tiled_matches
+from helpers import Lambda, assert_tiled_matches
 from test_errors import expect_error
 from test_rules_channels import CONV, SHAPES
 from torch import nn
@@ -69,6 +69,7 @@ CASES = {
     "slice_step_2": (lambda y, nd: y[each(nd, slice(None, None, 2))], 4),
     "slice_start_and_step_3": (lambda y, nd: y[each(nd, slice(1, None, 3))], 4),
     "slice_ellipsis_last_dim": (lambda y, nd: y[..., 1:-1], 4),
+    "slice_ellipsis_step": (lambda y, nd: y[..., ::2], 4),
     "slice_channels_and_space": (lambda y, nd: y[:, 1:3, 2:], 2),
     "slice_channel_step": (lambda y, nd: y[:, ::2], 2),
     "pad_constant_value": (lambda y, nd: F.pad(y, pads(nd, 2, 1, 0, 3), value=0.5), 4),
@@ -136,21 +137,12 @@ ADAPTIVE = {
     "avg_to_3": (lambda nd: (nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d)[nd - 1](3), "reduce"),
     "avg_to_mixed_sizes": (lambda nd: (nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d)[nd - 1](
         (5, 1, 4)[:nd] if nd > 1 else 5), "reduce"),
-    "avg_functional_to_2": (lambda nd: Fn(lambda y: (F.adaptive_avg_pool1d, F.adaptive_avg_pool2d,
+    "avg_functional_to_2": (lambda nd: Lambda(lambda y: (F.adaptive_avg_pool1d, F.adaptive_avg_pool2d,
                                                      F.adaptive_avg_pool3d)[nd - 1](y, 2)), "reduce"),
     "max_to_3": (lambda nd: (nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d)[nd - 1](3), "tail"),
-    "max_with_indices": (lambda nd: Fn(lambda y: (F.adaptive_max_pool1d, F.adaptive_max_pool2d,
+    "max_with_indices": (lambda nd: Lambda(lambda y: (F.adaptive_max_pool1d, F.adaptive_max_pool2d,
                                                   F.adaptive_max_pool3d)[nd - 1](y, 1, True)[0]), "tail"),
 }  # fmt: skip
-
-
-class Fn(nn.Module):
-    def __init__(self, fn):
-        super().__init__()
-        self.fn = fn
-
-    def forward(self, y):
-        return self.fn(y)
 
 
 class PoolHead(nn.Module):
@@ -179,3 +171,16 @@ def test_adaptive_pooling_to_a_fixed_size(name, nd, one_thread):
     pool = next(n for n in net.plan.split.gm.graph.nodes if "pool" in n.name or "adaptive" in n.name)
     assert net.plan.split.roles[pool] == role
     assert len(net.plan.tiles) > 1
+
+
+@pytest.mark.parametrize(
+    "fn, text",
+    [
+        (lambda y: y[:, None, :, :, 0].squeeze(1).unsqueeze(-1) * y, "[:, None, :, :, 0]"),
+        (lambda y: y[:, :, 2][:, :, None], "[:, :, 2]"),
+        (lambda y: y[..., torch.tensor([0, 2])].mean(-1, keepdim=True) * y, "[..., tensor]"),
+    ],
+)
+def test_indexing_that_changes_the_layout_is_a_clear_error(fn, text):
+    model = Around(lambda y, nd: fn(y), 2).double()
+    expect_error(model, torch.randn(1, 3, 12, 12, dtype=torch.float64), 4, f"indexing {text}", "slices")

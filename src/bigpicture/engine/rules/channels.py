@@ -14,6 +14,7 @@ import operator
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from bigpicture.engine.rules import Op, Pointwise, register_pointwise, rule
 from bigpicture.engine.rules.resample import Slice
@@ -26,6 +27,7 @@ _COMPARE = (
     torch.greater_equal, torch.less_equal, torch.not_equal, torch.logical_and, torch.logical_or,
     torch.logical_not, torch.logical_xor, torch.isnan, torch.isfinite, torch.sign, torch.zeros_like,
     torch.ones_like, torch.full_like, torch.masked_fill,
+    nn.ChannelShuffle, F.channel_shuffle, torch.channel_shuffle,
     "gt", "lt", "ge", "le", "eq", "ne", "greater", "less", "logical_and", "logical_or", "logical_not",
     "masked_fill", "masked_fill_", "where", "sign", "bool", "long", "int", "type", "zero_",
 )  # fmt: skip

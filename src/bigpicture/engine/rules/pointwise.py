@@ -13,6 +13,7 @@ import operator
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.fx.node import map_aggregate
 
 from bigpicture.engine.rules import Pointwise, register_pointwise, rule
 from bigpicture.engine.rules.resample import Slice
@@ -72,7 +73,8 @@ def getitem(node, ctx):
     """An item of a tuple (a channel split) is pointwise; indexing a tensor is a slice."""
     if isinstance(ctx.meta(node.args[0]), (tuple, list)):
         return Pointwise(node, ctx)
-    return Slice(node, ctx, ctx.static(node.args[1]))
+    index = map_aggregate(node.args[1], ctx.meta)  # tensors (advanced indexing) are refused by Slice
+    return Slice(node, ctx, index)
 
 
 def _check_norm(node, ctx, uses_batch_stats: bool):

@@ -216,11 +216,12 @@ class Slice(Op):
     def __init__(self, node, ctx, index):
         super().__init__(node, ctx)
         shape = ctx.shape(node.args[0])
-        index = _expand_index(index, len(shape))
+        given, index = index, _expand_index(index, len(shape))
         if index is None or not all(isinstance(i, slice) for i in index):
             raise TilingError(
-                f"{ctx.where(node)}: indexing {index} drops or reorders spatial dimensions; only slices "
-                "with a positive step can be tiled. Move it after the tiled part."
+                f"{ctx.where(node)}: indexing [{_index_text(given)}] adds, drops or reorders dimensions of "
+                "the (N, C, *spatial) layout; only slices (with a positive step) can be tiled. Index with "
+                "slices, or move it after the tiled part."
             )
         self.head = index[:2]
         self.start, self.step = [], []
@@ -245,6 +246,15 @@ class Slice(Op):
         box = self.needs(out)[0]
         spatial = tuple(slice(a - h, b - h, t) for a, b, h, t in zip(box.lo, box.hi, have.lo, self.step))
         return x[(slice(None), slice(None)) + spatial][self.head]
+
+
+def _index_text(index) -> str:
+    def one(i):
+        if isinstance(i, slice):
+            return ":".join("" if v is None else str(v) for v in (i.start, i.stop, i.step)).rstrip(":") or ":"
+        return "..." if i is Ellipsis else "tensor" if isinstance(i, torch.Tensor) else str(i)
+
+    return ", ".join(one(i) for i in (index if isinstance(index, tuple) else (index,)))
 
 
 def _expand_index(index, ndim):
