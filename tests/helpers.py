@@ -29,7 +29,7 @@ def _loss(y):
     return total
 
 
-def assert_tiled_matches(model, x, tile, grads=True, multipass=False, **kw):
+def assert_tiled_matches(model, x, tile, grads=True, multipass=True, **kw):
     """Outputs, parameter gradients and input gradients of ``bp.tiled(model, tile)`` equal the untiled."""
     net = bp.tiled(model, tile=tile, multipass=multipass)
     x0 = x.detach().clone().requires_grad_(grads)

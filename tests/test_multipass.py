@@ -1,4 +1,5 @@
-"""Global ops made exact by passes over the tiles (``multipass=True``): statistics and SE blocks.
+"""Global ops made exact by passes over the tiles (the default; ``multipass=False`` forbids them):
+statistics and SE blocks.
 
 Checked in float64. In float32 the gradient through the statistics is summed in another order
 than PyTorch's fused norm backward and differs by rounding (~1e-5 relative on some parameter
@@ -68,32 +69,77 @@ def test_multipass_equals_untiled(name):
         if isinstance(m, (nn.GroupNorm, nn.modules.instancenorm._InstanceNorm)) and m.weight is not None:
             nn.init.normal_(m.weight, 1.0, 0.3)
             nn.init.normal_(m.bias, 0.0, 0.3)
-    net = assert_tiled_matches(model, torch.randn(shape, dtype=torch.float64), tile, multipass=True)
+    net = assert_tiled_matches(model, torch.randn(shape, dtype=torch.float64), tile)  # no flag: the default
     assert net.plan.earlier, "a global op needs at least one earlier pass"
 
 
-def test_without_multipass_the_error_names_the_option():
-    with pytest.raises(bp.TilingError, match="multipass=True"):
-        bp.tiled(Norms(2), tile=8)(torch.randn(1, 2, 16, 16))
-    with pytest.raises(bp.TilingError, match="multipass=True"):
-        bp.tiled(SqueezeExcite(4), tile=8)(torch.randn(1, 3, 16, 16))
+def test_multipass_false_makes_global_ops_an_error_that_names_the_option():
+    with pytest.raises(bp.TilingError, match="multipass=False allows one pass") as e:
+        bp.tiled(Norms(2), tile=8, multipass=False)(torch.randn(1, 2, 16, 16))
+    assert "GroupNorm" in str(e.value) and "the default" in str(e.value)
+    with pytest.raises(bp.TilingError, match="multipass=False allows one pass") as e:
+        bp.tiled(SqueezeExcite(4), tile=8, multipass=False)(torch.randn(1, 3, 16, 16))
+    assert "squeeze-excitation" in str(e.value) and "the default" in str(e.value)
+    with pytest.raises(bp.TilingError, match="multipass=False allows one pass"):
+        bp.make_plan(Norms(2), (1, 2, 16, 16), tile=8, multipass=False)
 
 
-def test_plan_says_how_many_passes():
-    net = bp.tiled(Norms(2), tile=8, multipass=True)
+def test_plan_says_how_many_passes_and_why():
+    net = bp.tiled(Norms(2), tile=8)
     net(torch.randn(1, 2, 16, 16))
-    assert "3 over the tiles" in str(net.plan)
+    text = str(net.plan)
+    assert "3 over the tiles" in text
+    assert "pass 1 uses GroupNorm `gn`" in text and "pass 2 uses InstanceNorm2d `inorm`" in text, text
+    net = bp.tiled(SqueezeExcite(4), tile=8)
+    net(torch.randn(1, 3, 16, 16))
+    assert "2 over the tiles" in str(net.plan) and "pass 1 uses Tensor.mean `mean`" in str(net.plan)
+    plan = bp.make_plan(Norms(2), (1, 2, 16, 16), tile=8)
+    assert "3 over the tiles" in str(plan) and len(plan.earlier) == 2
+    assert not bp.tiled(nn.Conv2d(2, 2, 3), tile=8).plan_for(torch.randn(1, 2, 16, 16)).earlier
+
+
+def test_a_whole_image_map_used_by_later_tiles_is_an_error():
+    """A map of the whole image's size computed in the tail (here from global pooling to 2 x 2 and
+    resampled back) cannot be cropped per tile: a TilingError before any tile, not a shape error."""
+
+    class PyramidPooling(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3, padding=1)
+
+        def forward(self, x):
+            y = self.conv(x)
+            pooled = F.adaptive_max_pool2d(y, 2)
+            return y + F.interpolate(pooled, size=y.shape[2:])
+
+    with pytest.raises(bp.TilingError, match="computed from the whole image"):
+        bp.tiled(PyramidPooling(), tile=8)(torch.randn(1, 3, 16, 16))
 
 
 def test_monai_attention_unet_with_instancenorm():
     nets = pytest.importorskip("monai.networks.nets")
     torch.manual_seed(0)
     model = nets.AttentionUnet(2, 1, 2, channels=(4, 8, 16), strides=(2, 2)).double().eval()
-    assert_tiled_matches(model, torch.randn(1, 1, 32, 28, dtype=torch.float64), 16, multipass=True)
+    assert_tiled_matches(model, torch.randn(1, 1, 32, 28, dtype=torch.float64), 16)
 
 
 def test_monai_segresnet_with_groupnorm():
     nets = pytest.importorskip("monai.networks.nets")
     torch.manual_seed(0)
     model = nets.SegResNet(spatial_dims=2, in_channels=1, out_channels=2, init_filters=8).double().eval()
-    assert_tiled_matches(model, torch.randn(1, 1, 32, 32, dtype=torch.float64), 16, multipass=True)
+    assert_tiled_matches(model, torch.randn(1, 1, 32, 32, dtype=torch.float64), 16)
+
+
+def test_cli_plan_takes_extra_passes_by_default_and_no_multipass_refuses(tmp_path, monkeypatch, capsys):
+    from bigpicture.cli import main
+
+    monkeypatch.setenv("BIGPICTURE_CACHE", str(tmp_path / "cache"))
+    path = tmp_path / "nets.py"
+    path.write_text("from torch import nn\n\ndef gn():\n    return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), "
+                    "nn.GroupNorm(2, 4), nn.Conv2d(4, 2, 3, padding=1))\n")  # fmt: skip
+    args = ["plan", "--model", f"{path}:gn", "--input", "3x256x256", "--device", "cpu", "--tile", "64"]
+    for flag in ([], ["--multipass"]):  # the old flag is still accepted
+        assert main(args + flag) == 0
+        assert "cpu" in capsys.readouterr().out.splitlines()[2]
+    assert main(args + ["--no-multipass"]) == 2
+    assert "multipass=False allows one pass" in capsys.readouterr().err

@@ -106,6 +106,12 @@ FUNCTIONS = {
     "affine": lambda x: x * 0.5 + 0.25,
     "clamp": lambda x: x.clamp(-0.5, 0.5),
     "softmax_channels": lambda x: F.softmax(x, dim=1),
+    # ops over channels (tests/test_rules_channels.py), shape-preserving
+    "flip_channels": lambda x: x.flip(1),
+    "where_compare": lambda x: torch.where(x > 0.1, x, -0.5 * x) * (x <= 1.5),
+    "normalize_channels": lambda x: F.normalize(x, dim=1),
+    "repeat_interleave_channels": lambda x: x.repeat_interleave(2, dim=1)[:, 1::2],
+    "expand_channel_mean": lambda x: x.mean(1, keepdim=True).expand_as(x) - x,
 }
 
 

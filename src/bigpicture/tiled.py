@@ -26,7 +26,7 @@ class Tiled(nn.Module):
         model: nn.Module,
         tile=None,
         progress: bool = False,
-        multipass: bool = False,
+        multipass: bool = True,
         memory=None,
         background=None,
     ) -> None:
@@ -130,7 +130,7 @@ def tiled(
     tile=None,
     memory=None,
     progress: bool = False,
-    multipass: bool = False,
+    multipass: bool = True,
     background=None,
 ) -> Tiled:
     """``model`` run tile by tile: same outputs, parameter gradients and input gradients.
@@ -145,8 +145,9 @@ def tiled(
     A budget no tile fits is a ``TilingError`` at the first call, naming the least memory that
     would do. ``print(net.plan)`` shows the plan of the last call with its prediction and, for
     the planner's tile, why it was chosen.
-    ``multipass=True`` makes global ops exact (GroupNorm, InstanceNorm statistics,
-    squeeze-excitation) at the cost of one more pass over the tiles per level of them.
+    Global ops in the middle of the network (GroupNorm, InstanceNorm statistics, squeeze-excitation)
+    are exact by extra passes over the tiles, one more per level of them; ``print(net.plan)`` says
+    how many and for which ops. ``multipass=False`` allows one pass only and makes them an error.
     ``background``: a value (or one per channel) in the units the model sees, e.g. 1.0 for the
     white glass of a normalised slide. Interior tiles whose whole read box is that value compute
     the same outputs, so each geometry of them is computed once in the forward and, when the

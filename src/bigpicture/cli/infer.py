@@ -55,7 +55,9 @@ def add_infer_command(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--tissue", action="store_true", help="set pixels outside an Otsu tissue mask to the "
                    "background value (default 255) and skip them")  # fmt: skip
     p.add_argument("--device", default="cpu")
-    p.add_argument("--multipass", action="store_true", help="tile global norms with extra passes")
+    p.add_argument("--multipass", action=argparse.BooleanOptionalAction, default=True,
+                   help="extra passes over the tiles make global norms and squeeze-excitation exact "
+                   "(default); --no-multipass: one pass, and such ops are an error")  # fmt: skip
     p.add_argument("--overwrite", action="store_true", help="start over instead of resuming")
     p.add_argument("--prefetch", action=argparse.BooleanOptionalAction, default=None,
                    help="read the next tile while one computes (default: on a GPU only)")  # fmt: skip

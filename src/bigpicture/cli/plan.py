@@ -106,6 +106,8 @@ def add_plan_command(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--train", action="store_true", help="a training step (forward + backward), not inference")
     p.add_argument("--memory", help="budget, e.g. 8GiB (default: each device's memory)")
     p.add_argument("--tile", type=int, help="predict this tile instead of choosing one")
-    p.add_argument("--multipass", action="store_true", help="tile global norms with extra passes")
+    p.add_argument("--multipass", action=argparse.BooleanOptionalAction, default=True,
+                   help="extra passes over the tiles make global norms and squeeze-excitation exact "
+                   "(default); --no-multipass: one pass, and such ops are an error")  # fmt: skip
     p.add_argument("-v", "--verbose", action="store_true", help="print each device's full prediction")
     p.set_defaults(run=_plan)

@@ -26,7 +26,7 @@ from bigpicture.engine.box import Box, grid
 from bigpicture.engine.check import checked_capture
 from bigpicture.engine.regions import needs, receptive_field
 from bigpicture.engine.rules.stats import rewrite_global_norms
-from bigpicture.engine.split import Split, split, stages
+from bigpicture.engine.split import Split, keep_origins, split, stages
 from bigpicture.errors import TilingError
 
 
@@ -134,8 +134,7 @@ class Plan:
             ("receptive field", " x ".join(map(str, self.receptive_field)) + " input px"),
         ]
         if self.earlier:
-            rows.append(("passes", f"{len(self.earlier) + 1} over the tiles; the earlier ones compute "
-                                   "image statistics that later tiles use"))  # fmt: skip
+            rows.append(("passes", _passes_text(self)))
         for p, stage in enumerate(self.earlier + (self,)):
             for k, sink in enumerate(stage.split.sinks):
                 stride = "x".join(str(f) for f in s.strides[sink])
@@ -150,6 +149,13 @@ class Plan:
             rows.insert(3 if k == "planner" else len(rows), ("predicted on" if k == "device" else k, v))
         width = max(len(k) for k, _ in rows)
         return "\n".join(f"{k.ljust(width)}  {v}" for k, v in rows)
+
+
+def _passes_text(plan: Plan) -> str:
+    """How many passes over the tiles, and the global ops each later pass waits for."""
+    why = "; ".join(f"pass {k} uses {', '.join(ops)}" for k, ops in sorted(plan.split.reasons.items()))
+    return (f"{len(plan.earlier) + 1} over the tiles, for values of the whole image that later tiles use: "
+            f"{why} (bp.tiled(..., multipass=False) makes them an error instead)")  # fmt: skip
 
 
 def _grid_text(plan: Plan) -> str:
@@ -239,16 +245,17 @@ def _write_box(index, used, per_dim, stride, extent) -> Box:
     return Box.from_dims(dims)
 
 
-def capture(model: torch.nn.Module, multipass: bool = False, inputs: list | None = None):
+def capture(model: torch.nn.Module, multipass: bool = True, inputs: list | None = None):
     """The model's graph; with ``inputs`` (as ``plan_graph`` takes them) checked against the model
-    for them, and captured another way where torch.fx gets it wrong (``check.checked_capture``)."""
+    for them, and captured another way where torch.fx gets it wrong (``check.checked_capture``);
+    with ``multipass``, global norms rewritten into statistics and a normalize."""
     gm = g.capture(model) if inputs is None else checked_capture(model, inputs)
     if multipass:
-        rewrite_global_norms(gm)
+        keep_origins(gm, rewrite_global_norms)
     return gm
 
 
-def plan_graph(gm, inputs: list, tile, multipass: bool = False) -> Plan:
+def plan_graph(gm, inputs: list, tile, multipass: bool = True) -> Plan:
     """Plan a captured graph for placeholder inputs given as (shape, dtype, device) or values."""
     shape, dtype, _ = inputs[0]
     if len(shape) < 3:

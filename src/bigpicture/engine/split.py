@@ -14,7 +14,7 @@ write box of each sink.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from fractions import Fraction
 from functools import cached_property
 
@@ -24,15 +24,19 @@ from torch.fx.node import map_aggregate
 
 from bigpicture.engine import capture as g
 from bigpicture.engine import rules
+from bigpicture.engine.rules import shuffle
 from bigpicture.errors import TilingError
 
 
 class Context:
     """What rules may ask about the graph while a split is being made."""
 
-    def __init__(self, gm: fx.GraphModule, values: dict, roles: dict, ndim: int) -> None:
+    def __init__(
+        self, gm: fx.GraphModule, values: dict, roles: dict, ndim: int, multipass: bool = True
+    ) -> None:
         self.gm, self.values, self.roles = gm, values, roles
         self.ndim, self.nd = ndim, ndim - 2
+        self.multipass = multipass  # whether global ops may take more passes over the tiles
 
     def meta(self, node):
         return self.values[node] if isinstance(node, fx.Node) else node
@@ -92,6 +96,7 @@ class Split:
     shapes: dict  # spatial node -> full shape (N, C, *spatial) for this input
     passes: dict  # node -> the pass over the tiles that computes it (spatial) or after which it is known
     derived: tuple = ()  # values from earlier passes that this pass's tiles use
+    reasons: dict = field(default_factory=dict)  # pass k > 0 -> the global ops whose results it waits for
 
     @cached_property
     def extents(self) -> dict:
@@ -102,11 +107,13 @@ class Split:
         return len(self.extents[self.input])
 
 
-def split(gm: fx.GraphModule, values: dict, x: fx.Node, multipass: bool = False) -> Split:
+def split(gm: fx.GraphModule, values: dict, x: fx.Node, multipass: bool = True) -> Split:
+    """``multipass=False``: one pass over the tiles; a global op in the middle is then an error."""
+    gm, values, x = shuffle.fold(gm, values, x)  # pixel shuffles spelt with view/permute/reshape
     ndim = values[x].ndim
     roles: dict = {}
-    ctx = Context(gm, values, roles, ndim)
-    ops, statics, strides, sinks = {}, {}, {x: (Fraction(1),) * (ndim - 2)}, []
+    ctx = Context(gm, values, roles, ndim, multipass)
+    ops, statics, strides, sinks, reasons = {}, {}, {x: (Fraction(1),) * (ndim - 2)}, [], {}
     passes = {x: 0}  # spatial node: the pass that computes it; others: the pass after which it is known
     for node in gm.graph.nodes:
         roles[node] = role = _role(node, ctx, x)
@@ -125,6 +132,7 @@ def split(gm: fx.GraphModule, values: dict, x: fx.Node, multipass: bool = False)
         except TilingError:
             if derived:  # no rule, and fed by the whole image: say that first (`o.view_as(x)` of attention)
                 _check_local(node, ctx, x, None, multipass)
+                raise _whole_image_map(node, derived[0], ctx) from None
             raise
         if op.kind == "boundary":
             roles[node] = "tail"
@@ -136,6 +144,8 @@ def split(gm: fx.GraphModule, values: dict, x: fx.Node, multipass: bool = False)
             _check_local(node, ctx, x, op, multipass)
             strides[node] = tuple(a * b for a, b in zip(strides[inputs[0]], op.stride))
             passes[node] = max([passes[i] for i in inputs] + [passes[d] + 1 for d in derived])
+            if derived and passes[node] > max(passes[i] for i in inputs):
+                reasons.setdefault(passes[node], []).extend(_global_ops(node, derived, ctx))
     for node in gm.graph.nodes:
         if node.op == "output":
             sinks += [i for i in ctx.spatial_inputs(node) if i not in sinks]
@@ -146,8 +156,8 @@ def split(gm: fx.GraphModule, values: dict, x: fx.Node, multipass: bool = False)
             raise TilingError(f"{ctx.where(s)}: a tuple of spatial tensors leaves the tiled part; return "
                               "its items instead.")  # fmt: skip
     shapes = {n: ctx.shape(n) for n in gm.graph.nodes if roles[n] == "spatial"}
-    whole = Split(gm, x, roles, ops, statics, strides, tuple(sinks), (), shapes, passes)
-    return whole
+    reasons = {k: tuple(dict.fromkeys(v)) for k, v in reasons.items()}
+    return Split(gm, x, roles, ops, statics, strides, tuple(sinks), (), shapes, passes, reasons=reasons)
 
 
 def stages(whole: Split) -> list[Split]:
@@ -191,10 +201,16 @@ def _check_local(node, ctx: Context, x, op, multipass: bool) -> None:
     if derived and not multipass:
         raise TilingError(
             f"{ctx.where(node)} combines the spatial features with {ctx.where(derived[0])}, which depends on "
-            "the whole image (a global op such as squeeze-excitation) in the middle of the local part. "
-            "`bp.tiled(model, ..., multipass=True)` makes it exact with one more pass over the tiles "
-            "per such op; or move the op after the tiled part."
+            "the whole image (a global op such as squeeze-excitation) in the middle of the local part, "
+            "and multipass=False allows one pass over the tiles only. Without multipass=False (the "
+            "default) bigpicture makes it exact with one more pass over the tiles per such op; or move "
+            "the op after the tiled part."
         )
+    for d in derived:  # a reduction's own result has the shape its rule gives; the tail's is anything
+        value = ctx.values[d]
+        mapped = ctx.roles[d] == "tail" and isinstance(value, torch.Tensor) and value.ndim == ctx.ndim
+        if mapped and any(n > 1 for n in value.shape[2:]):
+            raise _whole_image_map(node, d, ctx)
     value, first = ctx.values[node], ctx.values[x]
     tensor = value[0] if isinstance(value, (tuple, list)) else value
     if tensor.ndim != first.ndim or tensor.shape[0] != first.shape[0]:
@@ -208,6 +224,57 @@ def _check_local(node, ctx: Context, x, op, multipass: bool) -> None:
                 f"{ctx.where(node)} combines spatial tensors of shapes {ctx.extent(i)} and "
                 f"{ctx.extent(node)}; pointwise ops need equal spatial shapes (no spatial broadcasting)."
             )
+
+
+def _whole_image_map(node, d, ctx: Context) -> TilingError:
+    value = ctx.values[d]
+    shape = f" of shape {tuple(value.shape)}" if isinstance(value, torch.Tensor) else ""
+    return TilingError(
+        f"{ctx.where(node)} combines the spatial features with {ctx.where(d)}, a map{shape} computed "
+        "from the whole image (attention, or a global op whose result is resampled to the image), which "
+        "tiles cannot compute exactly. Only per-channel values of the whole image (statistics, "
+        "squeeze-excitation) can be used by later tiles; place such an op after a global pooling."
+    )
+
+
+def _global_ops(node, derived, ctx: Context) -> list[str]:
+    """Names of the streamed reductions in the middle of the network whose results ``node`` uses."""
+    if "bigpicture_origin" in node.meta:  # a global norm, rewritten into statistics and a normalize
+        return [node.meta["bigpicture_origin"]]
+    found, todo, seen = [], list(derived), set()
+    while todo:
+        d = todo.pop()
+        if d in seen:
+            continue
+        seen.add(d)
+        if ctx.roles[d] == "reduce":
+            target = f" `{d.target}`" if d.op == "call_module" else f" `{d.name}`"
+            found.append(d.meta.get("bigpicture_origin", ctx.op_name(d) + target))
+        elif ctx.roles[d] == "tail":
+            todo.extend(d.all_input_nodes)
+    return sorted(found)
+
+
+def keep_origins(gm: fx.GraphModule, rewrite) -> int:
+    """Run ``rewrite(gm)`` (which replaces modules by equivalent nodes) and name each replacement by
+    the module it replaced (``node.meta["bigpicture_origin"]``), for plans to say why passes exist.
+    A replacement is the new node that took over the replaced node's users."""
+    before = set(gm.graph.nodes)
+    labels = [
+        (n, set(n.users), f"{type(gm.get_submodule(n.target)).__name__} `{n.target}`")
+        for n in gm.graph.nodes
+        if n.op == "call_module"
+    ]
+    count = rewrite(gm)
+    after = set(gm.graph.nodes)
+    labels = [(users, label) for n, users, label in labels if n not in after]  # the replaced ones
+    for node in gm.graph.nodes:
+        if node in before:
+            continue
+        k = next((k for k, (users, _) in enumerate(labels) if users and users == set(node.users)), None)
+        if k is not None:
+            node.meta["bigpicture_origin"] = labels.pop(k)[1]
+    return count
 
 
 def _has_tensor(value) -> bool:

@@ -70,7 +70,7 @@ def model_dtype(model: nn.Module | fx.GraphModule) -> torch.dtype:
 
 
 def analyse(
-    model: nn.Module | fx.GraphModule, input_shape, multipass: bool = False, inputs: list | None = None
+    model: nn.Module | fx.GraphModule, input_shape, multipass: bool = True, inputs: list | None = None
 ) -> list[Split]:
     """The passes of the model's split for one input shape (what every tile size shares).
 
@@ -116,7 +116,7 @@ def choose_tile(
     device: str | Device = "cpu",
     dtype: torch.dtype = torch.float32,
     training: bool = False,
-    multipass: bool = False,
+    multipass: bool = True,
     make_plan: bool = True,
 ) -> Choice:
     """The tile with the least predicted time whose predicted peak memory is at most the budget.
@@ -193,7 +193,7 @@ def make_plan(
     tile=None,
     dtype=torch.float32,
     device="cpu",
-    multipass=False,
+    multipass=True,
     training=False,
     memory=None,
 ) -> Plan:
@@ -208,6 +208,8 @@ def make_plan(
     ``device``: what the prediction is for: a name from the device table (``"H100-SXM"``, see
     ``bigpicture.perf.devices.DEVICES``), ``"cpu"`` (this machine), a ``devices.Device`` or a CUDA device.
     ``dtype``: of the run; ``training``: predict one forward and backward, else one forward.
+    ``multipass``: global norms and squeeze-excitation take extra passes over the tiles (default);
+    False makes them an error.
     Shapes are found on fake CPU tensors in the model's own dtype, so a plan for a 100,000^2 slide
     on a GPU takes seconds here. ``plan.prediction`` (and ``plan.memory``, bytes; ``plan.time``,
     seconds; ``plan.flops``) is computed on first use; ``print(plan)`` shows it.

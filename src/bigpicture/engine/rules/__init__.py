@@ -161,4 +161,5 @@ def _bind_values(args, kwargs, names, defaults):
     return bound
 
 
-from bigpicture.engine.rules import pointwise, reduce, resample, stats, window  # noqa: E402, F401  (registers the rules)
+from bigpicture.engine.rules import channels as channel_ops  # noqa: E402, F401
+from bigpicture.engine.rules import pointwise, reduce, resample, shuffle, stats, window  # noqa: E402, F401  (registers the rules)

@@ -13,6 +13,7 @@ import operator
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.fx.node import map_aggregate
 
 from bigpicture.engine.rules import Pointwise, register_pointwise, rule
 from bigpicture.engine.rules.resample import Slice
@@ -72,7 +73,8 @@ def getitem(node, ctx):
     """An item of a tuple (a channel split) is pointwise; indexing a tensor is a slice."""
     if isinstance(ctx.meta(node.args[0]), (tuple, list)):
         return Pointwise(node, ctx)
-    return Slice(node, ctx, ctx.static(node.args[1]))
+    index = map_aggregate(node.args[1], ctx.meta)  # tensors (advanced indexing) are refused by Slice
+    return Slice(node, ctx, index)
 
 
 def _check_norm(node, ctx, uses_batch_stats: bool):
@@ -88,9 +90,9 @@ def _check_norm(node, ctx, uses_batch_stats: bool):
         )
     raise TilingError(
         f"{ctx.where(node)}: {name} normalises with statistics over the whole image (a global op) in the "
-        "middle of the local part, which one pass over the tiles cannot reproduce. Use "
-        "`bp.tiled(model, ..., multipass=True)` (exact, one more pass over the tiles per level of such "
-        "ops), or running statistics in eval mode (track_running_stats=True)."
+        "middle of the local part, which one pass over the tiles cannot reproduce, and multipass=False "
+        "allows one pass only. Without multipass=False (the default) it is exact with one more pass over "
+        "the tiles per level of such ops; or use running statistics in eval mode (track_running_stats=True)."
     )
 
 

@@ -95,32 +95,71 @@ class StreamedReduction(Op):
         return out / self.count if self.how == "mean" else out
 
 
-def _adaptive_to_one(node, ctx, how):
+def _adaptive(node, ctx, how):
+    """Pooling to 1 is a streamed reduction, and so is average pooling to any fixed size (a sum of
+    fixed bins); max pooling to a larger size, or with indices, runs in the untiled tail."""
     if node.op == "call_module":
         m = ctx.module(node)
         size, indices = m.output_size, getattr(m, "return_indices", False)
     else:
         size = ctx.static(node.args[1] if len(node.args) > 1 else node.kwargs["output_size"])
-        indices = ctx.static(node.kwargs.get("return_indices", False))
+        indices = ctx.static(node.kwargs.get("return_indices", node.args[2] if len(node.args) > 2 else False))
+        indices = indices or node.target.__name__.endswith("_with_indices")
     sizes = size if isinstance(size, (tuple, list)) else (size,) * ctx.nd
-    if indices or any(s != 1 for s in sizes):
-        raise TilingError(
-            f"{ctx.where(node)}: {ctx.op_name(node)} with output size {size} depends on the whole image "
-            "size (a global op); only pooling to 1 (global pooling) is streamed over tiles."
-        )
-    return StreamedReduction(node, ctx, how)
+    if not indices and all(s == 1 for s in sizes):
+        return StreamedReduction(node, ctx, how)
+    if how == "mean" and None not in sizes:
+        return BinnedMean(node, ctx, sizes)
+    return Boundary(node, ctx)
 
 
 @rule(nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d,
       F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d)  # fmt: skip
 def adaptive_avg_pool(node, ctx):
-    return _adaptive_to_one(node, ctx, "mean")
+    return _adaptive(node, ctx, "mean")
 
 
 @rule(nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d,
-      F.adaptive_max_pool1d, F.adaptive_max_pool2d, F.adaptive_max_pool3d)  # fmt: skip
+      F.adaptive_max_pool1d, F.adaptive_max_pool2d, F.adaptive_max_pool3d, F.adaptive_max_pool1d_with_indices,
+      F.adaptive_max_pool2d_with_indices, F.adaptive_max_pool3d_with_indices)  # fmt: skip
 def adaptive_max_pool(node, ctx):
-    return _adaptive_to_one(node, ctx, "first")
+    return _adaptive(node, ctx, "first")
+
+
+class BinnedMean(StreamedReduction):
+    """Adaptive average pooling to a fixed size: output bin i of dimension d averages input rows
+    [floor(i n / s), ceil((i + 1) n / s)), a linear map ``W_d`` (s x n) per dimension. Each tile adds
+    its write box times the columns of ``W_d`` it covers; the gradient of a tile is the output
+    gradient times the same columns, transposed."""
+
+    def __init__(self, node, ctx, sizes):
+        super().__init__(node, ctx, how="bins")
+        self.maps = [_bins(s, n) for s, n in zip(sizes, self.in_extents[0])]
+
+    def _apply(self, t, write: Box, transpose: bool):
+        for d, w in enumerate(self.maps):
+            lo, hi = write.dim(d)
+            w = w[:, lo:hi].to(t)
+            t = torch.movedim(torch.movedim(t, 2 + d, -1) @ (w if transpose else w.T), -1, 2 + d)
+        return t
+
+    def accumulate(self, acc: Partial, values, write: Box) -> None:
+        part = self._apply(values, write, transpose=False)
+        acc.value = part if acc.value is None else acc.value + part
+
+    def weights(self, acc: Partial, values, write: Box, grad):
+        return self._apply(grad, write, transpose=True)
+
+    def finalize(self, result, rest, kwargs):
+        return result
+
+
+def _bins(s: int, n: int) -> torch.Tensor:
+    w = torch.zeros(s, n, dtype=torch.float64)
+    for i in range(s):
+        lo, hi = (i * n) // s, -((-(i + 1) * n) // s)
+        w[i, lo:hi] = 1.0 / (hi - lo)
+    return w
 
 
 class Boundary(Op):
@@ -129,8 +168,8 @@ class Boundary(Op):
     kind = "boundary"
 
 
-@rule(nn.Flatten, torch.flatten, torch.reshape, torch.permute, torch.transpose,
-      "flatten", "view", "reshape", "permute", "transpose", "unsqueeze", "squeeze")  # fmt: skip
+@rule(nn.Flatten, torch.flatten, torch.reshape, "flatten", "view", "reshape", "unsqueeze", "squeeze")
+# (permute and transpose: channels.permute, pointwise where they keep every dimension in place)
 def boundary(node, ctx):
     return Boundary(node, ctx)
 
@@ -138,18 +177,23 @@ def boundary(node, ctx):
 _GLOBAL = (
     nn.GroupNorm, nn.LayerNorm, nn.MultiheadAttention, nn.Transformer, nn.TransformerEncoderLayer,
     F.group_norm, F.layer_norm, F.instance_norm, F.scaled_dot_product_attention,
-    torch.matmul, torch.bmm, torch.einsum, "matmul", "bmm",
+    torch.matmul, torch.bmm, "matmul", "bmm",
 )  # fmt: skip
 
 
 @rule(*_GLOBAL)
 def global_op(node, ctx):
+    if node.op == "call_module" and isinstance(ctx.module(node), nn.GroupNorm):  # not rewritten: one pass
+        fix = ("multipass=False allows one pass over the tiles only; without it (the default) GroupNorm is "
+               "exact with one more pass per level of such ops")  # fmt: skip
+    else:
+        fix = ("nn.GroupNorm and nn.InstanceNorm modules are exact by extra passes over the tiles (use them "
+               "instead of the functional form); attention cannot be tiled exactly yet: place it after a "
+               "global pooling")  # fmt: skip
     raise TilingError(
         f"{ctx.where(node)}: {ctx.op_name(node)} is a global op: each of its outputs depends on the whole "
-        "image (statistics or attention over all positions), and it stands in the middle of the local "
-        "part. GroupNorm and InstanceNorm become exact with `bp.tiled(model, ..., multipass=True)` (one "
-        "more pass over the tiles per level of them); attention cannot be tiled exactly yet: place it "
-        "after a global pooling."
+        f"image (statistics or attention over all positions), and it stands in the middle of the local "
+        f"part. {fix}."
     )
 
 

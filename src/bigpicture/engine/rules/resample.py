@@ -1,5 +1,5 @@
-"""Ops that change resolution by other means than a window: transposed convolution, interpolation,
-pixel (un)shuffle; and ops that shift coordinates: padding and spatial slicing."""
+"""Ops that change resolution by other means than a window: transposed convolution, interpolation
+(pixel (un)shuffle: ``shuffle``); and ops that shift coordinates: padding and spatial slicing."""
 
 from __future__ import annotations
 
@@ -171,49 +171,6 @@ class Resample(Op):
         return x
 
 
-def _pixel_shuffle_factor(node, ctx):
-    if node.op == "call_module":
-        m = ctx.module(node)
-        return getattr(m, "upscale_factor", None) or m.downscale_factor
-    return ctx.static(node.args[1] if len(node.args) > 1 else next(iter(node.kwargs.values())))
-
-
-class _PixelShuffleBase(Op):
-    def __init__(self, node, ctx):
-        super().__init__(node, ctx)
-        if self.nd != 2:
-            raise TilingError(f"{ctx.where(node)}: {self.name} is defined for 2D images only.")
-        self.r = _pixel_shuffle_factor(node, ctx)
-
-
-@rule(nn.PixelShuffle, F.pixel_shuffle)
-class PixelShuffle(_PixelShuffleBase):
-    @property
-    def stride(self):
-        return (Fraction(1, self.r),) * 2
-
-    def needs(self, out):
-        return [Box(tuple(a // self.r for a in out.lo), tuple((b - 1) // self.r + 1 for b in out.hi))]
-
-    def run(self, out, args, kwargs):
-        box = self.needs(out)[0]
-        y = F.pixel_shuffle(read(args[0], box, self.in_extents[0]), self.r)
-        return y[(..., *out.relative_to(Box(tuple(a * self.r for a in box.lo), out.hi)).slices())]
-
-
-@rule(nn.PixelUnshuffle, F.pixel_unshuffle)
-class PixelUnshuffle(_PixelShuffleBase):
-    @property
-    def stride(self):
-        return (Fraction(self.r),) * 2
-
-    def needs(self, out):
-        return [Box(tuple(a * self.r for a in out.lo), tuple(b * self.r for b in out.hi))]
-
-    def run(self, out, args, kwargs):
-        return F.pixel_unshuffle(read(args[0], self.needs(out)[0], self.in_extents[0]), self.r)
-
-
 _PAD_MODES = {"Reflection": "reflect", "Replication": "replicate", "Circular": "circular"}
 
 
@@ -259,11 +216,12 @@ class Slice(Op):
     def __init__(self, node, ctx, index):
         super().__init__(node, ctx)
         shape = ctx.shape(node.args[0])
-        index = _expand_index(index, len(shape))
+        given, index = index, _expand_index(index, len(shape))
         if index is None or not all(isinstance(i, slice) for i in index):
             raise TilingError(
-                f"{ctx.where(node)}: indexing {index} drops or reorders spatial dimensions; only slices "
-                "with a positive step can be tiled. Move it after the tiled part."
+                f"{ctx.where(node)}: indexing [{_index_text(given)}] adds, drops or reorders dimensions of "
+                "the (N, C, *spatial) layout; only slices (with a positive step) can be tiled. Index with "
+                "slices, or move it after the tiled part."
             )
         self.head = index[:2]
         self.start, self.step = [], []
@@ -288,6 +246,15 @@ class Slice(Op):
         box = self.needs(out)[0]
         spatial = tuple(slice(a - h, b - h, t) for a, b, h, t in zip(box.lo, box.hi, have.lo, self.step))
         return x[(slice(None), slice(None)) + spatial][self.head]
+
+
+def _index_text(index) -> str:
+    def one(i):
+        if isinstance(i, slice):
+            return ":".join("" if v is None else str(v) for v in (i.start, i.stop, i.step)).rstrip(":") or ":"
+        return "..." if i is Ellipsis else "tensor" if isinstance(i, torch.Tensor) else str(i)
+
+    return ", ".join(one(i) for i in (index if isinstance(index, tuple) else (index,)))
 
 
 def _expand_index(index, ndim):
