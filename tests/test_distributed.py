@@ -111,3 +111,59 @@ def test_tile_parallel_matches_untiled(world):
 )
 def test_shares_are_contiguous_and_balanced(weights, ranks, expected):
     assert [(r.start, r.stop) for r in shares(weights, ranks)] == expected
+
+
+def _untiled_gradients(name: str, images: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The mean over ``images`` of the untiled model's parameter gradients, one image per step."""
+    make = CASES[name][0]
+    torch.manual_seed(0)
+    model = make().double()
+    total = None
+    for x in images:
+        grads = torch.autograd.grad(_loss(model(x)), list(model.parameters()))
+        total = grads if total is None else [a + b for a, b in zip(total, grads)]
+    return [t / len(images) for t in total]
+
+
+def _image(name: str, index: int) -> torch.Tensor:
+    return torch.randn(
+        CASES[name][1], dtype=torch.float64, generator=torch.Generator().manual_seed(100 + index)
+    )
+
+
+def _data_parallel_step(name: str, image: int, images: int, tile_group, data_group) -> None:
+    """One DDP step of the tiled net on image ``image``: DDP's gradient is the images' mean."""
+    make, _, tile, multipass = CASES[name]
+    torch.manual_seed(0)
+    model = make().double()
+    net = bp.tiled(model, tile=tile, multipass=multipass, group=tile_group)
+    ddp = torch.nn.parallel.DistributedDataParallel(net, process_group=data_group)
+    x = _image(name, image)
+    _loss(ddp(x)).backward()
+    expected = _untiled_gradients(name, [_image(name, i) for i in range(images)])
+    for (what, p), e in zip(model.named_parameters(), expected):
+        _compare(p.grad, e, f"{name} data-parallel gradient of {what}")
+
+
+def data_parallel(rank: int, world: int, name: str) -> None:
+    _data_parallel_step(name, rank, world, None, dist.group.WORLD)
+
+
+def data_and_tile_parallel(rank: int, world: int, name: str) -> None:
+    """2 images x 2 tile ranks on a (data, tile) device mesh of 4 processes."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("data", "tile"))
+    image = mesh.get_local_rank("data")
+    _data_parallel_step(name, image, 2, mesh.get_group("tile"), mesh.get_group("data"))
+
+
+@pytest.mark.parametrize("name", ["classifier"])
+def test_ddp_averages_untiled_gradients(name):
+    launch(data_parallel, 2, name)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["unet"])
+def test_two_images_by_two_tile_ranks(name):
+    launch(data_and_tile_parallel, 4, name)
