@@ -105,6 +105,7 @@ class Tiled(nn.Module):
         self.report = execute.TileStats()
         params, device = list(self.model.parameters()), self._device()
         team = self._team()
+        self.report.ranks = team and team.times
         return execute.run(plan, (x, *args), params, device, progress, self.background, self.report, team)
 
     def _team(self):
@@ -114,9 +115,7 @@ class Tiled(nn.Module):
         from bigpicture.engine.distributed import Team
         from bigpicture.perf.multi import tile_costs
 
-        team = Team(self.group, tile_costs, cache=self._shares)
-        self.report.ranks = team.times
-        return team
+        return Team(self.group, tile_costs, cache=self._shares)
 
     def run(self, src, out=None, **kwargs):
         """Inference into memory or a resumable zarr store: see ``bigpicture.engine.inference.run``."""

@@ -96,7 +96,11 @@ class Team:
     # -- tiles ---------------------------------------------------------------------------------
 
     def share(self, plan) -> range:
-        """The indices of this rank's tiles in ``plan.tiles``.
+        """The indices of this rank's tiles in ``plan.tiles``."""
+        return range(*self.bounds(plan)[self.rank])
+
+    def bounds(self, plan) -> list[tuple[int, int]]:
+        """Every rank's share of ``plan.tiles``: (first index, end index).
 
         Rank 0 weighs the tiles and sends every rank its share, so ranks on machines with different
         calibrations still split the tiles one way (each tile computed exactly once)."""
@@ -107,7 +111,7 @@ class Team:
                 weights = self.weights(plan) if self.weights is not None else [1.0] * len(plan.tiles)
                 bounds = [(r.start, r.stop) for r in shares(list(weights), self.size)]
             cached = self.cache[id(plan)] = (plan, self.broadcast(bounds))
-        return range(*cached[1][self.rank])
+        return cached[1]
 
     def started(self) -> None:
         self.clock = time.perf_counter()
@@ -184,6 +188,12 @@ class Team:
         dist.all_gather(gathered, mine, group=self.group)
         self.times.add([float(t) for t in gathered])
 
+    def gather(self, obj) -> list:
+        """Every rank's ``obj``, in rank order, on every rank."""
+        out = [None] * self.size
+        dist.all_gather_object(out, obj, group=self.group)
+        return out
+
     def barrier(self) -> None:
         dist.barrier(group=self.group)
 
@@ -194,18 +204,43 @@ class Team:
         return box[0]
 
 
-def init_from_env(backend: str | None = None) -> torch.device:
-    """Start torch.distributed from torchrun's environment; this rank's device (``LOCAL_RANK``).
+def shared_store(team, make, resume: bool):
+    """``make(overwrite, writer)``: the store of this process. With a team, rank 0 creates (or checks)
+    it before the other ranks open it, each rank keeps its own record of its tiles, and a pass that
+    any rank saw finished is finished on every rank (its result is the ranks' merged reductions)."""
+    if team is None:
+        return make(not resume, None)
+    writer, sink, error = f"rank{team.rank}of{team.size}", None, None
+    if team.rank == 0:
+        try:
+            sink = make(not resume, writer)
+        except Exception as exc:  # the other ranks must hear of it rather than wait for rank 0
+            error = exc
+    message = team.broadcast(None if error is None else f"{type(error).__name__}: {error}")
+    if error is not None:
+        raise error
+    if message is not None:
+        raise TilingError(f"rank 0 could not open the store: {message}")
+    sink = sink or make(False, writer)
+    longest = max(team.gather(sink.passes), key=len)
+    for result in longest[len(sink.passes) :]:
+        sink.finish_pass(result)
+    return sink
 
-    NCCL with one CUDA device per local rank where CUDA is available, else gloo on the CPU.
+
+def init_from_env(device: str | None = None) -> torch.device:
+    """Start torch.distributed from torchrun's environment; this rank's device.
+
+    NCCL with the CUDA device of this local rank (``LOCAL_RANK``) where CUDA is available, else
+    (or with ``device="cpu"``) gloo on the CPU.
     """
-    cuda = torch.cuda.is_available()
-    device = torch.device(f"cuda:{_local()}") if cuda else torch.device("cpu")
+    cuda = torch.cuda.is_available() and device != "cpu"
+    chosen = torch.device("cuda", _local() or 0) if cuda else torch.device("cpu")
     if cuda:
-        torch.cuda.set_device(device)
+        torch.cuda.set_device(chosen)
     if not dist.is_initialized():
-        dist.init_process_group(backend or ("nccl" if cuda else "gloo"))
-    return device
+        dist.init_process_group("nccl" if cuda else "gloo")
+    return chosen
 
 
 def launched() -> bool:

@@ -66,7 +66,8 @@ class Runner:
         self.groups: dict = {}  # background key -> the tiles that share its outputs
         self.stats = stats if stats is not None else TileStats()
         self.team = team  # distributed.Team: the ranks sharing this image's tiles, or None
-        self.tiles = plan.tiles if team is None else tuple(plan.tiles[i] for i in team.share(plan))
+        self.share = range(len(plan.tiles)) if team is None else team.share(plan)  # indices of its tiles
+        self.tiles = tuple(plan.tiles[i] for i in self.share)
         s = self.split
         self.dense = [k for k in s.sinks if any(s.roles[u] in ("tail", "output") for u in k.users)]
         self.reductions = [r for k in s.sinks for r in k.users if s.roles[r] == "reduce"]
