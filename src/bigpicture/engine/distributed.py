@@ -19,6 +19,7 @@ The untiled tail runs on every rank on the same values, so its gradients need no
 
 from __future__ import annotations
 
+import functools
 import os
 import time
 from dataclasses import dataclass, field
@@ -54,6 +55,7 @@ class RankTimes:
     """Seconds each rank computed its tiles in the last call (collectives excluded)."""
 
     seconds: list[float] = field(default_factory=list)
+    communication: float = 0.0  # this rank's seconds in collectives (waiting for slower ranks included)
 
     @property
     def imbalance(self) -> float:
@@ -66,7 +68,24 @@ class RankTimes:
 
     def __str__(self) -> str:
         per = ", ".join(f"{s:.2f}" for s in self.seconds)
-        return f"ranks computed for {per} s; imbalance (slowest / mean) {self.imbalance:.2f}"
+        return (
+            f"ranks computed for {per} s; imbalance (slowest / mean) {self.imbalance:.2f}; "
+            f"this rank communicated for {self.communication:.2f} s"
+        )
+
+
+def _collective(method):
+    """Counts the seconds of a collective into the team's ``times.communication``."""
+
+    @functools.wraps(method)
+    def timed(self, *args, **kwargs):
+        started = time.perf_counter()
+        try:
+            return method(self, *args, **kwargs)
+        finally:
+            self.times.communication += time.perf_counter() - started
+
+    return timed
 
 
 class Team:
@@ -135,6 +154,7 @@ class Team:
             self.input_gradient(x_grad)
         return self.gradients(totals, like)
 
+    @_collective
     def dense(self, values: dict) -> None:
         """Sum the sinks that each rank filled on its own write boxes (zeros elsewhere), in place."""
         for t in values.values():
@@ -143,6 +163,7 @@ class Team:
             if on is not t:
                 t.copy_(on)
 
+    @_collective
     def partials(self, ops: dict, partials: dict, seconds: float, device: torch.device) -> dict:
         """Every rank's partial results merged in rank order, the same on every rank."""
         mine = [(_cpu(p.value), _cpu(p.ties), p.count) for p in partials.values()]
@@ -159,6 +180,7 @@ class Team:
 
     # -- backward ------------------------------------------------------------------------------
 
+    @_collective
     def gradients(self, totals: list, like: list) -> list:
         """Per-rank gradient sums (None: no tile of this rank reached it) summed over ranks, in one
         all-reduce; None where no rank's tiles reached it."""
@@ -176,27 +198,32 @@ class Team:
             at += p.numel()
         return out
 
+    @_collective
     def input_gradient(self, x_grad: torch.Tensor) -> None:
         on = x_grad.to(self.device)
         dist.all_reduce(on, group=self.group)
         if on is not x_grad:
             x_grad.copy_(on)
 
+    @_collective
     def backward_time(self, seconds: float) -> None:
         mine = torch.tensor([seconds], dtype=torch.float64, device=self.device)
         gathered = [torch.zeros_like(mine) for _ in range(self.size)]
         dist.all_gather(gathered, mine, group=self.group)
         self.times.add([float(t) for t in gathered])
 
+    @_collective
     def gather(self, obj) -> list:
         """Every rank's ``obj``, in rank order, on every rank."""
         out = [None] * self.size
         dist.all_gather_object(out, obj, group=self.group)
         return out
 
+    @_collective
     def barrier(self) -> None:
         dist.barrier(group=self.group)
 
+    @_collective
     def broadcast(self, obj, src: int = 0):
         """``obj`` of group rank ``src``, on every rank."""
         box = [obj]
