@@ -152,12 +152,18 @@ class DevicesPrediction:
 
 
 def predict_devices(
-    plan: Plan, devices: int, nodes: int | None = None, links=None, single: Prediction | None = None
+    plan: Plan,
+    devices: int,
+    nodes: int | None = None,
+    links=None,
+    single: Prediction | None = None,
+    costs: list[float] | None = None,
 ) -> DevicesPrediction:
     """``plan`` run by ``devices`` ranks (``nodes`` nodes, default 8 devices per node).
 
     ``links``: (within a node, between nodes), names or ``Interconnect``s; default the device's
-    own (``devices.NODE_LINKS``).
+    own (``devices.NODE_LINKS``). ``single``, ``costs``: the plan's one-device prediction and
+    ``tile_costs``, if known already.
     """
     if devices < 1:
         raise TilingError(f"devices={devices}: give the number of devices, 1 or more")
@@ -167,14 +173,15 @@ def predict_devices(
     single = single or predict(plan)
     within, between = links or NODE_LINKS.get(single.device, ("PCIe4", "Ethernet-100G"))
     links = (get_interconnect(within), get_interconnect(between))
-    costs = tile_costs(plan)
+    costs = tile_costs(plan) if costs is None else costs
     total = sum(costs) or 1.0
     per_rank = tuple(single.time * sum(costs[i] for i in r) / total for r in shares(costs, devices))
-    talk, buffer = _communication(plan, devices, nodes, links)
+    talk, buffer = communication(plan, devices, nodes, links)
     return DevicesPrediction(single, devices, nodes, links, per_rank, talk, buffer)
 
 
-def _communication(plan: Plan, n: int, nodes: int, links) -> tuple[tuple[tuple[str, float], ...], int]:
+def communication(plan: Plan, n: int, nodes: int, links) -> tuple[tuple[tuple[str, float], ...], int]:
+    """Seconds of each kind of collective in one step, and the bytes of the gradient buffer."""
     passes = [*plan.earlier, plan]
     item = torch.empty((), dtype=plan.dtype).element_size() if plan.dtype.is_floating_point else 4
     dense = reductions = 0.0
@@ -183,6 +190,7 @@ def _communication(plan: Plan, n: int, nodes: int, links) -> tuple[tuple[tuple[s
         sinks = [k for k in s.sinks if any(s.roles.get(u) in ("tail", "output") for u in k.users)]
         dense += all_reduce_s(sum(math.prod(s.shapes[k]) for k in sinks) * item, n, nodes, links)
         reductions += all_gather_s(OBJECT_BYTES, n, nodes, links)
+        reductions += all_gather_s(8, n, nodes, links) if plan.training else 0.0  # each rank's time
     talk = [("dense outputs", dense), ("reductions", reductions)]
     model = plan.split.gm.meta.get("bigpicture_model", plan.split.gm)
     buffer = 8 * sum(p.numel() for p in model.parameters() if p.requires_grad) if plan.training else 0
