@@ -48,3 +48,10 @@ def test_rank_times_imbalance():
     times.add([1.0, 1.0])
     assert times.seconds == [2.0, 4.0] and times.imbalance == pytest.approx(4 / 3)
     assert "imbalance (slowest / mean) 1.33" in str(times)
+
+
+def test_group_without_torch_distributed_is_a_clear_error():
+    from bigpicture.engine.distributed import Team
+
+    with pytest.raises(bp.TilingError, match="init_process_group"):
+        Team(object())
