@@ -29,6 +29,7 @@ class Tiled(nn.Module):
         multipass: bool = True,
         memory=None,
         background=None,
+        group=None,
     ) -> None:
         super().__init__()
         if memory is not None and tile is not None and tile != "auto":
@@ -44,8 +45,10 @@ class Tiled(nn.Module):
         self.progress = progress
         self.multipass = multipass
         self.background = background
+        self.group = group  # a torch.distributed process group sharing each image's tiles, or None
         self._graphs: dict = {}
         self._plans: dict = {}
+        self._shares: dict = {}  # with group=: each plan's tiles per rank
         self.plan: Plan | None = None
         self.report = None  # what the last call or `run` did (tiles computed, reused; I/O wait)
 
@@ -102,7 +105,18 @@ class Tiled(nn.Module):
         progress = _progress_bar() if self.progress else None
         self.report = execute.TileStats()
         params, device = list(self.model.parameters()), self._device()
-        return execute.run(plan, (x, *args), params, device, progress, self.background, self.report)
+        team = self._team()
+        self.report.ranks = team and team.times
+        return execute.run(plan, (x, *args), params, device, progress, self.background, self.report, team)
+
+    def _team(self):
+        """The ranks of ``group`` for one call, sharing tiles by their predicted cost."""
+        if self.group is None:
+            return None
+        from bigpicture.engine.distributed import Team
+        from bigpicture.perf.multi import tile_costs
+
+        return Team(self.group, tile_costs, cache=self._shares)
 
     def run(self, src, out=None, **kwargs):
         """Inference into memory or a resumable zarr store: see ``bigpicture.engine.inference.run``."""
@@ -132,6 +146,7 @@ def tiled(
     progress: bool = False,
     multipass: bool = True,
     background=None,
+    group=None,
 ) -> Tiled:
     """``model`` run tile by tile: same outputs, parameter gradients and input gradients.
 
@@ -153,10 +168,16 @@ def tiled(
     the same outputs, so each geometry of them is computed once in the forward and, when the
     input needs no gradient, recomputed once in the backward with the summed output gradients:
     exactly the results of computing every tile. ``net.report`` counts what was reused.
+    ``group``: a ``torch.distributed`` process group (e.g. ``torch.distributed.group.WORLD``) whose
+    ranks share each image's tiles. Every rank calls the net with the same input and computes a
+    contiguous share of the tiles balanced by predicted cost (a lazy source is read only there);
+    dense outputs and streamed reductions are combined so that every rank gets the model's
+    output, and the backward leaves every rank with the single-process gradients (summed over the
+    image's tiles, not averaged). ``net.report.ranks`` has each rank's time and the imbalance.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"bp.tiled expects an nn.Module, got {type(model).__name__}")
-    return Tiled(model, tile, progress, multipass, memory, background)
+    return Tiled(model, tile, progress, multipass, memory, background, group)
 
 
 def planning_device(device: torch.device | str) -> Device:

@@ -8,6 +8,10 @@ Run the same command again after an interruption (Ctrl-C, a crash, a killed job)
 tiles are kept and the rest is computed; different arguments are refused. A model with several
 dense outputs writes each to its own array of the zarr group at --out (``case_seg.zarr/0``, ...).
 ``--memory 8GiB`` instead of ``--tile`` lets the planner choose the tile (printed, with why).
+
+Started by torchrun (``torchrun --nproc-per-node 8 -m bigpicture infer ...``), the ranks share the
+tiles, each on its own device (``LOCAL_RANK``'s GPU, or the CPU with ``--device cpu``), and write
+them into the one store; run the same command again after a failure to resume.
 """
 
 from __future__ import annotations
@@ -54,7 +58,9 @@ def add_infer_command(subparsers: argparse._SubParsersAction) -> None:
                    "tiles of only that value are computed once")  # fmt: skip
     p.add_argument("--tissue", action="store_true", help="set pixels outside an Otsu tissue mask to the "
                    "background value (default 255) and skip them")  # fmt: skip
-    p.add_argument("--device", default="cpu")
+    p.add_argument(
+        "--device", default=None, help="cpu (default) or cuda:N; under torchrun each rank's own GPU"
+    )
     p.add_argument("--multipass", action=argparse.BooleanOptionalAction, default=True,
                    help="extra passes over the tiles make global norms and squeeze-excitation exact "
                    "(default); --no-multipass: one pass, and such ops are an error")  # fmt: skip
@@ -76,14 +82,16 @@ def infer_main(a: argparse.Namespace) -> int:
             model.load_state_dict(_state_dict(a.weights))
         else:
             print("bigpicture infer: no --weights: the model keeps its initial weights", file=sys.stderr)
-        model = model.to(a.device).eval()
+        device, group = _device(a.device)
+        model = model.to(device).eval()
         source, background = _source(a)
         tile = None if a.memory is not None else 1024 if a.tile is None else a.tile
-        net = tiled(model, tile=tile, memory=a.memory, multipass=a.multipass)
+        net = tiled(model, tile=tile, memory=a.memory, multipass=a.multipass, group=group)
+        speaks = group is None or torch.distributed.get_rank() == 0  # one rank prints
         if a.memory is not None:  # the plan that run() makes (and caches) now, before the long part
             plan = net.plan_for(source, training=False)
             print(f"bigpicture infer: tile {' x '.join(map(str, plan.tile))} ({plan.note})")
-        out = run(net, source, a.out, progress=not a.quiet, background=background,
+        out = run(net, source, a.out, progress=speaks and not a.quiet, background=background,
                   prefetch=a.prefetch, resume=not a.overwrite)  # fmt: skip
     except KeyboardInterrupt:
         print(f"\nbigpicture infer: interrupted; run the same command again to resume into {a.out}",
@@ -92,7 +100,7 @@ def infer_main(a: argparse.Namespace) -> int:
     except (FileNotFoundError, ImportError) as e:
         print(f"bigpicture infer: error: {e}", file=sys.stderr)
         return 2
-    for line in _written(a.out, out):
+    for line in _written(a.out, out) if speaks else ():
         print(f"bigpicture infer: {line}")
     return 0
 
@@ -122,6 +130,15 @@ def _written(path: str, out) -> list[str]:
         else:
             lines.append(f"wrote {path}{'/' + name if name else ''}, shape {shape}")
     return lines
+
+
+def _device(device: str | None):
+    """The model's device and, under torchrun, the process group sharing the tiles."""
+    from bigpicture.engine.distributed import init_from_env, launched
+
+    if not launched():
+        return torch.device(device or "cpu"), None
+    return init_from_env(device), torch.distributed.group.WORLD
 
 
 def _state_dict(path: str) -> dict:

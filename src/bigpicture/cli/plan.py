@@ -3,6 +3,9 @@
     bigpicture plan --model monai:DenseNet121 --model-args spatial_dims=2,in_channels=3,out_channels=2 \\
         --input 3x100000x100000 --device H100-SXM,A100-80GB,RTX-4090 --dtype bf16 --train
     bigpicture plan --model path/to/file.py:factory --input 1x512x512x512 --device cpu --tile 128
+    bigpicture plan --model ... --input 3x100000x100000 --device 8xH100-SXM,64xH100-SXM --train
+
+``8xH100-SXM``: one image's tiles shared by 8 of them (8 per node; ``bp.tiled(..., group=)``).
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ def _plan(a: argparse.Namespace) -> int:
     dtype = DTYPES.get(a.dtype.lower())
     if dtype is None:
         raise TilingError(f"--dtype {a.dtype!r}: known dtypes are {', '.join(DTYPES)}.")
-    devices = [get_device(name.strip()) for name in a.device.split(",") if name.strip()]
+    devices = [_count_and_device(name.strip()) for name in a.device.split(",") if name.strip()]
     if (a.input is None) == (a.source is None):
         raise TilingError("give the input's size as --input 3x100000x100000, or a file as --source PATH")
     source = None
@@ -43,7 +46,7 @@ def _plan(a: argparse.Namespace) -> int:
     print(f"{a.model} on {'x'.join(map(str, shape))}, {str(dtype).removeprefix('torch.')}, {mode}")
     head = ("device", "memory", "tile", "tiles", "halo", "peak memory", "time", "note")
     rows = [head]
-    for dev in devices:
+    for count, dev in devices:
         try:
             if a.tile:
                 p = predict_splits(splits, shape, dtype, a.tile, dev, a.train)
@@ -57,6 +60,9 @@ def _plan(a: argparse.Namespace) -> int:
                     reads[p.tile] = read_seconds(plan_for_split(splits[-1], shape, dtype, p.tile), source)
                 total, first = reads[p.tile]
                 p = with_reads(p, (len(splits) * total, first), overlap=dev.name != "cpu")
+            if count > 1:
+                p = _on_devices(p, splits, shape, dtype, dev, a.train, count)
+                note = "; ".join(filter(None, [note, p.summary]))
         except TilingError as e:
             if "no tile fits" not in str(e):
                 raise
@@ -66,7 +72,7 @@ def _plan(a: argparse.Namespace) -> int:
             continue
         rows.append(
             (
-                dev.name,
+                dev.name if count == 1 else f"{count}x{dev.name}",
                 _size(dev.memory_bytes),
                 "x".join(map(str, p.tile)),
                 f"{p.tiles:,}",
@@ -82,6 +88,23 @@ def _plan(a: argparse.Namespace) -> int:
     for r in rows:
         print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
     return 0
+
+
+def _count_and_device(text: str):
+    """``"8xH100-SXM"`` -> (8, the H100-SXM entry); ``"cpu"`` -> (1, this CPU)."""
+    count, _, name = text.partition("x") if text.split("x", 1)[0].isdigit() else ("1", "", text)
+    return int(count), get_device(name)
+
+
+def _on_devices(p, splits, shape, dtype, dev, training: bool, count: int):
+    """The prediction ``p`` for one device, as ``count`` devices sharing the tiles predict it."""
+    from dataclasses import replace
+
+    from bigpicture.perf.multi import predict_devices
+
+    plans = [plan_for_split(s, shape, dtype, p.tile) for s in splits]
+    plan = replace(plans[-1], earlier=tuple(plans[:-1]), device=dev, training=training)
+    return predict_devices(plan, count, single=p)
 
 
 def add_plan_command(subparsers: argparse._SubParsersAction) -> None:

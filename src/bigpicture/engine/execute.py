@@ -33,12 +33,14 @@ class TileStats:
     computed: int = 0  # forward tile computations
     skipped: int = 0  # forward tiles that reused a background tile's outputs
     backward_skipped: int = 0  # backward recomputations saved by background groups
+    ranks: object = None  # with group=: distributed.RankTimes, each rank's seconds (counts are this rank's)
 
     def __str__(self) -> str:
-        return (
+        text = (
             f"{self.tiles} tiles: {self.computed} computed, {self.skipped} reused as background in the "
             f"forward, {self.backward_skipped} recomputations saved in the backward"
         )
+        return text if self.ranks is None else f"{text}; {self.ranks}"
 
 
 class Runner:
@@ -54,6 +56,7 @@ class Runner:
         derived=None,
         background=None,
         stats=None,
+        team=None,
     ) -> None:
         self.plan, self.split, self.args, self.params = plan, plan.split, args, params
         self.device, self.progress = device, progress
@@ -62,6 +65,9 @@ class Runner:
         self.background = background  # BackgroundTiles: interior background tiles computed once
         self.groups: dict = {}  # background key -> the tiles that share its outputs
         self.stats = stats if stats is not None else TileStats()
+        self.team = team  # distributed.Team: the ranks sharing this image's tiles, or None
+        self.share = range(len(plan.tiles)) if team is None else team.share(plan)  # indices of its tiles
+        self.tiles = tuple(plan.tiles[i] for i in self.share)
         s = self.split
         self.dense = [k for k in s.sinks if any(s.roles[u] in ("tail", "output") for u in k.users)]
         self.reductions = [r for k in s.sinks for r in k.users if s.roles[r] == "reduce"]
@@ -139,8 +145,9 @@ class Runner:
         dense = {k: self._empty(k, out_device) for k in self.dense}
         partials = {r: Partial() for r in self.reductions}
         self.kept, self.groups = None, {}
-        bg, last = self.background, len(self.plan.tiles) - 1
-        self.stats.tiles += len(self.plan.tiles)
+        bg, last = self.background, len(self.tiles) - 1
+        self.stats.tiles += len(self.tiles)
+        self.team and self.team.started()
         with torch.no_grad():
             consts = self.consts()
             for i, tile in enumerate(self._tiles("forward")):
@@ -168,6 +175,8 @@ class Runner:
                             s.ops[r].accumulate(partials[r], sinks[k], write)
         if bg is not None:
             bg.outputs.clear()  # the shared values are in the boundary tensors now
+        if self.team is not None:  # every rank's sinks and partial results, on every rank
+            return self.team.combine(self.split.ops, dense, partials, self.device)
         return dense, partials
 
     def _graph(self, tile: Tile, input_grad: bool, x: torch.Tensor | None = None):
@@ -187,7 +196,8 @@ class Runner:
         return [n for n in self.derived if self.derived[n].requires_grad]
 
     def _empty(self, node, device):
-        return torch.empty(self.split.shapes[node], dtype=self.plan.dtype, device=device)
+        new = torch.empty if self.team is None else torch.zeros  # a team sums the ranks' write boxes
+        return new(self.split.shapes[node], dtype=self.plan.dtype, device=device)
 
     def _units(self, input_grad: bool) -> list[tuple[Tile, list[Tile]]]:
         """What the backward recomputes: (a tile, the tiles whose outputs it stands for).
@@ -199,7 +209,7 @@ class Runner:
         """
         grouped = {} if input_grad else {id(t): m for m in self.groups.values() for t in m}
         units, seen = [], set()
-        for tile in self.plan.tiles[::-1]:
+        for tile in self.tiles[::-1]:
             if id(tile) in seen:
                 continue
             members = grouped.get(id(tile), [tile])
@@ -216,6 +226,7 @@ class Runner:
         totals = [None] * wrt
         units = self._units(x_grad is not None)
         kept, self.kept = self.kept, None
+        self.team and self.team.started()
         for tile, members in self._tiles("backward", units):
             if kept is not None and kept[0] is tile:
                 (x, leaves, sinks), kept = kept[1], None
@@ -251,6 +262,8 @@ class Runner:
                 if gr is not None:
                     gr = gr.to(_wide(gr))
                     totals[i] = gr if totals[i] is None else totals[i] + gr
+        if self.team is not None:
+            totals = self.team.sum_gradients(totals, x_grad, self.params + self._leaves_like())
         return [
             None if t is None else t.to(p.dtype) for t, p in zip(totals, self.params + self._leaves_like())
         ]
@@ -269,7 +282,7 @@ class Runner:
         return [dense[k] for k in self.dense] + [partials[r].value.detach() for r in self.reductions]
 
     def _tiles(self, what: str, tiles=None):
-        tiles = self.plan.tiles if tiles is None else tiles
+        tiles = self.tiles if tiles is None else tiles
         if self.progress is None:
             return tiles
         return self.progress(tiles, desc=f"bigpicture {what}", unit="tile")
@@ -314,14 +327,21 @@ class TiledFunction(torch.autograd.Function):
 
 
 def run(
-    plan: Plan, args: tuple, params: list, device: torch.device, progress=None, background=None, stats=None
+    plan: Plan,
+    args: tuple,
+    params: list,
+    device: torch.device,
+    progress=None,
+    background=None,
+    stats=None,
+    team=None,
 ):
     """The model's output on ``args``, computed tile by tile; differentiable where grad is enabled.
 
     ``background``: a value (or one per channel) in the units the model sees; interior tiles whose
     read box is all that value are computed once per geometry in the forward, and, when the input
     needs no gradient, recomputed once per geometry in the backward. ``stats``: a ``TileStats``
-    to count into.
+    to count into. ``team``: a ``distributed.Team``; each rank computes its share of the tiles.
     """
     x = args[0] if isinstance(args[0], torch.Tensor) else None
     stats = stats if stats is not None else TileStats()
@@ -334,7 +354,7 @@ def run(
         graph.evaluate_ready()
         derived = {n: graph.env[n] for n in stage.split.derived}
         bg = None if background is None else BackgroundTiles(stage, background, device)
-        runner = Runner(stage, args, trainable, device, progress, derived, bg, stats)
+        runner = Runner(stage, args, trainable, device, progress, derived, bg, stats, team)
         grad = torch.is_grad_enabled() and (
             bool(trainable)
             or (x is not None and x.requires_grad)

@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from bigpicture.engine.background import BackgroundTiles, MaskedSource
+from bigpicture.engine.distributed import shared_store
 from bigpicture.engine.execute import Evaluator, Runner
 from bigpicture.engine.rules.reduce import Partial
 from bigpicture.errors import TilingError
@@ -50,12 +51,13 @@ class Report:
     read_wait: float = 0.0  # main thread waiting for the input of the next tile
     write_wait: float = 0.0  # main thread waiting for the previous tile's write
     seconds: float = 0.0
+    ranks: object = None  # with a group: distributed.RankTimes (the counts above are this rank's)
 
     def __str__(self) -> str:
         return (
             f"{self.tiles} tiles: {self.computed} computed, {self.skipped} reused as background, "
             f"{self.resumed} already done; {self.seconds:.1f} s, waiting {self.read_wait:.1f} s on reads "
-            f"and {self.write_wait:.1f} s on writes"
+            f"and {self.write_wait:.1f} s on writes" + ("" if self.ranks is None else f"; {self.ranks}")
         )
 
 
@@ -85,13 +87,13 @@ def run(net, src, out=None, *, progress=False, background=None, prefetch=None, r
         prefetch = torch.device(device).type != "cpu"
     if background is None and isinstance(source, MaskedSource):
         background = source.background
-    stages = plan.earlier + (plan,)
-    runners = [Runner(stage, (source,), [], device) for stage in stages]
+    stages, team = plan.earlier + (plan,), net._team()
+    runners = [Runner(stage, (source,), [], device, team=team) for stage in stages]
     store = targets = None
     if out is not None:
         identity = TensorSource(src).identity() if tensor_input else source.identity()
-        store, targets = _open_store(out, net, runners, identity, background, resume)
-    graph, report = Evaluator(plan.split, (source,)), Report(tiles=0)
+        store, targets = _open_store(out, net, runners, identity, background, resume, team)
+    graph, report = Evaluator(plan.split, (source,)), Report(tiles=0, ranks=team and team.times)
     with torch.no_grad():
         for p, runner in enumerate(runners):
             stage = runner.plan
@@ -165,8 +167,11 @@ def _needs_values(runner: Runner) -> bool:
     return any(runner.split.roles.get(u) == "tail" for k in runner.dense for u in k.users)
 
 
-def _open_store(path, net, runners: list[Runner], identity: dict, background, resume: bool):
-    """The store at ``path`` and, per dense sink of every pass, the target its tiles write into."""
+def _open_store(path, net, runners: list[Runner], identity: dict, background, resume: bool, team=None):
+    """The store at ``path`` and, per dense sink of every pass, the target its tiles write into.
+
+    With a team, every rank writes its tiles into the one store, keeping its own record of them.
+    """
     plan = runners[-1].plan
     dense = [(r, k) for r in runners for k in r.dense]
     if not dense:
@@ -195,12 +200,23 @@ def _open_store(path, net, runners: list[Runner], identity: dict, background, re
     }
     if len(runners) > 1:
         meta["passes"] = len(runners)
+    if team is not None:  # a resumed run must give every rank the same tiles again
+        meta["ranks"] = [team.bounds(r.plan) for r in runners]
     if len(dense) == 1:
         ((_, k),) = dense
-        sink = ZarrSink(path, *specs[k], meta=meta, overwrite=not resume)
+
+        def one(overwrite: bool, writer: str | None):
+            return ZarrSink(path, *specs[k], meta=meta, overwrite=overwrite, writer=writer)
+
+        sink = shared_store(team, one, resume)
         return sink, {k: sink}
     names = output_names(plan.split, [k for _, k in dense])
-    sink = ZarrGroupSink(path, {names[k]: spec for k, spec in specs.items()}, meta=meta, overwrite=not resume)
+    arrays = {names[k]: spec for k, spec in specs.items()}
+
+    def group(overwrite: bool, writer: str | None):
+        return ZarrGroupSink(path, arrays, meta=meta, overwrite=overwrite, writer=writer)
+
+    sink = shared_store(team, group, resume)
     return sink, {k: sink[names[k]] for k in specs}
 
 
@@ -228,13 +244,14 @@ class _TileLoop:
         if self.store is not None:
             dense = {k: self.targets[k].array for k in r.dense}
         else:
-            dense = {k: torch.empty(s.shapes[k], dtype=self.plan.dtype) for k in r.dense}
+            dense = {k: r._empty(k, torch.device("cpu")) for k in r.dense}
         partials = self._restore()
-        todo = [i for i in range(len(self.plan.tiles)) if self.store is None or not self.store.is_done(i)]
-        self.report.tiles += len(self.plan.tiles)
-        self.report.resumed += len(self.plan.tiles) - len(todo)
+        todo = [i for i in r.share if self.store is None or not self.store.is_done(i)]
+        self.report.tiles += len(r.share)
+        self.report.resumed += len(r.share) - len(todo)
         consts = r.consts()
-        bar = _bar(progress, len(self.plan.tiles), len(self.plan.tiles) - len(todo))
+        bar = _bar(progress, len(r.share), len(r.share) - len(todo))
+        r.team and r.team.started()
         reader, writer = ThreadPoolExecutor(1, "bp-read"), ThreadPoolExecutor(1, "bp-write")
         try:
             fetch = self._fetcher(reader, todo)
@@ -262,7 +279,19 @@ class _TileLoop:
             writer.shutdown(wait=True)
             if bar is not None:
                 bar.close()
+        if r.team is not None:
+            partials = self._combine(dense, partials)
         return dense, {u: partials[u].value for u in r.reductions}
+
+    def _combine(self, dense: dict, partials: dict) -> dict:
+        """Every rank's results: dense outputs summed in memory, or all written to the store."""
+        team = self.runner.team
+        _, merged = team.combine(
+            self.runner.split.ops, dense if self.store is None else {}, partials, self.runner.device
+        )
+        if self.store is not None:
+            team.barrier()  # every rank's tiles are in the store before any rank reads it
+        return merged
 
     def _fetcher(self, reader: ThreadPoolExecutor, todo: list[int]):
         """``fetch(n)``: the input of the n-th tile to do (None: known background) and its key."""

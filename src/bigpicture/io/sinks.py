@@ -15,8 +15,12 @@ stored as half-open ranges, so the record stays small when tiles finish roughly 
 ``passes`` (present once a run over several passes finished its first) holds what each finished
 pass computed; ``done`` and ``state`` are about the pass in progress.
 Writing data before marking it done makes a crash safe: at worst a finished tile
-is computed again. The record is rewritten by the process that marks tiles, so
-mark tiles from one process (e.g. rank 0) in distributed runs.
+is computed again.
+
+Several writers (the ranks of a distributed run, each writing its own tiles) open the store with
+``writer="rank1of4"`` and so on: the attributes keep only the ``meta`` (written once, by whoever
+creates the store), and each writer keeps its own ``done``, ``state`` and ``passes`` in a file
+``.bigpicture-<writer>.json`` in the store, replaced atomically, so no writer overwrites another's.
 """
 
 from __future__ import annotations
@@ -41,10 +45,14 @@ class _Record:
 
     path: Path
 
-    def _load(self, node) -> None:
-        self._node = node
+    def _load(self, node, writer: str | None = None) -> None:
+        self._node, self._writer = node, writer
         record = node.attrs[RECORD]
-        self.meta, self.state = record["meta"], record.get("state")
+        self.meta = record["meta"]
+        if writer is not None:
+            file = self._writer_file()
+            record = json.loads(file.read_text()) if file.exists() else {"done": []}
+        self.state = record.get("state")
         self._passes = list(record.get("passes", []))
         self._done = {i for start, stop in record["done"] for i in range(start, stop)}
 
@@ -85,12 +93,21 @@ class _Record:
         self._persist()
 
     def _persist(self) -> None:
-        record = {"meta": self.meta, "done": _ranges(self._done)}
+        record: dict = {"done": _ranges(self._done)}
         if self.state is not None:
             record["state"] = self.state
         if self._passes:
             record["passes"] = self._passes
-        self._node.attrs[RECORD] = record
+        if self._writer is None:
+            self._node.attrs[RECORD] = {"meta": self.meta, **record}
+            return
+        file = self._writer_file()  # the meta stays in the attributes
+        temporary = file.with_name(file.name + ".tmp")
+        temporary.write_text(json.dumps(record))
+        os.replace(temporary, file)  # atomic: a killed writer leaves the old record or the new one
+
+    def _writer_file(self) -> Path:
+        return self.path / f".{RECORD}-{self._writer}.json"
 
 
 class _ArrayWriter:
@@ -145,6 +162,7 @@ class ZarrSink(_ArrayWriter, _Record):
         chunks: tuple[int, ...],
         meta: dict | None = None,
         overwrite: bool = False,
+        writer: str | None = None,
     ):
         zarr = optional_import("zarr", "ZarrSink")
         self.path = Path(path).expanduser()
@@ -158,7 +176,7 @@ class ZarrSink(_ArrayWriter, _Record):
                 str(self.path), mode="w-", shape=spec[0], chunks=spec[2], dtype=spec[1], fill_value=0
             )
             self.array.attrs[RECORD] = {"meta": stored_meta or {}, "done": []}
-        self._load(self.array)
+        self._load(self.array, writer)
 
     def _reopen(self, zarr, spec, meta):
         try:
@@ -210,6 +228,7 @@ class ZarrGroupSink(_Record):
         arrays: dict[str, tuple],
         meta: dict | None = None,
         overwrite: bool = False,
+        writer: str | None = None,
     ):
         zarr = optional_import("zarr", "ZarrGroupSink")
         self.path = Path(path).expanduser()
@@ -227,7 +246,7 @@ class ZarrGroupSink(_Record):
                 self.group.create_array(name, shape=shape, chunks=chunks, dtype=dtype, fill_value=0)
             self.group.attrs[RECORD] = {"meta": stored_meta or {}, "done": []}
         self._members = {n: ZarrMember(self.path / n, self.group[n]) for n in specs}
-        self._load(self.group)
+        self._load(self.group, writer)
 
     def _reopen(self, zarr, specs: dict, meta):
         try:

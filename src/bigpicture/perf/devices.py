@@ -241,3 +241,51 @@ def load_calibration(path: str | os.PathLike | None = None) -> dict[str, Any] | 
     except (OSError, ValueError):
         return None
     return cal if cal.get("machine") == machine() else None
+
+
+@dataclass(frozen=True)
+class Interconnect:
+    """A link between devices: bandwidth per device and direction, and latency per collective step."""
+
+    name: str
+    bandwidth_bytes_per_s: float  # per device, per direction, as the specification gives it
+    latency_s: float  # per step of a ring collective: an assumption, no datasheet gives it
+    source: str
+
+
+# fmt: off
+_LINKS = [
+    # NVLink totals on the datasheets count both directions: halved here.
+    Interconnect("NVLink2", 150 * GB_PER_S, 10e-6, "NVIDIA Tesla V100 datasheet: NVLink 300 GB/s"),
+    Interconnect("NVLink3", 300 * GB_PER_S, 10e-6, "NVIDIA A100 datasheet: NVLink 600 GB/s"),
+    Interconnect("NVLink4", 450 * GB_PER_S, 10e-6, "NVIDIA H100 datasheet: NVLink 900 GB/s"),
+    # PCIe x16 per direction: lanes x transfer rate x 128b/130b encoding
+    Interconnect("PCIe3", 15.75 * GB_PER_S, 20e-6, "PCI-SIG PCIe 3.0: 8 GT/s x 16 lanes"),
+    Interconnect("PCIe4", 31.5 * GB_PER_S, 20e-6, "PCI-SIG PCIe 4.0: 16 GT/s x 16 lanes"),
+    Interconnect("PCIe5", 63 * GB_PER_S, 20e-6, "PCI-SIG PCIe 5.0: 32 GT/s x 16 lanes"),
+    # between nodes, one network adapter per GPU (as in NVIDIA DGX A100 / H100)
+    Interconnect("IB-HDR", 25 * GB_PER_S, 20e-6, "InfiniBand HDR 200 Gb/s per port (NVIDIA ConnectX-6)"),
+    Interconnect("IB-NDR", 50 * GB_PER_S, 20e-6, "InfiniBand NDR 400 Gb/s per port (NVIDIA ConnectX-7)"),
+    Interconnect("Ethernet-100G", 12.5 * GB_PER_S, 50e-6, "IEEE 802.3 100 Gb/s Ethernet"),
+    Interconnect("loopback", 2 * GB_PER_S, 100e-6, "gloo between processes of one machine: nominal; "
+                 "benchmarks/distributed.py measures this machine's"),
+]
+# fmt: on
+INTERCONNECTS: Mapping[str, Interconnect] = MappingProxyType({link.name: link for link in _LINKS})
+# within a node: the GPU's own link (SXM parts: NVLink; PCIe cards: their PCIe generation, from the
+# same datasheets as the table above); between nodes: InfiniBand of the GPU's generation
+NODE_LINKS: Mapping[str, tuple[str, str]] = MappingProxyType({
+    "V100": ("NVLink2", "IB-HDR"), "A100-40GB": ("NVLink3", "IB-HDR"), "A100-80GB": ("NVLink3", "IB-HDR"),
+    "H100-SXM": ("NVLink4", "IB-NDR"), "H200": ("NVLink4", "IB-NDR"), "H100-PCIe": ("PCIe5", "IB-NDR"),
+    "L4": ("PCIe4", "Ethernet-100G"), "L40S": ("PCIe4", "IB-NDR"), "A10": ("PCIe4", "Ethernet-100G"),
+    "T4": ("PCIe3", "Ethernet-100G"), "RTX-3090": ("PCIe4", "Ethernet-100G"),
+    "RTX-4090": ("PCIe4", "Ethernet-100G"), "cpu": ("loopback", "Ethernet-100G"),
+})  # fmt: skip
+
+
+def get_interconnect(link: str | Interconnect) -> Interconnect:
+    if isinstance(link, Interconnect):
+        return link
+    if link not in INTERCONNECTS:
+        raise TilingError(f"no interconnect {link!r}; known: {', '.join(INTERCONNECTS)}.")
+    return INTERCONNECTS[link]

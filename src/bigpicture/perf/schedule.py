@@ -23,6 +23,7 @@ from bigpicture.engine.plan import Plan, capture, default_tile, plan_graph
 from bigpicture.engine.split import Split, split, stages
 from bigpicture.errors import TilingError
 from bigpicture.perf.devices import Device
+from bigpicture.perf.multi import with_devices
 from bigpicture.perf.predict import Prediction, _size, predict, predict_splits, resolve_device
 
 MAX_TILES_PER_DIM = 256  # smaller tiles are never faster: their halo work and per-tile costs grow
@@ -196,6 +197,8 @@ def make_plan(
     multipass=True,
     training=False,
     memory=None,
+    devices: int = 1,
+    nodes: int | None = None,
 ) -> Plan:
     """The plan for ``model`` on an input of ``input_shape`` (N, C, *spatial), with no tensor allocated.
 
@@ -213,6 +216,9 @@ def make_plan(
     Shapes are found on fake CPU tensors in the model's own dtype, so a plan for a 100,000^2 slide
     on a GPU takes seconds here. ``plan.prediction`` (and ``plan.memory``, bytes; ``plan.time``,
     seconds; ``plan.flops``) is computed on first use; ``print(plan)`` shows it.
+    ``devices``: predict one image's tiles shared by that many ranks (``bp.tiled(..., group=)``) on
+    ``nodes`` nodes (default 8 devices per node): each rank's share, the imbalance and the
+    communication over the device's links (``perf.multi.predict_devices``).
     """
     planned = memory is not None or tile == "auto"
     if memory is not None and tile is not None and tile != "auto":
@@ -224,10 +230,12 @@ def make_plan(
     gm = capture(model, multipass, [(tuple(input_shape), model_dtype(model), torch.device("cpu"))])
     if planned:
         budget = dev.memory_bytes if memory is None else memory
-        return choose_tile(gm, input_shape, budget, dev, dtype, training, multipass).plan
-    shapes = [(tuple(input_shape), model_dtype(gm), torch.device("cpu"))]
-    tile = default_tile(len(input_shape) - 2) if tile is None else tile
-    return for_run(plan_graph(gm, shapes, tile, multipass), dtype, dev, training)
+        plan = choose_tile(gm, input_shape, budget, dev, dtype, training, multipass).plan
+    else:
+        shapes = [(tuple(input_shape), model_dtype(gm), torch.device("cpu"))]
+        tile = default_tile(len(input_shape) - 2) if tile is None else tile
+        plan = for_run(plan_graph(gm, shapes, tile, multipass), dtype, dev, training)
+    return plan if devices == 1 and nodes is None else with_devices(plan, devices, nodes)
 
 
 def _size_up(n: int) -> str:

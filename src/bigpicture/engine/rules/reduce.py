@@ -46,19 +46,29 @@ class StreamedReduction(Op):
         return t.amin(self.dims, keepdim=True) if self.how == "min" else t.amax(self.dims, keepdim=True)
 
     def accumulate(self, acc: Partial, values: torch.Tensor, write: Box) -> None:
+        self.merge(acc, self.partial(values, write))
+
+    def partial(self, values: torch.Tensor, write: Box) -> Partial:
+        """The result of one tile's write box alone."""
         if self.how in ("sum", "mean"):
-            part = values.sum(self.dims, keepdim=True)
-            acc.value = part if acc.value is None else acc.value + part
-            return
+            return Partial(values.sum(self.dims, keepdim=True))
         best = self._best(values)
         if self.how == "first":
             flat = values.flatten(2).argmax(-1)  # first occurrence within the tile
-            ties = self._image_index(flat, write).view_as(best)
-        else:
-            ties = (values == best).sum(self.dims, keepdim=True)
-        if acc.value is None:
-            acc.value, acc.ties = best, ties
+            return Partial(best, self._image_index(flat, write).view_as(best))
+        return Partial(best, (values == best).sum(self.dims, keepdim=True))
+
+    def merge(self, acc: Partial, other: Partial) -> None:
+        """Add ``other``'s result (of tiles after ``acc``'s, or of another rank's) into ``acc``."""
+        if other.value is None:
             return
+        if acc.value is None:
+            acc.value, acc.ties, acc.count = other.value, other.ties, other.count
+            return
+        if self.how in ("sum", "mean"):
+            acc.value = acc.value + other.value
+            return
+        best, ties = other.value, other.ties
         better = best < acc.value if self.how == "min" else best > acc.value
         equal = best == acc.value
         if self.how == "first":

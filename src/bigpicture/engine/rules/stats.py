@@ -50,19 +50,22 @@ class Moments(StreamedReduction):
         super().__init__(node, ctx, how="moments")
         self.groups = ctx.static(node.args[1])
 
-    def accumulate(self, acc: Partial, values, write: Box) -> None:
+    def partial(self, values, write: Box) -> Partial:
         flat = values.reshape(values.shape[0], self.groups, -1)
-        count = flat.shape[-1]
         var, mean = torch.var_mean(flat, dim=-1, correction=0)
-        m2 = var * count
-        if acc.value is None:
-            acc.count, acc.ties = count, m2
-            acc.value = torch.stack([mean, var], dim=-1)
+        return Partial(torch.stack([mean, var], dim=-1), var * flat.shape[-1], flat.shape[-1])
+
+    def merge(self, acc: Partial, other: Partial) -> None:
+        """Chan's parallel update of (count, mean, sum of squared deviations); ``ties`` holds the last."""
+        if other.value is None:
             return
-        total = acc.count + count
-        delta = mean - acc.value[..., 0]
-        mean = acc.value[..., 0] + delta * (count / total)
-        acc.ties = acc.ties + m2 + delta.square() * (acc.count * count / total)
+        if acc.value is None:
+            acc.value, acc.ties, acc.count = other.value, other.ties, other.count
+            return
+        total = acc.count + other.count
+        delta = other.value[..., 0] - acc.value[..., 0]
+        mean = acc.value[..., 0] + delta * (other.count / total)
+        acc.ties = acc.ties + other.ties + delta.square() * (acc.count * other.count / total)
         acc.count = total
         acc.value = torch.stack([mean, acc.ties / total], dim=-1)
 

@@ -1,0 +1,235 @@
+"""Several devices: each tile's predicted cost, the ranks' shares, and the step on N devices.
+
+``tile_costs(plan)`` is what ``bp.tiled(model, group=...)`` hands the engine's ``Team``: the
+predicted seconds of every tile, from one walk per geometry (tiles of the same geometry --
+interior, edge, corner -- cost the same; ``steps.walk`` is memoised per node box), so the ranks'
+contiguous shares are balanced by time rather than by count.
+
+``predict_devices`` predicts one step of a plan whose tiles are shared by N ranks, as the engine
+runs it (``engine.distributed``):
+
+    time = slowest rank's share of the one-device time      (shares by predicted tile cost)
+         + per pass: a sum all-reduce of the dense outputs the tail needs,
+                     an all-gather of the streamed reductions' partial results
+         + training, per pass: one all-reduce of the parameter gradients, in float64
+
+Collectives are not overlapped with compute (the engine combines after its last tile). An
+all-reduce of B bytes over n ranks is a ring: 2 (n-1)/n B / bandwidth + 2 (n-1) latency; over
+m nodes of g devices it is hierarchical (NCCL's tree/ring within and across nodes): within the
+node as before, then 2 (m-1)/m (B/g) over each device's own network adapter. Links reach
+``LINK_EFFICIENCY`` of their specified bandwidth.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+
+import torch
+
+from bigpicture.engine.distributed import shares
+from bigpicture.engine.plan import Plan
+from bigpicture.errors import TilingError
+from bigpicture.perf.devices import NODE_LINKS, Interconnect, get_interconnect, load_calibration
+from bigpicture.perf.predict import Prediction, _seconds, _size, predict, resolve_device
+from bigpicture.perf.rates import Rates
+from bigpicture.perf.steps import walk
+
+LINK_EFFICIENCY = 0.8  # assumed: nccl-tests bus bandwidths reach 70-90% of the link's specification
+DEVICES_PER_NODE = 8  # the default node: 8 GPUs, as in NVIDIA DGX/HGX systems
+OBJECT_BYTES = 1024  # a pickled partial result: small tensors plus pickle framing (assumed)
+
+
+def tile_costs(plan: Plan) -> list[float]:
+    """Predicted seconds of each of ``plan.tiles`` (forward, plus backward for a training plan).
+
+    A plan whose device the model cannot predict (no table entry) is weighed by read-box size.
+    """
+    try:
+        dev = resolve_device(plan.device)
+    except TilingError:
+        return [float(t.read.numel) for t in plan.tiles]
+    dtype = plan.dtype if plan.dtype.is_floating_point else _model_dtype(plan)
+    rates = Rates(dev, dtype, None if dev.name != "cpu" else load_calibration())
+    memo, by_shape, costs = {}, {}, []
+    for tile in plan.tiles:
+        need = plan.needs(tile)
+        extents = plan.split.extents
+        key = tuple((n, b.shape, min(b.lo, default=0) == 0, b.hi == extents.get(n)) for n, b in need.items())
+        if key not in by_shape:
+            w = walk(plan.split, need, tile.writes, dtype, rates, plan.training, memo=memo)
+            engine = w.nodes * (rates.train_node_s if plan.training else rates.node_s)
+            by_shape[key] = w.fwd_s + (w.fwd_s + w.bwd_s if plan.training else 0.0) + engine
+        costs.append(by_shape[key])
+    return costs
+
+
+def _model_dtype(plan: Plan):
+    import torch
+
+    model = plan.split.gm.meta.get("bigpicture_model", plan.split.gm)
+    return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+
+
+@dataclass(frozen=True)
+class DevicesPrediction:
+    """One step on ``devices`` ranks sharing each image's tiles: per-rank shares and communication."""
+
+    single: Prediction  # the same plan on one device
+    devices: int
+    nodes: int
+    links: tuple[Interconnect, Interconnect]  # within a node, between nodes
+    shares: tuple[float, ...]  # each rank's predicted compute seconds
+    communication: tuple[tuple[str, float], ...]  # collective -> seconds
+    gradient_bytes: int  # the float64 buffer the gradients are summed in
+
+    @property
+    def time(self) -> float:
+        return max(self.shares) + sum(s for _, s in self.communication)
+
+    @property
+    def memory(self) -> int:
+        """Per device: the one-device peak, plus the gradient buffer of the all-reduce."""
+        return self.single.memory + self.gradient_bytes
+
+    @property
+    def flops(self) -> int:
+        return self.single.flops
+
+    @property
+    def tile(self):
+        return self.single.tile
+
+    @property
+    def tiles(self) -> int:
+        return self.single.tiles
+
+    @property
+    def halo_overhead(self) -> float:
+        return self.single.halo_overhead
+
+    @property
+    def summary(self) -> str:
+        talk = sum(s for _, s in self.communication)
+        return (
+            f"{self.speedup:.2f}x one device, imbalance {self.imbalance:.3f}, communication {_seconds(talk)}"
+        )
+
+    @property
+    def imbalance(self) -> float:
+        return max(self.shares) / (sum(self.shares) / len(self.shares))
+
+    @property
+    def speedup(self) -> float:
+        return self.single.time / self.time
+
+    def rows(self) -> list[tuple[str, str]]:
+        rows = self.single.rows()
+        link = (
+            self.links[0].name
+            if self.nodes == 1
+            else f"{self.links[0].name} within, {self.links[1].name} between"
+        )
+        talk = ", ".join(f"{k} {_seconds(v)}" for k, v in self.communication if v)
+        rows[0:0] = [
+            ("devices", f"{self.devices} x {self.single.device} on {self.nodes} node(s); {link}"),
+            ("step", f"{_seconds(self.time)}: {self.speedup:.2f}x one device ({_seconds(self.single.time)})"),
+            ("per rank", f"{_seconds(max(self.shares))} slowest share, imbalance {self.imbalance:.3f}"),
+            ("communication", talk or "none"),
+            (
+                "per device memory",
+                f"{_size(self.memory)} (one device's + {_size(self.gradient_bytes)} all-reduce buffer)",
+            ),
+        ]
+        links = "; ".join(f"{x.name}: {x.source}" for x in dict.fromkeys(self.links[: 1 + (self.nodes > 1)]))
+        rows.append(("links", f"{links}; {100 * LINK_EFFICIENCY:.0f}% of their bandwidth, latencies assumed"))
+        return rows
+
+    def __str__(self) -> str:
+        rows = self.rows()
+        width = max(len(k) for k, _ in rows)
+        return "\n".join(f"{k.ljust(width)}  {v}" for k, v in rows)
+
+
+def predict_devices(
+    plan: Plan,
+    devices: int,
+    nodes: int | None = None,
+    links=None,
+    single: Prediction | None = None,
+    costs: list[float] | None = None,
+) -> DevicesPrediction:
+    """``plan`` run by ``devices`` ranks (``nodes`` nodes, default 8 devices per node).
+
+    ``links``: (within a node, between nodes), names or ``Interconnect``s; default the device's
+    own (``devices.NODE_LINKS``). ``single``, ``costs``: the plan's one-device prediction and
+    ``tile_costs``, if known already.
+    """
+    if devices < 1:
+        raise TilingError(f"devices={devices}: give the number of devices, 1 or more")
+    nodes = nodes or math.ceil(devices / DEVICES_PER_NODE)
+    if devices % nodes:
+        raise TilingError(f"devices={devices} on nodes={nodes}: give the same number of devices per node")
+    single = single or predict(plan)
+    within, between = links or NODE_LINKS.get(single.device, ("PCIe4", "Ethernet-100G"))
+    links = (get_interconnect(within), get_interconnect(between))
+    costs = tile_costs(plan) if costs is None else costs
+    total = sum(costs) or 1.0
+    per_rank = tuple(single.time * sum(costs[i] for i in r) / total for r in shares(costs, devices))
+    talk, buffer = communication(plan, devices, nodes, links)
+    return DevicesPrediction(single, devices, nodes, links, per_rank, talk, buffer)
+
+
+def communication(plan: Plan, n: int, nodes: int, links) -> tuple[tuple[tuple[str, float], ...], int]:
+    """Seconds of each kind of collective in one step, and the bytes of the gradient buffer."""
+    passes = [*plan.earlier, plan]
+    item = torch.empty((), dtype=plan.dtype).element_size() if plan.dtype.is_floating_point else 4
+    dense = reductions = 0.0
+    for stage in passes:
+        s = stage.split
+        sinks = [k for k in s.sinks if any(s.roles.get(u) in ("tail", "output") for u in k.users)]
+        dense += all_reduce_s(sum(math.prod(s.shapes[k]) for k in sinks) * item, n, nodes, links)
+        reductions += all_gather_s(OBJECT_BYTES, n, nodes, links)
+        reductions += all_gather_s(8, n, nodes, links) if plan.training else 0.0  # each rank's time
+    talk = [("dense outputs", dense), ("reductions", reductions)]
+    model = plan.split.gm.meta.get("bigpicture_model", plan.split.gm)
+    buffer = 8 * sum(p.numel() for p in model.parameters() if p.requires_grad) if plan.training else 0
+    if plan.training:
+        talk.append(("parameter gradients", len(passes) * all_reduce_s(buffer, n, nodes, links)))
+    return tuple(talk), buffer
+
+
+def all_reduce_s(nbytes: float, n: int, nodes: int, links) -> float:
+    """Seconds of a (hierarchical) ring all-reduce of ``nbytes`` over ``n`` ranks on ``nodes`` nodes."""
+    if n == 1 or nbytes == 0:
+        return 0.0
+    within, between = links
+    g, m = n // nodes, nodes
+    seconds = _ring(nbytes, g, within)
+    return seconds + (_ring(nbytes / g, m, between) if m > 1 else 0.0)
+
+
+def all_gather_s(nbytes: float, n: int, nodes: int, links) -> float:
+    """Seconds to gather ``nbytes`` from each of ``n`` ranks on every rank (a ring; the slower link)."""
+    if n == 1:
+        return 0.0
+    link = links[1] if nodes > 1 else links[0]
+    return (n - 1) * (link.latency_s + nbytes / (LINK_EFFICIENCY * link.bandwidth_bytes_per_s))
+
+
+def _ring(nbytes: float, n: int, link: Interconnect) -> float:
+    if n == 1:
+        return 0.0
+    bandwidth = LINK_EFFICIENCY * link.bandwidth_bytes_per_s
+    return 2 * (n - 1) / n * nbytes / bandwidth + 2 * (n - 1) * link.latency_s
+
+
+def with_devices(plan: Plan, devices: int, nodes: int | None = None, links=None) -> Plan:
+    """``plan`` whose prediction is for ``devices`` ranks sharing its tiles (``predict_devices``)."""
+    single = plan.predictor
+
+    def predictor(p: Plan) -> DevicesPrediction:
+        base = replace(p, predictor=single)
+        return predict_devices(base, devices, nodes, links, single(base) if single else None)
+
+    return replace(plan, predictor=predictor)
