@@ -42,7 +42,7 @@ def _plan(a: argparse.Namespace) -> int:
     mode = "training step (forward + backward)" if a.train else "inference"
     print(f"{a.model} on {'x'.join(map(str, shape))}, {str(dtype).removeprefix('torch.')}, {mode}")
     head = ("device", "memory", "tile", "tiles", "halo", "peak memory", "time", "note")
-    rows = [head]
+    rows, made = [head], []  # made: the first device's prediction, for --plot
     for dev in devices:
         try:
             if a.tile:
@@ -64,6 +64,7 @@ def _plan(a: argparse.Namespace) -> int:
                 (dev.name, _size(dev.memory_bytes), "-", "-", "-", "-", "-", str(e).split(": ", 1)[1])
             )
             continue
+        made.append(p)
         rows.append(
             (
                 dev.name,
@@ -81,6 +82,11 @@ def _plan(a: argparse.Namespace) -> int:
     widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
     for r in rows:
         print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
+    if a.plot and made:
+        from bigpicture.cli.plot import plot_plan
+
+        plot_plan(a.plot, plan_for_split(splits[-1], shape, dtype, made[0].tile), made[0], source)
+        print(f"plot of the plan on {made[0].device}: {a.plot}")
     return 0
 
 
@@ -107,5 +113,8 @@ def add_plan_command(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--memory", help="budget, e.g. 8GiB (default: each device's memory)")
     p.add_argument("--tile", type=int, help="predict this tile instead of choosing one")
     p.add_argument("--multipass", action="store_true", help="tile global norms with extra passes")
+    p.add_argument(
+        "--plot", metavar="PNG", help="draw the first device's tiles and time per stage (matplotlib)"
+    )
     p.add_argument("-v", "--verbose", action="store_true", help="print each device's full prediction")
     p.set_defaults(run=_plan)
