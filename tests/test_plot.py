@@ -38,7 +38,9 @@ def _picture(path) -> np.ndarray:
 
 def test_plot_of_a_slide_sized_source(model_file, tmp_path, capsys):
     zarr = pytest.importorskip("zarr")
-    z = zarr.open_array(str(tmp_path / "x.zarr"), mode="w", shape=(1, 3, 96, 80), chunks=(1, 3, 32, 32), dtype="f4")
+    z = zarr.open_array(
+        str(tmp_path / "x.zarr"), mode="w", shape=(1, 3, 96, 80), chunks=(1, 3, 32, 32), dtype="f4"
+    )
     z[:] = np.random.default_rng(0).random(z.shape, dtype=np.float32)
     png = tmp_path / "plan.png"
     args = ["plan", "--model", f"{model_file}:flat", "--source", str(tmp_path / "x.zarr"), "--tile", "32"]
@@ -49,7 +51,15 @@ def test_plot_of_a_slide_sized_source(model_file, tmp_path, capsys):
 
 def test_plot_of_a_volume_without_a_source(model_file, tmp_path):
     png = tmp_path / "volume.png"
-    args = ["plan", "--model", f"{model_file}:flat", "--model-args", "dims=3,channels=1", "--input", "1x24x20x16"]
+    args = [
+        "plan",
+        "--model",
+        f"{model_file}:flat",
+        "--model-args",
+        "dims=3,channels=1",
+        "--input",
+        "1x24x20x16",
+    ]
     assert main([*args, "--tile", "8", "--plot", str(png)]) == 0
     picture = _picture(png)
     assert picture.shape[1] > 2 * picture.shape[0]  # three middle slices and the stages, side by side
