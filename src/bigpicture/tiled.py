@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 from dataclasses import replace
+from functools import partial
 
 import torch
 from torch import nn
 
 from bigpicture.engine import execute
+from bigpicture.engine.amp import autocast_dtype, no_autocast_cache
 from bigpicture.engine.plan import Plan, capture, default_tile, plan_graph
 from bigpicture.errors import TilingError
 from bigpicture.perf.devices import DEVICES, Device, get_device
+from bigpicture.perf.predict import predict
 from bigpicture.perf.schedule import analyse, best_tile, for_run, parse_memory
 
 
@@ -72,30 +75,37 @@ class Tiled(nn.Module):
             )
             training = torch.is_grad_enabled() and wants_grad
         described = tuple(_describe(a) for a in args)
-        key = (shape, dtype, device, state, described, training)
+        amp = autocast_dtype(device, dtype)  # under torch.autocast, convolutions compute in its dtype
+        key = (shape, dtype, amp, device, state, described, training)
         if key not in self._plans:
-            inputs = [(shape, dtype, device)] + [_fake_spec(a) for a in args]
-            graph_key = key[:-1]  # a graph is checked against the model for each input shape
-            if graph_key not in self._graphs:
-                self._graphs[graph_key] = capture(self.model, self.multipass, inputs)
-            gm = self._graphs[graph_key]
-            same = (shape, dtype, device, state, described, not training)
-            if self.planned:
-                self._plans[key] = self._choose(gm, inputs, training)
-            elif same in self._plans:  # the same tiles; only the prediction differs
-                self._plans[key] = replace(self._plans[same], training=training)
-            else:
-                tile = default_tile(len(shape) - 2) if self.tile is None else self.tile
-                plan = plan_graph(gm, inputs, tile, self.multipass)
-                self._plans[key] = for_run(plan, None, device, training)
+            with no_autocast_cache():  # casts of parameters on fake tensors must not be cached
+                self._plans[key] = self._new_plan(key, described, args)
         self.plan = self._plans[key]
         return self.plan
 
-    def _choose(self, gm, inputs: list, training: bool) -> Plan:
-        """The planner's plan: the fastest predicted tile whose predicted peak fits ``memory``."""
+    def _new_plan(self, key: tuple, described: tuple, args: tuple) -> Plan:
+        shape, dtype, amp, device, state, _, training = key
+        inputs = [(shape, dtype, device)] + [_fake_spec(a) for a in args]
+        graph_key = key[:-1]  # a graph is checked against the model for each input shape
+        if graph_key not in self._graphs:
+            self._graphs[graph_key] = capture(self.model, self.multipass, inputs)
+        gm = self._graphs[graph_key]
+        same = (shape, dtype, amp, device, state, described, not training)
+        if self.planned:
+            return self._choose(gm, inputs, training, amp)
+        if same in self._plans:  # the same tiles; only the prediction differs
+            return replace(self._plans[same], training=training)
+        tile = default_tile(len(shape) - 2) if self.tile is None else self.tile
+        plan = for_run(plan_graph(gm, inputs, tile, self.multipass), None, device, training)
+        return plan if amp == dtype else replace(plan, predictor=partial(_predict_in, amp))
+
+    def _choose(self, gm, inputs: list, training: bool, amp: torch.dtype) -> Plan:
+        """The planner's plan: the fastest predicted tile whose predicted peak fits ``memory``.
+
+        ``amp``: the dtype convolutions compute in (autocast's, where it casts the input's)."""
         shape, dtype, device = inputs[0]
         dev = planning_device(device)
-        run_dtype = dtype if dtype.is_floating_point else self._param_dtype()
+        run_dtype = amp if dtype.is_floating_point else self._param_dtype()
         budget = dev.memory_bytes if self.memory is None else self.memory
         best = best_tile(analyse(gm, shape, self.multipass, inputs), shape, budget, dev, run_dtype, training)
         return for_run(plan_graph(gm, inputs, best.tile, self.multipass), None, dev, training, best)
@@ -202,6 +212,11 @@ def planning_device(device: torch.device | str) -> Device:
         "tile=1024), or choose it with bp.choose_tile(model, shape, budget, device=bigpicture.perf.devices."
         "Device(...)) describing this device."
     )
+
+
+def _predict_in(dtype: torch.dtype, plan: Plan):
+    """The plan's prediction for a run whose convolutions compute in ``dtype`` (autocast's)."""
+    return predict(plan, dtype=dtype)
 
 
 def _describe(a):

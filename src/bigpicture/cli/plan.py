@@ -45,7 +45,7 @@ def _plan(a: argparse.Namespace) -> int:
     mode = "training step (forward + backward)" if a.train else "inference"
     print(f"{a.model} on {'x'.join(map(str, shape))}, {str(dtype).removeprefix('torch.')}, {mode}")
     head = ("device", "memory", "tile", "tiles", "halo", "peak memory", "time", "note")
-    rows = [head]
+    rows, made = [head], []  # made: the first device's prediction, for --plot
     for count, dev in devices:
         try:
             if a.tile:
@@ -70,6 +70,7 @@ def _plan(a: argparse.Namespace) -> int:
                 (dev.name, _size(dev.memory_bytes), "-", "-", "-", "-", "-", str(e).split(": ", 1)[1])
             )
             continue
+        made.append(p)
         rows.append(
             (
                 dev.name if count == 1 else f"{count}x{dev.name}",
@@ -87,6 +88,11 @@ def _plan(a: argparse.Namespace) -> int:
     widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
     for r in rows:
         print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
+    if a.plot and made:
+        from bigpicture.cli.plot import plot_plan
+
+        plot_plan(a.plot, plan_for_split(splits[-1], shape, dtype, made[0].tile), made[0], source)
+        print(f"plot of the plan on {made[0].device}: {a.plot}")
     return 0
 
 
@@ -132,5 +138,8 @@ def add_plan_command(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--multipass", action=argparse.BooleanOptionalAction, default=True,
                    help="extra passes over the tiles make global norms and squeeze-excitation exact "
                    "(default); --no-multipass: one pass, and such ops are an error")  # fmt: skip
+    p.add_argument(
+        "--plot", metavar="PNG", help="draw the first device's tiles and time per stage (matplotlib)"
+    )
     p.add_argument("-v", "--verbose", action="store_true", help="print each device's full prediction")
     p.set_defaults(run=_plan)

@@ -19,6 +19,7 @@ import torch
 from torch.fx.node import map_arg
 
 from bigpicture.engine import capture as g
+from bigpicture.engine.amp import autocast, autocast_state
 from bigpicture.engine.background import BackgroundTiles
 from bigpicture.engine.padding import Value, read
 from bigpicture.engine.plan import Plan, Tile
@@ -68,6 +69,7 @@ class Runner:
         self.team = team  # distributed.Team: the ranks sharing this image's tiles, or None
         self.share = range(len(plan.tiles)) if team is None else team.share(plan)  # indices of its tiles
         self.tiles = tuple(plan.tiles[i] for i in self.share)
+        self.autocast = autocast_state(device)  # the forward's, for the backward's recompute
         s = self.split
         self.dense = [k for k in s.sinks if any(s.roles[u] in ("tail", "output") for u in k.users)]
         self.reductions = [r for k in s.sinks for r in k.users if s.roles[r] == "reduce"]
@@ -142,7 +144,7 @@ class Runner:
         s = self.split
         like = self.args[0] if isinstance(self.args[0], torch.Tensor) else None
         out_device = like.device if like is not None else torch.device("cpu")
-        dense = {k: self._empty(k, out_device) for k in self.dense}
+        dense: dict = {}  # made at the first write, in the sink's dtype (autocast's, where it casts)
         partials = {r: Partial() for r in self.reductions}
         self.kept, self.groups = None, {}
         bg, last = self.background, len(self.tiles) - 1
@@ -168,20 +170,24 @@ class Runner:
                 for k, write in zip(s.sinks, tile.writes):
                     if write.empty:
                         continue
-                    if k in dense:
+                    if k in self.dense:
+                        if k not in dense:
+                            dense[k] = self._empty(k, out_device, sinks[k].dtype)
                         dense[k][(slice(None), slice(None)) + write.slices()] = sinks[k].to(out_device)
                     for r in k.users:
                         if r in partials:
                             s.ops[r].accumulate(partials[r], sinks[k], write)
         if bg is not None:
             bg.outputs.clear()  # the shared values are in the boundary tensors now
+        for k in set(self.dense) - set(dense):  # a sink no tile writes: it has no positions
+            dense[k] = self._empty(k, out_device, self.plan.dtype)
         if self.team is not None:  # every rank's sinks and partial results, on every rank
             return self.team.combine(self.split.ops, dense, partials, self.device)
         return dense, partials
 
     def _graph(self, tile: Tile, input_grad: bool, x: torch.Tensor | None = None):
         """The tile run with grad: its input leaf, the leaves of the derived values, its sinks."""
-        with torch.enable_grad():
+        with torch.enable_grad(), autocast(self.autocast):
             x = self.read_input(tile.read) if x is None else x
             x = x.detach().requires_grad_(input_grad)
             consts = self.consts()
@@ -195,9 +201,9 @@ class Runner:
     def _derived_with_grad(self) -> list:
         return [n for n in self.derived if self.derived[n].requires_grad]
 
-    def _empty(self, node, device):
+    def _empty(self, node, device, dtype):
         new = torch.empty if self.team is None else torch.zeros  # a team sums the ranks' write boxes
-        return new(self.split.shapes[node], dtype=self.plan.dtype, device=device)
+        return new(self.split.shapes[node], dtype=dtype, device=device)
 
     def _units(self, input_grad: bool) -> list[tuple[Tile, list[Tile]]]:
         """What the backward recomputes: (a tile, the tiles whose outputs it stands for).
@@ -233,7 +239,7 @@ class Runner:
             else:
                 x, leaves, sinks = self._graph(tile, x_grad is not None)
             self.stats.backward_skipped += len(members) - 1
-            with torch.enable_grad():
+            with torch.enable_grad(), autocast(self.autocast, enabled=False):
                 terms = []
                 for member in members:
                     for k, write in zip(s.sinks, member.writes):
