@@ -27,6 +27,7 @@ import os
 import platform
 import subprocess
 import sys
+import tempfile
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -43,8 +44,24 @@ import bigpicture as bp
 
 MiB = 2**20
 CONFIGS = {
-    "short": {"slides": 12, "size": 768, "epochs": 3, "budget": "24MiB", "patch": 128, "mil_epochs": 20},
-    "full": {"slides": 40, "size": 1536, "epochs": 8, "budget": "48MiB", "patch": 128, "mil_epochs": 40},
+    "short": {
+        "slides": 12,
+        "size": 768,
+        "epochs": 3,
+        "budget": "24MiB",
+        "patch": 128,
+        "mil_epochs": 20,
+        "lr": 2e-3,
+    },
+    "full": {
+        "slides": 40,
+        "size": 1536,
+        "epochs": 12,
+        "budget": "48MiB",
+        "patch": 128,
+        "mil_epochs": 40,
+        "lr": 2e-3,
+    },
 }
 
 
@@ -69,10 +86,10 @@ def check_exact(slide: Slide, budget: str) -> None:
 
 
 def make_methods(cfg, shape) -> dict:
-    b = cfg["budget"]
-    patches = Patches(b, cfg["patch"])
-    return {"whole": WholeSlide(b, shape), "downsampled": Downsampled(b, shape), "patches": patches,
-            "mil": PatchMIL(patches)}  # fmt: skip
+    b, lr = cfg["budget"], cfg.get("lr", 1e-3)
+    patches = Patches(b, cfg["patch"], lr=lr)
+    return {"whole": WholeSlide(b, shape, lr=lr), "downsampled": Downsampled(b, shape, lr=lr),
+            "patches": patches, "mil": PatchMIL(patches, lr=lr)}  # fmt: skip
 
 
 def evaluate(methods, test: list[Slide]) -> tuple[list[dict], dict]:
@@ -142,7 +159,12 @@ def at_scale(model, steps: int) -> list[str]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--full", action="store_true", help="the whole comparison (default: the short version)")
-    ap.add_argument("--out", default="demo_output", help="folder for slides and heatmaps")
+    ap.add_argument(
+        "--out",
+        default=Path(tempfile.gettempdir()) / "bigpicture_demo",
+        type=Path,
+        help="folder for the slides and heatmaps (default: bigpicture_demo in the temp folder)",
+    )
     ap.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch CPU threads")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--write", metavar="MD", help="also write the results (markdown) to this file")
@@ -154,7 +176,7 @@ def main() -> None:
     if a.measure:
         print(json.dumps(measure(a.measure, Slide(**json.loads(a.slide)), CONFIGS[cfg_name])))
         return
-    run(CONFIGS[cfg_name], cfg_name, Path(a.out), a)
+    run(CONFIGS[cfg_name], cfg_name, a.out, a)
 
 
 def run(cfg: dict, cfg_name: str, out: Path, a) -> None:
