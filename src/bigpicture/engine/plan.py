@@ -24,7 +24,8 @@ import torch
 from bigpicture.engine import capture as g
 from bigpicture.engine.box import Box, grid
 from bigpicture.engine.regions import needs, receptive_field
-from bigpicture.engine.rules.stats import rewrite_global_norms
+from bigpicture.engine.rules.positions import rewrite_position_reductions
+from bigpicture.engine.rules.stats import batch_moments, rewrite_global_norms
 from bigpicture.engine.split import Split, split, stages
 from bigpicture.errors import TilingError
 
@@ -134,7 +135,7 @@ class Plan:
         ]
         if self.earlier:
             rows.append(("passes", f"{len(self.earlier) + 1} over the tiles; the earlier ones compute "
-                                   "image statistics that later tiles use"))  # fmt: skip
+                                   "image statistics that later tiles use" + _batchnorm_note(s)))  # fmt: skip
         for p, stage in enumerate(self.earlier + (self,)):
             for k, sink in enumerate(stage.split.sinks):
                 stride = "x".join(str(f) for f in s.strides[sink])
@@ -149,6 +150,14 @@ class Plan:
             rows.insert(3 if k == "planner" else len(rows), ("predicted on" if k == "device" else k, v))
         width = max(len(k) for k, _ in rows)
         return "\n".join(f"{k.ljust(width)}  {v}" for k, v in rows)
+
+
+def _batchnorm_note(s: Split) -> str:
+    count = sum(n.target is batch_moments for n in s.gm.graph.nodes)
+    if not count:
+        return ""
+    return (f" ({count} train-mode BatchNorm; with `bp.freeze_batchnorm(model)` they need no pass of "
+            "their own)")  # fmt: skip
 
 
 def _grid_text(plan: Plan) -> str:
@@ -240,6 +249,7 @@ def _write_box(index, used, per_dim, stride, extent) -> Box:
 
 def capture(model: torch.nn.Module, multipass: bool = False):
     gm = g.capture(model)
+    rewrite_position_reductions(gm)  # attention pooling, logsumexp, top-k over positions: streamed
     if multipass:
         rewrite_global_norms(gm)
     return gm

@@ -161,4 +161,4 @@ def _bind_values(args, kwargs, names, defaults):
     return bound
 
 
-from bigpicture.engine.rules import pointwise, reduce, resample, stats, window  # noqa: E402, F401  (registers the rules)
+from bigpicture.engine.rules import attention_pool, pointwise, reduce, resample, stats, window  # noqa: E402, F401, I001  (registers the rules)
