@@ -50,6 +50,11 @@ CASES = {
     "momentum_none": (lambda: stack(2, momentum=None), (2, 2, 17, 16), 6),
     "batch_one": (lambda: stack(2, momentum=0.5), (1, 2, 21, 18), 8),
     "parallel_branches_and_pooled_head": (Residual, (2, 3, 15, 17), 6),
+    "on_the_input_and_last": (
+        lambda: nn.Sequential(nn.BatchNorm2d(3), nn.Conv2d(3, 2, 3), nn.BatchNorm2d(2, affine=False)),
+        (2, 3, 13, 14),
+        5,
+    ),
 }
 
 
@@ -153,6 +158,8 @@ def test_monai_unet_3d_batchnorm_train_mode(one_thread):
 def test_monai_densenet121_train_mode(one_thread):
     """All 121 layers (121 BatchNorms in train mode: a pass each), few channels: ~70 s of CPU."""
     torch.manual_seed(0)
-    model = _monai("DenseNet121", spatial_dims=2, in_channels=1, out_channels=2, init_features=4, growth_rate=2)
+    model = _monai(
+        "DenseNet121", spatial_dims=2, in_channels=1, out_channels=2, init_features=4, growth_rate=2
+    )
     model = randomise(model.double()).train()
     assert_steps_match(model, torch.randn(2, 1, 64, 64, dtype=torch.float64), 32, steps=1)
