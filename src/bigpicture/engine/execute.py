@@ -63,6 +63,7 @@ class Runner:
         self.device, self.progress = device, progress
         self.derived = derived or {}  # values of earlier passes that the tiles use
         self.kept = None  # (tile, its graph) kept from the forward for the backward
+        self.keep_last = True  # keep it: the last pass only (an earlier pass's would wait for its backward)
         self.background = background  # BackgroundTiles: interior background tiles computed once
         self.groups: dict = {}  # background key -> the tiles that share its outputs
         self.stats = stats if stats is not None else TileStats()
@@ -305,7 +306,7 @@ class TiledFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, runner: Runner, x, *inputs):
         input_grad = x is not None and x.requires_grad
-        dense, partials = runner.forward(keep_last=True, input_grad=input_grad)
+        dense, partials = runner.forward(keep_last=runner.keep_last, input_grad=input_grad)
         ctx.runner, ctx.partials = runner, partials
         ctx.x_spec = None if x is None else (x.shape, x.dtype, x.device)
         return tuple(runner.outputs(dense, partials))
@@ -361,6 +362,7 @@ def run(
         derived = {n: graph.env[n] for n in stage.split.derived}
         bg = None if background is None else BackgroundTiles(stage, background, device)
         runner = Runner(stage, args, trainable, device, progress, derived, bg, stats, team)
+        runner.keep_last = stage is plan
         grad = torch.is_grad_enabled() and (
             bool(trainable)
             or (x is not None and x.requires_grad)

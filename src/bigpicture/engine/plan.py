@@ -25,7 +25,8 @@ from bigpicture.engine import capture as g
 from bigpicture.engine.box import Box, grid
 from bigpicture.engine.check import checked_capture
 from bigpicture.engine.regions import needs, receptive_field
-from bigpicture.engine.rules.stats import rewrite_global_norms
+from bigpicture.engine.rules.positions import rewrite_position_reductions
+from bigpicture.engine.rules.stats import batch_moments, rewrite_global_norms
 from bigpicture.engine.split import Split, keep_origins, split, stages
 from bigpicture.errors import TilingError
 
@@ -134,7 +135,7 @@ class Plan:
             ("receptive field", " x ".join(map(str, self.receptive_field)) + " input px"),
         ]
         if self.earlier:
-            rows.append(("passes", _passes_text(self)))
+            rows.append(("passes", _passes_text(self) + _batchnorm_note(s)))
         for p, stage in enumerate(self.earlier + (self,)):
             for k, sink in enumerate(stage.split.sinks):
                 stride = "x".join(str(f) for f in s.strides[sink])
@@ -156,6 +157,14 @@ def _passes_text(plan: Plan) -> str:
     why = "; ".join(f"pass {k} uses {', '.join(ops)}" for k, ops in sorted(plan.split.reasons.items()))
     return (f"{len(plan.earlier) + 1} over the tiles, for values of the whole image that later tiles use: "
             f"{why} (bp.tiled(..., multipass=False) makes them an error instead)")  # fmt: skip
+
+
+def _batchnorm_note(s: Split) -> str:
+    count = sum(n.target is batch_moments for n in s.gm.graph.nodes)
+    if not count:
+        return ""
+    return (f" ({count} train-mode BatchNorm; with `bp.freeze_batchnorm(model)` they need no pass of "
+            "their own)")  # fmt: skip
 
 
 def _grid_text(plan: Plan) -> str:
@@ -248,8 +257,10 @@ def _write_box(index, used, per_dim, stride, extent) -> Box:
 def capture(model: torch.nn.Module, multipass: bool = True, inputs: list | None = None):
     """The model's graph; with ``inputs`` (as ``plan_graph`` takes them) checked against the model
     for them, and captured another way where torch.fx gets it wrong (``check.checked_capture``);
-    with ``multipass``, global norms rewritten into statistics and a normalize."""
+    reductions over all positions (attention pooling, logsumexp, top-k) rewritten to stream; with
+    ``multipass``, global norms rewritten into statistics and a normalize."""
     gm = g.capture(model) if inputs is None else checked_capture(model, inputs)
+    rewrite_position_reductions(gm)  # attention pooling, logsumexp, top-k over positions: streamed
     if multipass:
         keep_origins(gm, rewrite_global_norms)
     return gm

@@ -162,4 +162,6 @@ def _bind_values(args, kwargs, names, defaults):
 
 
 from bigpicture.engine.rules import channels as channel_ops  # noqa: E402, F401
-from bigpicture.engine.rules import pointwise, reduce, resample, shuffle, stats, window  # noqa: E402, F401  (registers the rules)
+from bigpicture.engine.rules import (  # noqa: E402, F401, I001  (registers the rules)
+    attention_pool, pointwise, reduce, resample, shuffle, stats, window,
+)

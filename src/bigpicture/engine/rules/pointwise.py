@@ -85,8 +85,10 @@ def _check_norm(node, ctx, uses_batch_stats: bool):
     if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training:
         raise TilingError(
             f"{ctx.where(node)}: {name} is in training mode, so it normalises with statistics of the "
-            "whole batch and image, which no tile can see. Call `model.eval()`, or "
-            "`bp.freeze_batchnorm(model)` to keep BatchNorm layers in eval mode while the rest trains."
+            "whole batch and image, which no tile can see. `bp.tiled(model, ..., multipass=True)` makes "
+            "it exact (one more pass over the tiles per level of BatchNorm); faster: "
+            "`bp.freeze_batchnorm(model)` keeps BatchNorm layers in eval mode while the rest trains, or "
+            "call `model.eval()`."
         )
     raise TilingError(
         f"{ctx.where(node)}: {name} normalises with statistics over the whole image (a global op) in the "

@@ -28,6 +28,7 @@ class Partial:
     value: torch.Tensor | None = None  # (N, C, 1, ...): sum or maximum
     ties: torch.Tensor | None = None  # max: number of positions equal to it; first: their first index
     count: int = 0  # moments: positions seen
+    state: tuple = ()  # running sums of reductions that need more (softmax: sum of exponentials, ...)
 
 
 class StreamedReduction(Op):
@@ -89,15 +90,17 @@ class StreamedReduction(Op):
         if self.how in ("sum", "mean"):
             return grad.expand_as(values)
         if self.how == "first":
-            index = torch.zeros_like(values, dtype=torch.int64)
-            for d, (lo, n) in enumerate(zip(write.lo, self.in_extents[0])):
-                shape = [1] * values.ndim
-                shape[2 + d] = -1
-                index = index * n + torch.arange(lo, lo + values.shape[2 + d], device=values.device).view(
-                    shape
-                )
-            return (index == acc.ties) * grad
+            return (self.image_index(values, write) == acc.ties) * grad
         return (values == acc.value) * (grad / acc.ties)
+
+    def image_index(self, values: torch.Tensor, write: Box) -> torch.Tensor:
+        """Row-major index in the whole image of each position of a tile's values: (1, 1, *write)."""
+        index = torch.zeros((1, 1) + (1,) * self.nd, dtype=torch.int64, device=values.device)
+        for d, (lo, n) in enumerate(zip(write.lo, self.in_extents[0])):
+            shape = [1] * values.ndim
+            shape[2 + d] = -1
+            index = index * n + torch.arange(lo, lo + values.shape[2 + d], device=values.device).view(shape)
+        return index
 
     def finalize(self, result, rest, kwargs):
         """The op's own output, from the combined partial result substituted for its input."""
