@@ -161,7 +161,13 @@ def _bind_values(args, kwargs, names, defaults):
     return bound
 
 
-from bigpicture.engine.rules import channels as channel_ops  # noqa: E402, F401
 from bigpicture.engine.rules import (  # noqa: E402, F401, I001  (registers the rules)
-    attention_pool, pointwise, reduce, resample, shuffle, stats, window,
+    attention_pool,
+    pointwise,
+    reduce,
+    resample,
+    shuffle,
+    stats,
+    window,
 )
+from bigpicture.engine.rules import channels as channel_ops  # noqa: E402, F401
