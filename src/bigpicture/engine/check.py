@@ -30,7 +30,21 @@ REDUCED_SIDE = 32  # else torch.fx's graph is probed on an input of at most this
 
 
 def checked_capture(model: torch.nn.Module, inputs: list) -> fx.GraphModule:
-    """The model's graph for ``inputs`` (as ``capture.propagate`` takes them), checked against it."""
+    """The model's graph for ``inputs`` (as ``capture.propagate`` takes them), checked against it.
+
+    The model's buffers are as they were before: running the model to record or probe it must not
+    count as a step (train-mode BatchNorm would update its running statistics)."""
+    saved = [(b, b.clone()) for b in model.buffers()]
+    try:
+        return _checked_capture(model, inputs)
+    finally:
+        with torch.no_grad():
+            for b, value in saved:
+                if not torch.equal(b, value):  # untouched buffers keep their version (autograd checks it)
+                    b.copy_(value)
+
+
+def _checked_capture(model: torch.nn.Module, inputs: list) -> fx.GraphModule:
     problems = []
     try:
         traced = g.capture(model)
@@ -38,11 +52,14 @@ def checked_capture(model: torch.nn.Module, inputs: list) -> fx.GraphModule:
         traced, problems = None, [f"torch.fx cannot trace it ({_first_line(e)})"]
     # A small input in eval mode runs for real: faster than fake tensors, and it compares values.
     real = None if any(m.training for m in model.modules()) else probe_inputs(inputs)
+    model_error = None  # the model's own run failing on fake tensors (data-dependent Python, a bad input)
     try:
         recorded, expected = record(model, inputs, real)
     except RecordingError as e:
         recorded, expected = None, None
         problems.append(f"recording its run met {e}")
+    except TilingError as e:
+        recorded, expected, model_error = None, None, e
     for name, gm in (("torch.fx", traced), ("the recorded run", recorded)):
         if gm is None:
             continue
@@ -53,6 +70,14 @@ def checked_capture(model: torch.nn.Module, inputs: list) -> fx.GraphModule:
             gm.meta["bigpicture_checks"] = problems
             return gm
         problems.append(f"{name}'s graph {problem}")
+    if model_error is not None and traced is not None:
+        # the model's own Python cannot run on fake tensors (e.g. train-mode BatchNorm with momentum=None
+        # reads num_batches_tracked): nothing to compare with, so torch.fx's graph is taken unchecked
+        unchecked = f"unchecked: the model fails on fake tensors ({model_error})"
+        traced.meta["bigpicture_checks"] = [*problems, unchecked]
+        return traced
+    if model_error is not None:
+        raise model_error
     raise TilingError(
         f"could not capture {type(model).__name__} faithfully; the capture is at fault, not the input: "
         + "; ".join(problems)

@@ -85,8 +85,9 @@ def _check_norm(node, ctx, uses_batch_stats: bool):
     if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training:
         raise TilingError(
             f"{ctx.where(node)}: {name} is in training mode, so it normalises with statistics of the "
-            "whole batch and image, which no tile can see. `bp.tiled(model, ..., multipass=True)` makes "
-            "it exact (one more pass over the tiles per level of BatchNorm); faster: "
+            "whole batch and image, which one pass over the tiles cannot see, and multipass=False allows "
+            "one pass only. The default, `bp.tiled(model, ..., multipass=True)`, makes it exact (one more "
+            "pass over the tiles per level of BatchNorm); faster: "
             "`bp.freeze_batchnorm(model)` keeps BatchNorm layers in eval mode while the rest trains, or "
             "call `model.eval()`."
         )
