@@ -56,7 +56,10 @@ class TiledInferer(Inferer):
         return _map_tensors(net(x, *plain), lambda y: self._to_output(y, inputs))
 
     def tiled(self, network: nn.Module) -> Tiled:
-        """The ``bp.tiled`` wrapper of ``network``, kept while the same network is used (its plans too)."""
+        """The ``bp.tiled`` wrapper of ``network``, kept while the same network is used (its plans too).
+
+        One network at a time: the wrapper holds its network, so a cache of every network ever
+        passed would keep them all alive (an evaluator calls with one network throughout)."""
         if not isinstance(network, nn.Module):
             raise TypeError(
                 f"TiledInferer needs the network as an nn.Module (it captures its graph), got "
