@@ -15,7 +15,7 @@ x >= 80 (an 8-voxel gap). The demo
 3. reports Dice on the held-out part (tiled inference),
 4. predicts the cost of a training step of the same network on a 512^3 CT on an L4 and an H100.
 
-    python examples/volume_demo.py            # about a minute on 2 cores
+    python examples/volume_demo.py            # a few minutes on 2 cores (not part of `make demo`)
     python examples/volume_demo.py --steps 60
 """
 
