@@ -65,7 +65,7 @@ CONFIGS = {
 }
 
 
-def check_exact(slide: Slide, budget: str) -> None:
+def check_exact(slide: Slide, budget: str) -> str:
     """One tiled training step against the untiled step, float64, on a real composed slide."""
     model = build().double()
     x = read_all(bp.io.open_slide(slide.path)).double()
@@ -80,9 +80,9 @@ def check_exact(slide: Slide, budget: str) -> None:
     for k, p in model.named_parameters():
         torch.testing.assert_close(tiled[k], p.grad, msg=lambda m, k=k: f"{k}: {m}")
     worst = max((tiled[k] - p.grad).abs().max().item() for k, p in model.named_parameters())
-    print(f"  tile {net.plan.tile} under {budget}: loss {loss.item():.6f} both; all {len(tiled)} "
-          f"parameter gradients equal the untiled ones (float64, assert_close; largest difference "
-          f"{worst:.1e})")  # fmt: skip
+    return (f"  tile {net.plan.tile} under {budget}: loss {loss.item():.6f} both; all {len(tiled)} "
+            f"parameter gradients equal the untiled ones (float64, assert_close; largest difference "
+            f"{worst:.1e})")  # fmt: skip
 
 
 def make_methods(cfg, shape) -> dict:
@@ -197,7 +197,7 @@ def run(cfg: dict, cfg_name: str, out: Path, a) -> None:
         f"{min(shares):.2%}-{max(shares):.2%} of the tissue. Training sees slide labels only.")  # fmt: skip
 
     say(f"\nExactness: one tiled training step against the untiled step on {Path(train[0].path).name}:")
-    check_exact(train[0], cfg["budget"])
+    say(check_exact(train[0], cfg["budget"]))
 
     shape = bp.io.open_slide(slides[0].path).shape
     methods = make_methods(cfg, shape)
