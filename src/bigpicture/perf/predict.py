@@ -45,10 +45,11 @@ from bigpicture.engine.box import Box
 from bigpicture.engine.plan import Plan
 from bigpicture.engine.split import Split
 from bigpicture.errors import TilingError
+from bigpicture.perf.classes import aggregate
 from bigpicture.perf.devices import Device, for_torch, get_device, load_calibration
-from bigpicture.perf.grid import Layout, layout, tile_classes
+from bigpicture.perf.grid import Layout, class_grid, layout
 from bigpicture.perf.rates import GPU_ASSUMPTIONS, Rates
-from bigpicture.perf.steps import TileWalk, last_tile, walk
+from bigpicture.perf.walk import TileWalk, last_tile, walk
 
 MiB = 2**20
 GPU_CONTEXT_BYTES = 512 * MiB  # CUDA context and cuDNN/cuBLAS handles: 300-600 MiB on recent GPUs
@@ -262,36 +263,33 @@ def _predict_pass(
     on_device: bool,
 ) -> Prediction:
     gpu = dev.name != "cpu"
-    classes = tile_classes(split, lay)
+    classes = class_grid(split, lay)
+    tiles = classes.tiles
     # execute.Runner.read_input copies each tile's read box (contiguous) even from an input that
     # already lives on the device (``on_device``); one tile runs the model on the input itself
-    copy = not on_device or sum(c.count for c in classes) > 1
+    copy = not on_device or tiles > 1
     memo: dict = {}
-    walks = [
-        (c.count, walk(split, c.need, c.writes, dtype, rates, training, input_grad, copy, memo))
-        for c in classes
-    ]
+    total = aggregate(split, classes, dtype, rates, training, input_grad, copy, memo)
     whole = {n: Box.from_shape(e) for n, e in split.extents.items()}
     untiled = walk(split, whole, (), dtype, rates, False, False, False)
-    memory_parts = _memory(split, dtype, walks, training, gpu)
+    memory_parts = _memory(split, dtype, total, tiles, training, gpu)
     last = None
     if training:  # the tile whose graph the forward keeps: the backward does not recompute it
         need, writes = last_tile(split, lay)
         last = walk(split, need, writes, dtype, rates, training, input_grad, copy, memo)
-    stages, by_kind = _time(walks, training, gpu, rates, last)
+    stages, by_kind = _time([(1, total)], training, gpu, rates, last)
     flops = sum(s.flops for s in stages)
-    work = sum(n * w.flops_fwd for n, w in walks)
     return Prediction(
         device=dev.name,
         dtype=dtype,
         training=training,
         tile=lay.tile,
-        tiles=sum(n for n, _ in walks),
-        classes=len(classes),
+        tiles=tiles,
+        classes=classes.classes,
         memory=sum(v for _, v in memory_parts),
         time=sum(s.seconds for s in stages),
         flops=flops,
-        halo_overhead=work / untiled.flops_fwd - 1 if untiled.flops_fwd else 0.0,
+        halo_overhead=total.flops_fwd / untiled.flops_fwd - 1 if untiled.flops_fwd else 0.0,
         memory_parts=memory_parts,
         stages=stages,
         by_kind=by_kind,
@@ -324,7 +322,7 @@ def _combine(passes: list[Prediction]) -> Prediction:
     )
 
 
-def _memory(split: Split, dtype, walks: list[tuple[int, TileWalk]], training: bool, gpu: bool):
+def _memory(split: Split, dtype, total: TileWalk, tiles: int, training: bool, gpu: bool):
     item = torch.empty((), dtype=dtype).element_size()
     model = split.gm.meta.get("bigpicture_model", split.gm)
     params = sum(p.numel() for p in model.parameters()) * item
@@ -332,14 +330,14 @@ def _memory(split: Split, dtype, walks: list[tuple[int, TileWalk]], training: bo
     buffers = sum(b.numel() for b in model.buffers()) * item
     dense = [k for k in split.sinks if any(split.roles.get(u) in ("tail", "output") for u in k.users)]
     boundary = sum(math.prod(split.shapes[k]) for k in dense) * item
-    working = max(w.peak_train if training else w.peak for _, w in walks)
+    working = total.peak_train if training else total.peak
     parts = [("parameters", params + buffers), ("boundary tensors", boundary), ("tile working set", working)]
     if training:
         # the sum of the tiles' parameter gradients, kept in float64 (execute.Runner.backward), the
         # previous tile's (alive until the next tile's are returned) and this tile's; the boundary's.
         # One tile runs the model with plain autograd: its gradients only.
         wide = 8 if dtype.is_floating_point else item
-        per_param = item if sum(n for n, _ in walks) == 1 else 2 * item + wide
+        per_param = item if tiles == 1 else 2 * item + wide
         parts += [("parameter gradients", trainable * per_param), ("boundary gradients", boundary)]
     if gpu:
         changing = boundary * (2 if training else 1) + working
