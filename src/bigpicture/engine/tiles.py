@@ -133,7 +133,7 @@ class Tiles(Sequence):
     def of(cls, split: Split, lay: Layout) -> Tiles:
         diagonal = Diagonal(split, lay)
         diagonal.walk_all()
-        counts = [_working_counts(split, lay, k) for k in split.sinks]
+        counts = [working_counts(split, lay, k) for k in split.sinks]
         cover = next((c for c in counts if all(all(a >= b for a, b in zip(c, o)) for o in counts)), None)
         if cover is not None:
             return cls(split, lay, diagonal, tuple(cover), None, range(math.prod(cover)))
@@ -203,7 +203,7 @@ class Tiles(Sequence):
         return out
 
 
-def _working_counts(split: Split, lay: Layout, sink) -> tuple[int, ...]:
+def working_counts(split: Split, lay: Layout, sink) -> tuple[int, ...]:
     """Per dimension, how many leading grid indices give ``sink`` a non-empty write box."""
     counts = []
     for d in range(split.nd):

@@ -27,7 +27,7 @@ from bigpicture.engine.box import Box
 from bigpicture.engine.split import Split
 from bigpicture.perf.grid import ClassGrid
 from bigpicture.perf.rates import Rates
-from bigpicture.perf.steps import _stored, dim_geometry, node_step, spatial_inputs
+from bigpicture.perf.steps import _step, _stored, dim_geometry, spatial_inputs, step_key
 from bigpicture.perf.walk import TileWalk, accumulation_s, bytes_of, grad_in, grads, peaks, readers, walk
 
 
@@ -79,9 +79,9 @@ class _Grid:
         self.counts = [np.array([n for n, _ in kinds], dtype=np.int64) for kinds in cg.per_dim]
         self.shape = tuple(len(r) for r in self.reps)
 
-    def features(self, feature) -> list[tuple[np.ndarray, list, list]]:
-        """Per dimension: the id of each kind's ``feature(row, d)``, and per distinct feature its
-        value and the number of grid indices that have it."""
+    def features(self, feature) -> list[tuple[np.ndarray, list, list, list]]:
+        """Per dimension: the id of each kind's ``feature(row, d)``, and per distinct feature a row
+        that has it, the number of grid indices that have it, and its value."""
         out = []
         for d, reps in enumerate(self.reps):
             ids: dict = {}
@@ -90,7 +90,7 @@ class _Grid:
             )
             firsts = [reps[list(index).index(f)] for f in range(len(ids))]
             tiles = [int(self.counts[d][index == f].sum()) for f in range(len(ids))]
-            out.append((index, firsts, tiles))
+            out.append((index, firsts, tiles, list(ids)))
         return out
 
     def mesh(self, per_dim: list[np.ndarray], combine=np.multiply) -> np.ndarray:
@@ -129,10 +129,12 @@ def _node_combos(split, grid: _Grid, node, grad_in: bool, input_copy: bool, item
     boxes = [node, *(i for i in split.ops[node].inputs if i in grid.row(0)[1])]
     combos = []
     for combo in itertools.product(*[range(len(f[1])) for f in per_dim]):
-        rows = [grid.row(per_dim[d][1][f])[1] for d, f in enumerate(combo)]
-        need = {n: Box.from_dims(r[n].dim(d) for d, r in enumerate(rows)) for n in boxes}  # one such tile
-        st = node_step(split, node, need, grad_in, input_copy, item, rates, memo)
-        combos.append((st, math.prod(per_dim[d][2][f] for d, f in enumerate(combo))))
+        key = step_key(node, [per_dim[d][3][f] for d, f in enumerate(combo)], grad_in)
+        if key not in memo:  # the boxes of one tile with this geometry
+            rows = [grid.row(per_dim[d][1][f])[1] for d, f in enumerate(combo)]
+            need = {n: Box.from_dims(r[n].dim(d) for d, r in enumerate(rows)) for n in boxes}
+            memo[key] = _step(split, node, need[node], key[1] or key[2], need, item, rates, grad_in)
+        combos.append((memo[key], math.prod(per_dim[d][2][f] for d, f in enumerate(combo))))
     counts = [len(f[1]) for f in per_dim]  # the combination of each class, numbered row-major
     index = grid.mesh([f[0] * math.prod(counts[d + 1 :]) for d, f in enumerate(per_dim)], np.add)
     return [(st, tiles, index) for st, tiles in combos]
