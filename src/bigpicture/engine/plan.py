@@ -46,7 +46,7 @@ class Plan:
     earlier: tuple[Plan, ...] = ()  # passes before this one, for global ops (multipass=True)
     device: Any = "cpu"  # what the prediction is for: a device-table name, a devices.Device, a torch.device
     training: bool = False  # predict a training step (forward + backward), else one forward
-    note: str = ""  # why the planner chose this tile (memory= or tile="auto")
+    note: str = ""  # why this tile: the planner's reason, or why the fixed default was used
 
     predictor: Callable[[Plan], Any] | None = field(default=None, compare=False, repr=False)
 
@@ -155,6 +155,8 @@ class Plan:
             predicted = [(k, v) for k, v in self.prediction.rows() if k != "tile"]
         except Exception as e:  # printing a plan must not fail for want of a prediction
             predicted = [("prediction", f"not available ({type(e).__name__}: {e})")]
+        if self.note and all(k != "planner" for k, _ in predicted):  # why this tile, if not predicted
+            predicted.insert(0, ("planner", self.note))
         for k, v in predicted:  # the planner's reason right after the tile it chose
             rows.insert(3 if k == "planner" else len(rows), ("predicted on" if k == "device" else k, v))
         width = max(len(k) for k, _ in rows)

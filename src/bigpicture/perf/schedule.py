@@ -19,7 +19,7 @@ import torch
 from torch import fx, nn
 
 from bigpicture.engine import capture as g
-from bigpicture.engine.plan import Plan, capture, default_tile, plan_graph, plan_splits
+from bigpicture.engine.plan import Plan, capture, plan_graph, plan_splits
 from bigpicture.engine.split import Split, split, stages
 from bigpicture.engine.tiles import layout, working_counts
 from bigpicture.errors import TilingError
@@ -219,11 +219,11 @@ def make_plan(
 ) -> Plan:
     """The plan for ``model`` on an input of ``input_shape`` (N, C, *spatial), with no tensor allocated.
 
-    ``tile``: the input extent each tile owns (one int, or one per spatial dimension; default
-    1024 in 2D, 128 in 3D: see ``default_tile``), or ``"auto"``: the planner chooses the fastest
-    predicted tile that fits ``memory``
-    (default: the device's memory). Giving ``memory=`` (bytes or a size like ``"8GiB"``) also lets
-    the planner choose; ``tile`` and ``memory`` together are a TypeError. A budget no tile fits is a
+    ``tile``: the input extent each tile owns (one int, or one per spatial dimension). Without it
+    (or with ``"auto"``) the planner chooses the fastest predicted tile that fits ``memory``
+    (default: the device's memory; on the CPU half of the machine's, ``default_budget``), and
+    ``plan.note`` says so. Giving ``memory=`` (bytes or a size like ``"8GiB"``) also lets the
+    planner choose; ``tile`` and ``memory`` together are a TypeError. A budget no tile fits is a
     ``TilingError`` naming the least memory that would do.
     ``device``: what the prediction is for: a name from the device table (``"H100-SXM"``, see
     ``bigpicture.perf.devices.DEVICES``), ``"cpu"`` (this machine), a ``devices.Device`` or a CUDA device.
@@ -232,7 +232,6 @@ def make_plan(
     on a GPU takes seconds here. ``plan.prediction`` (and ``plan.memory``, bytes; ``plan.time``,
     seconds; ``plan.flops``) is computed on first use; ``print(plan)`` shows it.
     """
-    planned = memory is not None or tile == "auto"
     if memory is not None and tile is not None and tile != "auto":
         raise TypeError(
             f"make_plan got tile={tile!r} and memory={memory!r}: give one, tile= for a tile of your "
@@ -240,12 +239,35 @@ def make_plan(
         )
     dev = resolve_device(device)  # an unknown name fails here, listing the known ones
     gm = capture(model, multipass)
-    if planned:
-        budget = dev.memory_bytes if memory is None else memory
-        return choose_tile(gm, input_shape, budget, dev, dtype, training, multipass).plan
+    if tile is None or tile == "auto" or memory is not None:
+        budget = default_budget(dev) if memory is None else memory
+        plan = choose_tile(gm, input_shape, budget, dev, dtype, training, multipass).plan
+        return plan if memory is not None else with_reason(plan, budget_reason(dev, tile))
     shapes = [(tuple(input_shape), model_dtype(gm), torch.device("cpu"))]
-    tile = default_tile(len(input_shape) - 2) if tile is None else tile
     return for_run(plan_graph(gm, shapes, tile, multipass), dtype, dev, training)
+
+
+CPU_MEMORY_SHARE = 0.5  # of the machine's RAM: the rest stays for the OS, the input and the caller's tensors
+
+
+def default_budget(dev: Device) -> int:
+    """The memory the planner fills when none is given: a GPU's own; half of the CPU's (its RAM,
+    or the container's limit), since the input, the caller's tensors and the OS live there too."""
+    return dev.memory_bytes if dev.name != "cpu" else int(CPU_MEMORY_SHARE * dev.memory_bytes)
+
+
+def budget_reason(dev: Device, tile=None) -> str:
+    """Why the planner chose with ``default_budget``, for ``plan.note``."""
+    given = "tile='auto'" if tile == "auto" else "no tile= or memory= given"
+    if dev.name == "cpu":
+        return f"{given}: the planner's tile for half of this machine's {_size(dev.memory_bytes)}"
+    return f"{given}: the planner's tile for the {_size(dev.memory_bytes)} of {dev.name}"
+
+
+def with_reason(plan: Plan, reason: str) -> Plan:
+    """``plan`` with ``reason`` before the planner's own note (in ``print(plan)``)."""
+    note = f"{reason}; {plan.prediction.note}" if plan.prediction.note else reason
+    return for_run(plan, None, plan.device, plan.training, plan.prediction.with_note(note))
 
 
 def least_time(
