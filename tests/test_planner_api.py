@@ -2,6 +2,7 @@
 ``bp.tiled(model, memory=...)``."""
 
 import re
+import sys
 import time
 
 import pytest
@@ -10,9 +11,10 @@ from helpers import _compare, _loss
 from torch import nn
 
 import bigpicture as bp
-from bigpicture.perf.devices import DEVICES
+from bigpicture.engine.plan import default_tile
+from bigpicture.perf.devices import DEVICES, get_device
 from bigpicture.perf.predict import _size, predict, predict_splits
-from bigpicture.perf.schedule import analyse, parse_memory
+from bigpicture.perf.schedule import analyse, choose_tile, default_budget, parse_memory
 from bigpicture.tiled import planning_device
 
 MiB = 2**20
@@ -203,9 +205,41 @@ def test_the_planner_needs_figures_for_the_models_device():
         planning_device(torch.device("meta"))
 
 
-def test_default_tile_follows_the_number_of_spatial_dimensions():
+def test_fixed_default_tile_follows_the_number_of_spatial_dimensions(monkeypatch):
+    """Where the planner has no figures for the model's device, no tile means the fixed default."""
+    tiled_module = sys.modules["bigpicture.tiled"]  # the module (bp.tiled is the function)
+
+    def unknown(device):
+        raise bp.TilingError(f"no figures for {device}")
+
+    monkeypatch.setattr(tiled_module, "planning_device", unknown)
     conv3d = nn.Sequential(nn.Conv3d(1, 2, 3, padding=1), nn.ReLU())
     plan = bp.tiled(conv3d).plan_for(torch.zeros(1, 1, 300, 300, 300))
-    assert plan.tile == (128, 128, 128)
-    plan = bp.make_plan(cnn(), (1, 3, 5000, 5000))
-    assert plan.tile == (1024, 1024)
+    assert plan.tile == (128, 128, 128) == (default_tile(3),) * 3 and default_tile(2) == 1024
+    assert "fixed default tile" in plan.note and "fixed default tile" in str(plan)
+    with pytest.raises(bp.TilingError, match="no figures"):  # memory= needs the figures
+        bp.tiled(conv3d, memory="1GiB").plan_for(torch.zeros(1, 1, 30, 30, 30))
+
+
+@pytest.mark.parametrize("device", ["cpu", "H100-SXM"])
+def test_no_tile_means_the_planners_tile_for_the_devices_memory(device):
+    budget = default_budget(get_device(device))
+    assert budget == (
+        get_device(device).memory_bytes // 2 if device == "cpu" else get_device(device).memory_bytes
+    )
+    plan = bp.make_plan(cnn(), (1, 3, 5000, 5000), device=device, training=True)
+    chosen = choose_tile(cnn(), (1, 3, 5000, 5000), budget, device, training=True, make_plan=False)
+    assert plan.tile == chosen.tile and plan.memory <= budget
+    assert "no tile= or memory= given: the planner's tile" in plan.note and "fastest predicted" in plan.note
+    assert "planner" in str(plan) and plan.note.split(";")[0] in str(plan)
+    assert (
+        bp.make_plan(cnn(), (1, 3, 5000, 5000), device=device, training=True, tile="auto").tile == chosen.tile
+    )
+
+
+def test_bp_tiled_without_a_tile_plans_with_the_planner():
+    net = bp.tiled(cnn(torch.float64))
+    x = torch.randn(1, 3, 64, 80, dtype=torch.float64)
+    plan = net.plan_for(x)
+    assert net.planned and "the planner's tile for half of this machine's" in plan.note
+    torch.testing.assert_close(net(x), net.model(x))

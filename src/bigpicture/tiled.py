@@ -10,11 +10,11 @@ from torch import nn
 
 from bigpicture.engine import execute
 from bigpicture.engine.amp import autocast_dtype, no_autocast_cache
-from bigpicture.engine.plan import Plan, capture, default_tile, plan_graph
+from bigpicture.engine.plan import Plan, capture, default_tile, plan_graph, plan_splits
 from bigpicture.errors import TilingError
 from bigpicture.perf.devices import DEVICES, Device, get_device
 from bigpicture.perf.predict import predict
-from bigpicture.perf.schedule import analyse, best_tile, for_run, parse_memory
+from bigpicture.perf.schedule import analyse, best_tile, budget_reason, default_budget, for_run, parse_memory
 
 
 class Tiled(nn.Module):
@@ -43,7 +43,7 @@ class Tiled(nn.Module):
         if memory is not None:
             parse_memory(memory)  # a size that is not one fails now, not at the first call
         self.model = model
-        self.tile = tile  # None: plan.default_tile for the input's number of spatial dimensions
+        self.tile = tile  # None: the planner's, for the device's memory (default_budget)
         self.memory = memory
         self.progress = progress
         self.multipass = multipass
@@ -57,8 +57,8 @@ class Tiled(nn.Module):
 
     @property
     def planned(self) -> bool:
-        """Whether the planner chooses the tile (``memory=`` or ``tile="auto"``)."""
-        return self.memory is not None or self.tile == "auto"
+        """Whether the planner chooses the tile: ``memory=``, ``tile="auto"`` or no tile given."""
+        return self.memory is not None or self.tile in (None, "auto")
 
     def plan_for(self, x, *args, training: bool | None = None) -> Plan:
         """The plan for input ``x``, cached by shape, dtype, device and train/eval state; runs nothing.
@@ -95,20 +95,30 @@ class Tiled(nn.Module):
             return self._choose(gm, inputs, training, amp)
         if same in self._plans:  # the same tiles; only the prediction differs
             return replace(self._plans[same], training=training)
-        tile = default_tile(len(shape) - 2) if self.tile is None else self.tile
-        plan = for_run(plan_graph(gm, inputs, tile, self.multipass), None, device, training)
+        plan = for_run(plan_graph(gm, inputs, self.tile, self.multipass), None, device, training)
         return plan if amp == dtype else replace(plan, predictor=partial(_predict_in, amp))
 
     def _choose(self, gm, inputs: list, training: bool, amp: torch.dtype) -> Plan:
-        """The planner's plan: the fastest predicted tile whose predicted peak fits ``memory``.
-
-        ``amp``: the dtype convolutions compute in (autocast's, where it casts the input's)."""
+        """The planner's plan: the fastest predicted tile whose predicted peak fits ``memory`` (by
+        default the device's, ``default_budget``). With no tile given on a device the planner has
+        no figures for, ``default_tile``, and the plan's note says why. ``amp``: the dtype
+        convolutions compute in (autocast's, where it casts the input's)."""
         shape, dtype, device = inputs[0]
-        dev = planning_device(device)
+        try:
+            dev = planning_device(device)
+        except TilingError:
+            if self.tile is not None or self.memory is not None:
+                raise
+            plan = plan_graph(gm, inputs, default_tile(len(shape) - 2), self.multipass)
+            reason = f"no tile= given and no performance figures for {device}: the fixed default tile"
+            return replace(for_run(plan, None, device, training), note=reason)
         run_dtype = amp if dtype.is_floating_point else self._param_dtype()
-        budget = dev.memory_bytes if self.memory is None else self.memory
-        best = best_tile(analyse(gm, shape, self.multipass, inputs), shape, budget, dev, run_dtype, training)
-        return for_run(plan_graph(gm, inputs, best.tile, self.multipass), None, dev, training, best)
+        budget = default_budget(dev) if self.memory is None else self.memory
+        splits = analyse(gm, shape, self.multipass, inputs)
+        best = best_tile(splits, shape, budget, dev, run_dtype, training)
+        if self.memory is None:
+            best = best.with_note(f"{budget_reason(dev, self.tile)}; {best.note}")
+        return for_run(plan_splits(splits, shape, dtype, best.tile), None, dev, training, best)
 
     def forward(self, x, *args):
         plan = self.plan_for(x, *args)
@@ -161,12 +171,14 @@ def tiled(
     """``model`` run tile by tile: same outputs, parameter gradients and input gradients.
 
     ``tile`` is the input extent each tile owns, excluding its halo (an int for every spatial
-    dimension, or one per dimension; default 1024 in 2D, 128 in 3D), rounded to the network's
-    total stride where needed. ``memory`` (bytes, or a size such as ``"8GiB"``) lets the planner
-    choose the tile instead: for each input shape, the fastest tile whose predicted peak memory fits, on the
-    model's own device ("cpu", or a CUDA GPU from the device table) in the input's dtype, for a
-    training step when gradients are enabled and the model has trainable parameters, else for a
-    forward. ``tile="auto"`` budgets the whole device memory. Give ``tile`` or ``memory``, not both.
+    dimension, or one per dimension), rounded to the network's total stride where needed. Without
+    it the planner chooses the tile: for each input shape, the fastest tile whose predicted peak
+    memory fits ``memory`` (bytes, or a size such as ``"8GiB"``; default the device's memory, on
+    the CPU half of the machine's), on the model's own device ("cpu", or a CUDA GPU from the
+    device table) in the input's dtype, for a training step when gradients are enabled and the
+    model has trainable parameters, else for a forward. On a device the planner has no figures
+    for, no tile means ``engine.plan.default_tile`` (1024 in 2D, 128 in 3D), and ``print(net.plan)``
+    says so. ``tile="auto"`` is the same as no tile. Give ``tile`` or ``memory``, not both.
     A budget no tile fits is a ``TilingError`` at the first call, naming the least memory that
     would do. ``print(net.plan)`` shows the plan of the last call with its prediction and, for
     the planner's tile, why it was chosen.

@@ -48,7 +48,7 @@ def add_infer_command(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--model-args", default="", help="keyword arguments, e.g. spatial_dims=2,in_channels=3")
     p.add_argument("--weights", help="a state_dict saved with torch.save (or a checkpoint with 'state_dict')")
     size = p.add_mutually_exclusive_group()
-    size.add_argument("--tile", type=int, help="input pixels each tile owns (default 1024)")
+    size.add_argument("--tile", type=int, help="input pixels each tile owns (default: the planner's)")
     size.add_argument("--memory", help="a budget, e.g. 8GiB or 512MiB: the planner chooses the fastest tile "
                       "predicted to fit it on --device")  # fmt: skip
     p.add_argument("--level", type=int, default=0, help="slide pyramid level (default 0)")
@@ -85,10 +85,9 @@ def infer_main(a: argparse.Namespace) -> int:
         device, group = _device(a.device)
         model = model.to(device).eval()
         source, background = _source(a)
-        tile = None if a.memory is not None else 1024 if a.tile is None else a.tile
-        net = tiled(model, tile=tile, memory=a.memory, multipass=a.multipass, group=group)
+        net = tiled(model, tile=a.tile, memory=a.memory, multipass=a.multipass, group=group)
         speaks = group is None or torch.distributed.get_rank() == 0  # one rank prints
-        if a.memory is not None:  # the plan that run() makes (and caches) now, before the long part
+        if a.tile is None and speaks:  # the planner's: the plan that run() makes (and caches) now
             plan = net.plan_for(source, training=False)
             print(f"bigpicture infer: tile {' x '.join(map(str, plan.tile))} ({plan.note})")
         out = run(net, source, a.out, progress=speaks and not a.quiet, background=background,

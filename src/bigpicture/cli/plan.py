@@ -18,7 +18,7 @@ from bigpicture.engine.plan import plan_for_split
 from bigpicture.errors import TilingError
 from bigpicture.perf.devices import DEVICES, get_device
 from bigpicture.perf.predict import _seconds, _size, predict_splits, read_seconds, with_reads
-from bigpicture.perf.schedule import analyse, best_tile, parse_memory
+from bigpicture.perf.schedule import analyse, best_tile, default_budget, parse_memory
 
 
 def _plan(a: argparse.Namespace) -> int:
@@ -50,10 +50,10 @@ def _plan(a: argparse.Namespace) -> int:
         try:
             if a.tile:
                 p = predict_splits(splits, shape, dtype, a.tile, dev, a.train)
-                fits = p.memory <= (parse_memory(a.memory) if a.memory else dev.memory_bytes)
+                fits = p.memory <= (parse_memory(a.memory) if a.memory else default_budget(dev))
                 note = "" if fits else "does not fit"
             else:
-                p = best_tile(splits, shape, a.memory or dev.memory_bytes, dev, dtype, a.train)
+                p = best_tile(splits, shape, a.memory or default_budget(dev), dev, dtype, a.train)
                 note = "planner"
             if source is not None:  # a GPU computes while net.run's reader reads; a CPU shares its cores
                 if p.tile not in reads:

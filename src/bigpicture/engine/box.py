@@ -20,8 +20,8 @@ class Box:
 
     def __post_init__(self) -> None:
         assert len(self.lo) == len(self.hi), (self.lo, self.hi)
-        object.__setattr__(self, "lo", tuple(int(v) for v in self.lo))
-        object.__setattr__(self, "hi", tuple(int(v) for v in self.hi))
+        object.__setattr__(self, "lo", tuple(map(int, self.lo)))
+        object.__setattr__(self, "hi", tuple(map(int, self.hi)))
 
     @classmethod
     def from_shape(cls, shape) -> Box:
@@ -33,7 +33,7 @@ class Box:
 
     @property
     def shape(self) -> tuple[int, ...]:
-        return tuple(max(h - lo, 0) for lo, h in zip(self.lo, self.hi))
+        return tuple(h - lo if h > lo else 0 for lo, h in zip(self.lo, self.hi))
 
     @property
     def numel(self) -> int:

@@ -13,30 +13,22 @@ last tile in each dimension takes the remainder.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
-from fractions import Fraction
 from functools import cached_property
 from typing import Any
 
 import torch
 
 from bigpicture.engine import capture as g
-from bigpicture.engine.box import Box, grid
+from bigpicture.engine.box import Box
 from bigpicture.engine.check import checked_capture
 from bigpicture.engine.regions import needs, receptive_field
 from bigpicture.engine.rules.positions import rewrite_position_reductions
 from bigpicture.engine.rules.stats import batch_moments, rewrite_global_norms
 from bigpicture.engine.split import Split, keep_origins, split, stages
+from bigpicture.engine.tiles import Tile, Tiles, layout
 from bigpicture.errors import TilingError
-
-
-@dataclass(frozen=True)
-class Tile:
-    index: tuple[int, ...]
-    box: Box  # input pixels this tile owns
-    read: Box  # input pixels it reads: box plus halo, within the image
-    writes: tuple[Box, ...]  # per sink of the plan, the region this tile computes
 
 
 @dataclass(frozen=True)
@@ -52,11 +44,11 @@ class Plan:
     dtype: torch.dtype  # of the run
     requested: tuple[int, ...]
     tile: tuple[int, ...]
-    tiles: tuple[Tile, ...]
+    tiles: Sequence[Tile]  # ``tiles.Tiles``: made on demand, row-major over the grid
     earlier: tuple[Plan, ...] = ()  # passes before this one, for global ops (multipass=True)
     device: Any = "cpu"  # what the prediction is for: a device-table name, a devices.Device, a torch.device
     training: bool = False  # predict a training step (forward + backward), else one forward
-    note: str = ""  # why the planner chose this tile (memory= or tile="auto")
+    note: str = ""  # why this tile: the planner's reason, or why the fixed default was used
 
     predictor: Callable[[Plan], Any] | None = field(default=None, compare=False, repr=False)
 
@@ -99,8 +91,14 @@ class Plan:
     @property
     def halo(self) -> tuple[tuple[int, int], ...]:
         """Largest extra input read below and above a tile's own box, per spatial dimension."""
-        lo = [max((t.box.lo[d] - t.read.lo[d] for t in self.tiles), default=0) for d in range(len(self.tile))]
-        hi = [max((t.read.hi[d] - t.box.hi[d] for t in self.tiles), default=0) for d in range(len(self.tile))]
+        nd = len(self.tile)
+        if getattr(self.tiles, "separable", False):  # the grid's diagonal has every dimension's boxes
+            dims = [self.tiles.per_dim(d) for d in range(nd)]
+            lo = [max((b[0] - r[0] for b, r, _ in dims[d]), default=0) for d in range(nd)]
+            hi = [max((r[1] - b[1] for b, r, _ in dims[d]), default=0) for d in range(nd)]
+            return tuple(zip(lo, hi))
+        lo = [max((t.box.lo[d] - t.read.lo[d] for t in self.tiles), default=0) for d in range(nd)]
+        hi = [max((t.read.hi[d] - t.box.hi[d] for t in self.tiles), default=0) for d in range(nd)]
         return tuple(zip(lo, hi))
 
     @property
@@ -109,6 +107,8 @@ class Plan:
 
     def lint(self) -> None:
         """Check that write boxes partition every sink and read boxes lie in the image."""
+        if getattr(self.tiles, "separable", False):  # per dimension: the tiles are a product
+            return self._lint_per_dim()
         image = Box.from_shape(self.input_shape[2:])
         for t in self.tiles:
             assert image.contains(t.read), (t, image)
@@ -119,6 +119,16 @@ class Plan:
             for t in self.tiles:
                 hull = hull.hull(t.writes[k])
             assert total == math.prod(extent) and hull == Box.from_shape(extent), (sink, total, extent)
+
+    def _lint_per_dim(self) -> None:
+        for d, n in enumerate(self.input_shape[2:]):
+            rows = self.tiles.per_dim(d)
+            assert all(0 <= r[0] <= r[1] <= n for _, r, _ in rows), (d, rows)
+            for k, sink in enumerate(self.split.sinks):
+                ends = [w[k] for _, _, w in rows if w[k][1] > w[k][0]]
+                extent = self.split.extents[sink][d]
+                joined = all(a[1] == b[0] for a, b in zip(ends, ends[1:]))
+                assert joined and ends[0][0] == 0 and ends[-1][1] == extent, (sink, d, ends, extent)
 
     def __str__(self) -> str:
         s, roles = self.split, list(self.split.roles.values())
@@ -146,6 +156,8 @@ class Plan:
             predicted = [(k, v) for k, v in self.prediction.rows() if k != "tile"]
         except Exception as e:  # printing a plan must not fail for want of a prediction
             predicted = [("prediction", f"not available ({type(e).__name__}: {e})")]
+        if self.note and all(k != "planner" for k, _ in predicted):  # why this tile, if not predicted
+            predicted.insert(0, ("planner", self.note))
         for k, v in predicted:  # the planner's reason right after the tile it chose
             rows.insert(3 if k == "planner" else len(rows), ("predicted on" if k == "device" else k, v))
         width = max(len(k) for k, _ in rows)
@@ -184,74 +196,22 @@ def _tile_text(plan: Plan) -> str:
 
 
 def plan_for_split(s: Split, input_shape, dtype, tile) -> Plan:
-    spatial = tuple(input_shape[2:])
-    requested = _per_dim_tile(tile, len(spatial))
-    used = tuple(
-        _round_tile(t, n, [s.strides[k][d] for k in s.sinks])
-        for d, (t, n) in enumerate(zip(requested, spatial))
-    )
-    per_dim = []
-    for t, n in zip(used, spatial):
-        count = math.ceil(n / t)
-        per_dim.append([(j * t, n if j == count - 1 else (j + 1) * t) for j in range(count)])
-    tiles, read_box = [], _read_boxes(s, used, per_dim)
-    for index, box in grid(per_dim):
-        writes = tuple(_write_box(index, used, per_dim, s.strides[k], s.extents[k]) for k in s.sinks)
-        if all(w.empty for w in writes):
-            continue
-        tiles.append(Tile(index, box, read_box(index, writes), writes))
-    plan = Plan(s, tuple(input_shape), dtype, requested, used, tuple(tiles))
+    lay = layout(s, input_shape, tile)
+    plan = Plan(s, tuple(input_shape), dtype, lay.requested, lay.tile, Tiles.of(s, lay))
     plan.lint()
     return plan
 
 
-def _read_boxes(s: Split, used, per_dim):
-    """``read(index, writes)``: a tile's input box. Every rule maps boxes dimension by dimension, so
-    a tile's box in dimension d is that of the grid's diagonal tile (j_d, j_d, ...): one walk per
-    diagonal tile instead of one per tile (2401 walks for a 100,000^2 slide at tile 2048). An empty
-    box on the diagonal breaks the rule (a hull ignores empty boxes): then every tile is walked."""
-    diagonal = []
-    for k in range(max(len(p) for p in per_dim)):
-        index = tuple(min(k, len(p) - 1) for p in per_dim)
-        writes = tuple(_write_box(index, used, per_dim, s.strides[n], s.extents[n]) for n in s.sinks)
-        diagonal.append((writes, needs(s, dict(zip(s.sinks, writes)))))
-    if any(b.empty for writes, need in diagonal for b in (*writes, *need.values())):
-        return lambda index, writes: needs(s, dict(zip(s.sinks, writes)))[s.input]
-    return lambda index, writes: Box.from_dims(diagonal[j][1][s.input].dim(d) for d, j in enumerate(index))
+def plan_splits(splits: list[Split], input_shape, dtype, tile) -> Plan:
+    """The plan of the passes of a split (``split.stages``), the last one holding the earlier ones."""
+    plans = [plan_for_split(s, input_shape, dtype, tile) for s in splits]
+    return replace(plans[-1], earlier=tuple(plans[:-1]))
 
 
 def default_tile(nd: int) -> int:
     """The tile side when none is given: about a million input positions per tile in 1D, 2D and 3D
     (1024 x 1024 px; 128^3 voxels), large against most receptive fields and small in memory."""
     return {1: 2**20, 2: 1024, 3: 128}.get(nd, max(1, round(2 ** (20 / max(nd, 1)))))
-
-
-def _per_dim_tile(tile, nd: int) -> tuple[int, ...]:
-    tile = (
-        (tile,) * nd if isinstance(tile, int) else tuple(tile) if isinstance(tile, (tuple, list)) else (tile,)
-    )
-    if len(tile) != nd or not all(isinstance(t, int) and t > 0 for t in tile):
-        raise TilingError(
-            f"tile={tile} does not fit a {nd}D input: give one positive int, or {nd} of them "
-            f"(one per spatial dimension), e.g. tile={(256,) * nd}."
-        )
-    return tile
-
-
-def _round_tile(t: int, n: int, strides: list[Fraction]) -> int:
-    unit = math.lcm(*[f.numerator for f in strides])
-    t = min(t, math.ceil(n / unit) * unit)
-    return max(unit, round(t / unit) * unit)
-
-
-def _write_box(index, used, per_dim, stride, extent) -> Box:
-    dims = []
-    for d, j in enumerate(index):
-        w = int(Fraction(used[d]) / stride[d])
-        lo = min(j * w, extent[d])
-        hi = extent[d] if j == len(per_dim[d]) - 1 else min((j + 1) * w, extent[d])
-        dims.append((lo, hi))
-    return Box.from_dims(dims)
 
 
 def capture(model: torch.nn.Module, multipass: bool = True, inputs: list | None = None):
@@ -273,5 +233,4 @@ def plan_graph(gm, inputs: list, tile, multipass: bool = True) -> Plan:
         raise TilingError(f"input shape {tuple(shape)} has no spatial dimension: expected (N, C, *spatial).")
     values = g.propagate(gm, inputs)
     x = next(n for n in gm.graph.nodes if n.op == "placeholder")
-    plans = [plan_for_split(s, shape, dtype, tile) for s in stages(split(gm, values, x, multipass))]
-    return replace(plans[-1], earlier=tuple(plans[:-1]))
+    return plan_splits(stages(split(gm, values, x, multipass)), shape, dtype, tile)

@@ -19,37 +19,15 @@ from dataclasses import dataclass
 from fractions import Fraction
 
 from bigpicture.engine.box import Box
-from bigpicture.engine.plan import _per_dim_tile, _round_tile, _write_box
 from bigpicture.engine.regions import needs
 from bigpicture.engine.split import Split
+from bigpicture.engine.tiles import Diagonal, Layout, layout, write_box
+from bigpicture.perf.steps import _stored, dim_geometry, spatial_inputs
+
+__all__ = ["ClassGrid", "Layout", "TileClass", "class_grid", "layout", "tile_classes"]
 
 
-@dataclass(frozen=True)
-class Layout:
-    """The tile grid of a split for one tile size: per spatial dimension, the tiles' intervals."""
-
-    requested: tuple[int, ...]
-    tile: tuple[int, ...]
-    intervals: tuple[tuple[tuple[int, int], ...], ...]
-
-    @property
-    def grid(self) -> tuple[int, ...]:
-        return tuple(len(i) for i in self.intervals)
-
-
-def layout(split: Split, input_shape, tile) -> Layout:
-    """The grid ``plan_for_split`` makes for ``tile``, without making its tiles."""
-    spatial = tuple(input_shape[2:])
-    requested = _per_dim_tile(tile, len(spatial))
-    used = tuple(
-        _round_tile(t, n, [split.strides[k][d] for k in split.sinks])
-        for d, (t, n) in enumerate(zip(requested, spatial, strict=True))
-    )
-    intervals = []
-    for t, n in zip(used, spatial, strict=True):
-        count = math.ceil(n / t)
-        intervals.append(tuple((j * t, n if j == count - 1 else (j + 1) * t) for j in range(count)))
-    return Layout(requested, used, tuple(intervals))
+MAX_PERIOD = 64  # interior tiles repeat with a period of at most the network's total stride
 
 
 @dataclass(frozen=True)
@@ -59,12 +37,60 @@ class TileClass:
     writes: tuple[Box, ...]  # per sink
 
 
+@dataclass(frozen=True)
+class ClassGrid:
+    """The classes of a grid, per dimension: ``per_dim[d]`` lists (tiles, diagonal row) for each
+    kind of grid index along d; a class is one kind per dimension, its boxes those of the rows.
+    ``separable`` is False where an empty box breaks the product rule: then ``listed`` holds
+    every class as a ``TileClass``, found by visiting every tile."""
+
+    split: Split
+    lay: Layout
+    diagonal: Diagonal
+    per_dim: tuple[tuple[tuple[int, int], ...], ...]
+    listed: tuple[TileClass, ...] | None = None
+
+    @property
+    def separable(self) -> bool:
+        return self.listed is None
+
+    @property
+    def classes(self) -> int:
+        return len(self.listed) if self.listed is not None else math.prod(map(len, self.per_dim))
+
+    @property
+    def tiles(self) -> int:
+        if self.listed is not None:
+            return sum(c.count for c in self.listed)
+        return math.prod(sum(n for n, _ in kinds) for kinds in self.per_dim)
+
+    def materialise(self) -> list[TileClass]:
+        """Every class with its boxes (one ``TileClass`` each): for tests and small grids."""
+        if self.listed is not None:
+            return list(self.listed)
+        nd, rows, out = self.split.nd, self.diagonal.row, []
+        for combo in itertools.product(*self.per_dim):
+
+            def box(pick, combo=combo):
+                return Box.from_dims(pick(rows(combo[d][1])).dim(d) for d in range(nd))
+
+            writes = tuple(box(lambda r, i=i: r[0][i]) for i in range(len(self.split.sinks)))
+            need = {n: box(lambda r, n=n: r[1][n]) for n in rows(0)[1]}
+            out.append(TileClass(math.prod(c for c, _ in combo), need, writes))
+        return out
+
+
 def tile_classes(split: Split, lay: Layout) -> list[TileClass]:
     """The distinct tiles of the grid and how often each occurs (tiles that write nothing skipped)."""
-    key = (id(split), lay.tile, lay.intervals)
+    return class_grid(split, lay).materialise()
+
+
+def class_grid(split: Split, lay: Layout) -> ClassGrid:
+    """The grid's classes, cached by split and layout (the planner predicts one layout per pass)."""
+    key = (id(split), lay)
     if key in _CLASSES and _CLASSES[key][0] is split:
         return _CLASSES[key][1]
-    classes = _tile_classes(split, lay)
+    classes = _class_grid(split, lay)
     if len(_CLASSES) >= 64:
         _CLASSES.pop(next(iter(_CLASSES)))
     _CLASSES[key] = (split, classes)  # the split is kept, so its id is not reused while cached
@@ -74,42 +100,24 @@ def tile_classes(split: Split, lay: Layout) -> list[TileClass]:
 _CLASSES: dict = {}
 
 
-def _tile_classes(split: Split, lay: Layout) -> list[TileClass]:
-    grid, nd, rows = lay.grid, split.nd, {}
-
-    def tile(index):
-        writes = tuple(
-            _write_box(index, lay.tile, lay.intervals, split.strides[k], split.extents[k])
-            for k in split.sinks
-        )
-        return writes, needs(split, dict(zip(split.sinks, writes, strict=True)))
-
-    def row(k: int):  # the k-th tile of the grid's diagonal
-        if k not in rows:
-            rows[k] = tile(tuple(min(k, g - 1) for g in grid))
-        return rows[k]
-
-    keys = [_dim_keys(split, lay, row, d) for d in range(nd)]
-    if any(b.empty for writes, need in rows.values() for b in (*writes, *need.values())):
-        # an empty box breaks the product rule (a hull ignores it): visit every tile
-        return _group((1, *tile(index)) for index in itertools.product(*map(range, grid)))
+def _class_grid(split: Split, lay: Layout) -> ClassGrid:
+    diagonal = Diagonal(split, lay)
+    keys = [_dim_keys(split, lay, diagonal.row, d) for d in range(split.nd)]
+    if not diagonal.separable:  # an empty box breaks the product rule (a hull ignores it): visit every tile
+        listed = _group((1, *_tile(split, lay, index)) for index in itertools.product(*map(range, lay.grid)))
+        return ClassGrid(split, lay, diagonal, (), tuple(listed))
     per_dim = []
-    for d in range(nd):
+    for d in range(split.nd):
         groups: dict = {}
-        for j in range(grid[d]):
+        for j in range(lay.grid[d]):
             groups.setdefault(keys[d][j], []).append(j)
-        per_dim.append([(len(js), js[0]) for js in groups.values()])
-    classes = []
-    for combo in itertools.product(*per_dim):
-        picked = [rows[j] for _, j in combo]
+        per_dim.append(tuple((len(js), js[0]) for js in groups.values()))
+    return ClassGrid(split, lay, diagonal, tuple(per_dim))
 
-        def box(pick, picked=picked):
-            return Box.from_dims(pick(picked[d]).dim(d) for d in range(nd))
 
-        writes = tuple(box(lambda r, i=i: r[0][i]) for i in range(len(split.sinks)))
-        need = {n: box(lambda r, n=n: r[1][n]) for n in rows[0][1]}
-        classes.append(TileClass(math.prod(c for c, _ in combo), need, writes))
-    return classes
+def _tile(split: Split, lay: Layout, index) -> tuple[tuple, dict]:
+    writes = tuple(write_box(index, lay, split.strides[k], split.extents[k]) for k in split.sinks)
+    return writes, needs(split, dict(zip(split.sinks, writes, strict=True)))
 
 
 def _dim_keys(split: Split, lay: Layout, row, d: int) -> list:
@@ -118,13 +126,13 @@ def _dim_keys(split: Split, lay: Layout, row, d: int) -> list:
     Away from the image border, tile j + p is tile j shifted by p tiles, where p makes the shift a
     whole number of pixels of every node: so the keys of interior tiles repeat with period p.
     """
-    g, n = lay.grid[d], split.extents[split.input][d]
+    g = lay.grid[d]
     period = math.lcm(*[(Fraction(lay.tile[d]) / split.strides[m][d]).denominator for m in split.strides])
     keys = {}
     start = next((j for j in range(1, g) if row(j)[1][split.input].lo[d] > 0), None)
     if (
         g <= 8
-        or period > 8
+        or period > MAX_PERIOD
         or start is None
         or start + period >= g - 1
         or not _shifted(split, lay, row, d, start, period)
@@ -132,8 +140,11 @@ def _dim_keys(split: Split, lay: Layout, row, d: int) -> list:
         return [_key(split, *row(j), d) for j in range(g)]
     for j in range(start + period + 1):
         keys[j] = _key(split, *row(j), d)
-    end = g - 1
-    while end > start + period and (end == g - 1 or row(end)[1][split.input].hi[d] >= n):
+    end = g - 1  # near the far border, until a tile is its predecessor by one period, moved
+    while end > start + period and not (
+        _shifted(split, lay, row, d, end - period, period)
+        and _key(split, *row(end), d) == _key(split, *row(end - period), d)
+    ):
         keys[end] = _key(split, *row(end), d)
         end -= 1
     for j in range(start + period + 1, end + 1):
@@ -154,17 +165,16 @@ def _shifted(split: Split, lay: Layout, row, d: int, j: int, period: int) -> boo
 
 
 def _key(split: Split, writes, need, d: int) -> tuple:
-    """What makes two tiles cost alike along dimension d: box lengths, and touching the border."""
+    """What makes two tiles cost alike along dimension d: box lengths, and every step's geometry
+    (``steps.dim_geometry``: touching the border, reading a sub-box) with the input copied or not."""
     lengths = tuple(b.shape[d] for b in (*writes, *need.values()))
-    border = tuple(_pads(split.ops[n], b, d) for n, b in need.items() if n in split.ops)
-    return lengths, border
-
-
-def _pads(op, box: Box, d: int) -> bool:
-    if not hasattr(op, "padded_box") or box.empty:
-        return False
-    padded = op.padded_box(box)
-    return padded.lo[d] < 0 or padded.hi[d] > op.in_extents[0][d]
+    geometry = []
+    for node, box in need.items():
+        if node in split.ops and not box.empty:
+            ins = spatial_inputs(split, node, need)
+            for copy in (True, False):
+                geometry.append(dim_geometry(split, node, need, _stored(split, ins, need, copy), d)[1:])
+    return lengths, tuple(geometry)
 
 
 def _group(tiles) -> list[TileClass]:

@@ -37,7 +37,7 @@ a 2-core CPU ran a slide 15-25% slower *with* the reader thread than without it)
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 import torch
 
@@ -45,92 +45,16 @@ from bigpicture.engine.box import Box
 from bigpicture.engine.plan import Plan
 from bigpicture.engine.split import Split
 from bigpicture.errors import TilingError
+from bigpicture.perf.classes import aggregate
 from bigpicture.perf.devices import Device, for_torch, get_device, load_calibration
-from bigpicture.perf.grid import Layout, layout, tile_classes
+from bigpicture.perf.grid import Layout, class_grid, layout
+from bigpicture.perf.prediction import Prediction, Stage, _flops, _seconds, _size  # noqa: F401 (re-exported)
 from bigpicture.perf.rates import GPU_ASSUMPTIONS, Rates
-from bigpicture.perf.steps import TileWalk, last_tile, walk
+from bigpicture.perf.walk import TileWalk, last_tile, walk
 
 MiB = 2**20
 GPU_CONTEXT_BYTES = 512 * MiB  # CUDA context and cuDNN/cuBLAS handles: 300-600 MiB on recent GPUs
 GPU_FRAGMENTATION = 0.10  # caching allocator slack and cuDNN workspace, on the memory that changes
-
-
-@dataclass(frozen=True)
-class Stage:
-    name: str
-    flops: int
-    seconds: float
-
-
-@dataclass(frozen=True)
-class Prediction:
-    """Predicted peak memory (bytes) and time (seconds: one forward, or forward + backward)."""
-
-    device: str
-    dtype: torch.dtype
-    training: bool
-    tile: tuple[int, ...]
-    tiles: int
-    classes: int
-    memory: int
-    time: float
-    flops: int
-    halo_overhead: float  # work of the tiled run over the untiled one, minus 1
-    memory_parts: tuple[tuple[str, int], ...]
-    stages: tuple[Stage, ...]
-    by_kind: tuple[tuple[str, float], ...]  # seconds per op kind
-    assumptions: str
-    note: str = ""  # why this tile, when the planner chose it
-
-    def with_note(self, note: str) -> Prediction:
-        return replace(self, note=note)
-
-    def rows(self) -> list[tuple[str, str]]:
-        """The lines of ``str(prediction)`` as (name, text) pairs: what ``print(plan)`` shows too."""
-        mode = "training step (forward + recompute + backward)" if self.training else "inference (forward)"
-        parts = ", ".join(f"{k} {_size(v)}" for k, v in self.memory_parts if v)
-        stages = ", ".join(f"{s.name} {_seconds(s.seconds)}" for s in self.stages if s.seconds)
-        kinds = ", ".join(f"{k} {100 * v / max(self.time, 1e-12):.0f}%" for k, v in self.by_kind if v)
-        rows = [
-            ("device", f"{self.device}, {str(self.dtype).removeprefix('torch.')}, {mode}"),
-            (
-                "tile",
-                f"{' x '.join(map(str, self.tile))} input px, {self.tiles:,} tiles ({self.classes} kinds)",
-            ),
-            ("halo overhead", f"{100 * self.halo_overhead:.1f}% more work than untiled"),
-            ("peak memory", f"{_size(self.memory)} = {parts}"),
-            ("time", f"{_seconds(self.time)} = {stages}"),
-            ("work", f"{_flops(self.flops)}; time by op: {kinds}"),
-            ("assumptions", self.assumptions),
-        ]
-        if self.note:
-            rows.insert(2, ("planner", self.note))
-        return rows
-
-    def __str__(self) -> str:
-        rows = self.rows()
-        width = max(len(k) for k, _ in rows)
-        return "\n".join(f"{k.ljust(width)}  {v}" for k, v in rows)
-
-
-def _size(n: float) -> str:
-    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if n >= scale:
-            return f"{n / scale:,.2f} {unit}"
-    return f"{n:.0f} B"
-
-
-def _flops(n: float) -> str:
-    for unit, scale in (("TFLOP", 1e12), ("GFLOP", 1e9), ("MFLOP", 1e6)):
-        if n >= scale:
-            return f"{n / scale:,.2f} {unit}"
-    return f"{n:.0f} FLOP"
-
-
-def _seconds(s: float) -> str:
-    if s >= 3600:
-        return f"{s / 3600:.2f} h"
-    return f"{s:.3g} s" if s >= 1 else f"{1e3 * s:.3g} ms"
 
 
 def resolve_device(device: str | Device | torch.device) -> Device:
@@ -236,15 +160,31 @@ def predict_splits(
     training: bool = False,
     input_grad: bool = False,
     input_on_device: bool | None = None,
+    shared: dict | None = None,
 ) -> Prediction:
-    """The prediction for the passes of a split (``split.stages``) with tiles of ``tile`` input pixels."""
+    """The prediction for the passes of a split (``split.stages``) with tiles of ``tile`` input pixels.
+
+    ``shared``: what predictions of other tiles for the same splits, device and dtype may reuse
+    (the rates, the steps built, the untiled walk): the planner passes one dict for its candidates."""
     dev = resolve_device(device)
-    rates = Rates(dev, dtype, None if dev.name != "cpu" else load_calibration())
+    shared = {} if shared is None else shared
+    if "rates" not in shared:
+        shared["rates"] = Rates(dev, dtype, None if dev.name != "cpu" else load_calibration())
+    rates = shared["rates"]
     on_device = dev.name == "cpu" if input_on_device is None else input_on_device
     parts = [
         _predict_pass(
-            s, input_shape, dtype, layout(s, input_shape, tile), dev, rates, training, input_grad, on_device
-        )
+            s,
+            input_shape,
+            dtype,
+            layout(s, input_shape, tile),
+            dev,
+            rates,
+            training,
+            input_grad,
+            on_device,
+            shared.setdefault(id(s), {}),
+        )  # fmt: skip
         for s in splits
     ]
     return parts[0] if len(parts) == 1 else _combine(parts)
@@ -260,38 +200,37 @@ def _predict_pass(
     training: bool,
     input_grad: bool,
     on_device: bool,
+    memo: dict | None = None,
 ) -> Prediction:
-    gpu = dev.name != "cpu"
-    classes = tile_classes(split, lay)
+    gpu, memo = dev.name != "cpu", {} if memo is None else memo
+    classes = class_grid(split, lay)
+    tiles = classes.tiles
     # execute.Runner.read_input copies each tile's read box (contiguous) even from an input that
     # already lives on the device (``on_device``); one tile runs the model on the input itself
-    copy = not on_device or sum(c.count for c in classes) > 1
-    memo: dict = {}
-    walks = [
-        (c.count, walk(split, c.need, c.writes, dtype, rates, training, input_grad, copy, memo))
-        for c in classes
-    ]
-    whole = {n: Box.from_shape(e) for n, e in split.extents.items()}
-    untiled = walk(split, whole, (), dtype, rates, False, False, False)
-    memory_parts = _memory(split, dtype, walks, training, gpu)
+    copy = not on_device or tiles > 1
+    total = aggregate(split, classes, dtype, rates, training, input_grad, copy, memo)
+    if "untiled" not in memo:
+        whole = {n: Box.from_shape(e) for n, e in split.extents.items()}
+        memo["untiled"] = walk(split, whole, (), dtype, rates, False, False, False)
+    untiled = memo["untiled"]
+    memory_parts = _memory(split, dtype, total, tiles, training, gpu)
     last = None
     if training:  # the tile whose graph the forward keeps: the backward does not recompute it
         need, writes = last_tile(split, lay)
         last = walk(split, need, writes, dtype, rates, training, input_grad, copy, memo)
-    stages, by_kind = _time(walks, training, gpu, rates, last)
+    stages, by_kind = _time([(1, total)], training, gpu, rates, last)
     flops = sum(s.flops for s in stages)
-    work = sum(n * w.flops_fwd for n, w in walks)
     return Prediction(
         device=dev.name,
         dtype=dtype,
         training=training,
         tile=lay.tile,
-        tiles=sum(n for n, _ in walks),
-        classes=len(classes),
+        tiles=tiles,
+        classes=classes.classes,
         memory=sum(v for _, v in memory_parts),
         time=sum(s.seconds for s in stages),
         flops=flops,
-        halo_overhead=work / untiled.flops_fwd - 1 if untiled.flops_fwd else 0.0,
+        halo_overhead=total.flops_fwd / untiled.flops_fwd - 1 if untiled.flops_fwd else 0.0,
         memory_parts=memory_parts,
         stages=stages,
         by_kind=by_kind,
@@ -324,7 +263,7 @@ def _combine(passes: list[Prediction]) -> Prediction:
     )
 
 
-def _memory(split: Split, dtype, walks: list[tuple[int, TileWalk]], training: bool, gpu: bool):
+def _memory(split: Split, dtype, total: TileWalk, tiles: int, training: bool, gpu: bool):
     item = torch.empty((), dtype=dtype).element_size()
     model = split.gm.meta.get("bigpicture_model", split.gm)
     params = sum(p.numel() for p in model.parameters()) * item
@@ -332,14 +271,14 @@ def _memory(split: Split, dtype, walks: list[tuple[int, TileWalk]], training: bo
     buffers = sum(b.numel() for b in model.buffers()) * item
     dense = [k for k in split.sinks if any(split.roles.get(u) in ("tail", "output") for u in k.users)]
     boundary = sum(math.prod(split.shapes[k]) for k in dense) * item
-    working = max(w.peak_train if training else w.peak for _, w in walks)
+    working = total.peak_train if training else total.peak
     parts = [("parameters", params + buffers), ("boundary tensors", boundary), ("tile working set", working)]
     if training:
         # the sum of the tiles' parameter gradients, kept in float64 (execute.Runner.backward), the
         # previous tile's (alive until the next tile's are returned) and this tile's; the boundary's.
         # One tile runs the model with plain autograd: its gradients only.
         wide = 8 if dtype.is_floating_point else item
-        per_param = item if sum(n for n, _ in walks) == 1 else 2 * item + wide
+        per_param = item if tiles == 1 else 2 * item + wide
         parts += [("parameter gradients", trainable * per_param), ("boundary gradients", boundary)]
     if gpu:
         changing = boundary * (2 if training else 1) + working

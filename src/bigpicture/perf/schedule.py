@@ -19,14 +19,23 @@ import torch
 from torch import fx, nn
 
 from bigpicture.engine import capture as g
-from bigpicture.engine.plan import Plan, capture, default_tile, plan_graph
+from bigpicture.engine.plan import Plan, capture, plan_graph, plan_splits
 from bigpicture.engine.split import Split, split, stages
+from bigpicture.engine.tiles import layout, working_counts
 from bigpicture.errors import TilingError
-from bigpicture.perf.devices import Device
+from bigpicture.perf.devices import Device, load_calibration
 from bigpicture.perf.multi import with_devices
-from bigpicture.perf.predict import Prediction, _size, predict, predict_splits, resolve_device
+from bigpicture.perf.predict import (
+    GPU_FRAGMENTATION,
+    Prediction,
+    _size,
+    predict,
+    predict_splits,
+    resolve_device,
+)
+from bigpicture.perf.rates import Rates
 
-MAX_TILES_PER_DIM = 256  # smaller tiles are never faster: their halo work and per-tile costs grow
+MAX_TILES = 2**16  # more, smaller tiles are never faster: their halo work and per-tile costs grow
 _UNITS = {
     "": 1,
     "b": 1,
@@ -93,7 +102,8 @@ def candidates(splits: list[Split], input_shape) -> list[tuple[int, ...]]:
     """Tile shapes worth predicting: cubes of side unit x 2^k and 3 x 2^(k-1), and the whole image."""
     spatial = tuple(input_shape[2:])
     unit = math.lcm(*[f.numerator for s in splits for k in s.sinks for f in s.strides[k]])
-    smallest = max(unit, math.ceil(max(spatial) / MAX_TILES_PER_DIM))
+    per_dim = math.floor(MAX_TILES ** (1 / len(spatial)) + 1e-9)  # 256 in 2D, 40 in 3D
+    smallest = max(unit, math.ceil(max(spatial) / per_dim))
     sides, m = set(), 1
     while unit * m < 2 * max(spatial):
         for side in (unit * m, unit * (3 * m // 2)):
@@ -130,10 +140,11 @@ def choose_tile(
     shapes = [(tuple(input_shape), model_dtype(model), torch.device("cpu"))]
     gm = model if isinstance(model, fx.GraphModule) else capture(model, multipass, shapes)
     dev = resolve_device(device)
-    best = best_tile(analyse(gm, input_shape, multipass), input_shape, budget_bytes, dev, dtype, training)
+    splits = analyse(gm, input_shape, multipass)
+    best = best_tile(splits, input_shape, budget_bytes, dev, dtype, training)
     if not make_plan:
         return Choice(best.tile, None, best)
-    plan = plan_graph(gm, [(tuple(input_shape), model_dtype(gm), torch.device("cpu"))], best.tile, multipass)
+    plan = plan_splits(splits, input_shape, model_dtype(gm), best.tile)  # the splits it predicted
     return Choice(best.tile, for_run(plan, dtype, dev, training, best), best)
 
 
@@ -166,9 +177,21 @@ def best_tile(
     """The prediction of the fastest tile that fits (see ``choose_tile``), for an analysed model."""
     budget, dev = parse_memory(budget_bytes), resolve_device(device)
     tried: list[Prediction] = []
-    for tile in candidates(splits, input_shape):  # the peak grows with the tile: stop once past the budget
-        tried.append(predict_splits(splits, input_shape, dtype, tile, dev, training))
-        if len(tried) >= 2 and min(p.memory for p in tried[-2:]) > budget:
+    best = math.inf
+    # from the largest tile down: once one fits, a smaller tile whose engine time alone (its
+    # number of tiles) exceeds the best time so far cannot win, and is not predicted
+    tiles, shared = candidates(splits, input_shape), {}  # the candidates share rates and steps
+    for tile in reversed(tiles):
+        if best < math.inf and least_time(splits, input_shape, dtype, tile, dev, training) >= best:
+            continue
+        tried.insert(0, predict_splits(splits, input_shape, dtype, tile, dev, training, shared=shared))
+        if tried[0].memory <= budget:
+            best = min(best, tried[0].time)
+        elif best == math.inf and tried[0].tiles > 1 and _floor(tried[0]) > budget and tile != tiles[0]:
+            # what no tile size changes is over budget already: the smallest tile, for the error
+            tried.insert(
+                0, predict_splits(splits, input_shape, dtype, tiles[0], dev, training, shared=shared)
+            )
             break
     fits = [p for p in tried if p.memory <= budget]
     if not fits:
@@ -202,11 +225,11 @@ def make_plan(
 ) -> Plan:
     """The plan for ``model`` on an input of ``input_shape`` (N, C, *spatial), with no tensor allocated.
 
-    ``tile``: the input extent each tile owns (one int, or one per spatial dimension; default
-    1024 in 2D, 128 in 3D: see ``default_tile``), or ``"auto"``: the planner chooses the fastest
-    predicted tile that fits ``memory``
-    (default: the device's memory). Giving ``memory=`` (bytes or a size like ``"8GiB"``) also lets
-    the planner choose; ``tile`` and ``memory`` together are a TypeError. A budget no tile fits is a
+    ``tile``: the input extent each tile owns (one int, or one per spatial dimension). Without it
+    (or with ``"auto"``) the planner chooses the fastest predicted tile that fits ``memory``
+    (default: the device's memory; on the CPU half of the machine's, ``default_budget``), and
+    ``plan.note`` says so. Giving ``memory=`` (bytes or a size like ``"8GiB"``) also lets the
+    planner choose; ``tile`` and ``memory`` together are a TypeError. A budget no tile fits is a
     ``TilingError`` naming the least memory that would do.
     ``device``: what the prediction is for: a name from the device table (``"H100-SXM"``, see
     ``bigpicture.perf.devices.DEVICES``), ``"cpu"`` (this machine), a ``devices.Device`` or a CUDA device.
@@ -220,7 +243,6 @@ def make_plan(
     ``nodes`` nodes (default 8 devices per node): each rank's share, the imbalance and the
     communication over the device's links (``perf.multi.predict_devices``).
     """
-    planned = memory is not None or tile == "auto"
     if memory is not None and tile is not None and tile != "auto":
         raise TypeError(
             f"make_plan got tile={tile!r} and memory={memory!r}: give one, tile= for a tile of your "
@@ -228,14 +250,81 @@ def make_plan(
         )
     dev = resolve_device(device)  # an unknown name fails here, listing the known ones
     gm = capture(model, multipass, [(tuple(input_shape), model_dtype(model), torch.device("cpu"))])
-    if planned:
-        budget = dev.memory_bytes if memory is None else memory
+    if tile is None or tile == "auto" or memory is not None:
+        budget = default_budget(dev) if memory is None else memory
         plan = choose_tile(gm, input_shape, budget, dev, dtype, training, multipass).plan
+        plan = plan if memory is not None else with_reason(plan, budget_reason(dev, tile))
     else:
         shapes = [(tuple(input_shape), model_dtype(gm), torch.device("cpu"))]
-        tile = default_tile(len(input_shape) - 2) if tile is None else tile
         plan = for_run(plan_graph(gm, shapes, tile, multipass), dtype, dev, training)
     return plan if devices == 1 and nodes is None else with_devices(plan, devices, nodes)
+
+
+CPU_MEMORY_SHARE = 0.5  # of the machine's RAM: the rest stays for the OS, the input and the caller's tensors
+
+
+def default_budget(dev: Device) -> int:
+    """The memory the planner fills when none is given: a GPU's own; half of the CPU's (its RAM,
+    or the container's limit), since the input, the caller's tensors and the OS live there too."""
+    return dev.memory_bytes if dev.name != "cpu" else int(CPU_MEMORY_SHARE * dev.memory_bytes)
+
+
+def budget_reason(dev: Device, tile=None) -> str:
+    """Why the planner chose with ``default_budget``, for ``plan.note``."""
+    given = "tile='auto'" if tile == "auto" else "no tile= or memory= given"
+    if dev.name == "cpu":
+        return f"{given}: the planner's tile for half of this machine's {_size(dev.memory_bytes)}"
+    return f"{given}: the planner's tile for the {_size(dev.memory_bytes)} of {dev.name}"
+
+
+def with_reason(plan: Plan, reason: str) -> Plan:
+    """``plan`` with ``reason`` before the planner's own note (in ``print(plan)``)."""
+    note = f"{reason}; {plan.prediction.note}" if plan.prediction.note else reason
+    return for_run(plan, None, plan.device, plan.training, plan.prediction.with_note(note))
+
+
+def least_time(
+    splits: list[Split], input_shape, dtype: torch.dtype, tile, device="cpu", training: bool = False
+) -> float:
+    """A lower bound of ``predict_splits(...).time`` from the number of tiles alone: the engine's
+    own seconds per node and tile, which every phase pays at least (a GPU's phase takes the longer
+    of its device and host times; the CPU's adds them). Nothing is walked, so the planner skips,
+    for the cost of a multiplication, the tiles this already shows slower than its best.
+
+    Counted: the tiles some sink writes in (``tiles.working_counts``), each computing at least the
+    nodes the sink depends on (a non-empty box needs non-empty inputs)."""
+    dev = resolve_device(device)
+    rates = Rates(dev, dtype, None if dev.name != "cpu" else load_calibration())
+    grad_node_s = rates.train_node_s / 2
+    per_tile = min(rates.node_s, grad_node_s) + 2 * grad_node_s if training else rates.node_s
+    seconds = 0.0
+    for s in splits:
+        lay, least = layout(s, input_shape, tile), 0.0
+        for sink in s.sinks:  # the tiles where this sink writes compute at least its ancestors
+            tiles, nodes = math.prod(working_counts(s, lay, sink)), len(_ancestors(s, sink))
+            least = max(least, tiles * nodes * per_tile - (nodes * grad_node_s if training else 0.0))
+        seconds += least
+    return seconds
+
+
+def _ancestors(split: Split, sink) -> set:
+    """The spatial nodes ``sink`` is computed from (itself included, the image not)."""
+    seen, todo = set(), [sink]
+    while todo:
+        node = todo.pop()
+        if node in seen or node is split.input or split.roles.get(node) != "spatial":
+            continue
+        seen.add(node)
+        todo.extend(node.all_input_nodes)
+    return seen
+
+
+def _floor(p: Prediction) -> int:
+    """The peak memory of ``p`` that no smaller tile (of several) lowers: all but the working set
+    and the GPU allocator's slack on it."""
+    working = dict(p.memory_parts)["tile working set"]
+    slack = math.ceil(GPU_FRAGMENTATION * working) if p.device != "cpu" else 0
+    return p.memory - working - slack
 
 
 def _size_up(n: int) -> str:

@@ -18,9 +18,7 @@ interpolation save nothing.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
-
-import torch
+from dataclasses import dataclass
 
 from bigpicture.engine.box import Box
 from bigpicture.engine.rules import Window
@@ -55,6 +53,8 @@ class Step:
     saves_inputs: bool = False
     saves_output: bool = False
     saved_extra: int = 0  # e.g. max pooling's indices
+    aliases: bool = False  # a view of inputs[0], or written into it: no new value (out == 0)
+    keeps_padded: bool = False  # autograd keeps its padded input copy (``padded``), not its inputs
     kind: str = "unary"
     flops: int = 0
     bytes: int = 0
@@ -76,12 +76,13 @@ def _step(
     in_bytes = sum(math.prod(split.shapes[i][:2]) * need[i].numel * item for i in ins if i in need)
     name, inplace, _ = _facts(split, node)
     view = name in _VIEWS or isinstance(op, Slice) or (isinstance(op, Pad) and not outside)
-    st = Step(node, ins, 0 if (view or inplace) else elems * item)
+    st = Step(node, ins, 0 if (view or inplace) else elems * item, aliases=view or inplace)
     st.bytes = in_bytes + elems * item
     pad_copy = 0
     if isinstance(op, Window) and copied:  # a Pad op's padded copy is its own output
         pad_copy = st.temp = math.prod(split.shapes[ins[0]][:2]) * op.padded_box(box).numel * item
         st.padded = pad_copy if outside else 0  # autograd saves the padded copy, not a contiguous one
+        st.keeps_padded = bool(st.padded)
     if isinstance(op, (Conv, ConvTranspose)):
         st.kind, st.saves_inputs, stride = "conv", True, max(op.step)
         if isinstance(op, Conv):
@@ -167,89 +168,46 @@ def _outside(op, box: Box) -> bool:
     return min(padded.lo) < 0 or any(h > n for h, n in zip(padded.hi, op.in_extents[0], strict=True))
 
 
-@dataclass
-class TileWalk:
-    """One tile's peak bytes (inference, training) and seconds, with nothing of the tile allocated."""
-
-    peak: int = 0
-    peak_train: int = 0
-    fwd_s: float = 0.0
-    bwd_s: float = 0.0
-    flops_fwd: int = 0
-    flops_bwd: int = 0
-    nodes: int = 0
-    ops: int = 0
-    fwd_by_kind: dict = field(default_factory=dict)
-    bwd_by_kind: dict = field(default_factory=dict)
+def node_step(
+    split: Split, node, need: dict, grad_in: bool, input_copy: bool, item: int, rates: Rates, memo: dict
+) -> Step:
+    """The step of ``node`` computing ``need[node]`` (its inputs computing theirs), from ``memo``
+    when an earlier tile had the same geometry (``dim_geometry`` in every dimension)."""
+    stored = _stored(split, spatial_inputs(split, node, need), need, input_copy)
+    key = step_key(node, [dim_geometry(split, node, need, stored, d) for d in range(split.nd)], grad_in)
+    if key not in memo:
+        copied = key[1] or key[2]
+        memo[key] = _step(split, node, need[node], copied, need, item, rates, grad_in)
+    return memo[key]
 
 
-def walk(
-    split: Split,
-    need: dict,
-    writes: tuple,
-    dtype: torch.dtype,
-    rates: Rates,
-    training: bool,
-    input_grad: bool = False,
-    input_copy: bool = True,
-    memo: dict | None = None,
-) -> TileWalk:
-    """Walk one tile whose nodes compute the boxes ``need`` and whose sinks write ``writes``.
+def spatial_inputs(split: Split, node, need: dict) -> list:
+    """The inputs of ``node`` that the tile computes (or the image): the first is what it reads."""
+    return [i for i in split.ops[node].inputs if i is split.input or (i in need and not need[i].empty)]
 
-    ``memo`` keeps steps between walks of one split, rates and dtype: tiles share most node boxes.
-    """
-    item = torch.empty((), dtype=dtype).element_size()
-    x, memo = split.input, {} if memo is None else memo
-    grad = {x: input_grad}
-    steps, sizes = [], {x: math.prod(split.shapes[x][:2]) * need[x].numel * item}
-    for node in split.order:
-        if split.roles[node] != "spatial" or node is x or need[node].empty:
-            continue
-        ins = [i for i in split.ops[node].inputs if i in grad]
-        grad_in = any(grad[i] for i in ins)
-        grad[node] = grad_in or _facts(split, node)[2]
-        op, box = split.ops[node], need[node]
-        outside = isinstance(op, (Window, Pad)) and _outside(op, box)
-        # convolution and pooling kernels copy a strided input (a sub-box of a bigger value) first
-        strided = (
-            isinstance(op, Window)
-            and not outside
-            and op.padded_box(box) != _stored(split, ins, need, input_copy)
-        )
-        key = (node, box.shape, outside, strided, grad_in)
-        if key not in memo:
-            memo[key] = _step(split, node, box, outside or strided, need, item, rates, grad_in)
-        st = memo[key]
-        steps.append(st)
-        sizes[node] = math.prod(split.shapes[node][:2]) * need[node].numel * item
-    result = TileWalk(nodes=len(steps), ops=sum(s.kind != "view" for s in steps))
-    for st in steps:
-        result.fwd_s += st.fwd_s
-        result.flops_fwd += st.flops
-        result.fwd_by_kind[st.kind] = result.fwd_by_kind.get(st.kind, 0.0) + st.fwd_s
-    crop = sizes[x] if input_copy else 0
-    sinks = [k for k in split.sinks if k in sizes or k is x]
-    hold = sum(sizes.get(k, 0) for k in sinks)  # the previous tile's sinks, alive until this one returns
-    result.peak, _ = _forward(split, steps, sizes, crop + hold, training=False)
-    if training:
-        fwd_peak, state = _forward(split, steps, sizes, crop + hold, training=True, grad=grad)
-        # the tile's loss terms: each sink's write box times its gradient, summed
-        terms = max(
-            (
-                math.prod(split.shapes[k][:2]) * w.numel * item
-                for k, w in zip(split.sinks, writes, strict=False)
-            ),
-            default=0,
-        )
-        bwd_peak = _backward(steps, sizes, state, grad) + terms
-        result.peak_train = max(fwd_peak, bwd_peak)
-        for st in steps:
-            if grad[st.node]:
-                result.bwd_s += st.bwd_s
-                result.flops_bwd += st.flops_bwd
-                result.bwd_by_kind[st.kind] = result.bwd_by_kind.get(st.kind, 0.0) + st.bwd_s
-        result.bwd_s += _accumulation_s(split, steps, sizes, grad, rates, result.bwd_by_kind)
-    return result
+
+def dim_geometry(split: Split, node, need: dict, stored: Box, d: int) -> tuple:
+    """What the step of ``node`` depends on along dimension d: the lengths of its box and of its
+    inputs' boxes, whether its window reaches out of the image (padded there), whether it reads a
+    sub-box of its stored input (convolution and pooling kernels copy a strided input first), and
+    a transposed convolution's input length. A tile's step is a function of these, per dimension."""
+    op, box = split.ops[node], need[node]
+    lengths = (box.shape[d],) + tuple(need[i].shape[d] for i in op.inputs if i in need)
+    outside = differ = False
+    if isinstance(op, (Window, Pad)):
+        padded = op.padded_box(box)
+        outside = padded.lo[d] < 0 or padded.hi[d] > op.in_extents[0][d]
+        differ = isinstance(op, Window) and padded.dim(d) != stored.dim(d)
+    extra = op.needs(box)[0].shape[d] if isinstance(op, ConvTranspose) else 0
+    return lengths, outside, differ, extra
+
+
+def step_key(node, dims: list[tuple], grad_in: bool) -> tuple:
+    """The memo key of a step from its geometry in every dimension: (node, shapes, outside, strided, ...)."""
+    shapes = tuple(zip(*(g[0] for g in dims), strict=True))
+    outside = any(g[1] for g in dims)
+    strided = not outside and any(g[2] for g in dims)
+    return node, outside, strided, shapes, tuple(g[3] for g in dims), grad_in
 
 
 def _facts(split: Split, node) -> tuple[str, bool, bool]:
@@ -264,92 +222,3 @@ def _facts(split: Split, node) -> tuple[str, bool, bool]:
             params = any(split.roles.get(i) == "const" for i in node.all_input_nodes)
         node.meta["bigpicture_facts"] = (name, bool(inplace), params)
     return node.meta["bigpicture_facts"]
-
-
-def _forward(split: Split, steps: list, sizes: dict, base: int, training: bool, grad: dict | None = None):
-    """Peak bytes of one forward over the tile; with ``training``, what stays saved at its end."""
-    owner, refs, saved = {split.input: split.input}, {split.input: 1}, {}
-    last = {}
-    for st in steps:
-        for i in st.inputs:
-            last[i] = st.node
-    live = peak = base
-    held = set(split.sinks)
-    for st in steps:
-        node = st.node
-        alias = st.out == 0 and st.inputs and st.inputs[0] in owner
-        owner[node] = owner[st.inputs[0]] if alias else node
-        refs[owner[node]] = refs.get(owner[node], 0) + 1
-        peak = max(peak, live + st.out + st.temp + st.saved_extra)
-        live += st.out
-        if training and grad[node]:
-            if st.saves_inputs:
-                if st.padded:
-                    live += st.padded  # the padded copy is what autograd keeps
-                else:
-                    for i in st.inputs:
-                        saved[owner[i]] = saved.get(owner[i], 0) + 1
-            if st.saves_output:
-                saved[owner[node]] = saved.get(owner[node], 0) + 1
-            live += st.saved_extra
-        for i in st.inputs:
-            if last.get(i) is node and i not in held:
-                o = owner[i]
-                refs[o] -= 1
-                if refs[o] == 0 and o not in saved and o is not split.input:
-                    live -= sizes.get(o, 0) if o in sizes else 0
-    return peak, (live, owner, saved, split.input)
-
-
-def _backward(steps: list, sizes: dict, state, grad: dict) -> int:
-    """Peak bytes of the backward of one tile, from the end of its recompute."""
-    live, owner, saved, x = state
-    peak = live
-    buffers: dict = {}
-    for st in reversed(steps):
-        node = st.node
-        if not grad[node]:
-            continue
-        buffers.setdefault(node, sizes[node])
-        new = sum(sizes[i] for i in st.inputs if grad.get(i))
-        peak = max(peak, live + sum(buffers.values()) + new + st.temp)
-        for i in st.inputs:
-            if grad.get(i):
-                buffers[i] = sizes[i]
-        buffers.pop(node)
-        released = [owner[node]] if st.saves_output else []
-        if st.saves_inputs and not st.padded:
-            released += [owner[i] for i in st.inputs]
-        for o in set(released):
-            saved[o] -= 1
-            if saved[o] == 0 and o is not x:
-                live -= sizes[o]
-        live -= st.saved_extra + (st.padded if st.saves_inputs else 0)
-    return peak
-
-
-def _accumulation_s(split: Split, steps: list, sizes: dict, grad: dict, rates: Rates, by_kind: dict) -> float:
-    """Gradients of a value read by several nodes are summed: one add per extra reader."""
-    readers: dict = {}
-    for st in steps:
-        for i in st.inputs:
-            if grad.get(i):
-                readers[i] = readers.get(i, 0) + 1
-    seconds = sum(
-        (r - 1) * 3 * sizes[i] / rates.stream("binary", 3 * sizes[i]) for i, r in readers.items() if r > 1
-    )
-    by_kind["binary"] = by_kind.get("binary", 0.0) + seconds
-    return seconds
-
-
-def last_tile(split: Split, lay) -> tuple[dict, tuple]:
-    """The node boxes and write boxes of the grid's last tile (``grid.Layout``): the engine runs it
-    last in the forward with autograd and keeps its graph, so a training step does not recompute it."""
-    from bigpicture.engine.plan import _write_box
-    from bigpicture.engine.regions import needs
-
-    index = tuple(g - 1 for g in lay.grid)
-    writes = tuple(
-        _write_box(index, lay.tile, lay.intervals, split.strides[k], split.extents[k]) for k in split.sinks
-    )
-    return needs(split, dict(zip(split.sinks, writes, strict=True))), writes

@@ -1,0 +1,146 @@
+"""Planning time and peak memory over networks and input sizes, each in a fresh process.
+
+    python benchmarks/planning.py [--write] [--quick]
+
+Each case runs in its own Python process: import torch and bigpicture (and torch's fake-tensor
+machinery), build the network, capture it (torch.fx, timed apart), then plan it for an H100-SXM,
+bfloat16, training step with no tile given (the planner's tile for the device's memory):
+``choose_tile`` on the captured graph, i.e. shape propagation on fake tensors, the split, the
+predictions of the candidate tiles and the chosen plan. Peak memory is the process's ru_maxrss
+after planning, next to its value before (library start-up). ``--write`` stores the table in
+RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import subprocess
+import sys
+import time
+from datetime import datetime, timezone
+
+from results import publish
+
+CASES = [  # (network, input size)
+    *[("MONAI UNet 3D", s) for s in (192, 512, 2048)],
+    *[("MONAI DynUNet 3D", s) for s in (192, 512, 2048)],
+    *[("ResNet-style classifier 2D", s) for s in (4096, 32768, 100_000)],
+    *[("MONAI DenseNet121 2D", s) for s in (4096, 32768, 100_000)],
+]
+QUICK = [("MONAI UNet 3D", 192), ("ResNet-style classifier 2D", 4096)]
+
+
+def network(name: str):
+    from torch import nn
+
+    if name == "MONAI UNet 3D":  # the case of issue 13
+        from monai.networks.nets import UNet
+
+        return UNet(3, 1, 3, (32, 64, 128, 256, 512), (2, 2, 2, 2), num_res_units=2, norm="batch"), 3
+    if name == "MONAI DynUNet 3D":
+        from monai.networks.nets import DynUNet
+
+        kernels, strides = [3] * 5, [1, 2, 2, 2, 2]
+        return DynUNet(3, 1, 3, kernels, strides, strides[1:], norm_name="batch"), 3
+    if name == "MONAI DenseNet121 2D":
+        from monai.networks.nets import DenseNet121
+
+        return DenseNet121(spatial_dims=2, in_channels=3, out_channels=2), 2
+
+    def block(c):
+        return nn.Sequential(
+            nn.Conv2d(c, c, 3, padding=1), nn.BatchNorm2d(c), nn.ReLU(), nn.Conv2d(c, c, 3, padding=1)
+        )
+
+    class Residual(nn.Module):
+        def __init__(self, c):
+            super().__init__()
+            self.body = block(c)
+
+        def forward(self, x):
+            return (x + self.body(x)).relu()
+
+    layers, c = [nn.Conv2d(3, 32, 7, stride=2, padding=3), nn.ReLU(), nn.MaxPool2d(3, 2, 1)], 32
+    for _ in range(4):
+        layers += [Residual(c), Residual(c), nn.Conv2d(c, 2 * c, 3, stride=2, padding=1)]
+        c *= 2
+    return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(c, 2)), 2
+
+
+def one(name: str, size: int) -> dict:
+    """In this process: capture, then plan; seconds and ru_maxrss (MiB)."""
+    import resource
+
+    import torch
+    import torch._dynamo  # noqa: F401 (fake tensors import it: library start-up, not planning)
+
+    from bigpicture.engine.plan import capture
+    from bigpicture.perf.devices import get_device
+    from bigpicture.perf.schedule import budget_reason, choose_tile, default_budget
+
+    torch.set_num_threads(1)
+    model, nd = network(name)
+    model.eval()
+    shape = (1, 1 if nd == 3 else 3) + (size,) * nd
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024
+    started = time.perf_counter()
+    gm = capture(model)
+    captured = time.perf_counter()
+    dev = get_device("H100-SXM")
+    try:
+        tile, plan, p = choose_tile(gm, shape, default_budget(dev), dev, torch.bfloat16, training=True)
+        chosen, tiles, note = "x".join(map(str, tile)), len(plan.tiles), budget_reason(dev) + "; " + p.note
+    except Exception as e:  # a budget no tile fits is a result too
+        chosen, tiles, note = "-", 0, f"{type(e).__name__}: {str(e)[:90]}"
+    planned = time.perf_counter()
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024
+    return dict(
+        network=name, size=size, nd=nd, capture_s=captured - started, plan_s=planned - captured,
+        rss_before=rss, rss_after=peak, tile=chosen, tiles=tiles, note=note,
+    )  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--write", action="store_true", help="store the table in RESULTS.md")
+    parser.add_argument("--quick", action="store_true", help="two cases only")
+    parser.add_argument("--one", nargs=2, metavar=("NETWORK", "SIZE"), help=argparse.SUPPRESS)
+    a = parser.parse_args()
+    if a.one:
+        print(json.dumps(one(a.one[0], int(a.one[1]))))
+        return
+    rows = []
+    for name, size in QUICK if a.quick else CASES:
+        run = subprocess.run(
+            [sys.executable, __file__, "--one", name, str(size)], capture_output=True, text=True, timeout=900
+        )
+        if run.returncode:
+            print(run.stderr[-2000:], file=sys.stderr)
+            continue
+        r = json.loads(run.stdout.strip().splitlines()[-1])
+        rows.append(r)
+        print(r, flush=True)
+    body = [
+        f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, {platform.processor() or platform.machine()}, "
+        "2 CPU cores shared with other jobs (load varies: times are upper bounds). Device H100-SXM, "
+        "bfloat16, training step, no tile given (the planner's tile for the device's 80 GiB). "
+        "Planning = choose_tile on the captured graph (shape propagation on fake tensors, split, "
+        "candidate predictions, the plan); capture = torch.fx trace; memory = ru_maxrss of the "
+        "fresh process, before planning (library start-up) and after.",
+        "",
+        "| network | input | capture | planning | max RSS before / after | tile chosen | tiles |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        side = f"{r['size']:,}^{r['nd']}"
+        body.append(
+            f"| {r['network']} | {side} | {r['capture_s']:.2f} s | {r['plan_s']:.2f} s | "
+            f"{r['rss_before']} / {r['rss_after']} MiB | {r['tile']} | {r['tiles']:,} |"
+        )
+    publish("planning.py", "## Planner: planning time and memory (benchmarks/planning.py)", body, a.write)
+
+
+if __name__ == "__main__":
+    main()

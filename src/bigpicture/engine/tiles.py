@@ -1,0 +1,212 @@
+"""The tile grid of a split, and its tiles made on demand (a 2048^3 volume at tile 8 has 16.7 million).
+
+    dimension d   |--0--|--1--|--2--| ... |-g-1-|    the tile's intervals; the last one takes the rest
+    tile (j0, j1) = interval j0 of dimension 0  x  interval j1 of dimension 1
+
+Every rule maps boxes dimension by dimension, so a node's box in dimension d, for tile
+(j0, j1, ...), is that of the grid's *diagonal* tile (j_d, j_d, ...): one reverse walk per
+diagonal tile (``Diagonal``) gives the boxes of every tile. An empty box on the diagonal breaks
+that (a hull ignores an empty box): then each tile is walked on its own.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from fractions import Fraction
+
+from bigpicture.engine.box import Box
+from bigpicture.engine.regions import needs
+from bigpicture.engine.split import Split
+from bigpicture.errors import TilingError
+
+
+@dataclass(frozen=True)
+class Layout:
+    """The tile grid of a split for one tile size: per spatial dimension, the tiles' intervals."""
+
+    requested: tuple[int, ...]
+    tile: tuple[int, ...]
+    intervals: tuple[tuple[tuple[int, int], ...], ...]
+
+    @property
+    def grid(self) -> tuple[int, ...]:
+        return tuple(len(i) for i in self.intervals)
+
+
+def layout(split: Split, input_shape, tile) -> Layout:
+    """The grid for ``tile`` input pixels, rounded to a multiple of every sink's total stride."""
+    spatial = tuple(input_shape[2:])
+    requested = per_dim_tile(tile, len(spatial))
+    used = tuple(
+        _round_tile(t, n, [split.strides[k][d] for k in split.sinks])
+        for d, (t, n) in enumerate(zip(requested, spatial, strict=True))
+    )
+    intervals = []
+    for t, n in zip(used, spatial, strict=True):
+        count = math.ceil(n / t)
+        intervals.append(tuple((j * t, n if j == count - 1 else (j + 1) * t) for j in range(count)))
+    return Layout(requested, used, tuple(intervals))
+
+
+def per_dim_tile(tile, nd: int) -> tuple[int, ...]:
+    tile = (
+        (tile,) * nd if isinstance(tile, int) else tuple(tile) if isinstance(tile, (tuple, list)) else (tile,)
+    )
+    if len(tile) != nd or not all(isinstance(t, int) and t > 0 for t in tile):
+        raise TilingError(
+            f"tile={tile} does not fit a {nd}D input: give one positive int, or {nd} of them "
+            f"(one per spatial dimension), e.g. tile={(256,) * nd}."
+        )
+    return tile
+
+
+def _round_tile(t: int, n: int, strides: list[Fraction]) -> int:
+    unit = math.lcm(*[f.numerator for f in strides])
+    t = min(t, math.ceil(n / unit) * unit)
+    return max(unit, round(t / unit) * unit)
+
+
+def write_box(index, lay: Layout, stride, extent) -> Box:
+    """The box of a sink (of ``stride`` and ``extent``) that the tile at grid ``index`` computes."""
+    dims = []
+    for d, j in enumerate(index):
+        w = int(Fraction(lay.tile[d]) / stride[d])
+        lo = min(j * w, extent[d])
+        hi = extent[d] if j == lay.grid[d] - 1 else min((j + 1) * w, extent[d])
+        dims.append((lo, hi))
+    return Box.from_dims(dims)
+
+
+class Diagonal:
+    """The grid's diagonal tiles, walked on first use: ``row(k)`` is (write boxes, node boxes) of
+    the tile (k, k, ...), each index capped at its dimension's last tile."""
+
+    def __init__(self, split: Split, lay: Layout) -> None:
+        self.split, self.lay, self.rows = split, lay, {}
+
+    def row(self, k: int) -> tuple[tuple[Box, ...], dict]:
+        if k not in self.rows:
+            s = self.split
+            index = tuple(min(k, g - 1) for g in self.lay.grid)
+            writes = tuple(write_box(index, self.lay, s.strides[n], s.extents[n]) for n in s.sinks)
+            self.rows[k] = (writes, needs(s, dict(zip(s.sinks, writes, strict=True))))
+        return self.rows[k]
+
+    def walk_all(self) -> None:
+        for k in range(max(self.lay.grid)):
+            self.row(k)
+
+    @property
+    def separable(self) -> bool:
+        """Whether the product rule holds on the rows walked so far (no empty box)."""
+        return not any(b.empty for writes, need in self.rows.values() for b in (*writes, *need.values()))
+
+
+@dataclass(frozen=True)
+class Tile:
+    index: tuple[int, ...]
+    box: Box  # input pixels this tile owns
+    read: Box  # input pixels it reads: box plus halo, within the image
+    writes: tuple[Box, ...]  # per sink of the plan, the region this tile computes
+
+
+@dataclass(frozen=True, eq=False)
+class Tiles(Sequence):
+    """The tiles with work (some write box not empty), in row-major grid order, made when asked.
+
+    ``working``: per dimension, how many leading grid indices have work, when the tiles with work
+    are a product of those ranges (one sink, or one whose boxes cover every other's); else None
+    and ``listed`` holds their indices."""
+
+    split: Split
+    lay: Layout
+    diagonal: Diagonal = field(repr=False)
+    working: tuple[int, ...] | None
+    listed: tuple[tuple[int, ...], ...] | None = None
+    positions: range | None = None
+    made: dict = field(default_factory=dict, repr=False)  # index -> Tile: one object per tile, as a tuple
+
+    @classmethod
+    def of(cls, split: Split, lay: Layout) -> Tiles:
+        diagonal = Diagonal(split, lay)
+        diagonal.walk_all()
+        counts = [working_counts(split, lay, k) for k in split.sinks]
+        cover = next((c for c in counts if all(all(a >= b for a, b in zip(c, o)) for o in counts)), None)
+        if cover is not None:
+            return cls(split, lay, diagonal, tuple(cover), None, range(math.prod(cover)))
+        grid = itertools.product(*map(range, lay.grid))
+        listed = tuple(i for i in grid if any(all(map(int.__lt__, i, c)) for c in counts))
+        return cls(split, lay, diagonal, None, listed, range(len(listed)))
+
+    def __len__(self) -> int:
+        return len(self.positions)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return replace(self, positions=self.positions[i])
+        return self.tile(self.index(self.positions[i]))
+
+    def __iter__(self):
+        for p in self.positions:
+            yield self.tile(self.index(p))
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, Tiles) and self._key() == other._key()
+
+    def __hash__(self) -> int:
+        return hash(self._key())
+
+    def _key(self):
+        return (id(self.split), self.lay, self.working, self.listed, self.positions)
+
+    def index(self, p: int) -> tuple[int, ...]:
+        """The grid index of the p-th tile with work."""
+        if self.listed is not None:
+            return self.listed[p]
+        out = []
+        for n in reversed(self.working):
+            p, j = divmod(p, n)
+            out.append(j)
+        return tuple(reversed(out))
+
+    def tile(self, index: tuple[int, ...]) -> Tile:
+        """The tile at grid ``index``, the same object every time it is asked for (the interpreter
+        matches tiles by identity); a plan never run makes none."""
+        if index not in self.made:
+            self.made[index] = self._make(index)
+        return self.made[index]
+
+    def _make(self, index: tuple[int, ...]) -> Tile:
+        s, lay = self.split, self.lay
+        box = Box.from_dims(lay.intervals[d][j] for d, j in enumerate(index))
+        writes = tuple(write_box(index, lay, s.strides[k], s.extents[k]) for k in s.sinks)
+        if self.diagonal.separable:
+            read = Box.from_dims(self.diagonal.row(j)[1][s.input].dim(d) for d, j in enumerate(index))
+        else:
+            read = needs(s, dict(zip(s.sinks, writes, strict=True)))[s.input]
+        return Tile(index, box, read, writes)
+
+    @property
+    def separable(self) -> bool:
+        return self.diagonal.separable and self.listed is None
+
+    def per_dim(self, d: int) -> list[tuple[tuple[int, int], tuple[int, int], list[tuple[int, int]]]]:
+        """Along dimension d, for each grid index with work: (box, read, writes per sink) intervals."""
+        s, lay, rows = self.split, self.lay, self.diagonal
+        out = []
+        for j in range(self.working[d]):
+            writes, need = rows.row(j)
+            out.append((lay.intervals[d][j], need[s.input].dim(d), [w.dim(d) for w in writes]))
+        return out
+
+
+def working_counts(split: Split, lay: Layout, sink) -> tuple[int, ...]:
+    """Per dimension, how many leading grid indices give ``sink`` a non-empty write box."""
+    counts = []
+    for d in range(split.nd):
+        w = int(Fraction(lay.tile[d]) / split.strides[sink][d])
+        counts.append(min(lay.grid[d], math.ceil(split.extents[sink][d] / w)))
+    return tuple(counts)

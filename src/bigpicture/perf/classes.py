@@ -1,0 +1,187 @@
+"""Every class of tiles at once: a grid's summed time and its largest peak, counted per dimension.
+
+A class is one kind of grid index per dimension (``grid.ClassGrid``), so a 3D grid with 20 kinds
+per dimension has 8,000 classes. Walking each would take minutes; instead:
+
+- Time and work add up over tiles, node by node. A node's step is a function of its geometry in
+  each dimension (``steps.dim_geometry``), so its total over the grid is
+
+      sum over geometries (g_0, g_1, ...) of  tiles(g_0) x tiles(g_1) x ...  x  step(g_0, g_1, ...)
+
+  with few geometries per node and dimension: one step per combination, not one per class.
+- Peak memory is the largest of each class's walk, which is no sum. Classes whose steps have the
+  same *structure* (which values alias, which padded copies autograd keeps) run the same walk with
+  other byte counts, so ``walk.peaks`` walks them together on numpy arrays, one entry per class.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import replace
+
+import numpy as np
+import torch
+
+from bigpicture.engine.box import Box
+from bigpicture.engine.split import Split
+from bigpicture.perf.grid import ClassGrid
+from bigpicture.perf.rates import Rates
+from bigpicture.perf.steps import _step, _stored, dim_geometry, spatial_inputs, step_key
+from bigpicture.perf.walk import TileWalk, accumulation_s, bytes_of, grad_in, grads, peaks, readers, walk
+
+
+def aggregate(
+    split: Split,
+    cg: ClassGrid,
+    dtype: torch.dtype,
+    rates: Rates,
+    training: bool,
+    input_grad: bool,
+    input_copy: bool,
+    memo: dict,
+) -> TileWalk:
+    """The grid's tiles summed (times, work, nodes) with the largest tile's peaks."""
+    item = torch.empty((), dtype=dtype).element_size()
+    if not cg.separable:
+        total = TileWalk()
+        for c in cg.listed:
+            total.add(
+                walk(split, c.need, c.writes, dtype, rates, training, input_grad, input_copy, memo), c.count
+            )
+        return total
+    grid = _Grid(split, cg)
+    grad = grads(split, grid.row(0)[1], input_grad)
+    total, steps = TileWalk(), {}
+    for node in list(grad)[1:]:  # the image first: it has no step
+        combos = _node_combos(split, grid, node, grad_in(split, node, grad), input_copy, item, rates, memo)
+        for st, tiles, _ in combos:
+            total.add_step(st, tiles, training and grad[node])
+        steps[node] = combos
+    if training:
+        for i, r in readers([c[0][0] for c in steps.values()], grad):
+            total.add_accumulation(
+                sum(
+                    n * accumulation_s(bytes_of(split, i, numel, item), r, rates)
+                    for n, numel in grid.numels(i)
+                )
+            )
+    total.peak, total.peak_train = _largest_peaks(split, grid, steps, grad, item, training, input_copy)
+    return total
+
+
+class _Grid:
+    """The kinds of grid index per dimension, with their diagonal rows and tile counts."""
+
+    def __init__(self, split: Split, cg: ClassGrid) -> None:
+        self.split, self.row = split, cg.diagonal.row
+        self.reps = [[j for _, j in kinds] for kinds in cg.per_dim]
+        self.counts = [np.array([n for n, _ in kinds], dtype=np.int64) for kinds in cg.per_dim]
+        self.shape = tuple(len(r) for r in self.reps)
+
+    def features(self, feature) -> list[tuple[np.ndarray, list, list, list]]:
+        """Per dimension: the id of each kind's ``feature(row, d)``, and per distinct feature a row
+        that has it, the number of grid indices that have it, and its value."""
+        out = []
+        for d, reps in enumerate(self.reps):
+            ids: dict = {}
+            index = np.array(
+                [ids.setdefault(feature(self.row(j), d), len(ids)) for j in reps], dtype=np.int64
+            )
+            firsts = [reps[list(index).index(f)] for f in range(len(ids))]
+            tiles = [int(self.counts[d][index == f].sum()) for f in range(len(ids))]
+            out.append((index, firsts, tiles, list(ids)))
+        return out
+
+    def mesh(self, per_dim: list[np.ndarray], combine=np.multiply) -> np.ndarray:
+        """Per class (the grid's kinds, row-major), the per-dimension values combined (a product)."""
+        out = per_dim[0].reshape([-1] + [1] * (len(self.shape) - 1))
+        for d, values in enumerate(per_dim[1:], 1):
+            out = combine(out, values.reshape([-1 if e == d else 1 for e in range(len(self.shape))]))
+        return np.broadcast_to(out, self.shape).reshape(-1)
+
+    def lengths(self, node) -> list[np.ndarray]:
+        return [
+            np.array([self.row(j)[1][node].shape[d] for j in reps], dtype=np.int64)
+            for d, reps in enumerate(self.reps)
+        ]
+
+    def numels(self, node) -> list[tuple[int, int]]:
+        """(tiles, positions of ``node``'s box) for each distinct box shape of ``node`` on the grid."""
+        per_dim = self.features(lambda row, d: row[1][node].shape[d])
+        out = []
+        for combo in itertools.product(*[range(len(f[1])) for f in per_dim]):
+            tiles = math.prod(per_dim[d][2][f] for d, f in enumerate(combo))
+            numel = math.prod(self.row(per_dim[d][1][f])[1][node].shape[d] for d, f in enumerate(combo))
+            out.append((tiles, numel))
+        return out
+
+
+def _node_combos(split, grid: _Grid, node, grad_in: bool, input_copy: bool, item, rates, memo) -> list:
+    """(step, tiles, per-class index) of each distinct geometry of ``node`` over the grid."""
+
+    def geometry(row, d):
+        need = row[1]
+        stored = _stored(split, spatial_inputs(split, node, need), need, input_copy)
+        return dim_geometry(split, node, need, stored, d)
+
+    per_dim = grid.features(geometry)
+    boxes = [node, *(i for i in split.ops[node].inputs if i in grid.row(0)[1])]
+    combos = []
+    for combo in itertools.product(*[range(len(f[1])) for f in per_dim]):
+        key = step_key(node, [per_dim[d][3][f] for d, f in enumerate(combo)], grad_in)
+        if key not in memo:  # the boxes of one tile with this geometry
+            rows = [grid.row(per_dim[d][1][f])[1] for d, f in enumerate(combo)]
+            need = {n: Box.from_dims(r[n].dim(d) for d, r in enumerate(rows)) for n in boxes}
+            memo[key] = _step(split, node, need[node], key[1] or key[2], need, item, rates, grad_in)
+        combos.append((memo[key], math.prod(per_dim[d][2][f] for d, f in enumerate(combo))))
+    counts = [len(f[1]) for f in per_dim]  # the combination of each class, numbered row-major
+    index = grid.mesh([f[0] * math.prod(counts[d + 1 :]) for d, f in enumerate(per_dim)], np.add)
+    return [(st, tiles, index) for st, tiles in combos]
+
+
+_FIELDS = ("out", "temp", "padded", "saved_extra")
+
+
+def _largest_peaks(split, grid: _Grid, steps: dict, grad: dict, item: int, training: bool, input_copy: bool):
+    """The largest (inference, training) peak over the classes: one walk per structure, on arrays."""
+    sizes = {n: bytes_of(split, n, grid.mesh(grid.lengths(n)), item) for n in grad}
+    terms = [bytes_of(split, k, grid.mesh(_write_lengths(grid, i)), item) for i, k in enumerate(split.sinks)]
+    which = np.zeros(len(sizes[split.input]), dtype=np.int64)  # classes of one structure so far
+    for combos in steps.values():
+        code = np.array([_structure(st) for st, _, _ in combos], dtype=np.int64)[combos[0][2]]
+        _, which = np.unique(which * 16 + code, return_inverse=True)
+    peak = peak_train = 0
+    for g in range(int(which.max()) + 1):
+        mask = which.reshape(-1) == g
+        group = []
+        for combos in steps.values():
+            index = combos[0][2][mask]
+            first = combos[index[0]][0]
+            values = {
+                f: np.array([getattr(st, f) for st, _, _ in combos], dtype=np.int64)[index] for f in _FIELDS
+            }
+            group.append(replace(first, **values))
+        p, pt = peaks(
+            split,
+            group,
+            {n: s[mask] for n, s in sizes.items()},
+            [t[mask] for t in terms],
+            grad,
+            training,
+            input_copy,
+        )
+        peak, peak_train = max(peak, int(np.max(p))), max(peak_train, int(np.max(pt)))
+    return peak, peak_train
+
+
+def _write_lengths(grid: _Grid, k: int) -> list[np.ndarray]:
+    return [
+        np.array([grid.row(j)[0][k].shape[d] for j in reps], dtype=np.int64)
+        for d, reps in enumerate(grid.reps)
+    ]
+
+
+def _structure(st) -> int:
+    """What decides a step's part in the walk, besides its byte counts."""
+    return st.aliases + 2 * st.keeps_padded + 4 * st.saves_inputs + 8 * st.saves_output

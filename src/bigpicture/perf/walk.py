@@ -1,0 +1,216 @@
+"""The walk over one tile's steps: its peak memory and its time, as the tile interpreter runs it.
+
+    steps in ``split.order`` (``execute.Runner.run_tile``): values freed at their last use, sinks
+    kept (the tile returns views of them); training: the recompute with grad (saved values stay)
+    and the backward in reverse order (gradient buffers live from their first user to their node)
+
+The memory functions take byte counts that are numbers or numpy arrays alike: ``classes.py``
+walks every class of tiles of one structure at once, with one array entry per class.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from functools import reduce
+
+import numpy as np
+import torch
+
+from bigpicture.engine.regions import needs
+from bigpicture.engine.split import Split
+from bigpicture.engine.tiles import Layout, write_box
+from bigpicture.perf.rates import Rates
+from bigpicture.perf.steps import Step, _facts, node_step
+
+
+@dataclass
+class TileWalk:
+    """Peak bytes (inference, training) and seconds of one tile, or summed over tiles (the peaks
+    then the largest tile's), with nothing of the tile allocated."""
+
+    peak: int = 0
+    peak_train: int = 0
+    fwd_s: float = 0.0
+    bwd_s: float = 0.0
+    flops_fwd: int = 0
+    flops_bwd: int = 0
+    nodes: int = 0
+    ops: int = 0
+    fwd_by_kind: dict = field(default_factory=dict)
+    bwd_by_kind: dict = field(default_factory=dict)
+
+    def add_step(self, st: Step, count: int, grad: bool) -> None:
+        """``count`` tiles run step ``st`` (and its backward, with ``grad``)."""
+        self.nodes += count
+        self.ops += count * (st.kind != "view")
+        self.fwd_s += count * st.fwd_s
+        self.flops_fwd += count * st.flops
+        self.fwd_by_kind[st.kind] = self.fwd_by_kind.get(st.kind, 0.0) + count * st.fwd_s
+        if grad:
+            self.bwd_s += count * st.bwd_s
+            self.flops_bwd += count * st.flops_bwd
+            self.bwd_by_kind[st.kind] = self.bwd_by_kind.get(st.kind, 0.0) + count * st.bwd_s
+
+    def add_accumulation(self, seconds: float) -> None:
+        self.bwd_s += seconds
+        self.bwd_by_kind["binary"] = self.bwd_by_kind.get("binary", 0.0) + seconds
+
+    def add(self, other: TileWalk, count: int) -> None:
+        """``count`` tiles like ``other``: times and work add up, peaks take the larger."""
+        self.peak, self.peak_train = max(self.peak, other.peak), max(self.peak_train, other.peak_train)
+        for name in ("fwd_s", "bwd_s", "flops_fwd", "flops_bwd", "nodes", "ops"):
+            setattr(self, name, getattr(self, name) + count * getattr(other, name))
+        for mine, theirs in ((self.fwd_by_kind, other.fwd_by_kind), (self.bwd_by_kind, other.bwd_by_kind)):
+            for kind, s in theirs.items():
+                mine[kind] = mine.get(kind, 0.0) + count * s
+
+
+def walk(
+    split: Split,
+    need: dict,
+    writes: tuple,
+    dtype: torch.dtype,
+    rates: Rates,
+    training: bool,
+    input_grad: bool = False,
+    input_copy: bool = True,
+    memo: dict | None = None,
+) -> TileWalk:
+    """Walk one tile whose nodes compute the boxes ``need`` and whose sinks write ``writes``.
+
+    ``memo`` keeps steps between walks of one split, rates and dtype: tiles share most node boxes.
+    """
+    item = torch.empty((), dtype=dtype).element_size()
+    memo = {} if memo is None else memo
+    grad = grads(split, need, input_grad)  # the image first: it has no step
+    nodes = list(grad)[1:]
+    steps = [node_step(split, n, need, grad_in(split, n, grad), input_copy, item, rates, memo) for n in nodes]
+    sizes = {n: bytes_of(split, n, need[n].numel, item) for n in grad}
+    result = TileWalk()
+    for st in steps:
+        result.add_step(st, 1, training and grad[st.node])
+    terms = [bytes_of(split, k, w.numel, item) for k, w in zip(split.sinks, writes, strict=False)]
+    peak, peak_train = peaks(split, steps, sizes, terms, grad, training, input_copy)
+    result.peak, result.peak_train = int(peak), int(peak_train)
+    if training:
+        result.add_accumulation(sum(accumulation_s(sizes[i], r, rates) for i, r in readers(steps, grad)))
+    return result
+
+
+def grads(split: Split, need: dict, input_grad: bool) -> dict:
+    """The values a tile computes (the image first, then in ``split.order``) and whether each needs a
+    gradient: the image's with ``input_grad``, a node's with trainable parameters or such an input."""
+    grad = {split.input: input_grad}
+    for node in split.order:
+        if split.roles[node] == "spatial" and node is not split.input and not need[node].empty:
+            grad[node] = grad_in(split, node, grad) or _facts(split, node)[2]
+    return grad
+
+
+def grad_in(split: Split, node, grad: dict) -> bool:
+    return any(grad[i] for i in split.ops[node].inputs if i in grad)
+
+
+def bytes_of(split: Split, node, numel, item: int):
+    """Bytes of ``node``'s value on a box of ``numel`` positions (a number or an array of them)."""
+    return math.prod(split.shapes[node][:2]) * numel * item
+
+
+def readers(steps: list, grad: dict) -> list[tuple[object, int]]:
+    """Values that need a gradient and are read by more than one step, with their readers."""
+    count: dict = {}
+    for st in steps:
+        for i in st.inputs:
+            if grad.get(i):
+                count[i] = count.get(i, 0) + 1
+    return [(i, r) for i, r in count.items() if r > 1]
+
+
+def accumulation_s(size, readers: int, rates: Rates) -> float:
+    """Gradients of a value read by several nodes are summed: one add per extra reader."""
+    return (readers - 1) * 3 * size / rates.stream("binary", 3 * size)
+
+
+def peaks(split: Split, steps: list, sizes: dict, terms: list, grad: dict, training: bool, input_copy: bool):
+    """(inference peak, training peak) of a tile's steps; ``terms``: bytes of each sink's write box
+    (the tile's loss terms, each times its gradient)."""
+    x = split.input
+    crop = sizes[x] if input_copy else 0
+    hold = sum(sizes.get(k, 0) for k in split.sinks)  # the previous tile's sinks: alive until this returns
+    peak, _ = _forward(split, steps, sizes, crop + hold, training=False)
+    if not training:
+        return peak, 0
+    fwd_peak, state = _forward(split, steps, sizes, crop + hold, training=True, grad=grad)
+    bwd_peak = _backward(steps, sizes, state, grad) + reduce(np.maximum, terms, 0)
+    return peak, np.maximum(fwd_peak, bwd_peak)
+
+
+def _forward(split: Split, steps: list, sizes: dict, base, training: bool, grad: dict | None = None):
+    """Peak bytes of one forward over the tile; with ``training``, what stays saved at its end."""
+    owner, refs, saved = {split.input: split.input}, {split.input: 1}, {}
+    last = {}
+    for st in steps:
+        for i in st.inputs:
+            last[i] = st.node
+    live = peak = base
+    held = set(split.sinks)
+    for st in steps:
+        node = st.node
+        alias = st.aliases and st.inputs and st.inputs[0] in owner
+        owner[node] = owner[st.inputs[0]] if alias else node
+        refs[owner[node]] = refs.get(owner[node], 0) + 1
+        peak = np.maximum(peak, live + st.out + st.temp + st.saved_extra)
+        live = live + st.out
+        if training and grad[node]:
+            if st.saves_inputs:
+                if st.keeps_padded:
+                    live = live + st.padded  # the padded copy is what autograd keeps
+                else:
+                    for i in st.inputs:
+                        saved[owner[i]] = saved.get(owner[i], 0) + 1
+            if st.saves_output:
+                saved[owner[node]] = saved.get(owner[node], 0) + 1
+            live = live + st.saved_extra
+        for i in st.inputs:
+            if last.get(i) is node and i not in held:
+                o = owner[i]
+                refs[o] -= 1
+                if refs[o] == 0 and o not in saved and o is not split.input:
+                    live = live - sizes.get(o, 0)
+    return peak, (live, owner, saved, split.input)
+
+
+def _backward(steps: list, sizes: dict, state, grad: dict):
+    """Peak bytes of the backward of one tile, from the end of its recompute."""
+    live, owner, saved, x = state
+    peak = live
+    buffers: dict = {}
+    for st in reversed(steps):
+        node = st.node
+        if not grad[node]:
+            continue
+        buffers.setdefault(node, sizes[node])
+        new = sum(sizes[i] for i in st.inputs if grad.get(i))
+        peak = np.maximum(peak, live + sum(buffers.values()) + new + st.temp)
+        for i in st.inputs:
+            if grad.get(i):
+                buffers[i] = sizes[i]
+        buffers.pop(node)
+        released = [owner[node]] if st.saves_output else []
+        if st.saves_inputs and not st.keeps_padded:
+            released += [owner[i] for i in st.inputs]
+        for o in set(released):
+            saved[o] -= 1
+            if saved[o] == 0 and o is not x:
+                live = live - sizes[o]
+        live = live - (st.saved_extra + (st.padded if st.saves_inputs else 0))
+    return peak
+
+
+def last_tile(split: Split, lay: Layout) -> tuple[dict, tuple]:
+    """The node boxes and write boxes of the grid's last tile: the engine runs it last in the
+    forward with autograd and keeps its graph, so a training step does not recompute it."""
+    index = tuple(g - 1 for g in lay.grid)
+    writes = tuple(write_box(index, lay, split.strides[k], split.extents[k]) for k in split.sinks)
+    return needs(split, dict(zip(split.sinks, writes, strict=True))), writes

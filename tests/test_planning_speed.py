@@ -1,0 +1,160 @@
+"""Planning counts tiles per dimension: the prediction equals walking every tile, with far fewer walks.
+
+The reference below is the definition of a prediction: every tile of the plan walked on its own
+(``walk.walk``), times and work summed, the largest peak kept. The planner's counting
+(``classes.aggregate``: per-node geometries per dimension, classes of one structure walked together
+on arrays) must give the same numbers, on a table of networks, sizes and tiles that touch every
+border, with deep strides and tiles smaller than them.
+"""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import bigpicture as bp
+from bigpicture.engine import regions
+from bigpicture.engine.box import Box
+from bigpicture.engine.tiles import Tiles
+from bigpicture.perf import classes, steps, walk
+from bigpicture.perf.devices import get_device
+from bigpicture.perf.grid import class_grid, layout
+from bigpicture.perf.predict import predict_splits
+from bigpicture.perf.rates import Rates
+from bigpicture.perf.schedule import analyse
+
+
+@pytest.fixture(autouse=True)
+def _uncalibrated(tmp_path, monkeypatch):
+    monkeypatch.setenv("BIGPICTURE_CACHE", str(tmp_path / "cache"))
+
+
+def unet2d():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Conv2d(1, 4, 3, padding=1)
+            self.down = nn.Conv2d(4, 4, 3, stride=2, padding=1)
+            self.deep = nn.Sequential(nn.MaxPool2d(2), nn.Conv2d(4, 4, 3, padding=1), nn.ReLU())
+            self.up = nn.ConvTranspose2d(4, 4, 2, stride=2)
+            self.up2 = nn.Upsample(scale_factor=2)
+            self.out = nn.Conv2d(8, 2, 3, padding=1)
+
+        def forward(self, x):
+            a = torch.relu(self.a(x))
+            d = self.down(a)
+            u = self.up2(self.up(self.deep(d)) + d)
+            return self.out(torch.cat([u, a], 1))
+
+    return Net()
+
+
+CASES = {
+    "chain 2d": (
+        lambda: nn.Sequential(
+            nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(4, 2, 5, padding=2)
+        ),
+        (1, 1, 61, 47),
+        [6, 10, 16],
+    ),
+    "unet 2d": (unet2d, (1, 1, 52, 44), [4, 8, 12, 20]),
+    "pad and classifier 2d": (
+        lambda: nn.Sequential(
+            nn.ReflectionPad2d(1),
+            nn.Conv2d(1, 4, 3, stride=2),
+            nn.ReLU(),
+            nn.Conv2d(4, 4, 3),
+            nn.AdaptiveAvgPool2d(1),
+        ),
+        (1, 1, 70, 54),
+        [8, 12, 24],
+    ),
+    "3d": (
+        lambda: nn.Sequential(nn.Conv3d(1, 2, 3, padding=1), nn.MaxPool3d(2), nn.Conv3d(2, 2, 3, padding=1)),
+        (1, 1, 22, 18, 26),
+        [4, 6, 10],
+    ),
+}
+
+
+def reference(split, shape, dtype, tile, rates, training, copy):
+    """Every tile walked on its own: summed times and work, the largest peaks."""
+    lay = layout(split, shape, tile)
+    total, n = walk.TileWalk(), 0
+    for t in Tiles.of(split, lay):
+        need = regions.needs(split, dict(zip(split.sinks, t.writes, strict=True)))
+        total.add(walk.walk(split, need, t.writes, dtype, rates, training, False, copy), 1)
+        n += 1
+    return total, n
+
+
+@pytest.mark.parametrize("training", [False, True])
+@pytest.mark.parametrize("device", ["cpu", "H100-SXM"])
+@pytest.mark.parametrize("name", list(CASES))
+def test_counting_per_dimension_equals_walking_every_tile(name, device, training):
+    make, shape, tiles = CASES[name]
+    net = make().eval()
+    split = analyse(net, shape)[-1]
+    rates = Rates(get_device(device), torch.float32)
+    for tile in tiles:
+        cg = class_grid(split, layout(split, shape, tile))
+        for copy in (True, False):
+            got = classes.aggregate(split, cg, torch.float32, rates, training, False, copy, {})
+            want, n = reference(split, shape, torch.float32, tile, rates, training, copy)
+            assert cg.tiles == n
+            assert (got.peak, got.peak_train) == (want.peak, want.peak_train), (name, tile, copy)
+            assert (got.flops_fwd, got.flops_bwd, got.nodes, got.ops) == (
+                want.flops_fwd,
+                want.flops_bwd,
+                want.nodes,
+                want.ops,
+            )
+            assert got.fwd_s == pytest.approx(want.fwd_s, rel=1e-12)
+            assert got.bwd_s == pytest.approx(want.bwd_s, rel=1e-12)
+            for kind in set(got.fwd_by_kind) | set(want.fwd_by_kind):
+                assert got.fwd_by_kind[kind] == pytest.approx(want.fwd_by_kind[kind], rel=1e-12)
+
+
+def test_steps_are_built_per_geometry_and_walks_per_structure(monkeypatch):
+    """1.7 million tiles in 216 classes: the steps built are one per geometry of a node (per
+    dimension, combined), and the walks one per structure (which borders a tile touches), not
+    one per class."""
+    net = nn.Sequential(
+        nn.Conv3d(1, 2, 5, padding=2),
+        nn.MaxPool3d(2),
+        nn.Conv3d(2, 2, 5, padding=2),
+        nn.MaxPool3d(2),
+        nn.Conv3d(2, 2, 5, padding=2),
+        nn.Upsample(scale_factor=4),
+        nn.Conv3d(2, 1, 3, padding=1),
+    ).eval()
+    shape = (1, 1, 480, 480, 480)
+    split = analyse(net, shape)[-1]
+    built, walks = [], []
+    real_step, real_peaks = steps._step, classes.peaks
+    monkeypatch.setattr(steps, "_step", lambda *a, **k: built.append(1) or real_step(*a, **k))
+    monkeypatch.setattr(classes, "peaks", lambda *a, **k: walks.append(1) or real_peaks(*a, **k))
+    p = predict_splits([split], shape, torch.float32, 4, "H100-SXM", training=True)
+    cg = class_grid(split, layout(split, shape, 4))
+    assert p.tiles == 120**3 and p.classes == math.prod(len(k) for k in cg.per_dim) == 6**3
+    grid = classes._Grid(split, cg)
+    nodes = [n for n in split.order if n in split.ops]
+    geometries = sum(
+        math.prod(len(f[1]) for f in grid.features(lambda row, d, n=n: steps.dim_geometry(
+            split, n, row[1], steps._stored(split, steps.spatial_inputs(split, n, row[1]), row[1], True), d
+        ))) for n in nodes
+    )  # fmt: skip
+    assert len(built) <= geometries + 2 * len(nodes) < p.classes * len(nodes) // 2  # + the untiled, last tile
+    assert len(walks) <= 3**3 < p.classes
+
+
+def test_a_plan_of_millions_of_tiles_makes_them_on_demand():
+    net = nn.Sequential(nn.Conv3d(1, 2, 3, padding=1), nn.ReLU(), nn.Conv3d(2, 1, 3, padding=1)).eval()
+    plan = bp.make_plan(net, (1, 1, 2048, 2048, 2048), tile=8)
+    assert len(plan.tiles) == 256**3 and plan.grid == (256, 256, 256)
+    assert plan.halo == ((2, 2),) * 3
+    last = plan.tiles[-1]
+    assert last.index == (255, 255, 255) and last.read == Box((2038,) * 3, (2048,) * 3)
+    assert plan.tiles[::-1][0] == last and len(plan.tiles[10:20]) == 10
+    assert len(plan.tiles.diagonal.rows) == 256  # one walk per diagonal tile, not per tile
