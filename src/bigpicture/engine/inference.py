@@ -33,7 +33,8 @@ import torch
 
 from bigpicture.engine.background import BackgroundTiles, MaskedSource
 from bigpicture.engine.distributed import shared_store
-from bigpicture.engine.execute import Evaluator, Runner
+from bigpicture.engine.evaluator import Evaluator
+from bigpicture.engine.execute import Runner
 from bigpicture.engine.rules.reduce import Partial
 from bigpicture.errors import TilingError
 from bigpicture.io.sinks import ZarrGroupSink, ZarrSink

@@ -33,7 +33,7 @@ from bigpicture.errors import TilingError
 from bigpicture.perf.devices import NODE_LINKS, Interconnect, get_interconnect, load_calibration
 from bigpicture.perf.predict import Prediction, _seconds, _size, predict, resolve_device
 from bigpicture.perf.rates import Rates
-from bigpicture.perf.steps import walk
+from bigpicture.perf.walk import walk
 
 LINK_EFFICIENCY = 0.8  # assumed: nccl-tests bus bandwidths reach 70-90% of the link's specification
 DEVICES_PER_NODE = 8  # the default node: 8 GPUs, as in NVIDIA DGX/HGX systems
