@@ -207,7 +207,7 @@ def build(case: Case):
 @dataclass
 class Row:
     case: Case
-    status: str  # EXACT | CLEAR | WRONG | CRASH
+    status: str  # EXACT | CLEAR | WRONG | CRASH, or NOT RUN (the census's time budget ran out)
     seconds: float
     message: str = ""
 
@@ -233,6 +233,42 @@ def run(case: Case) -> Row:
     return Row(case, status, time.perf_counter() - start, message)
 
 
+def _run_index(index: int, threads: int) -> tuple[str, float, str]:
+    torch.set_num_threads(threads)
+    row = run(cases()[index])
+    return row.status, row.seconds, row.message
+
+
+def run_all(chosen: list[Case], jobs: int, threads: int, budget: float | None) -> list[Row]:
+    """Every chosen row, ``jobs`` at a time in worker processes, printed in table order as they end."""
+    import multiprocessing
+
+    deadline = None if budget is None else time.monotonic() + budget
+    if jobs == 1:  # in this process, light rows first: no start-up per row
+        done = {}
+        for case in sorted(chosen, key=lambda c: c.heavy):
+            if deadline is not None and time.monotonic() > deadline:
+                break
+            done[case_id(case)] = r = run(case)
+            print(f"{case_id(case):28s} {r.status:7s} {r.seconds:7.1f} s  {r.message[:150]}", flush=True)
+        late = f"not started within the census budget of {budget} s"
+        return [done.get(case_id(c)) or Row(c, "NOT RUN", 0.0, late) for c in chosen]
+    ids = [case_id(c) for c in cases()]
+    rows = []
+    with multiprocessing.get_context("spawn").Pool(jobs) as pool:
+        pending = [pool.apply_async(_run_index, (ids.index(case_id(c)), threads)) for c in chosen]
+        for case, result in zip(chosen, pending):
+            try:
+                left = None if deadline is None else max(0.0, deadline - time.monotonic())
+                rows.append(Row(case, *result.get(left)))
+            except multiprocessing.TimeoutError:
+                rows.append(Row(case, "NOT RUN", 0.0, f"not finished within the census budget of {budget:.0f} s"))
+            r = rows[-1]
+            print(f"{case_id(case):28s} {r.status:7s} {r.seconds:7.1f} s  {r.message[:150]}", flush=True)
+        pool.terminate()
+    return rows
+
+
 def table(rows: list[Row]) -> list[str]:
     lines = ["| family | dims | input | tile | result | time | note |", "|---|---|---|---|---|---|---|"]
     for r in rows:
@@ -243,7 +279,7 @@ def table(rows: list[Row]) -> list[str]:
         note = "; ".join(s for s in (c.note, text) if s)
         lines.append(f"| {c.family} | {c.dims}D | {'x'.join(map(str, c.shape))} | {tile} | {r.status} | "
                      f"{r.seconds:.1f} s | {note} |")  # fmt: skip
-    counts = {s: sum(r.status == s for r in rows) for s in ("EXACT", "CLEAR", "WRONG", "CRASH")}
+    counts = {s: sum(r.status == s for r in rows) for s in ("EXACT", "CLEAR", "WRONG", "CRASH", "NOT RUN")}
     return lines + ["", ", ".join(f"{k} {v}" for k, v in counts.items()) + f" of {len(rows)} rows."]
 
 
@@ -251,7 +287,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--only", nargs="*", help="rows whose family-dims id contains one of these")
     parser.add_argument("--light", action="store_true", help="skip the heavy rows")
-    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per row")
+    parser.add_argument("--jobs", type=int, default=1, help="rows run at once, each in its own process")
+    parser.add_argument("--budget", type=float, default=None,
+                        help="seconds for the whole census; rows unfinished by then are NOT RUN")
     parser.add_argument("--write", action="store_true", help="put the table into benchmarks/RESULTS.md")
     args = parser.parse_args()
 
@@ -263,11 +302,7 @@ def main() -> None:
     chosen = [c for c in cases() if not (args.light and c.heavy)]
     if args.only:
         chosen = [c for c in chosen if any(o.lower() in case_id(c).lower() for o in args.only)]
-    rows = []
-    for case in chosen:
-        rows.append(run(case))
-        print(f"{case_id(case):28s} {rows[-1].status:6s} {rows[-1].seconds:7.1f} s  {rows[-1].message[:150]}",
-              flush=True)
+    rows = run_all(chosen, args.jobs, args.threads, args.budget)
     machine = f"{platform.machine()}, torch {torch.__version__}, MONAI {monai.__version__}, {args.threads} thread(s)"
     body = [f"{date.today()}, {machine}. Eval mode, float64, outputs, parameter and input gradients compared "
             "with `torch.testing.assert_close` defaults (tests/helpers.py). The default call `bp.tiled(model, "
