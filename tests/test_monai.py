@@ -73,9 +73,8 @@ GLOBAL = {
 
 
 @pytest.mark.parametrize("name", sorted(GLOBAL))
-def test_monai_network_with_global_op_is_refused_naming_the_node(name):
-    """In one pass (multipass=False); by default extra passes make them exact (tests/test_multipass.py)."""
+def test_monai_network_with_global_op_is_refused_in_one_pass_naming_the_node(name):
     factory, shape, op = GLOBAL[name]
-    net = bp.tiled(factory().eval(), tile=16, multipass=False)
+    net = bp.tiled(factory().eval(), tile=16, multipass=False)  # one pass: the global op is an error
     with pytest.raises(bp.TilingError, match=f"node `.*{op}"):
         net(torch.randn(shape))
