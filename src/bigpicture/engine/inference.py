@@ -245,7 +245,7 @@ class _TileLoop:
         if self.store is not None:
             dense = {k: self.targets[k].array for k in r.dense}
         else:
-            dense = {k: r._empty(k, torch.device("cpu")) for k in r.dense}
+            dense = {k: r._empty(k, torch.device("cpu"), r.plan.dtype) for k in r.dense}
         partials = self._restore()
         todo = [i for i in r.share if self.store is None or not self.store.is_done(i)]
         self.report.tiles += len(r.share)
