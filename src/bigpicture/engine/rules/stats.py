@@ -117,13 +117,8 @@ class Moments(StreamedReduction):
         var, mean = torch.var_mean(flat, dim=-1, correction=0)
         return Partial(torch.stack([mean, var], dim=-1), var * flat.shape[-1], flat.shape[-1])
 
-    def merge(self, acc: Partial, other: Partial) -> None:
+    def combine(self, acc: Partial, other: Partial) -> None:
         """Chan's parallel update of (count, mean, sum of squared deviations); ``ties`` holds the last."""
-        if other.value is None:
-            return
-        if acc.value is None:
-            acc.value, acc.ties, acc.count = other.value, other.ties, other.count
-            return
         total = acc.count + other.count
         delta = other.value[..., 0] - acc.value[..., 0]
         mean = acc.value[..., 0] + delta * (other.count / total)
