@@ -31,7 +31,7 @@ from bigpicture.engine.distributed import shares
 from bigpicture.engine.plan import Plan
 from bigpicture.errors import TilingError
 from bigpicture.perf.devices import NODE_LINKS, Interconnect, get_interconnect, load_calibration
-from bigpicture.perf.predict import Prediction, _seconds, _size, predict, resolve_device
+from bigpicture.perf.predict import Prediction, _seconds, _size, model_dtype, predict, resolve_device
 from bigpicture.perf.rates import Rates
 from bigpicture.perf.walk import walk
 
@@ -49,7 +49,7 @@ def tile_costs(plan: Plan) -> list[float]:
         dev = resolve_device(plan.device)
     except TilingError:
         return [float(t.read.numel) for t in plan.tiles]
-    dtype = plan.dtype if plan.dtype.is_floating_point else _model_dtype(plan)
+    dtype = plan.dtype if plan.dtype.is_floating_point else model_dtype(plan.split.gm)
     rates = Rates(dev, dtype, None if dev.name != "cpu" else load_calibration())
     memo, by_shape, costs = {}, {}, []
     for tile in plan.tiles:
@@ -62,13 +62,6 @@ def tile_costs(plan: Plan) -> list[float]:
             by_shape[key] = w.fwd_s + (w.fwd_s + w.bwd_s if plan.training else 0.0) + engine
         costs.append(by_shape[key])
     return costs
-
-
-def _model_dtype(plan: Plan):
-    import torch
-
-    model = plan.split.gm.meta.get("bigpicture_model", plan.split.gm)
-    return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
 
 
 @dataclass(frozen=True)

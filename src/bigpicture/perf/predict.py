@@ -40,6 +40,7 @@ import math
 from dataclasses import replace
 
 import torch
+from torch import fx, nn
 
 from bigpicture.engine.box import Box
 from bigpicture.engine.plan import Plan
@@ -95,8 +96,7 @@ def predict(
     passes = [*plan.earlier, plan]
     dtype = dtype or plan.dtype
     if not dtype.is_floating_point:  # an integer image the model converts: it computes in its own dtype
-        model = plan.split.gm.meta.get("bigpicture_model", plan.split.gm)
-        dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+        dtype = model_dtype(plan.split.gm)
     return predict_splits(
         [p.split for p in passes],
         plan.input_shape,
@@ -107,6 +107,13 @@ def predict(
         input_grad,
         input_on_device,
     )
+
+
+def model_dtype(model: nn.Module | fx.GraphModule) -> torch.dtype:
+    """The dtype shapes are propagated in: the model's own (shapes do not depend on it)."""
+    if isinstance(model, fx.GraphModule):
+        model = model.meta.get("bigpicture_model", model)
+    return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
 
 
 def read_seconds(plan: Plan, source, samples: int = 8, clock=None) -> tuple[float, float]:

@@ -29,6 +29,7 @@ from bigpicture.perf.predict import (
     GPU_FRAGMENTATION,
     Prediction,
     _size,
+    model_dtype,
     predict,
     predict_splits,
     resolve_device,
@@ -70,13 +71,6 @@ def parse_memory(memory: str | int | float) -> int:
             f"memory={memory!r} is not a size: write e.g. '8GiB', '512MiB', '24GB' or a number of bytes."
         )
     return int(float(match[1]) * _UNITS[match[2].lower()])
-
-
-def model_dtype(model: nn.Module | fx.GraphModule) -> torch.dtype:
-    """The dtype shapes are propagated in: the model's own (shapes do not depend on it)."""
-    if isinstance(model, fx.GraphModule):
-        model = model.meta.get("bigpicture_model", model)
-    return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
 
 
 def analyse(
