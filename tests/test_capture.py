@@ -8,7 +8,7 @@ import inspect
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import assert_tiled_matches
+from helpers import ClampSTE, assert_tiled_matches
 from torch import nn
 
 import bigpicture as bp
@@ -147,18 +147,6 @@ def test_control_flow_on_tensor_values_names_the_line():
             call()
         assert f'test_capture.py", line {line}' in str(e.value)
         assert "depends on the values of a tensor" in str(e.value)
-
-
-class ClampSTE(torch.autograd.Function):
-    """Clamp forward, identity backward: autograd of the forward would give another gradient."""
-
-    @staticmethod
-    def forward(ctx, x):
-        return x.clamp(-0.1, 0.1)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad
 
 
 class ShapeBranchSTE(ShapeBranch):

@@ -12,7 +12,7 @@ import re
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import Lambda, assert_tiled_matches
+from helpers import ClampSTE, Lambda, assert_tiled_matches
 from torch import nn
 
 import bigpicture as bp
@@ -151,18 +151,6 @@ def test_dropout_in_the_head_after_global_pooling_is_exact():
 
 
 # -- ops without a rule ------------------------------------------------------------------------
-
-
-class ClampSTE(torch.autograd.Function):
-    """Clamp forward, identity backward (a straight-through estimator): pointwise, custom gradient."""
-
-    @staticmethod
-    def forward(ctx, x):
-        return x.clamp(-0.2, 0.2)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad
 
 
 @torch.fx.wrap  # traced as one call, not inlined
