@@ -212,8 +212,8 @@ def build(case: Case):
         model.train()
         g = torch.Generator().manual_seed(2)
         with torch.no_grad():
-            for _ in range(2):
-                model(torch.randn((2,) + tuple(case.shape[1:]), dtype=torch.float64, generator=g))
+            for _ in range(2):  # 16 images: a 1-voxel deep layer still sees 16 values per channel
+                model(torch.randn((8,) + tuple(case.shape[1:]), dtype=torch.float64, generator=g))
         for m, momentum in zip(norms, momenta):
             m.momentum = momentum
     return model.eval()
