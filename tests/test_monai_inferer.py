@@ -146,6 +146,28 @@ def test_memory_budget_and_output_device(one_thread):
     assert y.device == torch.device("cpu")
 
 
+def test_device_is_where_the_output_lives(one_thread):
+    # The only other device on a CPU machine: "meta", which shows the output was moved, metadata kept.
+    network = _unet()
+    x = MetaTensor(
+        torch.randn(1, 1, 32, 24, dtype=torch.float64), affine=torch.eye(4, dtype=torch.float64) * 2
+    )
+    with torch.no_grad():
+        meta, plain = (TiledInferer(tile=16, device="meta")(v, network) for v in (x, x.as_tensor()))
+    assert isinstance(meta, MetaTensor) and meta.device.type == "meta" and meta.affine[0, 0] == 2
+    assert type(plain) is torch.Tensor and plain.device.type == "meta"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_tiles_on_the_gpu_output_on_the_cpu():
+    network, x = _unet().cuda(), torch.randn(1, 1, 40, 36, dtype=torch.float64)
+    with torch.no_grad():
+        y = TiledInferer(tile=16, sw_device="cuda", device="cpu")(x, network)
+        expected = network(x.cuda()).cpu()
+    assert y.device == torch.device("cpu")
+    torch.testing.assert_close(y, expected)
+
+
 def test_sw_device_other_than_the_network_is_a_clear_error():
     with pytest.raises(ValueError, match="network.to"):
         TiledInferer(tile=16, sw_device="meta")(torch.randn(1, 1, 16, 16, dtype=torch.float64), _unet())
