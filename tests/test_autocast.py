@@ -67,7 +67,7 @@ def _step(f, model, x, dtype):
     """Output, parameter gradients and input gradient of one step under autocast (backward outside it)."""
     model.zero_grad()
     x = x.clone().requires_grad_()
-    with torch.autocast("cpu", dtype=dtype):
+    with torch.autocast(x.device.type, dtype=dtype):
         y = f(x)
     (y.float() ** 2).sum().backward()
     return y, [p.grad.clone() for p in model.parameters()], x.grad
@@ -78,12 +78,16 @@ def _assert_within_rounding(tiled, untiled, tiles: int, dtype):
     torch.testing.assert_close(tiled, untiled, rtol=0, atol=atol)
 
 
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=CUDA)])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bfloat16", "float16"])
 @pytest.mark.parametrize("name", sorted(CASES))
-def test_autocast_matches_untiled_under_the_same_autocast(name, dtype, one_thread):
+def test_autocast_matches_untiled_under_the_same_autocast(name, dtype, device, one_thread):
     factory, shape, tile = CASES[name]
     torch.manual_seed(0)
-    model, x = factory(), torch.randn(shape)
+    model, x = factory().to(device), torch.randn(shape, device=device)
     net = bp.tiled(model, tile=tile)
     y_ref, g_ref, x_ref = _step(model, model, x, dtype)
     y, g, xg = _step(net, model, x, dtype)

@@ -97,6 +97,40 @@ def test_several_outputs_keep_their_structure(kind, one_thread):
     assert all(isinstance(v, MetaTensor) and v.affine[0, 0] == 2 for v in values)
 
 
+class Scaled(nn.Module):
+    """A network with a second positional input, as ``inferer(inputs, network, *args)`` passes it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 2, 3, padding=1)
+
+    def forward(self, x, scale):
+        return self.conv(x) * scale
+
+
+def test_extra_positional_arguments_reach_the_network(one_thread):
+    torch.manual_seed(0)
+    network, x = Scaled().double(), torch.randn(1, 1, 30, 26, dtype=torch.float64)
+    scale = MetaTensor(torch.tensor(3.0, dtype=torch.float64))  # unwrapped as the input is
+    with torch.no_grad():
+        torch.testing.assert_close(TiledInferer(tile=8)(x, network, scale), network(x, scale.as_tensor()))
+
+
+def test_keyword_arguments_are_a_clear_error():
+    with pytest.raises(TypeError, match="scale"):
+        TiledInferer(tile=8)(torch.randn(1, 1, 16, 16), Scaled(), scale=2.0)
+
+
+def test_progress_bar_over_the_tiles(one_thread, capsys):
+    pytest.importorskip("tqdm")
+    network, x = _unet(), torch.randn(1, 1, 40, 36, dtype=torch.float64)
+    inferer = TiledInferer(tile=16, progress=True)
+    with torch.no_grad():
+        torch.testing.assert_close(inferer(x, network), network(x))
+    tiles = len(inferer.tiled(network).plan.tiles)
+    assert tiles > 1 and f"{tiles}/{tiles}" in capsys.readouterr().err
+
+
 def test_wrapper_is_cached_per_network():
     inferer, a, b = TiledInferer(tile=16), _unet(), _unet()
     assert inferer.tiled(a) is inferer.tiled(a)
@@ -110,6 +144,28 @@ def test_memory_budget_and_output_device(one_thread):
         y = inferer(x, network)
     torch.testing.assert_close(y, network(x))
     assert y.device == torch.device("cpu")
+
+
+def test_device_is_where_the_output_lives(one_thread):
+    # The only other device on a CPU machine: "meta", which shows the output was moved, metadata kept.
+    network = _unet()
+    x = MetaTensor(
+        torch.randn(1, 1, 32, 24, dtype=torch.float64), affine=torch.eye(4, dtype=torch.float64) * 2
+    )
+    with torch.no_grad():
+        meta, plain = (TiledInferer(tile=16, device="meta")(v, network) for v in (x, x.as_tensor()))
+    assert isinstance(meta, MetaTensor) and meta.device.type == "meta" and meta.affine[0, 0] == 2
+    assert type(plain) is torch.Tensor and plain.device.type == "meta"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_tiles_on_the_gpu_output_on_the_cpu():
+    network, x = _unet().cuda(), torch.randn(1, 1, 40, 36, dtype=torch.float64)
+    with torch.no_grad():
+        y = TiledInferer(tile=16, sw_device="cuda", device="cpu")(x, network)
+        expected = network(x.cuda()).cpu()
+    assert y.device == torch.device("cpu")
+    torch.testing.assert_close(y, expected)
 
 
 def test_sw_device_other_than_the_network_is_a_clear_error():

@@ -92,3 +92,66 @@ def test_tile_classes_are_the_performance_models(name):
     model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 2, 3, stride=2, padding=1))
     plan = bp.make_plan(model, shape, tile=tile)
     assert len(set(tile_classes(plan))) == expected == plan.prediction.classes
+
+
+@pytest.fixture
+def drawn(monkeypatch):
+    """The figures plot_plan draws, kept open to be read (it closes them after saving)."""
+    import matplotlib.pyplot as plt
+
+    figures = []
+    monkeypatch.setattr(plt, "close", figures.append)
+    return figures
+
+
+def _rectangles(ax):
+    """(x0, y0, width, height) of the owned tiles (the collection) and of the dashed read boxes."""
+    (owned,) = ax.collections
+    tiles = {tuple(np.round(p.get_extents().bounds, 6)) for p in owned.get_paths()}
+    dashed = {(*p.get_xy(), p.get_width(), p.get_height()) for p in ax.patches if p.get_linestyle() == "--"}
+    return tiles, dashed
+
+
+def _xywh(box, rows: int, cols: int) -> tuple:
+    return (box.lo[cols], box.lo[rows], box.shape[cols], box.shape[rows])
+
+
+def test_picture_shows_every_tile_a_halo_per_class_the_thumbnail_and_the_stages(tmp_path, drawn):
+    from torch import nn
+
+    from bigpicture.cli.plot import plot_plan
+
+    source = np.random.default_rng(0).random((1, 3, 40, 56), dtype=np.float32)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 2, 3, stride=2, padding=1))
+    plan = bp.make_plan(model, source.shape, tile=16)
+    plot_plan(str(tmp_path / "p.png"), plan, plan.prediction, source)
+    picture, stages = drawn[0].axes
+    tiles, dashed = _rectangles(picture)
+    assert tiles == {_xywh(t.box, 0, 1) for t in plan.tiles} and len(tiles) == len(plan.tiles) == 12
+    reads = {_xywh(t.read, 0, 1): t for t in plan.tiles}
+    assert len(dashed) == len(set(tile_classes(plan))) and dashed <= reads.keys()
+    assert all(reads[d].read.shape != reads[d].box.shape for d in dashed)  # the write box and its halo
+    grey = source[0].mean(axis=0)
+    lo, hi = np.percentile(grey, [1, 99])
+    (image,) = picture.get_images()
+    np.testing.assert_allclose(image.get_array(), np.clip((grey - lo) / (hi - lo), 0, 1), rtol=1e-5)
+    bars = {b.get_width() for b in stages.patches}
+    assert bars == {s.seconds for s in plan.prediction.stages if s.seconds} and len(bars) > 1
+
+
+def test_volume_picture_shows_the_tiles_crossing_each_middle_slice(tmp_path, drawn):
+    from torch import nn
+
+    from bigpicture.cli.plot import plot_plan
+
+    shape = (1, 1, 24, 20, 16)
+    model = nn.Sequential(nn.Conv3d(1, 2, 3, padding=1), nn.ReLU(), nn.Conv3d(2, 2, 3, padding=1))
+    plan = bp.make_plan(model, shape, tile=8)
+    plot_plan(str(tmp_path / "v.png"), plan, plan.prediction)
+    *views, _ = drawn[0].axes
+    for ax, (rows, cols, across) in zip(views, [(1, 2, 0), (0, 2, 1), (0, 1, 2)], strict=True):
+        middle = shape[2 + across] // 2
+        crossing = [t for t in plan.tiles if t.box.lo[across] <= middle < t.box.hi[across]]
+        tiles, _ = _rectangles(ax)
+        assert tiles == {_xywh(t.box, rows, cols) for t in crossing}
+        assert not ax.get_images()  # no source: no thumbnail
