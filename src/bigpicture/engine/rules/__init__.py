@@ -167,6 +167,7 @@ from bigpicture.engine.rules import (  # noqa: E402, F401, I001  (registers the 
     reduce,
     resample,
     shuffle,
+    stacked,
     stats,
     window,
 )
