@@ -112,8 +112,7 @@ def cases() -> list[Case]:
     rows += _both("MedNeXt", lambda d: nets().MedNeXt(d, init_filters=4, in_channels=1, out_channels=2,
                                                       blocks_down=(1, 1), blocks_bottleneck=1, blocks_up=(1, 1),
                                                       kernel_size=3), (32, 16), (16, 8))
-    rows.append(Case("Quicknat", 2, _n("Quicknat", num_classes=2, num_channels=1, num_filters=8), _img(2, 32), 16,
-                     known="no rule for MaxPool2d(return_indices=True) and MaxUnpool2d"))
+    rows.append(Case("Quicknat", 2, _n("Quicknat", num_classes=2, num_channels=1, num_filters=8), _img(2, 32), 16))
     rows += _both("RegUNet", lambda d: nets().RegUNet(d, 1, 4, depth=2, out_channels=2), (32, 16), (16, 8))
     rows.append(Case("Regressor", 2, _n("Regressor", (1, 32, 32), (2,), (4, 8), (2, 2)), _img(2, 32), 16))
     rows.append(Case("Regressor", 3, _n("Regressor", (1, 16, 16, 16), (2,), (4, 8), (2, 2)), _img(3, 16), 8,

@@ -169,6 +169,7 @@ from bigpicture.engine.rules import (  # noqa: E402, F401, I001  (registers the 
     shuffle,
     stacked,
     stats,
+    unpool,
     window,
 )
 from bigpicture.engine.rules import channels as channel_ops  # noqa: E402, F401
