@@ -16,8 +16,7 @@ from __future__ import annotations
 import torch
 from torch import fx
 
-from bigpicture.engine.capture import _stack_trace
-from bigpicture.engine.rules import Pointwise, rule
+from bigpicture.engine.rules import Pointwise, _replaces, rule
 from bigpicture.errors import TilingError
 
 # reductions whose ``dim`` is their first argument after the tensor (methods of torch.Tensor too)
@@ -43,7 +42,7 @@ def fuse_stacked_reduction(gm: fx.GraphModule, node: fx.Node) -> fx.Node | None:
     if tensors is None or "out" in stack.kwargs:
         return None
     new = gm.graph.call_function(reduce_stacked, (tensors, dim, name, *node.args[1:]), dict(node.kwargs))
-    new.meta["stack_trace"] = node.stack_trace or _stack_trace(gm, node.name)  # errors name the user's line
+    _replaces(gm, node, new)
     return new
 
 
