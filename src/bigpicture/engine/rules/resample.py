@@ -50,13 +50,7 @@ class ConvTranspose(Op):
         return tuple(Fraction(1, s) for s in self.step)
 
     def needs(self, out):
-        dims = []
-        for a, b, s, p, d, k, n in zip(
-            out.lo, out.hi, self.step, self.pad, self.dilation, self.kernel, self.in_extents[0]
-        ):
-            lo, hi = max(-((d * (k - 1) - a - p) // s), 0), min((b - 1 + p) // s + 1, n)
-            dims.append((lo, hi) if lo < hi and a < b else (0, 0))
-        return [Box.from_dims(dims)]
+        return [scattering(out, self.kernel, self.step, self.pad, self.dilation, self.in_extents[0])]
 
     def run(self, out, args, kwargs):
         if self.module is not None:
@@ -86,6 +80,16 @@ class ConvTranspose(Op):
         # (as torch.utils.flop_counter counts a transposed convolution)
         positions = self.needs(out)[0].numel
         return 2 * positions * self.cin * (channels // self.groups) * math.prod(self.kernel)
+
+
+def scattering(out: Box, kernel, step, pad, dilation, extent) -> Box:
+    """The input positions i whose window [i*s - p, i*s - p + d*(k-1)] meets ``out``: those a
+    transposed convolution (or an unpool) scatters into it."""
+    dims = []
+    for a, b, s, p, d, k, n in zip(out.lo, out.hi, step, pad, dilation, kernel, extent):
+        lo, hi = max(-((d * (k - 1) - a - p) // s), 0), min((b - 1 + p) // s + 1, n)
+        dims.append((lo, hi) if lo < hi and a < b else (0, 0))
+    return Box.from_dims(dims)
 
 
 _INTERP_ARGS = ["size", "scale_factor", "mode", "align_corners", "recompute_scale_factor", "antialias"]

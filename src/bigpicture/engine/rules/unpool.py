@@ -27,6 +27,7 @@ from torch import nn
 from bigpicture.engine.box import Box
 from bigpicture.engine.padding import read
 from bigpicture.engine.rules import Op, _bind_values, lookup, rule
+from bigpicture.engine.rules.resample import scattering
 from bigpicture.errors import TilingError
 
 _POOLS = (
@@ -77,13 +78,8 @@ class MaxUnpool(Op):
         return tuple(Fraction(1, s) for s in self.step)
 
     def needs(self, out):
-        dims = []
-        for a, b, s, p, d, k, n in zip(
-            out.lo, out.hi, self.step, self.pad, self.dilation, self.kernel, self.in_extents[0]
-        ):
-            lo, hi = max(-((d * (k - 1) - a - p) // s), 0), min((b - 1 + p) // s + 1, n)
-            dims.append((lo, hi) if lo < hi and a < b else (0, 0))
-        return [Box.from_dims(dims)] * len(self.inputs)
+        box = scattering(out, self.kernel, self.step, self.pad, self.dilation, self.in_extents[0])
+        return [box] * len(self.inputs)  # the values and their indices
 
     def run(self, out, args, kwargs):
         box = self.needs(out)[0]
