@@ -104,18 +104,16 @@ def cases() -> list[Case]:
     rows += _both("EfficientNetBN", lambda d: nets().EfficientNetBN("efficientnet-b0", pretrained=False,
                                                                     spatial_dims=d, in_channels=1, num_classes=2),
                   (64, 32), (32, 16), heavy=True)
-    rows += _both("HighResNet", lambda d: nets().HighResNet(d, 1, 2, layer_params=_HIGHRES), (16, 12), (8, 6),
-                  known="no rule for F.pad over channels (its ChannelPad pads the residual's channels with zeros)")
+    rows += _both("HighResNet", lambda d: nets().HighResNet(d, 1, 2, layer_params=_HIGHRES), (16, 12), (8, 6))
     rows.append(Case("HoVerNet", 2, _n("HoVerNet", in_channels=3, out_classes=2), (1, 3, 256, 256), 128, heavy=True,
                      note="fast mode needs 256 px inputs"))
     rows += _both("LocalNet", lambda d: nets().LocalNet(d, 1, 4, extract_levels=(0, 1, 2), out_channels=2),
-                  (32, 16), (16, 8), known=_STACK)
+                  (32, 16), (16, 8))
     rows += _both("MedNeXt", lambda d: nets().MedNeXt(d, init_filters=4, in_channels=1, out_channels=2,
                                                       blocks_down=(1, 1), blocks_bottleneck=1, blocks_up=(1, 1),
                                                       kernel_size=3), (32, 16), (16, 8))
-    rows.append(Case("Quicknat", 2, _n("Quicknat", num_classes=2, num_channels=1, num_filters=8), _img(2, 32), 16,
-                     known="no rule for MaxPool2d(return_indices=True) and MaxUnpool2d"))
-    rows += _both("RegUNet", lambda d: nets().RegUNet(d, 1, 4, depth=2, out_channels=2), (32, 16), (16, 8), known=_STACK)
+    rows.append(Case("Quicknat", 2, _n("Quicknat", num_classes=2, num_channels=1, num_filters=8), _img(2, 32), 16))
+    rows += _both("RegUNet", lambda d: nets().RegUNet(d, 1, 4, depth=2, out_channels=2), (32, 16), (16, 8))
     rows.append(Case("Regressor", 2, _n("Regressor", (1, 32, 32), (2,), (4, 8), (2, 2)), _img(2, 32), 16))
     rows.append(Case("Regressor", 3, _n("Regressor", (1, 16, 16, 16), (2,), (4, 8), (2, 2)), _img(3, 16), 8,
                      heavy=True))
@@ -177,7 +175,6 @@ class Reconstruct(First):
         return self.model.reconstruct(x)
 
 
-_STACK = "no rule for torch.stack along a new dimension (then a sum or mean over it)"
 _HIGHRES = (
     {"name": "conv_0", "n_features": 4, "kernel_size": 3},
     {"name": "res_1", "n_features": 4, "kernels": (3, 3), "repeat": 1},

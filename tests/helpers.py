@@ -34,12 +34,21 @@ class ClampSTE(torch.autograd.Function):
 
 def _loss(y):
     # A loss whose gradient differs per position, so that a misplaced gradient cannot cancel.
-    ys = y if isinstance(y, (tuple, list)) else (y,)
     total = 0
-    for t in ys:
-        w = torch.linspace(-1, 1, t.numel(), dtype=t.dtype).reshape(t.shape)
-        total = total + (t * w).sum() + 0.5 * t.square().sum()
+    for t in _tensors(y):
+        if t.is_floating_point():
+            w = torch.linspace(-1, 1, t.numel(), dtype=t.dtype).reshape(t.shape)
+            total = total + (t * w).sum() + 0.5 * t.square().sum()
     return total
+
+
+def _tensors(y) -> list:
+    """The tensors of a model's output (a tensor, or dicts, lists and tuples of them), in order."""
+    if isinstance(y, dict):
+        y = list(y.values())
+    if isinstance(y, (tuple, list)):
+        return [t for v in y for t in _tensors(v)]
+    return [y] if isinstance(y, torch.Tensor) else []
 
 
 def assert_tiled_matches(model, x, tile, grads=True, multipass=True, **kw):
@@ -65,9 +74,12 @@ def assert_tiled_matches(model, x, tile, grads=True, multipass=True, **kw):
 
 
 def _compare(got, expected, what, **kw):
-    if isinstance(expected, (tuple, list)):
-        assert len(got) == len(expected)
-        for i, (a, b) in enumerate(zip(got, expected)):
-            _compare(a, b, f"{what}[{i}]", **kw)
+    if isinstance(expected, (tuple, list, dict)):  # the model's own containers, item by item
+        assert type(got) is type(expected), f"{what}: a {type(got).__name__}, not a {type(expected).__name__}"
+        assert len(got) == len(expected), f"{what}: {len(got)} items, not {len(expected)}"
+        if isinstance(expected, dict):
+            assert list(got) == list(expected), f"{what}: keys {list(got)}, not {list(expected)}"
+        for k in expected if isinstance(expected, dict) else range(len(expected)):
+            _compare(got[k], expected[k], f"{what}[{k!r}]", **kw)
         return
     torch.testing.assert_close(got, expected, msg=lambda m: f"{what}: {m}", **kw)

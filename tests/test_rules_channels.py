@@ -84,6 +84,15 @@ CASES = {
     "einsum_channel_mix": (lambda y, m: torch.einsum(f"nc{letters(m)},dc->nd{letters(m)}", y, m.w), 4),
     "einsum_ellipsis": (lambda y, m: torch.einsum("nc...,dc->nd...", y, m.w), 4),
     "einsum_list_and_product": (lambda y, m: torch.einsum("nc...,nc...->nc...", [y, torch.tanh(y)]), 4),
+    "pad_channels_and_batch_with_zeros": (lambda y, m: F.pad(y, (0, 0) * m.nd + (1, 2, 0, 0)), 7),  # MONAI's ChannelPad
+    "pad_channels_and_space_value": (lambda y, m: F.pad(y, (2, 1) * m.nd + (1, 1), value=0.5), 6),
+    "pad_channels_negative": (lambda y, m: F.pad(y, (0, 1) * m.nd + (-1, 0)), 3),
+    "stack_mean_new_first_dim": (lambda y, m: torch.mean(torch.stack([y, y.tanh(), y * y], dim=0), dim=0), 4),
+    "stack_split_sum_last_dim": (lambda y, m: torch.sum(torch.stack(y.split(2, dim=1), dim=-1), dim=-1), 2),
+    "stack_amax_negative_dim": (lambda y, m: torch.stack([y, -y], 2).amax(dim=-(m.nd + 1)), 4),
+    "stack_max_values": (lambda y, m: torch.stack((y, y.sigmoid()), 1).max(1)[0], 4),
+    "stack_logsumexp_and_prod": (lambda y, m: torch.logsumexp(torch.stack([y, 2 * y], 0), 0)
+                                 + torch.stack([y, y + 1], -1).prod(-1), 4),
 }  # fmt: skip
 
 
@@ -98,6 +107,16 @@ def test_channel_op_tiled_equals_untiled(name, nd, one_thread):
     assert len(net.plan.tiles) >= (3**nd if "spatial" not in name else 2 ** (nd - 1)) and not net.plan.earlier
     roles = net.plan.split.roles
     assert list(roles.values()).count("tail") == 0, "the op should be tiled, not moved to the tail"
+
+
+@pytest.mark.parametrize("nd", [1, 2])  # torch pads 3 dimensions at most in these modes
+@pytest.mark.parametrize("mode", ["reflect", "replicate", "circular"])
+def test_pad_of_channels_and_space_in_every_mode(mode, nd, one_thread):
+    shape, tile = SHAPES[nd]
+    torch.manual_seed(0)
+    model = Around(lambda y, m: F.pad(y, (2, 1) * nd + (1, 2), mode=mode), nd, 7).double()
+    net = assert_tiled_matches(model, torch.randn(shape, dtype=torch.float64), tile)
+    assert len(net.plan.tiles) >= 3**nd and "tail" not in net.plan.split.roles.values()
 
 
 def test_permute_of_a_spatial_dimension_ends_the_tiled_part_and_stays_exact(one_thread):
@@ -141,6 +160,11 @@ SPATIAL = {
     "einsum_contracts_space": (lambda y, m: torch.einsum("nchw,nchw->nc", y, y)[:, :, None, None] * y,
                                ["node `einsum`", "einsum", "spatial index"]),
     "einsum_transposes_space": (lambda y, m: torch.einsum("nchw->ncwh", y), ["einsum", "'h' of operand 0"]),
+    "stack_not_reduced": (lambda y, m: torch.stack([y[:, :2], y[:, 2:]], 1).flatten(1, 2), ["node `stack`", "torch.stack",
+                                                                               "new dimension", "torch.cat"]),
+    "stack_reduced_elsewhere": (lambda y, m: torch.stack([y, y], 0).sum(1), ["torch.stack(..., dim=0)", "sum",
+                                                                             "stacked dimension alone"]),
+    "pad_batch": (lambda y, m: F.pad(y, (0, 0, 0, 0, 0, 0, 1, 0)), ["node `pad`", "changes the layout"]),
 }  # fmt: skip
 
 

@@ -7,6 +7,7 @@ from functools import partial
 
 import torch
 from torch import nn
+from torch.utils._pytree import TreeSpec, tree_flatten, tree_unflatten
 
 from bigpicture.engine import execute
 from bigpicture.engine.amp import autocast_dtype, no_autocast_cache
@@ -127,7 +128,8 @@ class Tiled(nn.Module):
         params, device = list(self.model.parameters()), self._device()
         team = self._team()
         self.report.ranks = team and team.times
-        return execute.run(plan, (x, *args), params, device, progress, self.background, self.report, team)
+        out = execute.run(plan, (x, *args), params, device, progress, self.background, self.report, team)
+        return as_model_output(out, plan.split.gm.meta.get("bigpicture_output"))
 
     def _team(self):
         """The ranks of ``group`` for one call, sharing tiles by their predicted cost."""
@@ -224,6 +226,20 @@ def planning_device(device: torch.device | str) -> Device:
         "tile=1024), or choose it with bp.choose_tile(model, shape, budget, device=bigpicture.perf.devices."
         "Device(...)) describing this device."
     )
+
+
+def as_model_output(out, structure: TreeSpec | None):
+    """``out`` in the model's own containers: graphs give fx's immutable dicts and lists, and plain
+    tuples and dicts for namedtuples and OrderedDicts; ``structure`` is the model's (from the check
+    of the capture), else the containers are made plain dicts, lists and tuples."""
+    leaves = tree_flatten(out)[0]
+    if structure is not None and structure.num_leaves == len(leaves):
+        return tree_unflatten(leaves, structure)
+    if isinstance(out, dict):
+        return {k: as_model_output(v, None) for k, v in out.items()}
+    if isinstance(out, (list, tuple)):
+        return (list if isinstance(out, list) else tuple)(as_model_output(v, None) for v in out)
+    return out
 
 
 def _predict_in(dtype: torch.dtype, plan: Plan):

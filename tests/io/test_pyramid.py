@@ -48,6 +48,21 @@ def test_rgb_pyramid(tmp_path):
     assert sizes == pytest.approx([0.5, 1.0, 2.0])
 
 
+@pytest.mark.parametrize("dtype", [np.uint8, np.float32])
+def test_single_channel_pyramid(tmp_path, dtype):
+    """One channel (a mask, a heatmap): one plane per level, axes YX, read back as (1, H, W)."""
+    image = (np.random.default_rng(1).random((1, 1, 70, 90)) * 255).astype(dtype)
+    path = write_pyramid(image, tmp_path / "mask.ome.tif", mpp=0.25, tile=32)
+    arrays, ome, sizes = read_multiscale(path)
+    assert [a.shape for a in arrays] == [(70, 90), (35, 45), (18, 23)]
+    for got, expected in zip(arrays, halvings(image[0], 3), strict=True):
+        np.testing.assert_array_equal(got, expected[0])
+    assert sizes == pytest.approx([0.25, 0.5, 0.25 * 90 / 23])
+    slide = open_slide(path, channels="all")
+    assert slide[0].shape == (1, 70, 90) and slide.mpp == pytest.approx(0.25)
+    np.testing.assert_array_equal(slide[0], image[0])
+
+
 def test_multichannel_float_pyramid_from_a_tensor(tmp_path):
     image = torch.randn(4, 300, 270, dtype=torch.float32)
     path = write_pyramid(image, tmp_path / "feat.ome.tif", mpp=2.0, levels=3, tile=128)

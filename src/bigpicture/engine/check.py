@@ -20,6 +20,7 @@ import math
 
 import torch
 from torch import fx
+from torch.utils._pytree import tree_structure
 
 from bigpicture.engine import capture as g
 from bigpicture.engine.record import RecordingError, record
@@ -68,6 +69,8 @@ def _checked_capture(model: torch.nn.Module, inputs: list) -> fx.GraphModule:
             problem = _reduced_probe(gm, model, inputs)
         if problem is None:
             gm.meta["bigpicture_checks"] = problems
+            # the model's own containers (OrderedDict, namedtuple), which graphs hold as dict and tuple
+            gm.meta["bigpicture_output"] = None if expected is None else tree_structure(expected)
             return gm
         problems.append(f"{name}'s graph {problem}")
     if model_error is not None and traced is not None:

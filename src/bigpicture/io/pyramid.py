@@ -73,11 +73,12 @@ def write_pyramid(
             for k, (h, w) in enumerate(shapes):
                 tiles = _tiles(reads[k], (channels, h, w), tile, contig, below[k] if k < len(below) else None)
                 options = {
-                    "shape": (h, w, channels) if contig else (channels, h, w),
+                    "shape": (h, w, channels) if contig else (channels, h, w)[channels == 1 :],
                     "dtype": source.dtype,
                     "tile": (tile, tile),
                     "photometric": "rgb" if contig else "minisblack",
-                    "planarconfig": "contig" if contig else "separate",
+                    # one channel is one plane, which tifffile will not call separate
+                    "planarconfig": "contig" if contig else "separate" if channels > 1 else None,
                     "compression": compression,
                 }
                 if mpp:
@@ -85,7 +86,7 @@ def write_pyramid(
                     options["resolutionunit"] = "CENTIMETER"
                 if k == 0:
                     options["subifds"] = len(shapes) - 1
-                    options["metadata"] = _ome_metadata(contig, mpp)
+                    options["metadata"] = _ome_metadata(contig, mpp, channels)
                 else:
                     options["subfiletype"] = 1
                 tif.write(tiles, **options)
@@ -105,8 +106,8 @@ def _level_shapes(height: int, width: int, tile: int, levels: int | None) -> lis
     return shapes
 
 
-def _ome_metadata(contig: bool, mpp: float | None) -> dict:
-    metadata = {"axes": "YXS" if contig else "CYX"}
+def _ome_metadata(contig: bool, mpp: float | None, channels: int) -> dict:
+    metadata = {"axes": "YXS" if contig else "CYX" if channels > 1 else "YX"}
     if mpp:
         metadata.update(PhysicalSizeX=mpp, PhysicalSizeXUnit="µm", PhysicalSizeY=mpp, PhysicalSizeYUnit="µm")
     return metadata

@@ -57,6 +57,8 @@ def lookup(node, ctx) -> Op:
         fn = _RULES.get(node.target)
     else:
         fn = _RULES.get(node.target)
+        if fn is None and isinstance(node.target, type) and issubclass(node.target, tuple):
+            fn = _RULES[tuple]  # a namedtuple class, as torch.fx records building one
     if fn is None:
         name = ctx.op_name(node)
         raise TilingError(
@@ -153,6 +155,13 @@ def _same_padding(kernel, dilation):
     return tuple(t // 2 for t in total), tuple(t - t // 2 for t in total)
 
 
+def _replaces(gm, old, new) -> None:
+    """``new`` (made at capture to replace ``old``) names the user's line of ``old`` in errors."""
+    from bigpicture.engine.capture import _stack_trace
+
+    new.meta["stack_trace"] = old.stack_trace or _stack_trace(gm, old.name)
+
+
 def _bind_values(args, kwargs, names, defaults):
     """Arguments after the input, by name, with the function's defaults filled in."""
     bound = dict(defaults)
@@ -167,7 +176,9 @@ from bigpicture.engine.rules import (  # noqa: E402, F401, I001  (registers the 
     reduce,
     resample,
     shuffle,
+    stacked,
     stats,
+    unpool,
     window,
 )
 from bigpicture.engine.rules import channels as channel_ops  # noqa: E402, F401

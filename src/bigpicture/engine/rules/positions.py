@@ -31,6 +31,8 @@ from bigpicture.engine.rules.attention_pool import (
     logsumexp_positions,
     topk_positions,
 )
+from bigpicture.engine.rules.norms import fuse_functional_norm
+from bigpicture.engine.rules.stacked import fuse_stacked_reduction
 
 _FLATTEN = {torch.flatten, "flatten"}
 _SOFTMAX = {F.softmax, torch.softmax, "softmax"}
@@ -152,11 +154,13 @@ def _fuse_topk(gm, node) -> fx.Node | None:
     return None
 
 
-_FUSIONS = (_fuse_attention, _fuse_logsumexp, _fuse_topk)
+_FUSIONS = (_fuse_attention, _fuse_logsumexp, _fuse_topk, fuse_stacked_reduction, fuse_functional_norm)
 
 
 def rewrite_position_reductions(gm: fx.GraphModule) -> int:
-    """Fuse the spellings above into calls the engine streams; count them."""
+    """Fuse the spellings above into calls the engine streams, reductions of stacked maps
+    (``stacked.py``) into one pointwise call each, and functional norms into their statistics and
+    normalisation (``norms.py``); count them."""
     count = 0
     for node in list(gm.graph.nodes):
         for fuse in _FUSIONS:

@@ -191,6 +191,9 @@ def boundary(node, ctx):
     return Boundary(node, ctx)
 
 
+rule(tuple)(boundary)  # namedtuples of outputs (``lookup`` sends their classes here): built untiled
+
+
 _GLOBAL = (
     nn.GroupNorm, nn.LayerNorm, nn.MultiheadAttention, nn.Transformer, nn.TransformerEncoderLayer,
     F.group_norm, F.layer_norm, F.instance_norm, F.scaled_dot_product_attention,

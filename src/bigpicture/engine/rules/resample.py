@@ -50,13 +50,7 @@ class ConvTranspose(Op):
         return tuple(Fraction(1, s) for s in self.step)
 
     def needs(self, out):
-        dims = []
-        for a, b, s, p, d, k, n in zip(
-            out.lo, out.hi, self.step, self.pad, self.dilation, self.kernel, self.in_extents[0]
-        ):
-            lo, hi = max(-((d * (k - 1) - a - p) // s), 0), min((b - 1 + p) // s + 1, n)
-            dims.append((lo, hi) if lo < hi and a < b else (0, 0))
-        return [Box.from_dims(dims)]
+        return [scattering(out, self.kernel, self.step, self.pad, self.dilation, self.in_extents[0])]
 
     def run(self, out, args, kwargs):
         if self.module is not None:
@@ -86,6 +80,16 @@ class ConvTranspose(Op):
         # (as torch.utils.flop_counter counts a transposed convolution)
         positions = self.needs(out)[0].numel
         return 2 * positions * self.cin * (channels // self.groups) * math.prod(self.kernel)
+
+
+def scattering(out: Box, kernel, step, pad, dilation, extent) -> Box:
+    """The input positions i whose window [i*s - p, i*s - p + d*(k-1)] meets ``out``: those a
+    transposed convolution (or an unpool) scatters into it."""
+    dims = []
+    for a, b, s, p, d, k, n in zip(out.lo, out.hi, step, pad, dilation, kernel, extent):
+        lo, hi = max(-((d * (k - 1) - a - p) // s), 0), min((b - 1 + p) // s + 1, n)
+        dims.append((lo, hi) if lo < hi and a < b else (0, 0))
+    return Box.from_dims(dims)
 
 
 _INTERP_ARGS = ["size", "scale_factor", "mode", "align_corners", "recompute_scale_factor", "antialias"]
@@ -181,7 +185,12 @@ _PAD_MODES = {"Reflection": "reflect", "Replication": "replicate", "Circular": "
     nn.CircularPad1d, nn.CircularPad2d, nn.CircularPad3d, F.pad,
 )  # fmt: skip
 class Pad(Op):
-    """Output row i is input row i - pad_lo; rows outside the image come from the padding mode."""
+    """Output row i is input row i - pad_lo; rows outside the image come from the padding mode.
+
+    Pairs beyond the spatial ones pad channels (then the batch): MONAI's ChannelPad widens a
+    residual with zero channels. That is pointwise in space, and padding is separable (reflect,
+    replicate and circular map each coordinate on its own), so a tile pads its box in space with
+    the image's own padding, then its channels as the whole image's are padded."""
 
     def __init__(self, node, ctx):
         super().__init__(node, ctx)
@@ -193,12 +202,14 @@ class Pad(Op):
         else:
             a = ctx.static(_bind(node, ctx, ["pad", "mode", "value"], {"mode": "constant", "value": None}))
             pad, self.mode, self.fill = a["pad"], a["mode"], a["value"] or 0.0
-        pad = _tuple(pad, 2 * self.nd)
-        if len(pad) > 2 * self.nd:
-            raise TilingError(f"{ctx.where(node)}: {self.name} pads non-spatial dimensions; only spatial "
-                              "padding can be tiled.")  # fmt: skip
-        pad = tuple(pad) + (0,) * (2 * self.nd - len(pad))
-        self.pad_lo = tuple(pad[2 * (self.nd - 1 - d)] for d in range(self.nd))
+        pad = tuple(_tuple(pad, 2 * self.nd))
+        if len(pad) > 2 * ctx.ndim:
+            raise TilingError(f"{ctx.where(node)}: {self.name} pads {len(pad) // 2} dimensions of a "
+                              f"{ctx.ndim}-d tensor.")  # fmt: skip
+        spatial = pad[: 2 * self.nd] + (0,) * max(0, 2 * self.nd - len(pad))
+        self.pad_lo = tuple(spatial[2 * (self.nd - 1 - d)] for d in range(self.nd))
+        rest = pad[2 * self.nd :]  # channels, then batch: F.pad's pairs run from the last dimension
+        self.rest = (0,) * (2 * self.nd) + rest if any(rest) else None
 
     def padded_box(self, out):
         return out.shift(tuple(-p for p in self.pad_lo))
@@ -207,7 +218,11 @@ class Pad(Op):
         return [source_box(self.padded_box(out), self.in_extents[0], self.mode)]
 
     def run(self, out, args, kwargs):
-        return read(args[0], self.padded_box(out), self.in_extents[0], self.mode, self.fill)
+        y = read(args[0], self.padded_box(out), self.in_extents[0], self.mode, self.fill)
+        if self.rest is None:
+            return y
+        value = {"value": self.fill} if self.mode == "constant" else {}
+        return F.pad(y, self.rest, mode=self.mode, **value)
 
 
 class Slice(Op):

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bigpicture.engine.rules import Window, _bind, _bind_values, _same_padding, _tuple, rule
-from bigpicture.errors import TilingError
+from bigpicture.engine.rules.unpool import image_indices
 
 _CONV_ARGS = ["weight", "bias", "stride", "padding", "dilation", "groups"]
 _CONV_DEFAULTS = {"bias": None, "stride": 1, "padding": 0, "dilation": 1, "groups": 1}
@@ -69,11 +69,6 @@ class Pool(Window):
         self.step = _tuple(a["stride"] or a["kernel_size"], n)
         self.pad_lo = _tuple(a["padding"], n)
         self.dilation = _tuple(a.get("dilation", 1), n)
-        if a.get("return_indices"):
-            raise TilingError(
-                f"{ctx.where(self.node)}: {self.name} with return_indices=True returns positions in "
-                "image coordinates, which bigpicture does not tile yet; use return_indices=False."
-            )
 
     def arguments(self, node, ctx, names, defaults):
         if node.op == "call_module":
@@ -85,15 +80,26 @@ class Pool(Window):
         return out.numel * channels * math.prod(self.kernel)
 
 
-@rule(nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, F.max_pool1d, F.max_pool2d, F.max_pool3d)
+_WITH_INDICES = (F.max_pool1d_with_indices, F.max_pool2d_with_indices, F.max_pool3d_with_indices)
+
+
+@rule(nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, F.max_pool1d, F.max_pool2d, F.max_pool3d, *_WITH_INDICES)
 class MaxPool(Pool):
+    """With ``return_indices``: (values, the flat position of each maximum in the image plane)."""
+
     def __init__(self, node, ctx):
         super().__init__(node, ctx)
-        self.configure(ctx, self.arguments(node, ctx, _MAXPOOL_ARGS, _MAXPOOL_DEFAULTS))
+        a = self.arguments(node, ctx, _MAXPOOL_ARGS, _MAXPOOL_DEFAULTS)
+        self.configure(ctx, a)
+        self.indices = bool(a["return_indices"]) or node.target in _WITH_INDICES
 
     def run(self, out, args, kwargs):
+        x = self.read(out, args[0], -math.inf)
+        if self.indices:
+            values, local = _WITH_INDICES[self.nd - 1](x, self.kernel, self.step, 0, self.dilation)
+            return values, image_indices(local, self.padded_box(out), self.in_extents[0])
         pool = (F.max_pool1d, F.max_pool2d, F.max_pool3d)[self.nd - 1]
-        return pool(self.read(out, args[0], -math.inf), self.kernel, self.step, 0, self.dilation)
+        return pool(x, self.kernel, self.step, 0, self.dilation)
 
 
 @rule(nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d, F.avg_pool1d, F.avg_pool2d, F.avg_pool3d)

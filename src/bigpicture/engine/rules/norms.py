@@ -1,0 +1,99 @@
+"""The functional norms, ``F.group_norm``, ``F.instance_norm`` and ``F.batch_norm(training=True)``,
+rewritten at capture into the statistics and normalisation that ``stats.py`` makes exact by an
+extra pass over the tiles (the module forms are rewritten there)::
+
+    F.group_norm(a, G, w, b, eps)                  ->  normalize(a, moments(a, G), w, b, eps, G)
+    F.instance_norm(a, w=w, b=b)                   ->  the same with G = a.size(1)
+    F.batch_norm(a, rm, rv, w, b, training=True)   ->  batch_normalize(a, batch_moments(a), w, b, eps)
+                                                        and the running statistics' update
+    F.instance_norm(a, rm, rv, use_input_stats=False) ->  F.batch_norm(a, rm, rv, w, b, False, 0, eps)
+
+A flag or group count computed from tensors at run time is left alone (a clear error follows).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import fx
+
+from bigpicture.engine.rules import _bind_values, _replaces
+from bigpicture.engine.rules.stats import (
+    batch_moments,
+    batch_normalize,
+    moments,
+    normalize,
+    positions_per_channel,
+    track_running_stats,
+)
+
+_GROUP = (["num_groups", "weight", "bias", "eps"], {"weight": None, "bias": None, "eps": 1e-5})
+_INSTANCE = (
+    ["running_mean", "running_var", "weight", "bias", "use_input_stats", "momentum", "eps"],
+    {"running_mean": None, "running_var": None, "weight": None, "bias": None, "use_input_stats": True,
+     "momentum": 0.1, "eps": 1e-5},
+)  # fmt: skip
+_BATCH = (
+    ["running_mean", "running_var", "weight", "bias", "training", "momentum", "eps"],
+    {"weight": None, "bias": None, "training": False, "momentum": 0.1, "eps": 1e-5},
+)  # fmt: skip
+
+
+def instance_running_stats(stats, running_mean, running_var, momentum, count: int):
+    """InstanceNorm's buffer update with input statistics: each sample's (C, 2) statistics update
+    the buffers as BatchNorm's would, then they are averaged over the batch (as ATen does)."""
+    return track_running_stats(stats.mean(0), running_mean, running_var, None, momentum, count)
+
+
+def positions_per_instance(a: torch.Tensor) -> int:
+    return a[0, 0].numel()
+
+
+def _group_norm(graph: fx.Graph, a, k: dict) -> fx.Node:
+    groups = k["num_groups"]
+    stats = graph.call_function(moments, (a, groups))
+    return graph.call_function(normalize, (a, stats, k["weight"], k["bias"], k["eps"], groups))
+
+
+def _instance_norm(graph: fx.Graph, a, k: dict) -> fx.Node | None:
+    if k["use_input_stats"] is False:
+        args = (a, k["running_mean"], k["running_var"], k["weight"], k["bias"], False, 0.0, k["eps"])
+        return graph.call_function(F.batch_norm, args)
+    if k["use_input_stats"] is not True:
+        return None
+    channels = graph.call_method("size", (a, 1))
+    stats = graph.call_function(moments, (a, channels))
+    if k["running_mean"] is not None:
+        count = graph.call_function(positions_per_instance, (a,))
+        buffers = (k["running_mean"], k["running_var"])
+        graph.call_function(instance_running_stats, (stats, *buffers, k["momentum"], count))
+    return graph.call_function(normalize, (a, stats, k["weight"], k["bias"], k["eps"], channels))
+
+
+def _batch_norm(graph: fx.Graph, a, k: dict) -> fx.Node | None:
+    if k["training"] is not True:
+        return None  # running statistics: pointwise (reduce.functional_batch_norm)
+    stats = graph.call_function(batch_moments, (a,))
+    if k["running_mean"] is not None:
+        count = graph.call_function(positions_per_channel, (a,))
+        buffers = (k["running_mean"], k["running_var"], None)
+        graph.call_function(track_running_stats, (stats, *buffers, k["momentum"], count))
+    return graph.call_function(batch_normalize, (a, stats, k["weight"], k["bias"], k["eps"]))
+
+
+_REWRITES = {F.group_norm: (_group_norm, _GROUP), F.instance_norm: (_instance_norm, _INSTANCE),
+             F.batch_norm: (_batch_norm, _BATCH)}  # fmt: skip
+
+
+def fuse_functional_norm(gm: fx.GraphModule, node: fx.Node) -> fx.Node | None:
+    """The nodes that replace ``node``, a functional norm over the whole image, or None."""
+    if node.op != "call_function" or node.target not in _REWRITES:
+        return None
+    rewrite, (names, defaults) = _REWRITES[node.target]
+    kwargs = dict(node.kwargs)
+    a = kwargs.pop("input", node.args[0] if node.args else None)
+    new = rewrite(gm.graph, a, _bind_values((a, *node.args[1:]), kwargs, names, defaults))
+    if new is not None:
+        _replaces(gm, node, new)
+        new.meta["bigpicture_origin"] = f"F.{node.target.__name__} `{node.name}`"
+    return new
