@@ -12,8 +12,10 @@ import copy
 
 import pytest
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
-from helpers import assert_tiled_matches
+from distributed_launch import launch
+from helpers import _compare, _loss, assert_tiled_matches
 from torch import nn
 
 import bigpicture as bp
@@ -121,3 +123,37 @@ def test_several_attention_channels_summed_is_a_clear_error():
     model = MIL("view_as_sum", heads=8)  # softmax per channel: not the attention pooling we stream
     with pytest.raises(bp.TilingError, match="one attention channel"):
         bp.tiled(model, tile=8)(torch.randn(1, 3, 16, 16))
+
+
+DISTRIBUTED = ["gated_mil_matmul_2d", "gated_mil_view_as_sum_2d", "two_heads_matmul", "logsumexp_flat",
+               "topk_mean"]  # fmt: skip
+
+
+def ranks_match_untiled(rank: int, world: int, names: list[str]) -> None:
+    """On each rank: the net over the world's ranks, each with its share of the tiles, against the
+    untiled model in this process; the reductions' partial results are merged across ranks."""
+    for name in names:
+        pool, nd, heads, shape, tile = CASES[name]
+        torch.manual_seed(0)
+        model = MIL(pool, nd, heads).double()
+        x = torch.randn(shape, dtype=torch.float64)
+        x0, x1 = x.clone().requires_grad_(), x.clone().requires_grad_()
+        names, params = zip(*model.named_parameters())
+        expected = model(x0)
+        g0 = torch.autograd.grad(_loss(expected), [x0, *params], allow_unused=True)
+        net = bp.tiled(model, tile=tile, group=dist.group.WORLD)
+        got = net(x1)
+        assert len(net.plan.tiles) >= 2 * world, name  # every rank merges several tiles of its own
+        _compare(got, expected, f"{name} output on rank {rank}")
+        g1 = torch.autograd.grad(_loss(got), [x1, *params], allow_unused=True)
+        for what, a, b in zip(("input", *names), g1, g0):
+            if b is not None or a is not None:  # the pooling's own unused parameters: None in both
+                _compare(a, b, f"{name} gradient of {what} on rank {rank}")
+    with torch.no_grad():  # top-k positions: the image's, whichever rank found them
+        model = MIL("topk_indices").double()
+        x = torch.randn(2, 3, 17, 19, dtype=torch.float64)
+        torch.testing.assert_close(bp.tiled(model, tile=6, group=dist.group.WORLD)(x), model(x), rtol=0, atol=0)
+
+
+def test_pooling_over_positions_across_two_ranks():
+    launch(ranks_match_untiled, 2, DISTRIBUTED)

@@ -41,6 +41,25 @@ class Residual(nn.Module):
         return self.bn_head(self.head(y.mean((2, 3))))
 
 
+class AttentionMIL(nn.Module):
+    """A gated-attention MIL head (Ilse et al. 2018) on a conv trunk with BatchNorm in training mode:
+    the statistics' passes, then the softmax over every position streamed, in either spelling."""
+
+    def __init__(self, spelling: str):
+        super().__init__()
+        self.trunk = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU(),
+                                   nn.Conv2d(6, 8, 3, stride=2, padding=1), nn.BatchNorm2d(8))  # fmt: skip
+        self.v, self.u, self.w = nn.Conv2d(8, 5, 1), nn.Conv2d(8, 5, 1), nn.Conv2d(5, 1, 1)
+        self.fc, self.spelling = nn.Linear(8, 2), spelling
+
+    def forward(self, x):
+        h = self.trunk(x)
+        a = self.w(torch.tanh(self.v(h)) * torch.sigmoid(self.u(h)))
+        if self.spelling == "matmul":
+            return self.fc((torch.softmax(a.flatten(2), -1) @ h.flatten(2).transpose(1, 2))[:, 0])
+        return self.fc((torch.softmax(a.flatten(2), -1).view_as(a) * h).sum((2, 3)))
+
+
 CASES = {
     "bn2d": (lambda: stack(2), (2, 2, 19, 22), 8),
     "bn1d": (lambda: stack(1), (3, 2, 37), 8),
@@ -50,6 +69,8 @@ CASES = {
     "momentum_none": (lambda: stack(2, momentum=None), (2, 2, 17, 16), 6),
     "batch_one": (lambda: stack(2, momentum=0.5), (1, 2, 21, 18), 8),
     "parallel_branches_and_pooled_head": (Residual, (2, 3, 15, 17), 6),
+    "attention_mil_matmul": (lambda: AttentionMIL("matmul"), (2, 3, 20, 23), 8),
+    "attention_mil_view_as_sum": (lambda: AttentionMIL("view_as_sum"), (2, 3, 20, 23), 8),
     "on_the_input_and_last": (
         lambda: nn.Sequential(nn.BatchNorm2d(3), nn.Conv2d(3, 2, 3), nn.BatchNorm2d(2, affine=False)),
         (2, 3, 13, 14),

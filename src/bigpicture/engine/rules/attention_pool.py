@@ -4,17 +4,20 @@ Attention pooling is a softmax over every position followed by a weighted sum of
 
     o[n, k, c] = sum_p exp(a[n, k, p] - M) h[n, c, p] / S,    S = sum_p exp(a[n, k, p] - M)
 
-Per tile the engine keeps a running maximum M, the sum of exponentials S and the weighted sum
-V; a new tile with its own (m, s, v) combines exactly (the online softmax):
+Each tile gives its own result and log-normaliser, o_t = sum exp(a - L_t) h over its positions
+and L_t = log sum exp(a) (per sample and head); two results combine exactly, as flash attention
+combines the blocks of a row (the online softmax: the running maximum, the sum of exponentials
+and the weighted sum, kept as their quotient and logarithm):
 
-    M' = max(M, m)    S' = S e^(M - M') + s e^(m - M')    V' = V e^(M - M') + v e^(m - M')
+    L = logaddexp(L_1, L_2)     o = o_1 e^(L_1 - L) + o_2 e^(L_2 - L)
 
-so the feature map is never whole. The backward recomputes each tile and weights it with the
-softmax under the global normaliser, p = exp(a - M) / S:
+so the feature map is never whole, and the tiles of several ranks, or of a run resumed from
+its record, combine by the same merge as the tiles of one. The backward recomputes each tile
+and weights it with the softmax under the global normaliser, p = exp(a - L):
 
     d o / d h[c, p] = p[k, p] g[k, c]        d o / d a[k, p] = p[k, p] (g[k] . (h[:, p] - o[k]))
 
-Logsumexp keeps (M, S); top-k keeps the k best values and their image positions. The graph
+Logsumexp keeps L alone; top-k keeps the k best values and their image positions. The graph
 spellings that become these calls are found by ``positions.py``.
 """
 
@@ -52,15 +55,9 @@ def topk_positions(x: torch.Tensor, k: int, largest: bool = True):
     return torch.topk(x.flatten(2), k, -1, largest)
 
 
-def _rescale(acc: Partial, m: torch.Tensor, *sums: torch.Tensor) -> tuple:
-    """Running sums with maximum ``acc.ties`` and new ones with maximum ``m``, on a common maximum."""
-    if acc.value is None:
-        acc.ties = m
-        return sums
-    new = torch.maximum(acc.ties, m)
-    old, now = torch.exp(acc.ties - new), torch.exp(m - new)
-    acc.ties = new
-    return tuple(s * _like(old, s) + t * _like(now, t) for s, t in zip(acc.state, sums))
+def _weight(norm, total):
+    """The share ``e^(norm - total)`` of a part's result in the whole, against its (N, K, C) result."""
+    return torch.exp(norm - total)[..., None]
 
 
 def _like(scale, t):
@@ -84,16 +81,20 @@ class AttentionPool(StreamedReduction):
     def _split(self, values):
         return values[:, : self.heads].flatten(2), values[:, self.heads :].flatten(2)
 
-    def accumulate(self, acc: Partial, values, write: Box) -> None:
+    def partial(self, values, write: Box) -> Partial:
+        """(o, L): the tile's attention-weighted features under its own normaliser, and that normaliser."""
         a, h = self._split(values)
-        m = a.amax(-1)
-        e = torch.exp(a - m[..., None])
-        acc.state = _rescale(acc, m, e.sum(-1), e @ h.transpose(1, 2))
-        acc.value = acc.state[1] / acc.state[0][..., None]
+        norm = torch.logsumexp(a, -1)
+        return Partial(torch.exp(a - norm[..., None]) @ h.transpose(1, 2), norm)
+
+    def combine(self, acc: Partial, other: Partial) -> None:
+        norm = torch.logaddexp(acc.ties, other.ties)
+        acc.value = acc.value * _weight(acc.ties, norm) + other.value * _weight(other.ties, norm)
+        acc.ties = norm
 
     def weights(self, acc: Partial, values, write: Box, grad):
         a, h = self._split(values)
-        p = torch.exp(a - acc.ties[..., None]) / acc.state[0][..., None]
+        p = torch.exp(a - acc.ties[..., None])
         w_h = grad.transpose(1, 2) @ p
         w_a = p * (grad @ h - (grad * acc.value).sum(-1, keepdim=True))
         return torch.cat([w_a, w_h], 1).view_as(values)
@@ -119,11 +120,11 @@ class LogSumExp(StreamedReduction):
                     f"every spatial dimension {self.dims} (and nothing else) is streamed over tiles."
                 )
 
-    def accumulate(self, acc: Partial, values, write: Box) -> None:
-        flat = values.flatten(2)
-        m = flat.amax(-1)
-        acc.state = _rescale(acc, m, torch.exp(flat - m[..., None]).sum(-1))
-        acc.value = acc.ties + torch.log(acc.state[0])
+    def partial(self, values, write: Box) -> Partial:
+        return Partial(torch.logsumexp(values.flatten(2), -1))
+
+    def combine(self, acc: Partial, other: Partial) -> None:
+        acc.value = torch.logaddexp(acc.value, other.value)
 
     def weights(self, acc: Partial, values, write: Box, grad):
         return torch.exp(values - _like(acc.value, values)) * _like(grad, values)
@@ -143,16 +144,19 @@ class TopK(StreamedReduction):
         self.k, self.largest = ctx.static(node.args[1:3])
         self.indices = None  # of the last call's result: finalize returns them with the values
 
-    def accumulate(self, acc: Partial, values, write: Box) -> None:
+    def partial(self, values, write: Box) -> Partial:
         flat = values.flatten(2)
         top, where = flat.topk(min(self.k, flat.shape[-1]), -1, self.largest)
-        index = self.image_index(values, write).flatten()[where]
-        if acc.value is not None:
-            top, index = torch.cat([acc.value, top], -1), torch.cat([acc.ties, index], -1)
-            top, where = top.topk(min(self.k, top.shape[-1]), -1, self.largest)
-            index = index.gather(-1, where)
-        acc.value, acc.ties = top, index
-        self.indices = index
+        return Partial(top, self.image_index(values, write).flatten()[where])
+
+    def combine(self, acc: Partial, other: Partial) -> None:
+        top, index = torch.cat([acc.value, other.value], -1), torch.cat([acc.ties, other.ties], -1)
+        acc.value, where = top.topk(min(self.k, top.shape[-1]), -1, self.largest)
+        acc.ties = index.gather(-1, where)
+
+    def merge(self, acc: Partial, other: Partial) -> None:
+        super().merge(acc, other)
+        self.indices = acc.ties
 
     def weights(self, acc: Partial, values, write: Box, grad):
         coords = torch.unravel_index(acc.ties, self.in_extents[0])

@@ -27,8 +27,8 @@ class Partial:
 
     value: torch.Tensor | None = None  # (N, C, 1, ...): sum or maximum
     ties: torch.Tensor | None = None  # max: number of positions equal to it; first: their first index
+    # (the log-normaliser of attention pooling, the image positions of top-k)
     count: int = 0  # moments: positions seen
-    state: tuple = ()  # running sums of reductions that need more (softmax: sum of exponentials, ...)
 
 
 class StreamedReduction(Op):

@@ -42,27 +42,26 @@ def batch_moments(a: torch.Tensor) -> torch.Tensor:
 
 
 def normalize(a, stats, weight, bias, eps: float, groups: int) -> torch.Tensor:
-    n, c = a.shape[:2]
-    spatial = (1,) * (a.ndim - 2)
-    mean = stats[..., 0].reshape(n, groups, 1, *spatial)
-    invstd = torch.rsqrt(stats[..., 1] + eps).reshape(n, groups, 1, *spatial)
-    y = ((a.reshape(n, groups, c // groups, *a.shape[2:]) - mean) * invstd).reshape(a.shape)
-    return _affine(y, weight, bias)
+    channels = a.shape[1]
+    mean, var = (stats[..., i].repeat_interleave(channels // groups, dim=1) for i in (0, 1))  # (N, C)
+    return _scaled(a, mean, var, weight, bias, eps)
 
 
 def batch_normalize(a, stats, weight, bias, eps: float) -> torch.Tensor:
-    shape = (1, a.shape[1]) + (1,) * (a.ndim - 2)
-    y = (a - stats[:, 0].reshape(shape)) * torch.rsqrt(stats[:, 1] + eps).reshape(shape)
-    return _affine(y, weight, bias)
+    return _scaled(a, stats[:, 0], stats[:, 1], weight, bias, eps)
 
 
-def _affine(y, weight, bias):
-    shape = (1, y.shape[1]) + (1,) * (y.ndim - 2)
+def _scaled(a, mean, var, weight, bias, eps: float) -> torch.Tensor:
+    """``(a - mean) / sqrt(var + eps) * weight + bias`` as ``a * scale + shift``, with per-channel
+    ``scale`` and ``shift`` (as torch's CPU BatchNorm computes it): one op on the tile, whose
+    backward keeps ``a`` alone, as BatchNorm's does, where the spelt-out form keeps two more
+    tile-sized tensors (``a - mean`` and the normalised ``a``) for every norm of the network."""
+    scale = torch.rsqrt(var + eps)
     if weight is not None:
-        y = y * weight.reshape(shape)
-    if bias is not None:
-        y = y + bias.reshape(shape)
-    return y
+        scale = scale * weight
+    shift = -mean * scale if bias is None else bias - mean * scale
+    shape = (-1, a.shape[1]) + (1,) * (a.ndim - 2)  # from (C,) or (N, C)
+    return torch.addcmul(shift.reshape(shape), a, scale.reshape(shape))
 
 
 register_pointwise(normalize, batch_normalize)
@@ -129,7 +128,8 @@ class Moments(StreamedReduction):
     def weights(self, acc: Partial, values, write: Box, grad):
         stats = (acc.value[..., 0], grad[..., 0], grad[..., 1])
         mean, g_mean, g_var = (self._spread(t, values) for t in stats)
-        return g_mean / acc.count + g_var * 2 * (values - mean) / acc.count
+        slope = g_var * (2 / acc.count)  # g_mean / M + g_var 2 (a - mean) / M, with one tile-sized op
+        return torch.addcmul(g_mean / acc.count - mean * slope, values, slope)
 
     def finalize(self, result, rest, kwargs):
         return result
