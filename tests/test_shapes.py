@@ -32,7 +32,9 @@ def _cases():
     if census is None:
         return [pytest.param(None, marks=pytest.mark.skip(reason="monai is not installed"))]
     return [
-        pytest.param(c, id=census.case_id(c), marks=[] if census.case_id(c) in DEFAULT else [pytest.mark.slow])
+        pytest.param(
+            c, id=census.case_id(c), marks=[] if census.case_id(c) in DEFAULT else [pytest.mark.slow]
+        )
         for c in census.cases()
         if not c.heavy
     ]
