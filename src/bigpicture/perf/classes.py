@@ -151,17 +151,17 @@ def _largest_peaks(split, grid: _Grid, steps: dict, grad: dict, item: int, train
     for combos in steps.values():
         code = np.array([_structure(st) for st, _, _ in combos], dtype=np.int64)[combos[0][2]]
         _, which = np.unique(which * 16 + code, return_inverse=True)
+    fields = {  # per node and field, the value of each of its geometries
+        node: {f: np.array([getattr(st, f) for st, _, _ in combos], dtype=np.int64) for f in _FIELDS}
+        for node, combos in steps.items()
+    }
     peak = peak_train = 0
     for g in range(int(which.max()) + 1):
         mask = which.reshape(-1) == g
         group = []
-        for combos in steps.values():
+        for node, combos in steps.items():
             index = combos[0][2][mask]
-            first = combos[index[0]][0]
-            values = {
-                f: np.array([getattr(st, f) for st, _, _ in combos], dtype=np.int64)[index] for f in _FIELDS
-            }
-            group.append(replace(first, **values))
+            group.append(replace(combos[index[0]][0], **{f: v[index] for f, v in fields[node].items()}))
         p, pt = peaks(
             split,
             group,
