@@ -15,6 +15,7 @@ from torch import fx
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx.node import map_arg
 
+from bigpicture.engine.shapes import shortcut
 from bigpicture.errors import TilingError
 
 
@@ -175,10 +176,19 @@ def propagate(gm: fx.GraphModule, inputs: list) -> dict[fx.Node, object]:
             else:
                 args, kwargs = resolve(node, env)
                 try:
-                    env[node] = call(gm, node, args, kwargs)
+                    env[node] = fast_call(gm, node, args, kwargs)
                 except Exception as e:
                     raise shape_error(gm, node, e, inputs) from e
     return env
+
+
+def fast_call(gm: fx.GraphModule, node: fx.Node, args, kwargs):
+    """``call`` on fake tensors, by a shortcut for the layers networks repeat (``shapes.shortcut``)."""
+    if node.op == "call_module":
+        out = shortcut(gm.get_submodule(node.target), args, kwargs)
+        if out is not None:
+            return out
+    return call(gm, node, args, kwargs)
 
 
 def fake(value):

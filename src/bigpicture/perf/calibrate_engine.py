@@ -151,5 +151,3 @@ def _best_step(
         step()
         times.append(clock() - start)
     return min(times)
-
-

@@ -24,10 +24,13 @@ import numpy as np
 import torch
 
 from bigpicture.engine.box import Box
+from bigpicture.engine.rules import Window
+from bigpicture.engine.rules.resample import ConvTranspose
+from bigpicture.engine.rules.window import Conv
 from bigpicture.engine.split import Split
 from bigpicture.perf.grid import ClassGrid
 from bigpicture.perf.rates import Rates
-from bigpicture.perf.steps import _step, _stored, dim_geometry, spatial_inputs, step_key
+from bigpicture.perf.steps import _step, _stored, dim_geometry, spatial_inputs
 from bigpicture.perf.walk import TileWalk, accumulation_s, bytes_of, grad_in, grads, peaks, readers, walk
 
 
@@ -118,7 +121,16 @@ class _Grid:
 
 
 def _node_combos(split, grid: _Grid, node, grad_in: bool, input_copy: bool, item, rates, memo) -> list:
-    """(step, tiles, per-class index) of each distinct geometry of ``node`` over the grid."""
+    """(step, tiles, per-class index) of each distinct step of ``node`` over the grid.
+
+    A step's cost depends on its geometry only through products over dimensions (positions of
+    its box, of its inputs' boxes, of its padded input, of a transposed convolution's input) and
+    whether it is padded or copied (``steps._step``). Those are counted on arrays over every
+    combination of the per-dimension geometries, and one step is built per distinct set of them:
+    a 3D grid with 10 kinds per dimension has 1,000 combinations, and tiles that differ by a
+    permutation of dimensions share a step. A CPU convolution also depends on the shape of its
+    input (torch picks its kernel by shape: ``steps._backend``), which the key then holds too.
+    """
 
     def geometry(row, d):
         need = row[1]
@@ -126,18 +138,59 @@ def _node_combos(split, grid: _Grid, node, grad_in: bool, input_copy: bool, item
         return dim_geometry(split, node, need, stored, d)
 
     per_dim = grid.features(geometry)
-    boxes = [node, *(i for i in split.ops[node].inputs if i in grid.row(0)[1])]
+    op = split.ops[node]
+    boxes = [node, *(i for i in op.inputs if i in grid.row(0)[1])]
+    lengths, outside, differ = [], [], []  # per dimension, per distinct geometry along it
+    for d, (_, firsts, _, values) in enumerate(per_dim):
+        rows = [grid.row(j)[1] for j in firsts]
+        lengths.append(np.array([_lengths(op, boxes, r, d) for r in rows], dtype=np.int64))
+        outside.append(np.array([v[1] for v in values]))
+        differ.append(np.array([v[2] for v in values]))
+    numels = _outer(lengths, np.multiply)  # (combinations, quantities)
+    out = _outer(outside, np.logical_or)[:, None]
+    copied = out | _outer(differ, np.logical_or)[:, None]
+    columns = [numels, out, copied]
+    if not rates.gpu and rates.measured and isinstance(op, (Conv, ConvTranspose)):
+        picks = np.unravel_index(np.arange(len(numels)), [len(x) for x in lengths])
+        columns.append(np.concatenate([x[p][:, -2:] for x, p in zip(lengths, picks, strict=True)], 1))
+    table = np.concatenate([c.astype(np.int64) for c in columns], 1)
+    keys, first, inverse = np.unique(table, axis=0, return_index=True, return_inverse=True)
+    tiles = np.bincount(
+        inverse.reshape(-1), weights=_outer([np.array(f[2], dtype=np.float64) for f in per_dim], np.multiply)
+    )
+    counts = [len(f[1]) for f in per_dim]
     combos = []
-    for combo in itertools.product(*[range(len(f[1])) for f in per_dim]):
-        key = step_key(node, [per_dim[d][3][f] for d, f in enumerate(combo)], grad_in)
+    for u, combo in enumerate(first):
+        key = ("counted", node, tuple(keys[u].tolist()), grad_in)
         if key not in memo:  # the boxes of one tile with this geometry
-            rows = [grid.row(per_dim[d][1][f])[1] for d, f in enumerate(combo)]
+            fs = np.unravel_index(combo, counts)
+            rows = [grid.row(per_dim[d][1][f])[1] for d, f in enumerate(fs)]
             need = {n: Box.from_dims(r[n].dim(d) for d, r in enumerate(rows)) for n in boxes}
-            memo[key] = _step(split, node, need[node], key[1] or key[2], need, item, rates, grad_in)
-        combos.append((memo[key], math.prod(per_dim[d][2][f] for d, f in enumerate(combo))))
-    counts = [len(f[1]) for f in per_dim]  # the combination of each class, numbered row-major
-    index = grid.mesh([f[0] * math.prod(counts[d + 1 :]) for d, f in enumerate(per_dim)], np.add)
-    return [(st, tiles, index) for st, tiles in combos]
+            memo[key] = _step(split, node, need[node], bool(copied[combo, 0]), need, item, rates, grad_in)
+        combos.append((memo[key], int(tiles[u])))
+    # the combination of each class, numbered row-major, then its step
+    index = inverse.reshape(-1)[
+        grid.mesh([f[0] * math.prod(counts[d + 1 :]) for d, f in enumerate(per_dim)], np.add)
+    ]
+    return [(st, n, index) for st, n in combos]
+
+
+def _lengths(op, boxes: list, need: dict, d: int) -> list[int]:
+    """Along dimension d: the lengths of the node's box and its inputs' boxes, of the input box its
+    window reads (padding included; 1 if none) and of a transposed convolution's input (or 1)."""
+    box = need[boxes[0]]
+    padded = op.padded_box(box).shape[d] if isinstance(op, Window) else 1
+    extra = op.needs(box)[0].shape[d] if isinstance(op, ConvTranspose) else 1
+    return [need[n].shape[d] for n in boxes] + [padded, extra]
+
+
+def _outer(per_dim: list[np.ndarray], combine) -> np.ndarray:
+    """Per combination of one entry per dimension (row-major), the entries combined: (combinations,
+    ...) for per-dimension arrays of (entries, ...)."""
+    out = per_dim[0]
+    for values in per_dim[1:]:
+        out = combine(out[:, None], values[None, :]).reshape((-1,) + values.shape[1:])
+    return out
 
 
 _FIELDS = ("out", "temp", "padded", "saved_extra")
@@ -151,17 +204,17 @@ def _largest_peaks(split, grid: _Grid, steps: dict, grad: dict, item: int, train
     for combos in steps.values():
         code = np.array([_structure(st) for st, _, _ in combos], dtype=np.int64)[combos[0][2]]
         _, which = np.unique(which * 16 + code, return_inverse=True)
+    fields = {  # per node and field, the value of each of its geometries
+        node: {f: np.array([getattr(st, f) for st, _, _ in combos], dtype=np.int64) for f in _FIELDS}
+        for node, combos in steps.items()
+    }
     peak = peak_train = 0
     for g in range(int(which.max()) + 1):
         mask = which.reshape(-1) == g
         group = []
-        for combos in steps.values():
+        for node, combos in steps.items():
             index = combos[0][2][mask]
-            first = combos[index[0]][0]
-            values = {
-                f: np.array([getattr(st, f) for st, _, _ in combos], dtype=np.int64)[index] for f in _FIELDS
-            }
-            group.append(replace(first, **values))
+            group.append(replace(combos[index[0]][0], **{f: v[index] for f, v in fields[node].items()}))
         p, pt = peaks(
             split,
             group,

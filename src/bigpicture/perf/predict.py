@@ -45,13 +45,14 @@ from torch import fx, nn
 from bigpicture.engine.box import Box
 from bigpicture.engine.plan import Plan
 from bigpicture.engine.split import Split
+from bigpicture.engine.tiles import working_counts
 from bigpicture.errors import TilingError
 from bigpicture.perf.classes import aggregate
 from bigpicture.perf.devices import Device, for_torch, get_device, load_calibration
 from bigpicture.perf.grid import Layout, class_grid, layout
 from bigpicture.perf.prediction import Prediction, Stage, _flops, _seconds, _size  # noqa: F401 (re-exported)
 from bigpicture.perf.rates import GPU_ASSUMPTIONS, Rates
-from bigpicture.perf.walk import TileWalk, last_tile, walk
+from bigpicture.perf.walk import TileWalk, last_tile, tile_at, walk
 
 MiB = 2**20
 GPU_CONTEXT_BYTES = 512 * MiB  # CUDA context and cuDNN/cuBLAS handles: 300-600 MiB on recent GPUs
@@ -195,6 +196,42 @@ def predict_splits(
         for s in splits
     ]
     return parts[0] if len(parts) == 1 else _combine(parts)
+
+
+def least_memory(
+    splits: list[Split],
+    input_shape,
+    dtype: torch.dtype,
+    tile,
+    device: str | Device = "cpu",
+    training: bool = False,
+    input_grad: bool = False,
+    input_on_device: bool | None = None,
+    shared: dict | None = None,
+) -> int:
+    """A lower bound of ``predict_splits(...).memory`` from one tile's walk instead of every class's.
+
+    The predicted peak is the largest over the grid's tiles of one working set plus parts that grow
+    with it, so any one tile's working set bounds it from below; the tile in the middle of the tiles
+    with work (whole-size boxes, away from the borders) is usually the largest. The planner skips
+    tiles this already shows over the budget, for the cost of one walk (``shared`` as for
+    ``predict_splits``: the steps it builds serve the full prediction too)."""
+    dev = resolve_device(device)
+    shared = {} if shared is None else shared
+    if "rates" not in shared:
+        shared["rates"] = Rates(dev, dtype, None if dev.name != "cpu" else load_calibration())
+    on_device = dev.name == "cpu" if input_on_device is None else input_on_device
+    least = 0
+    for s in splits:
+        lay = layout(s, input_shape, tile)
+        working = max((working_counts(s, lay, k) for k in s.sinks), key=math.prod)
+        tiles = math.prod(working)  # at least this many tiles have work
+        index = tuple(c // 2 for c in working)
+        need, writes = tile_at(s, lay, index)
+        copy, memo = not on_device or tiles > 1, shared.setdefault(id(s), {})
+        one = walk(s, need, writes, dtype, shared["rates"], training, input_grad, copy, memo)
+        least = max(least, sum(v for _, v in _memory(s, dtype, one, tiles, training, dev.name != "cpu")))
+    return least
 
 
 def _predict_pass(

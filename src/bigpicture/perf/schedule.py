@@ -26,9 +26,9 @@ from bigpicture.errors import TilingError
 from bigpicture.perf.devices import Device, load_calibration
 from bigpicture.perf.multi import with_devices
 from bigpicture.perf.predict import (
-    GPU_FRAGMENTATION,
     Prediction,
     _size,
+    least_memory,
     model_dtype,
     predict,
     predict_splits,
@@ -93,9 +93,16 @@ def analyse(
 
 
 def candidates(splits: list[Split], input_shape) -> list[tuple[int, ...]]:
-    """Tile shapes worth predicting: cubes of side unit x 2^k and 3 x 2^(k-1), and the whole image."""
+    """Tile shapes worth predicting: cubes of side unit x 2^k and 3 x 2^(k-1), and the whole image.
+
+    The unit is the deepest node's stride (of every node, so also every sink's): tile edges then
+    lie on every node's pixel grid, so no deep pixel is computed by two tiles, and a tile's boxes
+    are its neighbour's moved by whole pixels of every node. Interior tiles are then one class,
+    and the classes per dimension are those near the borders (``grid._dim_keys``); a tile of 12
+    on a network of stride 16 repeats only every 4 tiles, and its 3D prediction had 15^3 classes.
+    """
     spatial = tuple(input_shape[2:])
-    unit = math.lcm(*[f.numerator for s in splits for k in s.sinks for f in s.strides[k]])
+    unit = math.lcm(*[f.numerator for s in splits for n in s.strides for f in s.strides[n]])
     per_dim = math.floor(MAX_TILES ** (1 / len(spatial)) + 1e-9)  # 256 in 2D, 40 in 3D
     smallest = max(unit, math.ceil(max(spatial) / per_dim))
     sides, m = set(), 1
@@ -171,25 +178,24 @@ def best_tile(
     """The prediction of the fastest tile that fits (see ``choose_tile``), for an analysed model."""
     budget, dev = parse_memory(budget_bytes), resolve_device(device)
     tried: list[Prediction] = []
+    bounds: dict = {}  # tile -> a lower bound of its predicted memory (one tile's walk)
     best = math.inf
-    # from the largest tile down: once one fits, a smaller tile whose engine time alone (its
-    # number of tiles) exceeds the best time so far cannot win, and is not predicted
+    # from the largest tile down: a tile whose memory bound is over the budget cannot fit; once one
+    # fits, a smaller tile whose engine time alone (its number of tiles) exceeds the best time so
+    # far cannot win. Neither is predicted.
     tiles, shared = candidates(splits, input_shape), {}  # the candidates share rates and steps
     for tile in reversed(tiles):
         if best < math.inf and least_time(splits, input_shape, dtype, tile, dev, training) >= best:
             continue
+        bounds[tile] = least_memory(splits, input_shape, dtype, tile, dev, training, shared=shared)
+        if bounds[tile] > budget:
+            continue
         tried.insert(0, predict_splits(splits, input_shape, dtype, tile, dev, training, shared=shared))
         if tried[0].memory <= budget:
             best = min(best, tried[0].time)
-        elif best == math.inf and tried[0].tiles > 1 and _floor(tried[0]) > budget and tile != tiles[0]:
-            # what no tile size changes is over budget already: the smallest tile, for the error
-            tried.insert(
-                0, predict_splits(splits, input_shape, dtype, tiles[0], dev, training, shared=shared)
-            )
-            break
     fits = [p for p in tried if p.memory <= budget]
     if not fits:
-        p = min(tried, key=lambda p: p.memory)
+        p = _least(splits, input_shape, dtype, dev, training, tried, bounds, shared)
         parts = ", ".join(f"{k} {_size(v)}" for k, v in p.memory_parts if v)
         smaller = " use a smaller dtype," if torch.empty((), dtype=dtype).element_size() > 2 else ""
         raise TilingError(
@@ -199,10 +205,27 @@ def best_tile(
         )
     best = min(fits, key=lambda p: (p.time, -math.prod(p.tile)))
     note = f"fastest predicted of the {len(fits)} tile sizes (of {len(tried)}) that fit {_size(budget)}"
-    bigger = [p for p in tried if math.prod(p.tile) > math.prod(best.tile)]
-    if bigger and bigger[0].memory > budget:
-        note += f"; the next larger, {_side(bigger[0].tile)}, needs {_size(bigger[0].memory)}"
+    bigger = [t for t in sorted(bounds, key=math.prod) if math.prod(t) > math.prod(best.tile)]
+    if bigger:
+        known = {p.tile: p.memory for p in tried}
+        need = known.get(bigger[0])
+        need = _size(need) if need is not None else f"more than {_size(bounds[bigger[0]])}"
+        note += f"; the next larger, {_side(bigger[0])}, needs {need}"
     return best.with_note(note)
+
+
+def _least(splits, input_shape, dtype, dev, training, tried: list, bounds: dict, shared: dict) -> Prediction:
+    """The prediction of least memory among the candidates: those whose bound is below the least
+    predicted so far are predicted, from the least bound up (for the error when no tile fits)."""
+    least = min(tried, key=lambda p: p.memory, default=None)
+    done = {p.tile for p in tried}
+    for tile in sorted(bounds, key=lambda t: (bounds[t], -math.prod(t))):
+        if least is not None and bounds[tile] >= least.memory:
+            break
+        if tile not in done:
+            p = predict_splits(splits, input_shape, dtype, tile, dev, training, shared=shared)
+            least = p if least is None or p.memory < least.memory else least
+    return least
 
 
 def make_plan(
@@ -311,14 +334,6 @@ def _ancestors(split: Split, sink) -> set:
         seen.add(node)
         todo.extend(node.all_input_nodes)
     return seen
-
-
-def _floor(p: Prediction) -> int:
-    """The peak memory of ``p`` that no smaller tile (of several) lowers: all but the working set
-    and the GPU allocator's slack on it."""
-    working = dict(p.memory_parts)["tile working set"]
-    slack = math.ceil(GPU_FRAGMENTATION * working) if p.device != "cpu" else 0
-    return p.memory - working - slack
 
 
 def _size_up(n: int) -> str:

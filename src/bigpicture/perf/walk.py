@@ -211,6 +211,10 @@ def _backward(steps: list, sizes: dict, state, grad: dict):
 def last_tile(split: Split, lay: Layout) -> tuple[dict, tuple]:
     """The node boxes and write boxes of the grid's last tile: the engine runs it last in the
     forward with autograd and keeps its graph, so a training step does not recompute it."""
-    index = tuple(g - 1 for g in lay.grid)
+    return tile_at(split, lay, tuple(g - 1 for g in lay.grid))
+
+
+def tile_at(split: Split, lay: Layout, index: tuple[int, ...]) -> tuple[dict, tuple]:
+    """The node boxes and write boxes of the tile at grid ``index``."""
     writes = tuple(write_box(index, lay, split.strides[k], split.extents[k]) for k in split.sinks)
     return needs(split, dict(zip(split.sinks, writes, strict=True))), writes
