@@ -24,6 +24,7 @@ from torch.fx.node import map_aggregate
 
 from bigpicture.engine import capture as g
 from bigpicture.engine import rules
+from bigpicture.engine import stages as staging
 from bigpicture.engine.rules import shuffle
 from bigpicture.errors import TilingError
 
@@ -108,8 +109,25 @@ class Split:
 
 
 def split(gm: fx.GraphModule, values: dict, x: fx.Node, multipass: bool = True) -> Split:
-    """``multipass=False``: one pass over the tiles; a global op in the middle is then an error."""
+    """``multipass=False``: one pass over the tiles; a global op in the middle is then an error.
+
+    Where a spatial node meets a map of the whole image (a global stage's output: attention on
+    tokens), the map is held whole and read by a later pass (``stages.materialise``), and the
+    split is made again; each time one more tensor is held whole."""
     gm, values, x = shuffle.fold(gm, values, x)  # pixel shuffles spelt with view/permute/reshape
+    for _ in range(len(gm.graph.nodes)):
+        try:
+            return _split(gm, values, x, multipass)
+        except staging.Meets as meets:
+            gm, values, x = staging.materialise(gm, values, x, meets, _lookup)
+    raise AssertionError("each materialisation makes a whole tensor a source: there are finitely many")
+
+
+def _lookup(gm, values, node, roles):
+    return rules.lookup(node, Context(gm, values, roles, values[node].ndim))
+
+
+def _split(gm: fx.GraphModule, values: dict, x: fx.Node, multipass: bool) -> Split:
     ndim = values[x].ndim
     roles: dict = {}
     ctx = Context(gm, values, roles, ndim, multipass)
@@ -142,9 +160,10 @@ def split(gm: fx.GraphModule, values: dict, x: fx.Node, multipass: bool = True) 
             sinks += [i for i in inputs if i not in sinks]
         else:
             _check_local(node, ctx, x, op, multipass)
-            strides[node] = tuple(a * b for a, b in zip(strides[inputs[0]], op.stride))
+            before = strides[inputs[0]] if inputs else (Fraction(1),) * (ndim - 2)  # a stage's source
+            strides[node] = tuple(a * b for a, b in zip(before, op.stride))
             passes[node] = max([passes[i] for i in inputs] + [passes[d] + 1 for d in derived])
-            if derived and passes[node] > max(passes[i] for i in inputs):
+            if derived and passes[node] > max((passes[i] for i in inputs), default=-1):
                 reasons.setdefault(passes[node], []).extend(_global_ops(node, derived, ctx))
     for node in gm.graph.nodes:
         if node.op == "output":
@@ -181,7 +200,7 @@ def stages(whole: Split) -> list[Split]:
 
 
 def _role(node, ctx: Context, x) -> str:
-    if node is x:
+    if node is x or staging.is_source(node):
         return "spatial"
     if node.op in ("placeholder", "get_attr"):
         return "const"
@@ -209,7 +228,9 @@ def _check_local(node, ctx: Context, x, op, multipass: bool) -> None:
     for d in derived:  # a reduction's own result has the shape its rule gives; the tail's is anything
         value = ctx.values[d]
         mapped = ctx.roles[d] == "tail" and isinstance(value, torch.Tensor) and value.ndim == ctx.ndim
-        if mapped and any(n > 1 for n in value.shape[2:]):
+        if mapped and any(n > 1 for n in value.shape[2:]) and not staging.is_source(node):
+            if staging.grid(value, ctx.values[x]):  # held whole, read by a later pass's tiles
+                raise staging.Meets(node, d, ctx)
             raise _whole_image_map(node, d, ctx)
     value, first = ctx.values[node], ctx.values[x]
     tensor = value[0] if isinstance(value, (tuple, list)) else value
