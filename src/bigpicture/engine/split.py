@@ -98,6 +98,7 @@ class Split:
     passes: dict  # node -> the pass over the tiles that computes it (spatial) or after which it is known
     derived: tuple = ()  # values from earlier passes that this pass's tiles use
     reasons: dict = field(default_factory=dict)  # pass k > 0 -> the global ops whose results it waits for
+    sizes: dict = field(default_factory=dict)  # untiled node -> elements of its value (global stages)
 
     @cached_property
     def extents(self) -> dict:
@@ -115,11 +116,18 @@ def split(gm: fx.GraphModule, values: dict, x: fx.Node, multipass: bool = True) 
     tokens), the map is held whole and read by a later pass (``stages.materialise``), and the
     split is made again; each time one more tensor is held whole."""
     gm, values, x = shuffle.fold(gm, values, x)  # pixel shuffles spelt with view/permute/reshape
+    tile_outputs = multipass  # an untiled decoder after a global stage: tiled in a later pass instead
     for _ in range(len(gm.graph.nodes)):
         try:
-            return _split(gm, values, x, multipass)
+            return _split(gm, values, x, multipass, tile_outputs)
         except staging.Meets as meets:
-            gm, values, x = staging.materialise(gm, values, x, meets, _lookup)
+            new, changed, x_new, made = staging.materialise(gm, values, x, meets, _lookup)
+            if made:
+                gm, values, x = new, changed, x_new
+            elif meets.node.op == "output":
+                tile_outputs = False  # what computes the output cannot read its inputs box by box
+            else:
+                raise AssertionError(f"{meets.node}: a whole-image map that cannot be held whole") from None
     raise AssertionError("each materialisation makes a whole tensor a source: there are finitely many")
 
 
@@ -127,7 +135,7 @@ def _lookup(gm, values, node, roles):
     return rules.lookup(node, Context(gm, values, roles, values[node].ndim))
 
 
-def _split(gm: fx.GraphModule, values: dict, x: fx.Node, multipass: bool) -> Split:
+def _split(gm: fx.GraphModule, values: dict, x: fx.Node, multipass: bool, tile_outputs: bool) -> Split:
     ndim = values[x].ndim
     roles: dict = {}
     ctx = Context(gm, values, roles, ndim, multipass)
@@ -168,6 +176,10 @@ def _split(gm: fx.GraphModule, values: dict, x: fx.Node, multipass: bool) -> Spl
     for node in gm.graph.nodes:
         if node.op == "output":
             sinks += [i for i in ctx.spatial_inputs(node) if i not in sinks]
+            if tile_outputs:
+                for i in node.all_input_nodes:
+                    if staging.tiled_kind(i, values, x, lambda n, r: _lookup(gm, values, n, r), roles):
+                        raise staging.Meets(node, i, ctx)
     if not sinks:
         raise TilingError("the model's outputs do not depend on the spatial input: nothing to tile.")
     for s in sinks:
@@ -176,7 +188,9 @@ def _split(gm: fx.GraphModule, values: dict, x: fx.Node, multipass: bool) -> Spl
                               "its items instead.")  # fmt: skip
     shapes = {n: ctx.shape(n) for n in gm.graph.nodes if roles[n] == "spatial"}
     reasons = {k: tuple(dict.fromkeys(v)) for k, v in reasons.items()}
-    return Split(gm, x, roles, ops, statics, strides, tuple(sinks), (), shapes, passes, reasons=reasons)
+    sizes = {n: staging.footprint(gm, n, values) for n in gm.graph.nodes if roles[n] in ("tail", "reduce")}
+    return Split(gm, x, roles, ops, statics, strides, tuple(sinks), (), shapes, passes, reasons=reasons,
+                 sizes=sizes)  # fmt: skip
 
 
 def stages(whole: Split) -> list[Split]:
@@ -220,10 +234,11 @@ def _check_local(node, ctx: Context, x, op, multipass: bool) -> None:
     if derived and not multipass:
         raise TilingError(
             f"{ctx.where(node)} combines the spatial features with {ctx.where(derived[0])}, which depends on "
-            "the whole image (a global op such as squeeze-excitation) in the middle of the local part, "
-            "and multipass=False allows one pass over the tiles only. Without multipass=False (the "
-            "default) bigpicture makes it exact with one more pass over the tiles per such op; or move "
-            "the op after the tiled part."
+            "the whole image (a global op such as squeeze-excitation, or attention over tokens) in the "
+            "middle of the local part, and multipass=False allows one pass over the tiles only. Without "
+            "multipass=False (the default) bigpicture makes it exact with one more pass over the tiles per "
+            "such op (a map such as attention's output held whole between passes: a global stage); or "
+            "move the op after the tiled part."
         )
     for d in derived:  # a reduction's own result has the shape its rule gives; the tail's is anything
         value = ctx.values[d]
@@ -262,6 +277,8 @@ def _global_ops(node, derived, ctx: Context) -> list[str]:
     """Names of the streamed reductions in the middle of the network whose results ``node`` uses."""
     if "bigpicture_origin" in node.meta:  # a global norm, rewritten into statistics and a normalize
         return [node.meta["bigpicture_origin"]]
+    if staging.is_source(node):  # a whole tensor from an untiled subgraph
+        return [staging.reason(node, ctx)]
     found, todo, seen = [], list(derived), set()
     while todo:
         d = todo.pop()

@@ -30,6 +30,7 @@ from fractions import Fraction
 import torch
 from torch import fx
 
+from bigpicture.engine.capture import op_name
 from bigpicture.engine.rules import Op, rule
 from bigpicture.errors import TilingError
 
@@ -91,8 +92,8 @@ def grid(value, like: torch.Tensor) -> bool:
 
 
 def materialise(gm, values, x, meets: Meets, lookup):
-    """``(gm, values, x)``, a copy in which a later pass's tiles read ``meets.whole`` (or what it is
-    computed from) box by box.
+    """``(gm, values, x, how many tensors it holds whole)``, a copy in which a later pass's tiles
+    read ``meets.whole`` (or what it is computed from) box by box.
 
     Walks back from the whole-image map through untiled nodes that have a local rule on grid
     tensors (they run tiled instead), and puts a ``stage_source`` after each whole tensor at the
@@ -101,20 +102,21 @@ def materialise(gm, values, x, meets: Meets, lookup):
     graph, remap = fx.Graph(), {}
     graph.output(graph.graph_copy(gm.graph, remap))
     out = [next(n for n in g.nodes if n.op == "output") for g in (gm.graph, graph)]
-    values = {remap[n]: v for n, v in values.items() if n in remap} | {out[1]: values.get(out[0])}
+    remap[out[0]] = out[1]
+    values = {remap[n]: v for n, v in values.items() if n in remap}
     gm = fx.GraphModule(gm, graph, type(gm).__name__)
     gm.meta.update(meets.ctx.gm.meta)
     roles = {remap[n]: r for n, r in meets.ctx.roles.items() if n in remap}
-    _materialise(gm, values, remap[x], remap[meets.node], remap[meets.whole], roles,
-                 lambda node, r: lookup(gm, values, node, r))  # fmt: skip
-    return gm, values, remap[x]
+    made = _materialise(gm, values, remap[x], remap[meets.node], remap[meets.whole], roles,
+                        lambda node, r: lookup(gm, values, node, r))  # fmt: skip
+    return gm, values, remap[x], made
 
 
-def _materialise(gm, values, x, meeting, whole, roles, lookup) -> None:
+def _materialise(gm, values, x, meeting, whole, roles, lookup) -> int:
     kinds, todo = {}, [whole]
     while todo:
         node = todo.pop()
-        kind = None if node in kinds else _tiled_kind(node, values, x, lookup, roles)
+        kind = None if node in kinds else tiled_kind(node, values, x, lookup, roles)
         if kind is not None:
             kinds[node] = kind
             todo += [i for i in node.all_input_nodes if roles.get(i) == "tail"]
@@ -126,7 +128,7 @@ def _materialise(gm, values, x, meeting, whole, roles, lookup) -> None:
             if not all(grid(values[i], values[x]) or _per_channel(values[i], values[x]) for i in inputs):
                 del kinds[node]
                 changed = True
-    readers = set(kinds) | {meeting}
+    readers = set(kinds) | ({meeting} if meeting.op != "output" else set())
     edge = dict.fromkeys(
         i for n in readers for i in n.all_input_nodes
         if i not in kinds and roles.get(i) == "tail" and grid(values[i], values[x])
@@ -139,11 +141,12 @@ def _materialise(gm, values, x, meeting, whole, roles, lookup) -> None:
         for user in [u for u in whole.users if u in readers]:
             user.replace_input_with(whole, source)
     gm.recompile()
+    return len(edge)
 
 
-def _tiled_kind(node, values, x, lookup, roles) -> str | None:
+def tiled_kind(node, values, x, lookup, roles) -> str | None:
     """``local`` or ``reduce`` if an untiled node could run tiled (as a local op or a streamed
-    reduction) on its grid inputs held whole, else None."""
+    reduction) on its grid inputs held whole, else None. ``lookup(node, roles)``: its rule."""
     if roles.get(node) != "tail":
         return None
     inputs = [i for i in node.all_input_nodes if roles.get(i) == "tail" and grid(values[i], values[x])]
@@ -169,46 +172,91 @@ def _per_channel(value, like) -> bool:
 
 # -- what a plan says about its stages ----------------------------------------------------------
 
+GLOBAL_WORDS = ("attention", "softmax", "matmul", "bmm", "einsum", "norm", "linear", "interpolate", "pool")
+
+
+def footprint(gm, node, values) -> int:
+    """Elements a node's value holds, and for attention its L x L scores, which no node returns."""
+    held = elements(values[node])
+    name = _name(gm, node).lower()
+    if "attention" in name and node.args and isinstance(values.get(node.args[0]), torch.Tensor):
+        q = values[node.args[0]]  # (N, heads, L, d) for the function; (N, L, E) for the module
+        heads = gm.get_submodule(node.target).num_heads if node.op == "call_module" else q.shape[1]
+        tokens = q.shape[-2] if node.op != "call_module" else q.shape[1]
+        held += q.shape[0] * heads * tokens * tokens
+    return held
+
+
+def elements(value) -> int:
+    if isinstance(value, torch.Tensor):
+        return value.numel()
+    if isinstance(value, (tuple, list)):
+        return sum(elements(v) for v in value)
+    return 0
+
 
 def sources(split) -> list:
     """The ``stage_source`` nodes of a split: the whole tensors later passes read."""
     return [n for n in split.gm.graph.nodes if is_source(n) and n in split.shapes]
 
 
-def made_by(split, source) -> list[str]:
-    """The untiled ops that compute a stage's whole tensor, from the earlier pass's sinks on."""
-    found, todo, seen = [], list(source.all_input_nodes), set()
+def untiled(roles, source) -> list:
+    """The untiled nodes that compute a stage's whole tensor, from the earlier passes' results on."""
+    found, todo = {}, list(source.all_input_nodes)
     while todo:
         node = todo.pop()
-        if node in seen or split.roles.get(node) != "tail":
-            continue
-        seen.add(node)
-        found.append(node)
-        todo += node.all_input_nodes
-    order = {n: k for k, n in enumerate(split.gm.graph.nodes)}
-    return [f"`{n.name}`" for n in sorted(found, key=order.__getitem__)]
+        if node not in found and roles.get(node) == "tail":
+            found[node] = True
+            todo += node.all_input_nodes
+    return list(found)
 
 
-def stage_bytes(split, item: int) -> int:
-    """Bytes of the whole tensors the stages hold: what the later passes read."""
-    return sum(math.prod(split.shapes[s]) for s in sources(split)) * item
+def maker(gm, roles, source):
+    """The op that makes a stage: its first attention, softmax, product, norm... else its first node."""
+    order = {n: k for k, n in enumerate(gm.graph.nodes)}
+    nodes = sorted(untiled(roles, source), key=order.__getitem__)
+    for word in GLOBAL_WORDS:  # in order of priority
+        named = [n for n in nodes if word in _name(gm, n).lower()]
+        if named:
+            return named[0]
+    return (nodes or [source])[0]
+
+
+def reason(source, ctx) -> str:
+    """Why a pass waits: the stage's whole tensor, and the op that made it."""
+    whole = source.args[0]
+    op = maker(ctx.gm, ctx.roles, source)
+    made = f"{_name(ctx.gm, op)} `{op.name}`"
+    return f"`{whole.name}` {tuple(ctx.shape(whole))} held whole (a global stage: {made})"
+
+
+def held_elements(split) -> tuple[int, int]:
+    """Elements of the stages' whole tensors, and of every value of the untiled subgraphs making them."""
+    held = sum(math.prod(split.shapes[s]) for s in sources(split))
+    nodes = {n for s in sources(split) for n in untiled(split.roles, s)}
+    return held, sum(split.sizes.get(n, 0) for n in nodes)
 
 
 def describe(split, item: int) -> str:
-    """One line per stage's output for ``print(plan)``: size, pass, and the ops that made it."""
+    """``print(plan)``'s line on the stages: each whole tensor, its size, and what made it."""
     rows = []
     for s in sources(split):
-        made = made_by(split, s)
-        ops = ", ".join(made[:3]) + (f" ... {made[-1]}" if len(made) > 3 else "")
-        size = math.prod(split.shapes[s]) * item
-        rows.append(f"`{s.args[0].name}` {tuple(split.shapes[s])} ({_size(size)}) read by pass "
-                    f"{split.passes[s]}, untiled from {ops} ({len(made)} nodes)")  # fmt: skip
-    return "; ".join(rows)
+        op = maker(split.gm, split.roles, s)
+        nbytes = math.prod(split.shapes[s]) * item
+        rows.append(f"`{s.args[0].name}` {tuple(split.shapes[s])} ({size(nbytes)}) for pass "
+                    f"{split.passes[s]}, made by {_name(split.gm, op)} `{op.name}`")  # fmt: skip
+    held, values = held_elements(split)
+    rows = rows[:3] + ([f"... ({len(rows) - 3} more)"] if len(rows) > 3 else [])
+    return (f"{len(sources(split))} whole tensors, {size(held * item)}; the untiled subgraphs' values "
+            f"{size(values * item)}: " + "; ".join(rows))  # fmt: skip
 
 
-def _size(n: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TiB"
+def _name(gm, node) -> str:
+    return op_name(gm, node) if node.op in ("call_module", "call_function", "call_method") else node.op
+
+
+def size(n: float) -> str:
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= scale:
+            return f"{n / scale:,.2f} {unit}"
+    return f"{n:.0f} B"
