@@ -132,3 +132,31 @@ def test_gradients_reach_the_untiled_subgraph_parameters(one_thread):
             continue
         assert p.grad is not None and torch.count_nonzero(p.grad), name
         torch.testing.assert_close(tiled[name], p.grad, msg=name)
+
+
+def test_net_run_into_memory_and_zarr(tmp_path):
+    pytest.importorskip("zarr")
+    import numpy as np
+
+    kwargs, shape, tile = CASES["2d_sdpa"]
+    model = _model(kwargs).eval()
+    x = torch.randn(shape, dtype=torch.float64)
+    net = bp.tiled(model, tile=tile)
+    with torch.no_grad():
+        expected = model(x)
+    torch.testing.assert_close(net.run(x), expected)
+    stored = net.run(x, out=tmp_path / "out.zarr")
+    torch.testing.assert_close(torch.as_tensor(np.asarray(stored[:])), expected)
+
+
+@pytest.mark.slow
+def test_swinunetr_over_the_budget_explains_its_windows():
+    """SwinUNETR is exact while its stages fit (the census row); at 1024^2 in 256 MiB they do not."""
+    nets = pytest.importorskip("monai.networks.nets")
+    model = nets.SwinUNETR(in_channels=1, out_channels=2, feature_size=12, depths=(1, 1, 1, 1),
+                           num_heads=(1, 1, 1, 1), spatial_dims=2)  # fmt: skip
+    with pytest.raises(bp.TilingError) as info:
+        bp.make_plan(model, (1, 1, 1024, 1024), memory="256MiB", training=True)
+    message = str(info.value)
+    for fragment in ("global stages need", "(1, 12, 512, 512)", "Window attention (Swin)", "window grid"):
+        assert fragment in message, message

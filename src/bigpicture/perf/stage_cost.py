@@ -67,5 +67,29 @@ def check_budget(split: Split, dtype: torch.dtype, training: bool, budget: int) 
         f"more than the budget of {staging.size(budget)}: {staging.describe(split, item)}. The stage is made "
         f"by {describe(split.gm, op)}, which needs every position at once (attention over all tokens, a "
         "norm over tokens), so tiles cannot bound it. Give it fewer positions (a larger patch embedding, "
-        "or windowed attention), a larger memory budget, or a smaller dtype."
+        "or windowed attention), a larger memory budget, or a smaller dtype." + _windows(split)
     )
+
+
+def _windows(split: Split) -> str:
+    """Swin's shifted windows (a ``roll`` in the stage): why they are held whole, not tiled."""
+    nodes = {n for s in staging.sources(split) for n in staging.untiled(split.roles, s)}
+    if not any("roll" in str(n.target) or _in_window_module(split, n) for n in nodes):
+        return ""
+    return (
+        " Window attention (Swin) is held whole too: its windows are local, but bigpicture does not yet "
+        "align tiles with the window grid of every resolution (and the shifted windows' roll), so it is "
+        "exact only while the stage fits."
+    )
+
+
+def _in_window_module(split: Split, node) -> bool:
+    """Whether a module call sits in a module whose class names windows (Swin's ``WindowAttention``)."""
+    if node.op != "call_module":
+        return False
+    model, parts = split.gm.meta.get("bigpicture_model", split.gm), node.target.split(".")
+    try:  # the user's own modules: the captured graph keeps only the leaves' classes
+        owners = [model.get_submodule(".".join(parts[:k])) for k in range(1, len(parts))]
+    except AttributeError:
+        return False
+    return any("window" in type(m).__name__.lower() for m in owners)
