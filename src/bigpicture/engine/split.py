@@ -9,7 +9,9 @@ Each node gets a role:
     tail     everything after: runs untiled on the boundary tensors
 
 The spatial nodes that the tail (or a reduction) consumes are the *sinks*: each tile owns a
-write box of each sink.
+write box of each sink. A tail tensor that later tiles read (attention's output reshaped to the
+image grid) is held whole and read through a ``stages.stage_source`` node, a spatial node of a
+later pass (a global stage, ``stages.py``).
 """
 
 from __future__ import annotations
@@ -188,7 +190,7 @@ def _split(gm: fx.GraphModule, values: dict, x: fx.Node, multipass: bool, tile_o
                               "its items instead.")  # fmt: skip
     shapes = {n: ctx.shape(n) for n in gm.graph.nodes if roles[n] == "spatial"}
     reasons = {k: tuple(dict.fromkeys(v)) for k, v in reasons.items()}
-    sizes = {n: staging.footprint(gm, n, values) for n in gm.graph.nodes if roles[n] in ("tail", "reduce")}
+    sizes = {n: staging.elements(values[n]) for n in gm.graph.nodes if roles[n] in ("tail", "reduce")}
     return Split(gm, x, roles, ops, statics, strides, tuple(sinks), (), shapes, passes, reasons=reasons,
                  sizes=sizes)  # fmt: skip
 

@@ -175,19 +175,9 @@ def _per_channel(value, like) -> bool:
 GLOBAL_WORDS = ("attention", "softmax", "matmul", "bmm", "einsum", "norm", "linear", "interpolate", "pool")
 
 
-def footprint(gm, node, values) -> int:
-    """Elements a node's value holds, and for attention its L x L scores, which no node returns."""
-    held = elements(values[node])
-    name = _name(gm, node).lower()
-    if "attention" in name and node.args and isinstance(values.get(node.args[0]), torch.Tensor):
-        q = values[node.args[0]]  # (N, heads, L, d) for the function; (N, L, E) for the module
-        heads = gm.get_submodule(node.target).num_heads if node.op == "call_module" else q.shape[1]
-        tokens = q.shape[-2] if node.op != "call_module" else q.shape[1]
-        held += q.shape[0] * heads * tokens * tokens
-    return held
-
-
 def elements(value) -> int:
+    """Elements a node's value holds (attention's scores are a value where the graph computes them
+    with matmul and softmax; fused ``scaled_dot_product_attention`` does not materialise them)."""
     if isinstance(value, torch.Tensor):
         return value.numel()
     if isinstance(value, (tuple, list)):

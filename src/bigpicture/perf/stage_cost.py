@@ -5,7 +5,10 @@ A rough model, its assumptions written down:
 
 - memory: the stages' whole tensors and every value of their untiled subgraphs are resident at
   once for the whole step (the evaluator keeps them, and autograd saves most of them for the
-  backward); training doubles it for their gradients. For inference an upper bound.
+  backward); training doubles it for their gradients. An upper bound (the evaluator frees nothing
+  early, but autograd does not save every value). Attention's L x L scores count where the graph
+  computes them (matmul, softmax: MONAI's SABlock); a fused ``scaled_dot_product_attention`` does
+  not materialise them on the CPU (flash kernel) and is counted by its output only.
 - time: the untiled subgraphs are memory-bound: each value is written once and read once at the
   device's stream rate (``Rates.stream``), and a backward costs twice a forward. Attention's matrix
   products (about 4 L^2 d FLOPs for L tokens of width d) are not counted: at a patch embedding's
