@@ -10,7 +10,8 @@ A rough model, its assumptions written down:
   computes them (matmul, softmax: MONAI's SABlock); a fused ``scaled_dot_product_attention`` does
   not materialise them on the CPU (flash kernel) and is counted by its output only.
 - time: the untiled subgraphs are memory-bound: each value is written once and read once at the
-  device's stream rate (``Rates.stream``), and a backward costs twice a forward. Attention's matrix
+  device's stream rate (``Rates.stream``), plus the interpreter's cost per node, and a backward
+  costs twice a forward. Attention's matrix
   products (about 4 L^2 d FLOPs for L tokens of width d) are not counted: at a patch embedding's
   1/16 resolution L is small; at full resolution the memory check stops the plan first.
 """
@@ -37,12 +38,14 @@ def stage_bytes(split: Split, dtype: torch.dtype, training: bool) -> int:
 
 
 def stage_seconds(split: Split, dtype: torch.dtype, rates: Rates, training: bool) -> float:
-    """Seconds of the untiled subgraphs: their values written and read once, backward twice that."""
+    """Seconds of the untiled subgraphs: their values written and read once, plus the evaluator's
+    cost per node (the tile interpreter's); a backward twice that."""
+    nodes = {n for s in staging.sources(split) for n in staging.untiled(split.roles, s)}
     _, values = staging.held_elements(split)
     moved = 2 * values * torch.empty((), dtype=dtype).element_size()
     if not moved:
         return 0.0
-    return moved / rates.stream("unary", moved) * (3 if training else 1)
+    return (moved / rates.stream("unary", moved) + len(nodes) * rates.node_s) * (3 if training else 1)
 
 
 def with_stage_time(p: Prediction, split: Split, dtype: torch.dtype, rates: Rates, training: bool):
