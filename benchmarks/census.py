@@ -143,17 +143,21 @@ def cases() -> list[Case]:
                                                                   norm_num_groups=2, with_encoder_nonlocal_attn=False,
                                                                   with_decoder_nonlocal_attn=False)), (32, 16), (16, 8),
                   note="`reconstruct` (forward samples the latent at random)")
-    # The attention of UNETR and SwinUNETR feeds the decoder's skip connections: a whole-image value
-    # in the middle of the local part. ViT's runs untiled after the patch embedding: exact.
-    attention = "CLEAR:computed from the whole image \\(attention"
+    # Attention on tokens is a global stage: the patch embedding is tiled (pass 0), the transformer
+    # runs untiled on the tokens held whole, and the decoder's tiles read them back as a grid.
     rows.append(Case("ViT", 2, lambda: First(_n("ViT", 1, (32, 32), (8, 8), hidden_size=16, mlp_dim=16, num_layers=1,
                                               num_heads=2, spatial_dims=2)()), _img(2, 32), 16,
                      note="its first output; the patch embedding is tiled, the transformer runs untiled after it"))
     rows.append(Case("UNETR", 2, _n("UNETR", 1, 2, (32, 32), feature_size=4, hidden_size=16, mlp_dim=16,
-                                    num_heads=2, spatial_dims=2), _img(2, 32), 16, expect=attention))
+                                    num_heads=2, spatial_dims=2), _img(2, 32), 16,
+                     note="the tokens (2x2) held whole between passes; the decoder tiled"))
+    rows.append(Case("UNETR", 3, _n("UNETR", 1, 2, (32, 32, 32), feature_size=4, hidden_size=16, mlp_dim=16,
+                                    num_heads=2, spatial_dims=3), _img(3, 32), 16, heavy=True,
+                     note="the tokens (2x2x2) held whole between passes; the decoder tiled"))
     rows.append(Case("SwinUNETR", 2, _n("SwinUNETR", in_channels=1, out_channels=2, feature_size=12,
                                         depths=(1, 1, 1, 1), num_heads=(1, 1, 1, 1), spatial_dims=2),
-                     _img(2, 64), 32, expect=attention))
+                     _img(2, 64), 32, note="the Swin transformer's stages (1/2 to 1/32 resolution) held whole, "
+                                           "untiled; the decoder tiled"))
     return rows  # fmt: skip
 
 

@@ -98,9 +98,10 @@ def test_plan_says_how_many_passes_and_why():
     assert not bp.tiled(nn.Conv2d(2, 2, 3), tile=8).plan_for(torch.randn(1, 2, 16, 16)).earlier
 
 
-def test_a_whole_image_map_used_by_later_tiles_is_an_error():
-    """A map of the whole image's size computed in the tail (here from global pooling to 2 x 2 and
-    resampled back) cannot be cropped per tile: a TilingError before any tile, not a shape error."""
+def test_a_whole_image_map_used_by_later_tiles_is_held_whole():
+    """A map computed in the tail (here from global pooling to 2 x 2, resampled back to the image)
+    is held whole and read box by box by a later pass (a global stage, engine/stages.py): exact;
+    with multipass=False a TilingError before any tile, not a shape error."""
 
     class PyramidPooling(nn.Module):
         def __init__(self):
@@ -112,8 +113,12 @@ def test_a_whole_image_map_used_by_later_tiles_is_an_error():
             pooled = F.adaptive_max_pool2d(y, 2)
             return y + F.interpolate(pooled, size=y.shape[2:])
 
-    with pytest.raises(bp.TilingError, match="computed from the whole image"):
-        bp.tiled(PyramidPooling(), tile=8)(torch.randn(1, 3, 16, 16))
+    torch.manual_seed(0)
+    model = PyramidPooling().double()
+    net = assert_tiled_matches(model, torch.randn(1, 3, 16, 16, dtype=torch.float64), 8)
+    assert len(net.plan.earlier) == 1, net.plan
+    with pytest.raises(bp.TilingError, match="multipass=False allows one pass"):
+        bp.tiled(PyramidPooling(), tile=8, multipass=False)(torch.randn(1, 3, 16, 16))
 
 
 def test_monai_attention_unet_with_instancenorm():

@@ -217,6 +217,8 @@ def _why_not_exact(split) -> str:
     for node, op in split.ops.items():
         if split.roles.get(node) != "spatial":
             continue
+        if getattr(op, "why_not_background", ""):  # e.g. a read of a global stage's output
+            return f"`{node.name}`: {op.why_not_background}"
         if getattr(op, "align_corners", False):
             return f"`{node.name}` interpolates with align_corners=True (weights depend on the position)"
         if hasattr(op, "scales") and not all(_dyadic(f) for f in op.stride):

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from bigpicture.engine import capture as g
+from bigpicture.engine import stages as staging
 from bigpicture.engine.box import Box
 from bigpicture.engine.check import checked_capture
 from bigpicture.engine.regions import needs, receptive_field
@@ -146,6 +147,9 @@ class Plan:
         ]
         if self.earlier:
             rows.append(("passes", _passes_text(self) + _batchnorm_note(s)))
+        if staging.sources(s):
+            item = torch.empty((), dtype=self.dtype).element_size()
+            rows.append(("global stages", staging.describe(s, item)))
         for p, stage in enumerate(self.earlier + (self,)):
             for k, sink in enumerate(stage.split.sinks):
                 stride = "x".join(str(f) for f in s.strides[sink])

@@ -25,6 +25,7 @@ def needs(split: Split, writes: dict) -> dict:
             op = split.ops[user]
             box = box.hull(op.needs(need[user])[op.inputs.index(node)])
         need[node] = box
+    need.setdefault(split.input, empty)  # a pass that reads only a global stage's outputs
     return need
 
 

@@ -9,7 +9,9 @@ Each node gets a role:
     tail     everything after: runs untiled on the boundary tensors
 
 The spatial nodes that the tail (or a reduction) consumes are the *sinks*: each tile owns a
-write box of each sink.
+write box of each sink. A tail tensor that later tiles read (attention's output reshaped to the
+image grid) is held whole and read through a ``stages.stage_source`` node, a spatial node of a
+later pass (a global stage, ``stages.py``).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from torch.fx.node import map_aggregate
 
 from bigpicture.engine import capture as g
 from bigpicture.engine import rules
+from bigpicture.engine import stages as staging
 from bigpicture.engine.rules import shuffle
 from bigpicture.errors import TilingError
 
@@ -97,6 +100,7 @@ class Split:
     passes: dict  # node -> the pass over the tiles that computes it (spatial) or after which it is known
     derived: tuple = ()  # values from earlier passes that this pass's tiles use
     reasons: dict = field(default_factory=dict)  # pass k > 0 -> the global ops whose results it waits for
+    sizes: dict = field(default_factory=dict)  # untiled node -> elements of its value (global stages)
 
     @cached_property
     def extents(self) -> dict:
@@ -108,8 +112,32 @@ class Split:
 
 
 def split(gm: fx.GraphModule, values: dict, x: fx.Node, multipass: bool = True) -> Split:
-    """``multipass=False``: one pass over the tiles; a global op in the middle is then an error."""
+    """``multipass=False``: one pass over the tiles; a global op in the middle is then an error.
+
+    Where a spatial node meets a map of the whole image (a global stage's output: attention on
+    tokens), the map is held whole and read by a later pass (``stages.materialise``), and the
+    split is made again; each time one more tensor is held whole."""
     gm, values, x = shuffle.fold(gm, values, x)  # pixel shuffles spelt with view/permute/reshape
+    tile_outputs = multipass  # an untiled decoder after a global stage: tiled in a later pass instead
+    for _ in range(len(gm.graph.nodes)):
+        try:
+            return _split(gm, values, x, multipass, tile_outputs)
+        except staging.Meets as meets:
+            new, changed, x_new, made = staging.materialise(gm, values, x, meets, _lookup)
+            if made:
+                gm, values, x = new, changed, x_new
+            elif meets.node.op == "output":
+                tile_outputs = False  # what computes the output cannot read its inputs box by box
+            else:
+                raise AssertionError(f"{meets.node}: a whole-image map that cannot be held whole") from None
+    raise AssertionError("each materialisation makes a whole tensor a source: there are finitely many")
+
+
+def _lookup(gm, values, node, roles):
+    return rules.lookup(node, Context(gm, values, roles, values[node].ndim))
+
+
+def _split(gm: fx.GraphModule, values: dict, x: fx.Node, multipass: bool, tile_outputs: bool) -> Split:
     ndim = values[x].ndim
     roles: dict = {}
     ctx = Context(gm, values, roles, ndim, multipass)
@@ -142,13 +170,18 @@ def split(gm: fx.GraphModule, values: dict, x: fx.Node, multipass: bool = True) 
             sinks += [i for i in inputs if i not in sinks]
         else:
             _check_local(node, ctx, x, op, multipass)
-            strides[node] = tuple(a * b for a, b in zip(strides[inputs[0]], op.stride))
+            before = strides[inputs[0]] if inputs else (Fraction(1),) * (ndim - 2)  # a stage's source
+            strides[node] = tuple(a * b for a, b in zip(before, op.stride))
             passes[node] = max([passes[i] for i in inputs] + [passes[d] + 1 for d in derived])
-            if derived and passes[node] > max(passes[i] for i in inputs):
+            if derived and passes[node] > max((passes[i] for i in inputs), default=-1):
                 reasons.setdefault(passes[node], []).extend(_global_ops(node, derived, ctx))
     for node in gm.graph.nodes:
         if node.op == "output":
             sinks += [i for i in ctx.spatial_inputs(node) if i not in sinks]
+            if tile_outputs:
+                for i in node.all_input_nodes:
+                    if staging.tiled_kind(i, values, x, lambda n, r: _lookup(gm, values, n, r), roles):
+                        raise staging.Meets(node, i, ctx)
     if not sinks:
         raise TilingError("the model's outputs do not depend on the spatial input: nothing to tile.")
     for s in sinks:
@@ -157,7 +190,9 @@ def split(gm: fx.GraphModule, values: dict, x: fx.Node, multipass: bool = True) 
                               "its items instead.")  # fmt: skip
     shapes = {n: ctx.shape(n) for n in gm.graph.nodes if roles[n] == "spatial"}
     reasons = {k: tuple(dict.fromkeys(v)) for k, v in reasons.items()}
-    return Split(gm, x, roles, ops, statics, strides, tuple(sinks), (), shapes, passes, reasons=reasons)
+    sizes = {n: staging.elements(values[n]) for n in gm.graph.nodes if roles[n] in ("tail", "reduce")}
+    return Split(gm, x, roles, ops, statics, strides, tuple(sinks), (), shapes, passes, reasons=reasons,
+                 sizes=sizes)  # fmt: skip
 
 
 def stages(whole: Split) -> list[Split]:
@@ -181,7 +216,7 @@ def stages(whole: Split) -> list[Split]:
 
 
 def _role(node, ctx: Context, x) -> str:
-    if node is x:
+    if node is x or staging.is_source(node):
         return "spatial"
     if node.op in ("placeholder", "get_attr"):
         return "const"
@@ -201,15 +236,18 @@ def _check_local(node, ctx: Context, x, op, multipass: bool) -> None:
     if derived and not multipass:
         raise TilingError(
             f"{ctx.where(node)} combines the spatial features with {ctx.where(derived[0])}, which depends on "
-            "the whole image (a global op such as squeeze-excitation) in the middle of the local part, "
-            "and multipass=False allows one pass over the tiles only. Without multipass=False (the "
-            "default) bigpicture makes it exact with one more pass over the tiles per such op; or move "
-            "the op after the tiled part."
+            "the whole image (a global op such as squeeze-excitation, or attention over tokens) in the "
+            "middle of the local part, and multipass=False allows one pass over the tiles only. Without "
+            "multipass=False (the default) bigpicture makes it exact with one more pass over the tiles per "
+            "such op (a map such as attention's output held whole between passes: a global stage); or "
+            "move the op after the tiled part."
         )
     for d in derived:  # a reduction's own result has the shape its rule gives; the tail's is anything
         value = ctx.values[d]
         mapped = ctx.roles[d] == "tail" and isinstance(value, torch.Tensor) and value.ndim == ctx.ndim
-        if mapped and any(n > 1 for n in value.shape[2:]):
+        if mapped and any(n > 1 for n in value.shape[2:]) and not staging.is_source(node):
+            if staging.grid(value, ctx.values[x]):  # held whole, read by a later pass's tiles
+                raise staging.Meets(node, d, ctx)
             raise _whole_image_map(node, d, ctx)
     value, first = ctx.values[node], ctx.values[x]
     tensor = value[0] if isinstance(value, (tuple, list)) else value
@@ -241,6 +279,8 @@ def _global_ops(node, derived, ctx: Context) -> list[str]:
     """Names of the streamed reductions in the middle of the network whose results ``node`` uses."""
     if "bigpicture_origin" in node.meta:  # a global norm, rewritten into statistics and a normalize
         return [node.meta["bigpicture_origin"]]
+    if staging.is_source(node):  # a whole tensor from an untiled subgraph
+        return [staging.reason(node, ctx)]
     found, todo, seen = [], list(derived), set()
     while todo:
         d = todo.pop()

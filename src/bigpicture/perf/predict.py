@@ -52,6 +52,7 @@ from bigpicture.perf.devices import Device, for_torch, get_device, load_calibrat
 from bigpicture.perf.grid import Layout, class_grid, layout
 from bigpicture.perf.prediction import Prediction, Stage, _flops, _seconds, _size  # noqa: F401 (re-exported)
 from bigpicture.perf.rates import GPU_ASSUMPTIONS, Rates
+from bigpicture.perf.stage_cost import stage_bytes, with_stage_time
 from bigpicture.perf.walk import TileWalk, last_tile, tile_at, walk
 
 MiB = 2**20
@@ -195,7 +196,8 @@ def predict_splits(
         )  # fmt: skip
         for s in splits
     ]
-    return parts[0] if len(parts) == 1 else _combine(parts)
+    whole = parts[0] if len(parts) == 1 else _combine(parts)
+    return with_stage_time(whole, splits[-1], dtype, rates, training)  # the untiled global stages
 
 
 def least_memory(
@@ -317,6 +319,7 @@ def _memory(split: Split, dtype, total: TileWalk, tiles: int, training: bool, gp
     boundary = sum(math.prod(split.shapes[k]) for k in dense) * item
     working = total.peak_train if training else total.peak
     parts = [("parameters", params + buffers), ("boundary tensors", boundary), ("tile working set", working)]
+    parts += [("global stages", stage_bytes(split, dtype, training))]  # tensors held whole between passes
     if training:
         # the sum of the tiles' parameter gradients, kept in float64 (execute.Runner.backward), the
         # previous tile's (alive until the next tile's are returned) and this tile's; the boundary's.

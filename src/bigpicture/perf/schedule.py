@@ -35,6 +35,7 @@ from bigpicture.perf.predict import (
     resolve_device,
 )
 from bigpicture.perf.rates import Rates
+from bigpicture.perf.stage_cost import check_budget
 
 MAX_TILES = 2**16  # more, smaller tiles are never faster: their halo work and per-tile costs grow
 _UNITS = {
@@ -177,6 +178,7 @@ def best_tile(
 ) -> Prediction:
     """The prediction of the fastest tile that fits (see ``choose_tile``), for an analysed model."""
     budget, dev = parse_memory(budget_bytes), resolve_device(device)
+    check_budget(splits[-1], dtype, training, budget)  # global stages no tile size changes
     tried: list[Prediction] = []
     bounds: dict = {}  # tile -> a lower bound of its predicted memory (one tile's walk)
     best = math.inf
