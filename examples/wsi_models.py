@@ -10,6 +10,7 @@ The score map is the heatmap: one score per 16 x 16 px, the evidence of each pla
   with high scores raises the slide's logit where the mean would dilute it. Both are a pointwise
   op, a spatial mean (streamed over tiles by ``bp.tiled``) and a pointwise op, so both are exact
   tiled.
+- ``topk``: the mean of the ``TOPK`` highest scores (streamed top-k over positions).
 - ``attention``: gated attention-MIL (Ilse et al., 2018) over every position of the slide: the
   features are pooled with softmax weights over all positions, ``softmax(a.flatten(2)) @
   h.flatten(2).T``, then a linear head (the 1x1 score convolution's weights). ``bp.tiled`` streams
