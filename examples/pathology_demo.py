@@ -6,17 +6,19 @@ stardist's real H&E tumour crop (at most 1% of the tissue, colour-matched to its
 say which slides hold a lesion, from slide labels only. The demo
 
 1. composes the slides (seeded, a few seconds) as pyramidal OME-TIFF, and splits them in half;
-2. checks that one tiled training step equals the untiled step (float64: output, every gradient);
-3. trains, at one memory budget: the whole slide tiled (``bp.tiled(model, memory=budget)``);
-   (a) the same network untiled on the finest pyramid level that fits; (b) patches labelled with
-   their slide's label, slide score = mean or max of patch probabilities; (c) attention-MIL over
-   (b)'s patch features;
+2. checks that one tiled training step equals the untiled step (float64: output, every gradient),
+   for log-sum-exp pooling and for attention-MIL pooling over every position of the slide;
+3. trains, at one memory budget: the whole slide tiled (``bp.tiled(model, memory=budget)``), pooled
+   by log-sum-exp and by attention-MIL; (a) the same network untiled on the finest pyramid level
+   that fits; (b) patches labelled with their slide's label, slide score = mean or max of patch
+   probabilities; (c) attention-MIL over (b)'s patch features; and, as a diagnostic upper bound
+   that is not a contender, the same network trained on the lesion masks (``wsi_oracle.py``);
 4. reports held-out slide AUC with a bootstrap interval, lesion localisation, predicted and measured
    peak memory (fresh processes) and time per epoch, and the predicted cost at 100,000^2 on an H100;
 5. writes heatmaps as PNG overlays and as pyramidal OME-TIFF (checked with tifffile and zarr).
 
-    python examples/pathology_demo.py           # short: 12 small slides, about 3 minutes on 2 cores
-    python examples/pathology_demo.py --full    # the whole comparison, under 30 minutes on 2 cores
+    python examples/pathology_demo.py           # short: 12 slides of 768^2, about 2 CPU-minutes
+    python examples/pathology_demo.py --full    # 32 slides of 1024^2, about 10 CPU-minutes
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ from wsi_dataset import NOTICE, Slide, build_dataset, split
 from wsi_methods import Downsampled, Patches, PatchMIL, WholeSlide, read_all, untiled_memory
 from wsi_metrics import auc, bootstrap_auc, localisation, on_grid, peak_rss, reset_peak, rss
 from wsi_models import build, loss_of
+from wsi_oracle import LesionSupervised
 from wsi_report import check_tiff, heatmap_tiff, overlay_png, table
 
 import bigpicture as bp
@@ -54,20 +57,20 @@ CONFIGS = {
         "lr": 2e-3,
     },
     "full": {
-        "slides": 40,
-        "size": 1536,
-        "epochs": 12,
-        "budget": "48MiB",
+        "slides": 32,
+        "size": 1024,
+        "epochs": 4,
+        "budget": "32MiB",
         "patch": 128,
-        "mil_epochs": 40,
+        "mil_epochs": 30,
         "lr": 2e-3,
     },
 }
 
 
-def check_exact(slide: Slide, budget: str) -> str:
+def check_exact(slide: Slide, budget: str, pool: str = "lse") -> str:
     """One tiled training step against the untiled step, float64, on a real composed slide."""
-    model = build().double()
+    model = build(pool).double()
     x = read_all(bp.io.open_slide(slide.path)).double()
     net = bp.tiled(model, memory=budget)
     loss = loss_of(net(x), slide.label)
@@ -80,24 +83,29 @@ def check_exact(slide: Slide, budget: str) -> str:
     for k, p in model.named_parameters():
         torch.testing.assert_close(tiled[k], p.grad, msg=lambda m, k=k: f"{k}: {m}")
     worst = max((tiled[k] - p.grad).abs().max().item() for k, p in model.named_parameters())
-    return (f"  tile {net.plan.tile} under {budget}: loss {loss.item():.6f} both; all {len(tiled)} "
-            f"parameter gradients equal the untiled ones (float64, assert_close; largest difference "
+    return (f"  {pool:>9}: tile {net.plan.tile} under {budget}: loss {loss.item():.6f} both; all {len(tiled)}"
+            f" parameter gradients equal the untiled ones (float64, assert_close; largest difference "
             f"{worst:.1e})")  # fmt: skip
 
 
-def make_methods(cfg, shape) -> dict:
+def make_methods(cfg, shape, only: str | None = None) -> dict:
+    """Every method (or ``only`` that one and what it needs), untrained, at the config's budget."""
     b, lr = cfg["budget"], cfg.get("lr", 1e-3)
-    patches = Patches(b, cfg["patch"], lr=lr)
-    return {"whole": WholeSlide(b, shape, lr=lr), "downsampled": Downsampled(b, shape, lr=lr),
-            "patches": patches, "mil": PatchMIL(patches, lr=lr)}  # fmt: skip
+    patches = Patches(b, cfg["patch"], lr=lr) if only in (None, "patches", "mil") else None
+    factories = {"whole": lambda: WholeSlide(b, shape, lr=lr),
+                 "attention": lambda: WholeSlide(b, shape, "attention", lr=lr),
+                 "downsampled": lambda: Downsampled(b, shape, lr=lr), "patches": lambda: patches,
+                 "mil": lambda: PatchMIL(patches, lr=lr), "oracle": lambda: LesionSupervised(b, shape, lr=lr)}
+    return {k: f() for k, f in factories.items() if only in (None, k)}  # fmt: skip
 
 
 def evaluate(methods, test: list[Slide]) -> tuple[list[dict], dict]:
     """Per method: scores of the held-out slides, AUC, localisation; and every heatmap."""
     preds = {name: [m.predict(s) for s in test] for name, m in methods.items()}
     rows, labels = [], [s.label for s in test]
-    scorers = [("whole", "score"), ("downsampled", "score"), ("patches", "score_mean"),
-               ("patches", "score_max"), ("mil", "score")]  # fmt: skip
+    scorers = [("whole", "score"), ("attention", "score"), ("downsampled", "score"),
+               ("patches", "score_mean"), ("patches", "score_max"), ("mil", "score"),
+               ("oracle", "score")]  # fmt: skip
     for name, key in scorers:
         scores = [p[key] for p in preds[name]]
         loc = [localise(s, p) for s, p in zip(test, preds[name]) if s.label]
@@ -119,7 +127,7 @@ def localise(slide: Slide, pred: dict) -> dict:
 def measure(method: str, slide: Slide, cfg: dict) -> dict:
     """In this (fresh) process: one warm-up training step, then the measured one; the peak RSS
     above the RSS before it (None where the peak cannot be reset) and its seconds."""
-    m = make_methods(cfg, bp.io.open_slide(slide.path).shape)[method]
+    m = make_methods(cfg, bp.io.open_slide(slide.path).shape, only=method)[method]
     m.step_once(slide)
     if method == "mil":
         m.bags.clear()  # the measured step extracts the slide's patch features again
@@ -133,7 +141,7 @@ def measure(method: str, slide: Slide, cfg: dict) -> dict:
 def measure_all(slide: Slide, cfg_name: str, threads: int) -> dict:
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}  # freed tensors leave the heap: live peak
     out = {}
-    for method in ("whole", "downsampled", "patches", "mil"):
+    for method in ("whole", "attention", "downsampled", "patches", "mil"):
         full = ["--full"] if cfg_name == "full" else []
         cmd = [sys.executable, os.path.abspath(__file__), "--measure", method, "--threads", str(threads),
                "--slide", json.dumps(slide.__dict__), *full]  # fmt: skip
@@ -197,13 +205,14 @@ def run(cfg: dict, cfg_name: str, out: Path, a) -> None:
         f"{min(shares):.2%}-{max(shares):.2%} of the tissue. Training sees slide labels only.")  # fmt: skip
 
     say(f"\nExactness: one tiled training step against the untiled step on {Path(train[0].path).name}:")
-    say(check_exact(train[0], cfg["budget"]))
+    for pool in ("lse", "attention"):
+        say(check_exact(train[0], cfg["budget"], pool))
 
     shape = bp.io.open_slide(slides[0].path).shape
     methods = make_methods(cfg, shape)
     say(f"\nTraining at a memory budget of {cfg['budget']} per step ({cfg['epochs']} epochs, Adam):")
     seconds = {}
-    for name in ("whole", "downsampled", "patches"):
+    for name in ("whole", "attention", "downsampled", "patches", "oracle"):
         seconds[name] = float(np.mean(methods[name].fit(train, cfg["epochs"], seed=a.seed)))
         say(f"  {methods[name].name:<34}{seconds[name]:7.1f} s/epoch")
     seconds["mil"] = float(np.mean(methods["mil"].fit(train, cfg["mil_epochs"], seed=a.seed)))
@@ -226,7 +235,7 @@ def run(cfg: dict, cfg_name: str, out: Path, a) -> None:
     measured = measure_all(test[0], cfg_name, a.threads)
     for r in rows:
         r.update(memory=methods[r["method"]].memory, seconds=seconds[r["method"]],
-                 measured_peak=measured[r["method"]]["peak"])  # fmt: skip
+                 measured_peak=measured.get(r["method"], {}).get("peak"))  # fmt: skip
     for line in table(rows):
         say("  " + line)
 
@@ -236,12 +245,14 @@ def run(cfg: dict, cfg_name: str, out: Path, a) -> None:
 
     say("\nHeatmaps (held-out slides with a lesion):")
     for i, s in ((i, s) for i, s in enumerate(test) if s.label):
-        heats = {methods[k].name: preds[k][i] for k in ("whole", "downsampled", "patches", "mil")}
+        heats = {methods[k].name: preds[k][i] for k in ("whole", "attention", "downsampled", "patches", "mil",
+                                                        "oracle")}  # fmt: skip
         stem = out / f"heatmap_{Path(s.path).name.split('.')[0]}"
-        png = overlay_png(s, heats, stem.with_suffix(".png"))
-        p = preds["whole"][i]
-        tif = heatmap_tiff(s, p["heat"], p["stride"], stem.with_suffix(".ome.tif"))
-        say(f"  {png}; {check_tiff(tif, p['heat'], p['stride'], bp.io.open_slide(s.path).shape[2:])}")
+        say(f"  {overlay_png(s, heats, stem.with_suffix('.png'))}")
+        for k, suffix in (("whole", ".ome.tif"), ("attention", "_attention.ome.tif")):
+            p = preds[k][i]
+            tif = heatmap_tiff(s, p["heat"], p["stride"], Path(str(stem) + suffix))
+            say(f"    {check_tiff(tif, p['heat'], p['stride'], bp.io.open_slide(s.path).shape[2:])}")
     say(f"\nDone in {time.perf_counter() - t_start:.0f} s. Data: {NOTICE}.")
     if a.write:
         write_results(Path(a.write), cfg_name, report)

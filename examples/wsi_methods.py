@@ -1,7 +1,8 @@
 """The compared methods, all at one memory budget, all trained from slide labels only.
 
 - ``WholeSlide``: the whole slide at full resolution, one input, ``bp.tiled(model, memory=budget)``:
-  the planner picks the tile whose predicted peak fits the budget.
+  the planner picks the tile whose predicted peak fits the budget; pooled by log-sum-exp (a smooth
+  maximum), by the mean, or by attention-MIL over every position (streamed softmax).
 - ``Downsampled`` (baseline a): the same network, untiled, on a pyramid level of the slide: the
   finest level whose predicted untiled training step fits the budget.
 - ``Patches`` (baseline b): the same trunk on P x P tissue patches, each labelled with its
@@ -56,10 +57,11 @@ def epochs_of(fit_one, items, epochs: int, seed: int, desc: str) -> list[float]:
 
 
 class WholeSlide:
-    name = "whole slide, tiled"
+    NAMES = {"lse": "whole slide, tiled, LSE", "mean": "whole slide, tiled, mean",
+             "attention": "whole slide, tiled, attention-MIL"}  # fmt: skip
 
     def __init__(self, budget, shape, pool: str = "lse", seed: int = 0, lr: float = 1e-3):
-        self.budget, self.model = budget, build(pool, seed)
+        self.name, self.budget, self.model = self.NAMES[pool], budget, build(pool, seed)
         self.net = bp.tiled(self.model, memory=budget)
         self.plan = bp.make_plan(self.model, tuple(shape), memory=budget, training=True)  # the net's, ahead
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=lr)
@@ -79,13 +81,13 @@ class WholeSlide:
         return int(self.plan.memory)
 
     def predict(self, slide) -> dict:
-        """Slide logit and the score map (sigmoid, one value per 16 px), inference tile by tile."""
+        """Slide logit and heatmap (one value per 16 px) from one tiled inference pass."""
         self.model.eval()
         with torch.no_grad():
-            scores = bp.tiled(self.model.map, memory=self.budget)(bp.io.open_slide(slide.path))
-            logit = self.model.pool(scores)
+            maps = bp.tiled(self.model.evidence, memory=self.budget)(bp.io.open_slide(slide.path))
+            logit, heat = self.model.readout(maps)
         self.model.train()
-        return {"score": logit.item(), "heat": torch.sigmoid(scores)[0, 0].numpy(), "stride": STRIDE}
+        return {"score": logit.item(), "heat": heat.numpy(), "stride": STRIDE}
 
 
 class Downsampled:

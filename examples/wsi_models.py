@@ -10,9 +10,16 @@ The score map is the heatmap: one score per 16 x 16 px, the evidence of each pla
   with high scores raises the slide's logit where the mean would dilute it. Both are a pointwise
   op, a spatial mean (streamed over tiles by ``bp.tiled``) and a pointwise op, so both are exact
   tiled.
-- attention-MIL: HOOK, not implemented here. ``pool="attention"`` raises until bigpicture streams
-  attention pooling (softmax over positions of one score map, weighting another: a global op that
-  the global-ops work makes exact); then ``AttentionPool`` below is the place to plug it in.
+- ``topk``: the mean of the ``TOPK`` highest scores (streamed top-k over positions).
+- ``attention``: gated attention-MIL (Ilse et al., 2018) over every position of the slide: the
+  features are pooled with softmax weights over all positions, ``softmax(a.flatten(2)) @
+  h.flatten(2).T``, then a linear head (the 1x1 score convolution's weights). ``bp.tiled`` streams
+  this softmax over the tiles (online softmax), exactly; the feature map is never whole. As the
+  head is linear, the logit is also the attention-weighted mean of the score map, which is how
+  the heatmap (the attention weights) and the logit are read from one tiled inference pass.
+
+Every model has ``evidence`` (a module: slide -> per-position maps, run tile by tile) and
+``readout`` (those maps -> slide logit and heatmap), so prediction is one tiled pass for all.
 """
 
 from __future__ import annotations
@@ -25,6 +32,7 @@ import bigpicture as bp
 
 WIDTHS = (16, 32, 32, 64)
 STRIDE = 16
+TOPK = 4  # top-k pooling: the mean of the k highest scores (a lesion covers about 4-40 cells)
 CLAMP = 20.0  # scores are clamped before exp in ``lse`` pooling, so float32 never overflows
 
 
@@ -67,15 +75,11 @@ def pool_lse(scores: torch.Tensor) -> torch.Tensor:
     return torch.log(torch.exp(torch.clamp(scores, max=CLAMP)).mean(dim=(2, 3)))
 
 
-def pool_attention(scores: torch.Tensor) -> torch.Tensor:
-    """HOOK for attention-MIL pooling over positions (see the module docstring)."""
-    raise NotImplementedError(
-        "attention-MIL pooling over a whole slide needs bigpicture to stream attention over tiles; "
-        "until then use pool='mean' or 'lse' (the patch baseline has attention-MIL over patch features)"
-    )
+def pool_topk(scores: torch.Tensor) -> torch.Tensor:
+    return scores.flatten(2).topk(TOPK, dim=-1).values.mean(-1)
 
 
-POOLS = {"mean": pool_mean, "lse": pool_lse, "attention": pool_attention}
+POOLS = {"mean": pool_mean, "lse": pool_lse, "topk": pool_topk}
 
 
 class SlideNet(nn.Module):
@@ -89,11 +93,71 @@ class SlideNet(nn.Module):
     def forward(self, x):
         return self.pool(self.map(x))
 
+    @property
+    def evidence(self) -> nn.Module:
+        return self.map
 
-def build(pool: str = "lse", seed: int = 0) -> SlideNet:
-    """The network with BatchNorm frozen (running statistics), so it tiles while training."""
+    def readout(self, scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Slide logit and heatmap (the sigmoid of each place's score) from the score map."""
+        return self.pool(scores), torch.sigmoid(scores)[0, 0]
+
+
+class Gate(nn.Module):
+    """Gated attention logits (Ilse et al., 2018) at every position: w(tanh(V h) * sigmoid(U h))."""
+
+    def __init__(self, dim: int, hidden: int = 32):
+        super().__init__()
+        self.v, self.u, self.w = nn.Conv2d(dim, hidden, 1), nn.Conv2d(dim, hidden, 1), nn.Conv2d(hidden, 1, 1)
+
+    def forward(self, h):
+        return self.w(torch.tanh(self.v(h)) * torch.sigmoid(self.u(h)))
+
+
+class AttentionSlideNet(nn.Module):
+    """Whole-slide attention-MIL: features at every 16 px, softmax attention over all positions,
+    the attention-weighted feature mean, a linear head. One logit per slide."""
+
+    def __init__(self, widths=WIDTHS):
+        super().__init__()
+        self.map = ScoreMap(widths)
+        self.gate = Gate(widths[-1])
+
+    def forward(self, x):
+        h = self.map.features(x)
+        a = self.gate(h)
+        pooled = torch.softmax(a.flatten(2), -1) @ h.flatten(2).transpose(1, 2)  # (N, 1, C), streamed
+        return F.linear(pooled, self.map.score.weight.flatten(1), self.map.score.bias).reshape(-1, 1)
+
+    @property
+    def evidence(self) -> nn.Module:
+        return _Evidence(self)
+
+    def readout(self, maps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Slide logit and heatmap (the attention weights over their maximum, 0..1) from the maps
+        [attention logits, scores]: with a linear head the logit is the attention-weighted mean of
+        the score map."""
+        weights = torch.softmax(maps[:, :1].flatten(2), -1)
+        logit = (weights * maps[:, 1:].flatten(2)).sum(-1)
+        return logit, (weights / weights.max()).view_as(maps[:, :1])[0, 0]
+
+
+class _Evidence(nn.Module):
+    """The attention logits and the score map of an ``AttentionSlideNet``, one 2-channel map."""
+
+    def __init__(self, net: AttentionSlideNet):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x):
+        h = self.net.map.features(x)
+        return torch.cat([self.net.gate(h), self.net.map.score(h)], 1)
+
+
+def build(pool: str = "lse", seed: int = 0) -> nn.Module:
+    """The network with BatchNorm frozen (running statistics), so it tiles while training;
+    ``pool``: ``mean``, ``lse`` or ``attention`` (whole-slide attention-MIL)."""
     torch.manual_seed(seed)
-    model = SlideNet(pool)
+    model = AttentionSlideNet() if pool == "attention" else SlideNet(pool)
     bp.freeze_batchnorm(model)
     return model.train()
 

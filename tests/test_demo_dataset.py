@@ -69,3 +69,16 @@ def test_split_is_stratified_and_disjoint(slides):
     assert {s.path for s in train}.isdisjoint(s.path for s in test)
     assert len(train) + len(test) == len(slides)
     assert sorted(s.label for s in test) == [0, 0, 1, 1]
+
+
+def test_every_pyramid_level_reads_back_as_the_slide_downsampled(slides):
+    """Each stored level, read with ``bp.io.open_slide(level=k)``, is level 0 averaged over 2^k x 2^k
+    blocks (up to the JPEG tiles' error)."""
+    s = next(s for s in slides if s.label)
+    full = np.asarray(bp.io.open_slide(s.path)[0], np.float64)
+    for k in range(1, wsi_dataset.LEVELS):
+        level = np.asarray(bp.io.open_slide(s.path, level=k)[0], np.float64)
+        f, side = 2**k, SIZE // 2**k
+        assert level.shape == (3, side, side)
+        pooled = full.reshape(3, side, f, side, f).mean(axis=(2, 4))
+        assert np.abs(level - pooled).mean() < 6, k

