@@ -123,6 +123,8 @@ def describe(gm: fx.GraphModule, node: fx.Node) -> str:
     where = f"node `{node.name}` ({op_name(gm, node)}"
     if node.op == "call_module":
         where += f" `{node.target}`"
+    if "bigpicture_origin" in node.meta:  # a node that replaced one the user wrote
+        where += f", from {node.meta['bigpicture_origin']}"
     trace = (node.stack_trace or _stack_trace(gm, node.name) or "").strip().splitlines()
     files = [line.strip() for line in trace if line.strip().startswith("File ") and not _internal(line)]
     if files:

@@ -92,8 +92,12 @@ def fuse_functional_norm(gm: fx.GraphModule, node: fx.Node) -> fx.Node | None:
     rewrite, (names, defaults) = _REWRITES[node.target]
     kwargs = dict(node.kwargs)
     a = kwargs.pop("input", node.args[0] if node.args else None)
+    before = set(gm.graph.nodes)
     new = rewrite(gm.graph, a, _bind_values((a, *node.args[1:]), kwargs, names, defaults))
     if new is not None:
+        origin = f"F.{node.target.__name__} `{node.name}`"
+        for made in set(gm.graph.nodes) - before:  # errors and plans name what the user wrote
+            made.meta["bigpicture_origin"] = origin
+            made.stack_trace = node.stack_trace
         _replaces(gm, node, new)
-        new.meta["bigpicture_origin"] = f"F.{node.target.__name__} `{node.name}`"
     return new
