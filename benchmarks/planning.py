@@ -3,8 +3,9 @@
     python benchmarks/planning.py [--write] [--quick]
 
 Each case runs in its own Python process: import torch and bigpicture (and torch's fake-tensor
-machinery), build the network, capture it (torch.fx, timed apart), then plan it for an H100-SXM,
-bfloat16, training step with no tile given (the planner's tile for the device's memory):
+machinery), build the network, capture it (torch.fx, timed apart), then plan it for a training
+step on a device (H100-SXM and L4 in bfloat16, this CPU in float32) with no tile given (the
+planner's tile for the device's memory, half the RAM on the CPU):
 ``choose_tile`` on the captured graph, i.e. shape propagation on fake tensors, the split, the
 predictions of the candidate tiles and the chosen plan. Peak memory is the process's ru_maxrss
 after planning, next to its value before (library start-up). ``--write`` stores the table in
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import subprocess
 import sys
@@ -23,13 +25,14 @@ from datetime import datetime, timezone
 
 from results import publish
 
-CASES = [  # (network, input size)
-    *[("MONAI UNet 3D", s) for s in (192, 512, 2048)],
-    *[("MONAI DynUNet 3D", s) for s in (192, 512, 2048)],
-    *[("ResNet-style classifier 2D", s) for s in (4096, 32768, 100_000)],
-    *[("MONAI DenseNet121 2D", s) for s in (4096, 32768, 100_000)],
+DEVICES = ("H100-SXM", "L4", "cpu")
+CASES = [  # (network, input size, device)
+    *[("MONAI UNet 3D", s, d) for s in (192, 512, 2048) for d in DEVICES],
+    *[("MONAI DynUNet 3D", s, d) for s in (192, 512, 2048) for d in DEVICES],
+    *[("ResNet-style classifier 2D", s, d) for s in (4096, 32768, 100_000) for d in DEVICES],
+    *[("MONAI DenseNet121 2D", s, d) for s in (4096, 32768, 100_000) for d in DEVICES],
 ]
-QUICK = [("MONAI UNet 3D", 192), ("ResNet-style classifier 2D", 4096)]
+QUICK = [("MONAI UNet 3D", 192, "H100-SXM"), ("ResNet-style classifier 2D", 4096, "cpu")]
 
 
 def network(name: str):
@@ -69,7 +72,7 @@ def network(name: str):
     return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(c, 2)), 2
 
 
-def one(name: str, size: int) -> dict:
+def one(name: str, size: int, device: str = "H100-SXM") -> dict:
     """In this process: capture, then plan; seconds and ru_maxrss (MiB)."""
     import resource
 
@@ -88,17 +91,19 @@ def one(name: str, size: int) -> dict:
     started = time.perf_counter()
     gm = capture(model)
     captured = time.perf_counter()
-    dev = get_device("H100-SXM")
+    dev = get_device(device)
+    dtype = torch.float32 if device == "cpu" else torch.bfloat16
     try:
-        tile, plan, p = choose_tile(gm, shape, default_budget(dev), dev, torch.bfloat16, training=True)
+        tile, plan, p = choose_tile(gm, shape, default_budget(dev), dev, dtype, training=True)
         chosen, tiles, note = "x".join(map(str, tile)), len(plan.tiles), budget_reason(dev) + "; " + p.note
     except Exception as e:  # a budget no tile fits is a result too
         chosen, tiles, note = "-", 0, f"{type(e).__name__}: {str(e)[:90]}"
     planned = time.perf_counter()
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024
     return dict(
-        network=name, size=size, nd=nd, capture_s=captured - started, plan_s=planned - captured,
-        rss_before=rss, rss_after=peak, tile=chosen, tiles=tiles, note=note,
+        network=name, size=size, nd=nd, device=device, capture_s=captured - started,
+        plan_s=planned - captured, rss_before=rss, rss_after=peak, tile=chosen, tiles=tiles, note=note,
+        load=os.getloadavg()[0],
     )  # fmt: skip
 
 
@@ -106,15 +111,18 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--write", action="store_true", help="store the table in RESULTS.md")
     parser.add_argument("--quick", action="store_true", help="two cases only")
-    parser.add_argument("--one", nargs=2, metavar=("NETWORK", "SIZE"), help=argparse.SUPPRESS)
+    parser.add_argument("--one", nargs=3, metavar=("NETWORK", "SIZE", "DEVICE"), help=argparse.SUPPRESS)
     a = parser.parse_args()
     if a.one:
-        print(json.dumps(one(a.one[0], int(a.one[1]))))
+        print(json.dumps(one(a.one[0], int(a.one[1]), a.one[2])))
         return
     rows = []
-    for name, size in QUICK if a.quick else CASES:
+    for name, size, device in QUICK if a.quick else CASES:
         run = subprocess.run(
-            [sys.executable, __file__, "--one", name, str(size)], capture_output=True, text=True, timeout=900
+            [sys.executable, __file__, "--one", name, str(size), device],
+            capture_output=True,
+            text=True,
+            timeout=900,
         )
         if run.returncode:
             print(run.stderr[-2000:], file=sys.stderr)
@@ -124,20 +132,22 @@ def main() -> None:
         print(r, flush=True)
     body = [
         f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, {platform.processor() or platform.machine()}, "
-        "2 CPU cores shared with other jobs (load varies: times are upper bounds). Device H100-SXM, "
-        "bfloat16, training step, no tile given (the planner's tile for the device's 80 GiB). "
+        "2 CPU cores shared with other jobs (load varies: times are upper bounds). Training step, no "
+        "tile given: the planner's tile for the device's memory (H100-SXM 80 GiB and L4 24 GiB in "
+        "bfloat16; this CPU in float32, half its RAM). A TilingError (no tile fits) is a result too. "
         "Planning = choose_tile on the captured graph (shape propagation on fake tensors, split, "
         "candidate predictions, the plan); capture = torch.fx trace; memory = ru_maxrss of the "
-        "fresh process, before planning (library start-up) and after.",
+        "fresh process, before planning (library start-up) and after; load = the machine's 1-minute load "
+        "average as the row finished (2 cores: above 2, other jobs took turns with this one).",
         "",
-        "| network | input | capture | planning | max RSS before / after | tile chosen | tiles |",
-        "|---|---|---|---|---|---|---|",
+        "| network | input | device | capture | planning | max RSS before / after | tile | tiles | load |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         side = f"{r['size']:,}^{r['nd']}"
         body.append(
-            f"| {r['network']} | {side} | {r['capture_s']:.2f} s | {r['plan_s']:.2f} s | "
-            f"{r['rss_before']} / {r['rss_after']} MiB | {r['tile']} | {r['tiles']:,} |"
+            f"| {r['network']} | {side} | {r['device']} | {r['capture_s']:.2f} s | {r['plan_s']:.2f} s | "
+            f"{r['rss_before']} / {r['rss_after']} MiB | {r['tile']} | {r['tiles']:,} | {r['load']:.1f} |"
         )
     publish("planning.py", "## Planner: planning time and memory (benchmarks/planning.py)", body, a.write)
 

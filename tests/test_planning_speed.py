@@ -22,7 +22,7 @@ from bigpicture.perf.devices import get_device
 from bigpicture.perf.grid import class_grid, layout
 from bigpicture.perf.predict import predict_splits
 from bigpicture.perf.rates import Rates
-from bigpicture.perf.schedule import analyse
+from bigpicture.perf.schedule import analyse, best_tile
 
 
 @pytest.fixture(autouse=True)
@@ -174,3 +174,80 @@ def test_a_plan_of_millions_of_tiles_makes_them_on_demand():
     assert last.index == (255, 255, 255) and last.read == Box((2038,) * 3, (2048,) * 3)
     assert plan.tiles[::-1][0] == last and len(plan.tiles[10:20]) == 10
     assert len(plan.tiles.diagonal.rows) == 256  # one walk per diagonal tile, not per tile
+
+
+def _network(nd: int, classifier: bool) -> nn.Module:
+    conv, pool = (nn.Conv2d, nn.MaxPool2d) if nd == 2 else (nn.Conv3d, nn.MaxPool3d)
+    layers = [conv(1, 4, 5, padding=2), nn.ReLU(), pool(2), conv(4, 8, 3, padding=1), nn.ReLU(), pool(2)]
+    layers.append(conv(8, 8, 3, padding=1))
+    if classifier:
+        return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1) if nd == 2 else nn.AdaptiveAvgPool3d(1),
+                             nn.Flatten(), nn.Linear(8, 2)).eval()  # fmt: skip
+    return nn.Sequential(*layers, nn.Upsample(scale_factor=4), conv(8, 2, 3, padding=1)).eval()
+
+
+SIZES = {2: (2**13, 2**15, 2**17), 3: (512, 1024, 2048)}  # up to beyond 100,000^2 and 2048^3
+
+
+@pytest.fixture
+def counted(monkeypatch):
+    """Counts of reverse walks (``regions.needs``: one per tile walked or diagonal row visited) and
+    of steps built (``steps._step``), reset by the test."""
+    from bigpicture.engine import tiles as engine_tiles
+    from bigpicture.perf import grid as perf_grid
+
+    counts = {"needs": 0, "steps": 0}
+    real_needs, real_step = regions.needs, steps._step
+
+    def counted_needs(*a, **k):
+        counts["needs"] += 1
+        return real_needs(*a, **k)
+
+    def counted_step(*a, **k):
+        counts["steps"] += 1
+        return real_step(*a, **k)
+
+    for module in (engine_tiles, perf_grid, walk):
+        monkeypatch.setattr(module, "needs", counted_needs)
+    monkeypatch.setattr(classes, "_step", counted_step)
+    monkeypatch.setattr(steps, "_step", counted_step)
+    perf_grid._CLASSES.clear()
+    return counts
+
+
+@pytest.mark.parametrize("classifier", [False, True], ids=["dense", "classifier"])
+@pytest.mark.parametrize("nd, tile", [(2, 256), (3, 32)])
+def test_a_prediction_does_not_grow_with_the_grid(nd, tile, classifier, counted):
+    """One tile size, images 16x (2D) and 4x (3D) apart: grids of 16 to 512 tiles per dimension,
+    the same walks and steps (the interior tiles are one class, the borders a few)."""
+    work = []
+    for size in SIZES[nd]:
+        shape = (1, 1) + (size,) * nd
+        splits = analyse(_network(nd, classifier), shape)
+        counted.update(needs=0, steps=0)
+        p = predict_splits(splits, shape, torch.bfloat16, tile, "H100-SXM", training=True)
+        assert p.tiles == (size // tile) ** nd
+        work.append(dict(counted))
+    assert work[0] == work[1] == work[2], work
+
+
+@pytest.mark.parametrize("budget", ["80GiB", "4GiB"])
+@pytest.mark.parametrize("classifier", [False, True], ids=["dense", "classifier"])
+@pytest.mark.parametrize("nd", [2, 3])
+def test_the_planners_search_is_bounded_whatever_the_input_size(nd, classifier, budget, counted):
+    """The whole search (candidates from the whole image down to MAX_TILES tiles, each bounded by
+    its memory from one walk, pruned by time) walks and builds at most a constant of the network's,
+    at input sizes up to 2^17 px square and 2048^3 voxels."""
+    chosen = []
+    for size in SIZES[nd]:
+        shape = (1, 1) + (size,) * nd
+        splits = analyse(_network(nd, classifier), shape)
+        counted.update(needs=0, steps=0)
+        try:
+            p = best_tile(splits, shape, budget, "H100-SXM", torch.bfloat16, training=True)
+            chosen.append((p.tile, p.tiles))
+        except bp.TilingError as e:  # the dense output alone is over the budget: a result too
+            assert "no tile fits" in str(e)
+            chosen.append(None)
+        assert counted["needs"] <= 64 and counted["steps"] <= 640, (size, counted, chosen)
+    assert any(c is not None and c[1] > 1 for c in chosen) or not classifier, chosen  # tiles were chosen

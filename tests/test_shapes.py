@@ -144,3 +144,14 @@ def test_a_layer_that_fails_still_fails_naming_its_node(net):
     gm = capture(net, False)
     with pytest.raises(bp.TilingError, match=r"node `_?1`"):
         g.propagate(gm, [((1, 3, 8, 8), torch.float32, torch.device("cpu"))])
+
+
+def test_no_shortcut_under_autocast(monkeypatch):
+    """Autocast casts by op for the device it is on (meta tensors are on none): fake tensors decide."""
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(4 * 6 * 6, 2)).eval()
+    gm = capture(net, False)
+    inputs = [((1, 3, 8, 8), torch.float32, torch.device("cpu"))]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fast, slow, taken = _both(gm, inputs, monkeypatch)
+    _assert_same(gm, fast, slow)
+    assert taken == 0 and fast[next(n for n in gm.graph.nodes if n.op == "output")].dtype == torch.bfloat16

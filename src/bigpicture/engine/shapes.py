@@ -42,11 +42,18 @@ def shortcut(module: nn.Module, args: tuple, kwargs: dict):
     x = args[0] if len(args) == 1 and not kwargs else None
     if not isinstance(x, torch.Tensor) or not x.is_floating_point() or not _dtypes_agree(module, x):
         return None
+    if _autocast():  # it casts by op and device (not on meta tensors): fake tensors follow it
+        return None
     if type(module) in _SAME_SHAPE:  # exact types: a subclass may change its forward
         return torch.empty_like(x) if _accepts(module, x) else None
     if type(module) in _ON_META and x.is_contiguous():  # else fake tensors pick the output's layout
         return _on_meta(module, x)
     return None
+
+
+def _autocast() -> bool:
+    kinds = [t for t in ("cpu", "cuda", "xpu", "mps") if torch.amp.is_autocast_available(t)]
+    return any(torch.is_autocast_enabled(t) for t in kinds)
 
 
 def _dtypes_agree(module: nn.Module, x: torch.Tensor) -> bool:

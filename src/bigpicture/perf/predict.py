@@ -175,12 +175,7 @@ def predict_splits(
 
     ``shared``: what predictions of other tiles for the same splits, device and dtype may reuse
     (the rates, the steps built, the untiled walk): the planner passes one dict for its candidates."""
-    dev = resolve_device(device)
-    shared = {} if shared is None else shared
-    if "rates" not in shared:
-        shared["rates"] = Rates(dev, dtype, None if dev.name != "cpu" else load_calibration())
-    rates = shared["rates"]
-    on_device = dev.name == "cpu" if input_on_device is None else input_on_device
+    dev, rates, on_device, shared = _setting(device, dtype, input_on_device, shared)
     parts = [
         _predict_pass(
             s,
@@ -218,11 +213,7 @@ def least_memory(
     with work (whole-size boxes, away from the borders) is usually the largest. The planner skips
     tiles this already shows over the budget, for the cost of one walk (``shared`` as for
     ``predict_splits``: the steps it builds serve the full prediction too)."""
-    dev = resolve_device(device)
-    shared = {} if shared is None else shared
-    if "rates" not in shared:
-        shared["rates"] = Rates(dev, dtype, None if dev.name != "cpu" else load_calibration())
-    on_device = dev.name == "cpu" if input_on_device is None else input_on_device
+    dev, rates, on_device, shared = _setting(device, dtype, input_on_device, shared)
     least = 0
     for s in splits:
         lay = layout(s, input_shape, tile)
@@ -231,9 +222,19 @@ def least_memory(
         index = tuple(c // 2 for c in working)
         need, writes = tile_at(s, lay, index)
         copy, memo = not on_device or tiles > 1, shared.setdefault(id(s), {})
-        one = walk(s, need, writes, dtype, shared["rates"], training, input_grad, copy, memo)
+        one = walk(s, need, writes, dtype, rates, training, input_grad, copy, memo)
         least = max(least, sum(v for _, v in _memory(s, dtype, one, tiles, training, dev.name != "cpu")))
     return least
+
+
+def _setting(device, dtype, input_on_device, shared):
+    """(device, its rates, whether the input lives on it, ``shared``): the rates made once per ``shared``."""
+    dev = resolve_device(device)
+    shared = {} if shared is None else shared
+    if "rates" not in shared:
+        shared["rates"] = Rates(dev, dtype, None if dev.name != "cpu" else load_calibration())
+    on_device = dev.name == "cpu" if input_on_device is None else input_on_device
+    return dev, shared["rates"], on_device, shared
 
 
 def _predict_pass(
