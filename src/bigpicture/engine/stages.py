@@ -32,7 +32,6 @@ from torch import fx
 
 from bigpicture.engine.capture import op_name
 from bigpicture.engine.rules import Op, rule
-from bigpicture.errors import TilingError
 
 
 def stage_source(whole: torch.Tensor) -> torch.Tensor:
@@ -121,11 +120,12 @@ def _materialise(gm, values, x, meeting, whole, roles, lookup) -> int:
             kinds[node] = kind
             todo += [i for i in node.all_input_nodes if roles.get(i) == "tail"]
     changed = True
-    while changed:  # a tiled node's other untiled inputs: held whole, per channel, or tiled too
-        changed = False
+    while changed:  # a tiled node's other untiled inputs: held whole, per channel, or tiled too;
+        changed = False  # and its other users must have rules once it is spatial
         for node in list(kinds):
             inputs = [i for i in node.all_input_nodes if roles.get(i) == "tail" and i not in kinds]
-            if not all(grid(values[i], values[x]) or _per_channel(values[i], values[x]) for i in inputs):
+            held = all(grid(values[i], values[x]) or _per_channel(values[i], values[x]) for i in inputs)
+            if not held or not _users_have_rules(node, kinds, meeting, roles, lookup):
                 del kinds[node]
                 changed = True
     readers = set(kinds) | ({meeting} if meeting.op != "output" else set())
@@ -144,6 +144,20 @@ def _materialise(gm, values, x, meeting, whole, roles, lookup) -> int:
     return len(edge)
 
 
+def _users_have_rules(node, kinds, meeting, roles, lookup) -> bool:
+    """Whether the untiled users of ``node`` that the walk did not reach have a rule (any kind) when
+    ``node`` is spatial: one without would fail where it ran untiled before."""
+    spatial = dict(roles) | dict.fromkeys(kinds, "spatial")
+    for user in node.users:
+        if user in kinds or user is meeting or user.op == "output":
+            continue
+        try:
+            lookup(user, spatial)
+        except Exception:  # a probe: a rule that refuses (or fails on) these inputs has none for them
+            return False
+    return True
+
+
 def tiled_kind(node, values, x, lookup, roles) -> str | None:
     """``local`` or ``reduce`` if an untiled node could run tiled (as a local op or a streamed
     reduction) on its grid inputs held whole, else None. ``lookup(node, roles)``: its rule."""
@@ -156,7 +170,7 @@ def tiled_kind(node, values, x, lookup, roles) -> str | None:
     roles.update((i, "spatial") for i in inputs)
     try:
         kind = lookup(node, roles).kind
-    except TilingError:
+    except Exception:  # a probe: a rule that refuses (or fails on) these inputs has none for them
         return None
     if kind == "reduce" or (kind == "local" and grid(values[node], values[x])):
         return kind
