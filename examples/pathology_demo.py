@@ -54,7 +54,7 @@ CONFIGS = {
         "budget": "24MiB",
         "patch": 128,
         "mil_epochs": 20,
-        "lr": 2e-3,
+        "lr": 3e-4,
     },
     "full": {
         "slides": 32,
@@ -63,7 +63,7 @@ CONFIGS = {
         "budget": "32MiB",
         "patch": 128,
         "mil_epochs": 30,
-        "lr": 2e-3,
+        "lr": 3e-4,
     },
 }
 
