@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 from wsi_dataset import tissue_of
-from wsi_models import STRIDE, AttentionMIL, build, loss_of
+from wsi_models import STRIDE, AttentionMIL, build, calibrate_batchnorm, loss_of
 
 import bigpicture as bp
 
@@ -43,6 +43,25 @@ def budget_bytes(budget: str | int) -> int:
 
 def read_all(source) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(source[:, :, :, :]))
+
+
+def tissue_corners(slide, patch: int) -> list[tuple[int, int]]:
+    """Top-left corners of the ``patch`` px patches with at least half tissue (found on level 1)."""
+    rgb = np.moveaxis(np.asarray(bp.io.open_slide(slide.path, level=1)[0]), 0, -1)
+    p, (h, w) = patch // 2, rgb.shape[:2]
+    return [(2 * y, 2 * x) for y in range(0, h - p + 1, p) for x in range(0, w - p + 1, p)
+            if tissue_of(rgb[y : y + p, x : x + p]).mean() >= 0.5]  # fmt: skip
+
+
+def tissue_patches(slides, patch: int = 128, per_slide: int = 8):
+    """Tissue patches of the first slides (for BatchNorm statistics): batches of (k, 3, p, p); none
+    from a slide without a patch of half tissue (then the statistics stay the initial ones)."""
+    for s in slides[:4]:
+        corners = tissue_corners(s, patch)
+        corners = corners[:: max(1, len(corners) // per_slide)][:per_slide]
+        source = bp.io.open_slide(s.path)
+        if corners:
+            yield torch.from_numpy(np.stack([source[0, :, y : y + patch, x : x + patch] for y, x in corners]))
 
 
 def epochs_of(fit_one, items, epochs: int, seed: int, desc: str) -> list[float]:
@@ -74,6 +93,7 @@ class WholeSlide:
         return loss.item()
 
     def fit(self, slides, epochs: int, seed: int = 0) -> list[float]:
+        calibrate_batchnorm(self.model, tissue_patches(slides))
         return epochs_of(self.step_once, slides, epochs, seed, self.name)
 
     @property
@@ -114,6 +134,7 @@ class Downsampled:
         return loss.item()
 
     def fit(self, slides, epochs: int, seed: int = 0) -> list[float]:
+        calibrate_batchnorm(self.model, (self.image(s) for s in slides[:4]))
         return epochs_of(self.step_once, slides, epochs, seed, self.name)
 
     def predict(self, slide) -> dict:
@@ -153,15 +174,7 @@ class Patches:
 
     def positions(self, slide) -> list[tuple[int, int]]:
         """Top-left corners of the patches with at least half tissue (found on the image itself)."""
-        source = bp.io.open_slide(slide.path, level=1)
-        rgb = np.moveaxis(np.asarray(source[0]), 0, -1)
-        p, (h, w) = self.patch // 2, rgb.shape[:2]
-        return [
-            (2 * y, 2 * x)
-            for y in range(0, h - p + 1, p)
-            for x in range(0, w - p + 1, p)
-            if tissue_of(rgb[y : y + p, x : x + p]).mean() >= 0.5
-        ]
+        return tissue_corners(slide, self.patch)
 
     def read(self, source, corners) -> torch.Tensor:
         p = self.patch
@@ -181,6 +194,7 @@ class Patches:
         return self.step_batch([(slide.path, y, x, slide.label) for y, x in corners])
 
     def fit(self, slides, epochs: int, seed: int = 0) -> list[float]:
+        calibrate_batchnorm(self.model, tissue_patches(slides))
         items = [(s.path, y, x, s.label) for s in slides for y, x in self.positions(s)]
         rng = np.random.default_rng(seed + 1)
         batches = []

