@@ -233,7 +233,7 @@ GLOBAL_OPS = {
     "layer_norm": (lambda: nn.LayerNorm([4, 12, 12]), ["node `middle`", "LayerNorm", "global op"]),
     "group_norm_functional": (
         lambda: Lambda(lambda t: F.group_norm(t, 2)),
-        ["from F.group_norm `group_norm`", "test_errors.py"],
+        ["node `group_norm_normalize`", "node `group_norm_moments`"],
     ),
     "squeeze_excitation": (
         lambda: SqueezeExcitation(),

@@ -3,7 +3,7 @@ rewritten at capture into the statistics and normalisation that ``stats.py`` mak
 extra pass over the tiles (the module forms are rewritten there)::
 
     F.group_norm(a, G, w, b, eps)                  ->  normalize(a, moments(a, G), w, b, eps, G)
-    F.instance_norm(a, w=w, b=b)                   ->  the same with G = a.size(1)
+    F.instance_norm(a, w=w, b=b)                   ->  the same with G = channels_of(a)
     F.batch_norm(a, rm, rv, w, b, training=True)   ->  batch_normalize(a, batch_moments(a), w, b, eps)
                                                         and the running statistics' update
     F.instance_norm(a, rm, rv, use_input_stats=False) ->  F.batch_norm(a, rm, rv, w, b, False, 0, eps)
@@ -49,36 +49,38 @@ def positions_per_instance(a: torch.Tensor) -> int:
     return a[0, 0].numel()
 
 
-def _group_norm(graph: fx.Graph, a, k: dict) -> fx.Node:
+def channels_of(a: torch.Tensor) -> int:
+    return a.shape[1]
+
+
+def _group_norm(add, a, k: dict) -> fx.Node:
     groups = k["num_groups"]
-    stats = graph.call_function(moments, (a, groups))
-    return graph.call_function(normalize, (a, stats, k["weight"], k["bias"], k["eps"], groups))
+    stats = add(moments, a, groups)
+    return add(normalize, a, stats, k["weight"], k["bias"], k["eps"], groups)
 
 
-def _instance_norm(graph: fx.Graph, a, k: dict) -> fx.Node | None:
+def _instance_norm(add, a, k: dict) -> fx.Node | None:
     if k["use_input_stats"] is False:
-        args = (a, k["running_mean"], k["running_var"], k["weight"], k["bias"], False, 0.0, k["eps"])
-        return graph.call_function(F.batch_norm, args)
+        buffers = (k["running_mean"], k["running_var"])
+        return add(F.batch_norm, a, *buffers, k["weight"], k["bias"], False, 0.0, k["eps"])
     if k["use_input_stats"] is not True:
         return None
-    channels = graph.call_method("size", (a, 1))
-    stats = graph.call_function(moments, (a, channels))
+    channels = add(channels_of, a)
+    stats = add(moments, a, channels)
     if k["running_mean"] is not None:
-        count = graph.call_function(positions_per_instance, (a,))
-        buffers = (k["running_mean"], k["running_var"])
-        graph.call_function(instance_running_stats, (stats, *buffers, k["momentum"], count))
-    return graph.call_function(normalize, (a, stats, k["weight"], k["bias"], k["eps"], channels))
+        count = add(positions_per_instance, a)
+        add(instance_running_stats, stats, k["running_mean"], k["running_var"], k["momentum"], count)
+    return add(normalize, a, stats, k["weight"], k["bias"], k["eps"], channels)
 
 
-def _batch_norm(graph: fx.Graph, a, k: dict) -> fx.Node | None:
+def _batch_norm(add, a, k: dict) -> fx.Node | None:
     if k["training"] is not True:
         return None  # running statistics: pointwise (reduce.functional_batch_norm)
-    stats = graph.call_function(batch_moments, (a,))
+    stats = add(batch_moments, a)
     if k["running_mean"] is not None:
-        count = graph.call_function(positions_per_channel, (a,))
-        buffers = (k["running_mean"], k["running_var"], None)
-        graph.call_function(track_running_stats, (stats, *buffers, k["momentum"], count))
-    return graph.call_function(batch_normalize, (a, stats, k["weight"], k["bias"], k["eps"]))
+        count = add(positions_per_channel, a)
+        add(track_running_stats, stats, k["running_mean"], k["running_var"], None, k["momentum"], count)
+    return add(batch_normalize, a, stats, k["weight"], k["bias"], k["eps"])
 
 
 _REWRITES = {F.group_norm: (_group_norm, _GROUP), F.instance_norm: (_instance_norm, _INSTANCE),
@@ -92,12 +94,14 @@ def fuse_functional_norm(gm: fx.GraphModule, node: fx.Node) -> fx.Node | None:
     rewrite, (names, defaults) = _REWRITES[node.target]
     kwargs = dict(node.kwargs)
     a = kwargs.pop("input", node.args[0] if node.args else None)
-    before = set(gm.graph.nodes)
-    new = rewrite(gm.graph, a, _bind_values((a, *node.args[1:]), kwargs, names, defaults))
-    if new is not None:
-        origin = f"F.{node.target.__name__} `{node.name}`"
-        for made in set(gm.graph.nodes) - before:  # errors and plans name what the user wrote
-            made.meta["bigpicture_origin"] = origin
-            made.stack_trace = node.stack_trace
+
+    def add(fn, *args) -> fx.Node:
+        """A node named after ``node`` (``group_norm_moments``), on the user's line, for errors."""
+        new = gm.graph.create_node("call_function", fn, args, name=f"{node.name}_{fn.__name__}")
         _replaces(gm, node, new)
+        return new
+
+    new = rewrite(add, a, _bind_values((a, *node.args[1:]), kwargs, names, defaults))
+    if new is not None:
+        new.meta["bigpicture_origin"] = f"F.{node.target.__name__} `{node.name}`"
     return new
