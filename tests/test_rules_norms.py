@@ -82,3 +82,32 @@ def test_functional_norm_with_one_pass_is_a_clear_error():
     model = Norm(CASES["group_norm"], 2).double()
     with pytest.raises(bp.TilingError, match="multipass=False"):
         bp.tiled(model, tile=5, multipass=False)(torch.randn(SHAPES[2][0], dtype=torch.float64))
+
+
+class InstanceNormTracking(nn.Module):
+    """conv -> nn.InstanceNorm(track_running_stats=True) in train mode -> relu -> conv."""
+
+    def __init__(self, nd, momentum):
+        super().__init__()
+        norm = {1: nn.InstanceNorm1d, 2: nn.InstanceNorm2d, 3: nn.InstanceNorm3d}[nd]
+        self.a, self.c = CONV[nd](3, 4, 3, padding=1), CONV[nd](4, 2, 3, padding=1)
+        self.norm = norm(4, affine=True, track_running_stats=True, momentum=momentum)
+
+    def forward(self, x):
+        return self.c(torch.relu(self.norm(self.a(x))))
+
+
+@pytest.mark.parametrize("nd", [1, 2, 3])
+@pytest.mark.parametrize("momentum", [0.2, None])
+def test_instance_norm_module_in_train_mode_updates_its_buffers_as_untiled(nd, momentum, one_thread):
+    shape, tile = SHAPES[nd]
+    torch.manual_seed(0)
+    untiled = InstanceNormTracking(nd, momentum).double().train()
+    model = copy.deepcopy(untiled)
+    x = torch.randn((2,) + tuple(shape[1:]), dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    expected, got = untiled(x), bp.tiled(model, tile=tile)(x.clone())
+    _compare(got, expected, "output")
+    for name in ("running_mean", "running_var", "num_batches_tracked"):
+        _compare(getattr(model.norm, name), getattr(untiled.norm, name), name)
+    if momentum is not None:
+        assert not torch.equal(untiled.norm.running_mean, torch.zeros(4, dtype=torch.float64))

@@ -21,9 +21,11 @@ from bigpicture.engine.rules import _bind_values, _replaces
 from bigpicture.engine.rules.stats import (
     batch_moments,
     batch_normalize,
+    instance_running_stats,
     moments,
     normalize,
     positions_per_channel,
+    positions_per_instance,
     track_running_stats,
 )
 
@@ -37,16 +39,6 @@ _BATCH = (
     ["running_mean", "running_var", "weight", "bias", "training", "momentum", "eps"],
     {"weight": None, "bias": None, "training": False, "momentum": 0.1, "eps": 1e-5},
 )  # fmt: skip
-
-
-def instance_running_stats(stats, running_mean, running_var, momentum, count: int):
-    """InstanceNorm's buffer update with input statistics: each sample's (C, 2) statistics update
-    the buffers as BatchNorm's would, then they are averaged over the batch (as ATen does)."""
-    return track_running_stats(stats.mean(0), running_mean, running_var, None, momentum, count)
-
-
-def positions_per_instance(a: torch.Tensor) -> int:
-    return a[0, 0].numel()
 
 
 def channels_of(a: torch.Tensor) -> int:

@@ -71,6 +71,16 @@ def positions_per_channel(a: torch.Tensor) -> int:
     return a.numel() // a.shape[1]
 
 
+def instance_running_stats(stats, running_mean, running_var, momentum, count: int):
+    """InstanceNorm's buffer update with input statistics: each sample's (C, 2) statistics update
+    the buffers as BatchNorm's would, then they are averaged over the batch (as ATen does)."""
+    return track_running_stats(stats.mean(0), running_mean, running_var, None, momentum, count)
+
+
+def positions_per_instance(a: torch.Tensor) -> int:
+    return a[0, 0].numel()
+
+
 def track_running_stats(stats, running_mean, running_var, num_batches_tracked, momentum, count: int):
     """BatchNorm's buffer update in training, as ``_BatchNorm.forward`` does it: once per forward.
 
@@ -159,6 +169,11 @@ def _group_norm(gm, node, m) -> fx.Node | None:
     if groups is None:
         return None
     stats = gm.graph.call_function(moments, (node.args[0], groups))
+    if isinstance(m, nn.modules.instancenorm._InstanceNorm) and m.training and m.track_running_stats:
+        buffers = [_attr(gm, node, m, b) for b in ("running_mean", "running_var")]
+        count = gm.graph.call_function(positions_per_instance, (node.args[0],))
+        momentum = 0.0 if m.momentum is None else m.momentum  # as _InstanceNorm.forward passes it
+        gm.graph.call_function(instance_running_stats, (stats, *buffers, momentum, count))
     weight, bias = _attr(gm, node, m, "weight"), _attr(gm, node, m, "bias")
     return gm.graph.call_function(normalize, (node.args[0], stats, weight, bias, m.eps, groups))
 
