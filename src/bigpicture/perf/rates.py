@@ -22,6 +22,7 @@ so a tile takes the longer of its GPU time and its host time.
 from __future__ import annotations
 
 import functools
+import heapq
 import itertools
 import math
 from collections.abc import Sequence
@@ -62,6 +63,7 @@ class Rates:
         # CPU: an op big enough to run on every thread first wakes the idle ones (OMP_WAIT_POLICY)
         self.wake_s = 0.0 if self.gpu else (self.ops or {}).get("wake_s", 0.0)
         self._conv: dict = {}  # memo: a network repeats a few convolution shapes many times
+        self._tables: dict = {}  # memo: the calibration's points and grids per kind of convolution
         # CPU convolutions hold a workspace besides their output (GPUs: in the framework allowance)
         workspace = (self.ops or {}).get("conv_workspace", DEFAULT_WORKSPACE)
         self.conv_workspace = {} if self.gpu else workspace
@@ -102,21 +104,29 @@ class Rates:
         key = (nd, fan_in, cout, positions, stride, backward, transposed, cin, kernel, backend)
         if key not in self._conv:
             value = "backward" if backward else "forward"
-            points = [
-                p for p in self.ops["conv"] if p["nd"] == nd and p.get("transposed", False) == transposed
-            ]
-            points = points or self.ops["conv"]
+            points, gridded = self._points(nd, transposed)
             rate = None if points else 0.5 * self.peak  # a calibration without convolutions
-            if rate is None and cin is not None and kernel is not None and all("cin" in p for p in points):
-                rate = _grid_rate(points, value, cin, cout, positions, stride, kernel, backend)
+            if rate is None and cin is not None and kernel is not None and gridded:
+                table_key = (nd, transposed, value, stride > 1, backend, kernel)
+                if table_key not in self._tables:  # the planner asks for many positions of one table
+                    self._tables[table_key] = _grid_table(points, value, stride, kernel, backend)
+                rate = _table_rate(*self._tables[table_key], cin, cout, positions)
             if rate is None:
-                rate = _nearest(
-                    [(p["fan_in"], p["cout"], p["positions"], 4 ** (p["stride"] - 1)) for p in points],
-                    [p[value] for p in points],
-                    (fan_in, cout, positions, 4 ** (min(stride, 2) - 1)),
-                )
+                if (nd, transposed, value) not in self._tables:  # the points' logs, once
+                    near = [(p["fan_in"], p["cout"], p["positions"], 4 ** (p["stride"] - 1)) for p in points]
+                    self._tables[nd, transposed, value] = [_logs(p) for p in near], [p[value] for p in points]
+                logs, values = self._tables[nd, transposed, value]
+                rate = _nearest_logs(logs, values, (fan_in, cout, positions, 4 ** (min(stride, 2) - 1)))
             self._conv[key] = rate
         return self._conv[key]
+
+    def _points(self, nd: int, transposed: bool) -> tuple[list[dict], bool]:
+        """The calibration's convolutions of ``nd`` dimensions (and kind), and whether they form a grid."""
+        if (nd, transposed) not in self._tables:
+            points = [p for p in self.ops["conv"] if p["nd"] == nd and p.get("transposed", False) == transposed]
+            points = points or self.ops["conv"]
+            self._tables[nd, transposed] = points, all("cin" in p for p in points)
+        return self._tables[nd, transposed]
 
     def workspace(self, nd: int, operand_bytes: int, im2col_bytes: int) -> int:
         """Bytes a convolution holds while it runs besides its output (GPUs: in the framework allowance)."""
@@ -163,11 +173,17 @@ def _interpolate(xs: Sequence[float], ys: Sequence[float], x: float) -> float:
 
 def _nearest(points: list[tuple[float, ...]], values: list[float], at: tuple[float, ...]) -> float:
     """Inverse-distance weighting of the 3 nearest measurements, in log space."""
-    logs = [math.log(max(v, 1)) for v in at]
-    dist = sorted(
-        (math.dist(logs, [math.log(max(v, 1)) for v in p]), value)
-        for p, value in zip(points, values, strict=True)
-    )[:3]
+    return _nearest_logs([_logs(p) for p in points], values, at)
+
+
+def _logs(point: tuple[float, ...]) -> list[float]:
+    return [math.log(max(v, 1)) for v in point]
+
+
+def _nearest_logs(points: list[list[float]], values: list[float], at: tuple[float, ...]) -> float:
+    """``_nearest`` on the points' logs (the planner asks for many positions of one calibration)."""
+    logs = _logs(at)
+    dist = heapq.nsmallest(3, ((math.dist(logs, p), value) for p, value in zip(points, values, strict=True)))
     if dist[0][0] < 1e-9:
         return dist[0][1]
     weights = [1 / d**2 for d, _ in dist]
@@ -183,15 +199,23 @@ def _grid_rate(
     and oneDNN kernels at input sizes where rates jump), and the nearest kernel volume, multilinear
     in log(input channels), log(output channels), log(positions) over the grid's corners around the
     query, geometric in the rate; corners the grid skipped are left out of the weights."""
+    return _table_rate(*_grid_table(points, value, stride, kernel, backend), cin, cout, positions)
+
+
+def _grid_table(points: list[dict], value: str, stride: int, kernel: int, backend: str | None):
+    """The grid ``_grid_rate`` interpolates in: (cin, cout, positions) -> rate, and each axis's values."""
     points = [p for p in points if (p["stride"] > 1) == (stride > 1)] or points
     if backend is not None:
         points = [p for p in points if p.get("backend") == backend] or points
     near = min({p["kernel"] for p in points}, key=lambda k: (abs(math.log(k / kernel)), -k))
     points = [p for p in points if p["kernel"] == near]
     table = {(p["cin"], p["cout"], p["positions"]): p[value] for p in points}
+    return table, [sorted({k[axis] for k in table}) for axis in range(3)]
+
+
+def _table_rate(table: dict, axes: list, cin: int, cout: int, positions: int) -> float | None:
     corners = []
-    for axis, q in enumerate((cin, cout, positions)):
-        values = sorted({k[axis] for k in table})
+    for values, q in zip(axes, (cin, cout, positions), strict=True):
         lo = max((v for v in values if v <= q), default=values[0])
         hi = min((v for v in values if v >= q), default=values[-1])
         w = math.log(q / lo) / math.log(hi / lo) if hi > lo else 0.0
