@@ -148,8 +148,14 @@ def test_steps_are_built_per_geometry_and_walks_per_structure(monkeypatch):
     shape = (1, 1, 480, 480, 480)
     split = analyse(net, shape)[-1]
     built, walks = [], []
-    real_step, real_peaks = steps._step, classes.peaks
-    monkeypatch.setattr(steps, "_step", lambda *a, **k: built.append(1) or real_step(*a, **k))
+    real_steps, real_peaks = steps.steps_of, classes.peaks
+
+    def counted_steps(split, node, rows, *a, **k):
+        built.append(len(rows.numel))
+        return real_steps(split, node, rows, *a, **k)
+
+    monkeypatch.setattr(steps, "steps_of", counted_steps)
+    monkeypatch.setattr(classes, "steps_of", counted_steps)
     monkeypatch.setattr(classes, "peaks", lambda *a, **k: walks.append(1) or real_peaks(*a, **k))
     p = predict_splits([split], shape, torch.float32, 4, "H100-SXM", training=True)
     cg = class_grid(split, layout(split, shape, 4))
@@ -161,7 +167,7 @@ def test_steps_are_built_per_geometry_and_walks_per_structure(monkeypatch):
             split, n, row[1], steps._stored(split, steps.spatial_inputs(split, n, row[1]), row[1], True), d
         ))) for n in nodes
     )  # fmt: skip
-    assert len(built) <= geometries + 2 * len(nodes) < p.classes * len(nodes) // 2  # + the untiled, last tile
+    assert sum(built) <= geometries + 2 * len(nodes) < p.classes * len(nodes) // 2  # + the untiled, last tile
     assert len(walks) <= 3**3 < p.classes
 
 
@@ -192,25 +198,25 @@ SIZES = {2: (2**13, 2**15, 2**17), 3: (512, 1024, 2048)}  # up to beyond 100,000
 @pytest.fixture
 def counted(monkeypatch):
     """Counts of reverse walks (``regions.needs``: one per tile walked or diagonal row visited) and
-    of steps built (``steps._step``), reset by the test."""
+    of steps built (rows of ``steps.steps_of``), reset by the test."""
     from bigpicture.engine import tiles as engine_tiles
     from bigpicture.perf import grid as perf_grid
 
     counts = {"needs": 0, "steps": 0}
-    real_needs, real_step = regions.needs, steps._step
+    real_needs, real_steps = regions.needs, steps.steps_of
 
     def counted_needs(*a, **k):
         counts["needs"] += 1
         return real_needs(*a, **k)
 
-    def counted_step(*a, **k):
-        counts["steps"] += 1
-        return real_step(*a, **k)
+    def counted_steps(split, node, rows, *a, **k):
+        counts["steps"] += len(rows.numel)
+        return real_steps(split, node, rows, *a, **k)
 
     for module in (engine_tiles, perf_grid, walk):
         monkeypatch.setattr(module, "needs", counted_needs)
-    monkeypatch.setattr(classes, "_step", counted_step)
-    monkeypatch.setattr(steps, "_step", counted_step)
+    monkeypatch.setattr(classes, "steps_of", counted_steps)
+    monkeypatch.setattr(steps, "steps_of", counted_steps)
     perf_grid._CLASSES.clear()
     return counts
 

@@ -23,14 +23,13 @@ from dataclasses import replace
 import numpy as np
 import torch
 
-from bigpicture.engine.box import Box
 from bigpicture.engine.rules import Window
 from bigpicture.engine.rules.resample import ConvTranspose
 from bigpicture.engine.rules.window import Conv
 from bigpicture.engine.split import Split
 from bigpicture.perf.grid import ClassGrid
 from bigpicture.perf.rates import Rates
-from bigpicture.perf.steps import _step, _stored, dim_geometry, spatial_inputs
+from bigpicture.perf.steps import Rows, _stored, dim_geometry, row, spatial_inputs, steps_of
 from bigpicture.perf.walk import TileWalk, accumulation_s, bytes_of, grad_in, grads, peaks, readers, walk
 
 
@@ -57,12 +56,13 @@ def aggregate(
     grad = grads(split, grid.row(0)[1], input_grad)
     total, steps = TileWalk(), {}
     for node in list(grad)[1:]:  # the image first: it has no step
-        combos = _node_combos(split, grid, node, grad_in(split, node, grad), input_copy, item, rates, memo)
-        for st, tiles, _ in combos:
-            total.add_step(st, tiles, training and grad[node])
-        steps[node] = combos
+        st, tiles, index = _node_combos(
+            split, grid, node, grad_in(split, node, grad), input_copy, item, rates
+        )
+        total.add_steps(st, tiles, training and grad[node])
+        steps[node] = st, index
     if training:
-        for i, r in readers([c[0][0] for c in steps.values()], grad):
+        for i, r in readers([st for st, _ in steps.values()], grad):
             total.add_accumulation(
                 sum(
                     n * accumulation_s(bytes_of(split, i, numel, item), r, rates)
@@ -120,12 +120,13 @@ class _Grid:
         return out
 
 
-def _node_combos(split, grid: _Grid, node, grad_in: bool, input_copy: bool, item, rates, memo) -> list:
-    """(step, tiles, per-class index) of each distinct step of ``node`` over the grid.
+def _node_combos(split, grid: _Grid, node, grad_in: bool, input_copy: bool, item, rates):
+    """The distinct steps of ``node`` over the grid (a ``Step`` on arrays, ``steps.steps_of``),
+    the tiles that run each, and per class (row-major) the index of its step.
 
     A step's cost depends on its geometry only through products over dimensions (positions of
     its box, of its inputs' boxes, of its padded input, of a transposed convolution's input) and
-    whether it is padded or copied (``steps._step``). Those are counted on arrays over every
+    whether it is padded or copied (``steps.steps_of``). Those are counted on arrays over every
     combination of the per-dimension geometries, and one step is built per distinct set of them:
     a 3D grid with 10 kinds per dimension has 1,000 combinations, and tiles that differ by a
     permutation of dimensions share a step. A CPU convolution also depends on the shape of its
@@ -150,29 +151,30 @@ def _node_combos(split, grid: _Grid, node, grad_in: bool, input_copy: bool, item
     out = _outer(outside, np.logical_or)[:, None]
     copied = out | _outer(differ, np.logical_or)[:, None]
     columns = [numels, out, copied]
+    counts = [len(f[1]) for f in per_dim]
+    picks = np.unravel_index(np.arange(len(numels)), counts)
     if not rates.gpu and rates.measured and isinstance(op, (Conv, ConvTranspose)):
-        picks = np.unravel_index(np.arange(len(numels)), [len(x) for x in lengths])
         columns.append(np.concatenate([x[p][:, -2:] for x, p in zip(lengths, picks, strict=True)], 1))
     table = np.concatenate([c.astype(np.int64) for c in columns], 1)
-    keys, first, inverse = np.unique(table, axis=0, return_index=True, return_inverse=True)
+    _, first, inverse = np.unique(table, axis=0, return_index=True, return_inverse=True)
     tiles = np.bincount(
         inverse.reshape(-1), weights=_outer([np.array(f[2], dtype=np.float64) for f in per_dim], np.multiply)
     )
-    counts = [len(f[1]) for f in per_dim]
-    combos = []
-    for u, combo in enumerate(first):
-        key = ("counted", node, tuple(keys[u].tolist()), grad_in)
-        if key not in memo:  # the boxes of one tile with this geometry
-            fs = np.unravel_index(combo, counts)
-            rows = [grid.row(per_dim[d][1][f])[1] for d, f in enumerate(fs)]
-            need = {n: Box.from_dims(r[n].dim(d) for d, r in enumerate(rows)) for n in boxes}
-            memo[key] = _step(split, node, need[node], bool(copied[combo, 0]), need, item, rates, grad_in)
-        combos.append((memo[key], int(tiles[u])))
+    dims = [x[p[first]] for x, p in zip(lengths, picks, strict=True)]  # per dimension, (steps, quantities)
+    rows = Rows(
+        numels[first, 0],
+        tuple((i, numels[first, 1 + k]) for k, i in enumerate(boxes[1:])),
+        np.stack([x[:, -2] for x in dims], 1),
+        np.stack([x[:, -1] for x in dims], 1),
+        out[first, 0],
+        copied[first, 0],
+    )
+    st = steps_of(split, node, rows, item, rates, grad_in)
     # the combination of each class, numbered row-major, then its step
     index = inverse.reshape(-1)[
         grid.mesh([f[0] * math.prod(counts[d + 1 :]) for d, f in enumerate(per_dim)], np.add)
     ]
-    return [(st, n, index) for st, n in combos]
+    return st, np.rint(tiles).astype(np.int64), index
 
 
 def _lengths(op, boxes: list, need: dict, d: int) -> list[int]:
@@ -201,20 +203,15 @@ def _largest_peaks(split, grid: _Grid, steps: dict, grad: dict, item: int, train
     sizes = {n: bytes_of(split, n, grid.mesh(grid.lengths(n)), item) for n in grad}
     terms = [bytes_of(split, k, grid.mesh(_write_lengths(grid, i)), item) for i, k in enumerate(split.sinks)]
     which = np.zeros(len(sizes[split.input]), dtype=np.int64)  # classes of one structure so far
-    for combos in steps.values():
-        code = np.array([_structure(st) for st, _, _ in combos], dtype=np.int64)[combos[0][2]]
-        _, which = np.unique(which * 16 + code, return_inverse=True)
-    fields = {  # per node and field, the value of each of its geometries
-        node: {f: np.array([getattr(st, f) for st, _, _ in combos], dtype=np.int64) for f in _FIELDS}
-        for node, combos in steps.items()
-    }
+    for st, index in steps.values():
+        _, which = np.unique(which * 16 + _structure(st)[index], return_inverse=True)
     peak = peak_train = 0
     for g in range(int(which.max()) + 1):
         mask = which.reshape(-1) == g
         group = []
-        for node, combos in steps.items():
-            index = combos[0][2][mask]
-            group.append(replace(combos[index[0]][0], **{f: v[index] for f, v in fields[node].items()}))
+        for st, index in steps.values():
+            picked = index[mask]
+            group.append(replace(row(st, picked[0]), **{f: getattr(st, f)[picked] for f in _FIELDS}))
         p, pt = peaks(
             split,
             group,
@@ -235,6 +232,6 @@ def _write_lengths(grid: _Grid, k: int) -> list[np.ndarray]:
     ]
 
 
-def _structure(st) -> int:
-    """What decides a step's part in the walk, besides its byte counts."""
+def _structure(st) -> np.ndarray:
+    """What decides a step's part in the walk, besides its byte counts (per row of a step on arrays)."""
     return st.aliases + 2 * st.keeps_padded + 4 * st.saves_inputs + 8 * st.saves_output

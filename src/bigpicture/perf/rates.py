@@ -123,8 +123,8 @@ class Rates:
     def _points(self, nd: int, transposed: bool) -> tuple[list[dict], bool]:
         """The calibration's convolutions of ``nd`` dimensions (and kind), and whether they form a grid."""
         if (nd, transposed) not in self._tables:
-            points = [p for p in self.ops["conv"] if p["nd"] == nd and p.get("transposed", False) == transposed]
-            points = points or self.ops["conv"]
+            conv = self.ops["conv"]
+            points = [p for p in conv if p["nd"] == nd and p.get("transposed", False) == transposed] or conv
             self._tables[nd, transposed] = points, all("cin" in p for p in points)
         return self._tables[nd, transposed]
 

@@ -18,7 +18,9 @@ interpolation save nothing.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+
+import numpy as np
 
 from bigpicture.engine.box import Box
 from bigpicture.engine.rules import Window
@@ -63,83 +65,164 @@ class Step:
     flops_bwd: int = 0
 
 
+@dataclass(frozen=True)
+class Rows:
+    """Geometries of one node's step, one entry per row (numpy arrays): what ``steps_of`` needs.
+
+    ``numel``: positions of the node's box; ``inputs``: of each spatial input's box the tile
+    computes; ``padded``, ``extra``: per dimension, lengths of a window's padded input box and of
+    a transposed convolution's input box (1 where the op has none); ``outside``: the window
+    reaches out of the image; ``copied``: its input is copied first (padded, or a sub-box)."""
+
+    numel: np.ndarray
+    inputs: tuple[tuple[object, np.ndarray], ...]
+    padded: np.ndarray  # (rows, nd)
+    extra: np.ndarray  # (rows, nd)
+    outside: np.ndarray
+    copied: np.ndarray
+
+
 def _step(
     split: Split, node, box: Box, copied: bool, need: dict, item: int, rates: Rates, grad_in: bool
 ) -> Step:
     """The step of one node computing ``box``. ``copied``: its input is copied first, padded (its
     window reaches out of the image) or made contiguous (it reads a sub-box of a bigger value)."""
-    outside = copied and _outside(split.ops[node], box)
+    op = split.ops[node]
+    padded = op.padded_box(box).shape if isinstance(op, Window) else (1,) * split.nd
+    extra = op.needs(box)[0].shape if isinstance(op, ConvTranspose) else (1,) * split.nd
+    rows = Rows(
+        np.array([box.numel], dtype=np.int64),
+        tuple((i, np.array([need[i].numel], dtype=np.int64)) for i in op.inputs if i in need),
+        np.array([padded], dtype=np.int64),
+        np.array([extra], dtype=np.int64),
+        np.array([copied and _outside(op, box)]),
+        np.array([copied]),
+    )
+    return row(steps_of(split, node, rows, item, rates, grad_in), 0)
+
+
+_FLAGS = ("saves_inputs", "saves_output", "aliases", "keeps_padded")
+
+
+def row(st: Step, i: int) -> Step:
+    """Row i of a step on arrays (``steps_of``), on Python numbers."""
+    values = {
+        f: getattr(st, f)[i] for f in ("out", "temp", "padded", "saved_extra", "flops", "bytes", "flops_bwd")
+    }
+    values = {f: int(v) for f, v in values.items()}
+    values.update({f: bool(getattr(st, f)[i]) for f in _FLAGS})
+    values.update(fwd_s=float(st.fwd_s[i]), bwd_s=float(st.bwd_s[i]), kind=str(st.kind[i]))
+    return replace(st, **values)
+
+
+def steps_of(split: Split, node, rows: Rows, item: int, rates: Rates, grad_in: bool) -> Step:
+    """The steps of ``node`` on every row of ``rows`` at once: a ``Step`` whose numbers, flags and
+    kind are arrays with one entry per row (``row`` takes one out)."""
     op, shape = split.ops[node], split.shapes[node]
-    n, c = shape[0], shape[1]
-    elems = n * c * box.numel
+    n, c, r = shape[0], shape[1], len(rows.numel)
     ins = tuple(op.inputs)
-    in_bytes = sum(math.prod(split.shapes[i][:2]) * need[i].numel * item for i in ins if i in need)
+    elems = n * c * rows.numel
+    in_bytes = sum(
+        (math.prod(split.shapes[i][:2]) * numel * item for i, numel in rows.inputs), np.zeros(r, np.int64)
+    )
     name, inplace, _ = _facts(split, node)
-    view = name in _VIEWS or isinstance(op, Slice) or (isinstance(op, Pad) and not outside)
-    st = Step(node, ins, 0 if (view or inplace) else elems * item, aliases=view or inplace)
-    st.bytes = in_bytes + elems * item
-    pad_copy = 0
-    if isinstance(op, Window) and copied:  # a Pad op's padded copy is its own output
-        pad_copy = st.temp = math.prod(split.shapes[ins[0]][:2]) * op.padded_box(box).numel * item
-        st.padded = pad_copy if outside else 0  # autograd saves the padded copy, not a contiguous one
-        st.keeps_padded = bool(st.padded)
+    outside = rows.outside & rows.copied
+    view = np.full(r, name in _VIEWS or isinstance(op, Slice)) | (isinstance(op, Pad) & ~outside)
+    zero, no = np.zeros(r, dtype=np.int64), np.zeros(r, dtype=bool)
+    st = Step(node, ins, np.where(view | inplace, 0, elems * item), aliases=view | inplace, temp=zero,
+              padded=zero, saves_inputs=no, saves_output=no, saved_extra=zero, keeps_padded=no,
+              kind=np.full(r, "unary", dtype=object), flops=zero, bytes=in_bytes + elems * item,
+              fwd_s=np.zeros(r), bwd_s=np.zeros(r), flops_bwd=zero)  # fmt: skip
+    pad_copy = zero
+    padded_numel = rows.padded.prod(axis=1)
+    if isinstance(op, Window):  # a Pad op's padded copy is its own output
+        pad_copy = np.where(rows.copied, math.prod(split.shapes[ins[0]][:2]) * padded_numel * item, 0)
+        st.temp = pad_copy
+        st.padded = np.where(outside, pad_copy, 0)  # autograd saves the padded copy, not a contiguous one
+        st.keeps_padded = st.padded > 0
     if isinstance(op, (Conv, ConvTranspose)):
-        st.kind, st.saves_inputs, stride = "conv", True, max(op.step)
-        if isinstance(op, Conv):
-            fan_in, positions, transposed = op.cin_per_group * math.prod(op.kernel), n * box.numel, False
-        else:  # every input position scatters cin x cout/groups x kernel multiply-adds
-            fan_in, positions, transposed = split.shapes[ins[0]][1] * math.prod(op.kernel), n, True
-            positions *= op.needs(box)[0].numel
-        st.flops = 2 * positions * fan_in * c // (op.groups if transposed else 1)
-        cin = split.shapes[ins[0]][1]
-        read = n * cin * (op.padded_box(box) if not transposed else op.needs(box)[0]).numel * item
-        # the column matrix: input channels x kernel per output position (a transposed convolution
-        # scatters output channels x kernel per input position)
-        im2col = n * (c * positions // n if transposed else cin * box.numel) * math.prod(op.kernel) * item
-        st.temp += rates.workspace(split.nd, max(read, st.out), im2col)
-        backend = _backend(op, box, n, cin, c, transposed, rates)
-        case = {"transposed": transposed, "cin": cin // (1 if transposed else op.groups),
-                "kernel": math.prod(op.kernel), "backend": backend}  # fmt: skip
-        st.fwd_s = st.flops / rates.conv(split.nd, fan_in, c, positions, stride, **case)
-        st.flops_bwd = st.flops * (2 if grad_in else 1)
-        st.bwd_s = st.flops_bwd / rates.conv(split.nd, fan_in, c, positions, stride, backward=True, **case)
+        _conv_steps(split, op, st, rows, n, c, item, rates, grad_in)
     elif isinstance(op, Pool):
         window = elems * math.prod(op.kernel)
-        st.kind, st.saves_inputs = "pool", True
-        st.saved_extra = elems * 8 if isinstance(op, MaxPool) else 0
+        st.kind[:], st.saves_inputs = "pool", ~no
+        st.saved_extra = elems * 8 if isinstance(op, MaxPool) else zero
         if isinstance(op, AvgPool):
-            st.temp += elems * item  # window sums, then divided
-        st.fwd_s = max(window / rates.pool(window), st.bytes / rates.stream("unary", st.bytes))
-        st.bwd_s = max(window / rates.pool(window, True), 2 * st.bytes / rates.stream("unary", 2 * st.bytes))
-    elif view and not inplace:
-        st.kind = "view"
+            st.temp = st.temp + elems * item  # window sums, then divided
+        st.fwd_s = np.array([max(w / rates.pool(w), b / rates.stream("unary", b))
+                             for w, b in zip(window.tolist(), st.bytes.tolist(), strict=True)])  # fmt: skip
+        st.bwd_s = np.array([max(w / rates.pool(w, True), 2 * b / rates.stream("unary", 2 * b))
+                             for w, b in zip(window.tolist(), st.bytes.tolist(), strict=True)])  # fmt: skip
     else:
-        st.kind = _stream_kind(op, name)
-        st.saves_output = name in _SAVE_OUTPUT
-        st.saves_inputs = (
-            not st.saves_output and name not in _SAVE_NOTHING and not isinstance(op, (Pad, Resample))
+        _stream_steps(op, name, st, view & ~np.bool_(inplace), elems, item, rates)
+    if isinstance(op, Window):
+        st.fwd_s = st.fwd_s + np.array(
+            [2 * p / rates.stream("copy", 2 * p) if p else 0.0 for p in pad_copy.tolist()]
         )
-        st.fwd_s = st.bytes / rates.stream(st.kind, st.bytes)
-        moved = 3 * elems * item if (st.saves_inputs or st.saves_output) else 0
-        st.bwd_s = moved / rates.stream(st.kind, moved, backward=True) if moved else 0.0
-    if pad_copy:
-        st.fwd_s += 2 * pad_copy / rates.stream("copy", 2 * pad_copy)
-    if st.kind != "view" and elems >= PARALLEL_ELEMENTS:  # it runs on every thread: wakes them first
-        st.fwd_s += rates.wake_s
-        st.bwd_s += rates.wake_s if st.bwd_s else 0.0
+    woken = (st.kind != "view") & (elems >= PARALLEL_ELEMENTS)  # it runs on every thread: wakes them first
+    st.fwd_s = np.where(woken, st.fwd_s + rates.wake_s, st.fwd_s)
+    st.bwd_s = np.where(woken & (st.bwd_s != 0), st.bwd_s + rates.wake_s, st.bwd_s)
     return st
 
 
-def _backend(op, box: Box, n: int, cin: int, cout: int, transposed: bool, rates: Rates) -> str | None:
-    """The kernel family torch will run this convolution with on the CPU (`rates.conv_backend`)."""
+def _conv_steps(split: Split, op, st: Step, rows: Rows, n: int, c: int, item: int, rates: Rates, grad_in):
+    """``steps_of`` for a convolution: its work, workspace and seconds (from ``rates.conv``)."""
+    ins, nd = tuple(op.inputs), split.nd
+    transposed = isinstance(op, ConvTranspose)
+    st.kind[:], st.saves_inputs, stride = "conv", np.ones(len(rows.numel), dtype=bool), max(op.step)
+    cin = split.shapes[ins[0]][1]
+    if not transposed:
+        fan_in, positions = op.cin_per_group * math.prod(op.kernel), n * rows.numel
+    else:  # every input position scatters cin x cout/groups x kernel multiply-adds
+        fan_in, positions = cin * math.prod(op.kernel), n * rows.extra.prod(axis=1)
+    st.flops = 2 * positions * fan_in * c // (op.groups if transposed else 1)
+    read = n * cin * (rows.padded if not transposed else rows.extra).prod(axis=1) * item
+    # the column matrix: input channels x kernel per output position (a transposed convolution
+    # scatters output channels x kernel per input position)
+    im2col = n * (c * positions // n if transposed else cin * rows.numel) * math.prod(op.kernel) * item
+    operands = np.maximum(read, st.out).tolist()
+    work = [rates.workspace(nd, a, b) for a, b in zip(operands, im2col.tolist(), strict=True)]
+    st.temp = st.temp + np.array(work, dtype=np.int64)
+    st.flops_bwd = st.flops * (2 if grad_in else 1)
+    case = {
+        "transposed": transposed,
+        "cin": cin // (1 if transposed else op.groups),
+        "kernel": math.prod(op.kernel),
+    }
+    lengths = rows.extra if transposed else rows.padded
+    fwd, bwd = [], []
+    for p, dims in zip(positions.tolist(), lengths.tolist(), strict=True):
+        backend = _backend(op, tuple(dims), n, cin, c, transposed, rates)
+        fwd.append(rates.conv(nd, fan_in, c, p, stride, **case, backend=backend))
+        bwd.append(rates.conv(nd, fan_in, c, p, stride, backward=True, **case, backend=backend))
+    st.fwd_s, st.bwd_s = st.flops / np.array(fwd), st.flops_bwd / np.array(bwd)
+
+
+def _stream_steps(op, name: str, st: Step, view: np.ndarray, elems, item: int, rates: Rates) -> None:
+    """``steps_of`` for a memory-bound op (rows where it is a view of its input move nothing)."""
+    kind = _stream_kind(op, name)
+    st.kind = np.where(view, "view", kind).astype(object)
+    st.saves_output = ~view & (name in _SAVE_OUTPUT)
+    st.saves_inputs = ~view & (
+        name not in _SAVE_OUTPUT and name not in _SAVE_NOTHING and not isinstance(op, (Pad, Resample))
+    )
+    moved = np.where(st.saves_inputs | st.saves_output, 3 * elems * item, 0)
+    st.fwd_s = np.array(
+        [
+            0.0 if v else b / rates.stream(kind, b)
+            for v, b in zip(view.tolist(), st.bytes.tolist(), strict=True)
+        ]
+    )
+    st.bwd_s = np.array([m / rates.stream(kind, m, backward=True) if m else 0.0 for m in moved.tolist()])
+
+
+def _backend(op, shape: tuple, n: int, cin: int, cout: int, transposed: bool, rates: Rates) -> str | None:
+    """The kernel family torch will run this convolution with on the CPU (`rates.conv_backend`), for an
+    input box of ``shape`` (the padded box a convolution reads, a transposed convolution's input)."""
     if rates.gpu or not rates.measured:
         return None
-    if transposed:
-        shape, weight = op.needs(box)[0].shape, (cin, cout // op.groups) + tuple(op.kernel)
-    else:
-        shape, weight = op.padded_box(box).shape, (cout, cin // op.groups) + tuple(op.kernel)
-    return conv_backend((n, cin) + tuple(shape), weight, tuple(op.step), tuple(op.dilation), op.groups,
-                        transposed, rates.dtype)  # fmt: skip
+    weight = (cin, cout // op.groups) if transposed else (cout, cin // op.groups)
+    return conv_backend((n, cin) + shape, weight + tuple(op.kernel), tuple(op.step), tuple(op.dilation),
+                        op.groups, transposed, rates.dtype)  # fmt: skip
 
 
 def _stream_kind(op, name: str) -> str:

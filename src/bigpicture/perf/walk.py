@@ -11,6 +11,7 @@ walks every class of tiles of one structure at once, with one array entry per cl
 from __future__ import annotations
 
 import math
+import operator
 from dataclasses import dataclass, field
 from functools import reduce
 
@@ -51,6 +52,22 @@ class TileWalk:
             self.bwd_s += count * st.bwd_s
             self.flops_bwd += count * st.flops_bwd
             self.bwd_by_kind[st.kind] = self.bwd_by_kind.get(st.kind, 0.0) + count * st.bwd_s
+
+    def add_steps(self, st: Step, tiles: np.ndarray, grad: bool) -> None:
+        """Steps on arrays (``steps.steps_of``): row i run by ``tiles[i]`` tiles."""
+        counts = tiles.tolist()
+        self.nodes += sum(counts)
+        self.ops += int(tiles[st.kind != "view"].sum())
+        self.fwd_s += float(tiles @ st.fwd_s)
+        self.flops_fwd += sum(map(operator.mul, counts, st.flops.tolist()))
+        kinds = [(k, st.kind == k) for k in dict.fromkeys(st.kind.tolist())]
+        for kind, rows in kinds:
+            self.fwd_by_kind[kind] = self.fwd_by_kind.get(kind, 0.0) + float(tiles[rows] @ st.fwd_s[rows])
+        if grad:
+            self.bwd_s += float(tiles @ st.bwd_s)
+            self.flops_bwd += sum(map(operator.mul, counts, st.flops_bwd.tolist()))
+            for kind, rows in kinds:
+                self.bwd_by_kind[kind] = self.bwd_by_kind.get(kind, 0.0) + float(tiles[rows] @ st.bwd_s[rows])
 
     def add_accumulation(self, seconds: float) -> None:
         self.bwd_s += seconds
