@@ -163,8 +163,9 @@ def test_steps_are_built_per_geometry_and_walks_per_structure(monkeypatch):
     grid = classes._Grid(split, cg)
     nodes = [n for n in split.order if n in split.ops]
     geometries = sum(
-        math.prod(len(f[1]) for f in grid.features(lambda row, d, n=n: steps.dim_geometry(
-            split, n, row[1], steps._stored(split, steps.spatial_inputs(split, n, row[1]), row[1], True), d
+        math.prod(len(f[1]) for f in grid.features(lambda j, d, n=n: steps.dim_geometry(
+            split, n, grid.row(j)[1], steps._stored(split, steps.spatial_inputs(split, n, grid.row(j)[1]),
+                                                    grid.row(j)[1], True), d
         ))) for n in nodes
     )  # fmt: skip
     assert sum(built) <= geometries + 2 * len(nodes) < p.classes * len(nodes) // 2  # + the untiled, last tile

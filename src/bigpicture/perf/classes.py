@@ -29,7 +29,7 @@ from bigpicture.engine.rules.window import Conv
 from bigpicture.engine.split import Split
 from bigpicture.perf.grid import ClassGrid
 from bigpicture.perf.rates import Rates
-from bigpicture.perf.steps import Rows, _stored, dim_geometry, row, spatial_inputs, steps_of
+from bigpicture.perf.steps import Rows, row, steps_of
 from bigpicture.perf.walk import TileWalk, accumulation_s, bytes_of, grad_in, grads, peaks, readers, walk
 
 
@@ -77,20 +77,18 @@ class _Grid:
     """The kinds of grid index per dimension, with their diagonal rows and tile counts."""
 
     def __init__(self, split: Split, cg: ClassGrid) -> None:
-        self.split, self.row = split, cg.diagonal.row
+        self.split, self.row, self.geometry = split, cg.diagonal.row, cg.geometry
         self.reps = [[j for _, j in kinds] for kinds in cg.per_dim]
         self.counts = [np.array([n for n, _ in kinds], dtype=np.int64) for kinds in cg.per_dim]
         self.shape = tuple(len(r) for r in self.reps)
 
     def features(self, feature) -> list[tuple[np.ndarray, list, list, list]]:
-        """Per dimension: the id of each kind's ``feature(row, d)``, and per distinct feature a row
-        that has it, the number of grid indices that have it, and its value."""
+        """Per dimension: the id of each kind's ``feature(j, d)`` (j: its diagonal row), and per
+        distinct feature a row that has it, the number of grid indices that have it, and its value."""
         out = []
         for d, reps in enumerate(self.reps):
             ids: dict = {}
-            index = np.array(
-                [ids.setdefault(feature(self.row(j), d), len(ids)) for j in reps], dtype=np.int64
-            )
+            index = np.array([ids.setdefault(feature(j, d), len(ids)) for j in reps], dtype=np.int64)
             firsts = [reps[list(index).index(f)] for f in range(len(ids))]
             tiles = [int(self.counts[d][index == f].sum()) for f in range(len(ids))]
             out.append((index, firsts, tiles, list(ids)))
@@ -111,7 +109,7 @@ class _Grid:
 
     def numels(self, node) -> list[tuple[int, int]]:
         """(tiles, positions of ``node``'s box) for each distinct box shape of ``node`` on the grid."""
-        per_dim = self.features(lambda row, d: row[1][node].shape[d])
+        per_dim = self.features(lambda j, d: self.row(j)[1][node].shape[d])
         out = []
         for combo in itertools.product(*[range(len(f[1])) for f in per_dim]):
             tiles = math.prod(per_dim[d][2][f] for d, f in enumerate(combo))
@@ -133,12 +131,7 @@ def _node_combos(split, grid: _Grid, node, grad_in: bool, input_copy: bool, item
     input (torch picks its kernel by shape: ``steps._backend``), which the key then holds too.
     """
 
-    def geometry(row, d):
-        need = row[1]
-        stored = _stored(split, spatial_inputs(split, node, need), need, input_copy)
-        return dim_geometry(split, node, need, stored, d)
-
-    per_dim = grid.features(geometry)
+    per_dim = grid.features(lambda j, d: grid.geometry(j, input_copy)[node][d])
     op = split.ops[node]
     boxes = [node, *(i for i in op.inputs if i in grid.row(0)[1])]
     lengths, outside, differ = [], [], []  # per dimension, per distinct geometry along it

@@ -22,7 +22,7 @@ from bigpicture.engine.box import Box
 from bigpicture.engine.regions import needs
 from bigpicture.engine.split import Split
 from bigpicture.engine.tiles import Diagonal, Layout, layout, write_box
-from bigpicture.perf.steps import _stored, dim_geometry, spatial_inputs
+from bigpicture.perf.steps import _stored, geometries, spatial_inputs
 
 __all__ = ["ClassGrid", "Layout", "TileClass", "class_grid", "layout", "tile_classes"]
 
@@ -49,6 +49,7 @@ class ClassGrid:
     diagonal: Diagonal
     per_dim: tuple[tuple[tuple[int, int], ...], ...]
     listed: tuple[TileClass, ...] | None = None
+    geometry: Geometry | None = None
 
     @property
     def separable(self) -> bool:
@@ -80,6 +81,24 @@ class ClassGrid:
         return out
 
 
+class Geometry:
+    """Per diagonal row, every node's step geometry in every dimension (``steps.geometries``), with
+    the input copied or not: computed once, read by the class keys and by the per-node counts."""
+
+    def __init__(self, split: Split, diagonal: Diagonal) -> None:
+        self.split, self.row, self._rows = split, diagonal.row, {}
+
+    def __call__(self, j: int, copy: bool) -> dict:
+        if (j, copy) not in self._rows:
+            s, need = self.split, self.row(j)[1]
+            self._rows[j, copy] = {
+                node: geometries(s, node, need, _stored(s, spatial_inputs(s, node, need), need, copy))
+                for node, box in need.items()
+                if node in s.ops and not box.empty
+            }
+        return self._rows[j, copy]
+
+
 def tile_classes(split: Split, lay: Layout) -> list[TileClass]:
     """The distinct tiles of the grid and how often each occurs (tiles that write nothing skipped)."""
     return class_grid(split, lay).materialise()
@@ -102,7 +121,8 @@ _CLASSES: dict = {}
 
 def _class_grid(split: Split, lay: Layout) -> ClassGrid:
     diagonal = Diagonal(split, lay)
-    keys = [_dim_keys(split, lay, diagonal.row, d) for d in range(split.nd)]
+    geometry = Geometry(split, diagonal)
+    keys = [_dim_keys(split, lay, geometry, d) for d in range(split.nd)]
     if not diagonal.separable:  # an empty box breaks the product rule (a hull ignores it): visit every tile
         listed = _group((1, *_tile(split, lay, index)) for index in itertools.product(*map(range, lay.grid)))
         return ClassGrid(split, lay, diagonal, (), tuple(listed))
@@ -112,7 +132,7 @@ def _class_grid(split: Split, lay: Layout) -> ClassGrid:
         for j in range(lay.grid[d]):
             groups.setdefault(keys[d][j], []).append(j)
         per_dim.append(tuple((len(js), js[0]) for js in groups.values()))
-    return ClassGrid(split, lay, diagonal, tuple(per_dim))
+    return ClassGrid(split, lay, diagonal, tuple(per_dim), geometry=geometry)
 
 
 def _tile(split: Split, lay: Layout, index) -> tuple[tuple, dict]:
@@ -120,13 +140,13 @@ def _tile(split: Split, lay: Layout, index) -> tuple[tuple, dict]:
     return writes, needs(split, dict(zip(split.sinks, writes, strict=True)))
 
 
-def _dim_keys(split: Split, lay: Layout, row, d: int) -> list:
+def _dim_keys(split: Split, lay: Layout, geometry: Geometry, d: int) -> list:
     """The cost key of every tile index along dimension d, visiting few tiles of a long grid.
 
     Away from the image border, tile j + p is tile j shifted by p tiles, where p makes the shift a
     whole number of pixels of every node: so the keys of interior tiles repeat with period p.
     """
-    g = lay.grid[d]
+    g, row = lay.grid[d], geometry.row
     period = math.lcm(*[(Fraction(lay.tile[d]) / split.strides[m][d]).denominator for m in split.strides])
     keys = {}
     start = next((j for j in range(1, g) if row(j)[1][split.input].lo[d] > 0), None)
@@ -137,15 +157,15 @@ def _dim_keys(split: Split, lay: Layout, row, d: int) -> list:
         or start + period >= g - 1
         or not _shifted(split, lay, row, d, start, period)
     ):
-        return [_key(split, *row(j), d) for j in range(g)]
+        return [_key(geometry, j, d) for j in range(g)]
     for j in range(start + period + 1):
-        keys[j] = _key(split, *row(j), d)
+        keys[j] = _key(geometry, j, d)
     end = g - 1  # near the far border, until a tile is its predecessor by one period, moved
     while end > start + period and not (
         _shifted(split, lay, row, d, end - period, period)
-        and _key(split, *row(end), d) == _key(split, *row(end - period), d)
+        and _key(geometry, end, d) == _key(geometry, end - period, d)
     ):
-        keys[end] = _key(split, *row(end), d)
+        keys[end] = _key(geometry, end, d)
         end -= 1
     for j in range(start + period + 1, end + 1):
         keys[j] = keys[start + (j - start) % period]
@@ -164,17 +184,13 @@ def _shifted(split: Split, lay: Layout, row, d: int, j: int, period: int) -> boo
     return True
 
 
-def _key(split: Split, writes, need, d: int) -> tuple:
+def _key(geometry: Geometry, j: int, d: int) -> tuple:
     """What makes two tiles cost alike along dimension d: box lengths, and every step's geometry
-    (``steps.dim_geometry``: touching the border, reading a sub-box) with the input copied or not."""
+    (``steps.geometries``: touching the border, reading a sub-box) with the input copied or not."""
+    writes, need = geometry.row(j)
     lengths = tuple(b.shape[d] for b in (*writes, *need.values()))
-    geometry = []
-    for node, box in need.items():
-        if node in split.ops and not box.empty:
-            ins = spatial_inputs(split, node, need)
-            for copy in (True, False):
-                geometry.append(dim_geometry(split, node, need, _stored(split, ins, need, copy), d)[1:])
-    return lengths, tuple(geometry)
+    copied, direct = geometry(j, True), geometry(j, False)
+    return lengths, tuple((copied[n][d][1:], direct[n][d][1:]) for n in copied)
 
 
 def _group(tiles) -> list[TileClass]:

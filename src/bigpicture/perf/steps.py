@@ -257,7 +257,7 @@ def node_step(
     """The step of ``node`` computing ``need[node]`` (its inputs computing theirs), from ``memo``
     when an earlier tile had the same geometry (``dim_geometry`` in every dimension)."""
     stored = _stored(split, spatial_inputs(split, node, need), need, input_copy)
-    key = step_key(node, [dim_geometry(split, node, need, stored, d) for d in range(split.nd)], grad_in)
+    key = step_key(node, geometries(split, node, need, stored), grad_in)
     if key not in memo:
         copied = key[1] or key[2]
         memo[key] = _step(split, node, need[node], copied, need, item, rates, grad_in)
@@ -270,19 +270,27 @@ def spatial_inputs(split: Split, node, need: dict) -> list:
 
 
 def dim_geometry(split: Split, node, need: dict, stored: Box, d: int) -> tuple:
-    """What the step of ``node`` depends on along dimension d: the lengths of its box and of its
+    """What the step of ``node`` depends on along dimension d (``geometries``)."""
+    return geometries(split, node, need, stored)[d]
+
+
+def geometries(split: Split, node, need: dict, stored: Box) -> tuple[tuple, ...]:
+    """What the step of ``node`` depends on along each dimension: the lengths of its box and of its
     inputs' boxes, whether its window reaches out of the image (padded there), whether it reads a
     sub-box of its stored input (convolution and pooling kernels copy a strided input first), and
     a transposed convolution's input length. A tile's step is a function of these, per dimension."""
     op, box = split.ops[node], need[node]
-    lengths = (box.shape[d],) + tuple(need[i].shape[d] for i in op.inputs if i in need)
-    outside = differ = False
+    shapes = [box.shape] + [need[i].shape for i in op.inputs if i in need]
+    lengths = list(zip(*shapes, strict=True))
+    nd = split.nd
+    outside = differ = (False,) * nd
     if isinstance(op, (Window, Pad)):
-        padded = op.padded_box(box)
-        outside = padded.lo[d] < 0 or padded.hi[d] > op.in_extents[0][d]
-        differ = isinstance(op, Window) and padded.dim(d) != stored.dim(d)
-    extra = op.needs(box)[0].shape[d] if isinstance(op, ConvTranspose) else 0
-    return lengths, outside, differ, extra
+        padded, extent = op.padded_box(box), op.in_extents[0]
+        outside = tuple(a < 0 or b > n for a, b, n in zip(padded.lo, padded.hi, extent, strict=True))
+        if isinstance(op, Window):
+            differ = tuple(padded.dim(d) != stored.dim(d) for d in range(nd))
+    extra = op.needs(box)[0].shape if isinstance(op, ConvTranspose) else (0,) * nd
+    return tuple(zip(lengths, outside, differ, extra, strict=True))
 
 
 def step_key(node, dims: list[tuple], grad_in: bool) -> tuple:
