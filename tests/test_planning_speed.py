@@ -258,3 +258,18 @@ def test_the_planners_search_is_bounded_whatever_the_input_size(nd, classifier, 
             chosen.append(None)
         assert counted["needs"] <= 64 and counted["steps"] <= 640, (size, counted, chosen)
     assert any(c is not None and c[1] > 1 for c in chosen) or not classifier, chosen  # tiles were chosen
+
+
+@pytest.mark.parametrize("device", ["cpu", "cpu calibrated", "H100-SXM"])
+def test_stream_rates_on_arrays_equal_the_scalar_ones(device):
+    """``Rates.streams`` (the steps on arrays) is ``Rates.stream`` at every entry, below, inside
+    and beyond the calibrated sizes, forward and backward."""
+    import numpy as np
+
+    rates = calibrated() if device == "cpu calibrated" else Rates(get_device(device), torch.float32)
+    sizes = np.array([1, 2, 1000, 2**20, 2**20 + 1, 3 * 2**25, 2**30, 2**34], dtype=np.int64)
+    for kind in ("unary", "copy", "norm", "prelu"):
+        for backward in (False, True):
+            got = rates.streams(kind, sizes, backward)
+            want = [rates.stream(kind, int(n), backward) for n in sizes]
+            assert got.tolist() == pytest.approx(want, rel=1e-12)

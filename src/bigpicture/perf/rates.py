@@ -28,6 +28,7 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 import torch
 
 from bigpicture.perf.devices import Device
@@ -151,6 +152,26 @@ class Rates:
         forward = self.ops["stream"]
         table = (self.ops.get("stream_backward", {}) if backward else forward).get(kind) or forward["unary"]
         return _interpolate([s for s, _ in table], [r for _, r in table], nbytes)
+
+    def streams(self, kind: str, nbytes: np.ndarray, backward: bool = False) -> np.ndarray:
+        """``stream`` of each entry of an array of byte counts (the planner's steps on arrays)."""
+        nbytes = np.asarray(nbytes, dtype=np.float64)
+        if self.gpu:
+            return self.stream(kind, nbytes, backward)  # a formula: numpy computes it as Python does
+        if self.ops is None:
+            return np.full(nbytes.shape, self.stream(kind, 1, backward))
+        forward = self.ops["stream"]
+        table = (self.ops.get("stream_backward", {}) if backward else forward).get(kind) or forward["unary"]
+        return _interpolate_many(np.array([s for s, _ in table]), np.array([r for _, r in table]), nbytes)
+
+
+def _interpolate_many(xs: np.ndarray, ys: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """``_interpolate`` at every entry of ``x``."""
+    i = np.clip(np.searchsorted(xs, x, side="left"), 1, max(len(xs) - 1, 1))
+    x0, x1, y0, y1 = xs[i - 1], xs[np.minimum(i, len(xs) - 1)], ys[i - 1], ys[np.minimum(i, len(xs) - 1)]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        inside = y0 + np.log(x / x0) / np.log(x1 / x0) * (y1 - y0)
+    return np.where(x <= xs[0], ys[0], np.where(x > xs[-1], ys[-1], inside))
 
 
 def _compute_dtype(device: Device, dtype: torch.dtype) -> torch.dtype | str:

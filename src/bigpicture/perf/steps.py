@@ -155,9 +155,7 @@ def steps_of(split: Split, node, rows: Rows, item: int, rates: Rates, grad_in: b
     else:
         _stream_steps(op, name, st, view & ~np.bool_(inplace), elems, item, rates)
     if isinstance(op, Window):
-        st.fwd_s = st.fwd_s + np.array(
-            [2 * p / rates.stream("copy", 2 * p) if p else 0.0 for p in pad_copy.tolist()]
-        )
+        st.fwd_s = st.fwd_s + _per_byte(2 * pad_copy, rates.streams("copy", 2 * pad_copy))
     woken = (st.kind != "view") & (elems >= PARALLEL_ELEMENTS)  # it runs on every thread: wakes them first
     st.fwd_s = np.where(woken, st.fwd_s + rates.wake_s, st.fwd_s)
     st.bwd_s = np.where(woken & (st.bwd_s != 0), st.bwd_s + rates.wake_s, st.bwd_s)
@@ -206,13 +204,13 @@ def _stream_steps(op, name: str, st: Step, view: np.ndarray, elems, item: int, r
         name not in _SAVE_OUTPUT and name not in _SAVE_NOTHING and not isinstance(op, (Pad, Resample))
     )
     moved = np.where(st.saves_inputs | st.saves_output, 3 * elems * item, 0)
-    st.fwd_s = np.array(
-        [
-            0.0 if v else b / rates.stream(kind, b)
-            for v, b in zip(view.tolist(), st.bytes.tolist(), strict=True)
-        ]
-    )
-    st.bwd_s = np.array([m / rates.stream(kind, m, backward=True) if m else 0.0 for m in moved.tolist()])
+    st.fwd_s = np.where(view, 0.0, _per_byte(st.bytes, rates.streams(kind, st.bytes)))
+    st.bwd_s = _per_byte(moved, rates.streams(kind, moved, backward=True))
+
+
+def _per_byte(nbytes: np.ndarray, rate: np.ndarray) -> np.ndarray:
+    """Seconds to move ``nbytes`` at ``rate`` bytes/s, 0 where nothing moves."""
+    return np.divide(nbytes, rate, out=np.zeros(len(nbytes)), where=nbytes > 0)
 
 
 def _backend(op, shape: tuple, n: int, cin: int, cout: int, transposed: bool, rates: Rates) -> str | None:
