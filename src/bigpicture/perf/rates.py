@@ -21,6 +21,7 @@ so a tile takes the longer of its GPU time and its host time.
 
 from __future__ import annotations
 
+import bisect
 import functools
 import heapq
 import itertools
@@ -115,7 +116,10 @@ class Rates:
             if rate is None:
                 if (nd, transposed, value) not in self._tables:  # the points' logs, once
                     near = [(p["fan_in"], p["cout"], p["positions"], 4 ** (p["stride"] - 1)) for p in points]
-                    self._tables[nd, transposed, value] = [_logs(p) for p in near], [p[value] for p in points]
+                    self._tables[nd, transposed, value] = (
+                        np.array([_logs(p) for p in near]),
+                        [p[value] for p in points],
+                    )
                 logs, values = self._tables[nd, transposed, value]
                 rate = _nearest_logs(logs, values, (fan_in, cout, positions, 4 ** (min(stride, 2) - 1)))
             self._conv[key] = rate
@@ -201,9 +205,15 @@ def _logs(point: tuple[float, ...]) -> list[float]:
     return [math.log(max(v, 1)) for v in point]
 
 
-def _nearest_logs(points: list[list[float]], values: list[float], at: tuple[float, ...]) -> float:
-    """``_nearest`` on the points' logs (the planner asks for many positions of one calibration)."""
+def _nearest_logs(points, values: list[float], at: tuple[float, ...]) -> float:
+    """``_nearest`` on the points' logs (the planner asks for many positions of one calibration):
+    numpy finds the few nearest, ``math.dist`` then orders them as ``_nearest`` does."""
     logs = _logs(at)
+    if len(points) > 8:
+        far = np.sqrt(((np.asarray(points) - logs) ** 2).sum(axis=1))
+        near = far <= np.partition(far, 2)[2] * (1 + 1e-9) + 1e-12  # ties and rounding kept
+        points = [p for p, k in zip(points, near, strict=True) if k]
+        values = [v for v, k in zip(values, near, strict=True) if k]
     dist = heapq.nsmallest(3, ((math.dist(logs, p), value) for p, value in zip(points, values, strict=True)))
     if dist[0][0] < 1e-9:
         return dist[0][1]
@@ -236,9 +246,10 @@ def _grid_table(points: list[dict], value: str, stride: int, kernel: int, backen
 
 def _table_rate(table: dict, axes: list, cin: int, cout: int, positions: int) -> float | None:
     corners = []
-    for values, q in zip(axes, (cin, cout, positions), strict=True):
-        lo = max((v for v in values if v <= q), default=values[0])
-        hi = min((v for v in values if v >= q), default=values[-1])
+    for values, q in zip(axes, (cin, cout, positions), strict=True):  # sorted: bisect them
+        below, above = bisect.bisect_right(values, q), bisect.bisect_left(values, q)
+        lo = values[below - 1] if below else values[0]
+        hi = values[above] if above < len(values) else values[-1]
         w = math.log(q / lo) / math.log(hi / lo) if hi > lo else 0.0
         corners.append(((lo, 1 - w), (hi, w)) if hi > lo else ((lo, 1.0),))
     total = weight = 0.0
