@@ -80,7 +80,7 @@ def one(name: str, size: int, device: str = "H100-SXM") -> dict:
     import torch._dynamo  # noqa: F401 (fake tensors import it: library start-up, not planning)
 
     from bigpicture.engine.plan import capture
-    from bigpicture.perf.devices import get_device
+    from bigpicture.perf.devices import get_device, load_calibration
     from bigpicture.perf.schedule import budget_reason, choose_tile, default_budget
 
     torch.set_num_threads(1)
@@ -90,7 +90,7 @@ def one(name: str, size: int, device: str = "H100-SXM") -> dict:
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024
     started = time.perf_counter()
     gm = capture(model)
-    captured = time.perf_counter()
+    captured, cpu_started = time.perf_counter(), time.process_time()
     dev = get_device(device)
     dtype = torch.float32 if device == "cpu" else torch.bfloat16
     try:
@@ -98,12 +98,14 @@ def one(name: str, size: int, device: str = "H100-SXM") -> dict:
         chosen, tiles, note = "x".join(map(str, tile)), len(plan.tiles), budget_reason(dev) + "; " + p.note
     except Exception as e:  # a budget no tile fits is a result too
         chosen, tiles, note = "-", 0, f"{type(e).__name__}: {str(e)[:90]}"
-    planned = time.perf_counter()
+    planned, cpu = time.perf_counter(), time.process_time() - cpu_started
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024
+    if device == "cpu":
+        device += " (calibrated)" if load_calibration() else " (nominal)"
     return dict(
         network=name, size=size, nd=nd, device=device, capture_s=captured - started,
-        plan_s=planned - captured, rss_before=rss, rss_after=peak, tile=chosen, tiles=tiles, note=note,
-        load=os.getloadavg()[0],
+        plan_s=planned - captured, plan_cpu_s=cpu, rss_before=rss, rss_after=peak, tile=chosen, tiles=tiles,
+        note=note, load=os.getloadavg()[0],
     )  # fmt: skip
 
 
@@ -111,13 +113,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--write", action="store_true", help="store the table in RESULTS.md")
     parser.add_argument("--quick", action="store_true", help="two cases only")
+    parser.add_argument("--only", help="the cases whose network contains this text")
     parser.add_argument("--one", nargs=3, metavar=("NETWORK", "SIZE", "DEVICE"), help=argparse.SUPPRESS)
     a = parser.parse_args()
     if a.one:
         print(json.dumps(one(a.one[0], int(a.one[1]), a.one[2])))
         return
     rows = []
-    for name, size, device in QUICK if a.quick else CASES:
+    for name, size, device in QUICK if a.quick else [c for c in CASES if (a.only or "") in c[0]]:
         run = subprocess.run(
             [sys.executable, __file__, "--one", name, str(size), device],
             capture_output=True,
@@ -132,22 +135,26 @@ def main() -> None:
         print(r, flush=True)
     body = [
         f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, {platform.processor() or platform.machine()}, "
-        "2 CPU cores shared with other jobs (load varies: times are upper bounds). Training step, no "
-        "tile given: the planner's tile for the device's memory (H100-SXM 80 GiB and L4 24 GiB in "
-        "bfloat16; this CPU in float32, half its RAM). A TilingError (no tile fits) is a result too. "
-        "Planning = choose_tile on the captured graph (shape propagation on fake tensors, split, "
-        "candidate predictions, the plan); capture = torch.fx trace; memory = ru_maxrss of the "
-        "fresh process, before planning (library start-up) and after; load = the machine's 1-minute load "
-        "average as the row finished (2 cores: above 2, other jobs took turns with this one).",
+        "2 CPU cores shared with other jobs. Training step, no tile given: the planner's tile for the "
+        "device's memory (H100-SXM 80 GiB and L4 24 GiB in bfloat16; this CPU in float32, half its RAM, "
+        "with its calibration from `bigpicture calibrate` where the row says calibrated). A TilingError "
+        "(no tile fits) is a result too. Planning = choose_tile on the captured graph (shape propagation "
+        "on fake tensors, split, candidate predictions, the plan): wall-clock seconds, and the process's "
+        "CPU seconds (what planning costs: the wall clock also counts the other jobs' turns on the cores); "
+        "capture = torch.fx trace; memory = ru_maxrss of the fresh process, before planning (library "
+        "start-up) and after; load = the machine's 1-minute load average as the row finished (2 cores: "
+        "above 2, other jobs took turns with this one, so wall-clock times are upper bounds).",
         "",
-        "| network | input | device | capture | planning | max RSS before / after | tile | tiles | load |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| network | input | device | capture | planning (wall) | planning (CPU) | max RSS before / after "
+        "| tile | tiles | load |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         side = f"{r['size']:,}^{r['nd']}"
         body.append(
             f"| {r['network']} | {side} | {r['device']} | {r['capture_s']:.2f} s | {r['plan_s']:.2f} s | "
-            f"{r['rss_before']} / {r['rss_after']} MiB | {r['tile']} | {r['tiles']:,} | {r['load']:.1f} |"
+            f"{r['plan_cpu_s']:.2f} s | {r['rss_before']} / {r['rss_after']} MiB | {r['tile']} | "
+            f"{r['tiles']:,} | {r['load']:.1f} |"
         )
     publish("planning.py", "## Planner: planning time and memory (benchmarks/planning.py)", body, a.write)
 

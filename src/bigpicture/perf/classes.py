@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import itertools
 import math
-from dataclasses import replace
 
 import numpy as np
 import torch
@@ -29,7 +28,7 @@ from bigpicture.engine.rules.window import Conv
 from bigpicture.engine.split import Split
 from bigpicture.perf.grid import ClassGrid
 from bigpicture.perf.rates import Rates
-from bigpicture.perf.steps import Rows, row, steps_of
+from bigpicture.perf.steps import _FLAGS, Rows, Step, steps_of
 from bigpicture.perf.walk import TileWalk, accumulation_s, bytes_of, grad_in, grads, peaks, readers, walk
 
 
@@ -203,8 +202,9 @@ def _largest_peaks(split, grid: _Grid, steps: dict, grad: dict, item: int, train
         mask = which.reshape(-1) == g
         group = []
         for st, index in steps.values():
-            picked = index[mask]
-            group.append(replace(row(st, picked[0]), **{f: getattr(st, f)[picked] for f in _FIELDS}))
+            picked = index[mask]  # the walk reads the byte counts and the structure's flags only
+            flags = {f: bool(getattr(st, f)[picked[0]]) for f in _FLAGS}
+            group.append(Step(st.node, st.inputs, **{f: getattr(st, f)[picked] for f in _FIELDS}, **flags))
         p, pt = peaks(
             split,
             group,
