@@ -87,6 +87,22 @@ def test_infer_with_memory_runs_the_planners_tile(tmp_path, files, capsys):
     assert f"tile {tile} " not in capsys.readouterr().out
 
 
+def test_infer_with_no_tile_runs_the_planners_tile_for_the_devices_memory(tmp_path, files, capsys):
+    """Neither --tile nor --memory: the planner's tile for half of this machine's memory, and the
+    printed line says that is what happened (issue 13, the planner's tile by default)."""
+    x, args = files
+    assert infer(*args) == 0
+    expected = bp.tiled(seg().eval()).plan_for(torch.zeros(SHAPE), training=False)
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[0] == f"bigpicture infer: tile {' x '.join(map(str, expected.tile))} ({expected.note})"
+    assert "no tile= or memory= given: the planner's tile for half of this machine's" in expected.note
+    y = zarr.open_array(str(tmp_path / "y.zarr"), mode="r")
+    assert tuple(y.attrs["bigpicture"]["meta"]["tile"]) == expected.tile
+    with torch.no_grad():
+        want = seg().eval()(torch.from_numpy(x).float())
+    torch.testing.assert_close(torch.from_numpy(y[:]), want, rtol=1e-5, atol=1e-4)
+
+
 def test_infer_takes_memory_or_tile_not_both(files, capsys):
     _, args = files
     with pytest.raises(SystemExit) as e:

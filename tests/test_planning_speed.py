@@ -273,3 +273,64 @@ def test_stream_rates_on_arrays_equal_the_scalar_ones(device):
             got = rates.streams(kind, sizes, backward)
             want = [rates.stream(kind, int(n), backward) for n in sizes]
             assert got.tolist() == pytest.approx(want, rel=1e-12)
+
+
+def _padded_net():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.pad = nn.ReflectionPad2d(2)
+            self.a = nn.Conv2d(1, 4, 5)
+            self.pool = nn.MaxPool2d(2)
+            self.avg = nn.AvgPool2d(3, 1, 1)
+            self.up = nn.ConvTranspose2d(4, 4, 2, stride=2)
+            self.out = nn.Conv2d(8, 2, 3, padding=1)
+
+        def forward(self, x):
+            a = torch.relu(self.a(self.pad(x)))
+            u = self.up(self.avg(self.pool(a)))
+            return self.out(torch.cat([u, a], 1))
+
+    return Net().eval()
+
+
+@pytest.mark.parametrize("device", ["cpu", "cpu calibrated", "H100-SXM"])
+def test_steps_on_arrays_equal_steps_built_one_at_a_time(device):
+    """``steps.steps_of`` on the geometries of every tile at once (rows mixing border and interior
+    tiles, padded copies and none, a reflection pad that is a view inside the image and a copy at
+    its border) gives, row by row, the step built for that tile alone (``steps._step``)."""
+    import numpy as np
+
+    shape = (1, 1, 40, 36)
+    split = analyse(_padded_net(), shape)[-1]
+    rates = calibrated() if device == "cpu calibrated" else Rates(get_device(device), torch.float32)
+    tiles = Tiles.of(split, layout(split, shape, 8))
+    needs = [regions.needs(split, dict(zip(split.sinks, t.writes, strict=True))) for t in tiles]
+    kinds = set()
+    for node in (n for n in split.order if n in split.ops):
+        op, singles, parts = split.ops[node], [], []
+        for need in needs:
+            stored = steps._stored(split, steps.spatial_inputs(split, node, need), need, True)
+            key = steps.step_key(node, steps.geometries(split, node, need, stored), True)
+            copied = key[1] or key[2]
+            singles.append(steps._step(split, node, need[node], copied, need, 4, rates, True))
+            parts.append((need, copied))
+        box = [need[node] for need, _ in parts]
+        dims = [
+            [op.padded_box(b).shape if isinstance(op, steps.Window) else (1, 1) for b in box],
+            [op.needs(b)[0].shape if isinstance(op, steps.ConvTranspose) else (1, 1) for b in box],
+        ]  # fmt: skip
+        rows = steps.Rows(
+            np.array([b.numel for b in box]),
+            tuple((i, np.array([need[i].numel for need, _ in parts])) for i in op.inputs if i in needs[0]),
+            np.array(dims[0]),
+            np.array(dims[1]),
+            np.array([c and steps._outside(op, b) for (_, c), b in zip(parts, box, strict=True)]),
+            np.array([c for _, c in parts]),
+        )
+        batch = steps.steps_of(split, node, rows, 4, rates, True)
+        for i, single in enumerate(singles):
+            assert steps.row(batch, i) == single, (node, i)
+            kinds.add((single.kind, single.keeps_padded, single.aliases))
+    assert {k for k, _, _ in kinds} >= {"conv", "pool", "copy", "view", "unary"}
+    assert any(keeps for _, keeps, _ in kinds) and any(alias for _, _, alias in kinds)
