@@ -1,6 +1,6 @@
 """Planning time and peak memory over networks and input sizes, each in a fresh process.
 
-    python benchmarks/planning.py [--write] [--quick]
+    python benchmarks/planning.py [--write] [--quick] [--only NETWORK] [--load LOG ...]
 
 Each case runs in its own Python process: import torch and bigpicture (and torch's fake-tensor
 machinery), build the network, capture it (torch.fx, timed apart), then plan it for a training
@@ -8,13 +8,16 @@ step on a device (H100-SXM and L4 in bfloat16, this CPU in float32) with no tile
 planner's tile for the device's memory, half the RAM on the CPU):
 ``choose_tile`` on the captured graph, i.e. shape propagation on fake tensors, the split, the
 predictions of the candidate tiles and the chosen plan. Peak memory is the process's ru_maxrss
-after planning, next to its value before (library start-up). ``--write`` stores the table in
-RESULTS.md.
+after planning, next to its value before (library start-up), and the planning's CPU seconds next to
+its wall clock (on a shared machine the wall clock also counts the other jobs' turns). ``--write``
+stores the table in RESULTS.md; ``--load`` makes it from the rows that earlier runs printed (runs of
+``--only`` side by side, say), without planning again.
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
 import json
 import os
 import platform
@@ -114,13 +117,16 @@ def main() -> None:
     parser.add_argument("--write", action="store_true", help="store the table in RESULTS.md")
     parser.add_argument("--quick", action="store_true", help="two cases only")
     parser.add_argument("--only", help="the cases whose network contains this text")
+    parser.add_argument("--load", nargs="+", metavar="LOG", help="the rows printed by earlier runs, in order")
     parser.add_argument("--one", nargs=3, metavar=("NETWORK", "SIZE", "DEVICE"), help=argparse.SUPPRESS)
     a = parser.parse_args()
     if a.one:
         print(json.dumps(one(a.one[0], int(a.one[1]), a.one[2])))
         return
-    rows = []
-    for name, size, device in QUICK if a.quick else [c for c in CASES if (a.only or "") in c[0]]:
+    rows = [ast.literal_eval(line) for log in a.load or [] for line in open(log) if line.startswith("{")]
+    for name, size, device in (
+        [] if a.load else QUICK if a.quick else [c for c in CASES if (a.only or "") in c[0]]
+    ):
         run = subprocess.run(
             [sys.executable, __file__, "--one", name, str(size), device],
             capture_output=True,
