@@ -322,16 +322,17 @@ def plot(rows: list[dict]) -> None:
 
 
 # NVIDIA DeepLearningExamples, PyTorch/Classification/ConvNets/resnet50v1.5/README.md ("Training
-# performance results" and "Inference performance results", pytorch-21.03 NGC container), 1 GPU, img/s
-PUBLISHED = [  # device, published precision, our dtype, mode, batch, images/s
-    ("A100-80GB", "TF32", "float32", "training", 256, 938),
-    ("A100-80GB", "AMP", "float16", "training", 256, 2470),
-    ("V100", "FP32", "float32", "training", 256, 367),
-    ("V100", "AMP", "float16", "training", 256, 1200),
-    ("V100", "FP32", "float32", "inference", 256, 1261),
-    ("V100", "AMP", "float16", "inference", 256, 3382),
-    ("T4", "FP32", "float32", "inference", 256, 415),
-    ("T4", "AMP", "float16", "inference", 256, 1198),
+# performance results" and "Inference performance results", pytorch-21.03 NGC container), 1 GPU, img/s;
+# the layout is ConvNets/configs.yml's `memory_format` (nhwc for AMP, PyTorch's default NCHW otherwise)
+PUBLISHED = [  # device, published precision, our dtype, mode, batch, images/s, layout
+    ("A100-80GB", "TF32", "float32", "training", 256, 938, "NCHW"),
+    ("A100-80GB", "AMP", "float16", "training", 256, 2470, "NHWC"),
+    ("V100", "FP32", "float32", "training", 256, 367, "NCHW"),
+    ("V100", "AMP", "float16", "training", 256, 1200, "NHWC"),
+    ("V100", "FP32", "float32", "inference", 256, 1261, "NCHW"),
+    ("V100", "AMP", "float16", "inference", 256, 3382, "NHWC"),
+    ("T4", "FP32", "float32", "inference", 256, 415, "NCHW"),
+    ("T4", "AMP", "float16", "inference", 256, 1198, "NHWC"),
 ]
 CPU_METHOD = """\
 Predictions come from `bigpicture.perf.predict` with no tensor allocated: every class of tiles (corner,
@@ -354,35 +355,79 @@ image with the batch, and predicted from the device table and the documented GPU
 of a forward with autograd plus the backward (one tile: the engine keeps its graph from the forward
 and recomputes nothing); inference throughput the batch over the forward. "AMP" is
 predicted as float16 throughout, "FP32" as float32 (TF32 tensor cores on the A100, as PyTorch's
-cuDNN default). Not modelled: training-mode BatchNorm statistics (the engine plans BatchNorm in
-eval mode), the fp32 ops autocast keeps, channels-last layout, the optimizer step, data loading.
-The published figures are NVIDIA's own measurements (1 GPU, DGX-1 V100 16 GB, DGX A100 80 GB, T4)."""
+cuDNN default), each in the layout NVIDIA ran it (`ConvNets/configs.yml`: `memory_format: nhwc` for
+AMP, PyTorch's default NCHW for FP32/TF32; on NCHW tensors tensor-core convolutions pay cuDNN's
+transposes). Training rows add what the published runs do and a bigpicture step does not: BatchNorm
+in training mode, three more passes over each BatchNorm's input (`train_batchnorm_seconds`, after
+PyTorch's CUDA kernels). The convolution model (`bigpicture/perf/rates.py`, `gpu_conv_rate`) rests on
+cited assumptions only: Winograd F(2x2,3x3) for float32 3x3 convolutions on CUDA cores (Lavin & Gray
+2016), cuDNN's NCHW-to-NHWC transforms for tensor cores (cuDNN Developer Guide), tile and wave
+quantization over the SMs (NVIDIA Matrix Multiplication Background User's Guide). Not modelled:
+the fp32 ops autocast keeps, the optimizer step, data loading, GPU clocks under a power cap (T4:
+70 W). The published figures are NVIDIA's own measurements (1 GPU, DGX-1 V100 16 GB, DGX A100
+80 GB, T4); the V100 FP32 training figure is at batch 112 (`configs.yml`), predicted at 256."""
+
+
+def train_batchnorm_seconds(split, dtype, rates) -> float:
+    """What the published training runs do that a bigpicture step does not: BatchNorm in training
+    mode, on the batch's statistics. PyTorch's CUDA kernels (aten/src/ATen/native/cuda/
+    Normalization.cuh) read the input once more in the forward (`batch_norm_collect_statistics`
+    before `batch_norm_transform_input`), and the input and the output's gradient once more in the
+    backward (`batch_norm_backward_reduce` before `batch_norm_backward_elemt`: the input's gradient
+    needs both sums first); eval-mode statistics, as the engine plans them, need neither. Three more
+    passes over each BatchNorm's input, at the device's stream rate."""
+    import math
+
+    from bigpicture.perf.steps import _NORM, _facts
+
+    item = torch_item(dtype)
+    seconds = 0.0
+    for node in (n for n in split.order if n in split.ops):
+        name = _facts(split, node)[0]
+        if name in _NORM and "batch" in name:
+            moved = 3 * math.prod(split.shapes[node]) * item
+            seconds += moved / rates.stream("norm", moved)
+    return seconds
+
+
+def torch_item(dtype) -> int:
+    import torch
+
+    return torch.empty((), dtype=dtype).element_size()
 
 
 def gpu_comparison() -> str:
     import torch
     from monai.networks.nets import resnet50
 
+    from bigpicture.perf.devices import get_device
     from bigpicture.perf.predict import predict_splits
+    from bigpicture.perf.rates import Rates
     from bigpicture.perf.schedule import analyse
 
     model = resnet50(spatial_dims=2, n_input_channels=3, conv1_t_stride=2, num_classes=1000).eval()
     shapes = {b: (b, 3, 224, 224) for b in {row[4] for row in PUBLISHED}}
     splits = {b: analyse(model, shape) for b, shape in shapes.items()}
     out = [
-        "| GPU | precision | mode | batch | published img/s | predicted img/s | error | predicted peak GiB |",
-        "|---|---|---|---|---|---|---|---|",
+        "| GPU | precision | layout | mode | batch | published img/s | predicted img/s | error "
+        "| predicted peak GiB |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     errors = []
-    for device, precision, dtype, mode, batch, published in PUBLISHED:
+    for device, precision, dtype, mode, batch, published, layout in PUBLISHED:
+        # the run's own layout: NHWC spares tensor-core convolutions cuDNN's transposes (rates.gpu_conv_rate)
+        rates = Rates(get_device(device), getattr(torch, dtype), channels_last=layout == "NHWC")
         p = predict_splits(
-            splits[batch], shapes[batch], getattr(torch, dtype), 224, device, mode == "training"
-        )
+            splits[batch], shapes[batch], getattr(torch, dtype), 224, device, mode == "training",
+            shared={"rates": rates},
+        )  # fmt: skip
         seconds = p.time  # training: one tile, whose graph the forward keeps: nothing is recomputed
+        if mode == "training":
+            seconds += sum(train_batchnorm_seconds(s, getattr(torch, dtype), rates) for s in splits[batch])
         predicted = batch / seconds
         errors.append(abs(err(predicted, published)))
         out.append(
-            f"| {device} | {precision} | {mode} | {batch} | {published:,} | {predicted:,.0f} | "
+            f"| {device} | {precision} | {layout} | {mode} | {batch} | {published:,} | {predicted:,.0f} | "
             f"{100 * err(predicted, published):+.0f}% | {p.memory / 2**30:.1f} |"
         )
     out += [
@@ -390,6 +435,20 @@ def gpu_comparison() -> str:
         f"Median absolute error {100 * statistics.median(errors):.0f}%, largest {100 * max(errors):.0f}%.",
     ]
     return GPU_METHOD + "\n\n" + "\n".join(out)
+
+
+GPU_TITLE = "### GPU predictions against published ResNet-50 throughput"
+
+
+def write_gpu_part(text: str) -> None:
+    """Replace only the GPU comparison in this script's section of RESULTS.md (it needs no timing):
+    the CPU part stays as the last full run wrote it."""
+    from results import RESULTS
+
+    old = RESULTS.read_text()
+    end = "<!-- end perfmodel.py -->"
+    start = old.index(GPU_TITLE, old.index("<!-- begin perfmodel.py -->"))
+    RESULTS.write_text(old[:start] + f"{GPU_TITLE}\n\n{text.strip()}\n" + old[old.index(end) :])
 
 
 def slide_reads(net_name: str = "resnet", tile: int = 512, threads: int = 2, repeats: int = 6) -> str:
@@ -467,7 +526,10 @@ def main() -> None:
         print(json.dumps(one(json.loads(a.one))))
         return
     if a.gpu:
-        print(gpu_comparison())
+        text = gpu_comparison()
+        print(text)
+        if a.write:
+            write_gpu_part(text)
         return
     if a.reads:
         print(slide_reads(threads=a.threads))
@@ -541,7 +603,7 @@ def main() -> None:
             f"![predicted vs measured]({PLOT.name})",
             "",
             *(["### Planner regret (inference)", "", regret_table(regrets), ""] if regrets else []),
-            "### GPU predictions against published ResNet-50 throughput",
+            GPU_TITLE,
             "",
             gpu_comparison(),
             "",
