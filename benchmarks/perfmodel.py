@@ -13,8 +13,12 @@ which is what the model predicts. Predicted memory is compared
 without the parameters, which are resident before the baseline.
 
     python benchmarks/perfmodel.py --calibrate           # calibrate, then every configuration
-    python benchmarks/perfmodel.py --quick               # a smoke run in about a minute
+    python benchmarks/perfmodel.py --smoke               # small images, a rough calibration: a minute
     python benchmarks/perfmodel.py --threads 2 --clock wall --calibrate --write   # a quiet machine
+    python benchmarks/perfmodel.py --quick --threads 2 --clock wall --calibrate --write   # ~8 minutes
+
+`--quick` keeps the full calibration and the 14 configurations but times each 3 times in one
+round and skips the planner's sweep (so its regret table).
 
 On a shared machine use one thread and --clock process (CPU time: the work, not the waiting).
 """
@@ -340,8 +344,9 @@ edge, interior) is walked node by node in the tile interpreter's order (`steps.p
 value with last-use freeing, padded copies at the image border, what autograd saves, gradient
 buffers in the backward; seconds per op from the calibration of this CPU (`calibrate.py`,
 `rates.py`: convolutions by the backend torch picks for the shape (im2col or oneDNN), input and
-output channels, kernel, stride and size, forward and backward; memory-bound ops by size; the
-interpreter's own cost per node per tile, from tiled runs of a small reference network; what each
+output channels, kernel, stride and size, forward and backward; memory-bound ops by size; every
+op timed cycling through copies of its operands that exceed the core's caches, as a network finds
+them; the interpreter's own cost per node per tile, from tiled runs of a small reference network; what each
 op on every thread adds in a tiled run, from tiled runs of memory-bound ops). A training step is
 the forward over the tiles (the last one with autograd, its graph kept), the recompute of every
 other tile, and every tile's backward. Measured memory is the peak of live memory (see
@@ -514,7 +519,8 @@ def main() -> None:
     ap.add_argument(
         "--calibrate", action="store_true", help="calibrate this CPU first (same threads and clock)"
     )
-    ap.add_argument("--quick", action="store_true", help="small images, one repeat, no sweep")
+    ap.add_argument("--quick", action="store_true", help="3 repeats, one round, no sweep (~8 min)")
+    ap.add_argument("--smoke", action="store_true", help="small images, rough calibration, one repeat")
     ap.add_argument("--no-sweep", action="store_true", help="skip the planner's tile sweep")
     ap.add_argument("--timeout", type=float, default=1800)
     ap.add_argument("--write", action="store_true", help=f"write its section of RESULTS.md and {PLOT.name}")
@@ -542,13 +548,15 @@ def main() -> None:
     if a.calibrate:
         subprocess.run(
             [sys.executable, "-m", "bigpicture", "calibrate", "--threads", str(a.threads), "--clock", a.clock]
-            + (["--quick"] if a.quick else []),
+            + (["--quick"] if a.smoke else []),
             check=True,
         )
-    shapes = QUICK_SHAPES if a.quick else SHAPES
-    base = {"threads": a.threads, "clock": a.clock, "repeats": 1 if a.quick else a.repeats}
+    if a.quick or a.smoke:
+        a.repeats, a.rounds, a.no_sweep = (1 if a.smoke else 3), 1, True
+    shapes = QUICK_SHAPES if a.smoke else SHAPES
+    base = {"threads": a.threads, "clock": a.clock, "repeats": a.repeats}
     configs = [
-        {**base, "net": n, "shape": shapes[n], "tile": t // (4 if a.quick else 1), "mode": m}
+        {**base, "net": n, "shape": shapes[n], "tile": t // (4 if a.smoke else 1), "mode": m}
         for n, t, m in CONFIGS
     ]
     rows = []
@@ -556,7 +564,7 @@ def main() -> None:
         rows.append(run(cfg, a.timeout))
         print(f"[{time.perf_counter() - t0:6.0f} s] {json.dumps(rows[-1])}", flush=True)
     sweeps: dict[str, list[dict]] = {}
-    if not (a.quick or a.no_sweep):
+    if not a.no_sweep:
         for net, tiles in SWEEP.items():
             sweep = sweeps[net] = [r for r in rows if r["net"] == net and r["mode"] == "inference"]
             for t in tiles:
