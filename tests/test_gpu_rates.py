@@ -17,6 +17,8 @@ BIG = 256 * 56 * 56  # output positions of a ResNet stage at batch 256: every SM
         (128 * 81, 128, 80, 81 / 160),  # one block over a wave: a second, almost empty wave
         (128 * 81, 128, None, 1.0),  # no SM count: tile quantization only
         (100, 100, None, 100 * 100 / (128 * 128)),
+        (100, 20, None, 100 * 20 / (128 * 32)),  # few channels: a narrower block
+        (128, 64, 1, 1.0),
     ],
 )
 def test_tile_and_wave_quantization(positions, channels, sms, expected):

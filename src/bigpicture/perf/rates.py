@@ -38,8 +38,9 @@ GPU_ASSUMPTIONS = (
     "GPU rates are assumptions, not measurements: convolutions reach 70% of the dtype's dense peak "
     "at large channel counts (x c/(c+h) for input channels x kernel, h = 32 on tensor cores (fp16, "
     "bf16, tf32) and 8 on CUDA cores (fp32, fp64)), x the tile and wave quantization of their "
-    "implicit GEMM (128 x 128 output positions x channels per thread block, one block per SM at a "
-    "time; NVIDIA Matrix Multiplication Background User's Guide); 3x3 stride-1 float32 "
+    "implicit GEMM (128 x 128 output positions x channels per thread block, 32 or 64 channels wide "
+    "for fewer, one block per SM at a time; NVIDIA Matrix Multiplication Background User's Guide); "
+    "3x3 stride-1 float32 "
     "convolutions on CUDA cores run as Winograd F(2x2,3x3), 2.25x fewer multiplies (Lavin & Gray "
     "2016; cuDNN's WINOGRAD algorithms, picked by cudnn.benchmark); tensor-core convolutions on "
     "NCHW tensors read and write each activation operand once more (cuDNN's NCHW-to-NHWC "
@@ -215,8 +216,11 @@ def gpu_conv_rate(
 def quantization(positions: int, channels: int, sms: int | None) -> float:
     """Useful fraction of a GPU's work for a GEMM of `positions` x `channels` outputs in blocks of
     `GPU_CTA_TILE`: tile quantization (the last block in each dimension partly idle) times wave
-    quantization (the last wave of blocks over `sms` SMs partly idle; not counted without `sms`)."""
+    quantization (the last wave of blocks over `sms` SMs partly idle; not counted without `sms`).
+    Few output channels get a narrower block (32 or 64 wide): the libraries carry kernels of several
+    tile shapes and pick one per problem (the same guide, sec. 2.3)."""
     tm, tn = GPU_CTA_TILE
+    tn = next((n for n in (32, 64) if channels <= n), tn)
     blocks = math.ceil(positions / tm) * math.ceil(channels / tn)
     tiles = positions * channels / (blocks * tm * tn)
     waves = blocks / (math.ceil(blocks / sms) * sms) if sms else 1.0
