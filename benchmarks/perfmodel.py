@@ -13,8 +13,12 @@ which is what the model predicts. Predicted memory is compared
 without the parameters, which are resident before the baseline.
 
     python benchmarks/perfmodel.py --calibrate           # calibrate, then every configuration
-    python benchmarks/perfmodel.py --quick               # a smoke run in about a minute
+    python benchmarks/perfmodel.py --smoke               # small images, a rough calibration: a minute
     python benchmarks/perfmodel.py --threads 2 --clock wall --calibrate --write   # a quiet machine
+    python benchmarks/perfmodel.py --quick --threads 2 --clock wall --calibrate --write   # ~8 minutes
+
+`--quick` keeps the full calibration and the 14 configurations but times each 3 times in one
+round and skips the planner's sweep (so its regret table).
 
 On a shared machine use one thread and --clock process (CPU time: the work, not the waiting).
 """
@@ -322,16 +326,17 @@ def plot(rows: list[dict]) -> None:
 
 
 # NVIDIA DeepLearningExamples, PyTorch/Classification/ConvNets/resnet50v1.5/README.md ("Training
-# performance results" and "Inference performance results", pytorch-21.03 NGC container), 1 GPU, img/s
-PUBLISHED = [  # device, published precision, our dtype, mode, batch, images/s
-    ("A100-80GB", "TF32", "float32", "training", 256, 938),
-    ("A100-80GB", "AMP", "float16", "training", 256, 2470),
-    ("V100", "FP32", "float32", "training", 256, 367),
-    ("V100", "AMP", "float16", "training", 256, 1200),
-    ("V100", "FP32", "float32", "inference", 256, 1261),
-    ("V100", "AMP", "float16", "inference", 256, 3382),
-    ("T4", "FP32", "float32", "inference", 256, 415),
-    ("T4", "AMP", "float16", "inference", 256, 1198),
+# performance results" and "Inference performance results", pytorch-21.03 NGC container), 1 GPU, img/s;
+# the layout is ConvNets/configs.yml's `memory_format` (nhwc for AMP, PyTorch's default NCHW otherwise)
+PUBLISHED = [  # device, published precision, our dtype, mode, batch, images/s, layout
+    ("A100-80GB", "TF32", "float32", "training", 256, 938, "NCHW"),
+    ("A100-80GB", "AMP", "float16", "training", 256, 2470, "NHWC"),
+    ("V100", "FP32", "float32", "training", 256, 367, "NCHW"),
+    ("V100", "AMP", "float16", "training", 256, 1200, "NHWC"),
+    ("V100", "FP32", "float32", "inference", 256, 1261, "NCHW"),
+    ("V100", "AMP", "float16", "inference", 256, 3382, "NHWC"),
+    ("T4", "FP32", "float32", "inference", 256, 415, "NCHW"),
+    ("T4", "AMP", "float16", "inference", 256, 1198, "NHWC"),
 ]
 CPU_METHOD = """\
 Predictions come from `bigpicture.perf.predict` with no tensor allocated: every class of tiles (corner,
@@ -339,8 +344,9 @@ edge, interior) is walked node by node in the tile interpreter's order (`steps.p
 value with last-use freeing, padded copies at the image border, what autograd saves, gradient
 buffers in the backward; seconds per op from the calibration of this CPU (`calibrate.py`,
 `rates.py`: convolutions by the backend torch picks for the shape (im2col or oneDNN), input and
-output channels, kernel, stride and size, forward and backward; memory-bound ops by size; the
-interpreter's own cost per node per tile, from tiled runs of a small reference network; what each
+output channels, kernel, stride and size, forward and backward; memory-bound ops by size; every
+op timed cycling through copies of its operands that exceed the core's caches, as a network finds
+them; the interpreter's own cost per node per tile, from tiled runs of a small reference network; what each
 op on every thread adds in a tiled run, from tiled runs of memory-bound ops). A training step is
 the forward over the tiles (the last one with autograd, its graph kept), the recompute of every
 other tile, and every tile's backward. Measured memory is the peak of live memory (see
@@ -354,35 +360,79 @@ image with the batch, and predicted from the device table and the documented GPU
 of a forward with autograd plus the backward (one tile: the engine keeps its graph from the forward
 and recomputes nothing); inference throughput the batch over the forward. "AMP" is
 predicted as float16 throughout, "FP32" as float32 (TF32 tensor cores on the A100, as PyTorch's
-cuDNN default). Not modelled: training-mode BatchNorm statistics (the engine plans BatchNorm in
-eval mode), the fp32 ops autocast keeps, channels-last layout, the optimizer step, data loading.
-The published figures are NVIDIA's own measurements (1 GPU, DGX-1 V100 16 GB, DGX A100 80 GB, T4)."""
+cuDNN default), each in the layout NVIDIA ran it (`ConvNets/configs.yml`: `memory_format: nhwc` for
+AMP, PyTorch's default NCHW for FP32/TF32; on NCHW tensors tensor-core convolutions pay cuDNN's
+transposes). Training rows add what the published runs do and a bigpicture step does not: BatchNorm
+in training mode, three more passes over each BatchNorm's input (`train_batchnorm_seconds`, after
+PyTorch's CUDA kernels). The convolution model (`bigpicture/perf/rates.py`, `gpu_conv_rate`) rests on
+cited assumptions only: Winograd F(2x2,3x3) for float32 3x3 convolutions on CUDA cores (Lavin & Gray
+2016), cuDNN's NCHW-to-NHWC transforms for tensor cores (cuDNN Developer Guide), tile and wave
+quantization over the SMs (NVIDIA Matrix Multiplication Background User's Guide). Not modelled:
+the fp32 ops autocast keeps, the optimizer step, data loading, GPU clocks under a power cap (T4:
+70 W). The published figures are NVIDIA's own measurements (1 GPU, DGX-1 V100 16 GB, DGX A100
+80 GB, T4); the V100 FP32 training figure is at batch 112 (`configs.yml`), predicted at 256."""
+
+
+def train_batchnorm_seconds(split, dtype, rates) -> float:
+    """What the published training runs do that a bigpicture step does not: BatchNorm in training
+    mode, on the batch's statistics. PyTorch's CUDA kernels (aten/src/ATen/native/cuda/
+    Normalization.cuh) read the input once more in the forward (`batch_norm_collect_statistics`
+    before `batch_norm_transform_input`), and the input and the output's gradient once more in the
+    backward (`batch_norm_backward_reduce` before `batch_norm_backward_elemt`: the input's gradient
+    needs both sums first); eval-mode statistics, as the engine plans them, need neither. Three more
+    passes over each BatchNorm's input, at the device's stream rate."""
+    import math
+
+    from bigpicture.perf.steps import _NORM, _facts
+
+    item = torch_item(dtype)
+    seconds = 0.0
+    for node in (n for n in split.order if n in split.ops):
+        name = _facts(split, node)[0]
+        if name in _NORM and "batch" in name:
+            moved = 3 * math.prod(split.shapes[node]) * item
+            seconds += moved / rates.stream("norm", moved)
+    return seconds
+
+
+def torch_item(dtype) -> int:
+    import torch
+
+    return torch.empty((), dtype=dtype).element_size()
 
 
 def gpu_comparison() -> str:
     import torch
     from monai.networks.nets import resnet50
 
+    from bigpicture.perf.devices import get_device
     from bigpicture.perf.predict import predict_splits
+    from bigpicture.perf.rates import Rates
     from bigpicture.perf.schedule import analyse
 
     model = resnet50(spatial_dims=2, n_input_channels=3, conv1_t_stride=2, num_classes=1000).eval()
     shapes = {b: (b, 3, 224, 224) for b in {row[4] for row in PUBLISHED}}
     splits = {b: analyse(model, shape) for b, shape in shapes.items()}
     out = [
-        "| GPU | precision | mode | batch | published img/s | predicted img/s | error | predicted peak GiB |",
-        "|---|---|---|---|---|---|---|---|",
+        "| GPU | precision | layout | mode | batch | published img/s | predicted img/s | error "
+        "| predicted peak GiB |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     errors = []
-    for device, precision, dtype, mode, batch, published in PUBLISHED:
+    for device, precision, dtype, mode, batch, published, layout in PUBLISHED:
+        # the run's own layout: NHWC spares tensor-core convolutions cuDNN's transposes (rates.gpu_conv_rate)
+        rates = Rates(get_device(device), getattr(torch, dtype), channels_last=layout == "NHWC")
         p = predict_splits(
-            splits[batch], shapes[batch], getattr(torch, dtype), 224, device, mode == "training"
-        )
+            splits[batch], shapes[batch], getattr(torch, dtype), 224, device, mode == "training",
+            shared={"rates": rates},
+        )  # fmt: skip
         seconds = p.time  # training: one tile, whose graph the forward keeps: nothing is recomputed
+        if mode == "training":
+            seconds += sum(train_batchnorm_seconds(s, getattr(torch, dtype), rates) for s in splits[batch])
         predicted = batch / seconds
         errors.append(abs(err(predicted, published)))
         out.append(
-            f"| {device} | {precision} | {mode} | {batch} | {published:,} | {predicted:,.0f} | "
+            f"| {device} | {precision} | {layout} | {mode} | {batch} | {published:,} | {predicted:,.0f} | "
             f"{100 * err(predicted, published):+.0f}% | {p.memory / 2**30:.1f} |"
         )
     out += [
@@ -390,6 +440,20 @@ def gpu_comparison() -> str:
         f"Median absolute error {100 * statistics.median(errors):.0f}%, largest {100 * max(errors):.0f}%.",
     ]
     return GPU_METHOD + "\n\n" + "\n".join(out)
+
+
+GPU_TITLE = "### GPU predictions against published ResNet-50 throughput"
+
+
+def write_gpu_part(text: str) -> None:
+    """Replace only the GPU comparison in this script's section of RESULTS.md (it needs no timing):
+    the CPU part stays as the last full run wrote it."""
+    from results import RESULTS
+
+    old = RESULTS.read_text()
+    end = "<!-- end perfmodel.py -->"
+    start = old.index(GPU_TITLE, old.index("<!-- begin perfmodel.py -->"))
+    RESULTS.write_text(old[:start] + f"{GPU_TITLE}\n\n{text.strip()}\n" + old[old.index(end) :])
 
 
 def slide_reads(net_name: str = "resnet", tile: int = 512, threads: int = 2, repeats: int = 6) -> str:
@@ -455,7 +519,8 @@ def main() -> None:
     ap.add_argument(
         "--calibrate", action="store_true", help="calibrate this CPU first (same threads and clock)"
     )
-    ap.add_argument("--quick", action="store_true", help="small images, one repeat, no sweep")
+    ap.add_argument("--quick", action="store_true", help="3 repeats, one round, no sweep (~8 min)")
+    ap.add_argument("--smoke", action="store_true", help="small images, rough calibration, one repeat")
     ap.add_argument("--no-sweep", action="store_true", help="skip the planner's tile sweep")
     ap.add_argument("--timeout", type=float, default=1800)
     ap.add_argument("--write", action="store_true", help=f"write its section of RESULTS.md and {PLOT.name}")
@@ -467,7 +532,10 @@ def main() -> None:
         print(json.dumps(one(json.loads(a.one))))
         return
     if a.gpu:
-        print(gpu_comparison())
+        text = gpu_comparison()
+        print(text)
+        if a.write:
+            write_gpu_part(text)
         return
     if a.reads:
         print(slide_reads(threads=a.threads))
@@ -480,13 +548,15 @@ def main() -> None:
     if a.calibrate:
         subprocess.run(
             [sys.executable, "-m", "bigpicture", "calibrate", "--threads", str(a.threads), "--clock", a.clock]
-            + (["--quick"] if a.quick else []),
+            + (["--quick"] if a.smoke else []),
             check=True,
         )
-    shapes = QUICK_SHAPES if a.quick else SHAPES
-    base = {"threads": a.threads, "clock": a.clock, "repeats": 1 if a.quick else a.repeats}
+    if a.quick or a.smoke:
+        a.repeats, a.rounds, a.no_sweep = (1 if a.smoke else 3), 1, True
+    shapes = QUICK_SHAPES if a.smoke else SHAPES
+    base = {"threads": a.threads, "clock": a.clock, "repeats": a.repeats}
     configs = [
-        {**base, "net": n, "shape": shapes[n], "tile": t // (4 if a.quick else 1), "mode": m}
+        {**base, "net": n, "shape": shapes[n], "tile": t // (4 if a.smoke else 1), "mode": m}
         for n, t, m in CONFIGS
     ]
     rows = []
@@ -494,7 +564,7 @@ def main() -> None:
         rows.append(run(cfg, a.timeout))
         print(f"[{time.perf_counter() - t0:6.0f} s] {json.dumps(rows[-1])}", flush=True)
     sweeps: dict[str, list[dict]] = {}
-    if not (a.quick or a.no_sweep):
+    if not a.no_sweep:
         for net, tiles in SWEEP.items():
             sweep = sweeps[net] = [r for r in rows if r["net"] == net and r["mode"] == "inference"]
             for t in tiles:
@@ -541,7 +611,7 @@ def main() -> None:
             f"![predicted vs measured]({PLOT.name})",
             "",
             *(["### Planner regret (inference)", "", regret_table(regrets), ""] if regrets else []),
-            "### GPU predictions against published ResNet-50 throughput",
+            GPU_TITLE,
             "",
             gpu_comparison(),
             "",

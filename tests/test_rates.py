@@ -193,3 +193,15 @@ def test_backward_of_memory_bound_ops_uses_its_own_calibration():
     assert rates.stream("prelu", 1000, backward=True) == 5.0
     assert rates.stream("binary", 1000, backward=True) == rates.stream("unary", 1000)
     assert rates.stream("prelu", 1000) == rates.stream("unary", 1000)  # no forward table of its own here
+
+
+def test_calibration_cycles_through_copies_that_exceed_the_caches():
+    from bigpicture.perf.calibrate import COLD_BYTES, _copies, _cycling
+
+    assert _copies(2**10) == 16 and _copies(2**10, most=8) == 8  # tiny operands: at most `most`
+    assert _copies(COLD_BYTES // 4) == 4 and _copies(COLD_BYTES) == 2 == _copies(10 * COLD_BYTES)
+    seen = []
+    call = _cycling(lambda a, b: seen.append(a + b), [(1, 2), (3, 4)])
+    for _ in range(5):
+        call()
+    assert seen == [3, 7, 3, 7, 3]

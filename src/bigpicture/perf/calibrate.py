@@ -8,13 +8,16 @@
     engine         the tile interpreter's own cost per node per tile (a small reference network),
                    and what each multi-threaded op adds in a tiled run (``wake_s``)
 
-Every figure is the best of several trials: other jobs only add time.
+Every figure is the best of several trials (other jobs only add time), each op cycling through
+copies of its operands beyond the core's caches, as a network finds them (`COLD_BYTES`).
 """
 
 from __future__ import annotations
 
 import functools
+import itertools
 import json
+import math
 import os
 import time
 from collections.abc import Callable
@@ -35,6 +38,25 @@ from bigpicture.perf.timing import (
     matmul_rates,
     seconds_per_call,
 )
+
+# An op in a network reads operands written several ops (or a tile) before, mostly gone from the
+# core's private caches, and writes a buffer just allocated; the same op timed back to back on one
+# tensor finds it in L2. Measured here (1 thread, CPU time): BatchNorm, ReLU and additions on 0.3-1.2
+# MiB tensors ran 1.5-2.5x slower cycling through 32 copies than on one; in tiled runs of the perfmodel
+# benchmark's ResNet they took 2-4x the rates measured on one tensor. So every op is timed cycling
+# through copies of its operands that together exceed the private caches of any current core.
+COLD_BYTES = 64 * 2**20
+
+
+def _copies(nbytes: int, most: int = 16) -> int:
+    """How many copies of operands of `nbytes` to cycle through: together at least `COLD_BYTES`."""
+    return max(2, min(most, math.ceil(COLD_BYTES / max(nbytes, 1))))
+
+
+def _cycling(fn: Callable, operands: list[tuple]) -> Callable[[], object]:
+    """A call of `fn` on the next of `operands` (argument tuples) in turn, each time it is called."""
+    turn = itertools.cycle(operands)
+    return lambda: fn(*next(turn))
 
 
 def _conv_grid(quick: bool) -> list[tuple[int, int, int, int, int, int, bool]]:
@@ -82,13 +104,18 @@ def _conv(dtype: torch.dtype, quick: bool, seconds, min_time: float) -> list[dic
             x = torch.randn((1, cin) + ((side - 1) * stride + k,) * nd, dtype=dtype, requires_grad=True)
             w = torch.randn((cout, cin) + (k,) * nd, dtype=dtype, requires_grad=True)
         flops = 2 * cin * cout * k**nd * side**nd
+        xs = [x] + [x.detach().clone().requires_grad_() for _ in range(_copies(x.nbytes, 8) - 1)]
         with torch.no_grad():
-            fwd = seconds(lambda c=conv, x=x, w=w, s=stride: c(x, w, stride=s), min_time)
-        y = conv(x, w, stride=stride)
-        g = torch.ones_like(y)
+            fwd = seconds(
+                _cycling(lambda x, c=conv, w=w, s=stride: c(x, w, stride=s), [(x,) for x in xs]), min_time
+            )
+        graphs = [(conv(x, w, stride=stride), x) for x in xs]
+        g = torch.ones_like(graphs[0][0])
         bwd = seconds(
-            lambda y=y, x=x, w=w, g=g: torch.autograd.grad(y, (x, w), g, retain_graph=True), min_time
+            _cycling(lambda y, x, w=w, g=g: torch.autograd.grad(y, (x, w), g, retain_graph=True), graphs),
+            min_time,
         )
+        del graphs
         strides, ones = (stride,) * nd, (1,) * nd
         backend = conv_backend(tuple(x.shape), tuple(w.shape), strides, ones, 1, transposed, dtype)
         shape = {"nd": nd, "cin": cin, "cout": cout, "kernel": k**nd, "fan_in": cin * k**nd,
@@ -110,18 +137,20 @@ def _stream(dtype: torch.dtype, quick: bool, seconds, min_time: float) -> dict[s
     item = torch.empty((), dtype=dtype).element_size()
     out: dict[str, list[list[float]]] = {k: [] for k in STREAM_KINDS}
     for n in _stream_elements(dtype, quick):
-        x = torch.randn(1, 16, n // 16, dtype=dtype)
+        xs = [torch.randn(1, 16, n // 16, dtype=dtype) for _ in range(_copies(n * item))]
         mean, var = torch.zeros(16, dtype=dtype), torch.ones(16, dtype=dtype)
-        half, slope = x[:, :8].contiguous(), torch.full((1,), 0.25, dtype=dtype)
+        slope = torch.full((1,), 0.25, dtype=dtype)
+        ones, pairs = [(x,) for x in xs], [(x, xs[i - 1]) for i, x in enumerate(xs)]
+        halves = [(x[:, :8].contiguous(),) for x in xs]
         cases = {
-            "unary": (lambda x=x: torch.relu(x), 2),
-            "binary": (lambda x=x: x + x, 3),
-            "norm": (lambda x=x, m=mean, v=var: F.batch_norm(x, m, v, v, m, False), 2),
-            "copy": (lambda h=half: torch.cat([h, h], 1), 2),
-            "prelu": (lambda x=x, a=slope: F.prelu(x, a), 2),
+            "unary": (_cycling(torch.relu, ones), 2),
+            "binary": (_cycling(torch.add, pairs), 3),
+            "norm": (_cycling(lambda x, m=mean, v=var: F.batch_norm(x, m, v, v, m, False), ones), 2),
+            "copy": (_cycling(lambda h: torch.cat([h, h], 1), halves), 2),
+            "prelu": (_cycling(lambda x, a=slope: F.prelu(x, a), ones), 2),
         }
         for kind, (fn, passes) in cases.items():
-            moved = passes * x.numel() * item
+            moved = passes * xs[0].numel() * item
             out[kind].append([moved, moved / seconds(fn, min_time)])
     return out
 
@@ -136,24 +165,26 @@ def _stream_backward(
     item = torch.empty((), dtype=dtype).element_size()
     out: dict[str, list[list[float]]] = {"unary": [], "norm": [], "prelu": []}
     for n in _stream_elements(dtype, quick):
-        x = torch.randn(1, 16, n // 16, dtype=dtype, requires_grad=True)
+        xs = [torch.randn(1, 16, n // 16, dtype=dtype, requires_grad=True) for _ in range(_copies(n * item))]
         w, b = (
             torch.ones(16, dtype=dtype, requires_grad=True),
             torch.zeros(16, dtype=dtype, requires_grad=True),
         )
         mean, var = torch.zeros(16, dtype=dtype), torch.ones(16, dtype=dtype)
         a = torch.full((1,), 0.25, dtype=dtype, requires_grad=True)
-        g = torch.ones_like(x)
+        g = torch.ones_like(xs[0])
         cases = {
-            "unary": (torch.relu(x), (x,)),
-            "norm": (F.batch_norm(x, mean, var, w, b, False), (x, w, b)),
-            "prelu": (F.prelu(x, a), (x, a)),
+            "unary": lambda x: (torch.relu(x), (x,)),
+            "norm": lambda x, m=mean, v=var, w=w, b=b: (F.batch_norm(x, m, v, w, b, False), (x, w, b)),
+            "prelu": lambda x, a=a: (F.prelu(x, a), (x, a)),
         }
-        for kind, (y, wrt) in cases.items():
+        for kind, graph in cases.items():
             grad = seconds(
-                lambda y=y, wrt=wrt, g=g: torch.autograd.grad(y, wrt, g, retain_graph=True), min_time
-            )
-            moved = 3 * x.numel() * item
+                _cycling(lambda y, wrt, g=g: torch.autograd.grad(y, wrt, g, retain_graph=True),
+                         [graph(x) for x in xs]),
+                min_time,
+            )  # fmt: skip
+            moved = 3 * xs[0].numel() * item
             out[kind].append([moved, moved / grad])
     return out
 
@@ -162,13 +193,16 @@ def _pool(dtype: torch.dtype, quick: bool, seconds, min_time: float) -> dict[str
     """Max pooling 3x3 / 2 as the tile interpreter calls it (input padded already, padding=0), by size."""
     out: dict[str, list[list[float]]] = {"forward": [], "backward": []}
     for side in (9, 33) if quick else (9, 65, 257):
-        x = torch.randn(1, 16, side, side, dtype=dtype, requires_grad=True)
-        y = F.max_pool2d(x, 3, 2)
-        window = y.numel() * 9
+        xs = [torch.randn(1, 16, side, side, dtype=dtype, requires_grad=True)]
+        xs += [xs[0].detach().clone().requires_grad_() for _ in range(_copies(xs[0].nbytes) - 1)]
+        graphs = [(F.max_pool2d(x, 3, 2), x) for x in xs]
+        window = graphs[0][0].numel() * 9
         with torch.no_grad():
-            fwd = seconds(lambda x=x: F.max_pool2d(x, 3, 2), min_time)
-        g = torch.ones_like(y)
-        bwd = seconds(lambda x=x, y=y, g=g: torch.autograd.grad(y, x, g, retain_graph=True), min_time)
+            fwd = seconds(_cycling(lambda x: F.max_pool2d(x, 3, 2), [(x,) for x in xs]), min_time)
+        g = torch.ones_like(graphs[0][0])
+        bwd = seconds(
+            _cycling(lambda y, x, g=g: torch.autograd.grad(y, x, g, retain_graph=True), graphs), min_time
+        )
         out["forward"].append([window, window / fwd])
         out["backward"].append([window, window / bwd])
     return out

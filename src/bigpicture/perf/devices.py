@@ -46,6 +46,7 @@ class Device:
     launch_overhead_s: float
     source: str
     cores: int | None = None
+    sms: int | None = None  # streaming multiprocessors of a GPU: blocks of a kernel run in waves over them
 
     def __post_init__(self) -> None:
         # a read-only view, so a Device shared by many plans cannot be edited through one of them
@@ -120,7 +121,16 @@ _TABLE = [
          "NVIDIA Ada GPU Architecture whitepaper (GeForce RTX 4090)"),
 ]
 # fmt: on
-DEVICES: Mapping[str, Device] = MappingProxyType({d.name: d for d in _TABLE})
+# Streaming multiprocessors: CUDA cores on the datasheets over cores per SM in the architecture
+# whitepapers (64 on Volta and Turing, GA100 and GH100; 128 on GA10x and AD10x): V100 5120 / 64,
+# A100 6912 / 64, H100 SXM 16896 / 128 (GH100: 128 FP32 cores per SM), H100 PCIe 14592 / 128,
+# L4 7424 / 128, L40S 18176 / 128, A10 9216 / 128, T4 2560 / 64, RTX 3090 10496 / 128,
+# RTX 4090 16384 / 128
+_SMS = {"V100": 80, "A100-40GB": 108, "A100-80GB": 108, "H100-SXM": 132, "H100-PCIe": 114, "H200": 132,
+        "L4": 58, "L40S": 142, "A10": 72, "T4": 40, "RTX-3090": 82, "RTX-4090": 128}  # fmt: skip
+DEVICES: Mapping[str, Device] = MappingProxyType(
+    {d.name: dataclasses.replace(d, sms=_SMS.get(d.name)) for d in _TABLE}
+)
 # the full product names, for users who copy them from a datasheet or nvidia-smi
 _ALIASES = {"V100-SXM2-32GB": "V100", "A100-SXM4-40GB": "A100-40GB", "A100-SXM4-80GB": "A100-80GB",
             "H100-80GB-HBM3": "H100-SXM", "H200-SXM": "H200", "GeForce-RTX-3090": "RTX-3090",
@@ -167,7 +177,9 @@ def for_torch(device: torch.device | str) -> Device:
     except TilingError:
         like = min(DEVICES.values(), key=lambda d: abs(d.memory_bytes - props.total_memory))
         source = f"{props.name}: memory from the driver, rates of {like.name} (not in the table)"
-        return dataclasses.replace(like, name=name, memory_bytes=props.total_memory, source=source)
+        return dataclasses.replace(
+            like, name=name, memory_bytes=props.total_memory, source=source, sms=props.multi_processor_count
+        )
 
 
 def _memory_bytes() -> int:

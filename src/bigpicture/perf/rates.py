@@ -12,11 +12,14 @@ comes from the measurements of its backend, kernel and stride class (`_grid_rate
 size in log space.
 
 GPUs in the device table are not measured here; their rates follow documented assumptions
-(see `GPU_ASSUMPTIONS`): cuDNN/cuBLAS convolutions reach at most 70% of the dense peak of the
-dtype, less for few channels or few output positions, and memory-bound ops 80% of the
-datasheet bandwidth, less for tensors of under a few MiB. Every op pays a launch floor, and the
-host (PyTorch eager dispatch plus the tile interpreter) runs ahead of the GPU asynchronously,
-so a tile takes the longer of its GPU time and its host time.
+(see `GPU_ASSUMPTIONS` and `gpu_conv_rate`, each with its source): cuDNN/cuBLAS convolutions
+reach at most 70% of the dense peak of the dtype, less for few input channels and where the
+implicit GEMM's thread-block tiles fill the GPU's SMs unevenly; 3x3 convolutions on CUDA cores
+run as Winograd transforms with fewer multiplies; tensor-core convolutions on NCHW tensors pay
+cuDNN's transposes to NHWC; memory-bound ops reach 80% of the datasheet bandwidth, less for
+tensors of under a few MiB. Every op pays a launch floor, and the host (PyTorch eager dispatch
+plus the tile interpreter) runs ahead of the GPU asynchronously, so a tile takes the longer of
+its GPU time and its host time.
 """
 
 from __future__ import annotations
@@ -36,9 +39,15 @@ from bigpicture.perf.devices import Device
 
 GPU_ASSUMPTIONS = (
     "GPU rates are assumptions, not measurements: convolutions reach 70% of the dtype's dense peak "
-    "at large channel counts (x c/(c+h) for input channels x kernel and for output channels, h = 32 on "
-    "tensor cores (fp16, bf16, tf32) and 8 on CUDA cores (fp32, fp64), x "
-    "p/(p+16384) for output positions), memory-bound ops 80% of datasheet bandwidth (x n/(n+2 MiB) "
+    "at large channel counts (x c/(c+h) for input channels x kernel, h = 32 on tensor cores (fp16, "
+    "bf16, tf32) and 8 on CUDA cores (fp32, fp64)), x the tile and wave quantization of their "
+    "implicit GEMM (128 x 128 output positions x channels per thread block, 32 or 64 channels wide "
+    "for fewer, one block per SM at a time; NVIDIA Matrix Multiplication Background User's Guide); "
+    "3x3 stride-1 float32 "
+    "convolutions on CUDA cores run as Winograd F(2x2,3x3), 2.25x fewer multiplies (Lavin & Gray "
+    "2016; cuDNN's WINOGRAD algorithms, picked by cudnn.benchmark); tensor-core convolutions on "
+    "NCHW tensors read and write each activation operand once more (cuDNN's NCHW-to-NHWC "
+    "transforms; none with channels_last); memory-bound ops 80% of datasheet bandwidth (x n/(n+2 MiB) "
     "for n bytes); 5 us launch floor per op; host dispatch 20 us per op and the tile interpreter "
     "60 us per node per tile, overlapped with GPU work."
 )
@@ -55,8 +64,16 @@ PARALLEL_ELEMENTS = 32768  # at::internal::GRAIN_SIZE: smaller elementwise ops r
 class Rates:
     """Rates of one device for one dtype."""
 
-    def __init__(self, device: Device, dtype: torch.dtype, calibration: dict[str, Any] | None = None) -> None:
-        self.device, self.dtype = device, dtype
+    def __init__(
+        self,
+        device: Device,
+        dtype: torch.dtype,
+        calibration: dict[str, Any] | None = None,
+        channels_last: bool = False,
+    ) -> None:
+        # channels_last: GPU tensors in NHWC (``model.to(memory_format=torch.channels_last)``); the
+        # tile interpreter's tiles are NCHW, PyTorch's default, so predictions assume NCHW
+        self.device, self.dtype, self.channels_last = device, dtype, channels_last
         self.peak = device.peak(_compute_dtype(device, dtype))
         self.gpu = device.name != "cpu"
         ops = (calibration or {}).get("ops")
@@ -97,10 +114,7 @@ class Rates:
         kernel volume and torch's `backend` (`conv_backend`), a CPU rate is interpolated among the
         measurements of that backend and kernel (`_grid_rate`); else from the nearest ones."""
         if self.gpu:
-            # tensor-core tiles are wider than the CUDA cores' (fp32 without TF32): they fill later
-            half = 32 if self.peak > 1.01 * self.device.peak("fp32") else 8
-            shape = fan_in / (fan_in + half) * cout / (cout + half) * positions / (positions + 16384)
-            return self.peak * GPU_CONV_EFFICIENCY * shape
+            return gpu_conv_rate(self, nd, fan_in, cout, positions, stride, transposed, cin, kernel)
         if self.ops is None:
             return 0.5 * self.peak
         key = (nd, fan_in, cout, positions, stride, backward, transposed, cin, kernel, backend)
@@ -176,6 +190,76 @@ def _interpolate_many(xs: np.ndarray, ys: np.ndarray, x: np.ndarray) -> np.ndarr
     with np.errstate(divide="ignore", invalid="ignore"):
         inside = y0 + np.log(x / x0) / np.log(x1 / x0) * (y1 - y0)
     return np.where(x <= xs[0], ys[0], np.where(x > xs[-1], ys[-1], inside))
+
+
+# -- GPU convolutions: the assumptions of GPU_ASSUMPTIONS, each with its source ---------------------
+
+# Output positions x output channels per thread block of the implicit GEMM: a typical cuBLAS/cuDNN
+# tile (NVIDIA, "Matrix Multiplication Background User's Guide", DU-09799-001, sec. 2.3 and 3)
+GPU_CTA_TILE = (128, 128)
+# Winograd F(2x2, 3x3): 16 multiplies where direct convolution takes 36 for a 2x2 output tile
+# (Lavin & Gray, "Fast Algorithms for Convolutional Neural Networks", CVPR 2016, sec. 4)
+WINOGRAD_3X3 = 36 / 16
+
+
+def gpu_conv_rate(
+    rates: Rates, nd: int, fan_in: int, cout: int, positions: int, stride: int, transposed: bool,
+    cin: int | None, kernel: int | None,
+) -> float:  # fmt: skip
+    """Flops/s (direct-convolution flops) of a cuDNN convolution, its implicit GEMM of M = output
+    positions (batch included), N = output channels, K = `fan_in` (NVIDIA, "Convolutional Layers
+    User's Guide", DU-09798-001: the mapping of a convolution to a GEMM):
+
+    - 70% of the dtype's dense peak (`GPU_CONV_EFFICIENCY`), less for short K (each block's
+      prologue and epilogue amortised over K / (K + h), h wider on tensor cores);
+    - tile quantization (M and N rounded up to whole blocks of `GPU_CTA_TILE`) and wave
+      quantization (blocks in whole waves over the SMs, one at a time per SM), as the NVIDIA Matrix
+      Multiplication Background User's Guide (DU-09799-001, sec. 3.1, 3.2) describes them;
+    - float32 on CUDA cores (no TF32: V100, T4, or ``allow_tf32`` off): a 3x3 stride-1 2D
+      convolution runs as Winograd F(2x2,3x3), 2.25x fewer multiplies (Lavin & Gray 2016); cuDNN
+      implements it for forward, data and filter gradients (CUDNN_CONVOLUTION_*_ALGO_WINOGRAD*, 3x3
+      filters, stride 1: cuDNN API reference) and ``torch.backends.cudnn.benchmark`` picks the
+      fastest algorithm. The transforms are neglected (they are memory-bound and amortised over
+      the channels). Kernel volume 9 in 2D is taken for 3x3 (a 1x9 kernel would be counted so too);
+    - tensor cores on NCHW tensors (PyTorch's default layout, the tile interpreter's): cuDNN runs
+      tensor-core kernels in NHWC and transposes NCHW operands first and the result back ("The cuDNN
+      library may use padding, folding, and NCHW-to-NHWC transformations to call the Tensor Core
+      operations", cuDNN Developer Guide, Tensor Core operations; NVIDIA Convolutional Layers User's
+      Guide, "Tensor Layouts In Memory: NCHW vs NHWC"): each kernel (forward, data gradient, filter
+      gradient) reads and writes both its activation operands once more, at the stream rate.
+      Input channels are per group, so a grouped convolution's input transpose is under-counted.
+    """
+    dev = rates.device
+    tensor_cores = rates.peak > 1.01 * dev.peak("fp32")
+    half = 32 if tensor_cores else 8  # tensor-core tiles are deeper in K: they fill later
+    rate = rates.peak * GPU_CONV_EFFICIENCY * fan_in / (fan_in + half)
+    rate *= quantization(positions, cout, dev.sms)
+    winograd = nd == 2 and kernel == 9 and stride == 1 and not transposed
+    if winograd and not tensor_cores and rates.dtype == torch.float32:
+        rate *= WINOGRAD_3X3
+    if tensor_cores and not rates.channels_last:
+        item = torch.empty((), dtype=rates.dtype).element_size()
+        cin = cin if cin is not None else fan_in // max(kernel or 1, 1)
+        scaled = positions * stride**nd  # the other operand's positions: input of a strided conv
+        elems = cin * (positions if transposed else scaled) + cout * (scaled if transposed else positions)
+        moved = 2 * elems * item  # read in one layout, written in the other
+        flops = 2 * positions * fan_in * cout
+        rate = flops / (flops / rate + moved / rates.stream("copy", moved))
+    return rate
+
+
+def quantization(positions: int, channels: int, sms: int | None) -> float:
+    """Useful fraction of a GPU's work for a GEMM of `positions` x `channels` outputs in blocks of
+    `GPU_CTA_TILE`: tile quantization (the last block in each dimension partly idle) times wave
+    quantization (the last wave of blocks over `sms` SMs partly idle; not counted without `sms`).
+    Few output channels get a narrower block (32 or 64 wide): the libraries carry kernels of several
+    tile shapes and pick one per problem (the same guide, sec. 2.3)."""
+    tm, tn = GPU_CTA_TILE
+    tn = next((n for n in (32, 64) if channels <= n), tn)
+    blocks = math.ceil(positions / tm) * math.ceil(channels / tn)
+    tiles = positions * channels / (blocks * tm * tn)
+    waves = blocks / (math.ceil(blocks / sms) * sms) if sms else 1.0
+    return tiles * waves
 
 
 def _compute_dtype(device: Device, dtype: torch.dtype) -> torch.dtype | str:
