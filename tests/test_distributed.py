@@ -68,9 +68,9 @@ CASES = {  # name: (model, input shape, tile, multipass)
 }
 
 
-def check_case(name: str, group=None, seed: int = 0) -> None:
+def check_case(name: str, group=None, seed: int = 0, cases: dict = CASES) -> None:
     """On this rank: the tiled net over ``group`` against the untiled model, outputs and gradients."""
-    make, shape, tile, multipass = CASES[name]
+    make, shape, tile, multipass = cases[name]
     torch.manual_seed(seed)
     model = make().double()
     x = torch.randn(shape, dtype=torch.float64)
