@@ -21,7 +21,12 @@ AMP = {  # name: (case, input shape, tile, ranks): 2 tiles on 3 ranks leave one 
 }
 
 
-def amp_case(rank: int, world: int, name: str) -> None:
+def amp_cases(rank: int, world: int, names: list[str]) -> None:
+    for name in names:
+        amp_case(name, world)
+
+
+def amp_case(name: str, world: int) -> None:
     case, shape, tile, _ = AMP[name]
     make = CASES[case][0]
     torch.manual_seed(0)
@@ -43,6 +48,6 @@ def _first(value):
     return value[0] if isinstance(value, tuple) else value
 
 
-@pytest.mark.parametrize("name", list(AMP))
-def test_tile_parallel_under_autocast(name):
-    launch(amp_case, AMP[name][3], name)
+@pytest.mark.parametrize("world", [2, 3])
+def test_tile_parallel_under_autocast(world):
+    launch(amp_cases, world, [name for name, case in AMP.items() if case[3] == world])

@@ -111,3 +111,23 @@ def test_no_cuda_call_in_the_engine():
 
     engine = Path(distributed.__file__).parent
     assert not [p.name for p in engine.rglob("*.py") if ".cuda()" in p.read_text()]
+
+
+@pytest.mark.parametrize("contiguous", [True, False])
+def test_dense_sums_go_through_the_device_in_pieces(monkeypatch, contiguous):
+    """A dense tensor is summed in pieces of at most CHUNK_BYTES (a host tensor larger than the GPU)."""
+    _fake_group(monkeypatch, "gloo")
+    calls = []
+
+    def all_reduce(t, group=None):  # two ranks with the same values: the sum doubles them
+        calls.append(t.numel())
+        t.mul_(2)
+
+    monkeypatch.setattr(dist, "all_reduce", all_reduce)
+    monkeypatch.setattr(distributed, "CHUNK_BYTES", 40)  # 5 float64 values
+    x = torch.arange(24, dtype=torch.float64).reshape(2, 3, 4)
+    t = x.clone() if contiguous else x.clone().transpose(1, 2)
+    expected = 2 * t
+    Team(object()).dense({"sink": t})
+    torch.testing.assert_close(t, expected)
+    assert calls == [5, 5, 5, 5, 4]

@@ -31,6 +31,7 @@ import torch.distributed as dist
 from bigpicture.engine.rules.reduce import Partial
 from bigpicture.errors import TilingError
 
+CHUNK_BYTES = 64 * 2**20  # the largest piece of a dense tensor on the backend's device at once
 # where a backend's collectives take their tensors
 _BACKEND_DEVICE = {"gloo": "cpu", "nccl": "cuda", "xccl": "xpu", "mpi": "cpu"}
 
@@ -177,10 +178,7 @@ class Team:
     def dense(self, values: dict) -> None:
         """Sum the sinks that each rank filled on its own write boxes (zeros elsewhere), in place."""
         for t in values.values():
-            on = t.to(self.device)
-            dist.all_reduce(on, group=self.group)
-            if on is not t:
-                t.copy_(on)
+            self.sum_in_place(t)
 
     @_collective
     def partials(self, ops: dict, partials: dict, about: tuple, device: torch.device) -> tuple[dict, list]:
@@ -221,10 +219,22 @@ class Team:
 
     @_collective
     def input_gradient(self, x_grad: torch.Tensor) -> None:
-        on = x_grad.to(self.device)
-        dist.all_reduce(on, group=self.group)
-        if on is not x_grad:
-            x_grad.copy_(on)
+        self.sum_in_place(x_grad)
+
+    def sum_in_place(self, t: torch.Tensor) -> None:
+        """``t`` summed over the ranks, in place, through the backend's device (the rank's GPU for
+        NCCL) in pieces of at most ``CHUNK_BYTES``: a dense output or input gradient held on the host
+        may be larger than the GPU's memory (a 100,000^2 two-channel map in float32: 80 GB)."""
+        flat = t.view(-1) if t.is_contiguous() else t.contiguous().view(-1)
+        step = max(1, CHUNK_BYTES // max(1, t.element_size()))
+        for start in range(0, flat.numel(), step):
+            piece = flat[start : start + step]
+            on = piece.to(self.device)
+            dist.all_reduce(on, group=self.group)
+            if on is not piece:
+                piece.copy_(on)
+        if not t.is_contiguous():  # summed in a contiguous copy
+            t.copy_(flat.view(t.shape))
 
     @_collective
     def backward_time(self, seconds: float) -> None:
