@@ -55,3 +55,20 @@ def test_group_without_torch_distributed_is_a_clear_error():
 
     with pytest.raises(bp.TilingError, match="init_process_group"):
         Team(object())
+
+
+@pytest.mark.parametrize("shape, tile", [((1, 3, 56, 52), 16), ((1, 3, 150, 40), 8)])
+def test_tile_costs_by_kind_equal_a_walk_of_every_tile(shape, tile):
+    """``tile_costs`` walks one tile per kind (per-dimension grid keys); each tile's own walk agrees."""
+    from bigpicture.perf.devices import load_calibration
+    from bigpicture.perf.predict import resolve_device
+    from bigpicture.perf.rates import Rates
+    from bigpicture.perf.walk import walk
+
+    plan = _plan(shape, tile, training=True)
+    rates = Rates(resolve_device(plan.device), plan.dtype, load_calibration())
+    expected = []
+    for t in plan.tiles:
+        w = walk(plan.split, plan.needs(t), t.writes, plan.dtype, rates, True)
+        expected.append(2 * w.fwd_s + w.bwd_s + w.nodes * rates.train_node_s)
+    assert tile_costs(plan) == pytest.approx(expected, rel=1e-12)

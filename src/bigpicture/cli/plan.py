@@ -52,6 +52,9 @@ def _plan(a: argparse.Namespace) -> int:
                 p = predict_splits(splits, shape, dtype, a.tile, dev, a.train)
                 fits = p.memory <= (parse_memory(a.memory) if a.memory else default_budget(dev))
                 note = "" if fits else "does not fit"
+            elif count > 1:  # the tile for N devices (shares, imbalance, communication), not for one
+                p = _best_on_devices(splits, shape, dtype, dev, a, count).single
+                note = "planner for N devices"
             else:
                 p = best_tile(splits, shape, a.memory or default_budget(dev), dev, dtype, a.train)
                 note = "planner"
@@ -111,6 +114,19 @@ def _on_devices(p, splits, shape, dtype, dev, training: bool, count: int):
     plans = [plan_for_split(s, shape, dtype, p.tile) for s in splits]
     plan = replace(plans[-1], earlier=tuple(plans[:-1]), device=dev, training=training)
     return predict_devices(plan, count, single=p)
+
+
+def _best_on_devices(splits, shape, dtype, dev, a: argparse.Namespace, count: int):
+    """The tile whose step on ``count`` devices is predicted fastest (``perf.multi.best_on_devices``)."""
+    from functools import partial
+
+    from bigpicture.perf.multi import best_on_devices
+    from bigpicture.perf.schedule import candidates, least_time
+
+    budget = parse_memory(a.memory or default_budget(dev))
+    bound = partial(least_time, splits, shape, dtype, device=dev, training=a.train)
+    tiles = candidates(splits, shape)
+    return best_on_devices(splits, shape, budget, dev, dtype, a.train, count, None, tiles, bound)
 
 
 def add_plan_command(subparsers: argparse._SubParsersAction) -> None:

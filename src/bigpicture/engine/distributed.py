@@ -19,6 +19,7 @@ The untiled tail runs on every rank on the same values, so its gradients need no
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import time
@@ -30,6 +31,7 @@ import torch.distributed as dist
 from bigpicture.engine.rules.reduce import Partial
 from bigpicture.errors import TilingError
 
+CHUNK_BYTES = 64 * 2**20  # the largest piece of a dense tensor on the backend's device at once
 # where a backend's collectives take their tensors
 _BACKEND_DEVICE = {"gloo": "cpu", "nccl": "cuda", "xccl": "xpu", "mpi": "cpu"}
 
@@ -107,10 +109,15 @@ class Team:
         self.rank, self.size = dist.get_rank(group), dist.get_world_size(group)
         if self.rank < 0:
             raise TilingError("this process is not a member of the group given to bp.tiled(..., group=)")
-        self.device = torch.device(_BACKEND_DEVICE.get(str(dist.get_backend(group)), "cpu"), _local())
+        self.device = rank_device(_BACKEND_DEVICE.get(str(dist.get_backend(group)), "cpu"))
         self.times = times if times is not None else RankTimes()
         self.clock = 0.0
         self.cache = {} if cache is None else cache  # id(plan) -> (plan, every rank's share)
+
+    def _objects(self):
+        """Where torch.distributed's object collectives (pickles sent as tensors) run: NCCL sends them
+        from the *current* CUDA device, so this rank's, or two ranks would share one GPU."""
+        return torch.cuda.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext()
 
     # -- tiles ---------------------------------------------------------------------------------
 
@@ -141,11 +148,24 @@ class Team:
 
     # -- forward -------------------------------------------------------------------------------
 
-    def combine(self, ops: dict, dense: dict, partials: dict, device: torch.device) -> tuple[dict, dict]:
-        """The forward's boundary tensors of every rank, on every rank; this rank's time counted."""
+    def combine(
+        self, ops: dict, dense: dict, partials: dict, device: torch.device, written=None
+    ) -> tuple[dict, dict]:
+        """The forward's boundary tensors of every rank, on every rank; this rank's time counted.
+
+        ``written``: the sinks of ``dense`` this rank wrote tiles into (default all). The others
+        are zeros in a dtype of the caller's guess; they take that of the ranks that wrote (under
+        autocast a sink's dtype is known only from a tile), or the sum would mix dtypes."""
         seconds = self.stopped()
+        written = set(dense) if written is None else written
+        dtypes = {i: t.dtype for i, (k, t) in enumerate(dense.items()) if k in written}
+        merged, gathered = self.partials({r: ops[r] for r in partials}, partials, (seconds, dtypes), device)
+        for i, k in enumerate(dense):
+            found = {d[i] for _, d in gathered if i in d}
+            if k not in written and found and dense[k].dtype not in found:
+                dense[k] = dense[k].to(found.pop())
         self.dense(dense)
-        return dense, self.partials({r: ops[r] for r in partials}, partials, seconds, device)
+        return dense, merged
 
     def sum_gradients(self, totals: list, x_grad: torch.Tensor | None, like: list) -> list:
         """The backward's gradients of every rank summed, on every rank; this rank's time counted."""
@@ -158,25 +178,24 @@ class Team:
     def dense(self, values: dict) -> None:
         """Sum the sinks that each rank filled on its own write boxes (zeros elsewhere), in place."""
         for t in values.values():
-            on = t.to(self.device)
-            dist.all_reduce(on, group=self.group)
-            if on is not t:
-                t.copy_(on)
+            self.sum_in_place(t)
 
     @_collective
-    def partials(self, ops: dict, partials: dict, seconds: float, device: torch.device) -> dict:
-        """Every rank's partial results merged in rank order, the same on every rank."""
+    def partials(self, ops: dict, partials: dict, about: tuple, device: torch.device) -> tuple[dict, list]:
+        """Every rank's partial results merged in rank order, the same on every rank; with them,
+        every rank's ``about``: (seconds of compute, dtypes of the dense sinks it wrote)."""
         mine = [(_cpu(p.value), _cpu(p.ties), p.count) for p in partials.values()]
         gathered = [None] * self.size
-        dist.all_gather_object(gathered, (mine, seconds), group=self.group)
-        self.times.add([s for _, s in gathered])
+        with self._objects():
+            dist.all_gather_object(gathered, (mine, about), group=self.group)
+        self.times.add([seconds for _, (seconds, _) in gathered])
         merged = {}
         for i, r in enumerate(partials):
             merged[r] = Partial()
             for parts, _ in gathered:
                 value, ties, count = parts[i]
                 ops[r].merge(merged[r], Partial(_to(value, device), _to(ties, device), count))
-        return merged
+        return merged, [a for _, a in gathered]
 
     # -- backward ------------------------------------------------------------------------------
 
@@ -200,10 +219,22 @@ class Team:
 
     @_collective
     def input_gradient(self, x_grad: torch.Tensor) -> None:
-        on = x_grad.to(self.device)
-        dist.all_reduce(on, group=self.group)
-        if on is not x_grad:
-            x_grad.copy_(on)
+        self.sum_in_place(x_grad)
+
+    def sum_in_place(self, t: torch.Tensor) -> None:
+        """``t`` summed over the ranks, in place, through the backend's device (the rank's GPU for
+        NCCL) in pieces of at most ``CHUNK_BYTES``: a dense output or input gradient held on the host
+        may be larger than the GPU's memory (a 100,000^2 two-channel map in float32: 80 GB)."""
+        flat = t.view(-1) if t.is_contiguous() else t.contiguous().view(-1)
+        step = max(1, CHUNK_BYTES // max(1, t.element_size()))
+        for start in range(0, flat.numel(), step):
+            piece = flat[start : start + step]
+            on = piece.to(self.device)
+            dist.all_reduce(on, group=self.group)
+            if on is not piece:
+                piece.copy_(on)
+        if not t.is_contiguous():  # summed in a contiguous copy
+            t.copy_(flat.view(t.shape))
 
     @_collective
     def backward_time(self, seconds: float) -> None:
@@ -216,7 +247,8 @@ class Team:
     def gather(self, obj) -> list:
         """Every rank's ``obj``, in rank order, on every rank."""
         out = [None] * self.size
-        dist.all_gather_object(out, obj, group=self.group)
+        with self._objects():
+            dist.all_gather_object(out, obj, group=self.group)
         return out
 
     @_collective
@@ -227,7 +259,8 @@ class Team:
     def broadcast(self, obj, src: int = 0):
         """``obj`` of group rank ``src``, on every rank."""
         box = [obj]
-        dist.broadcast_object_list(box, src=dist.get_global_rank(self.group, src), group=self.group)
+        with self._objects():
+            dist.broadcast_object_list(box, src=dist.get_global_rank(self.group, src), group=self.group)
         return box[0]
 
 
@@ -258,26 +291,35 @@ def shared_store(team, make, resume: bool):
 def init_from_env(device: str | None = None) -> torch.device:
     """Start torch.distributed from torchrun's environment; this rank's device.
 
-    NCCL with the CUDA device of this local rank (``LOCAL_RANK``) where CUDA is available, else
-    (or with ``device="cpu"``) gloo on the CPU.
-    """
+    NCCL with the CUDA device of this local rank (``rank_device``) where CUDA is available, else
+    (or with ``device="cpu"``) gloo on the CPU. The device is made current before the group starts,
+    so NCCL's own buffers land on it."""
     cuda = torch.cuda.is_available() and device != "cpu"
-    chosen = torch.device("cuda", _local() or 0) if cuda else torch.device("cpu")
+    chosen = rank_device("cuda" if cuda else "cpu")
     if cuda:
         torch.cuda.set_device(chosen)
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if cuda else "gloo")
+        dist.init_process_group("nccl" if cuda else "gloo", **({"device_id": chosen} if cuda else {}))
     return chosen
+
+
+def rank_device(kind: str) -> torch.device:
+    """This rank's device of ``kind`` (the backend's: "cpu" for gloo, "cuda" for NCCL).
+
+    CUDA: GPU ``LOCAL_RANK`` (torchrun's rank on this node) when this process sees that many GPUs;
+    else the current one (a launcher that shows each process only its own GPU, by
+    CUDA_VISIBLE_DEVICES, makes it cuda:0; a process that called torch.cuda.set_device, that one)."""
+    if kind != "cuda":
+        return torch.device(kind)
+    local = int(os.environ.get("LOCAL_RANK", "-1"))
+    return torch.device(
+        "cuda", local if 0 <= local < torch.cuda.device_count() else torch.cuda.current_device()
+    )
 
 
 def launched() -> bool:
     """Whether this process was started by torchrun (or alike) with more than one rank."""
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
-
-
-def _local() -> int | None:
-    local = os.environ.get("LOCAL_RANK")
-    return int(local) if local is not None and torch.cuda.is_available() else None
 
 
 def _cpu(t):

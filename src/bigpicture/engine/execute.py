@@ -181,10 +181,11 @@ class Runner:
                             s.ops[r].accumulate(partials[r], sinks[k], write)
         if bg is not None:
             bg.outputs.clear()  # the shared values are in the boundary tensors now
-        for k in set(self.dense) - set(dense):  # a sink no tile writes: it has no positions
+        written = set(dense)
+        for k in set(self.dense) - written:  # a sink no tile (of this rank) writes
             dense[k] = self._empty(k, out_device, self.plan.dtype)
         if self.team is not None:  # every rank's sinks and partial results, on every rank
-            return self.team.combine(self.split.ops, dense, partials, self.device)
+            return self.team.combine(self.split.ops, dense, partials, self.device, written)
         return dense, partials
 
     def _graph(self, tile: Tile, input_grad: bool, x: torch.Tensor | None = None):

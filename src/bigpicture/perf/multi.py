@@ -28,10 +28,20 @@ from dataclasses import dataclass, replace
 import torch
 
 from bigpicture.engine.distributed import shares
-from bigpicture.engine.plan import Plan
+from bigpicture.engine.plan import Plan, plan_splits
 from bigpicture.errors import TilingError
 from bigpicture.perf.devices import NODE_LINKS, Interconnect, get_interconnect, load_calibration
-from bigpicture.perf.predict import Prediction, _seconds, _size, model_dtype, predict, resolve_device
+from bigpicture.perf.grid import _dim_keys
+from bigpicture.perf.predict import (
+    Prediction,
+    _seconds,
+    _size,
+    least_memory,
+    model_dtype,
+    predict,
+    predict_splits,
+    resolve_device,
+)
 from bigpicture.perf.rates import Rates
 from bigpicture.perf.walk import walk
 
@@ -51,17 +61,30 @@ def tile_costs(plan: Plan) -> list[float]:
         return [float(t.read.numel) for t in plan.tiles]
     dtype = plan.dtype if plan.dtype.is_floating_point else model_dtype(plan.split.gm)
     rates = Rates(dev, dtype, None if dev.name != "cpu" else load_calibration())
-    memo, by_shape, costs = {}, {}, []
-    for tile in plan.tiles:
-        need = plan.needs(tile)
-        extents = plan.split.extents
-        key = tuple((n, b.shape, min(b.lo, default=0) == 0, b.hi == extents.get(n)) for n, b in need.items())
-        if key not in by_shape:
+    memo, by_class, costs = {}, {}, []
+    tiles, kinds = plan.tiles, _kinds(plan)
+    for p in tiles.positions:
+        index = tiles.index(p)
+        key = tuple(kinds[d][j] for d, j in enumerate(index)) if kinds else None
+        if key is None or key not in by_class:
+            tile = tiles.tile(index)
+            need = plan.needs(tile)
             w = walk(plan.split, need, tile.writes, dtype, rates, plan.training, memo=memo)
             engine = w.nodes * (rates.train_node_s if plan.training else rates.node_s)
-            by_shape[key] = w.fwd_s + (w.fwd_s + w.bwd_s if plan.training else 0.0) + engine
-        costs.append(by_shape[key])
+            cost = w.fwd_s + (w.fwd_s + w.bwd_s if plan.training else 0.0) + engine
+            by_class[key if key is not None else ("tile", p)] = cost
+        costs.append(by_class[key if key is not None else ("tile", p)])
     return costs
+
+
+def _kinds(plan: Plan) -> list | None:
+    """Per dimension, each grid index's kind (``grid._dim_keys``: tiles of one kind in every dimension
+    cost the same), so a grid of 10^4 tiles is walked once per kind, not per tile; None where the
+    grid's boxes are not a product per dimension (each tile is then walked)."""
+    tiles = plan.tiles
+    if not tiles.diagonal.separable:
+        return None
+    return [_dim_keys(plan.split, tiles.lay, tiles.diagonal.row, d) for d in range(plan.split.nd)]
 
 
 @dataclass(frozen=True)
@@ -164,8 +187,7 @@ def predict_devices(
     if devices % nodes:
         raise TilingError(f"devices={devices} on nodes={nodes}: give the same number of devices per node")
     single = single or predict(plan)
-    within, between = links or NODE_LINKS.get(single.device, ("PCIe4", "Ethernet-100G"))
-    links = (get_interconnect(within), get_interconnect(between))
+    links = tuple(map(get_interconnect, links)) if links else _links(single.device)
     costs = tile_costs(plan) if costs is None else costs
     total = sum(costs) or 1.0
     per_rank = tuple(single.time * sum(costs[i] for i in r) / total for r in shares(costs, devices))
@@ -217,12 +239,98 @@ def _ring(nbytes: float, n: int, link: Interconnect) -> float:
     return 2 * (n - 1) / n * nbytes / bandwidth + 2 * (n - 1) * link.latency_s
 
 
-def with_devices(plan: Plan, devices: int, nodes: int | None = None, links=None) -> Plan:
-    """``plan`` whose prediction is for ``devices`` ranks sharing its tiles (``predict_devices``)."""
+def with_devices(
+    plan: Plan,
+    devices: int,
+    nodes: int | None = None,
+    links=None,
+    prediction: DevicesPrediction | None = None,
+) -> Plan:
+    """``plan`` whose prediction is for ``devices`` ranks sharing its tiles (``predict_devices``),
+    or is ``prediction`` if known already."""
     single = plan.predictor
 
     def predictor(p: Plan) -> DevicesPrediction:
         base = replace(p, predictor=single)
         return predict_devices(base, devices, nodes, links, single(base) if single else None)
 
-    return replace(plan, predictor=predictor)
+    plan = replace(plan, predictor=predictor)
+    if prediction is not None:
+        plan.__dict__["prediction"] = prediction  # the slot of Plan.prediction (a cached_property)
+    return plan
+
+
+def best_on_devices(
+    splits: list, input_shape, budget: int, dev, dtype, training: bool, devices: int, nodes, tiles, time_bound
+) -> DevicesPrediction:
+    """Of ``tiles`` (candidate shapes), the one whose step on ``devices`` ranks is predicted fastest
+    with each device's peak (one device's plus the gradient buffer) within ``budget`` bytes; its
+    ``single.note`` says why, against the tile that is fastest on one device.
+
+    The two differ: the step is the slowest rank's contiguous share, and with few tiles per rank a
+    tile more or less decides it (169 tiles on 64 ranks: 2 or 3 each), so a smaller tile that
+    costs more halo work on one device can be faster on N. From the largest tile down, a candidate
+    is skipped once a lower bound of its N-device time reaches the best so far: ``time_bound``
+    (a bound of its one-device time), then its one-device prediction, over N (perfect balance),
+    plus the communication (no tile changes it: dense outputs and gradients have the image's and
+    the model's sizes). ``time_bound(tile)``: seconds, from ``schedule.least_time``.
+    """
+    best, fitting, shared, talk, least, skipped = None, {}, {}, None, None, 0
+    nodes, links, gm = nodes or math.ceil(devices / DEVICES_PER_NODE), _links(dev.name), splits[-1].gm
+    for tile in reversed(tiles):
+        bound = 0.0 if talk is None else sum(s for _, s in talk[0])
+        if best is not None and time_bound(tile) / devices + bound >= best.time:
+            skipped += 1
+            continue
+        if least_memory(splits, input_shape, dtype, tile, dev, training, shared=shared) > budget:
+            continue
+        single = predict_splits(splits, input_shape, dtype, tile, dev, training, shared=shared)
+        plan = _for_devices(plan_splits(splits, input_shape, model_dtype(gm), tile), dev, dtype, training)
+        talk = talk or communication(plan, devices, nodes, links)
+        least = single.memory + talk[1] if least is None else min(least, single.memory + talk[1])
+        if single.memory + talk[1] > budget:
+            continue
+        if best is not None and single.time / devices + sum(s for _, s in talk[0]) >= best.time:
+            fitting[tile] = None  # fits; predicted no faster
+            continue
+        fitting[tile] = predict_devices(plan, devices, nodes, links, single=single)
+        best = fitting[tile] if best is None or fitting[tile].time < best.time else best
+    if best is None:
+        raise TilingError(
+            f"no tile fits {_size(budget)} per device on {devices} x {dev.name}: the least predicted is "
+            f"{_size(least) if least is not None else 'over the budget for every tile'} (one device's peak "
+            "plus the float64 buffer the gradients are all-reduced in). Give more memory= or a smaller dtype."
+        )
+    return _noted(best, fitting, budget, skipped)
+
+
+def _noted(best: DevicesPrediction, fitting: dict, budget: int, skipped: int) -> DevicesPrediction:
+    """``best`` with a note saying why: the tile sizes weighed, and the one-device choice's step."""
+    done = [p for p in fitting.values() if p is not None]
+    one = min(done, key=lambda p: (p.single.time, -math.prod(p.tile)))
+    note = (
+        f"fastest predicted step on {best.devices} devices (shares by predicted tile cost) of the tile "
+        f"sizes that fit {_size(budget)} per device: {len(done)} predicted on {best.devices}, "
+        f"{len(fitting) - len(done) + skipped} more bounded slower"
+    )
+    if one is not best:
+        note += (
+            f"; the fastest on one device, {_side(one.tile)} ({one.tiles} tiles), would take "
+            f"{_seconds(one.time)} on {best.devices} (imbalance {one.imbalance:.2f})"
+        )
+    return replace(best, single=best.single.with_note(note))
+
+
+def _for_devices(plan: Plan, dev, dtype, training: bool) -> Plan:
+    run = dict(dtype=dtype, device=dev, training=training)
+    return replace(plan, **run, earlier=tuple(replace(e, **run) for e in plan.earlier))
+
+
+def _links(device: str) -> tuple[Interconnect, Interconnect]:
+    """The device's own links (within a node, between nodes); PCIe and Ethernet when not listed."""
+    within, between = NODE_LINKS.get(device, ("PCIe4", "Ethernet-100G"))
+    return get_interconnect(within), get_interconnect(between)
+
+
+def _side(tile) -> str:
+    return " x ".join(map(str, tile))

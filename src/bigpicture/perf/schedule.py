@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import replace
+from functools import partial
 from typing import NamedTuple
 
 import torch
@@ -24,7 +25,7 @@ from bigpicture.engine.split import Split, split, stages
 from bigpicture.engine.tiles import layout, working_counts
 from bigpicture.errors import TilingError
 from bigpicture.perf.devices import Device, load_calibration
-from bigpicture.perf.multi import with_devices
+from bigpicture.perf.multi import best_on_devices, with_devices
 from bigpicture.perf.predict import (
     Prediction,
     _size,
@@ -269,6 +270,10 @@ def make_plan(
         )
     dev = resolve_device(device)  # an unknown name fails here, listing the known ones
     gm = capture(model, multipass, [(tuple(input_shape), model_dtype(model), torch.device("cpu"))])
+    if devices > 1 and (tile is None or tile == "auto" or memory is not None):
+        return _plan_on_devices(
+            gm, input_shape, dtype, dev, multipass, training, memory, tile, devices, nodes
+        )
     if tile is None or tile == "auto" or memory is not None:
         budget = default_budget(dev) if memory is None else memory
         plan = choose_tile(gm, input_shape, budget, dev, dtype, training, multipass).plan
@@ -277,6 +282,21 @@ def make_plan(
         shapes = [(tuple(input_shape), model_dtype(gm), torch.device("cpu"))]
         plan = for_run(plan_graph(gm, shapes, tile, multipass), dtype, dev, training)
     return plan if devices == 1 and nodes is None else with_devices(plan, devices, nodes)
+
+
+def _plan_on_devices(gm, input_shape, dtype, dev, multipass, training, memory, tile, devices, nodes) -> Plan:
+    """The plan of the tile whose step on ``devices`` ranks is predicted fastest under each device's
+    memory (``multi.best_on_devices``), its prediction for them attached."""
+    splits = analyse(gm, input_shape, multipass)
+    budget = parse_memory(default_budget(dev) if memory is None else memory)
+    check_budget(splits[-1], dtype, training, budget)  # global stages no tile size changes
+    bound = partial(least_time, splits, input_shape, dtype, device=dev, training=training)
+    tiles = candidates(splits, input_shape)
+    p = best_on_devices(splits, input_shape, budget, dev, dtype, training, devices, nodes, tiles, bound)
+    if memory is None:
+        p = replace(p, single=p.single.with_note(f"{budget_reason(dev, tile)}; {p.single.note}"))
+    plan = for_run(plan_splits(splits, input_shape, model_dtype(gm), p.tile), dtype, dev, training, p.single)
+    return with_devices(plan, devices, nodes, prediction=p)
 
 
 CPU_MEMORY_SHARE = 0.5  # of the machine's RAM: the rest stays for the OS, the input and the caller's tensors
