@@ -57,9 +57,9 @@ CONFIGS = {
         "lr": 3e-4,
     },
     "full": {
-        "slides": 32,
+        "slides": 40,
         "size": 1024,
-        "epochs": 4,
+        "epochs": 8,
         "budget": "32MiB",
         "patch": 128,
         "mil_epochs": 30,

