@@ -6,6 +6,8 @@ tiatoolbox's real H&E tumour image (at most 1% of the tissue, colour-matched to 
 say which slides hold a lesion, from slide labels only. The demo
 
 1. composes the slides (seeded, a few seconds) as pyramidal OME-TIFF, and splits them in half;
+   checks the data: how well the trunk, trained on the masks as a patch classifier, tells lesion
+   from host patches of held-out slides (``wsi_oracle.texture_separability``);
 2. checks that one tiled training step equals the untiled step (float64: output, every gradient),
    for log-sum-exp pooling and for attention-MIL pooling over every position of the slide;
 3. trains, at one memory budget: the whole slide tiled (``bp.tiled(model, memory=budget)``), pooled

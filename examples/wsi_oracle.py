@@ -6,6 +6,11 @@ evaluation only). If even it cannot find the lesions of held-out slides, no slid
 can: the lesion is then not learnably visible to this trunk from this many examples, and a
 chance-level result of the others says nothing about their pooling. Its slide score is the
 log-sum-exp of its score map (as the whole-slide method's), its prediction tile by tile.
+
+``texture_separability`` is the data check that comes before everything: the same trunk as a
+patch classifier, lesion against host patches chosen by the masks. It says whether the lesion's
+texture is visible at all at this scale, and how well (a slide is found by its highest-scoring
+place, so the lesion must outscore hundreds of host places: a patch AUROC of 0.8 is not enough).
 """
 
 from __future__ import annotations
