@@ -26,7 +26,7 @@ import torch
 from torch import fx
 
 from bigpicture.engine.held import is_hold, stage_hold, tier
-from bigpicture.engine.stages import is_source, size, stage_source
+from bigpicture.engine.stages import grid, is_source, size, stage_source
 from bigpicture.engine.tiles import Diagonal
 from bigpicture.errors import TilingError
 
@@ -59,11 +59,15 @@ def cut(gm: fx.GraphModule, at: Iterable[str] | Mapping[str, str], default_tier=
 
 
 def find(gm: fx.GraphModule, name: str) -> fx.Node:
-    """The node a cut names: by node name, else the one call of the module at that path."""
+    """The node a cut names: by node name, else the one call of the module at that path (for a
+    module the capture inlines, the one node its value leaves it by)."""
     by_name = {n.name: n for n in gm.graph.nodes}
     if name in by_name and by_name[name].op not in ("placeholder", "output", "get_attr"):
         return by_name[name]
     calls = [n for n in gm.graph.nodes if n.op == "call_module" and n.target == name]
+    if not calls:  # a module of the user's own, inlined by the capture: the node its value leaves by
+        inside = {n for n in gm.graph.nodes if name in (n.meta.get("nn_module_stack") or {})}
+        calls = [n for n in inside if any(u not in inside for u in n.users)]
     if len(calls) == 1:
         return calls[0]
     names = [n.name for n in gm.graph.nodes if n.op in ("call_module", "call_function", "call_method")]
@@ -80,14 +84,17 @@ def find(gm: fx.GraphModule, name: str) -> fx.Node:
     )
 
 
-def check(split) -> None:
+def check(gm, values: dict, x, roles: dict | None = None) -> None:
     """A ``TilingError`` for a cut at a node the tiles do not compute (after a global pooling,
-    or one that does not depend on the image): there is nothing to keep between passes."""
-    for hold in (n for n in split.gm.graph.nodes if is_hold(n)):
+    or one that does not depend on the image): there is nothing to keep between passes. Before
+    the split (``roles`` None) by the layout of its value, after it by its role."""
+    for hold in (n for n in gm.graph.nodes if is_hold(n)):
         node = hold.args[0]
-        role = split.roles.get(node)
-        if role != "spatial" or node is split.input:
-            what = "the input itself" if node is split.input else f"a {role} node, not a tiled one"
+        role = "tiled" if roles is None else roles.get(node)
+        if roles is None and not grid(values[node], values[x]):
+            role = "untiled"
+        if role not in ("tiled", "spatial") or node is x:
+            what = "the input itself" if node is x else f"a {role} node, not a tiled one"
             raise TilingError(
                 f"cuts: `{node.name}` is {what}; a cut keeps a tiled node's whole value between passes. "
                 f"Cut at a node between the input and the last tiled layer (see `cut_names(plan)`)."

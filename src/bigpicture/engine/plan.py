@@ -279,6 +279,7 @@ def split_graph(gm, inputs: list, multipass: bool = True, cuts=()) -> list[Split
     gm = cutting.cut(gm, cuts or ())
     values = g.propagate(gm, inputs)
     x = next(n for n in gm.graph.nodes if n.op == "placeholder")
+    cutting.check(gm, values, x)
     whole = split(gm, values, x, multipass)
-    cutting.check(whole)
+    cutting.check(whole.gm, values, whole.input, whole.roles)
     return stages(whole)

@@ -89,7 +89,7 @@ def choose(gm, inputs, tile, dev: Device, dtype, training: bool, budget, host: i
             p = predict_splits(splits, shape, dtype, tile, dev, training)
             rows = cutting.traffic([(s, layout(s, shape, tile)) for s in splits], _item(dtype), training)
             fits = budget is None or p.memory <= budget
-            if fits and host_bytes(rows, dev.name != "cpu", training) <= host:
+            if fits and host_bytes(rows, training) <= host:
                 return p.time, at
         return None
 
@@ -146,7 +146,7 @@ def frontiers(whole: Split, values: dict, item: int) -> list[tuple[str, ...]]:
 def check_host(splits, shape, dtype, training: bool, dev: Device, host: int) -> None:
     """A ``TilingError`` when the cuts' whole tensors exceed the host memory budget."""
     rows = _held_rows(splits, dtype)
-    need = host_bytes(rows, dev.name != "cpu", training)
+    need = host_bytes(rows, training)
     if need <= host:
         return
     grads = " and their gradients" if training else ""

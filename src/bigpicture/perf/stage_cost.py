@@ -149,6 +149,7 @@ def with_cuts(p: Prediction, splits, input_shape, tile, dtype, rates: Rates, tra
                    memory_parts=parts)  # fmt: skip
 
 
-def host_bytes(rows, gpu: bool, training: bool) -> int:
-    """Bytes the cuts keep in host memory (the host tier on a GPU), gradients included in training."""
-    return sum(r.held for r in rows if r.tier == "host" and gpu) * (2 if training else 1)
+def host_bytes(rows, training: bool) -> int:
+    """Bytes the cuts keep in host memory (the host tier; on the CPU the same memory as the run's),
+    gradients included in training."""
+    return sum(r.held for r in rows if r.tier == "host") * (2 if training else 1)
