@@ -131,19 +131,21 @@ def traffic(passes, item: int, training: bool) -> list[Traffic]:
     the recompute's reads of the crops (the kept last tile's aside: counted anyway), the crops'
     gradients written back, and the earlier pass's backward reading the whole gradient: 2 x held
     + 3 x crops."""
-    out = []
-    for split, lay in passes:
+    crops: dict = {}  # hold node -> (its source's shape, bytes of crops read over the passes)
+    for split, lay in passes:  # a cut read by several passes (a U-Net's skip) is read by each
         diagonal = Diagonal(split, lay)
         for source in (n for n in split.order if is_source(n) and is_hold(n.args[0])):
             shape = tuple(split.shapes[source])
-            held = math.prod(shape) * item
-            crops = shape[0] * shape[1] * item
+            read = shape[0] * shape[1] * item
             for d in range(split.nd):
-                crops *= sum(diagonal.row(j)[1][source].dim(d)[1] - diagonal.row(j)[1][source].dim(d)[0]
-                             for j in range(lay.grid[d]))  # fmt: skip
-            hold = source.args[0]
-            moved = 2 * held + 3 * crops if training else held + crops
-            out.append(Traffic(hold.args[0].name, shape, hold.kwargs.get("tier", "host"), held, moved))
+                read *= sum(diagonal.row(j)[1][source].dim(d)[1] - diagonal.row(j)[1][source].dim(d)[0]
+                            for j in range(lay.grid[d]))  # fmt: skip
+            crops[source.args[0]] = (shape, crops.get(source.args[0], (shape, 0))[1] + read)
+    out = []
+    for hold, (shape, read) in crops.items():
+        held = math.prod(shape) * item
+        moved = 2 * held + 3 * read if training else held + read
+        out.append(Traffic(hold.args[0].name, shape, hold.kwargs.get("tier", "host"), held, moved))
     return out
 
 

@@ -161,14 +161,13 @@ def check_host(splits, shape, dtype, training: bool, dev: Device, host: int) -> 
 
 def _held_rows(splits, dtype) -> list:
     """The cuts' held bytes and tiers (traffic aside: no tile is needed for them)."""
-    item, rows = _item(dtype), []
+    item, rows = _item(dtype), {}
     for s in splits:
         for source in (n for n in s.order if is_source(n) and is_hold(n.args[0])):
-            hold = source.args[0]
-            shape = tuple(s.shapes[source])
-            rows.append(cutting.Traffic(hold.args[0].name, shape, hold.kwargs.get("tier", "host"),
-                                        math.prod(shape) * item, 0))  # fmt: skip
-    return rows
+            hold, shape = source.args[0], tuple(s.shapes[source])
+            rows[hold] = cutting.Traffic(hold.args[0].name, shape, hold.kwargs.get("tier", "host"),
+                                         math.prod(shape) * item, 0)  # fmt: skip
+    return list(rows.values())
 
 
 def _item(dtype: torch.dtype) -> int:
