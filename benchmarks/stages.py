@@ -48,10 +48,12 @@ def predicted(device: str, size: int) -> dict:
     t2 = time.perf_counter()
     rows = plan_traffic(staged)
     cuts = [r.node for r in rows]
+    host = [r for r in rows if r.tier == "host"]
     return {
         "device": device, "size": size, "tile": plain.tile, "halo": plain.prediction.halo_overhead,
         "time": plain.time, "staged_tile": staged.tile, "staged_halo": staged.prediction.halo_overhead,
-        "staged_time": staged.time, "cuts": cuts, "held": nbytes(2 * sum(r.held for r in rows)),
+        "staged_time": staged.time, "cuts": cuts,
+        "tiers": ", ".join(sorted({r.tier for r in rows})) or "-", "held": nbytes(2 * sum(r.held for r in host)),
         "moved": nbytes(sum(r.moved for r in rows)), "plan_s": (t1 - t0, t2 - t1),
         "memory": (plain.memory, staged.memory),
     }  # fmt: skip
@@ -119,21 +121,24 @@ def main() -> None:
     a = ap.parse_args()
     t0 = time.perf_counter()
     rows = [predicted(d, 512) for d in (DEVICES[:1] if a.quick else DEVICES)]
-    out = ["| device | tile | halo overhead | predicted step | with cuts: tile | halo overhead | predicted step "
-           "| cuts | host memory (values + gradients) | traffic per step | planning s (plain, cuts) |",
-           "|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    head = ("device", "tile", "halo overhead", "predicted step", "with cuts: tile", "halo overhead",
+            "predicted step", "cuts", "tier", "host memory (values + gradients)", "traffic per step",
+            "planning s (plain, cuts)")  # fmt: skip
+    out = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
     for r in rows:
         out.append(
             f"| {r['device']} | {_side(r['tile'])} | {100 * r['halo']:.0f}% | {r['time']:.2f} s | "
             f"{_side(r['staged_tile'])} | {100 * r['staged_halo']:.0f}% | {r['staged_time']:.2f} s | "
-            f"{len(r['cuts'])} | {r['held']} | {r['moved']} | {r['plan_s'][0]:.0f}, {r['plan_s'][1]:.0f} |"
+            f"{len(r['cuts'])} | {r['tiers']} | {r['held']} | {r['moved']} | "
+            f"{r['plan_s'][0]:.0f}, {r['plan_s'][1]:.0f} |"
         )
     print("\n".join(out), flush=True)
-    cuts = rows[0]["cuts"]
+    cuts = rows[0]["cuts"]  # the L4's: in host memory
     checks = [measured(cuts, training) for training in (False, True)]
-    out2 = ["| mode | passes | tiles (last pass) | held | written to the tier | read back | gradients added | "
-            "moved, measured | moved, predicted | measured / predicted | max abs error vs untiled |",
-            "|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    head = ("mode", "passes", "tiles (last pass)", "held", "written to the tier", "read back",
+            "gradients added", "moved, measured", "moved, predicted", "measured / predicted",
+            "max abs error vs untiled")  # fmt: skip
+    out2 = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
     for c in checks:
         out2.append(
             f"| {c['mode']} | {c['passes']} | {c['tiles']} | {_kib(c['held'])} | {_kib(c['write'])} | "
@@ -141,13 +146,16 @@ def main() -> None:
             f"{c['moved'] / c['predicted']:.3f} | {c['error']:.1e} |"
         )
     print("\n".join(out2))
-    publish("stages.py", "## Stages kept in a slower tier: halo overhead and traffic (benchmarks/stages.py)", [
+    title = "## Stages kept in a slower tier: halo overhead and traffic (benchmarks/stages.py)"
+    publish("stages.py", title, [
         f"Machine: this CPU (predictions need no GPU), load average {os.getloadavg()[0]:.1f}; "
         f"{time.perf_counter() - t0:.0f} s in all. MONAI DynUNet 3D (kernels 3, strides 1,2,2,2,2, batch "
         f"norm), 512^3, bfloat16, training step; the planner's tile for the device's memory, without and "
-        f"with `cuts=\"auto\", host_memory=\"{HOST}\"`. Host memory counts the cuts' values and their "
-        "gradients; traffic is the bytes moved between the device and host memory per step over the "
-        "card's PCIe link (`devices.HOST_LINKS`), charged in the predicted step, not overlapped.", "",
+        f"with `cuts=\"auto\", host_memory=\"{HOST}\"`. The planner keeps a cut in the first tier that "
+        "fits: the device's own memory, then the host's (pinned). Host memory counts the values and "
+        "gradients of the cuts kept there; traffic is the bytes moved per step between the tiles and the "
+        "tier (over the card's PCIe link, `devices.HOST_LINKS`, for the host tier), charged in the "
+        "predicted step, not overlapped.", "",
         *out, "", f"Cuts chosen on {rows[0]['device']}: {', '.join(f'`{c}`' for c in cuts)}.", "",
         "Measured on this CPU: the same DynUNet with filters (4, 8, 8, 8, 8) at 32^3 in float64, tile 8, "
         "cut at those nodes; bytes counted where `engine/held.py` writes the tier and reads it back (in "

@@ -158,7 +158,7 @@ def test_auto_cuts_cut_a_deep_network_on_a_gpu_and_lower_its_predicted_time():
     model, shape = deep(), (1, 2, 2048, 2048)
     plain = bp.make_plan(model, shape, tile=128, device="L4", training=True)
     auto = bp.make_plan(model, shape, tile=128, device="L4", training=True, cuts="auto", host_memory="64GiB")
-    assert auto.earlier and "cut at" in auto.note and auto.tile == plain.tile, auto.note
+    assert auto.earlier and "cut at" in auto.note and auto.earlier[0].tile == plain.tile, auto.note
     assert auto.time < plain.time and auto.prediction.halo_overhead < plain.prediction.halo_overhead
 
 
@@ -187,3 +187,33 @@ def test_bad_cuts_are_tiling_errors_that_say_how_to_fix_them(name, one_thread):
         net(x)
     for word in words:
         assert word in str(e.value), str(e.value)
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_each_stage_may_take_its_own_tile(training, one_thread):
+    """A later stage reads only held tensors, so it tiles on its own grid (``PerPass``)."""
+    from bigpicture.engine import execute
+    from bigpicture.engine.plan import PerPass, capture, plan_splits, split_graph
+
+    model, shape = _model(UNet), (1, 2, 24, 24)
+    inputs = [(shape, torch.float64, torch.device("cpu"))]
+    splits = split_graph(capture(model, True, inputs), inputs, True, ["enc", "mid"])
+    plan = plan_splits(splits, shape, torch.float64, PerPass([(8, 8), (4, 4), (6, 12)]))
+    assert [p.grid for p in (*plan.earlier, plan)] == [(3, 3), (6, 6), (4, 2)]
+    x = torch.randn(shape, dtype=torch.float64)
+    x0, x1 = x.clone().requires_grad_(training), x.clone().requires_grad_(training)
+    params = list(model.parameters())
+    with torch.set_grad_enabled(training):
+        expected, got = model(x0), execute.run(plan, (x1,), params, torch.device("cpu"))
+    _compare(got, expected, "output")
+    if training:
+        for a, b in zip(torch.autograd.grad(_loss(got), [x1, *params]), torch.autograd.grad(_loss(expected), [x0, *params])):
+            _compare(a, b, "gradient")
+
+
+def test_the_planner_gives_later_stages_larger_tiles():
+    torch.manual_seed(0)
+    plan = bp.make_plan(deep(), (1, 2, 2048, 2048), tile=128, device="L4", training=True, cuts="auto",
+                        host_memory="64GiB")  # fmt: skip
+    tiles = [p.tile for p in (*plan.earlier, plan)]
+    assert tiles[0] == (128, 128) and max(tiles) > (128, 128) and "its own tile" in plan.note, plan.note

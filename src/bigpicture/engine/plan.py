@@ -180,7 +180,9 @@ def _halo_text(plan: Plan) -> str:
     if not staging.cut_sources(plan.split):
         return text(plan) + " input px (below/above, per dim)"
     passes = (*plan.earlier, plan)
-    return "; ".join(f"pass {k} {text(p)}" for k, p in enumerate(passes)) + " input px (below/above, per dim)"
+    tiles = len({p.tile for p in passes}) > 1  # each stage its own tile: say which
+    return "; ".join(f"pass {k} {text(p)}" + (f" (tile {' x '.join(map(str, p.tile))})" if tiles else "")
+                     for k, p in enumerate(passes)) + " input px (below/above, per dim)"  # fmt: skip
 
 
 def _held_halo(plan: Plan) -> tuple[tuple[int, int], ...]:
@@ -239,9 +241,26 @@ def plan_for_split(s: Split, input_shape, dtype, tile) -> Plan:
     return plan
 
 
+class PerPass(tuple):
+    """One tile per pass over the tiles: the stages of a cut network each tile on their own
+    (a later stage, at a coarser resolution with a smaller halo, takes larger tiles)."""
+
+
+def tile_of(tile, k: int):
+    """The tile of pass ``k``: ``tile`` itself, or its k-th item when it is ``PerPass``."""
+    return tile[k] if isinstance(tile, PerPass) else tile
+
+
+def requested_tiles(plan: Plan):
+    """The tile asked for each pass of ``plan``: one, or ``PerPass`` when they differ."""
+    asked = [p.requested for p in (*plan.earlier, plan)]
+    return plan.requested if len(set(asked)) == 1 else PerPass(asked)
+
+
 def plan_splits(splits: list[Split], input_shape, dtype, tile) -> Plan:
-    """The plan of the passes of a split (``split.stages``), the last one holding the earlier ones."""
-    plans = [plan_for_split(s, input_shape, dtype, tile) for s in splits]
+    """The plan of the passes of a split (``split.stages``), the last one holding the earlier ones;
+    ``tile`` one for every pass or ``PerPass``."""
+    plans = [plan_for_split(s, input_shape, dtype, tile_of(tile, k)) for k, s in enumerate(splits)]
     return replace(plans[-1], earlier=tuple(plans[:-1]))
 
 

@@ -25,10 +25,10 @@ import torch
 from bigpicture.engine import capture as g
 from bigpicture.engine import cuts as cutting
 from bigpicture.engine.held import check_training, is_hold
-from bigpicture.engine.plan import split_graph
+from bigpicture.engine.plan import PerPass, split_graph
 from bigpicture.engine.split import Split, split, stages
 from bigpicture.engine.stages import grid, is_source, size
-from bigpicture.engine.tiles import layout
+from bigpicture.engine.tiles import layout, per_dim_tile
 from bigpicture.errors import TilingError
 from bigpicture.perf.devices import Device, get_device
 from bigpicture.perf.predict import predict_splits
@@ -68,8 +68,39 @@ def cut_splits(gm, inputs, tile, cuts, dev: Device, dtype, training, budget, hos
     if chosen and not given:  # the planner's tile again, now that the stages are smaller
         best = best_tile(splits, shape, budget, dev, dtype, training)
         if best.time < predict_splits(splits, shape, dtype, tile, dev, training).time:
-            return splits, best.tile, f"{note}; {best.note}"
+            tile, note = best.tile, f"{note}; {best.note}"
+    if chosen:
+        tile, note = stage_tiles(splits, shape, dtype, tile, dev, training, budget, note)
     return splits, tile, note
+
+
+def stage_tiles(splits, shape, dtype, tile, dev: Device, training: bool, budget, note: str):
+    """``(tile, note)``: ``tile`` for the first pass (the one asked, or the planner's) and, for each
+    later one, the tile (``tile`` x 2^j, up to the image) with the least predicted time of that pass
+    whose predicted memory fits ``budget`` (the device's, or ``memory=``). A later stage, coarser and
+    with a smaller halo, then runs fewer, larger tiles; kept only if the whole plan is predicted
+    faster and within the budget."""
+    spatial = tuple(shape[2:])
+    first = per_dim_tile(tile, len(spatial))
+    uniform = predict_splits(splits, shape, dtype, first, dev, training)
+    limit = budget if budget is not None else uniform.memory
+    tiles = [first]
+    for s in splits[1:]:
+        best, pick, side = predict_splits([s], shape, dtype, first, dev, training), first, first
+        while any(c < n for c, n in zip(side, spatial)):
+            side = tuple(min(2 * c, n) for c, n in zip(side, spatial))
+            p = predict_splits([s], shape, dtype, side, dev, training)
+            if p.memory <= limit and p.time < best.time:
+                best, pick = p, side
+        tiles.append(pick)
+    if len(set(tiles)) == 1:
+        return tile, note
+    each = PerPass(tiles)
+    p = predict_splits(splits, shape, dtype, each, dev, training)
+    if p.memory > limit or p.time >= uniform.time:
+        return tile, note
+    sides = ", ".join(" x ".join(map(str, t)) for t in tiles)
+    return each, f"{note}; each stage its own tile ({sides}): {uniform.time:.3g} s -> {p.time:.3g} s"
 
 
 def choose(gm, inputs, tile, dev: Device, dtype, training: bool, budget, host: int, multipass: bool):
@@ -78,7 +109,8 @@ def choose(gm, inputs, tile, dev: Device, dtype, training: bool, budget, host: i
     values = g.propagate(gm, inputs)
     x = next(n for n in gm.graph.nodes if n.op == "placeholder")
     whole = split(gm, values, x, multipass)
-    tiers = ("host",) if training else ("host", "zarr")
+    # the first tier that fits is the fastest: a GPU's own memory, then the host's, then (inference) disk
+    tiers = (("device",) if dev.name != "cpu" else ()) + ("host",) + (() if training else ("zarr",))
     keep: list = []  # the splits predicted: their ids key the shared memo, so they stay alive
 
     def evaluate(names: tuple) -> tuple[float, dict] | None:

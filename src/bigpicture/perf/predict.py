@@ -44,7 +44,7 @@ from torch import fx, nn
 
 from bigpicture.engine.box import Box
 from bigpicture.engine.held import is_hold
-from bigpicture.engine.plan import Plan
+from bigpicture.engine.plan import Plan, requested_tiles, tile_of
 from bigpicture.engine.split import Split
 from bigpicture.engine.tiles import working_counts
 from bigpicture.errors import TilingError
@@ -104,7 +104,7 @@ def predict(
         [p.split for p in passes],
         plan.input_shape,
         dtype,
-        plan.requested,
+        requested_tiles(plan),
         plan.device if device is None else device,
         plan.training if training is None else training,
         input_grad,
@@ -182,7 +182,7 @@ def predict_splits(
             s,
             input_shape,
             dtype,
-            layout(s, input_shape, tile),
+            layout(s, input_shape, tile_of(tile, k)),
             dev,
             rates,
             training,
@@ -190,7 +190,7 @@ def predict_splits(
             on_device,
             shared.setdefault(id(s), {}),
         )  # fmt: skip
-        for s in splits
+        for k, s in enumerate(splits)
     ]
     whole = parts[0] if len(parts) == 1 else _combine(parts)
     whole = with_stage_time(whole, splits[-1], dtype, rates, training)  # the untiled global stages
@@ -217,8 +217,8 @@ def least_memory(
     ``predict_splits``: the steps it builds serve the full prediction too)."""
     dev, rates, on_device, shared = _setting(device, dtype, input_on_device, shared)
     least = 0
-    for s in splits:
-        lay = layout(s, input_shape, tile)
+    for k, s in enumerate(splits):
+        lay = layout(s, input_shape, tile_of(tile, k))
         working = max((working_counts(s, lay, k) for k in s.sinks), key=math.prod)
         tiles = math.prod(working)  # at least this many tiles have work
         index = tuple(c // 2 for c in working)

@@ -25,6 +25,7 @@ import torch
 from bigpicture.engine import cuts as cutting
 from bigpicture.engine import stages as staging
 from bigpicture.engine.capture import describe
+from bigpicture.engine.plan import tile_of
 from bigpicture.engine.split import Split
 from bigpicture.engine.tiles import layout
 from bigpicture.errors import TilingError
@@ -137,7 +138,8 @@ def with_cuts(p: Prediction, splits, input_shape, tile, dtype, rates: Rates, tra
     training, gradients) in memory where they take the device's (``resident``). Transfers are not
     overlapped with the compute (the tiles copy synchronously)."""
     item = torch.empty((), dtype=dtype).element_size()
-    rows = cutting.traffic([(s, layout(s, input_shape, tile)) for s in splits], item, training)
+    passes = [(s, layout(s, input_shape, tile_of(tile, k))) for k, s in enumerate(splits)]
+    rows = cutting.traffic(passes, item, training)
     if not rows:
         return p
     seconds = sum(link_seconds(r.tier, r.moved, rates) for r in rows)
