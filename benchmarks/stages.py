@@ -51,9 +51,11 @@ def predicted(device: str, size: int) -> dict:
     host = [r for r in rows if r.tier == "host"]
     return {
         "device": device, "size": size, "tile": plain.tile, "halo": plain.prediction.halo_overhead,
-        "time": plain.time, "staged_tile": staged.tile, "staged_halo": staged.prediction.halo_overhead,
+        "time": plain.time, "staged_tile": [p.tile for p in (*staged.earlier, staged)],
+        "staged_halo": staged.prediction.halo_overhead,
         "staged_time": staged.time, "cuts": cuts,
-        "tiers": ", ".join(sorted({r.tier for r in rows})) or "-", "held": nbytes(2 * sum(r.held for r in host)),
+        "tiers": ", ".join(sorted({r.tier for r in rows})) or "-",
+        "held": nbytes(2 * sum(r.held for r in host)),
         "moved": nbytes(sum(r.moved for r in rows)), "plan_s": (t1 - t0, t2 - t1),
         "memory": (plain.memory, staged.memory),
     }  # fmt: skip
@@ -121,14 +123,16 @@ def main() -> None:
     a = ap.parse_args()
     t0 = time.perf_counter()
     rows = [predicted(d, 512) for d in (DEVICES[:1] if a.quick else DEVICES)]
-    head = ("device", "tile", "halo overhead", "predicted step", "with cuts: tile", "halo overhead",
+    head = ("device", "tile", "halo overhead", "predicted step", "with cuts: tiles of the stages",
+            "halo overhead",
             "predicted step", "cuts", "tier", "host memory (values + gradients)", "traffic per step",
             "planning s (plain, cuts)")  # fmt: skip
     out = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
     for r in rows:
         out.append(
             f"| {r['device']} | {_side(r['tile'])} | {100 * r['halo']:.0f}% | {r['time']:.2f} s | "
-            f"{_side(r['staged_tile'])} | {100 * r['staged_halo']:.0f}% | {r['staged_time']:.2f} s | "
+            f"{' / '.join(dict.fromkeys(map(_side, r['staged_tile'])))} | {100 * r['staged_halo']:.0f}% | "
+            f"{r['staged_time']:.2f} s | "
             f"{len(r['cuts'])} | {r['tiers']} | {r['held']} | {r['moved']} | "
             f"{r['plan_s'][0]:.0f}, {r['plan_s'][1]:.0f} |"
         )
