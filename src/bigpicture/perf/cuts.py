@@ -109,6 +109,8 @@ def choose(gm, inputs, tile, dev: Device, dtype, training: bool, budget, host: i
     values = g.propagate(gm, inputs)
     x = next(n for n in gm.graph.nodes if n.op == "placeholder")
     whole = split(gm, values, x, multipass)
+    if whole.gm is not gm:  # the split rewrote the graph (a global stage held whole, a folded shuffle)
+        return {}, "no cut: the planner does not yet choose cuts where the split rewrites the graph"
     # the first tier that fits is the fastest: a GPU's own memory, then the host's, then (inference) disk
     tiers = (("device",) if dev.name != "cpu" else ()) + ("host",) + (() if training else ("zarr",))
     keep: list = []  # the splits predicted: their ids key the shared memo, so they stay alive
@@ -172,7 +174,7 @@ def frontiers(whole: Split, values: dict, item: int) -> list[tuple[str, ...]]:
         key = whole.strides[node]
         if key not in best or nbytes <= best[key][0]:
             best[key] = (nbytes, tuple(n.name for n in live))
-    return [names for _, names in best.values()]
+    return list(dict.fromkeys(names for _, names in best.values()))
 
 
 def check_host(splits, shape, dtype, training: bool, dev: Device, host: int) -> None:
