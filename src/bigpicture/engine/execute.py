@@ -66,7 +66,7 @@ class Runner:
         self.device, self.progress = device, progress
         self.derived = derived or {}  # values of earlier passes that the tiles use
         self.crops = staging.read_by_sources(self.derived)  # ...read box by box (``held.Crop``)
-        self.stores = held.stores(plan.split, device)  # dense sinks that are cuts: their tiers
+        self.stores = held.stores(plan.split, device) if team is None else {}  # cuts' tiers (a team sums)
         self.kept = None  # (tile, its graph) kept from the forward for the backward
         self.keep_last = True  # keep it: the last pass only (an earlier pass's would wait for its backward)
         self.background = background  # BackgroundTiles: interior background tiles computed once
