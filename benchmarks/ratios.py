@@ -7,6 +7,8 @@ process, several rounds, so both see the same machine; the ratio is taken of the
 (interference only ever adds time), and the CPU stolen by the host during the run is reported.
 
     python benchmarks/ratios.py --write                  # 4096² and 8192², tiles 1024 and 2048
+    python benchmarks/ratios.py --sizes 2048 --tiles 256 1024 2048 --cuts --write   # + the planner's cuts
+    python benchmarks/ratios.py ... --compile            # + each run with compile=True (once merged)
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import time
 from pathlib import Path
 
 from memory import Synthetic, machine, resnet
-from results import publish
+from results import publish, write_section
 
 
 def steal() -> tuple[int, int]:
@@ -27,7 +29,24 @@ def steal() -> tuple[int, int]:
     return fields[7], sum(fields[:8])
 
 
-def measure(mode: str, size: int, tiles: list[int], rounds: int, threads: int) -> list[dict]:
+def variants(tiles: list[int], cuts: bool, compiled: bool) -> list[tuple[str, int, dict]]:
+    """(label, tile, ``bp.tiled`` keyword arguments) of each tiled run: plain; with the planner's cuts
+    (``cuts="auto"``, stages kept in host memory); and with ``--compile`` each again with
+    ``compile=True`` (``COMPILE``: the keyword the lead connects once compiled tiles are merged)."""
+    out = []
+    for t in tiles:
+        out.append((f"tiled {t}", t, {}))
+        if cuts:
+            out.append((f"tiled {t}, planner's cuts", t, {"cuts": "auto"}))
+    if compiled:
+        out += [(f"{label}, compiled", t, {**kw, **COMPILE}) for label, t, kw in list(out)]
+    return out
+
+
+COMPILE = {"compile": True}  # bp.tiled(..., compile=True): each tile geometry compiled once
+
+
+def measure(mode: str, size: int, runs_wanted: list, rounds: int, threads: int) -> list[dict]:
     import torch
 
     import bigpicture as bp
@@ -35,7 +54,12 @@ def measure(mode: str, size: int, tiles: list[int], rounds: int, threads: int) -
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     model = resnet().eval()
-    runs = {0: model, **{t: bp.tiled(model, tile=t) for t in tiles}}
+    runs = {"untiled": (model, 0)}
+    for label, t, kw in runs_wanted:
+        try:
+            runs[label] = (bp.tiled(model, tile=t, **kw), t)
+        except TypeError as e:  # a keyword this branch's bp.tiled does not have yet (compile=)
+            print(f"skipped {label}: {e}")
     x = Synthetic(size).materialise()
 
     def step(net):
@@ -48,37 +72,42 @@ def measure(mode: str, size: int, tiles: list[int], rounds: int, threads: int) -
             net(x).sum().backward()
         return time.perf_counter() - t0, time.process_time() - c0
 
-    for net in runs.values():
+    for net, _ in runs.values():
         step(net)  # warm-up and planning
-    times: dict = {t: [] for t in runs}
+    times: dict = {label: [] for label in runs}
     s0 = steal()
     for _ in range(rounds):
-        for t, net in runs.items():
-            times[t].append(step(net))
+        for label, (net, _) in runs.items():
+            times[label].append(step(net))
     s1 = steal()
     stolen = (s1[0] - s0[0]) / max(s1[1] - s0[1], 1)
-    best = {t: min(w for w, _ in v) for t, v in times.items()}
-    best_cpu = {t: min(c for _, c in v) for t, v in times.items()}
+    best = {k: min(w for w, _ in v) for k, v in times.items()}
+    best_cpu = {k: min(c for _, c in v) for k, v in times.items()}
     rows = []
-    for t in runs:
+    for label, (net, t) in runs.items():
+        plan = getattr(net, "plan", None)
         rows.append({
-            "mode": mode, "size": size, "tile": t, "best": best[t],
-            "median": statistics.median(w for w, _ in times[t]), "cpu": best_cpu[t],
-            "ratio": best[t] / best[0], "cpu_ratio": best_cpu[t] / best_cpu[0],
-            "tiles": len(runs[t].plan.tiles) if t else 0, "steal": stolen,
+            "mode": mode, "size": size, "run": label, "tile": t, "best": best[label],
+            "median": statistics.median(w for w, _ in times[label]), "cpu": best_cpu[label],
+            "ratio": best[label] / best["untiled"], "cpu_ratio": best_cpu[label] / best_cpu["untiled"],
+            "tiles": sum(len(p.tiles) for p in (*plan.earlier, plan)) if t else 0, "steal": stolen,
+            "passes": 1 + len(plan.earlier) if t else 0,
+            "predicted": plan.prediction.halo_overhead if t else None,
         })  # fmt: skip
     return rows
 
 
 def table(rows: list[dict]) -> str:
-    out = ["| mode | image | run | tiles | fastest s | median s | CPU s (fastest) | tiled / untiled (CPU) | "
-           "CPU stolen by the host |", "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    out = ["| mode | image | run | passes | tiles | predicted halo overhead | fastest s | median s | "
+           "CPU s (fastest) | tiled / untiled (CPU) | CPU stolen by the host |",
+           "|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for r in rows:
-        run = f"tiled {r['tile']}" if r["tile"] else "untiled"
         ratio = f"{r['ratio']:.2f} ({r['cpu_ratio']:.2f})" if r["tile"] else ""
+        halo = f"{100 * r['predicted']:.0f}%" if r["predicted"] is not None else ""
         out.append(
-            f"| {r['mode']} | {r['size']}² | {run} | {r['tiles'] or ''} | {r['best']:.2f} | "
-            f"{r['median']:.2f} | {r['cpu']:.2f} | {ratio} | {100 * r['steal']:.0f}% |"
+            f"| {r['mode']} | {r['size']}² | {r['run']} | {r['passes'] or ''} | {r['tiles'] or ''} | "
+            f"{halo} | "
+            f"{r['best']:.2f} | {r['median']:.2f} | {r['cpu']:.2f} | {ratio} | {100 * r['steal']:.0f}% |"
         )
     return "\n".join(out)
 
@@ -90,20 +119,27 @@ def main() -> None:
     ap.add_argument("--modes", nargs="+", default=["inference", "training"])
     ap.add_argument("--rounds", type=int, default=4, help="alternating rounds (fastest step kept)")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--cuts", action="store_true", help="also each tile with the planner's cuts")
+    ap.add_argument("--compile", action="store_true", help="also each run with compile=True")
     ap.add_argument("--write", action="store_true", help="write its section of RESULTS.md")
     a = ap.parse_args()
     t0, rows = time.perf_counter(), []
     for mode in a.modes:
         for size in a.sizes:
             rounds = a.rounds if size <= 4096 else max(2, a.rounds // 2)
-            rows += measure(mode, size, a.tiles, rounds, a.threads)
+            rows += measure(mode, size, variants(a.tiles, a.cuts, a.compile), rounds, a.threads)
             print(table(rows), flush=True)
-    publish("ratios.py", "## Engine: tiled / untiled time side by side (benchmarks/ratios.py)", [
+    # the runs with cuts (or compile=) keep a section of their own, beside the plain tiles' rows
+    key, what = ("ratios.py", "") if not (a.cuts or a.compile) else ("ratios.py --cuts", ", stages cut")
+    title = f"## Engine: tiled / untiled time side by side{what} (benchmarks/ratios.py)"
+    text = publish("ratios.py", title, [
         f"Machine: {machine()}. {a.threads} threads; load average at end {os.getloadavg()[0]:.1f}; "
         f"total {time.perf_counter() - t0:.0f} s. Each row: the fastest of {a.rounds} alternating steps "
         f"({max(2, a.rounds // 2)} above 4096²), in one process; ratios of the fastest steps.", "",
         table(rows), "",
-    ], a.write)  # fmt: skip
+    ], False)  # fmt: skip
+    if a.write:
+        write_section(key, text)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,15 @@ from bigpicture.engine.plan import Plan, capture, default_tile, plan_graph, plan
 from bigpicture.errors import TilingError
 from bigpicture.perf.devices import DEVICES, Device, get_device
 from bigpicture.perf.predict import predict
-from bigpicture.perf.schedule import analyse, best_tile, budget_reason, default_budget, for_run, parse_memory
+from bigpicture.perf.schedule import (
+    analyse,
+    best_tile,
+    budget_reason,
+    default_budget,
+    for_run,
+    parse_memory,
+    staged_plan,
+)
 
 
 class Tiled(nn.Module):
@@ -34,6 +42,8 @@ class Tiled(nn.Module):
         memory=None,
         background=None,
         group=None,
+        cuts=None,
+        host_memory=None,
     ) -> None:
         super().__init__()
         if memory is not None and tile is not None and tile != "auto":
@@ -50,6 +60,7 @@ class Tiled(nn.Module):
         self.multipass = multipass
         self.background = background
         self.group = group  # a torch.distributed process group sharing each image's tiles, or None
+        self.cuts, self.host_memory = cuts, host_memory  # stages kept in a slower tier (perf/cuts.py)
         self._graphs: dict = {}
         self._plans: dict = {}
         self._shares: dict = {}  # with group=: each plan's tiles per rank
@@ -92,6 +103,10 @@ class Tiled(nn.Module):
             self._graphs[graph_key] = capture(self.model, self.multipass, inputs)
         gm = self._graphs[graph_key]
         same = (shape, dtype, amp, device, state, described, not training)
+        if self.cuts is not None:
+            dev = planning_device(device)
+            return staged_plan(gm, inputs, self.tile, self.memory, dev, amp, training, self.multipass,
+                               self.cuts, self.host_memory)  # fmt: skip
         if self.planned:
             return self._choose(gm, inputs, training, amp)
         if same in self._plans:  # the same tiles; only the prediction differs
@@ -169,6 +184,8 @@ def tiled(
     multipass: bool = True,
     background=None,
     group=None,
+    cuts=None,
+    host_memory=None,
 ) -> Tiled:
     """``model`` run tile by tile: same outputs, parameter gradients and input gradients.
 
@@ -198,10 +215,17 @@ def tiled(
     dense outputs and streamed reductions are combined so that every rank gets the model's
     output, and the backward leaves every rank with the single-process gradients (summed over the
     image's tiles, not averaged). ``net.report.ranks`` has each rank's time and the imbalance.
+    ``cuts``: cut the network into stages at these nodes (their names in the captured graph, or a
+    module's path; a dict gives each a tier: "host", "device" or, for inference, "zarr"), or
+    ``"auto"`` for the cuts the planner predicts fastest. Each cut's whole value (and in training
+    its gradient) is kept in host memory (pinned on a GPU; on the CPU the same memory), at most
+    ``host_memory`` (default half of this machine's RAM), and the layers after it tile it with
+    their own halo: small tiles then recompute far less. Exact, forward and backward;
+    ``print(net.plan)`` shows the stages, their tiers and the bytes they move per step.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"bp.tiled expects an nn.Module, got {type(model).__name__}")
-    return Tiled(model, tile, progress, multipass, memory, background, group)
+    return Tiled(model, tile, progress, multipass, memory, background, group, cuts, host_memory)
 
 
 def planning_device(device: torch.device | str) -> Device:

@@ -19,6 +19,8 @@ import torch
 from torch.fx.node import map_arg
 
 from bigpicture.engine import capture as g
+from bigpicture.engine import held
+from bigpicture.engine import stages as staging
 from bigpicture.engine.amp import autocast, autocast_state
 from bigpicture.engine.background import BackgroundTiles
 from bigpicture.engine.evaluator import Evaluator
@@ -63,6 +65,8 @@ class Runner:
         self.plan, self.split, self.args, self.params = plan, plan.split, args, params
         self.device, self.progress = device, progress
         self.derived = derived or {}  # values of earlier passes that the tiles use
+        self.crops = staging.read_by_sources(self.derived)  # ...read box by box (``held.Crop``)
+        self.stores = held.stores(plan.split, device) if team is None else {}  # cuts' tiers (a team sums)
         self.kept = None  # (tile, its graph) kept from the forward for the backward
         self.keep_last = True  # keep it: the last pass only (an earlier pass's would wait for its backward)
         self.background = background  # BackgroundTiles: interior background tiles computed once
@@ -93,6 +97,7 @@ class Runner:
     def consts(self) -> dict:
         """Placeholders other than the image, and the parameter-only nodes the tiles use."""
         s, env = self.split, dict(self.derived)
+        env.update((n, held.Crop.of(self.derived[n], self.device)) for n in self.crops)
         placeholders = [n for n in s.gm.graph.nodes if n.op == "placeholder"]
         for node, value in zip(placeholders[1:], self.args[1:]):
             env[node] = value
@@ -172,7 +177,11 @@ class Runner:
                 for k, write in zip(s.sinks, tile.writes):
                     if write.empty:
                         continue
-                    if k in self.dense:
+                    if k in self.stores:  # a cut: its whole tensor in its tier
+                        if k not in dense:
+                            dense[k] = self.stores[k].empty(s.shapes[k], sinks[k].dtype, self.device)
+                        self.stores[k].write(dense[k], write, sinks[k])
+                    elif k in self.dense:
                         if k not in dense:
                             dense[k] = self._empty(k, out_device, sinks[k].dtype)
                         dense[k][(slice(None), slice(None)) + write.slices()] = sinks[k].to(out_device)
@@ -193,8 +202,10 @@ class Runner:
         with torch.enable_grad(), autocast(self.autocast):
             x = self.read_input(tile.read) if x is None else x
             x = x.detach().requires_grad_(input_grad)
-            consts = self.consts()
-            leaves = [consts[n].detach().requires_grad_() for n in self._derived_with_grad()]
+            consts, need = self.consts(), self.plan.needs(tile) if self.crops else {}
+            boxes = {n: staging.crop_box(n, need) for n in self.crops}  # what it reads of held tensors
+            leaves = [held.leaf(self.derived[n], boxes.get(n), self.device)
+                      for n in self._derived_with_grad()]
             consts.update(zip(self._derived_with_grad(), leaves))
             return x, leaves, self.run_tile(tile, x, consts)
 
@@ -261,14 +272,17 @@ class Runner:
                 total = torch.stack(terms).sum()
                 if not total.requires_grad:
                     continue
-                inputs = ([x] if x_grad is not None else []) + self.params + leaves
+                inputs = ([x] if x_grad is not None else []) + self.params + [held.tensor(v) for v in leaves]
                 grads = torch.autograd.grad(total, inputs, allow_unused=True)
             if x_grad is not None:
                 if grads[0] is not None:  # None where the tile reads only padding
                     x_grad[(slice(None), slice(None)) + tile.read.slices()] += grads[0].to(x_grad.device)
                 grads = grads[1:]
             for i, gr in enumerate(grads):  # summed in float64: the tiles' order does not show
-                if gr is not None:
+                crop = leaves[i - len(self.params)] if i >= len(self.params) else None
+                if gr is not None and isinstance(crop, held.Crop):  # into the held tensor's gradient
+                    totals[i] = crop.add_grad(totals[i], gr)
+                elif gr is not None:
                     gr = gr.to(_wide(gr))
                     totals[i] = gr if totals[i] is None else totals[i] + gr
         if self.team is not None:
@@ -358,6 +372,8 @@ def run(
         stats.tiles, stats.computed = 1, 1
         return plan.split.gm(*args)  # one tile is the whole image: tiling would only add a recompute
     trainable = [p for p in params if p.requires_grad]
+    if torch.is_grad_enabled() and (trainable or (x is not None and x.requires_grad)):
+        held.check_training(plan.split)
     graph = Evaluator(plan.split, args)
     for stage in plan.earlier + (plan,):
         graph.evaluate_ready()
@@ -368,7 +384,7 @@ def run(
         grad = torch.is_grad_enabled() and (
             bool(trainable)
             or (x is not None and x.requires_grad)
-            or any(v.requires_grad for v in derived.values())
+            or any(getattr(v, "requires_grad", False) for v in derived.values())
         )
         if grad:
             outputs = TiledFunction.apply(runner, x, *trainable, *derived.values())

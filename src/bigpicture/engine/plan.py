@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from bigpicture.engine import capture as g
+from bigpicture.engine import cuts as cutting
 from bigpicture.engine import stages as staging
 from bigpicture.engine.box import Box
 from bigpicture.engine.check import checked_capture
@@ -93,6 +94,8 @@ class Plan:
     def halo(self) -> tuple[tuple[int, int], ...]:
         """Largest extra input read below and above a tile's own box, per spatial dimension."""
         nd = len(self.tile)
+        if self.split.input not in self.split.order:  # a pass that reads only held tensors (cuts)
+            return _held_halo(self)
         if getattr(self.tiles, "separable", False):  # the grid's diagonal has every dimension's boxes
             dims = [self.tiles.per_dim(d) for d in range(nd)]
             lo = [max((b[0] - r[0] for b, r, _ in dims[d]), default=0) for d in range(nd)]
@@ -142,14 +145,17 @@ class Plan:
             ),  # fmt: skip
             ("tile", _tile_text(self)),
             ("grid", _grid_text(self)),
-            ("halo", ", ".join(f"-{a}/+{b}" for a, b in self.halo) + " input px (below/above, per dim)"),
-            ("receptive field", " x ".join(map(str, self.receptive_field)) + " input px"),
+            ("halo", _halo_text(self)),
         ]
+        if s.input in s.order:  # a pass that reads held tensors only has no input field of its own
+            rows.append(("receptive field", " x ".join(map(str, self.receptive_field)) + " input px"))
         if self.earlier:
             rows.append(("passes", _passes_text(self) + _batchnorm_note(s)))
         if staging.sources(s):
             item = torch.empty((), dtype=self.dtype).element_size()
             rows.append(("global stages", staging.describe(s, item)))
+        if staging.cut_sources(s):  # stages cut at chosen nodes, each kept in a tier
+            rows.append(("cuts", "; ".join(map(str, cutting.plan_traffic(self)))))
         for p, stage in enumerate(self.earlier + (self,)):
             for k, sink in enumerate(stage.split.sinks):
                 stride = "x".join(str(f) for f in s.strides[sink])
@@ -166,6 +172,35 @@ class Plan:
             rows.insert(3 if k == "planner" else len(rows), ("predicted on" if k == "device" else k, v))
         width = max(len(k) for k, _ in rows)
         return "\n".join(f"{k.ljust(width)}  {v}" for k, v in rows)
+
+
+def _halo_text(plan: Plan) -> str:
+    """The halo of each pass: cuts give each its own (``engine/cuts.py``)."""
+    text = lambda p: ", ".join(f"-{a}/+{b}" for a, b in p.halo)  # noqa: E731
+    if not staging.cut_sources(plan.split):
+        return text(plan) + " input px (below/above, per dim)"
+    passes = (*plan.earlier, plan)
+    tiles = len({p.tile for p in passes}) > 1  # each stage its own tile: say which
+    return "; ".join(f"pass {k} {text(p)}" + (f" (tile {' x '.join(map(str, p.tile))})" if tiles else "")
+                     for k, p in enumerate(passes)) + " input px (below/above, per dim)"  # fmt: skip
+
+
+def _held_halo(plan: Plan) -> tuple[tuple[int, int], ...]:
+    """The halo of a pass that reads only held tensors: what its tiles read of them beyond their
+    own boxes, in input pixels (a held tensor's pixel is ``stride`` input pixels)."""
+    s, lay = plan.split, plan.tiles.lay
+    held = [n for n in s.order if staging.is_source(n)]
+    out = []
+    for d in range(len(plan.tile)):
+        lo = hi = 0
+        for j, (a, b) in enumerate(lay.intervals[d]):
+            need = plan.tiles.diagonal.row(min(j, max(lay.grid) - 1))[1]
+            for n in held:
+                box, f = need[n], s.strides[n][d]
+                if not box.empty:
+                    lo, hi = max(lo, math.ceil(a - box.lo[d] * f)), max(hi, math.ceil(box.hi[d] * f - b))
+        out.append((lo, hi))
+    return tuple(out)
 
 
 def _passes_text(plan: Plan) -> str:
@@ -206,9 +241,26 @@ def plan_for_split(s: Split, input_shape, dtype, tile) -> Plan:
     return plan
 
 
+class PerPass(tuple):
+    """One tile per pass over the tiles: the stages of a cut network each tile on their own
+    (a later stage, at a coarser resolution with a smaller halo, takes larger tiles)."""
+
+
+def tile_of(tile, k: int):
+    """The tile of pass ``k``: ``tile`` itself, or its k-th item when it is ``PerPass``."""
+    return tile[k] if isinstance(tile, PerPass) else tile
+
+
+def requested_tiles(plan: Plan):
+    """The tile asked for each pass of ``plan``: one, or ``PerPass`` when they differ."""
+    asked = [p.requested for p in (*plan.earlier, plan)]
+    return plan.requested if len(set(asked)) == 1 else PerPass(asked)
+
+
 def plan_splits(splits: list[Split], input_shape, dtype, tile) -> Plan:
-    """The plan of the passes of a split (``split.stages``), the last one holding the earlier ones."""
-    plans = [plan_for_split(s, input_shape, dtype, tile) for s in splits]
+    """The plan of the passes of a split (``split.stages``), the last one holding the earlier ones;
+    ``tile`` one for every pass or ``PerPass``."""
+    plans = [plan_for_split(s, input_shape, dtype, tile_of(tile, k)) for k, s in enumerate(splits)]
     return replace(plans[-1], earlier=tuple(plans[:-1]))
 
 
@@ -230,11 +282,23 @@ def capture(model: torch.nn.Module, multipass: bool = True, inputs: list | None 
     return gm
 
 
-def plan_graph(gm, inputs: list, tile, multipass: bool = True) -> Plan:
-    """Plan a captured graph for placeholder inputs given as (shape, dtype, device) or values."""
+def plan_graph(gm, inputs: list, tile, multipass: bool = True, cuts=()) -> Plan:
+    """Plan a captured graph for placeholder inputs given as (shape, dtype, device) or values.
+
+    ``cuts``: node names (or a mapping of them to tiers) where the network is cut into stages
+    (``engine/cuts.py``)."""
     shape, dtype, _ = inputs[0]
     if len(shape) < 3:
         raise TilingError(f"input shape {tuple(shape)} has no spatial dimension: expected (N, C, *spatial).")
+    return plan_splits(split_graph(gm, inputs, multipass, cuts), shape, dtype, tile)
+
+
+def split_graph(gm, inputs: list, multipass: bool = True, cuts=()) -> list[Split]:
+    """The passes of a captured graph for these inputs, cut at ``cuts`` (checked) first."""
+    gm = cutting.cut(gm, cuts or ())
     values = g.propagate(gm, inputs)
     x = next(n for n in gm.graph.nodes if n.op == "placeholder")
-    return plan_splits(stages(split(gm, values, x, multipass)), shape, dtype, tile)
+    cutting.check(gm, values, x)
+    whole = split(gm, values, x, multipass)
+    cutting.check(whole.gm, values, whole.input, whole.roles)
+    return stages(whole)

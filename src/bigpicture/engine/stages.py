@@ -31,6 +31,7 @@ import torch
 from torch import fx
 
 from bigpicture.engine.capture import op_name
+from bigpicture.engine.held import Crop, is_hold
 from bigpicture.engine.rules import Op, rule
 
 
@@ -58,6 +59,8 @@ class Source(Op):
         return []
 
     def run(self, out, args, kwargs):
+        if isinstance(args[0], Crop):  # a box of a held tensor, in its tier (``held.py``)
+            return args[0].read(out)
         # A copy: in-place ops of the tile (ReLU(inplace=True)) must not write into the whole tensor.
         return args[0][(slice(None), slice(None)) + out.slices()].clone()
 
@@ -200,8 +203,23 @@ def elements(value) -> int:
 
 
 def sources(split) -> list:
-    """The ``stage_source`` nodes of a split: the whole tensors later passes read."""
-    return [n for n in split.gm.graph.nodes if is_source(n) and n in split.shapes]
+    """The ``stage_source`` nodes of a split that read global stages' whole tensors (cuts apart)."""
+    return [n for n in split.gm.graph.nodes if is_source(n) and n in split.shapes and not is_cut(n)]
+
+
+def is_cut(source) -> bool:
+    """Whether a ``stage_source`` reads a cut (``cuts.py``): a tiled node's value kept in a tier."""
+    return is_hold(source.args[0])
+
+
+def cut_sources(split) -> list:
+    """The ``stage_source`` nodes of a split that read cuts."""
+    return [n for n in split.gm.graph.nodes if is_source(n) and n in split.shapes and is_cut(n)]
+
+
+def read_by_sources(derived) -> list:
+    """The derived values of a pass that its tiles read only box by box (through ``stage_source``)."""
+    return [d for d in derived if d.users and all(is_source(u) for u in d.users)]
 
 
 def untiled(roles, source) -> list:
@@ -229,6 +247,9 @@ def maker(gm, roles, source):
 def reason(source, ctx) -> str:
     """Why a pass waits: the stage's whole tensor, and the op that made it."""
     whole = source.args[0]
+    if is_hold(whole):
+        cut = whole.args[0]
+        return f"`{cut.name}` {tuple(ctx.shape(cut))} cut, kept in {whole.kwargs.get('tier', 'host')}"
     op = maker(ctx.gm, ctx.roles, source)
     made = f"{_name(ctx.gm, op)} `{op.name}`"
     return f"`{whole.name}` {tuple(ctx.shape(whole))} held whole (a global stage: {made})"
@@ -264,3 +285,14 @@ def size(n: float) -> str:
         if n >= scale:
             return f"{n / scale:,.2f} {unit}"
     return f"{n:.0f} B"
+
+
+def crop_box(whole, need: dict):
+    """The box of held tensor ``whole`` that one tile reads: the hull of its sources' boxes."""
+    boxes = [need[u] for u in whole.users if u in need and not need[u].empty]
+    if not boxes:
+        return next(need[u] for u in whole.users if u in need)
+    box = boxes[0]
+    for b in boxes[1:]:
+        box = box.hull(b)
+    return box

@@ -101,8 +101,12 @@ class Diagonal:
 
     @property
     def separable(self) -> bool:
-        """Whether the product rule holds on the rows walked so far (no empty box)."""
-        return not any(b.empty for writes, need in self.rows.values() for b in (*writes, *need.values()))
+        """Whether the product rule holds on the rows walked so far (no empty box; the input's box is
+        empty in every tile of a pass that reads only held tensors, which breaks nothing)."""
+        unread = self.split.input if self.split.input not in self.split.order else None
+        boxes = (b for w, need in self.rows.values()
+                 for b in (*w, *(v for n, v in need.items() if n is not unread)))
+        return not any(b.empty for b in boxes)
 
 
 @dataclass(frozen=True)

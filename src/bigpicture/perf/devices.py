@@ -275,6 +275,8 @@ _LINKS = [
     Interconnect("PCIe3", 15.75 * GB_PER_S, 20e-6, "PCI-SIG PCIe 3.0: 8 GT/s x 16 lanes"),
     Interconnect("PCIe4", 31.5 * GB_PER_S, 20e-6, "PCI-SIG PCIe 4.0: 16 GT/s x 16 lanes"),
     Interconnect("PCIe5", 63 * GB_PER_S, 20e-6, "PCI-SIG PCIe 5.0: 32 GT/s x 16 lanes"),
+    Interconnect("NVLink-C2C", 450 * GB_PER_S, 10e-6, "NVIDIA GH200 Grace Hopper Superchip datasheet: "
+                 "NVLink-C2C 900 GB/s CPU-GPU"),
     # between nodes, one network adapter per GPU (as in NVIDIA DGX A100 / H100)
     Interconnect("IB-HDR", 25 * GB_PER_S, 20e-6, "InfiniBand HDR 200 Gb/s per port (NVIDIA ConnectX-6)"),
     Interconnect("IB-NDR", 50 * GB_PER_S, 20e-6, "InfiniBand NDR 400 Gb/s per port (NVIDIA ConnectX-7)"),
@@ -292,6 +294,16 @@ NODE_LINKS: Mapping[str, tuple[str, str]] = MappingProxyType({
     "L4": ("PCIe4", "Ethernet-100G"), "L40S": ("PCIe4", "IB-NDR"), "A10": ("PCIe4", "Ethernet-100G"),
     "T4": ("PCIe3", "Ethernet-100G"), "RTX-3090": ("PCIe4", "Ethernet-100G"),
     "RTX-4090": ("PCIe4", "Ethernet-100G"), "cpu": ("loopback", "Ethernet-100G"),
+})  # fmt: skip
+
+
+# between a GPU and its host's memory (a cut kept in the host tier, ``perf/cuts.py``): the PCIe
+# generation of the card's host interface on its datasheet (SXM modules: the generation of the
+# baseboard's PCIe switches, DGX/HGX), or NVLink-C2C on Grace Hopper; the CPU's host is itself.
+HOST_LINKS: Mapping[str, str] = MappingProxyType({
+    "V100": "PCIe3", "A100-40GB": "PCIe4", "A100-80GB": "PCIe4", "H100-SXM": "PCIe5", "H200": "PCIe5",
+    "H100-PCIe": "PCIe5", "L4": "PCIe4", "L40S": "PCIe4", "A10": "PCIe4", "T4": "PCIe3",
+    "RTX-3090": "PCIe4", "RTX-4090": "PCIe4", "GH200": "NVLink-C2C",
 })  # fmt: skip
 
 

@@ -43,7 +43,8 @@ import torch
 from torch import fx, nn
 
 from bigpicture.engine.box import Box
-from bigpicture.engine.plan import Plan
+from bigpicture.engine.held import is_hold
+from bigpicture.engine.plan import Plan, requested_tiles, tile_of
 from bigpicture.engine.split import Split
 from bigpicture.engine.tiles import working_counts
 from bigpicture.errors import TilingError
@@ -52,7 +53,7 @@ from bigpicture.perf.devices import Device, for_torch, get_device, load_calibrat
 from bigpicture.perf.grid import Layout, class_grid, layout
 from bigpicture.perf.prediction import Prediction, Stage, _flops, _seconds, _size  # noqa: F401 (re-exported)
 from bigpicture.perf.rates import GPU_ASSUMPTIONS, Rates
-from bigpicture.perf.stage_cost import stage_bytes, with_stage_time
+from bigpicture.perf.stage_cost import stage_bytes, with_cuts, with_stage_time
 from bigpicture.perf.walk import TileWalk, last_tile, tile_at, walk
 
 MiB = 2**20
@@ -103,7 +104,7 @@ def predict(
         [p.split for p in passes],
         plan.input_shape,
         dtype,
-        plan.requested,
+        requested_tiles(plan),
         plan.device if device is None else device,
         plan.training if training is None else training,
         input_grad,
@@ -181,7 +182,7 @@ def predict_splits(
             s,
             input_shape,
             dtype,
-            layout(s, input_shape, tile),
+            layout(s, input_shape, tile_of(tile, k)),
             dev,
             rates,
             training,
@@ -189,10 +190,11 @@ def predict_splits(
             on_device,
             shared.setdefault(id(s), {}),
         )  # fmt: skip
-        for s in splits
+        for k, s in enumerate(splits)
     ]
     whole = parts[0] if len(parts) == 1 else _combine(parts)
-    return with_stage_time(whole, splits[-1], dtype, rates, training)  # the untiled global stages
+    whole = with_stage_time(whole, splits[-1], dtype, rates, training)  # the untiled global stages
+    return with_cuts(whole, splits, input_shape, tile, dtype, rates, training)  # stages cut into tiers
 
 
 def least_memory(
@@ -215,8 +217,8 @@ def least_memory(
     ``predict_splits``: the steps it builds serve the full prediction too)."""
     dev, rates, on_device, shared = _setting(device, dtype, input_on_device, shared)
     least = 0
-    for s in splits:
-        lay = layout(s, input_shape, tile)
+    for k, s in enumerate(splits):
+        lay = layout(s, input_shape, tile_of(tile, k))
         working = max((working_counts(s, lay, k) for k in s.sinks), key=math.prod)
         tiles = math.prod(working)  # at least this many tiles have work
         index = tuple(c // 2 for c in working)
@@ -317,6 +319,7 @@ def _memory(split: Split, dtype, total: TileWalk, tiles: int, training: bool, gp
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     buffers = sum(b.numel() for b in model.buffers()) * item
     dense = [k for k in split.sinks if any(split.roles.get(u) in ("tail", "output") for u in k.users)]
+    dense = [k for k in dense if not any(is_hold(u) for u in k.users)]  # cuts: stage_cost.with_cuts
     boundary = sum(math.prod(split.shapes[k]) for k in dense) * item
     working = total.peak_train if training else total.peak
     parts = [("parameters", params + buffers), ("boundary tensors", boundary), ("tile working set", working)]

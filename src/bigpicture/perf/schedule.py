@@ -24,6 +24,7 @@ from bigpicture.engine.plan import Plan, capture, plan_graph, plan_splits
 from bigpicture.engine.split import Split, split, stages
 from bigpicture.engine.tiles import layout, working_counts
 from bigpicture.errors import TilingError
+from bigpicture.perf.cuts import cut_splits, host_budget
 from bigpicture.perf.devices import Device, load_calibration
 from bigpicture.perf.multi import best_on_devices, with_devices
 from bigpicture.perf.predict import (
@@ -242,6 +243,8 @@ def make_plan(
     memory=None,
     devices: int = 1,
     nodes: int | None = None,
+    cuts=None,
+    host_memory=None,
 ) -> Plan:
     """The plan for ``model`` on an input of ``input_shape`` (N, C, *spatial), with no tensor allocated.
 
@@ -262,6 +265,10 @@ def make_plan(
     ``devices``: predict one image's tiles shared by that many ranks (``bp.tiled(..., group=)``) on
     ``nodes`` nodes (default 8 devices per node): each rank's share, the imbalance and the
     communication over the device's links (``perf.multi.predict_devices``).
+    ``cuts``: cut the network into stages at these nodes (names, or a mapping of them to tiers "host",
+    "device", "zarr"), or ``"auto"`` for the planner's cuts; each cut's whole value is kept in host
+    memory (at most ``host_memory``, default half of this machine's RAM) or, for inference, on disk
+    (``perf/cuts.py``). ``print(plan)`` shows the stages, their tiers and the bytes they move per step.
     """
     if memory is not None and tile is not None and tile != "auto":
         raise TypeError(
@@ -270,11 +277,14 @@ def make_plan(
         )
     dev = resolve_device(device)  # an unknown name fails here, listing the known ones
     gm = capture(model, multipass, [(tuple(input_shape), model_dtype(model), torch.device("cpu"))])
-    if devices > 1 and (tile is None or tile == "auto" or memory is not None):
+    if cuts is not None:  # stages cut at chosen nodes, kept in a slower tier (perf/cuts.py)
+        shapes = [(tuple(input_shape), model_dtype(gm), torch.device("cpu"))]
+        plan = staged_plan(gm, shapes, tile, memory, dev, dtype, training, multipass, cuts, host_memory)
+    elif devices > 1 and (tile is None or tile == "auto" or memory is not None):
         return _plan_on_devices(
             gm, input_shape, dtype, dev, multipass, training, memory, tile, devices, nodes
         )
-    if tile is None or tile == "auto" or memory is not None:
+    elif tile is None or tile == "auto" or memory is not None:
         budget = default_budget(dev) if memory is None else memory
         plan = choose_tile(gm, input_shape, budget, dev, dtype, training, multipass).plan
         plan = plan if memory is not None else with_reason(plan, budget_reason(dev, tile))
@@ -297,6 +307,18 @@ def _plan_on_devices(gm, input_shape, dtype, dev, multipass, training, memory, t
         p = replace(p, single=p.single.with_note(f"{budget_reason(dev, tile)}; {p.single.note}"))
     plan = for_run(plan_splits(splits, input_shape, model_dtype(gm), p.tile), dtype, dev, training, p.single)
     return with_devices(plan, devices, nodes, prediction=p)
+
+
+def staged_plan(gm, inputs, tile, memory, dev, dtype, training, multipass, cuts, host_memory) -> Plan:
+    """The plan of ``gm`` cut into stages at ``cuts`` (``perf.cuts.cut_splits``), its tile the one
+    given or the planner's for ``memory`` (default: the device's)."""
+    budget = parse_memory(memory) if memory is not None else default_budget(dev)
+    host = host_budget(host_memory, parse_memory)
+    tile = None if tile == "auto" else tile
+    shape = tuple(inputs[0][0])
+    splits, tile, note = cut_splits(gm, inputs, tile, cuts, dev, dtype, training, budget, host, multipass,
+                                    best_tile)  # fmt: skip
+    return replace(for_run(plan_splits(splits, shape, inputs[0][1], tile), dtype, dev, training), note=note)
 
 
 CPU_MEMORY_SHARE = 0.5  # of the machine's RAM: the rest stays for the OS, the input and the caller's tensors

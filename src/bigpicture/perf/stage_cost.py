@@ -22,10 +22,14 @@ from dataclasses import replace
 
 import torch
 
+from bigpicture.engine import cuts as cutting
 from bigpicture.engine import stages as staging
 from bigpicture.engine.capture import describe
+from bigpicture.engine.plan import tile_of
 from bigpicture.engine.split import Split
+from bigpicture.engine.tiles import layout
 from bigpicture.errors import TilingError
+from bigpicture.perf.devices import HOST_LINKS, get_interconnect
 from bigpicture.perf.prediction import Prediction, Stage
 from bigpicture.perf.rates import Rates
 
@@ -99,3 +103,55 @@ def _in_window_module(split: Split, node) -> bool:
     except AttributeError:
         return False
     return any("window" in type(m).__name__.lower() for m in owners)
+
+
+# -- cuts: a tiled node's whole value kept in a tier between passes (engine/cuts.py) -----------------
+
+DISK_BYTES_PER_S = 1e9  # the zarr tier: a local NVMe SSD's sequential rate (1-7 GB/s), compression aside
+
+
+def link_seconds(tier: str, nbytes: int, rates: Rates) -> float:
+    """Seconds to move ``nbytes`` between the device and a cut's tier: a GPU's host link
+    (``devices.HOST_LINKS``: PCIe or NVLink-C2C) for the host tier, a copy at the device's stream
+    rate for the device tier (and for the CPU's host tier, the same memory), the disk for zarr."""
+    if not nbytes:
+        return 0.0
+    if tier == "zarr":
+        return nbytes / DISK_BYTES_PER_S
+    if tier == "host" and rates.gpu:
+        return nbytes / host_link(rates.device.name).bandwidth_bytes_per_s
+    return nbytes / rates.stream("unary", nbytes)
+
+
+def host_link(name: str):
+    """The link between a device of the table and its host's memory (PCIe 4 where unknown)."""
+    return get_interconnect(HOST_LINKS.get(name, "PCIe4"))
+
+
+def resident(tier: str, gpu: bool) -> bool:
+    """Whether a cut's whole tensor takes the device's memory: the device tier, or the CPU's host."""
+    return tier == "device" or (tier == "host" and not gpu)
+
+
+def with_cuts(p: Prediction, splits, input_shape, tile, dtype, rates: Rates, training: bool) -> Prediction:
+    """``p`` with the cuts' transfers as a stage of their own and their whole tensors (and, in
+    training, gradients) in memory where they take the device's (``resident``). Transfers are not
+    overlapped with the compute (the tiles copy synchronously)."""
+    item = torch.empty((), dtype=dtype).element_size()
+    passes = [(s, layout(s, input_shape, tile_of(tile, k))) for k, s in enumerate(splits)]
+    rows = cutting.traffic(passes, item, training)
+    if not rows:
+        return p
+    seconds = sum(link_seconds(r.tier, r.moved, rates) for r in rows)
+    tiers = ", ".join(sorted({r.tier for r in rows}))
+    held = sum(r.held for r in rows if resident(r.tier, rates.gpu)) * (2 if training else 1)
+    stage = Stage(f"cut traffic ({tiers}: {staging.size(sum(r.moved for r in rows))})", 0, seconds)
+    parts = p.memory_parts + (("cuts held (device memory)", held),)
+    return replace(p, time=p.time + seconds, stages=p.stages + (stage,), memory=p.memory + held,
+                   memory_parts=parts)  # fmt: skip
+
+
+def host_bytes(rows, training: bool) -> int:
+    """Bytes the cuts keep in host memory (the host tier; on the CPU the same memory as the run's),
+    gradients included in training."""
+    return sum(r.held for r in rows if r.tier == "host") * (2 if training else 1)
