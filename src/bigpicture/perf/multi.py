@@ -31,7 +31,7 @@ from bigpicture.engine.distributed import shares
 from bigpicture.engine.plan import Plan, plan_splits
 from bigpicture.errors import TilingError
 from bigpicture.perf.devices import NODE_LINKS, Interconnect, get_interconnect, load_calibration
-from bigpicture.perf.grid import _dim_keys
+from bigpicture.perf.grid import Geometry, _dim_keys
 from bigpicture.perf.predict import (
     Prediction,
     _seconds,
@@ -84,7 +84,8 @@ def _kinds(plan: Plan) -> list | None:
     tiles = plan.tiles
     if not tiles.diagonal.separable:
         return None
-    return [_dim_keys(plan.split, tiles.lay, tiles.diagonal.row, d) for d in range(plan.split.nd)]
+    geometry = Geometry(plan.split, tiles.diagonal)
+    return [_dim_keys(plan.split, tiles.lay, geometry, d) for d in range(plan.split.nd)]
 
 
 @dataclass(frozen=True)
