@@ -34,6 +34,7 @@ class Tiled(nn.Module):
         memory=None,
         background=None,
         group=None,
+        compile: bool | dict = False,
     ) -> None:
         super().__init__()
         if memory is not None and tile is not None and tile != "auto":
@@ -53,6 +54,8 @@ class Tiled(nn.Module):
         self._graphs: dict = {}
         self._plans: dict = {}
         self._shares: dict = {}  # with group=: each plan's tiles per rank
+        self.compile = compile  # True, or torch.compile options (mode=, max_geometries=)
+        self._compiled: dict = {}  # id(plan of one pass) -> its compiled.CompiledTiles
         self.plan: Plan | None = None
         self.report = None  # what the last call or `run` did (tiles computed, reused; I/O wait)
 
@@ -128,8 +131,20 @@ class Tiled(nn.Module):
         params, device = list(self.model.parameters()), self._device()
         team = self._team()
         self.report.ranks = team and team.times
-        out = execute.run(plan, (x, *args), params, device, progress, self.background, self.report, team)
+        compiled = self.compiled_tiles if self.compile else None
+        out = execute.run(
+            plan, (x, *args), params, device, progress, self.background, self.report, team, compiled
+        )
         return as_model_output(out, plan.split.gm.meta.get("bigpicture_output"))
+
+    def compiled_tiles(self, plan: Plan):
+        """The compiled tile functions of one pass's plan, made on first use and kept with the plan."""
+        from bigpicture.engine.compiled import CompiledTiles
+
+        if id(plan) not in self._compiled:
+            options = self.compile if isinstance(self.compile, dict) else {}
+            self._compiled[id(plan)] = CompiledTiles(plan, **options)
+        return self._compiled[id(plan)]
 
     def _team(self):
         """The ranks of ``group`` for one call, sharing tiles by their predicted cost."""
@@ -169,6 +184,7 @@ def tiled(
     multipass: bool = True,
     background=None,
     group=None,
+    compile: bool | dict = False,
 ) -> Tiled:
     """``model`` run tile by tile: same outputs, parameter gradients and input gradients.
 
@@ -201,7 +217,7 @@ def tiled(
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"bp.tiled expects an nn.Module, got {type(model).__name__}")
-    return Tiled(model, tile, progress, multipass, memory, background, group)
+    return Tiled(model, tile, progress, multipass, memory, background, group, compile)
 
 
 def planning_device(device: torch.device | str) -> Device:

@@ -1,0 +1,164 @@
+"""``bp.tiled(model, compile=True)``: one compiled function per tile geometry, exact in float32.
+
+Tolerance. Inductor fuses pointwise and normalisation chains and may reassociate within a fused
+kernel, so compiled float32 differs from eager in the last bits, tiled or not; float64 would hide
+nothing here (the question is whether the compiled tiles are the right tiles). We therefore
+measure ``torch.compile(model)`` untiled against the eager model (``test_tolerance_is_compiles_own``)
+and hold the tiled compiled model to the same tolerance class, ``TOL``: rtol 1e-4, atol 1e-5 (torch's
+float32 default is rtol 1.3e-6, atol 1e-5). A wrong box or a tile reusing another's artefact where
+it should not is off by O(1), far outside it.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from helpers import _compare, _loss
+from torch import nn
+from torch.nn import functional as F
+
+import bigpicture as bp
+
+TOL = dict(rtol=1e-4, atol=1e-5)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _net2d():
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(2, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
+        nn.Conv2d(4, 4, 3, padding=1, stride=2), nn.GELU(), nn.Upsample(scale_factor=2),
+        nn.Conv2d(4, 3, 3, padding=1),
+    ).eval()  # fmt: skip
+
+
+def _net3d():
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv3d(1, 3, 3, padding=1), nn.InstanceNorm3d(3, affine=True), nn.SiLU(), nn.Conv3d(3, 2, 3, padding=1)
+    )
+
+
+def _randomise_norms(model):
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2)
+    return model
+
+
+def _run(model, x, grads, **tiled):
+    """Outputs and, with ``grads``, the gradients of input and parameters (in that order)."""
+    x = x.detach().clone().requires_grad_(grads)
+    y = model(x)
+    if not grads:
+        return [y]
+    params = [p for p in model.parameters() if p.requires_grad]
+    return [y.detach(), *torch.autograd.grad(_loss(y), [x, *params])]
+
+
+@pytest.fixture(autouse=True)
+def _fallback_is_an_error(request):
+    """In the tests that expect compiled tiles, a fallback to eager would pass without compiling."""
+    with warnings.catch_warnings():
+        if "falls_back" not in request.node.name and "eager" not in request.node.name:
+            warnings.filterwarnings("error", message="compile=True")
+        yield
+
+
+def _compiled_net(model, tile):
+    return bp.tiled(model, tile=tile, compile=True)
+
+
+def _compiled_stats(net) -> list:
+    return list(net._compiled.values())
+
+
+def test_inference_2d_one_artefact_per_geometry():
+    """A 16 x 64 image in tiles of 16: 4 tiles, 3 geometries (two border, one interior shared by
+    tiles 1 and 2); a second call compiles nothing more."""
+    model = _randomise_norms(_net2d())
+    x = torch.randn(1, 2, 16, 64)
+    net = _compiled_net(model, 16)
+    before = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    with torch.no_grad():
+        _compare(net(x), model(x), "output", **TOL)
+        (compiled,) = _compiled_stats(net)
+        assert (compiled.compilations, compiled.compiled_calls, compiled.eager_calls) == (3, 4, 0)
+        _compare(net(x + 1), model(x + 1), "output of a second call", **TOL)
+    assert (compiled.compilations, compiled.compiled_calls) == (3, 8)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] - before == 3
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "make, shape, tile",
+    [(_net2d, (1, 2, 16, 48), 16), (_net3d, (1, 1, 8, 8, 24), 8)],
+    ids=["2d-batchnorm", "3d-instancenorm"],
+)
+def test_training_matches_untiled(make, shape, tile):
+    """Outputs, input and parameter gradients of a compiled training step (the recompute and its
+    backward compiled) against the eager untiled model; InstanceNorm's statistics come from an
+    earlier pass, so the compiled tiles take derived values as inputs."""
+    model = make()
+    if make is _net2d:
+        model = _randomise_norms(model)
+    x = torch.randn(shape)
+    net = _compiled_net(model, tile)
+    expected = _run(model, x, True)
+    got = _run(net, x, True)
+    names = ["output", "input gradient"] + [f"gradient of {n}" for n, _ in model.named_parameters()]
+    for name, a, b in zip(names, got, expected, strict=True):
+        _compare(a, b, name, **TOL)
+    assert all(c.compilations >= 1 and c.eager_calls == 0 for c in _compiled_stats(net))
+
+
+@pytest.mark.slow
+def test_tolerance_is_compiles_own():
+    """The tolerance the tests use holds for torch.compile of the untiled model itself: the
+    difference is inductor's, not tiling's."""
+    model = _randomise_norms(_net2d())
+    x = torch.randn(1, 2, 16, 48)
+    expected = _run(model, x, True)
+    got = _run(torch.compile(model), x, True)
+    for a, b in zip(got, expected, strict=True):
+        _compare(a, b, "torch.compile untiled", **TOL)
+
+
+def test_position_dependent_plan_runs_eagerly():
+    model = nn.Sequential(
+        nn.Conv2d(1, 2, 3, padding=1), nn.Upsample(scale_factor=2, mode="bilinear", align_corners=True)
+    )
+    x = torch.randn(1, 1, 16, 32)
+    net = bp.tiled(model, tile=16, compile=True)
+    with torch.no_grad(), pytest.warns(UserWarning, match="align_corners"):
+        y = net(x)
+    torch.testing.assert_close(y, model(x))
+    assert _compiled_stats(net)[0].compilations == 0
+
+
+def test_no_c_compiler_falls_back(monkeypatch):
+    """Inductor without a working C compiler (and no cached kernels): a warning, eager, exact."""
+    import torch._inductor.config as inductor
+
+    monkeypatch.setattr(inductor.cpp, "cxx", ("/nonexistent/c++",))
+    monkeypatch.setattr(inductor, "fx_graph_cache", False)
+    model, x = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.Tanh(), nn.Sigmoid()), torch.randn(1, 1, 16, 32)
+    net = bp.tiled(model, tile=16, compile=True)
+    with torch.no_grad(), pytest.warns(UserWarning, match="compiling a tile failed"):
+        y = net(x)
+    torch.testing.assert_close(y, model(x))
+
+
+def test_max_geometries_caps_compilation_eager_beyond():
+    """Past ``max_geometries`` the tiles of new geometries run eagerly, with one warning."""
+    model, x = nn.Sequential(nn.Conv2d(1, 1, 3, padding=1), nn.ReLU()), torch.randn(1, 1, 16, 32)
+    net = bp.tiled(model, tile=16, compile={"max_geometries": 0})
+    with torch.no_grad(), pytest.warns(UserWarning, match="more than 0 tile geometries"):
+        y = net(x)
+    torch.testing.assert_close(y, F.relu(model[0](x)))
+    assert _compiled_stats(net)[0].eager_calls == 2
