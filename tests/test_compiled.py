@@ -38,7 +38,10 @@ def _net2d():
 def _net3d():
     torch.manual_seed(0)
     return nn.Sequential(
-        nn.Conv3d(1, 3, 3, padding=1), nn.InstanceNorm3d(3, affine=True), nn.SiLU(), nn.Conv3d(3, 2, 3, padding=1)
+        nn.Conv3d(1, 3, 3, padding=1),
+        nn.InstanceNorm3d(3, affine=True),
+        nn.SiLU(),
+        nn.Conv3d(3, 2, 3, padding=1),
     )
 
 
@@ -92,6 +95,45 @@ def test_inference_2d_one_artefact_per_geometry():
         _compare(net(x + 1), model(x + 1), "output of a second call", **TOL)
     assert (compiled.compilations, compiled.compiled_calls) == (3, 8)
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] - before == 3
+    _compare(net.run(x), model(x).detach(), "net.run (inference, bigpicture infer's path)", **TOL)
+    assert (compiled.compilations, compiled.compiled_calls) == (3, 12)  # the same artefacts
+
+
+@pytest.mark.slow
+def test_cli_infer_compile(tmp_path):
+    """``bigpicture infer --compile`` writes what the untiled model computes."""
+    import argparse
+
+    import numpy as np
+    import zarr
+
+    from bigpicture.cli.infer import add_infer_command
+
+    (tmp_path / "model.py").write_text(
+        "from torch import nn\n"
+        "def factory():\n"
+        "    return nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.BatchNorm2d(3), nn.ReLU(), nn.Conv2d(3, 2, 1))\n"
+    )
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("cli_model", tmp_path / "model.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    torch.manual_seed(0)
+    model = _randomise_norms(module.factory()).eval()
+    torch.save(model.state_dict(), tmp_path / "w.pt")
+    x = np.random.default_rng(0).standard_normal((1, 2, 16, 64)).astype(np.float32)
+    np.save(tmp_path / "x.npy", x)
+    parser = argparse.ArgumentParser()
+    add_infer_command(parser.add_subparsers())
+    a = parser.parse_args(["infer", str(tmp_path / "x.npy"), "--out", str(tmp_path / "y.zarr"), "--model",
+                           f"{tmp_path / 'model.py'}:factory", "--weights", str(tmp_path / "w.pt"), "--quiet",
+                           "--tile", "16", "--compile"])  # fmt: skip
+    assert a.run(a) == 0
+    with torch.no_grad():
+        expected = model(torch.from_numpy(x))
+    got = torch.from_numpy(zarr.open_array(str(tmp_path / "y.zarr"), mode="r")[:])
+    _compare(got, expected, "bigpicture infer --compile", **TOL)
 
 
 @pytest.mark.slow
@@ -147,7 +189,10 @@ def test_no_c_compiler_falls_back(monkeypatch):
 
     monkeypatch.setattr(inductor.cpp, "cxx", ("/nonexistent/c++",))
     monkeypatch.setattr(inductor, "fx_graph_cache", False)
-    model, x = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.Tanh(), nn.Sigmoid()), torch.randn(1, 1, 16, 32)
+    model, x = (
+        nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.Tanh(), nn.Sigmoid()),
+        torch.randn(1, 1, 16, 32),
+    )
     net = bp.tiled(model, tile=16, compile=True)
     with torch.no_grad(), pytest.warns(UserWarning, match="compiling a tile failed"):
         y = net(x)

@@ -13,6 +13,7 @@ from bigpicture.engine import execute
 from bigpicture.engine.amp import autocast_dtype, no_autocast_cache
 from bigpicture.engine.plan import Plan, capture, default_tile, plan_graph, plan_splits
 from bigpicture.errors import TilingError
+from bigpicture.perf.compiled import compiled_plan
 from bigpicture.perf.devices import DEVICES, Device, get_device
 from bigpicture.perf.predict import predict
 from bigpicture.perf.schedule import analyse, best_tile, budget_reason, default_budget, for_run, parse_memory
@@ -100,7 +101,8 @@ class Tiled(nn.Module):
         if same in self._plans:  # the same tiles; only the prediction differs
             return replace(self._plans[same], training=training)
         plan = for_run(plan_graph(gm, inputs, self.tile, self.multipass), None, device, training)
-        return plan if amp == dtype else replace(plan, predictor=partial(_predict_in, amp))
+        plan = plan if amp == dtype else replace(plan, predictor=partial(_predict_in, amp))
+        return compiled_plan(plan) if self.compile and amp == dtype else plan
 
     def _choose(self, gm, inputs: list, training: bool, amp: torch.dtype) -> Plan:
         """The planner's plan: the fastest predicted tile whose predicted peak fits ``memory`` (by

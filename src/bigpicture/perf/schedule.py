@@ -23,6 +23,7 @@ from bigpicture.engine.plan import Plan, capture, plan_graph, plan_splits
 from bigpicture.engine.split import Split, split, stages
 from bigpicture.engine.tiles import layout, working_counts
 from bigpicture.errors import TilingError
+from bigpicture.perf.compiled import compiled_plan
 from bigpicture.perf.devices import Device, load_calibration
 from bigpicture.perf.multi import with_devices
 from bigpicture.perf.predict import (
@@ -241,6 +242,7 @@ def make_plan(
     memory=None,
     devices: int = 1,
     nodes: int | None = None,
+    compile: bool = False,
 ) -> Plan:
     """The plan for ``model`` on an input of ``input_shape`` (N, C, *spatial), with no tensor allocated.
 
@@ -261,6 +263,8 @@ def make_plan(
     ``devices``: predict one image's tiles shared by that many ranks (``bp.tiled(..., group=)``) on
     ``nodes`` nodes (default 8 devices per node): each rank's share, the imbalance and the
     communication over the device's links (``perf.multi.predict_devices``).
+    ``compile``: predict the tiles compiled (``bp.tiled(model, compile=True)``): memory-bound chains
+    fused by inductor (``perf.compiled``'s assumption); the tile is chosen as for eager tiles.
     """
     if memory is not None and tile is not None and tile != "auto":
         raise TypeError(
@@ -276,6 +280,7 @@ def make_plan(
     else:
         shapes = [(tuple(input_shape), model_dtype(gm), torch.device("cpu"))]
         plan = for_run(plan_graph(gm, shapes, tile, multipass), dtype, dev, training)
+    plan = compiled_plan(plan) if compile else plan
     return plan if devices == 1 and nodes is None else with_devices(plan, devices, nodes)
 
 

@@ -25,6 +25,7 @@ from bigpicture.engine.rules import Window
 from bigpicture.engine.rules.resample import ConvTranspose, Pad, Resample, Slice
 from bigpicture.engine.rules.window import AvgPool, Conv, MaxPool, Pool
 from bigpicture.engine.split import Split
+from bigpicture.perf.fusion import fuse
 from bigpicture.perf.rates import PARALLEL_ELEMENTS, Rates, conv_backend
 
 # fmt: off
@@ -127,6 +128,8 @@ def _step(
     if st.kind != "view" and elems >= PARALLEL_ELEMENTS:  # it runs on every thread: wakes them first
         st.fwd_s += rates.wake_s
         st.bwd_s += rates.wake_s if st.bwd_s else 0.0
+    if getattr(rates, "fused", False):  # compiled tiles: memory-bound chains fused (perf/fusion.py)
+        fuse(split, node, st)
     return st
 
 
