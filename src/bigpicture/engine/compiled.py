@@ -23,8 +23,11 @@ recompute), below dynamo's per-function recompile limit (``torch._dynamo.config.
 compiled per plan (dynamo's ``accumulated_recompile_limit`` counts them all); tiles of further
 geometries run eagerly, with one warning. Compilation that fails (no C compiler, an op inductor
 does not lower, an untraceable rule) is a warning naming the reason, and that plan runs eagerly
-from then on: the results stay exact, only the speed is lost. A plan whose tiles compute different
-values at translates (align_corners interpolation, a global stage's output) is not compiled.
+from then on: the results stay exact, only the speed is lost. (A training step compiles each
+geometry's forward without grad first, so a broken compiler shows there; a failure in compiling a
+backward alone, which AOTAutograd does at its first call, is raised, not caught.) A plan whose
+tiles compute different values at translates (align_corners interpolation, a global stage's
+output) is not compiled.
 """
 
 from __future__ import annotations
