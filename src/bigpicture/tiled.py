@@ -216,6 +216,11 @@ def tiled(
     dense outputs and streamed reductions are combined so that every rank gets the model's
     output, and the backward leaves every rank with the single-process gradients (summed over the
     image's tiles, not averaged). ``net.report.ranks`` has each rank's time and the imbalance.
+    ``compile``: compile each tile geometry once with ``torch.compile`` (``engine.compiled``; the
+    forward, and the backward's recompute with its backward) and reuse it for every translate of
+    that tile; ``print(net.plan)`` predicts the compiled step. A dict passes ``max_geometries=`` and
+    ``mode=``. Where compiling fails or cannot be exact, a warning says why and tiles run eagerly.
+    Float32 results match the untiled model to torch.compile's own rounding (README).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"bp.tiled expects an nn.Module, got {type(model).__name__}")
