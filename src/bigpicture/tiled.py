@@ -13,6 +13,7 @@ from bigpicture.engine import execute
 from bigpicture.engine.amp import autocast_dtype, no_autocast_cache
 from bigpicture.engine.plan import Plan, capture, default_tile, plan_graph, plan_splits
 from bigpicture.errors import TilingError
+from bigpicture.perf.compiled import compiled_plan
 from bigpicture.perf.devices import DEVICES, Device, get_device
 from bigpicture.perf.predict import predict
 from bigpicture.perf.schedule import (
@@ -44,6 +45,7 @@ class Tiled(nn.Module):
         group=None,
         cuts=None,
         host_memory=None,
+        compile: bool | dict = False,
     ) -> None:
         super().__init__()
         if memory is not None and tile is not None and tile != "auto":
@@ -64,6 +66,8 @@ class Tiled(nn.Module):
         self._graphs: dict = {}
         self._plans: dict = {}
         self._shares: dict = {}  # with group=: each plan's tiles per rank
+        self.compile = compile  # True, or torch.compile options (mode=, max_geometries=)
+        self._compiled: dict = {}  # id(plan of one pass) -> its compiled.CompiledTiles
         self.plan: Plan | None = None
         self.report = None  # what the last call or `run` did (tiles computed, reused; I/O wait)
 
@@ -105,14 +109,16 @@ class Tiled(nn.Module):
         same = (shape, dtype, amp, device, state, described, not training)
         if self.cuts is not None:
             dev = planning_device(device)
-            return staged_plan(gm, inputs, self.tile, self.memory, dev, amp, training, self.multipass,
+            plan = staged_plan(gm, inputs, self.tile, self.memory, dev, amp, training, self.multipass,
                                self.cuts, self.host_memory)  # fmt: skip
+            return compiled_plan(plan) if self.compile and amp == dtype else plan
         if self.planned:
             return self._choose(gm, inputs, training, amp)
         if same in self._plans:  # the same tiles; only the prediction differs
             return replace(self._plans[same], training=training)
         plan = for_run(plan_graph(gm, inputs, self.tile, self.multipass), None, device, training)
-        return plan if amp == dtype else replace(plan, predictor=partial(_predict_in, amp))
+        plan = plan if amp == dtype else replace(plan, predictor=partial(_predict_in, amp))
+        return compiled_plan(plan) if self.compile and amp == dtype else plan
 
     def _choose(self, gm, inputs: list, training: bool, amp: torch.dtype) -> Plan:
         """The planner's plan: the fastest predicted tile whose predicted peak fits ``memory`` (by
@@ -143,8 +149,20 @@ class Tiled(nn.Module):
         params, device = list(self.model.parameters()), self._device()
         team = self._team()
         self.report.ranks = team and team.times
-        out = execute.run(plan, (x, *args), params, device, progress, self.background, self.report, team)
+        compiled = self.compiled_tiles if self.compile else None
+        out = execute.run(
+            plan, (x, *args), params, device, progress, self.background, self.report, team, compiled
+        )
         return as_model_output(out, plan.split.gm.meta.get("bigpicture_output"))
+
+    def compiled_tiles(self, plan: Plan):
+        """The compiled tile functions of one pass's plan, made on first use and kept with the plan."""
+        from bigpicture.engine.compiled import CompiledTiles
+
+        if id(plan) not in self._compiled:
+            options = self.compile if isinstance(self.compile, dict) else {}
+            self._compiled[id(plan)] = CompiledTiles(plan, **options)
+        return self._compiled[id(plan)]
 
     def _team(self):
         """The ranks of ``group`` for one call, sharing tiles by their predicted cost."""
@@ -186,6 +204,7 @@ def tiled(
     group=None,
     cuts=None,
     host_memory=None,
+    compile: bool | dict = False,
 ) -> Tiled:
     """``model`` run tile by tile: same outputs, parameter gradients and input gradients.
 
@@ -222,10 +241,15 @@ def tiled(
     ``host_memory`` (default half of this machine's RAM), and the layers after it tile it with
     their own halo: small tiles then recompute far less. Exact, forward and backward;
     ``print(net.plan)`` shows the stages, their tiers and the bytes they move per step.
+    ``compile``: compile each tile geometry once with ``torch.compile`` (``engine.compiled``; the
+    forward, and the backward's recompute with its backward) and reuse it for every translate of
+    that tile; ``print(net.plan)`` predicts the compiled step. A dict passes ``max_geometries=`` and
+    ``mode=``. Where compiling fails or cannot be exact, a warning says why and tiles run eagerly.
+    Float32 results match the untiled model to torch.compile's own rounding (README).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"bp.tiled expects an nn.Module, got {type(model).__name__}")
-    return Tiled(model, tile, progress, multipass, memory, background, group, cuts, host_memory)
+    return Tiled(model, tile, progress, multipass, memory, background, group, cuts, host_memory, compile)
 
 
 def planning_device(device: torch.device | str) -> Device:

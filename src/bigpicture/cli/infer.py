@@ -64,6 +64,9 @@ def add_infer_command(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--multipass", action=argparse.BooleanOptionalAction, default=True,
                    help="extra passes over the tiles make global norms and squeeze-excitation exact "
                    "(default); --no-multipass: one pass, and such ops are an error")  # fmt: skip
+    p.add_argument("--compile", action="store_true", help="compile each tile geometry once with "
+                   "torch.compile (fused pointwise and norm ops; the first tiles of each geometry wait "
+                   "for the compiler; falls back to eager with a warning)")  # fmt: skip
     p.add_argument("--overwrite", action="store_true", help="start over instead of resuming")
     p.add_argument("--prefetch", action=argparse.BooleanOptionalAction, default=None,
                    help="read the next tile while one computes (default: on a GPU only)")  # fmt: skip
@@ -85,7 +88,8 @@ def infer_main(a: argparse.Namespace) -> int:
         device, group = _device(a.device)
         model = model.to(device).eval()
         source, background = _source(a)
-        net = tiled(model, tile=a.tile, memory=a.memory, multipass=a.multipass, group=group)
+        net = tiled(model, tile=a.tile, memory=a.memory, multipass=a.multipass, group=group,
+                    compile=a.compile)  # fmt: skip
         speaks = group is None or torch.distributed.get_rank() == 0  # one rank prints
         if a.tile is None and speaks:  # the planner's: the plan that run() makes (and caches) now
             plan = net.plan_for(source, training=False)

@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 from bigpicture.engine.plan import Plan, Tile
+from bigpicture.engine.tiles import geometry, translation_period
 from bigpicture.errors import TilingError
 from bigpicture.io.sources import Region, Source, as_source, region_shape
 
@@ -171,8 +172,7 @@ class BackgroundTiles:
         self.why_not = _why_not_exact(self.split)
         if self.why_not:
             warnings.warn(f"background skipping is off: {self.why_not}; every tile is computed", stacklevel=3)
-        strides = [s for n, s in self.split.strides.items() if self.split.roles.get(n) == "spatial"]
-        self.period = tuple(math.lcm(*(s[d].numerator for s in strides)) for d in range(len(plan.tile)))
+        self.period = translation_period(self.split)
 
     def key(self, tile: Tile):
         """Tiles with equal keys compute the same on the same input; None: never reuse this tile."""
@@ -181,20 +181,8 @@ class BackgroundTiles:
             lo <= 0 or hi >= n for lo, hi, n in zip(tile.read.lo, tile.read.hi, extent, strict=True)
         ):
             return None
-        shifts = [lo // p for lo, p in zip(tile.box.lo, self.period, strict=True)]
-        rest = tuple(lo % p for lo, p in zip(tile.box.lo, self.period, strict=True))
-        boxes = list(self.plan.needs(tile).items()) + list(zip(self.split.sinks, tile.writes, strict=True))
-        relative = []
-        for node, box in boxes:
-            stride = self.split.strides.get(node)
-            if stride is None:
-                return None
-            shift = [
-                -(m * p * f.denominator // f.numerator)
-                for m, p, f in zip(shifts, self.period, stride, strict=True)
-            ]
-            relative.append(box.shift(shift))
-        return (rest, tuple(relative))
+        free = (True,) * len(extent)
+        return geometry(self.split, tile, self.plan.needs(tile), self.period, free)
 
     def is_background(self, x: torch.Tensor) -> bool:
         return bool((x == self.value).all())

@@ -12,8 +12,6 @@ gradients are summed where read boxes overlap.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 import torch
 from torch.fx.node import map_arg
@@ -25,26 +23,8 @@ from bigpicture.engine.amp import autocast, autocast_state
 from bigpicture.engine.background import BackgroundTiles
 from bigpicture.engine.evaluator import Evaluator
 from bigpicture.engine.padding import Value, read
-from bigpicture.engine.plan import Plan, Tile
+from bigpicture.engine.plan import Plan, Tile, TileStats
 from bigpicture.engine.rules.reduce import Partial
-
-
-@dataclass
-class TileStats:
-    """What the tiled forward and backward of one call did (``net.report`` after a call)."""
-
-    tiles: int = 0
-    computed: int = 0  # forward tile computations
-    skipped: int = 0  # forward tiles that reused a background tile's outputs
-    backward_skipped: int = 0  # backward recomputations saved by background groups
-    ranks: object = None  # with group=: distributed.RankTimes, each rank's seconds (counts are this rank's)
-
-    def __str__(self) -> str:
-        text = (
-            f"{self.tiles} tiles: {self.computed} computed, {self.skipped} reused as background in the "
-            f"forward, {self.backward_skipped} recomputations saved in the backward"
-        )
-        return text if self.ranks is None else f"{text}; {self.ranks}"
 
 
 class Runner:
@@ -61,6 +41,7 @@ class Runner:
         background=None,
         stats=None,
         team=None,
+        compiled=None,
     ) -> None:
         self.plan, self.split, self.args, self.params = plan, plan.split, args, params
         self.device, self.progress = device, progress
@@ -72,6 +53,7 @@ class Runner:
         self.background = background  # BackgroundTiles: interior background tiles computed once
         self.groups: dict = {}  # background key -> the tiles that share its outputs
         self.stats = stats if stats is not None else TileStats()
+        self.compiled = compiled  # compiled.CompiledTiles: one compiled function per tile geometry, or None
         self.team = team  # distributed.Team: the ranks sharing this image's tiles, or None
         self.share = range(len(plan.tiles)) if team is None else team.share(plan)  # indices of its tiles
         self.tiles = tuple(plan.tiles[i] for i in self.share)
@@ -111,8 +93,14 @@ class Runner:
         return self.split.statics[node] if node in self.split.statics else env[node]
 
     def run_tile(self, tile: Tile, x: torch.Tensor, consts: dict) -> dict:
-        """The values of every sink on this tile's write boxes."""
-        s, need = self.split, self.plan.needs(tile)
+        """The values of every sink on this tile's write boxes (compiled, where ``compiled`` can)."""
+        need = self.plan.needs(tile)
+        out = None if self.compiled is None else self.compiled.run(self, tile, need, x, consts)
+        return self.eager_tile(tile, x, consts, need) if out is None else out
+
+    def eager_tile(self, tile: Tile, x: torch.Tensor, consts: dict, need: dict) -> dict:
+        """The tile interpreter: each spatial node on its ``need`` box, values freed after their last use."""
+        s = self.split
         env = dict(consts)
         env[s.input] = Value(x, tile.read)
         writes = dict(zip(s.sinks, tile.writes))
@@ -358,6 +346,7 @@ def run(
     background=None,
     stats=None,
     team=None,
+    compiled=None,
 ):
     """The model's output on ``args``, computed tile by tile; differentiable where grad is enabled.
 
@@ -365,10 +354,11 @@ def run(
     read box is all that value are computed once per geometry in the forward, and, when the input
     needs no gradient, recomputed once per geometry in the backward. ``stats``: a ``TileStats``
     to count into. ``team``: a ``distributed.Team``; each rank computes its share of the tiles.
+    ``compiled``: a function of a plan (each pass's) giving its ``compiled.CompiledTiles``, or None.
     """
     x = args[0] if isinstance(args[0], torch.Tensor) else None
     stats = stats if stats is not None else TileStats()
-    if x is not None and not plan.earlier and len(plan.tiles) == 1:
+    if x is not None and not plan.earlier and len(plan.tiles) == 1 and compiled is None:
         stats.tiles, stats.computed = 1, 1
         return plan.split.gm(*args)  # one tile is the whole image: tiling would only add a recompute
     trainable = [p for p in params if p.requires_grad]
@@ -379,7 +369,8 @@ def run(
         graph.evaluate_ready()
         derived = {n: graph.env[n] for n in stage.split.derived}
         bg = None if background is None else BackgroundTiles(stage, background, device)
-        runner = Runner(stage, args, trainable, device, progress, derived, bg, stats, team)
+        pass_compiled = None if compiled is None else compiled(stage)
+        runner = Runner(stage, args, trainable, device, progress, derived, bg, stats, team, pass_compiled)
         runner.keep_last = stage is plan
         grad = torch.is_grad_enabled() and (
             bool(trainable)

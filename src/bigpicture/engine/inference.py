@@ -89,7 +89,8 @@ def run(net, src, out=None, *, progress=False, background=None, prefetch=None, r
     if background is None and isinstance(source, MaskedSource):
         background = source.background
     stages, team = plan.earlier + (plan,), net._team()
-    runners = [Runner(stage, (source,), [], device, team=team) for stage in stages]
+    compiled = net.compiled_tiles if getattr(net, "compile", False) else (lambda stage: None)
+    runners = [Runner(stage, (source,), [], device, team=team, compiled=compiled(stage)) for stage in stages]
     store = targets = None
     if out is not None:
         identity = TensorSource(src).identity() if tensor_input else source.identity()

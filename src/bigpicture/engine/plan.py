@@ -302,3 +302,21 @@ def split_graph(gm, inputs: list, multipass: bool = True, cuts=()) -> list[Split
     whole = split(gm, values, x, multipass)
     cutting.check(whole.gm, values, whole.input, whole.roles)
     return stages(whole)
+
+
+@dataclass
+class TileStats:
+    """What the tiled forward and backward of one call did (``net.report`` after a call)."""
+
+    tiles: int = 0
+    computed: int = 0  # forward tile computations
+    skipped: int = 0  # forward tiles that reused a background tile's outputs
+    backward_skipped: int = 0  # backward recomputations saved by background groups
+    ranks: object = None  # with group=: distributed.RankTimes, each rank's seconds (counts are this rank's)
+
+    def __str__(self) -> str:
+        text = (
+            f"{self.tiles} tiles: {self.computed} computed, {self.skipped} reused as background in the "
+            f"forward, {self.backward_skipped} recomputations saved in the backward"
+        )
+        return text if self.ranks is None else f"{text}; {self.ranks}"

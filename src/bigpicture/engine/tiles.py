@@ -214,3 +214,33 @@ def working_counts(split: Split, lay: Layout, sink) -> tuple[int, ...]:
         w = int(Fraction(lay.tile[d]) / split.strides[sink][d])
         counts.append(min(lay.grid[d], math.ceil(split.extents[sink][d] / w)))
     return tuple(counts)
+
+
+def translation_period(split: Split) -> tuple[int, ...]:
+    """Per dimension, the least input shift that moves every spatial node by whole pixels: shifting
+    the input by D pixels shifts a node of stride s by D/s, an integer when the lcm of the strides'
+    numerators divides D."""
+    strides = [s for n, s in split.strides.items() if split.roles.get(n) == "spatial"]
+    return tuple(math.lcm(*(s[d].numerator for s in strides)) for d in range(split.nd))
+
+
+def geometry(split: Split, tile: Tile, need: dict, period, free) -> tuple | None:
+    """A key that two tiles share when their boxes on every node are the same up to a translation.
+
+    ``need``: the tile's box of every node (``Plan.needs``); ``period``: ``translation_period``;
+    ``free``: per dimension, whether the tile may be compared with its translates there (else its
+    absolute position counts, e.g. where it touches the image border and padding differs). Each
+    box is taken relative to the tile's shift, a whole number of periods, on that node's own grid.
+    None when some node has no stride (its grid is not the input's).
+    """
+    shifts = [lo // p if f else 0 for lo, p, f in zip(tile.box.lo, period, free, strict=True)]
+    rest = tuple(lo - m * p for lo, m, p in zip(tile.box.lo, shifts, period, strict=True))
+    relative = []
+    for node, box in list(need.items()) + list(zip(split.sinks, tile.writes, strict=True)):
+        stride = split.strides.get(node)
+        if stride is None:
+            return None
+        steps = zip(shifts, period, stride, strict=True)
+        shift = [-(m * p * f.denominator // f.numerator) for m, p, f in steps]
+        relative.append(box.shift(shift))
+    return (rest, tuple(relative))

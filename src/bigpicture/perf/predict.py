@@ -50,6 +50,7 @@ from bigpicture.engine.tiles import working_counts
 from bigpicture.errors import TilingError
 from bigpicture.perf.classes import aggregate
 from bigpicture.perf.devices import Device, for_torch, get_device, load_calibration
+from bigpicture.perf.fusion import fused_rates
 from bigpicture.perf.grid import Layout, class_grid, layout
 from bigpicture.perf.prediction import Prediction, Stage, _flops, _seconds, _size  # noqa: F401 (re-exported)
 from bigpicture.perf.rates import GPU_ASSUMPTIONS, Rates
@@ -79,6 +80,7 @@ def predict(
     input_on_device: bool | None = None,
     source=None,
     prefetch: bool = True,
+    shared: dict | None = None,
 ) -> Prediction:
     """Peak memory and time of running ``plan`` on ``device`` (a name from the device table or "cpu").
 
@@ -91,9 +93,10 @@ def predict(
     boxes (``read_seconds``) and added. On a GPU with ``prefetch`` (``net.run``'s default) the reads
     overlap the compute: the longer of the two, plus the first tile's read. On the CPU they add up:
     the reader thread (decoding slide tiles) competes with the compute for the same cores.
+    ``shared``: as ``predict_splits``'s; ``{"fused": True}`` predicts compiled tiles (``perf.compiled``).
     """
     if source is not None:
-        compute = predict(plan, device, training, dtype, input_grad, False)
+        compute = predict(plan, device, training, dtype, input_grad, False, shared=shared)
         # a GPU computes while the reader thread reads; on the CPU both want the same cores
         return with_reads(compute, read_seconds(plan, source), overlap=prefetch and compute.device != "cpu")
     passes = [*plan.earlier, plan]
@@ -109,6 +112,7 @@ def predict(
         plan.training if training is None else training,
         input_grad,
         input_on_device,
+        shared,
     )
 
 
@@ -235,6 +239,8 @@ def _setting(device, dtype, input_on_device, shared):
     shared = {} if shared is None else shared
     if "rates" not in shared:
         shared["rates"] = Rates(dev, dtype, None if dev.name != "cpu" else load_calibration())
+        if shared.get("fused"):  # compiled tiles: fused chains, no interpreter (perf.compiled)
+            fused_rates(shared["rates"])
     on_device = dev.name == "cpu" if input_on_device is None else input_on_device
     return dev, shared["rates"], on_device, shared
 

@@ -24,6 +24,7 @@ from bigpicture.engine.plan import Plan, capture, plan_graph, plan_splits
 from bigpicture.engine.split import Split, split, stages
 from bigpicture.engine.tiles import layout, working_counts
 from bigpicture.errors import TilingError
+from bigpicture.perf.compiled import compiled_plan
 from bigpicture.perf.cuts import cut_splits, host_budget
 from bigpicture.perf.devices import Device, load_calibration
 from bigpicture.perf.multi import best_on_devices, with_devices
@@ -245,6 +246,7 @@ def make_plan(
     nodes: int | None = None,
     cuts=None,
     host_memory=None,
+    compile: bool = False,
 ) -> Plan:
     """The plan for ``model`` on an input of ``input_shape`` (N, C, *spatial), with no tensor allocated.
 
@@ -269,6 +271,8 @@ def make_plan(
     "device", "zarr"), or ``"auto"`` for the planner's cuts; each cut's whole value is kept in host
     memory (at most ``host_memory``, default half of this machine's RAM) or, for inference, on disk
     (``perf/cuts.py``). ``print(plan)`` shows the stages, their tiers and the bytes they move per step.
+    ``compile``: predict the tiles compiled (``bp.tiled(model, compile=True)``): memory-bound chains
+    fused by inductor (``perf.compiled``'s assumption); the tile is chosen as for eager tiles.
     """
     if memory is not None and tile is not None and tile != "auto":
         raise TypeError(
@@ -291,6 +295,7 @@ def make_plan(
     else:
         shapes = [(tuple(input_shape), model_dtype(gm), torch.device("cpu"))]
         plan = for_run(plan_graph(gm, shapes, tile, multipass), dtype, dev, training)
+    plan = compiled_plan(plan) if compile else plan
     return plan if devices == 1 and nodes is None else with_devices(plan, devices, nodes)
 
 

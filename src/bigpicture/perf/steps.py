@@ -27,6 +27,7 @@ from bigpicture.engine.rules import Window
 from bigpicture.engine.rules.resample import ConvTranspose, Pad, Resample, Slice
 from bigpicture.engine.rules.window import AvgPool, Conv, MaxPool, Pool
 from bigpicture.engine.split import Split
+from bigpicture.perf.fusion import fuse
 from bigpicture.perf.rates import PARALLEL_ELEMENTS, Rates, conv_backend
 
 # fmt: off
@@ -159,6 +160,8 @@ def steps_of(split: Split, node, rows: Rows, item: int, rates: Rates, grad_in: b
     woken = (st.kind != "view") & (elems >= PARALLEL_ELEMENTS)  # it runs on every thread: wakes them first
     st.fwd_s = np.where(woken, st.fwd_s + rates.wake_s, st.fwd_s)
     st.bwd_s = np.where(woken & (st.bwd_s != 0), st.bwd_s + rates.wake_s, st.bwd_s)
+    if getattr(rates, "fused", False):  # compiled tiles: memory-bound chains fused (perf/fusion.py)
+        fuse(split, node, st)
     return st
 
 
