@@ -18,21 +18,8 @@ import argparse
 import os
 import time
 
-from memory import Synthetic, machine, resnet
+from memory import Synthetic, machine, resnet, timed_step
 from results import publish
-
-
-def _step(net, model, x, mode: str) -> tuple[float, float]:
-    import torch
-
-    t0, c0 = time.perf_counter(), time.process_time()
-    if mode == "inference":
-        with torch.no_grad():
-            net(x)
-    else:
-        model.zero_grad(set_to_none=True)
-        net(x).sum().backward()
-    return time.perf_counter() - t0, time.process_time() - c0
 
 
 def measure(mode: str, size: int, tiles: list[int], rounds: int, threads: int) -> list[dict]:
@@ -50,13 +37,13 @@ def measure(mode: str, size: int, tiles: list[int], rounds: int, threads: int) -
     x = Synthetic(size).materialise()
     loads, warm = [os.getloadavg()[0]], {}
     for key, net in runs.items():
-        warm[key] = _step(net, model, x, mode)  # planning and, compiled, the compilations
+        warm[key] = timed_step(net, model, x, mode)  # planning and, compiled, the compilations
         loads.append(os.getloadavg()[0])
         print(f"{mode} {size}² {key}: first step {warm[key][0]:.1f} s", flush=True)
     times: dict = {k: [] for k in runs}
     for _ in range(rounds):
         for key, net in runs.items():
-            times[key].append(_step(net, model, x, mode))
+            times[key].append(timed_step(net, model, x, mode))
         loads.append(os.getloadavg()[0])
     best = {k: min(w for w, _ in v) for k, v in times.items()}
     cpu = {k: min(c for _, c in v) for k, v in times.items()}

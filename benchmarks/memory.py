@@ -225,6 +225,20 @@ def checks(rows: list[dict], a) -> list[str]:
     return out
 
 
+def timed_step(net, model, x, mode: str) -> tuple[float, float]:
+    """(wall, CPU) seconds of one inference or training step of ``net`` (``model``'s gradients zeroed)."""
+    import torch
+
+    t0, c0 = time.perf_counter(), time.process_time()
+    if mode == "inference":
+        with torch.no_grad():
+            net(x)
+    else:
+        model.zero_grad(set_to_none=True)
+        net(x).sum().backward()
+    return time.perf_counter() - t0, time.process_time() - c0
+
+
 def machine() -> str:
     def sh(cmd):
         return subprocess.run(cmd, shell=True, capture_output=True, text=True).stdout.strip()

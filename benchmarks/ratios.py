@@ -19,7 +19,7 @@ import statistics
 import time
 from pathlib import Path
 
-from memory import Synthetic, machine, resnet
+from memory import Synthetic, machine, resnet, timed_step
 from results import publish, write_section
 
 
@@ -64,14 +64,7 @@ def measure(mode: str, size: int, runs_wanted: list, rounds: int, threads: int) 
     x = Synthetic(size).materialise()
 
     def step(net):
-        t0, c0 = time.perf_counter(), time.process_time()
-        if mode == "inference":
-            with torch.no_grad():
-                net(x)
-        else:
-            model.zero_grad(set_to_none=True)
-            net(x).sum().backward()
-        return time.perf_counter() - t0, time.process_time() - c0
+        return timed_step(net, model, x, mode)
 
     for net, _ in runs.values():
         step(net)  # warm-up and planning
