@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
+from bigpicture.engine.collectives import gather_packed
 from bigpicture.engine.rules.reduce import Partial
 from bigpicture.errors import TilingError
 
@@ -132,11 +133,12 @@ class Team:
         calibrations still split the tiles one way (each tile computed exactly once)."""
         cached = self.cache.get(id(plan))
         if cached is None or cached[0] is not plan:
-            bounds = None
+            ends = torch.zeros(self.size, dtype=torch.int64)
             if self.rank == 0:
                 weights = self.weights(plan) if self.weights is not None else [1.0] * len(plan.tiles)
-                bounds = [(r.start, r.stop) for r in shares(list(weights), self.size)]
-            cached = self.cache[id(plan)] = (plan, self.broadcast(bounds))
+                ends = torch.tensor([r.stop for r in shares(list(weights), self.size)], dtype=torch.int64)
+            ends = self.broadcast_tensor(ends).tolist()
+            cached = self.cache[id(plan)] = (plan, list(zip([0] + ends[:-1], ends)))
         return cached[1]
 
     def started(self) -> None:
@@ -169,10 +171,10 @@ class Team:
 
     def sum_gradients(self, totals: list, x_grad: torch.Tensor | None, like: list) -> list:
         """The backward's gradients of every rank summed, on every rank; this rank's time counted."""
-        self.backward_time(self.stopped())
+        seconds = self.stopped()
         if x_grad is not None:
             self.input_gradient(x_grad)
-        return self.gradients(totals, like)
+        return self.gradients(totals, like, seconds)
 
     @_collective
     def dense(self, values: dict) -> None:
@@ -184,10 +186,8 @@ class Team:
     def partials(self, ops: dict, partials: dict, about: tuple, device: torch.device) -> tuple[dict, list]:
         """Every rank's partial results merged in rank order, the same on every rank; with them,
         every rank's ``about``: (seconds of compute, dtypes of the dense sinks it wrote)."""
-        mine = [(_cpu(p.value), _cpu(p.ties), p.count) for p in partials.values()]
-        gathered = [None] * self.size
-        with self._objects():
-            dist.all_gather_object(gathered, (mine, about), group=self.group)
+        mine = [(p.value, p.ties, p.count) for p in partials.values()]
+        gathered = gather_packed((mine, about), self.group, self.device, self.cache)
         self.times.add([seconds for _, (seconds, _) in gathered])
         merged = {}
         for i, r in enumerate(partials):
@@ -200,18 +200,23 @@ class Team:
     # -- backward ------------------------------------------------------------------------------
 
     @_collective
-    def gradients(self, totals: list, like: list) -> list:
+    def gradients(self, totals: list, like: list, seconds: float = 0.0) -> list:
         """Per-rank gradient sums (None: no tile of this rank reached it) summed over ranks, in one
-        all-reduce; None where no rank's tiles reached it."""
+        all-reduce; None where no rank's tiles reached it. The same sum carries each rank's
+        ``seconds`` of backward compute, in its own slot (zeros elsewhere: x + 0 = x, exactly)."""
         wide = torch.float64 if self.device.type != "mps" else torch.float32
         parts = [
             torch.zeros(p.numel(), dtype=wide) if t is None else t.reshape(-1) for t, p in zip(totals, like)
         ]
         present = torch.tensor([t is not None for t in totals], dtype=wide)
-        flat = torch.cat([p.to(self.device, wide) for p in parts] + [present.to(self.device)])
+        clocks = torch.zeros(self.size, dtype=wide)
+        clocks[self.rank] = seconds
+        flat = torch.cat([p.to(self.device, wide) for p in parts + [present, clocks]])
         dist.all_reduce(flat, group=self.group)
+        self.times.add(flat[-self.size :].tolist())
+        flags = flat[-self.size - len(like) : -self.size].tolist()
         out, at = [], 0
-        for p, seen in zip(like, flat[-len(like) :].tolist() if like else []):
+        for p, seen in zip(like, flags):
             piece = flat[at : at + p.numel()].reshape(p.shape)
             out.append(piece.to(p.device) if seen > 0 else None)
             at += p.numel()
@@ -237,13 +242,6 @@ class Team:
             t.copy_(flat.view(t.shape))
 
     @_collective
-    def backward_time(self, seconds: float) -> None:
-        mine = torch.tensor([seconds], dtype=torch.float64, device=self.device)
-        gathered = [torch.zeros_like(mine) for _ in range(self.size)]
-        dist.all_gather(gathered, mine, group=self.group)
-        self.times.add([float(t) for t in gathered])
-
-    @_collective
     def gather(self, obj) -> list:
         """Every rank's ``obj``, in rank order, on every rank."""
         out = [None] * self.size
@@ -254,6 +252,13 @@ class Team:
     @_collective
     def barrier(self) -> None:
         dist.barrier(group=self.group)
+
+    @_collective
+    def broadcast_tensor(self, t: torch.Tensor, src: int = 0) -> torch.Tensor:
+        """``t`` of group rank ``src`` (the same shape and dtype on every rank), on every rank, on the CPU."""
+        on = t.to(self.device)
+        dist.broadcast(on, src=dist.get_global_rank(self.group, src), group=self.group)
+        return on.cpu()
 
     @_collective
     def broadcast(self, obj, src: int = 0):
@@ -320,10 +325,6 @@ def rank_device(kind: str) -> torch.device:
 def launched() -> bool:
     """Whether this process was started by torchrun (or alike) with more than one rank."""
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
-
-
-def _cpu(t):
-    return None if t is None else t.detach().cpu()
 
 
 def _to(t, device):
