@@ -27,9 +27,9 @@ import socket
 import statistics
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -39,16 +39,23 @@ sys.path.insert(0, str(Path(__file__).parent))
 from results import publish  # noqa: E402
 
 import bigpicture as bp  # noqa: E402
-from bigpicture.perf.devices import INTERCONNECTS, NODE_LINKS, Interconnect  # noqa: E402
-from bigpicture.perf.multi import (  # noqa: E402
+from bigpicture.engine.collectives import counted  # noqa: E402
+from bigpicture.perf.comm import (  # noqa: E402
     LINK_EFFICIENCY,
+    all_gather_s,
     all_reduce_s,
+    collectives,
     communication,
-    predict_devices,
-    tile_costs,
 )
+from bigpicture.perf.devices import INTERCONNECTS, NODE_LINKS, Interconnect  # noqa: E402
+from bigpicture.perf.multi import predict_devices, tile_costs  # noqa: E402
 
 SIZES = [2**k for k in range(7, 22, 2)]  # float64 elements: 1 KiB .. 16 MiB
+SMALL, LARGE = (
+    2**11,
+    2**17,
+)  # elements: the latency is fitted at and below 16 KiB, the bandwidth from 1 MiB up
+CALIBRATION_REPEATS = 9
 
 
 def classifier() -> nn.Module:
@@ -70,19 +77,28 @@ def segmenter() -> nn.Module:
 MODELS = {"classifier (streamed reduction)": classifier, "segmenter (dense output)": segmenter}
 
 
-def _calibrate(world: int) -> list[float]:
-    """Median seconds of a gloo all-reduce per size in SIZES (rank 0's clock, after a barrier)."""
-    medians = []
+def _calibrate(world: int) -> dict[str, list[float]]:
+    """Median seconds of a gloo all-reduce and of an all-gather (``all_gather_single``, what the
+    engine gathers its packed results by) per size in SIZES, on rank 0's clock, after a barrier."""
+    from bigpicture.engine.collectives import all_gather_single
+
+    medians = {"all_reduce": [], "all_gather": []}
     for n in SIZES:
         t = torch.ones(n, dtype=torch.float64)
-        times = []
-        for i in range(7):
-            dist.barrier()
-            started = time.perf_counter()
-            dist.all_reduce(t)
-            if i >= 2:
-                times.append(time.perf_counter() - started)
-        medians.append(statistics.median(times))
+        out = torch.empty(world * n, dtype=torch.float64)
+        calls = {
+            "all_reduce": partial(dist.all_reduce, t),
+            "all_gather": partial(all_gather_single, out, t, None),
+        }
+        for kind, call in calls.items():
+            times = []
+            for i in range(CALIBRATION_REPEATS + 2):
+                dist.barrier()
+                started = time.perf_counter()
+                call()
+                if i >= 2:
+                    times.append(time.perf_counter() - started)
+            medians[kind].append(statistics.median(times))
     return medians
 
 
@@ -99,21 +115,24 @@ def _worker(
     model = MODELS[name]()
     x = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(0))
     net = bp.tiled(model, tile=tile, group=group)
-    walls, talks, computes = [], [], []
+    walls, talks, computes, sent = [], [], [], []
     for i in range(repeats + 1):  # the first step captures and plans
         model.zero_grad()
         if group is not None:
             dist.barrier()
-        started = time.perf_counter()
-        y = net(x)
-        (y.square().mean()).backward()
-        wall = time.perf_counter() - started
+        with counted() as calls:
+            started = time.perf_counter()
+            y = net(x)
+            (y.square().mean()).backward()
+            wall = time.perf_counter() - started
         ranks = net.report.ranks
         if i:
             walls.append(wall)
             talks.append(ranks.communication if ranks else 0.0)
             computes.append(ranks.seconds[rank] if ranks else wall)
-    out.put((rank, {"wall": walls, "comm": talks, "compute": computes, "calibration": calibration}))
+            sent.append(calls)
+    results = {"wall": walls, "comm": talks, "compute": computes, "calibration": calibration, "calls": sent}
+    out.put((rank, results))
     if group is not None:
         dist.destroy_process_group()
 
@@ -129,41 +148,70 @@ def run(world: int, threads: int, name: str, size: int, tile: int, repeats: int)
     return [r for _, r in sorted(queue.get() for _ in range(world))]
 
 
-def fit_link(world: int, seconds: list[float]) -> Interconnect:
-    """The loopback link that a ring all-reduce model fits to the calibration."""
-    b, a = np.polyfit(np.array(SIZES, dtype=float) * 8, np.array(seconds), 1)
-    latency = max(a, 0.0) / (2 * (world - 1))
-    bandwidth = (2 * (world - 1) / world) / b
+def _terms(kind: str, world: int, elements: int) -> tuple[int, float]:
+    """A ring collective's latency steps and the bytes each rank sends through the ring."""
+    nbytes = 8 * elements
+    if kind == "all_reduce":
+        return 2 * (world - 1), 2 * (world - 1) / world * nbytes
+    return world - 1, (world - 1) * nbytes
+
+
+def fit_link(world: int, measured: dict[str, list[float]]) -> Interconnect:
+    """The loopback link of the ring model (``perf.comm``), the latency fitted apart from the
+    bandwidth: the latency per ring step is the median over the small sizes (<= 16 KiB, both
+    collectives) of (time - bytes / bandwidth) / steps, the bandwidth the median over the large
+    ones (>= 1 MiB) of bytes / (time - steps x latency); two rounds, each with the other's figure
+    (a straight line through all sizes lets the 16 MiB points set the latency: 1.0 ms fitted
+    against 0.3 ms measured at 1 KiB)."""
+    points = [(*_terms(kind, world, n), t) for kind, ts in measured.items() for n, t in zip(SIZES, ts)]
+    small = [(s, b, t) for s, b, t in points if b <= _terms("all_gather", world, SMALL)[1]]
+    large = [(s, b, t) for s, b, t in points if b >= _terms("all_reduce", world, LARGE)[1]]
+    latency, bandwidth = statistics.median(t / s for s, _, t in small), float("inf")
+    for _ in range(2):
+        bandwidth = statistics.median(b / max(t - s * latency, 1e-9) for s, b, t in large)
+        latency = max(statistics.median((t - b / bandwidth) / s for s, b, t in small), 0.0)
     return Interconnect(f"gloo {world} ranks", bandwidth / LINK_EFFICIENCY, latency, "measured here")
 
 
 def calibration_section(calibrations: dict) -> list[str]:
-    """gloo's all-reduce measured per size against the ring model fitted to it, for 2 and 3 ranks."""
+    """gloo's collectives measured per size against the ring model fitted to them, for 2 and 3 ranks."""
     rows = [
-        "| ranks | "
+        "| ranks | collective | "
         + " | ".join(f"{8 * n / 2**10:,.0f} KiB" for n in SIZES)
-        + " | fit: latency per ring step, "
-        "bandwidth |",
-        "|---|" + "---|" * (len(SIZES) + 1),
+        + " | fit: latency per ring step, bandwidth |",
+        "|---|---|" + "---|" * (len(SIZES) + 1),
     ]
-    for world, seconds in sorted(calibrations.items()):
-        link = fit_link(world, seconds)
-        cells = [
-            f"{1e3 * t:.2f} / {1e3 * all_reduce_s(8 * n, world, 1, (link, link)):.2f} ms"
-            for n, t in zip(SIZES, seconds)
-        ]
+    model = {"all_reduce": all_reduce_s, "all_gather": all_gather_s}
+    for world, measured in sorted(calibrations.items()):
+        link = fit_link(world, measured)
         speed = link.bandwidth_bytes_per_s * LINK_EFFICIENCY / 1e9
-        rows.append(
-            f"| {world} | " + " | ".join(cells) + f" | {link.latency_s * 1e6:.0f} us, {speed:.2f} GB/s |"
-        )
+        for kind, seconds in measured.items():
+            cells = [
+                f"{1e3 * t:.2f} / {1e3 * model[kind](8 * n, world, 1, (link, link)):.2f} ms"
+                for n, t in zip(SIZES, seconds)
+            ]
+            rows.append(
+                f"| {world} | {kind} | "
+                + " | ".join(cells)
+                + f" | {link.latency_s * 1e6:.0f} us, {speed:.2f} GB/s |"
+            )
     return rows
+
+
+def per_call_least(ranks: list[dict], step: int) -> tuple[float, int]:
+    """Seconds of one step's collectives without the waiting: per collective, the rank that spent
+    least in it (the last to arrive waits for no one), summed; and how many collectives it made."""
+    calls = [r["calls"][step] for r in ranks]
+    assert len({len(c) for c in calls}) == 1, "the ranks made different collectives"
+    return sum(min(c[j][2] for c in calls) for j in range(len(calls[0]))), len(calls[0])
 
 
 def measured_section(size: int, tile: int, repeats: int, calibrations: dict) -> list[str]:
     rows = [
-        "| model | processes x threads | step (median) | slowest rank computes | communication measured "
-        "(least-waiting rank) | step - slowest compute | predicted | gloo fit |",
-        "|---|---|---|---|---|---|---|---|",
+        "| model | processes x threads | step (median) | slowest rank computes | collectives per step: "
+        "engine / model | communication measured (per collective, least rank) | predicted | "
+        "in collectives, least-waiting rank | step - slowest compute | gloo fit |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, make in MODELS.items():
         plan = bp.make_plan(make(), (1, 3, size, size), tile=tile, device="cpu", training=True)
@@ -171,18 +219,23 @@ def measured_section(size: int, tile: int, repeats: int, calibrations: dict) -> 
             ranks = run(world, threads, name, size, tile, repeats)
             step = statistics.median(max(r["wall"][i] for r in ranks) for i in range(repeats))
             compute = statistics.median(max(r["compute"][i] for r in ranks) for i in range(repeats))
-            talk = statistics.median(min(r["comm"][i] for r in ranks) for i in range(repeats))
             if world == 1:
-                rows.append(f"| {name} | 1 x {threads} | {step:.3f} s | {compute:.3f} s | - | - | - | - |")
+                cells = f"{step:.3f} s | {compute:.3f} s | - | - | - | - | - | -"
+                rows.append(f"| {name} | 1 x {threads} | {cells} |")
                 continue
+            waited = statistics.median(min(r["comm"][i] for r in ranks) for i in range(repeats))
+            least = [per_call_least(ranks, i) for i in range(repeats)]
+            talk = statistics.median(t for t, _ in least)
             calibrations.setdefault(world, ranks[0]["calibration"])
             link = fit_link(world, ranks[0]["calibration"])
             predicted = sum(s for _, s in communication(plan, world, 1, (link, link))[0])
+            count = len(collectives(plan, world))
             speed = link.bandwidth_bytes_per_s * LINK_EFFICIENCY / 1e9
             fit = f"{link.latency_s * 1e6:.0f} us/step, {speed:.2f} GB/s"
             rows.append(
-                f"| {name} | {world} x 1 | {step:.3f} s | {compute:.3f} s | {1e3 * talk:.1f} ms | "
-                f"{1e3 * (step - compute):.1f} ms | {1e3 * predicted:.1f} ms | {fit} |"
+                f"| {name} | {world} x 1 | {step:.3f} s | {compute:.3f} s | {least[0][1]} / {count} | "
+                f"{1e3 * talk:.1f} ms | {1e3 * predicted:.1f} ms | {1e3 * waited:.1f} ms | "
+                f"{1e3 * (step - compute):.1f} ms | {fit} |"
             )
     return rows
 
@@ -253,7 +306,7 @@ def main(argv=None) -> None:
     a.add_argument("--write", action="store_true", help="store the section in RESULTS.md")
     a.add_argument("--size", type=int, default=384)
     a.add_argument("--tile", type=int, default=96)
-    a.add_argument("--repeats", type=int, default=3)
+    a.add_argument("--repeats", type=int, default=5)
     a.add_argument("--no-scaling", action="store_true")
     args = a.parse_args(argv)
     load, calibrations = os.getloadavg()[0], {}

@@ -43,8 +43,9 @@ def test_devices_share_the_one_device_time(training):
     assert p.imbalance >= 1 and one.time / 4 < four.time < one.time
     talk = dict(p.communication)
     assert ("parameter gradients" in talk) == training
-    params = sum(q.numel() for q in _model().parameters())
-    assert four.memory == one.memory + (8 * params if training else 0)
+    params = list(_model().parameters())
+    buffer = 8 * (sum(q.numel() for q in params) + len(params) + 4)  # values, flags, each rank's clock
+    assert four.memory == one.memory + (buffer if training else 0)
     assert "4 x H100-SXM on 1 node(s); NVLink4" in str(four)
 
 
@@ -136,3 +137,13 @@ def test_cli_plans_the_tile_for_n_devices(tmp_path, capsys):
         rows["4xH100-SXM"]
     )
     assert rows["H100-SXM"][3] == "1024x1024"
+
+
+def test_n_devices_with_the_planners_tile_predict_compiled_tiles():
+    """``compile=True`` with no tile: the tile is chosen as for eager tiles, its step predicted compiled."""
+    shape, run = (1, 3, 2048, 2048), dict(device="H100-SXM", devices=4, training=True)
+    eager = bp.make_plan(_model(), shape, **run)
+    compiled = bp.make_plan(_model(), shape, compile=True, **run)
+    given = bp.make_plan(_model(), shape, tile=compiled.tile, compile=True, **run)
+    assert compiled.tile == eager.tile and compiled.time == pytest.approx(given.time)
+    assert compiled.prediction.single.time < eager.prediction.single.time

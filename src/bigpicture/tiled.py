@@ -11,6 +11,7 @@ from torch.utils._pytree import TreeSpec, tree_flatten, tree_unflatten
 
 from bigpicture.engine import execute
 from bigpicture.engine.amp import autocast_dtype, no_autocast_cache
+from bigpicture.engine.distributed import from_rank_zero
 from bigpicture.engine.plan import Plan, capture, default_tile, plan_graph, plan_splits
 from bigpicture.errors import TilingError
 from bigpicture.perf.compiled import compiled_plan
@@ -137,7 +138,8 @@ class Tiled(nn.Module):
         run_dtype = amp if dtype.is_floating_point else self._param_dtype()
         budget = default_budget(dev) if self.memory is None else self.memory
         splits = analyse(gm, shape, self.multipass, inputs)
-        best = best_tile(splits, shape, budget, dev, run_dtype, training)
+        choose = partial(best_tile, splits, shape, budget, dev, run_dtype, training)
+        best = choose() if self.group is None else from_rank_zero(self.group, choose)  # ranks agree
         if self.memory is None:
             best = best.with_note(f"{budget_reason(dev, self.tile)}; {best.note}")
         return for_run(plan_splits(splits, shape, dtype, best.tile), None, dev, training, best)

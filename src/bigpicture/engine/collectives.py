@@ -17,9 +17,10 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 import pickle
+import struct
 import time
-from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -33,24 +34,21 @@ PRIMITIVES = (
 )  # fmt: skip
 
 
-@dataclass(frozen=True)
-class _Raw:
-    """Where a tensor was in a packed object: its index among the raw tensors, dtype and shape."""
-
-    index: int
-    dtype: torch.dtype
-    shape: tuple
+_TENSOR = "\0bigpicture-tensor"  # marks a tensor's place in a packed description
 
 
-def pack(obj) -> torch.Tensor:
+def pack(obj) -> bytes:
     """``obj`` (tuples, lists, dicts of tensors and plain values) as bytes: an 8-byte length of the
-    pickled description, the description (tensors replaced by ``_Raw``), then the tensors' bytes."""
-    tensors: list[torch.Tensor] = []
+    pickled description (each tensor replaced by a marker, its dtype's name and shape), the
+    description, then the tensors' raw bytes in order. Plain Python and one copy per tensor: a
+    torch op costs more than the bytes here."""
+    raw: list[bytes] = []
 
     def strip(o):
         if isinstance(o, torch.Tensor):
-            tensors.append(o.detach().to("cpu").contiguous().reshape(-1))
-            return _Raw(len(tensors) - 1, o.dtype, tuple(o.shape))
+            t = o.detach().to("cpu").contiguous().reshape(-1)
+            raw.append(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+            return (_TENSOR, str(o.dtype).removeprefix("torch."), tuple(o.shape))
         if isinstance(o, (list, tuple)):
             return type(o)(strip(x) for x in o)
         if isinstance(o, dict):
@@ -58,52 +56,31 @@ def pack(obj) -> torch.Tensor:
         return o
 
     meta = pickle.dumps(strip(obj))
-    head = torch.tensor([len(meta)], dtype=torch.int64).view(torch.uint8)
-    parts = [head, torch.frombuffer(bytearray(meta), dtype=torch.uint8)]
-    return torch.cat(parts + [t.view(torch.uint8) if t.numel() else t.new_empty(0).view(torch.uint8)
-                              for t in tensors])  # fmt: skip
+    return b"".join([struct.pack("<q", len(meta)), meta, *raw])
 
 
-def unpack(data: torch.Tensor):
-    """The object ``pack`` made ``data`` from (a CPU uint8 tensor), its tensors on the CPU."""
-    size = int(data[:8].clone().view(torch.int64))
-    meta = pickle.loads(data[8 : 8 + size].numpy().tobytes())
-    at, raws = 8 + size, []
-
-    def find(o):
-        if isinstance(o, _Raw):
-            raws.append(o)
-        elif isinstance(o, (list, tuple)):
-            for x in o:
-                find(x)
-        elif isinstance(o, dict):
-            for x in o.values():
-                find(x)
-
-    find(meta)
-    tensors = {}
-    for raw in sorted(raws, key=lambda r: r.index):
-        n = torch.empty((), dtype=raw.dtype).element_size() * _numel(raw.shape)
-        tensors[raw.index] = data[at : at + n].clone().view(raw.dtype).reshape(raw.shape)
-        at += n
+def unpack(data: bytes):
+    """The object ``pack`` made ``data`` from, its tensors on the CPU."""
+    (size,) = struct.unpack_from("<q", data)
+    at = [8 + size]
 
     def fill(o):
-        if isinstance(o, _Raw):
-            return tensors[o.index]
+        if isinstance(o, tuple) and len(o) == 3 and o[0] == _TENSOR:
+            dtype, shape = getattr(torch, o[1]), o[2]
+            n = dtype.itemsize * math.prod(shape)
+            chunk, at[0] = data[at[0] : at[0] + n], at[0] + n
+            return (
+                torch.frombuffer(bytearray(chunk), dtype=dtype).reshape(shape)
+                if n
+                else torch.empty(shape, dtype=dtype)
+            )
         if isinstance(o, (list, tuple)):
             return type(o)(fill(x) for x in o)
         if isinstance(o, dict):
             return {k: fill(v) for k, v in o.items()}
         return o
 
-    return fill(meta)
-
-
-def _numel(shape) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
+    return fill(pickle.loads(data[8 : 8 + size]))
 
 
 def gather_packed(obj, group, device: torch.device, cache: dict) -> list:
@@ -113,27 +90,24 @@ def gather_packed(obj, group, device: torch.device, cache: dict) -> list:
     data, size = pack(obj), dist.get_world_size(group)
     slot = cache.setdefault("slot", FIRST_SLOT)
     gathered = _slots(data, slot, size, group, device)
-    lengths = [int(g[:8].clone().view(torch.int64)) for g in gathered]
+    lengths = [struct.unpack_from("<q", g)[0] for g in gathered]
     if max(lengths) + 8 > slot:  # every rank saw the same lengths: all take the second round
         slot = cache["slot"] = 1 << (max(lengths) + 8 - 1).bit_length()
         gathered = _slots(data, slot, size, group, device)
     return [unpack(g[8 : 8 + n]) for g, n in zip(gathered, lengths)]
 
 
-def _slots(data: torch.Tensor, slot: int, size: int, group, device: torch.device) -> list[torch.Tensor]:
+def _slots(data: bytes, slot: int, size: int, group, device: torch.device) -> list[bytes]:
     """One all-gather of ``slot`` bytes per rank: this rank's length (8 bytes), then as much of
-    ``data`` as fits; every rank's slot, on the CPU."""
-    mine = torch.zeros(slot, dtype=torch.uint8)
-    mine[:8] = torch.tensor([len(data)], dtype=torch.int64).view(torch.uint8)
-    fits = min(len(data), slot - 8)
-    mine[8 : 8 + fits] = data[:fits]
+    ``data`` as fits; every rank's slot."""
+    mine = (struct.pack("<q", len(data)) + data[: slot - 8]).ljust(slot, b"\0")
     out = torch.empty(size * slot, dtype=torch.uint8, device=device)
-    _all_gather_single(out, mine.to(device), group=group)
-    out = out.cpu()
+    all_gather_single(out, torch.frombuffer(bytearray(mine), dtype=torch.uint8).to(device), group)
+    out = out.cpu().numpy().tobytes()
     return [out[r * slot : (r + 1) * slot] for r in range(size)]
 
 
-def _all_gather_single(out: torch.Tensor, mine: torch.Tensor, group) -> None:
+def all_gather_single(out: torch.Tensor, mine: torch.Tensor, group) -> None:
     """``all_gather_single`` (torch >= 2.12), else its older name ``all_gather_into_tensor``."""
     gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
     gather(out, mine, group=group)

@@ -269,23 +269,41 @@ class Team:
         return box[0]
 
 
+def from_rank_zero(group, compute):
+    """``compute()`` of group rank 0, on every rank of ``group`` (the others do not call it).
+
+    For the planner's tile: ranks choosing on their own could choose differently (each its own
+    clock, calibration or free memory) and then plan different tiles."""
+    return _rank_zero_first(Team(group), compute, "choose the tile", share=True)
+
+
+def _rank_zero_first(team, compute, what: str, share: bool):
+    """``compute()`` on rank 0 only: its result (on every rank with ``share``, else on rank 0).
+    An exception on rank 0 is raised there and, as a TilingError naming it, on every other rank:
+    none is left waiting for rank 0."""
+    value, error = None, None
+    if team.rank == 0:
+        try:
+            value = compute()
+        except Exception as exc:  # the other ranks must hear of it rather than wait for rank 0
+            error = exc
+    message = None if error is None else f"{type(error).__name__}: {error}"
+    sent, message = team.broadcast((value if share else None, message))
+    if error is not None:
+        raise error
+    if message is not None:
+        raise TilingError(f"rank 0 could not {what}: {message}")
+    return sent if share else value
+
+
 def shared_store(team, make, resume: bool):
     """``make(overwrite, writer)``: the store of this process. With a team, rank 0 creates (or checks)
     it before the other ranks open it, each rank keeps its own record of its tiles, and a pass that
     any rank saw finished is finished on every rank (its result is the ranks' merged reductions)."""
     if team is None:
         return make(not resume, None)
-    writer, sink, error = f"rank{team.rank}of{team.size}", None, None
-    if team.rank == 0:
-        try:
-            sink = make(not resume, writer)
-        except Exception as exc:  # the other ranks must hear of it rather than wait for rank 0
-            error = exc
-    message = team.broadcast(None if error is None else f"{type(error).__name__}: {error}")
-    if error is not None:
-        raise error
-    if message is not None:
-        raise TilingError(f"rank 0 could not open the store: {message}")
+    writer = f"rank{team.rank}of{team.size}"
+    sink = _rank_zero_first(team, lambda: make(not resume, writer), "open the store", share=False)
     sink = sink or make(False, writer)
     longest = max(team.gather(sink.passes), key=len)
     for result in longest[len(sink.passes) :]:

@@ -25,11 +25,10 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, replace
 
-import torch
-
 from bigpicture.engine.distributed import shares
 from bigpicture.engine.plan import Plan, plan_splits
 from bigpicture.errors import TilingError
+from bigpicture.perf.comm import LINK_EFFICIENCY, all_reduce_s, communication  # noqa: F401 (re-exported)
 from bigpicture.perf.devices import NODE_LINKS, Interconnect, get_interconnect, load_calibration
 from bigpicture.perf.grid import Geometry, _dim_keys
 from bigpicture.perf.predict import (
@@ -45,9 +44,7 @@ from bigpicture.perf.predict import (
 from bigpicture.perf.rates import Rates
 from bigpicture.perf.walk import walk
 
-LINK_EFFICIENCY = 0.8  # assumed: nccl-tests bus bandwidths reach 70-90% of the link's specification
 DEVICES_PER_NODE = 8  # the default node: 8 GPUs, as in NVIDIA DGX/HGX systems
-OBJECT_BYTES = 1024  # a pickled partial result: small tensors plus pickle framing (assumed)
 
 
 def tile_costs(plan: Plan) -> list[float]:
@@ -194,50 +191,6 @@ def predict_devices(
     per_rank = tuple(single.time * sum(costs[i] for i in r) / total for r in shares(costs, devices))
     talk, buffer = communication(plan, devices, nodes, links)
     return DevicesPrediction(single, devices, nodes, links, per_rank, talk, buffer)
-
-
-def communication(plan: Plan, n: int, nodes: int, links) -> tuple[tuple[tuple[str, float], ...], int]:
-    """Seconds of each kind of collective in one step, and the bytes of the gradient buffer."""
-    passes = [*plan.earlier, plan]
-    item = torch.empty((), dtype=plan.dtype).element_size() if plan.dtype.is_floating_point else 4
-    dense = reductions = 0.0
-    for stage in passes:
-        s = stage.split
-        sinks = [k for k in s.sinks if any(s.roles.get(u) in ("tail", "output") for u in k.users)]
-        dense += all_reduce_s(sum(math.prod(s.shapes[k]) for k in sinks) * item, n, nodes, links)
-        reductions += all_gather_s(OBJECT_BYTES, n, nodes, links)
-        reductions += all_gather_s(8, n, nodes, links) if plan.training else 0.0  # each rank's time
-    talk = [("dense outputs", dense), ("reductions", reductions)]
-    model = plan.split.gm.meta.get("bigpicture_model", plan.split.gm)
-    buffer = 8 * sum(p.numel() for p in model.parameters() if p.requires_grad) if plan.training else 0
-    if plan.training:
-        talk.append(("parameter gradients", len(passes) * all_reduce_s(buffer, n, nodes, links)))
-    return tuple(talk), buffer
-
-
-def all_reduce_s(nbytes: float, n: int, nodes: int, links) -> float:
-    """Seconds of a (hierarchical) ring all-reduce of ``nbytes`` over ``n`` ranks on ``nodes`` nodes."""
-    if n == 1 or nbytes == 0:
-        return 0.0
-    within, between = links
-    g, m = n // nodes, nodes
-    seconds = _ring(nbytes, g, within)
-    return seconds + (_ring(nbytes / g, m, between) if m > 1 else 0.0)
-
-
-def all_gather_s(nbytes: float, n: int, nodes: int, links) -> float:
-    """Seconds to gather ``nbytes`` from each of ``n`` ranks on every rank (a ring; the slower link)."""
-    if n == 1:
-        return 0.0
-    link = links[1] if nodes > 1 else links[0]
-    return (n - 1) * (link.latency_s + nbytes / (LINK_EFFICIENCY * link.bandwidth_bytes_per_s))
-
-
-def _ring(nbytes: float, n: int, link: Interconnect) -> float:
-    if n == 1:
-        return 0.0
-    bandwidth = LINK_EFFICIENCY * link.bandwidth_bytes_per_s
-    return 2 * (n - 1) / n * nbytes / bandwidth + 2 * (n - 1) * link.latency_s
 
 
 def with_devices(

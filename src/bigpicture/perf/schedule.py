@@ -285,9 +285,8 @@ def make_plan(
         shapes = [(tuple(input_shape), model_dtype(gm), torch.device("cpu"))]
         plan = staged_plan(gm, shapes, tile, memory, dev, dtype, training, multipass, cuts, host_memory)
     elif devices > 1 and (tile is None or tile == "auto" or memory is not None):
-        return _plan_on_devices(
-            gm, input_shape, dtype, dev, multipass, training, memory, tile, devices, nodes
-        )
+        return _plan_on_devices(gm, input_shape, dtype, dev, multipass, training, memory, tile, devices,
+                                nodes, compile)  # fmt: skip
     elif tile is None or tile == "auto" or memory is not None:
         budget = default_budget(dev) if memory is None else memory
         plan = choose_tile(gm, input_shape, budget, dev, dtype, training, multipass).plan
@@ -299,9 +298,11 @@ def make_plan(
     return plan if devices == 1 and nodes is None else with_devices(plan, devices, nodes)
 
 
-def _plan_on_devices(gm, input_shape, dtype, dev, multipass, training, memory, tile, devices, nodes) -> Plan:
+def _plan_on_devices(
+    gm, input_shape, dtype, dev, multipass, training, memory, tile, devices, nodes, compile=False
+) -> Plan:
     """The plan of the tile whose step on ``devices`` ranks is predicted fastest under each device's
-    memory (``multi.best_on_devices``), its prediction for them attached."""
+    memory (``multi.best_on_devices``); with ``compile``, that tile's step predicted compiled."""
     splits = analyse(gm, input_shape, multipass)
     budget = parse_memory(default_budget(dev) if memory is None else memory)
     check_budget(splits[-1], dtype, training, budget)  # global stages no tile size changes
@@ -311,6 +312,8 @@ def _plan_on_devices(gm, input_shape, dtype, dev, multipass, training, memory, t
     if memory is None:
         p = replace(p, single=p.single.with_note(f"{budget_reason(dev, tile)}; {p.single.note}"))
     plan = for_run(plan_splits(splits, input_shape, model_dtype(gm), p.tile), dtype, dev, training, p.single)
+    if compile:
+        return with_devices(compiled_plan(plan), devices, nodes)
     return with_devices(plan, devices, nodes, prediction=p)
 
 
