@@ -31,6 +31,7 @@ import json
 import os
 import platform
 import re
+import resource
 import statistics
 import subprocess
 import sys
@@ -106,7 +107,9 @@ def one(cfg: dict) -> dict:
     import torch
 
     import bigpicture as bp
+    from bigpicture.perf.devices import get_device, load_calibration
     from bigpicture.perf.predict import predict
+    from bigpicture.perf.rates import Rates
 
     torch.set_num_threads(cfg["threads"])
     clock = time.process_time if cfg["clock"] == "process" else time.perf_counter
@@ -138,16 +141,22 @@ def one(cfg: dict) -> dict:
         base = _status("VmRSS")
         step()
         return {"memory": _status("VmHWM") - base}
-    times = []
+    times, faults = [], []
     for _ in range(cfg["repeats"]):
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         start = clock()
         step()
         times.append(clock() - start)
+        faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
     p = predict(net.plan, "cpu", training=cfg["mode"] == "training")
     params = dict(p.memory_parts)["parameters"]
+    fault_s = Rates(get_device("cpu"), torch.float32, load_calibration()).fault_s_per_byte
     return {
         "time": min(times),
         "times": times,
+        # pages faulted in per step (the fastest step's), and as predicted (perf/faults.py)
+        "faulted": faults[times.index(min(times))] * resource.getpagesize(),
+        "predicted_faulted": dict(p.by_kind).get("page faults", 0.0) / fault_s if fault_s else 0.0,
         "predicted_time": p.time,
         "predicted_memory": p.memory - params,
         "tiles": p.tiles,
@@ -272,6 +281,16 @@ def summary(rows: list[dict]) -> str:
     )
 
 
+def faults_line(rows: list[dict]) -> str:
+    """Pages faulted in per step, measured (getrusage) against predicted (`perf/faults.py`)."""
+    cells = [
+        f"{r['net']} {r['tile']} {r['mode']} {r['faulted'] / MiB:,.0f} / {r['predicted_faulted'] / MiB:,.0f}"
+        for r in rows
+        if "faulted" in r
+    ]
+    return "Pages faulted in per step, measured / predicted MiB: " + "; ".join(cells) + "." if cells else ""
+
+
 def regret_table(results: list[dict]) -> str:
     out = [
         "| network | mode | budget MiB | planner's tile | its measured s (MiB) "
@@ -347,7 +366,8 @@ buffers in the backward; seconds per op from the calibration of this CPU (`calib
 output channels, kernel, stride and size, forward and backward; memory-bound ops by size; every
 op timed cycling through copies of its operands that exceed the core's caches, as a network finds
 them; the interpreter's own cost per node per tile, from tiled runs of a small reference network; what each
-op on every thread adds in a tiled run, from tiled runs of memory-bound ops). A training step is
+op on every thread adds in a tiled run, from tiled runs of memory-bound ops; the pages each tile
+faults in again where glibc returned its heap to the OS, at a calibrated cost per byte). A training step is
 the forward over the tiles (the last one with autograd, its graph kept), the recompute of every
 other tile, and every tile's backward. Measured memory is the peak of live memory (see
 `benchmarks/perfmodel.py`), without the parameters on both sides. The planner's regret compares the
@@ -607,6 +627,8 @@ def main() -> None:
             summary(rows),
             "",
             table(rows),
+            "",
+            faults_line(rows),
             "",
             f"![predicted vs measured]({PLOT.name})",
             "",

@@ -205,3 +205,18 @@ def test_calibration_cycles_through_copies_that_exceed_the_caches():
     for _ in range(5):
         call()
     assert seen == [3, 7, 3, 7, 3]
+
+
+def test_full_grid_reaches_the_geometries_tiles_take():
+    """Beyond the grid a rate is held at its last point; the full calibration measures the first and
+    last layers of common networks at the sides their tiles reach: a UNet's first downsampling from
+    RGB (a 384 tile: 192 wide), a 7x7 stem on a 512 tile (320 wide), a transposed convolution to 2
+    classes at 192, a 2 -> 2 head; none costs more than the grid's 2 GFLOP cap."""
+    from bigpicture.perf.calibrate import _conv_grid
+
+    grid = _conv_grid(False)
+    for point in [(2, 3, 16, 3, 2, 192, False), (2, 3, 16, 7, 2, 320, False), (2, 32, 2, 3, 2, 192, True),
+                  (2, 2, 2, 3, 1, 256, False)]:  # fmt: skip
+        assert point in grid
+    assert all(2 * cin * cout * k**nd * side**nd <= 2e9 for nd, cin, cout, k, _, side, _ in grid)
+    assert len(set(grid)) == len(grid)

@@ -5,6 +5,7 @@
     memory-bound   unary, binary, normalisation and copy ops by size
     pooling        max pooling windows by size
     workspace      what a convolution holds besides its output, in fresh processes
+    page faults    seconds per byte of touching memory the heap had returned to the OS
     engine         the tile interpreter's own cost per node per tile (a small reference network),
                    and what each multi-threaded op adds in a tiled run (``wake_s``)
 
@@ -77,16 +78,22 @@ def _conv_grid(quick: bool) -> list[tuple[int, int, int, int, int, int, bool]]:
     sides = {2: (4, 16, 48, 128, 256), 3: (4, 12, 24, 40, 56)}
     grid = [(nd, cin, cout, k, 1, side, False) for nd in (2, 3) for cin in channels[nd][0]
             for cout in channels[nd][1] for k in (1, 3) for side in sides[nd]]  # fmt: skip
-    # downsampling: channels kept or doubled; a 7x7 stem on RGB
-    grid += [(2, cin, cout, k, 2, side, False) for cin in (16, 32, 64, 128) for cout in (16, 32, 64, 128)
-             if cout >= cin for k in (1, 3) for side in (8, 32, 96)]  # fmt: skip
-    grid += [(2, 3, cout, 7, 2, side, False) for cout in (16, 32, 64) for side in (8, 32, 128)]
+    # a segmentation head's last layers run on as few channels as it has classes: 2 in, few out (a
+    # 2 -> 2 3x3 convolution's backward ran at half the rate of the 3 -> 2 one it was held at)
+    grid += [(2, 2, cout, k, 1, side, False) for cout in (2, 8, 16) for k in (1, 3) for side in sides[2]]
+    # downsampling: channels kept or doubled, and from RGB (a UNet's first layer); a 7x7 stem on RGB.
+    # Sides reach the tiles' (a 384 tile's first downsampling is 192 wide): beyond the grid a rate is
+    # held at its last point, and there rates still change 1.3-2x (operands leaving the core's L2,
+    # oneDNN's blocked-layout reorders of output and input growing with them)
+    grid += [(2, cin, cout, k, 2, side, False) for cin in (3, 16, 32, 64, 128) for cout in (16, 32, 64, 128)
+             if cout >= cin for k in (1, 3) for side in (8, 32, 96, 192)]  # fmt: skip
+    grid += [(2, 3, cout, 7, 2, side, False) for cout in (16, 32, 64) for side in (8, 32, 128, 320)]
     grid += [(3, cin, cout, 3, 2, side, False) for cin in (1, 8, 16, 32) for cout in (8, 16, 32, 64)
              if cout >= cin for side in (8, 24)]  # fmt: skip
     # upsampling: channels kept or reduced, down to a segmentation head's few
     grid += [(nd, cin, cout, k, 2, side, True) for nd in (2, 3) for cin in (8, 16, 32, 64, 128)
              for cout in (2, 8, 16, 32, 64) if cout <= cin for k in (2, 3)
-             for side in ((8, 48) if nd == 2 else (4, 16))]  # fmt: skip
+             for side in ((8, 48, 192) if nd == 2 else (4, 16))]  # fmt: skip
     # skip the few cases that would take seconds each; neighbours cover them
     return [g for g in grid if 2 * g[1] * g[2] * g[3] ** g[0] * g[5] ** g[0] <= 2e9]
 
@@ -208,6 +215,22 @@ def _pool(dtype: torch.dtype, quick: bool, seconds, min_time: float) -> dict[str
     return out
 
 
+def _fault_cost(quick: bool, seconds, min_time: float) -> float:
+    """Seconds per byte of faulting in fresh pages: filling a buffer just mapped (a block over glibc's
+    largest mmap threshold is mapped afresh on every allocation and unmapped when freed: the kernel
+    traps and zeroes each page on first touch) less filling one already resident, on every thread.
+    A tiled run pays it where glibc returns a tile's heap to the OS (`rates.heap_fault_bytes`)."""
+    nbytes = (8 if quick else 64) * 2**20
+    n = nbytes // 4
+    kept = torch.empty(n)
+
+    def fresh() -> None:
+        torch.empty(n).fill_(1.0)
+
+    fresh_s, kept_s = seconds(fresh, min_time), seconds(lambda: kept.fill_(1.0), min_time)
+    return max(fresh_s - kept_s, 0.0) / nbytes
+
+
 _WORKSPACE_PROBE = """
 import re, sys, torch, torch.nn.functional as F
 from pathlib import Path
@@ -268,6 +291,7 @@ def measure(
         "stream_backward": _stream_backward(dtype, quick, seconds, min_time),
         "pool": _pool(dtype, quick, seconds, min_time),
         "conv_workspace": _conv_workspace(quick),
+        "fault_s_per_byte": _fault_cost(quick, seconds, min_time),
     }
     ops["engine_node_s"], ops["engine_train_node_s"], ops["wake_s"] = engine_costs(quick, clock, ops, dtype)
     return ops

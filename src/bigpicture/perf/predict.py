@@ -50,6 +50,7 @@ from bigpicture.engine.tiles import working_counts
 from bigpicture.errors import TilingError
 from bigpicture.perf.classes import aggregate
 from bigpicture.perf.devices import Device, for_torch, get_device, load_calibration
+from bigpicture.perf.faults import fault_seconds
 from bigpicture.perf.fusion import fused_rates
 from bigpicture.perf.grid import Layout, class_grid, layout
 from bigpicture.perf.prediction import Prediction, Stage, _flops, _seconds, _size  # noqa: F401 (re-exported)
@@ -274,6 +275,11 @@ def _predict_pass(
         need, writes = last_tile(split, lay)
         last = walk(split, need, writes, dtype, rates, training, input_grad, copy, memo)
     stages, by_kind = _time([(1, total)], training, gpu, rates, last)
+    item = torch.empty((), dtype=dtype).element_size()
+    faults = fault_seconds(split, lay, total.peak, tiles, item, rates, copy, memo)  # CPU: glibc's heap
+    if faults:
+        stages += (Stage("page faults", 0, faults),)
+        by_kind = tuple(sorted((*by_kind, ("page faults", faults)), key=lambda kv: -kv[1]))
     flops = sum(s.flops for s in stages)
     return Prediction(
         device=dev.name,
