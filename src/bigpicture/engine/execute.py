@@ -49,7 +49,7 @@ class Runner:
         self.crops = staging.read_by_sources(self.derived)  # ...read box by box (``held.Crop``)
         self.stores = held.stores(plan.split, device) if team is None else {}  # cuts' tiers (a team sums)
         self.kept = None  # (tile, its graph) kept from the forward for the backward
-        self.keep_last = True  # keep it: the last pass only (an earlier pass's would wait for its backward)
+        self.keep_last = True  # the last pass; an earlier one where its plan says (kept until its backward)
         self.background = background  # BackgroundTiles: interior background tiles computed once
         self.groups: dict = {}  # background key -> the tiles that share its outputs
         self.stats = stats if stats is not None else TileStats()
@@ -371,7 +371,7 @@ def run(
         bg = None if background is None else BackgroundTiles(stage, background, device)
         pass_compiled = None if compiled is None else compiled(stage)
         runner = Runner(stage, args, trainable, device, progress, derived, bg, stats, team, pass_compiled)
-        runner.keep_last = stage is plan
+        runner.keep_last = stage is plan or stage.keep_graph
         grad = torch.is_grad_enabled() and (
             bool(trainable)
             or (x is not None and x.requires_grad)

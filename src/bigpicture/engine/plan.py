@@ -51,6 +51,9 @@ class Plan:
     device: Any = "cpu"  # what the prediction is for: a device-table name, a devices.Device, a torch.device
     training: bool = False  # predict a training step (forward + backward), else one forward
     note: str = ""  # why this tile: the planner's reason, or why the fixed default was used
+    # training: the forward keeps its last tile's graph for the backward, which then does not recompute
+    # it (the last pass always does; an earlier pass's graph waits for its backward: the planner's call)
+    keep_graph: bool = False
 
     predictor: Callable[[Plan], Any] | None = field(default=None, compare=False, repr=False)
 
@@ -243,7 +246,13 @@ def plan_for_split(s: Split, input_shape, dtype, tile) -> Plan:
 
 class PerPass(tuple):
     """One tile per pass over the tiles: the stages of a cut network each tile on their own
-    (a later stage, at a coarser resolution with a smaller halo, takes larger tiles)."""
+    (a later stage, at a coarser resolution with a smaller halo, takes larger tiles). ``keep``: the
+    indices of the earlier passes whose last tile's graph the forward keeps (``Plan.keep_graph``)."""
+
+    def __new__(cls, tiles, keep=()):
+        new = super().__new__(cls, tiles)
+        new.keep = frozenset(keep)
+        return new
 
 
 def tile_of(tile, k: int):
@@ -253,14 +262,17 @@ def tile_of(tile, k: int):
 
 def requested_tiles(plan: Plan):
     """The tile asked for each pass of ``plan``: one, or ``PerPass`` when they differ."""
-    asked = [p.requested for p in (*plan.earlier, plan)]
-    return plan.requested if len(set(asked)) == 1 else PerPass(asked)
+    passes = (*plan.earlier, plan)
+    asked, keep = [p.requested for p in passes], [k for k, p in enumerate(passes) if p.keep_graph]
+    return plan.requested if len(set(asked)) == 1 and not keep else PerPass(asked, keep)
 
 
 def plan_splits(splits: list[Split], input_shape, dtype, tile) -> Plan:
     """The plan of the passes of a split (``split.stages``), the last one holding the earlier ones;
     ``tile`` one for every pass or ``PerPass``."""
     plans = [plan_for_split(s, input_shape, dtype, tile_of(tile, k)) for k, s in enumerate(splits)]
+    keep = getattr(tile, "keep", ())
+    plans = [replace(p, keep_graph=True) if k in keep else p for k, p in enumerate(plans)]
     return replace(plans[-1], earlier=tuple(plans[:-1]))
 
 

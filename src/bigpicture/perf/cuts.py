@@ -25,7 +25,7 @@ import torch
 from bigpicture.engine import capture as g
 from bigpicture.engine import cuts as cutting
 from bigpicture.engine.held import check_training, is_hold
-from bigpicture.engine.plan import PerPass, split_graph
+from bigpicture.engine.plan import PerPass, split_graph, tile_of
 from bigpicture.engine.split import Split, split, stages
 from bigpicture.engine.stages import grid, is_source, size
 from bigpicture.engine.tiles import layout, per_dim_tile
@@ -58,12 +58,15 @@ def cut_splits(gm, inputs, tile, cuts, dev: Device, dtype, training, budget, hos
         check_host(splits, shape, dtype, training, dev, host)
         if tile is None:
             best = best_tile(splits, shape, budget, dev, dtype, training)
-            return splits, best.tile, best.note
-        return splits, tile, f"cut at {', '.join(f'`{c}`' for c in cuts)} as asked"
+            tile, note = best.tile, best.note
+        else:
+            note = f"cut at {', '.join(f'`{c}`' for c in cuts)} as asked"
+        return (splits, *kept_graphs(splits, shape, dtype, tile, dev, training, budget, note))
     base, given = split_graph(gm, inputs, multipass), tile is not None
     if not given:
         tile = best_tile(base, shape, budget, dev, dtype, training).tile
-    chosen, note = choose(gm, inputs, tile, dev, dtype, training, budget, host, multipass)
+    search = Search(gm, inputs, dev, dtype, training, budget, host, multipass)
+    chosen, note = search.choose(tile)
     splits = split_graph(gm, inputs, multipass, chosen) if chosen else base
     if chosen and not given:  # the planner's tile again, now that the stages are smaller
         best = best_tile(splits, shape, budget, dev, dtype, training)
@@ -71,7 +74,12 @@ def cut_splits(gm, inputs, tile, cuts, dev: Device, dtype, training, budget, hos
             tile, note = best.tile, f"{note}; {best.note}"
     if chosen:
         tile, note = stage_tiles(splits, shape, dtype, tile, dev, training, budget, note)
-    return splits, tile, note
+        more = search.more(chosen, tile) if isinstance(tile, PerPass) else None
+        if more is not None:
+            splits = split_graph(gm, inputs, multipass, more[0])
+            tile, note = stage_tiles(splits, shape, dtype, tile_of(tile, 0), dev, training, budget,
+                                     f"{note}; then {more[1]}")
+    return splits, *kept_graphs(splits, shape, dtype, tile, dev, training, budget, note)
 
 
 def stage_tiles(splits, shape, dtype, tile, dev: Device, training: bool, budget, note: str):
@@ -93,57 +101,109 @@ def stage_tiles(splits, shape, dtype, tile, dev: Device, training: bool, budget,
             if p.memory <= limit and p.time < best.time:
                 best, pick = p, side
         tiles.append(pick)
-    if len(set(tiles)) == 1:
+    if len(set(tiles)) > 1:
+        each = PerPass(tiles)
+        p = predict_splits(splits, shape, dtype, each, dev, training)
+        if p.memory <= limit and p.time < uniform.time:
+            sides = ", ".join(" x ".join(map(str, t)) for t in tiles)
+            tile = each
+            note = f"{note}; each stage its own tile ({sides}): {uniform.time:.3g} s -> {p.time:.3g} s"
+    return kept_graphs(splits, shape, dtype, tile, dev, training, limit, note)
+
+
+def kept_graphs(splits, shape, dtype, tile, dev: Device, training: bool, limit, note: str):
+    """``(tile, note)``, in training with every earlier pass keeping its last tile's graph from the
+    forward to the backward (``Plan.keep_graph``), where all the passes' predicted peaks together fit
+    ``limit``: no recompute of those tiles, which for a later stage of one large tile is its whole
+    forward. An upper bound: the graphs kept at once are at most every pass's peak."""
+    if not training or len(splits) < 2 or limit is None:
         return tile, note
-    each = PerPass(tiles)
-    p = predict_splits(splits, shape, dtype, each, dev, training)
-    if p.memory > limit or p.time >= uniform.time:
+    tiles = [tile_of(tile, k) for k in range(len(splits))]
+    held = sum(predict_splits([s], shape, dtype, t, dev, training).memory for s, t in zip(splits, tiles))
+    if held > limit:
         return tile, note
-    sides = ", ".join(" x ".join(map(str, t)) for t in tiles)
-    return each, f"{note}; each stage its own tile ({sides}): {uniform.time:.3g} s -> {p.time:.3g} s"
+    keep = range(len(splits) - 1)
+    return PerPass(tiles, keep), f"{note}; each pass keeps its last tile's graph ({size(held)} at most)"
 
 
-def choose(gm, inputs, tile, dev: Device, dtype, training: bool, budget, host: int, multipass: bool):
-    """``(cuts, note)``: the cuts (node name -> tier) with the least predicted time at ``tile``."""
-    shape = tuple(inputs[0][0])
-    values = g.propagate(gm, inputs)
-    x = next(n for n in gm.graph.nodes if n.op == "placeholder")
-    whole = split(gm, values, x, multipass)
-    if whole.gm is not gm:  # the split rewrote the graph (a global stage held whole, a folded shuffle)
-        return {}, "no cut: the planner does not yet choose cuts where the split rewrites the graph"
-    # the first tier that fits is the fastest: a GPU's own memory, then the host's, then (inference) disk
-    tiers = (("device",) if dev.name != "cpu" else ()) + ("host",) + (() if training else ("zarr",))
-    keep: list = []  # the splits predicted: their ids key the shared memo, so they stay alive
+class Search:
+    """The cuts' search over one network and input (``choose``, then ``more``), its candidates and
+    predictions shared."""
 
-    def evaluate(names: tuple) -> tuple[float, dict] | None:
-        for tier in tiers:
+    def __init__(self, gm, inputs, dev: Device, dtype, training: bool, budget, host: int, multipass: bool):
+        self.gm, self.shape, self.dev, self.dtype = gm, tuple(inputs[0][0]), dev, dtype
+        self.training, self.budget, self.host, self.multipass = training, budget, host, multipass
+        self.values = g.propagate(gm, inputs)
+        self.x = next(n for n in gm.graph.nodes if n.op == "placeholder")
+        self.whole = split(gm, self.values, self.x, multipass)
+        # the first tier that fits is the fastest: a GPU's own memory, then the host's, then (inference) disk
+        self.tiers = (("device",) if dev.name != "cpu" else ()) + ("host",) + (() if training else ("zarr",))
+        self.keep: list = []  # the splits predicted: their ids key the shared memo, so they stay alive
+        self.candidates: list = []  # the frontiers, those predicted faster alone first
+
+    def evaluate(self, names: tuple, tile, tiers=None) -> tuple[float, dict] | None:
+        """(predicted time, cuts) at the first of ``tiers`` where ``names`` cut fit both budgets."""
+        for tier in tiers or self.tiers:
             at = dict.fromkeys(names, tier)
-            splits = stages(split(*_cut(gm, values, x, at), multipass))
-            keep.append(splits)
-            p = predict_splits(splits, shape, dtype, tile, dev, training)
-            rows = cutting.traffic([(s, layout(s, shape, tile)) for s in splits], _item(dtype), training)
-            fits = budget is None or p.memory <= budget
-            if fits and host_bytes(rows, training) <= host:
+            splits = stages(split(*_cut(self.gm, self.values, self.x, at), self.multipass))
+            self.keep.append(splits)
+            if isinstance(tile, PerPass):  # the later stages' tile for every stage after the first
+                tile = PerPass([tile[0]] + [tile[-1]] * (len(splits) - 1))
+            p = predict_splits(splits, self.shape, self.dtype, tile, self.dev, self.training)
+            passes = [(s, layout(s, self.shape, tile_of(tile, k))) for k, s in enumerate(splits)]
+            rows = cutting.traffic(passes, _item(self.dtype), self.training)
+            fits = self.budget is None or p.memory <= self.budget
+            if fits and host_bytes(rows, self.training) <= self.host:
                 return p.time, at
         return None
 
-    before = predict_splits(stages(whole), shape, dtype, tile, dev, training)
-    singles = []
-    for frontier in frontiers(whole, values, _item(dtype)):
-        found = evaluate(frontier)
-        if found is not None and found[0] < before.time:
-            singles.append((found[0], frontier))
-    chosen, best, at = (), before.time, {}
-    for _, frontier in sorted(singles):
-        names = tuple(dict.fromkeys(chosen + frontier))
-        found = evaluate(names)
-        if found is not None and found[0] < best:
-            chosen, (best, at) = names, found
-    if not at:
-        return {}, f"no cut predicted faster ({len(singles)} candidate cuts alone were)"
-    where = ", ".join(f"`{n}` ({t})" for n, t in at.items())
-    return at, (f"cut at {where}: predicted {_pct(before.time, best)} the time of no cut "
-                f"({before.time:.3g} s -> {best:.3g} s)")  # fmt: skip
+    def choose(self, tile) -> tuple[dict, str]:
+        """``(cuts, note)``: the cuts (node name -> tier) with the least predicted time at ``tile``."""
+        if self.whole.gm is not self.gm:  # the split rewrote the graph (a global stage, a folded shuffle)
+            return {}, "no cut: the planner does not yet choose cuts where the split rewrites the graph"
+        shape, dtype = self.shape, self.dtype
+        before = predict_splits(stages(self.whole), shape, dtype, tile, self.dev, self.training)
+        singles, rest = [], []
+        for frontier in frontiers(self.whole, self.values, _item(dtype)):
+            found = self.evaluate(frontier, tile)
+            if found is not None and found[0] < before.time:
+                singles.append((found[0], frontier))
+            else:
+                rest.append(frontier)
+        self.candidates = [f for _, f in sorted(singles)] + rest
+        chosen, best, at = (), before.time, {}
+        for _, frontier in sorted(singles):
+            names = tuple(dict.fromkeys(chosen + frontier))
+            found = self.evaluate(names, tile)
+            if found is not None and found[0] < best:
+                chosen, (best, at) = names, found
+        if not at:
+            return {}, f"no cut predicted faster ({len(singles)} candidate cuts alone were)"
+        where = ", ".join(f"`{n}` ({t})" for n, t in at.items())
+        return at, (f"cut at {where}: predicted {_pct(before.time, best)} the time of no cut "
+                    f"({before.time:.3g} s -> {best:.3g} s)")  # fmt: skip
+
+    def more(self, at: dict, tile: PerPass) -> tuple[dict, str] | None:
+        """``(cuts, note)`` with more cuts, or None: once the later stages take their own, larger
+        tiles, a cut the search at one tile passed over may pay (an early, large one that leaves the
+        first stage only its first layers). Each other candidate, in the search's order, is kept
+        where it lowers the predicted time with every later stage at the last stage's tile."""
+        chosen = tuple(at)
+        tiers = tuple(dict.fromkeys(at.values()))
+        found = self.evaluate(chosen, tile, tiers)
+        if found is None:
+            return None
+        best, added = found[0], []
+        for frontier in self.candidates:
+            names = tuple(dict.fromkeys(chosen + frontier))
+            if names == chosen:
+                continue
+            found = self.evaluate(names, tile, tiers)
+            if found is not None and found[0] < best:
+                chosen, (best, at), added = names, found, added + [n for n in frontier if n not in chosen]
+        if not added:
+            return None
+        return at, f"cut at {', '.join(f'`{n}`' for n in added)} too: predicted {best:.3g} s"
 
 
 def _cut(gm, values, x, at):

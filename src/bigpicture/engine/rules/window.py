@@ -1,4 +1,4 @@
-"""Convolution and pooling: window ops with explicit padding at the image border."""
+"""Convolution and pooling: window ops, padded at the image border as PyTorch pads the whole image."""
 
 from __future__ import annotations
 
@@ -8,6 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from bigpicture.engine.box import Box
+from bigpicture.engine.padding import Value, read
 from bigpicture.engine.rules import Window, _bind, _bind_values, _same_padding, _tuple, rule
 from bigpicture.engine.rules.unpool import image_indices
 
@@ -15,8 +17,37 @@ _CONV_ARGS = ["weight", "bias", "stride", "padding", "dilation", "groups"]
 _CONV_DEFAULTS = {"bias": None, "stride": 1, "padding": 0, "dilation": 1, "groups": 1}
 
 
+class NativePadding:
+    """A window op that pads the image border with its own ``padding=`` argument instead of reading a
+    padded copy of its input: for a whole-image tile (a later stage's) every layer would copy its
+    input once more. The border a tile's box reaches outside the image may differ below and above,
+    and PyTorch's padding is the same on both sides: we pad both by the larger, rounded so that the
+    extra positions below are whole output steps, and drop the outputs they add."""
+
+    def native_padding(self, pad) -> bool:
+        return True
+
+    def padded_natively(self, out: Box, value: Value, call, fill: float = 0.0):
+        """``call(input, padding)`` on ``value``'s part of ``out``'s input box, padded as the op pads."""
+        box = self.padded_box(out)
+        inside = box.clip(self.in_extents[0])
+        pad, skip = [], []
+        for d in range(self.nd):
+            below, above = inside.lo[d] - box.lo[d], box.hi[d] - inside.hi[d]
+            steps = -(-max(above - below, 0) // self.step[d])  # whole output steps added below
+            pad.append(below + steps * self.step[d])
+            skip.append(steps)
+        if inside.empty or not self.native_padding(pad):
+            return call(read(value, box, self.in_extents[0], self.mode, fill), 0)
+        tensor, have = value
+        y = call(tensor[(slice(None), slice(None)) + inside.relative_to(have).slices()], tuple(pad))
+        if any(skip) or tuple(y.shape[2:]) != out.shape:
+            y = y[(slice(None), slice(None)) + tuple(slice(k, k + n) for k, n in zip(skip, out.shape))]
+        return y
+
+
 @rule(nn.Conv1d, nn.Conv2d, nn.Conv3d, F.conv1d, F.conv2d, F.conv3d)
-class Conv(Window):
+class Conv(NativePadding, Window):
     def __init__(self, node, ctx):
         super().__init__(node, ctx)
         n = self.nd
@@ -48,6 +79,9 @@ class Conv(Window):
     def run(self, out, args, kwargs):
         weight, bias = self.weights(args, kwargs)
         conv = (F.conv1d, F.conv2d, F.conv3d)[self.nd - 1]
+        if self.mode == "constant":  # zeros at the border: the convolution's own padding, no padded copy
+            return self.padded_natively(out, args[0], lambda x, p: conv(x, weight, bias, self.step, p,
+                                                                         self.dilation, self.groups))
         return conv(self.read(out, args[0]), weight, bias, self.step, 0, self.dilation, self.groups)
 
     def flops(self, out, channels):
@@ -84,7 +118,7 @@ _WITH_INDICES = (F.max_pool1d_with_indices, F.max_pool2d_with_indices, F.max_poo
 
 
 @rule(nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, F.max_pool1d, F.max_pool2d, F.max_pool3d, *_WITH_INDICES)
-class MaxPool(Pool):
+class MaxPool(NativePadding, Pool):
     """With ``return_indices``: (values, the flat position of each maximum in the image plane)."""
 
     def __init__(self, node, ctx):
@@ -94,12 +128,17 @@ class MaxPool(Pool):
         self.indices = bool(a["return_indices"]) or node.target in _WITH_INDICES
 
     def run(self, out, args, kwargs):
+        if not self.indices:
+            pool = (F.max_pool1d, F.max_pool2d, F.max_pool3d)[self.nd - 1]
+            return self.padded_natively(out, args[0], lambda x, p: pool(x, self.kernel, self.step, p,
+                                                                         self.dilation), -math.inf)
         x = self.read(out, args[0], -math.inf)
-        if self.indices:
-            values, local = _WITH_INDICES[self.nd - 1](x, self.kernel, self.step, 0, self.dilation)
-            return values, image_indices(local, self.padded_box(out), self.in_extents[0])
-        pool = (F.max_pool1d, F.max_pool2d, F.max_pool3d)[self.nd - 1]
-        return pool(x, self.kernel, self.step, 0, self.dilation)
+        values, local = _WITH_INDICES[self.nd - 1](x, self.kernel, self.step, 0, self.dilation)
+        return values, image_indices(local, self.padded_box(out), self.in_extents[0])
+
+    def native_padding(self, pad) -> bool:
+        """PyTorch pads a max pooling by at most half its kernel (with -inf, as the image border needs)."""
+        return all(2 * p <= k for p, k in zip(pad, self.kernel))
 
 
 @rule(nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d, F.avg_pool1d, F.avg_pool2d, F.avg_pool3d)
