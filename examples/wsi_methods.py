@@ -1,8 +1,9 @@
 """The compared methods, all at one memory budget, all trained from slide labels only.
 
 - ``WholeSlide``: the whole slide at full resolution, one input, ``bp.tiled(model, memory=budget)``:
-  the planner picks the tile whose predicted peak fits the budget; pooled by log-sum-exp (a smooth
-  maximum), by the mean, or by attention-MIL over every position (streamed softmax).
+  the planner picks the tile whose predicted peak fits the budget; pooled by top-k (with every
+  position of a negative slide taught "lesion-free"), by log-sum-exp (a smooth maximum), by the
+  mean, or by attention-MIL over every position (streamed softmax).
 - ``Downsampled`` (baseline a): the same network, untiled, on a pyramid level of the slide: the
   finest level whose predicted untiled training step fits the budget.
 - ``Patches`` (baseline b): the same trunk on P x P tissue patches, each labelled with its
@@ -101,8 +102,12 @@ def turn(x: torch.Tensor, rng: np.random.Generator | None) -> torch.Tensor:
 
 
 class WholeSlide:
-    NAMES = {"lse": "whole slide, tiled, LSE", "mean": "whole slide, tiled, mean",
-             "attention": "whole slide, tiled, attention-MIL"}  # fmt: skip
+    NAMES = {
+        "lse": "whole slide, tiled, LSE",
+        "mean": "whole slide, tiled, mean",
+        "topk": "whole slide, tiled, top-k",
+        "attention": "whole slide, tiled, attention-MIL",
+    }
 
     def __init__(self, budget, shape, pool: str = "lse", seed: int = 0, lr: float = 1e-3):
         self.name, self.budget, self.model = self.NAMES[pool], budget, build(pool, seed)
@@ -145,7 +150,7 @@ class WholeSlide:
 class Downsampled:
     name = "downsampled, untiled"
 
-    def __init__(self, budget, shape, pool: str = "lse", seed: int = 0, lr: float = 1e-3, levels: int = 8):
+    def __init__(self, budget, shape, pool: str = "topk", seed: int = 0, lr: float = 1e-3, levels: int = 8):
         self.model = build(pool, seed)
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=lr)
         self.level, self.memory = choose_level(self.model, shape, budget_bytes(budget), levels)
@@ -176,7 +181,7 @@ class Downsampled:
         self.model.eval()
         with torch.no_grad():
             scores = self.model.map(self.image(slide))
-            logit = self.model.pool(scores)
+            logit = self.model.readout(scores)[0]
         self.model.train()
         heat = torch.sigmoid(scores)[0, 0].numpy()
         return {"score": logit.item(), "heat": heat, "stride": STRIDE * self.factor}

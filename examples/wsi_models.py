@@ -3,14 +3,24 @@
     slide (1, 3, H, W) uint8 --trunk--> features (1, 64, H/16, W/16) --1x1 conv--> scores (1, 1, H/16, W/16)
                                                                     --pool--> slide logit (1, 1)
 
+The trunk starts coarse: a 4 x 4 convolution of stride 4 (each output sees 2 x 2 um at 0.5 um/px,
+finer than a nucleus), then two stride-2 3x3 convolutions and one more 3x3 at 1/16. Why: at
+2048^2 the stride-2 first stage of the earlier trunk (16 channels at 1024^2, 32 at 512^2) cost 5x
+the CPU time of the whole rest, and a 1% lesion is only findable at 2048^2 (examples/RESULTS.md).
+
 The score map is the heatmap: one score per 16 x 16 px, the evidence of each place. Pooling:
 
-- ``mean``: the mean score. A linear head after average pooling is the same network.
-- ``lse``: log of the mean of exp(score), a smooth maximum (log-sum-exp pooling): a small lesion
-  with high scores raises the slide's logit where the mean would dilute it. Both are a pointwise
-  op, a spatial mean (streamed over tiles by ``bp.tiled``) and a pointwise op, so both are exact
-  tiled.
-- ``topk``: the mean of the ``TOPK`` highest scores (streamed top-k over positions).
+- ``mean``: the mean score. A linear head after average pooling is the same network. It dilutes a
+  lesion of 1% of the tissue 100-fold.
+- ``lse``: log of the mean of exp(score), a smooth maximum (log-sum-exp pooling). Both are a
+  pointwise op, a spatial mean (streamed over tiles by ``bp.tiled``) and a pointwise op, so both
+  are exact tiled.
+- ``topk``: the mean of the ``TOPK`` highest scores (top-k over positions, streamed by
+  ``bp.tiled``), which a lesion of 40-60 cells fills without dilution; and beside it, as a second
+  output, the mean over every position of softplus(score), the per-position loss of "no lesion
+  here". ``loss_of`` adds it for negative slides only: every place of a negative slide is known to be
+  lesion-free (the multiple-instance assumption; still slide labels only), so negative slides
+  teach every position, not only their top k.
 - ``attention``: gated attention-MIL (Ilse et al., 2018) over every position of the slide: the
   features are pooled with softmax weights over all positions, ``softmax(a.flatten(2)) @
   h.flatten(2).T``, then a linear head (the 1x1 score convolution's weights). ``bp.tiled`` streams
@@ -30,16 +40,17 @@ from torch import nn
 
 import bigpicture as bp
 
-WIDTHS = (16, 32, 32, 64)
+WIDTHS = (16, 32, 64)  # the stride-4 stem's, then one per stride-2 convolution
 STRIDE = 16
-TOPK = 4  # top-k pooling: the mean of the k highest scores (a lesion covers about 4-40 cells)
+TOPK = 16  # top-k pooling: the mean of the k highest scores (a lesion covers 40-60 cells at 2048^2)
 CLAMP = 20.0  # scores are clamped before exp in ``lse`` pooling, so float32 never overflows
 
 
 def trunk(widths=WIDTHS) -> nn.Sequential:
-    """Four stride-2 3x3 convolutions with BatchNorm and ReLU, then one more 3x3 at 1/16."""
-    layers, cin = [], 3
-    for cout in widths:
+    """A 4 x 4 stride-4 convolution, stride-2 3x3 convolutions (BatchNorm, ReLU after each) down to
+    1/16, then one more 3x3 at 1/16."""
+    layers, cin = [nn.Conv2d(3, widths[0], 4, 4, bias=False), nn.BatchNorm2d(widths[0]), nn.ReLU()], widths[0]
+    for cout in widths[1:]:
         layers += [nn.Conv2d(cin, cout, 3, 2, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU()]
         cin = cout
     layers += [nn.Conv2d(cin, cin, 3, 1, 1, bias=False), nn.BatchNorm2d(cin), nn.ReLU()]
@@ -76,7 +87,11 @@ def pool_lse(scores: torch.Tensor) -> torch.Tensor:
 
 
 def pool_topk(scores: torch.Tensor) -> torch.Tensor:
-    return scores.flatten(2).topk(TOPK, dim=-1).values.mean(-1)
+    """(N, 2): the mean of the ``TOPK`` highest scores (the slide logit), and the mean over all
+    positions of softplus(score) (the mean loss of calling every position lesion-free). The map
+    must have at least ``TOPK`` positions (a slide of at least 64 x 64 px)."""
+    top = scores.flatten(2).topk(TOPK, dim=-1).values.mean(-1)
+    return torch.cat([top, F.softplus(scores).mean(dim=(2, 3))], 1)
 
 
 POOLS = {"mean": pool_mean, "lse": pool_lse, "topk": pool_topk}
@@ -99,7 +114,7 @@ class SlideNet(nn.Module):
 
     def readout(self, scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Slide logit and heatmap (the sigmoid of each place's score) from the score map."""
-        return self.pool(scores), torch.sigmoid(scores)[0, 0]
+        return self.pool(scores)[:, :1], torch.sigmoid(scores)[0, 0]
 
 
 class Gate(nn.Module):
@@ -155,7 +170,7 @@ class _Evidence(nn.Module):
 
 def build(pool: str = "lse", seed: int = 0) -> nn.Module:
     """The network with BatchNorm frozen (running statistics), so it tiles while training;
-    ``pool``: ``mean``, ``lse`` or ``attention`` (whole-slide attention-MIL)."""
+    ``pool``: ``mean``, ``lse``, ``topk`` or ``attention`` (whole-slide attention-MIL)."""
     torch.manual_seed(seed)
     model = AttentionSlideNet() if pool == "attention" else SlideNet(pool)
     bp.freeze_batchnorm(model)
@@ -185,8 +200,12 @@ def calibrate_batchnorm(model: nn.Module, images) -> nn.Module:
     return model
 
 
-def loss_of(logit: torch.Tensor, label: int) -> torch.Tensor:
-    return F.binary_cross_entropy_with_logits(logit.reshape(-1), torch.full((logit.numel(),), float(label)))
+def loss_of(out: torch.Tensor, label: int) -> torch.Tensor:
+    """Binary cross-entropy of the slide logit ``out[:, 0]``; with a second column (``topk``: the mean
+    per-position loss of "lesion-free"), plus that column for a negative slide."""
+    logit = out[:, 0]
+    loss = F.binary_cross_entropy_with_logits(logit, torch.full_like(logit, float(label)))
+    return loss + out[:, 1].mean() if out.shape[1] == 2 and not label else loss
 
 
 class AttentionMIL(nn.Module):

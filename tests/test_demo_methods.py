@@ -19,7 +19,7 @@ from wsi_report import check_tiff, heatmap_tiff  # noqa: E402
 import bigpicture as bp  # noqa: E402
 
 SIZE = 192
-TINY = {"budget": "4MiB", "patch": 64}
+TINY = {"budget": "1.5MiB", "patch": 64}
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +57,7 @@ def test_budget_bytes():
     assert methods.budget_bytes("24MiB") == 24 * 2**20 and methods.budget_bytes("1.5GiB") == 3 * 2**29
 
 
-@pytest.mark.parametrize("method", ["whole", "attention", "downsampled", "patches", "mil"])
+@pytest.mark.parametrize("method", ["whole", "mean", "attention", "downsampled", "patches", "mil"])
 def test_each_method_fits_the_budget_and_its_step_is_measured(slides, method):
     result = pathology_demo.measure(method, slides[2], TINY)
     assert 0 < result["memory"] <= methods.budget_bytes(TINY["budget"])
@@ -126,7 +126,7 @@ def test_heatmap_pyramid_has_the_slides_levels_and_pixel_size(slides, tmp_path):
     assert bp.io.open_slide(path, channels="all").mpp == pytest.approx(wsi_dataset.MPP)
 
 
-@pytest.mark.parametrize("pool", ["lse", "mean", "attention"])
+@pytest.mark.parametrize("pool", ["lse", "mean", "topk", "attention"])
 def test_tiled_training_steps_equal_the_untiled_ones(pool, one_thread):
     """Two Adam steps on a tiny slide-like input, tile by tile (tiles touching every border and the
     interior, with remainders), against the untiled steps: loss, input gradient, parameters."""
@@ -149,6 +149,55 @@ def test_tiled_training_steps_equal_the_untiled_ones(pool, one_thread):
     assert len(net.plan.tiles) >= 9
     for (name, p), q in zip(model.named_parameters(), untiled.parameters()):
         torch.testing.assert_close(p, q, msg=name)
+
+
+@pytest.mark.parametrize("label", [1, 0])
+@pytest.mark.parametrize("tile", [32, 48])
+def test_topk_pooling_forward_and_every_gradient_equal_the_untiled_ones(label, tile, one_thread):
+    """Top-k pooling with the negatives' per-position term: both outputs, the loss, every parameter
+    gradient and the input gradient, tiled (tiles touching every border, the top k spread over
+    several tiles) against untiled, float64."""
+    torch.manual_seed(3)
+    model = build("topk", seed=4).double()
+    x = torch.randint(0, 256, (1, 3, 128, 96)).double()
+    grads = []
+    for run in (bp.tiled(model, tile=tile), model):
+        model.zero_grad()
+        xi = x.clone().requires_grad_()
+        out = run(xi)
+        loss = loss_of(out, label)
+        loss.backward()
+        grads.append((out.detach(), loss.detach(), xi.grad, [p.grad.clone() for p in model.parameters()]))
+    (out, loss, gx, gp), (ref, ref_loss, ref_gx, ref_gp) = grads
+    torch.testing.assert_close(out, ref)
+    torch.testing.assert_close(loss, ref_loss)
+    torch.testing.assert_close(gx, ref_gx)
+    for a, b in zip(gp, ref_gp):
+        torch.testing.assert_close(a, b)
+    assert out.shape == (1, 2) and all(g.abs().sum() > 0 for g in gp)
+
+
+def test_topk_loss_adds_the_per_position_term_for_negative_slides_only():
+    """A negative slide's loss is the slide logit's plus the mean softplus of every score; a
+    positive slide's is the slide logit's alone; the logit is the mean of the k highest scores."""
+    scores = torch.linspace(-3, 2, 8 * 6).reshape(1, 1, 8, 6)
+    out = wsi_models.pool_topk(scores)
+    top = scores.flatten().sort().values[-wsi_models.TOPK :].mean()
+    torch.testing.assert_close(out[0, 0], top)
+    torch.testing.assert_close(out[0, 1], torch.nn.functional.softplus(scores).mean())
+    bce = torch.nn.functional.binary_cross_entropy_with_logits
+    torch.testing.assert_close(loss_of(out, 1), bce(top.reshape(1), torch.ones(1)))
+    torch.testing.assert_close(loss_of(out, 0), bce(top.reshape(1), torch.zeros(1)) + out[0, 1])
+
+
+def test_topk_readout_gives_the_forwards_logit_from_the_tiled_score_map(one_thread):
+    torch.manual_seed(0)
+    model = build("topk", seed=2).double().eval()
+    x = torch.randint(0, 256, (1, 3, 96, 80)).double()
+    with torch.no_grad():
+        logit, heat = model.readout(bp.tiled(model.evidence, tile=32)(x))
+        torch.testing.assert_close(logit, model(x)[:, :1])
+    assert heat.shape == (6, 5) and ((heat > 0) & (heat < 1)).all()
 
 
 def test_attention_heatmap_and_logit_come_from_one_tiled_pass(one_thread):
@@ -218,9 +267,18 @@ def test_texture_check_patches_are_lesion_or_host_as_the_masks_say():
         found = patches_of(image, tissue, lesion, of_lesion, 6, 16, rng)
         assert len(found) == 6
         for p in found:
-            at = [(y, x) for y in range(81) for x in range(81) if np.array_equal(image[:, y : y + 16, x : x + 16], p)]
+            at = [
+                (y, x)
+                for y in range(81)
+                for x in range(81)
+                if np.array_equal(image[:, y : y + 16, x : x + 16], p)
+            ]
             box = (slice(at[0][0], at[0][0] + 16), slice(at[0][1], at[0][1] + 16))
-            assert lesion[box].mean() > 0.6 if of_lesion else (tissue[box].mean() > 0.5 and not lesion[box].any())
+            assert (
+                lesion[box].mean() > 0.6
+                if of_lesion
+                else (tissue[box].mean() > 0.5 and not lesion[box].any())
+            )
 
 
 def test_texture_check_says_when_the_lesions_are_too_small_for_its_patches(slides):
