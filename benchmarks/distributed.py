@@ -338,9 +338,10 @@ def main(argv=None) -> None:
         "(before 2026-12-02: 4 and 5, the partial results by `all_gather_object`, two collectives "
         "plus pickling, and the backward seconds by an all-gather of their own). The predicted "
         "column is `perf.comm.communication` with the fitted link, packing (about 0.1 ms) left out "
-        "as it is outside the collectives. Under load, every collective also pays for waking the "
-        "ranks that block in it (the scheduler's latency), which the calibration, rank 0 arriving "
-        "late as in a step, includes.",
+        "as it is outside the collectives. Under load, a rank woken in a collective after computing "
+        "waits for the scheduler (its share of the CPU is spent), which the calibration's ranks, idle "
+        "between collectives, do not: compare on an idle machine. (At load 14 on 2 cores, 2026-12-02, "
+        "the steps' collectives took 10-20x the calibrated time of the same sizes.)",
         "",
         "gloo's all-reduce and all-gather (``all_gather_single``) of float64 tensors on 127.0.0.1 (median "
         "of 9, rank 0 arriving 3 ms after the others), measured / the ring model with the link fitted "
@@ -349,6 +350,8 @@ def main(argv=None) -> None:
         "",
         *calibration_section(calibrations),
     ]
+    ended = f" at the start, {os.getloadavg()[0]:.1f} at the end of part 1"
+    body[0] = body[0].replace(" at the start", ended, 1)
     if not args.no_scaling:
         body += [
             "",
