@@ -5,13 +5,18 @@
 Part 1 runs one training step (forward and backward) of the same image in fresh processes:
 1 process x 2 threads (no group), 2 processes x 1 thread and 3 processes x 1 thread
 (``bp.tiled(..., group=WORLD)``, gloo on 127.0.0.1). Each rank reports its wall time, its compute
-time and the seconds it spent in collectives. Before the steps the ranks calibrate gloo's
-all-reduce (float64 tensors of 1 KiB to 16 MiB, median of 5): a least-squares line
-t = a + b B gives a latency per ring step a / (2 (n-1)) and a bandwidth (2 (n-1)/n) / b, from
-which ``perf.multi.communication`` predicts the step's collectives. Communication is measured two
-ways: the seconds in collectives of the rank that spent least there (each rank's figure includes
-waiting for slower ranks, and pickling the streamed reductions' partial results), and the step's
-wall time less the slowest rank's compute (what the critical path spends outside compute).
+time and every collective it made (``engine.collectives.counted``: name, bytes, seconds). Before
+the steps the ranks calibrate gloo's all-reduce (1 KiB to 16 MiB) and all-gather (1 to 64 KiB per
+rank), median of 9, rank 0 arriving 3 ms after the others as the last rank does in a step, and fit
+the ring model of ``perf.comm`` in log space: a latency per ring step and a bandwidth, each size
+counting by its relative error (``fit_link``).
+``perf.comm.communication`` then predicts the step's collectives (each one the engine sends,
+``perf.comm.collectives``; the table shows both counts). Communication is measured three ways:
+per collective, the seconds of the rank that spent least in it (the last to arrive, which waits
+for no one), summed over the step's collectives -- what the model predicts; the seconds in
+collectives of the rank that spent least there overall (each rank's figure includes waiting for
+slower ranks, and packing the partial results); and the step's wall time less the slowest rank's
+compute (what the critical path spends outside compute, imbalance included).
 
 Part 2 is the predicted strong scaling of a 100,000^2 ResNet-50 training step (MONAI resnet50,
 BatchNorm frozen, bfloat16) on 1-64 H100-SXM, 8 per node, at the planner's one-device tile,
@@ -30,6 +35,7 @@ import time
 from functools import partial
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -39,7 +45,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from results import publish  # noqa: E402
 
 import bigpicture as bp  # noqa: E402
-from bigpicture.engine.collectives import counted  # noqa: E402
+from bigpicture.engine.collectives import all_gather_single, counted  # noqa: E402
 from bigpicture.perf.comm import (  # noqa: E402
     LINK_EFFICIENCY,
     all_gather_s,
@@ -51,11 +57,9 @@ from bigpicture.perf.devices import INTERCONNECTS, NODE_LINKS, Interconnect  # n
 from bigpicture.perf.multi import predict_devices, tile_costs  # noqa: E402
 
 SIZES = [2**k for k in range(7, 22, 2)]  # float64 elements: 1 KiB .. 16 MiB
-SMALL, LARGE = (
-    2**11,
-    2**17,
-)  # elements: the latency is fitted at and below 16 KiB, the bandwidth from 1 MiB up
 CALIBRATION_REPEATS = 9
+GATHERED = 2**13  # elements: the all-gather is calibrated up to 64 KiB
+LATE_S = 0.003  # rank 0 reaches each calibrating collective this much after the others
 
 
 def classifier() -> nn.Module:
@@ -79,11 +83,12 @@ MODELS = {"classifier (streamed reduction)": classifier, "segmenter (dense outpu
 
 def _calibrate(world: int) -> dict[str, list[float]]:
     """Median seconds of a gloo all-reduce and of an all-gather (``all_gather_single``, what the
-    engine gathers its packed results by) per size in SIZES, on rank 0's clock, after a barrier."""
-    from bigpicture.engine.collectives import all_gather_single
-
+    engine gathers its packed results by) per size in SIZES, on rank 0's clock, rank 0 arriving
+    ``LATE_S`` after the others, as in a step: the ranks reach each collective at different times
+    (their shares differ), the early ones block in it, and the last waits for no one but pays
+    for waking them (tens of microseconds idle, milliseconds on a loaded machine)."""
     medians = {"all_reduce": [], "all_gather": []}
-    for n in SIZES:
+    for n in SIZES:  # the all-gather only up to 64 KiB: the engine gathers slots of a few KiB
         t = torch.ones(n, dtype=torch.float64)
         out = torch.empty(world * n, dtype=torch.float64)
         calls = {
@@ -91,9 +96,13 @@ def _calibrate(world: int) -> dict[str, list[float]]:
             "all_gather": partial(all_gather_single, out, t, None),
         }
         for kind, call in calls.items():
+            if kind == "all_gather" and n > GATHERED:
+                continue
             times = []
             for i in range(CALIBRATION_REPEATS + 2):
                 dist.barrier()
+                if dist.get_rank() == 0:
+                    time.sleep(LATE_S)
                 started = time.perf_counter()
                 call()
                 if i >= 2:
@@ -157,20 +166,22 @@ def _terms(kind: str, world: int, elements: int) -> tuple[int, float]:
 
 
 def fit_link(world: int, measured: dict[str, list[float]]) -> Interconnect:
-    """The loopback link of the ring model (``perf.comm``), the latency fitted apart from the
-    bandwidth: the latency per ring step is the median over the small sizes (<= 16 KiB, both
-    collectives) of (time - bytes / bandwidth) / steps, the bandwidth the median over the large
-    ones (>= 1 MiB) of bytes / (time - steps x latency); two rounds, each with the other's figure
-    (a straight line through all sizes lets the 16 MiB points set the latency: 1.0 ms fitted
-    against 0.3 ms measured at 1 KiB)."""
-    points = [(*_terms(kind, world, n), t) for kind, ts in measured.items() for n, t in zip(SIZES, ts)]
-    small = [(s, b, t) for s, b, t in points if b <= _terms("all_gather", world, SMALL)[1]]
-    large = [(s, b, t) for s, b, t in points if b >= _terms("all_reduce", world, LARGE)[1]]
-    latency, bandwidth = statistics.median(t / s for s, _, t in small), float("inf")
-    for _ in range(2):
-        bandwidth = statistics.median(b / max(t - s * latency, 1e-9) for s, b, t in large)
-        latency = max(statistics.median((t - b / bandwidth) / s for s, b, t in small), 0.0)
-    return Interconnect(f"gloo {world} ranks", bandwidth / LINK_EFFICIENCY, latency, "measured here")
+    """The loopback link of the ring model (``perf.comm``): the latency per ring step and the
+    bandwidth that minimise the squared log error over every size of both collectives (a grid of
+    400 x 400), so that each point counts by its relative error: the small sizes set the latency,
+    the large ones the bandwidth, and the engine's mid sizes (0.1-1 MiB) are not left to either.
+    (A straight line through the times let the 16 MiB points set the latency: 1.0 ms fitted
+    against 0.3 ms measured at 1 KiB.)"""
+    points = [(*_terms(k, world, n), t) for k, ts in measured.items() for n, t in zip(SIZES, ts)]
+    steps, nbytes, seconds = (np.array(x, dtype=float) for x in zip(*points))
+    latency = np.logspace(-6, -1.5, 400)[:, None, None]
+    bandwidth = np.logspace(7, 11, 400)[None, :, None]
+    error = ((np.log(steps * latency + nbytes / bandwidth) - np.log(seconds)) ** 2).sum(-1)
+    i, j = np.unravel_index(error.argmin(), error.shape)
+    speed = float(bandwidth[0, j, 0])
+    return Interconnect(
+        f"gloo {world} ranks", speed / LINK_EFFICIENCY, float(latency[i, 0, 0]), "measured here"
+    )
 
 
 def calibration_section(calibrations: dict) -> list[str]:
@@ -190,6 +201,7 @@ def calibration_section(calibrations: dict) -> list[str]:
                 f"{1e3 * t:.2f} / {1e3 * model[kind](8 * n, world, 1, (link, link)):.2f} ms"
                 for n, t in zip(SIZES, seconds)
             ]
+            cells += ["-"] * (len(SIZES) - len(cells))
             rows.append(
                 f"| {world} | {kind} | "
                 + " | ".join(cells)
@@ -228,7 +240,8 @@ def measured_section(size: int, tile: int, repeats: int, calibrations: dict) -> 
             talk = statistics.median(t for t, _ in least)
             calibrations.setdefault(world, ranks[0]["calibration"])
             link = fit_link(world, ranks[0]["calibration"])
-            predicted = sum(s for _, s in communication(plan, world, 1, (link, link))[0])
+            talks = communication(plan, world, 1, (link, link))[0]
+            predicted = sum(s for k, s in talks if k != "packing")  # packing is outside the collectives
             count = len(collectives(plan, world))
             speed = link.bandwidth_bytes_per_s * LINK_EFFICIENCY / 1e9
             fit = f"{link.latency_s * 1e6:.0f} us/step, {speed:.2f} GB/s"
@@ -318,11 +331,27 @@ def main(argv=None) -> None:
         "",
         *measured_section(args.size, args.tile, args.repeats, calibrations),
         "",
-        "gloo's all-reduce of float64 tensors on 127.0.0.1 (median of 5, after a barrier), measured / "
-        "the ring model fitted to these points (``perf.multi.all_reduce_s`` with the fitted link):",
+        "The engine sends, per pass, one all-gather of the streamed reductions' partial results and "
+        "each rank's seconds (raw bytes in fixed 4 KiB slots), one all-reduce per dense output the "
+        "tail uses and, training, one all-reduce of the float64 parameter gradients carrying each "
+        "rank's backward seconds: 2 collectives per step for the classifier, 3 for the segmenter "
+        "(before 2026-12-02: 4 and 5, the partial results by `all_gather_object`, two collectives "
+        "plus pickling, and the backward seconds by an all-gather of their own). The predicted "
+        "column is `perf.comm.communication` with the fitted link, packing (about 0.1 ms) left out "
+        "as it is outside the collectives. Under load, a rank woken in a collective after computing "
+        "waits for the scheduler (its share of the CPU is spent), which the calibration's ranks, idle "
+        "between collectives, do not: compare on an idle machine. (At load 14 on 2 cores, 2026-12-02, "
+        "the steps' collectives took 10-20x the calibrated time of the same sizes.)",
+        "",
+        "gloo's all-reduce and all-gather (``all_gather_single``) of float64 tensors on 127.0.0.1 (median "
+        "of 9, rank 0 arriving 3 ms after the others), measured / the ring model with the link fitted "
+        "to them (``perf.comm``; latency per ring step and bandwidth by least squares of the log "
+        "times, so small and large sizes count alike):",
         "",
         *calibration_section(calibrations),
     ]
+    ended = f" at the start, {os.getloadavg()[0]:.1f} at the end of part 1"
+    body[0] = body[0].replace(" at the start", ended, 1)
     if not args.no_scaling:
         body += [
             "",
