@@ -7,7 +7,8 @@ machinery), build the network, capture it (torch.fx, timed apart), then plan it 
 step on a device (H100-SXM and L4 in bfloat16, this CPU in float32) with no tile given (the
 planner's tile for the device's memory, half the RAM on the CPU):
 ``choose_tile`` on the captured graph, i.e. shape propagation on fake tensors, the split, the
-predictions of the candidate tiles and the chosen plan. Peak memory is the process's ru_maxrss
+predictions of the candidate tiles that the search's bounds do not skip (``perf/search.py``) and the
+chosen plan. Peak memory is the process's ru_maxrss
 after planning, next to its value before (library start-up), and the planning's CPU seconds next to
 its wall clock (on a shared machine the wall clock also counts the other jobs' turns). ``--write``
 stores the table in RESULTS.md; ``--load`` makes it from the rows that earlier runs printed (runs of
@@ -145,7 +146,8 @@ def main() -> None:
         "device's memory (H100-SXM 80 GiB and L4 24 GiB in bfloat16; this CPU in float32, half its RAM, "
         "with its calibration from `bigpicture calibrate` where the row says calibrated). A TilingError "
         "(no tile fits) is a result too. Planning = choose_tile on the captured graph (shape propagation "
-        "on fake tensors, split, candidate predictions, the plan): wall-clock seconds, and the process's "
+        "on fake tensors, split, the candidates' bounds and predictions, the plan): wall-clock seconds, "
+        "and the process's "
         "CPU seconds (what planning costs: the wall clock also counts the other jobs' turns on the cores); "
         "capture = torch.fx trace; memory = ru_maxrss of the fresh process, before planning (library "
         "start-up) and after; load = the machine's 1-minute load average as the row finished (2 cores: "

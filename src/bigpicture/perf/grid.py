@@ -119,8 +119,22 @@ def class_grid(split: Split, lay: Layout) -> ClassGrid:
 _CLASSES: dict = {}
 
 
+def diagonal_of(split: Split, lay: Layout) -> Diagonal:
+    """The grid's diagonal rows (``tiles.Diagonal``), cached by split and layout: the planner's time
+    bound (``bound.py``) reads a few of them, its prediction the rest."""
+    key = (id(split), lay)
+    if key not in _DIAGONALS or _DIAGONALS[key][0] is not split:
+        if len(_DIAGONALS) >= 64:
+            _DIAGONALS.pop(next(iter(_DIAGONALS)))
+        _DIAGONALS[key] = (split, Diagonal(split, lay))  # the split is kept: its id is not reused
+    return _DIAGONALS[key][1]
+
+
+_DIAGONALS: dict = {}
+
+
 def _class_grid(split: Split, lay: Layout) -> ClassGrid:
-    diagonal = Diagonal(split, lay)
+    diagonal = diagonal_of(split, lay)
     geometry = Geometry(split, diagonal)
     keys = [_dim_keys(split, lay, geometry, d) for d in range(split.nd)]
     if not diagonal.separable:  # an empty box breaks the product rule (a hull ignores it): visit every tile

@@ -56,7 +56,7 @@ from bigpicture.perf.grid import Layout, class_grid, layout
 from bigpicture.perf.prediction import Prediction, Stage, _flops, _seconds, _size  # noqa: F401 (re-exported)
 from bigpicture.perf.rates import GPU_ASSUMPTIONS, Rates
 from bigpicture.perf.stage_cost import stage_bytes, with_cuts, with_stage_time
-from bigpicture.perf.walk import TileWalk, last_tile, tile_at, walk
+from bigpicture.perf.walk import TileWalk, bytes_only, last_tile, tile_at, walk
 
 MiB = 2**20
 GPU_CONTEXT_BYTES = 512 * MiB  # CUDA context and cuDNN/cuBLAS handles: 300-600 MiB on recent GPUs
@@ -219,7 +219,7 @@ def least_memory(
     with it, so any one tile's working set bounds it from below; the tile in the middle of the tiles
     with work (whole-size boxes, away from the borders) is usually the largest. The planner skips
     tiles this already shows over the budget, for the cost of one walk (``shared`` as for
-    ``predict_splits``: the steps it builds serve the full prediction too)."""
+    ``predict_splits``); its walk counts bytes only (``walk.bytes_only``)."""
     dev, rates, on_device, shared = _setting(device, dtype, input_on_device, shared)
     least = 0
     for k, s in enumerate(splits):
@@ -228,8 +228,8 @@ def least_memory(
         tiles = math.prod(working)  # at least this many tiles have work
         index = tuple(c // 2 for c in working)
         need, writes = tile_at(s, lay, index)
-        copy, memo = not on_device or tiles > 1, shared.setdefault(id(s), {})
-        one = walk(s, need, writes, dtype, rates, training, input_grad, copy, memo)
+        copy, memo = not on_device or tiles > 1, shared.setdefault(("bytes", id(s)), {})
+        one = walk(s, need, writes, dtype, bytes_only(rates), training, input_grad, copy, memo)  # no times
         least = max(least, sum(v for _, v in _memory(s, dtype, one, tiles, training, dev.name != "cpu")))
     return least
 

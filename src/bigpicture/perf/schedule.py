@@ -31,13 +31,13 @@ from bigpicture.perf.multi import best_on_devices, with_devices
 from bigpicture.perf.predict import (
     Prediction,
     _size,
-    least_memory,
     model_dtype,
     predict,
     predict_splits,
     resolve_device,
 )
 from bigpicture.perf.rates import Rates
+from bigpicture.perf.search import search
 from bigpicture.perf.stage_cost import check_budget
 
 MAX_TILES = 2**16  # more, smaller tiles are never faster: their halo work and per-tile costs grow
@@ -182,22 +182,10 @@ def best_tile(
     """The prediction of the fastest tile that fits (see ``choose_tile``), for an analysed model."""
     budget, dev = parse_memory(budget_bytes), resolve_device(device)
     check_budget(splits[-1], dtype, training, budget)  # global stages no tile size changes
-    tried: list[Prediction] = []
-    bounds: dict = {}  # tile -> a lower bound of its predicted memory (one tile's walk)
-    best = math.inf
-    # from the largest tile down: a tile whose memory bound is over the budget cannot fit; once one
-    # fits, a smaller tile whose engine time alone (its number of tiles) exceeds the best time so
-    # far cannot win. Neither is predicted.
-    tiles, shared = candidates(splits, input_shape), {}  # the candidates share rates and steps
-    for tile in reversed(tiles):
-        if best < math.inf and least_time(splits, input_shape, dtype, tile, dev, training) >= best:
-            continue
-        bounds[tile] = least_memory(splits, input_shape, dtype, tile, dev, training, shared=shared)
-        if bounds[tile] > budget:
-            continue
-        tried.insert(0, predict_splits(splits, input_shape, dtype, tile, dev, training, shared=shared))
-        if tried[0].memory <= budget:
-            best = min(best, tried[0].time)
+    # from the largest tile down, skipping those bounds show over the budget or slower (search.py)
+    tiles = candidates(splits, input_shape)
+    tried, bounds, shared, skipped = search(splits, input_shape, tiles, budget, dev, dtype, training,
+                                            least_time)  # fmt: skip
     fits = [p for p in tried if p.memory <= budget]
     if not fits:
         p = _least(splits, input_shape, dtype, dev, training, tried, bounds, shared)
@@ -210,6 +198,7 @@ def best_tile(
         )
     best = min(fits, key=lambda p: (p.time, -math.prod(p.tile)))
     note = f"fastest predicted of the {len(fits)} tile sizes (of {len(tried)}) that fit {_size(budget)}"
+    note += f", {skipped} more bounded slower" if skipped else ""
     bigger = [t for t in sorted(bounds, key=math.prod) if math.prod(t) > math.prod(best.tile)]
     if bigger:
         known = {p.tile: p.memory for p in tried}

@@ -192,6 +192,9 @@ def _conv_steps(split: Split, op, st: Step, rows: Rows, n: int, c: int, item: in
     lengths = rows.extra if transposed else rows.padded
     fwd, bwd = [], []
     for p, dims in zip(positions.tolist(), lengths.tolist(), strict=True):
+        if p == 0:  # a transposed convolution of an empty input box (a tile reading padding only)
+            fwd.append(1.0), bwd.append(1.0)  # no work, no seconds
+            continue
         backend = _backend(op, tuple(dims), n, cin, c, transposed, rates)
         fwd.append(rates.conv(nd, fan_in, c, p, stride, **case, backend=backend))
         bwd.append(rates.conv(nd, fan_in, c, p, stride, backward=True, **case, backend=backend))

@@ -185,12 +185,13 @@ def _forward(split: Split, steps: list, sizes: dict, base, training: bool, grad:
                     live = live + st.padded  # the padded copy is what autograd keeps
                 else:
                     for i in st.inputs:
-                        saved[owner[i]] = saved.get(owner[i], 0) + 1
+                        if i in owner:  # an input whose box is empty (only padding read) is not computed
+                            saved[owner[i]] = saved.get(owner[i], 0) + 1
             if st.saves_output:
                 saved[owner[node]] = saved.get(owner[node], 0) + 1
             live = live + st.saved_extra
         for i in st.inputs:
-            if last.get(i) is node and i not in held:
+            if last.get(i) is node and i not in held and i in owner:
                 o = owner[i]
                 refs[o] -= 1
                 if refs[o] == 0 and o not in saved and o is not split.input:
@@ -216,7 +217,7 @@ def _backward(steps: list, sizes: dict, state, grad: dict):
         buffers.pop(node)
         released = [owner[node]] if st.saves_output else []
         if st.saves_inputs and not st.keeps_padded:
-            released += [owner[i] for i in st.inputs]
+            released += [owner[i] for i in st.inputs if i in owner]
         for o in set(released):
             saved[o] -= 1
             if saved[o] == 0 and o is not x:
@@ -235,3 +236,35 @@ def tile_at(split: Split, lay: Layout, index: tuple[int, ...]) -> tuple[dict, tu
     """The node boxes and write boxes of the tile at grid ``index``."""
     writes = tuple(write_box(index, lay, split.strides[k], split.extents[k]) for k in split.sinks)
     return needs(split, dict(zip(split.sinks, writes, strict=True))), writes
+
+
+class _BytesOnly:
+    """``rates`` that answer every rate with 1 and pick no backend: a walk with them counts the same
+    bytes (the workspace is the rates' own) for a fraction of the cost, for memory bounds."""
+
+    measured = False  # no CPU backend asked of torch (steps._backend)
+
+    def __init__(self, rates: Rates) -> None:
+        self._rates = rates
+
+    def __getattr__(self, name: str):
+        return getattr(self._rates, name)
+
+    def conv(self, *args, **kwargs) -> float:
+        return 1.0
+
+    def pool(self, *args, **kwargs) -> float:
+        return 1.0
+
+    def stream(self, *args, **kwargs) -> float:
+        return 1.0
+
+    def streams(self, kind: str, nbytes, backward: bool = False) -> np.ndarray:
+        return np.ones(np.shape(nbytes))
+
+
+def bytes_only(rates: Rates) -> _BytesOnly:
+    """The byte-counting stand-in of ``rates`` (``_BytesOnly``), one per rates."""
+    if "_bytes_only" not in rates.__dict__:
+        rates.__dict__["_bytes_only"] = _BytesOnly(rates)
+    return rates.__dict__["_bytes_only"]

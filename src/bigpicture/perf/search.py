@@ -1,0 +1,52 @@
+"""The planner's search over its tile candidates (``schedule.candidates``), largest first.
+
+    per candidate, until one fits:   memory bound over the budget? (one tile walked) -> skip
+                                     else predict it (every class of tiles)
+    once one fits (best time T):     engine time alone >= T? (a multiplication)       -> skip
+                                     time bound >= T? (a few diagonal rows, bound.py)  -> skip
+                                     else as above
+
+Every skip is exact: a skipped tile cannot be faster than the best, and on equal times the larger
+tile (visited first) is kept, so the choice equals that of predicting every candidate.
+"""
+
+from __future__ import annotations
+
+import math
+
+from bigpicture.perf.bound import time_bound
+from bigpicture.perf.predict import least_memory, predict_splits
+
+ROUNDING = 1 - 1e-9  # the bound sums in another order than the prediction
+
+
+def search(splits, input_shape, tiles, budget: int, dev, dtype, training: bool, least_time, exhaustive=False):
+    """(the predictions made, newest and smallest first; each visited tile's memory bound; the
+    ``shared`` dict of the predictions; how many tiles the time bound skipped). ``least_time``:
+    ``schedule.least_time``; ``exhaustive``: predict every tile whose memory bound fits (tests)."""
+    tried, bounds, skipped, shared, best = [], {}, [], {}, math.inf
+    args = (splits, input_shape, dtype)
+
+    def visit(tile) -> None:
+        bounds[tile] = least_memory(*args, tile, dev, training, shared=shared)
+        if bounds[tile] <= budget:
+            tried.insert(0, predict_splits(*args, tile, dev, training, shared=shared))
+
+    for tile in reversed(tiles):
+        if best < math.inf and least_time(*args, tile, dev, training) >= best:
+            continue
+        if best < math.inf and not exhaustive:
+            bound = time_bound(*args, tile, dev, training, shared, best / ROUNDING)
+            if bound is not None and bound * ROUNDING >= best:
+                skipped.append(tile)
+                continue
+        visit(tile)
+        if tile in bounds and bounds[tile] <= budget and tried[0].memory <= budget:
+            best = min(best, tried[0].time)
+    if best < math.inf:  # the tile the note names as the next larger one: predicted, as without skips
+        chosen = min((p for p in tried if p.memory <= budget), key=lambda p: (p.time, -math.prod(p.tile)))
+        larger = [t for t in [*bounds, *skipped] if math.prod(t) > math.prod(chosen.tile)]
+        if larger and min(larger, key=math.prod) in skipped:
+            skipped.remove(min(larger, key=math.prod))
+            visit(min(larger, key=math.prod))
+    return tried, bounds, shared, len(skipped)

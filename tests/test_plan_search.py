@@ -1,0 +1,200 @@
+"""The planner's pruned search chooses what predicting every candidate chooses.
+
+``search.search`` skips the full prediction of tiles whose time bound (``bound.time_bound``) is
+already no faster than the best tile so far, and bounds memory with walks that count bytes only
+(``walk.bytes_only``). The reference is the exhaustive search (every candidate whose memory bound
+fits predicted): the chosen tile and its whole prediction must be equal, on a table of networks,
+sizes, devices (this CPU uncalibrated and calibrated, GPUs), budgets, training and inference, and
+on random networks (hypothesis). The bound itself must stay below every prediction it stands for.
+"""
+
+import math
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from test_planning_speed import calibrated, unet2d
+from test_random_architectures import blueprints, examples
+from torch import nn
+
+from bigpicture.perf import bound, predict, schedule
+from bigpicture.perf.devices import get_device
+from bigpicture.perf.grid import layout
+from bigpicture.perf.predict import least_memory, predict_splits
+from bigpicture.perf.schedule import analyse, candidates, least_time
+from bigpicture.perf.search import search
+from bigpicture.perf.walk import bytes_only, last_tile, walk
+
+
+@pytest.fixture(autouse=True)
+def _calibration(tmp_path, monkeypatch, request):
+    """This CPU uncalibrated, or calibrated with ``test_planning_speed.calibrated``'s table (rates
+    that differ by backend and size) for the cases whose device says so."""
+    monkeypatch.setenv("BIGPICTURE_CACHE", str(tmp_path / "cache"))
+    table = {"ops": calibrated().ops}
+    spec = getattr(request.node, "callspec", None)
+    if "calibrated" in str(spec.params.get("device", "") if spec else ""):
+        monkeypatch.setattr(predict, "load_calibration", lambda: table)
+        monkeypatch.setattr(schedule, "load_calibration", lambda: table)
+
+
+def wide_field():
+    """A receptive field of ~60 px: small tiles pay halos many times their work."""
+    layers = [nn.Conv2d(1, 4, 7, padding=3), nn.ReLU()]
+    for _ in range(4):
+        layers += [nn.Conv2d(4, 4, 5, padding=4, dilation=2), nn.BatchNorm2d(4), nn.ReLU()]
+    return nn.Sequential(*layers, nn.MaxPool2d(2), nn.Conv2d(4, 2, 3, padding=1))
+
+
+def net3d():
+    return nn.Sequential(
+        nn.Conv3d(1, 2, 3, padding=1), nn.ReLU(), nn.MaxPool3d(2), nn.Conv3d(2, 2, 5, padding=2), nn.ReLU()
+    )
+
+
+NETWORKS = {  # name: (factory, input shape)
+    "wide field 2d": (wide_field, (1, 1, 160, 144)),
+    "unet 2d": (unet2d, (1, 1, 128, 96)),
+    "3d": (net3d, (1, 1, 40, 36, 32)),
+}
+DEVICES = {"cpu": torch.float32, "cpu calibrated": torch.float32, "H100-SXM": torch.bfloat16,
+           "L4": torch.bfloat16}  # fmt: skip
+
+
+def chosen(splits, shape, budget, device, dtype, training, exhaustive):
+    """(the prediction ``best_tile`` chooses, the tiles the time bound skipped, the predictions made)."""
+    tiles = candidates(splits, shape)
+    tried, bounds, _, skipped = search(splits, shape, tiles, budget, get_device(device.split()[0]), dtype,
+                                       training, least_time, exhaustive)  # fmt: skip
+    fits = [p for p in tried if p.memory <= budget]
+    best = min(fits, key=lambda p: (p.time, -math.prod(p.tile))) if fits else None
+    return best, skipped, tried
+
+
+def _budgets(splits, shape, device, dtype, training):
+    """The budgets that make the planner choose each candidate's size: between their peaks."""
+    peaks = sorted({predict_splits(splits, shape, dtype, t, device.split()[0], training).memory
+                    for t in candidates(splits, shape)})  # fmt: skip
+    mids = [math.ceil((a + b) / 2) for a, b in zip(peaks[:-1], peaks[1:], strict=True)]
+    return [peaks[-1], *mids[:: max(1, len(mids) // 3)]]  # the whole image, and a few across the range
+
+
+@pytest.mark.parametrize("training", [False, True], ids=["inference", "training"])
+@pytest.mark.parametrize("device", list(DEVICES))
+@pytest.mark.parametrize("name", list(NETWORKS))
+def test_the_pruned_search_chooses_as_predicting_every_tile(name, device, training):
+    factory, shape = NETWORKS[name]
+    torch.manual_seed(0)
+    splits, dtype = analyse(factory().eval(), shape), DEVICES[device]
+    for budget in _budgets(splits, shape, device, dtype, training):
+        pruned, skipped, _ = chosen(splits, shape, budget, device, dtype, training, False)
+        every, none, tried = chosen(splits, shape, budget, device, dtype, training, True)
+        assert none == 0
+        assert pruned == every, (budget, pruned.tile, every.tile)  # the whole prediction, field by field
+
+
+@pytest.mark.parametrize("device", ["cpu calibrated"])
+@pytest.mark.parametrize("name", ["wide field 2d", "3d"])
+def test_the_bound_skips_predictions(name, device):
+    """The table above is not vacuous: with halos many times the work, small tiles are bounded
+    slower than the whole image and not predicted."""
+    factory, shape = NETWORKS[name]
+    splits, dtype = analyse(factory().eval(), shape), DEVICES[device]
+    budget = _budgets(splits, shape, device, dtype, True)[0]
+    pruned, skipped, tried = chosen(splits, shape, budget, device, dtype, True, False)
+    every, _, all_tried = chosen(splits, shape, budget, device, dtype, True, True)
+    assert pruned == every and skipped > 0 and len(tried) + skipped == len(all_tried)
+
+
+@pytest.mark.parametrize("training", [False, True], ids=["inference", "training"])
+@pytest.mark.parametrize("device", list(DEVICES))
+@pytest.mark.parametrize("name", list(NETWORKS))
+def test_the_time_bound_is_below_every_prediction(name, device, training):
+    factory, shape = NETWORKS[name]
+    splits, dtype = analyse(factory().eval(), shape), DEVICES[device]
+    for tile in candidates(splits, shape):
+        p = predict_splits(splits, shape, dtype, tile, device.split()[0], training)
+        b = bound.time_bound(splits, shape, dtype, tile, device.split()[0], training, {})
+        assert b is not None, tile  # every sink writes in every tile here: the bound is known
+        assert 0 < b <= p.time * (1 + 1e-9), (tile, b, p.time)  # equal where the host time decides
+        assert least_time(splits, shape, dtype, tile, device.split()[0], training) <= b * (1 + 1e-9)
+
+
+@pytest.mark.parametrize("training", [False, True], ids=["inference", "training"])
+@pytest.mark.parametrize("device", ["cpu calibrated", "H100-SXM"])
+@pytest.mark.parametrize("name", list(NETWORKS))
+def test_walks_that_count_bytes_only_count_the_same_bytes(name, device, training):
+    """``least_memory``'s walks (rates of 1, no backend asked) have the peaks of full walks."""
+    factory, shape = NETWORKS[name]
+    splits, dtype = analyse(factory().eval(), shape), DEVICES[device]
+    rates = predict._setting(device.split()[0], dtype, None, {})[1]
+    s = splits[0]
+    for tile in candidates(splits, shape):
+        need, writes = last_tile(s, layout(s, shape, tile))
+        full = walk(s, need, writes, dtype, rates, training)
+        counted = walk(s, need, writes, dtype, bytes_only(rates), training)
+        assert (counted.peak, counted.peak_train) == (full.peak, full.peak_train), tile
+        assert least_memory(splits, shape, dtype, tile, device.split()[0], training) > 0
+
+
+@given(st.data())
+@examples(60)
+def test_the_largest_conv_rate_bounds_every_rate_it_may_give(data):
+    """``bound.conv_rate_max`` is at least ``rates.conv`` for any positions in its range and any
+    backend, on a calibration grid with holes (some corners measured, others not)."""
+    rates = calibrated()
+    draw = data.draw
+    nd, cin, cout = draw(st.sampled_from([2, 3])), draw(st.integers(1, 64)), draw(st.integers(1, 64))
+    kernel = draw(st.sampled_from([1, 9, 25, 27]))
+    lo = draw(st.integers(1, 10**5))
+    hi = draw(st.integers(lo, 4 * lo))
+    for backward in (False, True):
+        most = bound.conv_rate_max(rates, nd, False, cin, cout, kernel, 1, cin * kernel, (lo, hi), backward)
+        for p in sorted({lo, hi, (lo + hi) // 2, draw(st.integers(lo, hi))}):
+            for backend in ("Mkldnn", "Slow2d", "Slow3d", None):
+                rate = rates.conv(
+                    nd, cin * kernel, cout, p, 1, backward, cin=cin, kernel=kernel, backend=backend
+                )
+                assert rate <= most, (p, backend, rate, most)
+
+
+def _holes() -> dict:
+    """``calibrated``'s table with every other point taken out: the rates of queries near the
+    holes come from the nearest points, not the grid."""
+    ops = dict(calibrated().ops)
+    ops["conv"] = ops["conv"][::2]
+    return ops
+
+
+@given(st.data())
+@examples(40)
+def test_the_largest_conv_rate_bounds_the_nearest_points_too(data):
+    from bigpicture.perf.rates import Rates
+
+    rates = Rates(get_device("cpu"), torch.float32, {"ops": _holes()})
+    draw = data.draw
+    cin, cout, kernel = draw(st.integers(1, 8)), draw(st.integers(1, 8)), draw(st.sampled_from([9, 25]))
+    lo = draw(st.integers(1, 10**4))
+    hi = draw(st.integers(lo, 64 * lo))
+    most = bound.conv_rate_max(rates, 2, False, cin, cout, kernel, 1, cin * kernel, (lo, hi), False)
+    for p in sorted({lo, hi, draw(st.integers(lo, hi)), draw(st.integers(lo, hi))}):
+        for backend in ("Mkldnn", "Slow2d", None):
+            assert rates.conv(2, cin * kernel, cout, p, 1, cin=cin, kernel=kernel, backend=backend) <= most
+
+
+@given(blueprints(nd=2, dag=True, max_steps=4), st.sampled_from(list(DEVICES)), st.booleans())
+@examples(25)
+def test_random_networks_plan_as_predicting_every_tile(blueprint, device, training):
+    if device == "cpu calibrated":
+        device = "cpu"  # the fixture patches by the test's parameters only; hypothesis draws here
+    torch.manual_seed(0)
+    model, shape = blueprint.build().float().eval(), (1,) + tuple(blueprint.input_shape[1:])
+    splits, dtype = analyse(model, shape), DEVICES[device]
+    peaks = sorted(
+        predict_splits(splits, shape, dtype, t, device, training).memory for t in candidates(splits, shape)
+    )
+    budget = peaks[len(peaks) // 2]
+    pruned, _, _ = chosen(splits, shape, budget, device, dtype, training, False)
+    every, _, _ = chosen(splits, shape, budget, device, dtype, training, True)
+    assert pruned == every
