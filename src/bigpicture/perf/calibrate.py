@@ -90,10 +90,12 @@ def _conv_grid(quick: bool) -> list[tuple[int, int, int, int, int, int, bool]]:
     grid += [(2, 3, cout, 7, 2, side, False) for cout in (16, 32, 64) for side in (8, 32, 128, 320)]
     grid += [(3, cin, cout, 3, 2, side, False) for cin in (1, 8, 16, 32) for cout in (8, 16, 32, 64)
              if cout >= cin for side in (8, 24)]  # fmt: skip
-    # upsampling: channels kept or reduced, down to a segmentation head's few
+    # upsampling: channels kept or reduced, down to a segmentation head's few; the last upsampling
+    # of a UNet (to its first level's few channels or its classes) is as wide as its tile's half
     grid += [(nd, cin, cout, k, 2, side, True) for nd in (2, 3) for cin in (8, 16, 32, 64, 128)
              for cout in (2, 8, 16, 32, 64) if cout <= cin for k in (2, 3)
-             for side in ((8, 48, 192) if nd == 2 else (4, 16))]  # fmt: skip
+             for side in ((8, 48) if nd == 2 else (4, 16)) + ((192,) if nd == 2 and cout <= 16 else ())
+             ]  # fmt: skip
     # skip the few cases that would take seconds each; neighbours cover them
     return [g for g in grid if 2 * g[1] * g[2] * g[3] ** g[0] * g[5] ** g[0] <= 2e9]
 
