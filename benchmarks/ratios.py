@@ -9,6 +9,8 @@ process, several rounds, so both see the same machine; the ratio is taken of the
     python benchmarks/ratios.py --write                  # 4096² and 8192², tiles 1024 and 2048
     python benchmarks/ratios.py --sizes 2048 --tiles 256 1024 2048 --cuts --write   # + the planner's cuts
     python benchmarks/ratios.py ... --compile            # + each run with compile=True (compiled tiles)
+    python benchmarks/ratios.py --sizes 2048 --tiles 256 --cuts --cuts-only --compile --rounds 3
+                                                         # issue 13's acceptance rows only
 """
 
 from __future__ import annotations
@@ -29,14 +31,15 @@ def steal() -> tuple[int, int]:
     return fields[7], sum(fields[:8])
 
 
-def variants(tiles: list[int], cuts: bool, compiled: bool) -> list[tuple[str, int, dict]]:
-    """(label, tile, ``bp.tiled`` keyword arguments) of each tiled run: plain; with the planner's cuts
-    (``cuts="auto"``, stages kept in host memory); and with ``--compile`` each again with
-    ``compile=True`` (``COMPILE``; the first step, which compiles every tile geometry, is excluded by
-    taking the fastest of the rounds)."""
+def variants(tiles: list[int], cuts: bool, compiled: bool, plain: bool = True) -> list[tuple[str, int, dict]]:
+    """(label, tile, ``bp.tiled`` keyword arguments) of each tiled run: plain (unless ``plain`` is
+    False: ``--cuts-only``); with the planner's cuts (``cuts="auto"``, stages kept in host memory);
+    and with ``--compile`` each again with ``compile=True`` (``COMPILE``; the first step, which
+    compiles every tile geometry, is excluded by taking the fastest of the rounds)."""
     out = []
     for t in tiles:
-        out.append((f"tiled {t}", t, {}))
+        if plain or not cuts:
+            out.append((f"tiled {t}", t, {}))
         if cuts:
             out.append((f"tiled {t}, planner's cuts", t, {"cuts": "auto"}))
     if compiled:
@@ -114,14 +117,17 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=4, help="alternating rounds (fastest step kept)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--cuts", action="store_true", help="also each tile with the planner's cuts")
+    ap.add_argument("--cuts-only", action="store_true",
+                    help="with --cuts: only the planner's cuts rows (issue 13's acceptance rows, in minutes)")
     ap.add_argument("--compile", action="store_true", help="also each run with compile=True")
     ap.add_argument("--write", action="store_true", help="write its section of RESULTS.md")
     a = ap.parse_args()
     t0, rows = time.perf_counter(), []
+    runs = variants(a.tiles, a.cuts, a.compile, not a.cuts_only)
     for mode in a.modes:
         for size in a.sizes:
             rounds = a.rounds if size <= 4096 else max(2, a.rounds // 2)
-            rows += measure(mode, size, variants(a.tiles, a.cuts, a.compile), rounds, a.threads)
+            rows += measure(mode, size, runs, rounds, a.threads)
             print(table(rows), flush=True)
     # the runs with cuts (or compile=) keep a section of their own, beside the plain tiles' rows
     key, what = ("ratios.py", "") if not (a.cuts or a.compile) else ("ratios.py --cuts", ", stages cut")

@@ -154,6 +154,8 @@ class Crop:
 
     def add_grad(self, total, grad: torch.Tensor):
         """``total`` (the whole tensor's gradient so far, or None) with this leaf's gradient added."""
+        if total is None and tuple(grad.shape) == tuple(self.whole.shape):  # a crop of it all (one tile)
+            return grad.to(self.whole.device, self.whole.dtype).contiguous()  # no zeros, no add
         if total is None:
             total = torch.zeros(self.whole.shape, dtype=self.whole.dtype, device=self.whole.device)
         total[_index(self.box)] += grad.to(total.device, total.dtype)
