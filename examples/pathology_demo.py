@@ -12,8 +12,9 @@ say which slides hold a lesion, from slide labels only. The demo
    for top-k pooling and for attention-MIL pooling over every position of the slide;
 3. trains, at one memory budget: the whole slide tiled (``bp.tiled(model, memory=budget)``), pooled
    by top-k (every position of a negative slide taught "lesion-free"), by the mean and by
-   attention-MIL; (a) the same network (top-k) untiled on the finest pyramid level that fits; (b) patches labelled with their slide's label, slide score = mean or max of patch
-   probabilities; (c) attention-MIL over (b)'s patch features; and, as a diagnostic upper bound
+   attention-MIL; (a) the same network (top-k) untiled on the finest pyramid level that fits;
+   (b) patches labelled with their slide's label, slide score = mean or max of patch probabilities;
+   (c) attention-MIL over (b)'s patch features; and, as a diagnostic upper bound
    that is not a contender, the same network trained on the lesion masks (``wsi_oracle.py``);
 4. reports held-out slide AUC with a bootstrap interval, lesion localisation, predicted and measured
    peak memory (fresh processes) and time per epoch, and the predicted cost at 100,000^2 on an H100;
