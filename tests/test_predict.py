@@ -34,15 +34,23 @@ def test_one_conv_one_tile_memory_by_hand():
     net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1)).eval()
     p = predict(bp.make_plan(net, (1, 3, 32, 32), tile=32), **GPU)
     out = 8 * 32 * 32 * F32
-    padded = 3 * 34 * 34 * F32  # the tile touches every border: its input is padded explicitly
+    # the tile touches every border, and the convolution pads it with its own padding=: no padded copy
     assert parts(p)["parameters"] == (8 * 3 * 9 + 8) * F32
     assert parts(p)["boundary tensors"] == out  # the dense output
-    # the new output and the padded input while the conv runs, and the previous tile's output
-    assert parts(p)["tile working set"] == out + padded + out
+    # the new output while the conv runs, and the previous tile's output
+    assert parts(p)["tile working set"] == out + out
     assert p.memory == sum(parts(p).values()) and p.tiles == 1
     # a CPU convolution also holds a workspace (oneDNN's layouts): 1 x its larger operand uncalibrated
     cpu = predict(bp.make_plan(net, (1, 3, 32, 32), tile=32), "cpu")
-    assert parts(cpu)["tile working set"] == out + padded + out + max(out, padded)
+    assert parts(cpu)["tile working set"] == out + out + max(out, 3 * 32 * 32 * F32)
+
+
+def test_reflect_padded_conv_charges_its_padded_copy():
+    # a reflect-padded convolution reads a padded copy at the border (the engine pads it explicitly)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, padding_mode="reflect")).eval()
+    p = predict(bp.make_plan(net, (1, 3, 32, 32), tile=32), **GPU)
+    out, padded = 8 * 32 * 32 * F32, 3 * 34 * 34 * F32
+    assert parts(p)["tile working set"] == out + padded + out
 
 
 def test_values_are_freed_at_their_last_use():

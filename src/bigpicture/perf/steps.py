@@ -137,7 +137,12 @@ def steps_of(split: Split, node, rows: Rows, item: int, rates: Rates, grad_in: b
     pad_copy = zero
     padded_numel = rows.padded.prod(axis=1)
     if isinstance(op, Window):  # a Pad op's padded copy is its own output
-        pad_copy = np.where(rows.copied, math.prod(split.shapes[ins[0]][:2]) * padded_numel * item, 0)
+        # An op that pads natively (engine/rules/window.py) reads a view of its input at the image
+        # border, padded by the kernel itself: no padded copy, and autograd keeps the input. Its
+        # sub-box reads inside the image are still charged a contiguous copy.
+        native = getattr(op, "pads_natively", lambda: False)()
+        copied = rows.copied & ~rows.outside if native else rows.copied
+        pad_copy = np.where(copied, math.prod(split.shapes[ins[0]][:2]) * padded_numel * item, 0)
         st.temp = pad_copy
         st.padded = np.where(outside, pad_copy, 0)  # autograd saves the padded copy, not a contiguous one
         st.keeps_padded = st.padded > 0

@@ -24,6 +24,11 @@ class NativePadding:
     and PyTorch's padding is the same on both sides: we pad both by the larger, rounded so that the
     extra positions below are whole output steps, and drop the outputs they add."""
 
+    def pads_natively(self) -> bool:
+        """Whether this op pads the border with its own ``padding=`` (``padded_natively``); the
+        performance model reads it too, to charge no padded copy."""
+        return True
+
     def native_padding(self, pad) -> bool:
         return True
 
@@ -79,10 +84,14 @@ class Conv(NativePadding, Window):
     def run(self, out, args, kwargs):
         weight, bias = self.weights(args, kwargs)
         conv = (F.conv1d, F.conv2d, F.conv3d)[self.nd - 1]
-        if self.mode == "constant":  # zeros at the border: the convolution's own padding, no padded copy
+        if self.pads_natively():
             return self.padded_natively(out, args[0], lambda x, p: conv(x, weight, bias, self.step, p,
                                                                          self.dilation, self.groups))
         return conv(self.read(out, args[0]), weight, bias, self.step, 0, self.dilation, self.groups)
+
+    def pads_natively(self) -> bool:
+        """Zeros at the border: the convolution's own padding, no padded copy."""
+        return self.mode == "constant"
 
     def flops(self, out, channels):
         return 2 * out.numel * channels * math.prod(self.kernel) * self.cin_per_group
@@ -128,13 +137,17 @@ class MaxPool(NativePadding, Pool):
         self.indices = bool(a["return_indices"]) or node.target in _WITH_INDICES
 
     def run(self, out, args, kwargs):
-        if not self.indices:
+        if self.pads_natively():
             pool = (F.max_pool1d, F.max_pool2d, F.max_pool3d)[self.nd - 1]
             return self.padded_natively(out, args[0], lambda x, p: pool(x, self.kernel, self.step, p,
                                                                          self.dilation), -math.inf)
         x = self.read(out, args[0], -math.inf)
         values, local = _WITH_INDICES[self.nd - 1](x, self.kernel, self.step, 0, self.dilation)
         return values, image_indices(local, self.padded_box(out), self.in_extents[0])
+
+    def pads_natively(self) -> bool:
+        """Without indices (those are in the padded box's coordinates, ``image_indices``)."""
+        return not self.indices
 
     def native_padding(self, pad) -> bool:
         """PyTorch pads a max pooling by at most half its kernel (with -inf, as the image border needs)."""
