@@ -128,7 +128,8 @@ def test_run_called_directly_plans_inference():
     """``inference.run`` outside ``torch.no_grad()``: a forward's tile, not a training step's."""
     model = seg().eval()
     assert all(p.requires_grad for p in model.parameters()) and torch.is_grad_enabled()
-    budget = budget_for_several_tiles(model, training=False)
+    # what a 48 px tile's forward needs: the whole image's forward does not fit, a 48 px training step neither
+    budget = predict_splits(analyse(model, SHAPE), SHAPE, torch.float32, 48, "cpu", False).memory
     net = bp.tiled(model, memory=budget)
     x = torch.from_numpy(np.random.default_rng(1).standard_normal(SHAPE, dtype=np.float32))
     inference, training = (net.plan_for(x, training=t) for t in (False, True))
