@@ -45,3 +45,42 @@ def test_tile_parallel_with_a_global_stage(world):
 
 def test_the_cases_hold_a_stage():
     assert all(len(_plan_passes(n)) == 2 for n in STAGES) and dist.is_available()
+
+
+def cuts_from_rank_zero(rank: int, world: int) -> None:
+    """With cuts and no tile, rank 1 never chooses (its search would fail): every rank runs rank 0's
+    cuts and tiles, and outputs and gradients equal the untiled model's."""
+    import torch
+    from helpers import _compare, _loss
+    from test_cuts import UNet
+    from test_cuts import _model as cut_model
+
+    import bigpicture as bp
+    import bigpicture.perf.schedule as schedule
+    from bigpicture.engine.plan import requested_tiles
+
+    if rank == 1:
+
+        def refuse(*args, **kwargs):
+            raise AssertionError("only rank 0 chooses the cuts and tiles")
+
+        schedule.cut_splits = refuse
+    model = cut_model(UNet)
+    torch.manual_seed(1)
+    x = torch.randn(1, 2, 24, 20, dtype=torch.float64)
+    for cuts in (["enc", "mid"], "auto"):
+        net = bp.tiled(model, memory="2MiB", cuts=cuts, group=dist.group.WORLD)
+        x0, x1 = x.clone().requires_grad_(), x.clone().requires_grad_()
+        params = list(model.parameters())
+        expected, got = model(x0), net(x1)
+        _compare(got, expected, f"output, cuts={cuts}")
+        for a, b in zip(torch.autograd.grad(_loss(got), [x1, *params]), torch.autograd.grad(_loss(expected), [x0, *params])):  # fmt: skip
+            _compare(a, b, f"gradient, cuts={cuts}")
+        passes = len(net.plan.earlier)
+        seen = [None] * world
+        dist.all_gather_object(seen, (requested_tiles(net.plan), passes, net.plan.note))
+        assert seen == [seen[0]] * world and (passes == 2 or cuts == "auto"), seen
+
+
+def test_ranks_take_rank_zeros_cuts_and_tiles():
+    launch(cuts_from_rank_zero, 2)

@@ -110,8 +110,9 @@ class Tiled(nn.Module):
         same = (shape, dtype, amp, device, state, described, not training)
         if self.cuts is not None:
             dev = planning_device(device)
+            agree = None if self.group is None else partial(from_rank_zero, self.group)  # ranks agree
             plan = staged_plan(gm, inputs, self.tile, self.memory, dev, amp, training, self.multipass,
-                               self.cuts, self.host_memory)  # fmt: skip
+                               self.cuts, self.host_memory, agree)  # fmt: skip
             return compiled_plan(plan) if self.compile and amp == dtype else plan
         if self.planned:
             return self._choose(gm, inputs, training, amp)

@@ -46,8 +46,9 @@ def host_budget(host_memory, parse) -> int:
 
 
 def cut_splits(gm, inputs, tile, cuts, dev: Device, dtype, training, budget, host, multipass, best_tile):
-    """``(splits, tile, note)``: the passes of ``gm`` cut at ``cuts`` (node names, a mapping of them
-    to tiers, or ``"auto"``: the planner's) for tiles of ``tile`` (None: the planner's, by
+    """``(splits, at, tile, note)``: the passes of ``gm`` cut at ``at`` (``cuts`` as given: node names
+    or a mapping of them to tiers; for ``"auto"``, the planner's mapping) for tiles of ``tile``
+    (None: the planner's, by
     ``best_tile(splits, shape, budget, dev, dtype, training)``, a ``schedule`` callback).
     ``host``: bytes of host memory the cuts may hold."""
     shape = tuple(inputs[0][0])
@@ -61,7 +62,7 @@ def cut_splits(gm, inputs, tile, cuts, dev: Device, dtype, training, budget, hos
             tile, note = best.tile, best.note
         else:
             note = f"cut at {', '.join(f'`{c}`' for c in cuts)} as asked"
-        return (splits, *kept_graphs(splits, shape, dtype, tile, dev, training, budget, note))
+        return (splits, cuts, *kept_graphs(splits, shape, dtype, tile, dev, training, budget, note))
     base, given = split_graph(gm, inputs, multipass), tile is not None
     if not given:
         tile = best_tile(base, shape, budget, dev, dtype, training).tile
@@ -76,10 +77,10 @@ def cut_splits(gm, inputs, tile, cuts, dev: Device, dtype, training, budget, hos
         tile, note = stage_tiles(splits, shape, dtype, tile, dev, training, budget, note)
         more = search.more(chosen, tile) if isinstance(tile, PerPass) else None
         if more is not None:
-            splits = split_graph(gm, inputs, multipass, more[0])
+            chosen, splits = more[0], split_graph(gm, inputs, multipass, more[0])
             tile, note = stage_tiles(splits, shape, dtype, tile_of(tile, 0), dev, training, budget,
                                      f"{note}; then {more[1]}")
-    return splits, *kept_graphs(splits, shape, dtype, tile, dev, training, budget, note)
+    return splits, chosen, *kept_graphs(splits, shape, dtype, tile, dev, training, budget, note)
 
 
 def stage_tiles(splits, shape, dtype, tile, dev: Device, training: bool, budget, note: str):

@@ -20,7 +20,7 @@ import torch
 from torch import fx, nn
 
 from bigpicture.engine import capture as g
-from bigpicture.engine.plan import Plan, capture, plan_graph, plan_splits
+from bigpicture.engine.plan import Plan, capture, plan_graph, plan_splits, split_graph
 from bigpicture.engine.split import Split, split, stages
 from bigpicture.engine.tiles import layout, working_counts
 from bigpicture.errors import TilingError
@@ -306,15 +306,26 @@ def _plan_on_devices(
     return with_devices(plan, devices, nodes, prediction=p)
 
 
-def staged_plan(gm, inputs, tile, memory, dev, dtype, training, multipass, cuts, host_memory) -> Plan:
+def staged_plan(
+    gm, inputs, tile, memory, dev, dtype, training, multipass, cuts, host_memory, agree=None
+) -> Plan:
     """The plan of ``gm`` cut into stages at ``cuts`` (``perf.cuts.cut_splits``), its tile the one
-    given or the planner's for ``memory`` (default: the device's)."""
+    given or the planner's for ``memory`` (default: the device's). ``agree``: with ranks sharing the
+    tiles (``engine.distributed.from_rank_zero``), every rank takes rank 0's cuts and tiles: ranks
+    choosing on their own (each its own clock, calibration or free memory) could cut differently."""
     budget = parse_memory(memory) if memory is not None else default_budget(dev)
     host = host_budget(host_memory, parse_memory)
     tile = None if tile == "auto" else tile
     shape = tuple(inputs[0][0])
-    splits, tile, note = cut_splits(gm, inputs, tile, cuts, dev, dtype, training, budget, host, multipass,
-                                    best_tile)  # fmt: skip
+
+    def choose():
+        return cut_splits(gm, inputs, tile, cuts, dev, dtype, training, budget, host, multipass, best_tile)
+
+    if agree is None:
+        splits, _, tile, note = choose()
+    else:  # rank 0's choice (names, tiers and tiles travel; the graphs are cut again here)
+        at, tile, note = agree(lambda: choose()[1:])
+        splits = split_graph(gm, inputs, multipass, at)
     return replace(for_run(plan_splits(splits, shape, inputs[0][1], tile), dtype, dev, training), note=note)
 
 
