@@ -155,12 +155,18 @@ def _tile(split: Split, lay: Layout, index) -> tuple[tuple, dict]:
 
 
 def _dim_keys(split: Split, lay: Layout, geometry: Geometry, d: int) -> list:
-    """The cost key of every tile index along dimension d, visiting few tiles of a long grid.
+    """The cost key of every tile index along dimension d (``dim_keys`` with ``_key``)."""
+    return dim_keys(split, lay, geometry.row, d, lambda j: _key(geometry, j, d))
+
+
+def dim_keys(split: Split, lay: Layout, row, d: int, key) -> list:
+    """``key(j)`` of every tile index j along dimension d, visiting few tiles of a long grid
+    (``row``: the diagonal's rows, ``tiles.Diagonal.row``).
 
     Away from the image border, tile j + p is tile j shifted by p tiles, where p makes the shift a
     whole number of pixels of every node: so the keys of interior tiles repeat with period p.
     """
-    g, row = lay.grid[d], geometry.row
+    g = lay.grid[d]
     period = math.lcm(*[(Fraction(lay.tile[d]) / split.strides[m][d]).denominator for m in split.strides])
     keys = {}
     start = next((j for j in range(1, g) if row(j)[1][split.input].lo[d] > 0), None)
@@ -171,15 +177,14 @@ def _dim_keys(split: Split, lay: Layout, geometry: Geometry, d: int) -> list:
         or start + period >= g - 1
         or not _shifted(split, lay, row, d, start, period)
     ):
-        return [_key(geometry, j, d) for j in range(g)]
+        return [key(j) for j in range(g)]
     for j in range(start + period + 1):
-        keys[j] = _key(geometry, j, d)
+        keys[j] = key(j)
     end = g - 1  # near the far border, until a tile is its predecessor by one period, moved
     while end > start + period and not (
-        _shifted(split, lay, row, d, end - period, period)
-        and _key(geometry, end, d) == _key(geometry, end - period, d)
+        _shifted(split, lay, row, d, end - period, period) and key(end) == key(end - period)
     ):
-        keys[end] = _key(geometry, end, d)
+        keys[end] = key(end)
         end -= 1
     for j in range(start + period + 1, end + 1):
         keys[j] = keys[start + (j - start) % period]
