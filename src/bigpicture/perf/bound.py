@@ -43,6 +43,7 @@ from bigpicture.perf.rates import GPU_CONV_EFFICIENCY, GPU_STREAM_EFFICIENCY, WI
 from bigpicture.perf.steps import _SAVE_NOTHING, _SAVE_OUTPUT, _VIEWS, _facts, _stream_kind
 from bigpicture.perf.walk import grad_in, grads
 
+SAMPLES = 5  # diagonal rows per dimension of the first, cheaper bound
 MARGIN = 1 + 1e-9  # rates from logs and exponentials may round a hair above the largest point
 
 
@@ -51,12 +52,24 @@ def time_bound(
     target: float = math.inf,
 ) -> float | None:  # fmt: skip
     """A lower bound of ``predict.predict_splits(splits, input_shape, dtype, tile, device, training,
-    shared=shared).time``, or None where none is known; the passes' sum stops once it reaches
-    ``target`` (the rows it reads are the prediction's own: ``grid.diagonal_of``)."""
+    shared=shared).time``, or None where none is known: from ``SAMPLES`` diagonal rows per dimension
+    first (``_sampled_sums``: a few rows, a weaker bound), then, below ``target``, from the exact
+    lengths (``_length_sums``; the rows are the prediction's own: ``grid.diagonal_of``)."""
     _, rates, _, shared = _setting(device, dtype, None, shared)
+    lays = [layout(s, input_shape, tile_of(tile, k)) for k, s in enumerate(splits)]
+    total = None
+    if max(g for lay in lays for g in lay.grid) > SAMPLES:
+        total = _passes(splits, lays, dtype, rates, training, target, SAMPLES)
+    if total is None or total < target:
+        total = _passes(splits, lays, dtype, rates, training, target, None)
+    return total
+
+
+def _passes(splits, lays, dtype, rates, training: bool, target: float, samples: int | None) -> float | None:
+    """``pass_bound`` summed over the passes, stopped once it reaches ``target``."""
     total = 0.0
-    for k, s in enumerate(splits):
-        seconds = pass_bound(s, layout(s, input_shape, tile_of(tile, k)), dtype, rates, training)
+    for s, lay in zip(splits, lays, strict=True):
+        seconds = pass_bound(s, lay, dtype, rates, training, samples)
         if seconds is None:
             return None
         total += seconds
@@ -65,11 +78,14 @@ def time_bound(
     return total
 
 
-def pass_bound(split: Split, lay: Layout, dtype: torch.dtype, rates: Rates, training: bool) -> float | None:
-    """A lower bound of the predicted time of one pass (``predict._predict_pass``) with layout ``lay``."""
+def pass_bound(
+    split: Split, lay: Layout, dtype: torch.dtype, rates: Rates, training: bool, samples: int | None = None
+) -> float | None:
+    """A lower bound of the predicted time of one pass (``predict._predict_pass``) with layout ``lay``,
+    from the exact box lengths, or from ``samples`` rows per dimension."""
     if getattr(rates, "fused", False) or any(working_counts(split, lay, k) != lay.grid for k in split.sinks):
         return None
-    sums = _length_sums(split, lay)
+    sums = _length_sums(split, lay) if samples is None else _sampled_sums(split, lay, samples)
     if sums is None:
         return None
     item = torch.empty((), dtype=dtype).element_size()
@@ -128,6 +144,37 @@ def _length_sums(split: Split, lay: Layout) -> dict | None:
             sums.setdefault(node, []).append(
                 (int(total[k]), int(shortest[k]), int(longest[k]), per_index[-1][k])
             )
+    return sums
+
+
+def _sampled_sums(split: Split, lay: Layout, samples: int) -> dict | None:
+    """``_length_sums`` from below, from ``samples`` diagonal rows per dimension: along a dimension, a
+    node's interval moves monotonically with the tile index (every rule maps intervals
+    monotonically), so a tile between two sampled ones has at least the length from the first one's
+    end back to the second one's start:
+
+        len(j) >= hi(a) - lo(b)   for a < j < b   (lo, hi nondecreasing in j)
+
+    (a lower bound of the sum and of the shortest, an upper bound of the longest, the last one's);
+    None if a sampled box is empty or the intervals do not move monotonically."""
+    rows, sums = diagonal_of(split, lay).row, {}
+    for d, g in enumerate(lay.grid):
+        js = sorted({round(i * (g - 1) / max(samples - 1, 1)) for i in range(samples)})
+        boxes = [rows(j)[1] for j in js]
+        for node in boxes[0]:
+            lo = [r[node].lo[d] for r in boxes]
+            hi = [r[node].hi[d] for r in boxes]
+            if any(h <= a for a, h in zip(lo, hi, strict=True)) or lo != sorted(lo) or hi != sorted(hi):
+                return None
+            lengths = [h - a for a, h in zip(lo, hi, strict=True)]
+            total, shortest, longest = sum(lengths), min(lengths), max(lengths)
+            for k in range(len(js) - 1):
+                between = js[k + 1] - js[k] - 1
+                if between:
+                    least = max(1, hi[k] - lo[k + 1])
+                    total += between * least
+                    shortest, longest = min(shortest, least), max(longest, hi[k + 1] - lo[k])
+            sums.setdefault(node, []).append((total, shortest, longest, lengths[-1]))
     return sums
 
 

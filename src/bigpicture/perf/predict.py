@@ -217,7 +217,8 @@ def least_memory(
 
     The predicted peak is the largest over the grid's tiles of one working set plus parts that grow
     with it, so any one tile's working set bounds it from below; the tile in the middle of the tiles
-    with work (whole-size boxes, away from the borders) is usually the largest. The planner skips
+    with work (whole-size boxes, away from the borders) is usually the largest; of two, where the
+    second may be a remainder, both are walked. The planner skips
     tiles this already shows over the budget, for the cost of one walk (``shared`` as for
     ``predict_splits``); its walk counts bytes only (``walk.bytes_only``)."""
     dev, rates, on_device, shared = _setting(device, dtype, input_on_device, shared)
@@ -226,11 +227,11 @@ def least_memory(
         lay = layout(s, input_shape, tile_of(tile, k))
         working = max((working_counts(s, lay, k) for k in s.sinks), key=math.prod)
         tiles = math.prod(working)  # at least this many tiles have work
-        index = tuple(c // 2 for c in working)
-        need, writes = tile_at(s, lay, index)
         copy, memo = not on_device or tiles > 1, shared.setdefault(("bytes", id(s)), {})
-        one = walk(s, need, writes, dtype, bytes_only(rates), training, input_grad, copy, memo)  # no times
-        least = max(least, sum(v for _, v in _memory(s, dtype, one, tiles, training, dev.name != "cpu")))
+        for index in {tuple(c // 2 for c in working), tuple(0 if c == 2 else c // 2 for c in working)}:
+            need, writes = tile_at(s, lay, index)
+            one = walk(s, need, writes, dtype, bytes_only(rates), training, input_grad, copy, memo)
+            least = max(least, sum(v for _, v in _memory(s, dtype, one, tiles, training, dev.name != "cpu")))
     return least
 
 
