@@ -22,6 +22,7 @@ from bigpicture.engine.tiles import Diagonal
 from bigpicture.perf import bound, predict, schedule
 from bigpicture.perf.devices import get_device
 from bigpicture.perf.grid import layout
+from bigpicture.perf.memory_bound import least_memories
 from bigpicture.perf.predict import least_memory, predict_splits
 from bigpicture.perf.schedule import analyse, candidates, least_time
 from bigpicture.perf.search import search
@@ -249,3 +250,16 @@ def test_the_pruned_search_chooses_as_predicting_every_tile_on_long_grids(name, 
         pruned, skipped, _ = chosen(splits, shape, budget, device, dtype, True, False)
         every, _, _ = chosen(splits, shape, budget, device, dtype, True, True)
         assert pruned == every, (budget, pruned.tile, every.tile)
+
+
+@pytest.mark.parametrize("training", [False, True], ids=["inference", "training"])
+@pytest.mark.parametrize("device", ["cpu calibrated", "L4"])
+@pytest.mark.parametrize("name", [*NETWORKS, *(f"long {n}" for n in LONG)])
+def test_memory_bounds_at_once_equal_one_walk_per_tile(name, device, training):
+    """``memory_bound.least_memories`` (every candidate's walked tiles as rows of one walk on
+    arrays) gives each tile the bound of ``predict.least_memory`` (its tiles walked one by one)."""
+    factory, shape = NETWORKS[name] if name in NETWORKS else LONG[name.removeprefix("long ")][:2]
+    splits, dtype, dev = analyse(factory().eval(), shape), DEVICES[device], device.split()[0]
+    tiles = candidates(splits, shape)
+    together = least_memories(splits, shape, dtype, tiles, dev, training, {})
+    assert together == {t: least_memory(splits, shape, dtype, t, dev, training) for t in tiles}

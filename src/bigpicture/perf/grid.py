@@ -91,10 +91,14 @@ class Geometry:
     def __call__(self, j: int, copy: bool) -> dict:
         if (j, copy) not in self._rows:
             s, need = self.split, self.row(j)[1]
+            other = self._rows.get((j, not copy))  # the same but where the image is read first
             self._rows[j, copy] = {
-                node: geometries(s, node, need, _stored(s, spatial_inputs(s, node, need), need, copy))
+                node: geometries(s, node, need, _stored(s, inputs, need, copy))
+                if other is None or not inputs or inputs[0] is s.input
+                else other[node]
                 for node, box in need.items()
                 if node in s.ops and not box.empty
+                for inputs in (spatial_inputs(s, node, need),)
             }
         return self._rows[j, copy]
 
@@ -196,9 +200,13 @@ def _shifted(split: Split, lay: Layout, row, d: int, j: int, period: int) -> boo
     (w0, n0), (w1, n1) = row(j), row(j + period)
     pairs = [(split.strides[k], a, b) for k, a, b in zip(split.sinks, w0, w1, strict=True)]
     pairs += [(split.strides[m], n0[m], n1[m]) for m in n0]
+    moved, shifts = Fraction(period * lay.tile[d]), {}  # nodes share few strides: one division each
     for stride, a, b in pairs:
-        shift = Fraction(period * lay.tile[d]) / stride[d]
-        if shift.denominator != 1 or (b.lo[d] - a.lo[d], b.hi[d] - a.hi[d]) != (shift, shift):
+        if stride[d] not in shifts:
+            shift = moved / stride[d]
+            shifts[stride[d]] = int(shift) if shift.denominator == 1 else None
+        shift = shifts[stride[d]]
+        if shift is None or b.lo[d] - a.lo[d] != shift or b.hi[d] - a.hi[d] != shift:
             return False
     return True
 

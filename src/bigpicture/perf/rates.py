@@ -298,25 +298,13 @@ def _nearest_logs(points, values: list[float], at: tuple[float, ...]) -> float:
     if len(points) > 8:
         far = np.sqrt(((np.asarray(points) - logs) ** 2).sum(axis=1))
         near = far <= np.partition(far, 2)[2] * (1 + 1e-9) + 1e-12  # ties and rounding kept
-        points, values = _kept(points, values, near)
+        index = np.flatnonzero(near).tolist()  # the kept points, in order, without a pass over all
+        points, values = [points[i] for i in index], [values[i] for i in index]
     dist = heapq.nsmallest(3, ((math.dist(logs, p), value) for p, value in zip(points, values, strict=True)))
     if dist[0][0] < 1e-9:
         return dist[0][1]
     weights = [1 / d**2 for d, _ in dist]
     return sum(w * v for w, (_, v) in zip(weights, dist, strict=True)) / sum(weights)
-
-
-# -- planner speed (issue 13, helper planspeed2): same values, fewer Python steps ------------------
-
-
-def _kept(points, values: list, near: np.ndarray) -> tuple[list, list]:
-    """The points and values where ``near`` is true, in their order (``_nearest_logs``): indexed
-    by numpy's nonzero entries instead of a Python pass over every calibration point per query."""
-    index = np.flatnonzero(near).tolist()
-    return [points[i] for i in index], [values[i] for i in index]
-
-
-# -- end planner speed -------------------------------------------------------------------------------
 
 
 def _grid_rate(
