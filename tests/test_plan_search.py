@@ -18,9 +18,11 @@ from test_planning_speed import calibrated, unet2d
 from test_random_architectures import blueprints, examples
 from torch import nn
 
+from bigpicture.engine.tiles import Diagonal
 from bigpicture.perf import bound, predict, schedule
 from bigpicture.perf.devices import get_device
 from bigpicture.perf.grid import layout
+from bigpicture.perf.memory_bound import least_memories
 from bigpicture.perf.predict import least_memory, predict_splits
 from bigpicture.perf.schedule import analyse, candidates, least_time
 from bigpicture.perf.search import search
@@ -198,3 +200,66 @@ def test_random_networks_plan_as_predicting_every_tile(blueprint, device, traini
     pruned, _, _ = chosen(splits, shape, budget, device, dtype, training, False)
     every, _, _ = chosen(splits, shape, budget, device, dtype, training, True)
     assert pruned == every
+
+
+LONG = {  # grids of 10 to 80 tiles per dimension: the interior's rows repeat (``grid.dim_keys``)
+    "wide field 2d": (wide_field, (1, 1, 640, 576), [(16, 16), (24, 40), (64, 48)]),
+    "unet 2d": (unet2d, (1, 1, 512, 392), [(8, 8), (6, 10), (24, 40)]),  # 6: a period of 2 tiles
+    "3d": (net3d, (1, 1, 120, 72, 96), [(8, 8, 8), (12, 6, 8)]),
+}
+
+
+@pytest.mark.parametrize("name", list(LONG))
+def test_the_bounds_length_sums_are_those_of_every_row(name):
+    """``bound._length_sums`` reads the rows near the borders and one period: its sums, shortest,
+    longest and last lengths equal those of every diagonal row walked."""
+    factory, shape, tiles = LONG[name]
+    splits = analyse(factory().eval(), shape)
+    s = splits[0]
+    for tile in tiles:
+        lay = layout(s, shape, tile)
+        assert max(lay.grid) > 8
+        sums = bound._length_sums(s, lay)
+        rows = [Diagonal(s, lay).row(j)[1] for j in range(max(lay.grid))]
+        for node, dims in sums.items():
+            for d, (total, shortest, longest, last) in enumerate(dims):
+                lengths = [rows[min(j, max(lay.grid) - 1)][node].shape[d] for j in range(lay.grid[d])]
+                assert (total, shortest, longest, last) == (sum(lengths), min(lengths), max(lengths),
+                                                            lengths[-1]), (tile, node, d)  # fmt: skip
+
+
+@pytest.mark.parametrize("training", [False, True], ids=["inference", "training"])
+@pytest.mark.parametrize("device", list(DEVICES))
+@pytest.mark.parametrize("name", list(LONG))
+def test_the_time_bound_is_below_the_prediction_on_long_grids(name, device, training):
+    factory, shape, tiles = LONG[name]
+    splits, dtype = analyse(factory().eval(), shape), DEVICES[device]
+    for tile in tiles:
+        p = predict_splits(splits, shape, dtype, tile, device.split()[0], training)
+        b = bound.time_bound(splits, shape, dtype, tile, device.split()[0], training, {})
+        assert 0 < b <= p.time * (1 + 1e-9), (tile, b, p.time)
+
+
+@pytest.mark.parametrize("device", ["cpu calibrated", "L4"])
+@pytest.mark.parametrize("name", ["wide field 2d", "unet 2d"])
+def test_the_pruned_search_chooses_as_predicting_every_tile_on_long_grids(name, device):
+    factory, shape, _ = LONG[name]
+    torch.manual_seed(0)
+    splits, dtype = analyse(factory().eval(), shape), DEVICES[device]
+    for budget in _budgets(splits, shape, device, dtype, True)[1:]:
+        pruned, skipped, _ = chosen(splits, shape, budget, device, dtype, True, False)
+        every, _, _ = chosen(splits, shape, budget, device, dtype, True, True)
+        assert pruned == every, (budget, pruned.tile, every.tile)
+
+
+@pytest.mark.parametrize("training", [False, True], ids=["inference", "training"])
+@pytest.mark.parametrize("device", ["cpu calibrated", "L4"])
+@pytest.mark.parametrize("name", [*NETWORKS, *(f"long {n}" for n in LONG)])
+def test_memory_bounds_at_once_equal_one_walk_per_tile(name, device, training):
+    """``memory_bound.least_memories`` (every candidate's walked tiles as rows of one walk on
+    arrays) gives each tile the bound of ``predict.least_memory`` (its tiles walked one by one)."""
+    factory, shape = NETWORKS[name] if name in NETWORKS else LONG[name.removeprefix("long ")][:2]
+    splits, dtype, dev = analyse(factory().eval(), shape), DEVICES[device], device.split()[0]
+    tiles = candidates(splits, shape)
+    together = least_memories(splits, shape, dtype, tiles, dev, training, {})
+    assert together == {t: least_memory(splits, shape, dtype, t, dev, training) for t in tiles}

@@ -7,22 +7,21 @@ adds the engine's per-node cost. Each step takes at least its work (flops, or by
 
     convolution    flops / the largest calibrated rate its query can reach (``conv_rate_max``):
                    the rate is a weighted mean of calibration points (``rates._table_rate`` over the
-                   grid's corners around the query, ``rates._nearest_logs`` over the nearest three)
+                   grid's corners around the query, ``rates._nearest_logs`` over the nearest three);
+                   on a GPU's tensor cores, plus cuDNN's NCHW <-> NHWC transposes at the stream peak
     memory-bound   bytes / the largest rate of its kind's table (rates interpolate between points)
     view, padding  0
 
 and a node's work over the grid is its work per position times the positions of its boxes over
 all tiles, which is a product over dimensions of the sums of its box lengths along each (a tile's
 box is a product of per-dimension intervals that depend on its index in that dimension only). Those
-sums come from a few diagonal rows (``tiles.Diagonal``): along a dimension, a node's interval moves
-monotonically with the tile index (every rule maps intervals monotonically), so a tile between
-two sampled ones has at least the length from the first one's end back to the second one's start:
-
-    len(j) >= hi(a) - lo(b)   for a < j < b   (lo, hi nondecreasing in j)
+sums are exact: the interior's tiles repeat one period of boxes moved (``grid.dim_keys``), so the
+rows near the borders and one period give every index's lengths, from the diagonal rows the
+prediction reads too (``grid.diagonal_of``).
 
 Padded copies, thread wake-ups and gradient accumulation are left out (they only add). A training
 step's recompute skips the last tile (its lengths are those of the last diagonal row). None
-where the product rule does not hold (a sink without work in some tile) or for fused steps.
+where the product rule does not hold (a sink without work in some tile, an empty box) or for fused steps.
 """
 
 from __future__ import annotations
@@ -38,14 +37,13 @@ from bigpicture.engine.rules.resample import ConvTranspose, Pad, Resample, Slice
 from bigpicture.engine.rules.window import Conv, Pool
 from bigpicture.engine.split import Split
 from bigpicture.engine.tiles import Layout, layout, working_counts
-from bigpicture.perf.grid import diagonal_of
+from bigpicture.perf.grid import diagonal_of, dim_keys
 from bigpicture.perf.predict import _setting
 from bigpicture.perf.rates import GPU_CONV_EFFICIENCY, GPU_STREAM_EFFICIENCY, WINOGRAD_3X3, Rates, _grid_table
 from bigpicture.perf.steps import _SAVE_NOTHING, _SAVE_OUTPUT, _VIEWS, _facts, _stream_kind
 from bigpicture.perf.walk import grad_in, grads
 
-SAMPLES = 5  # diagonal rows per dimension the bound reads first (every row of a grid of at most this many)
-MAX_SAMPLES = 17  # and at most: the bound's cost does not grow with the grid
+SAMPLES = 5  # diagonal rows per dimension of the first, cheaper bound
 MARGIN = 1 + 1e-9  # rates from logs and exponentials may round a hair above the largest point
 
 
@@ -54,31 +52,40 @@ def time_bound(
     target: float = math.inf,
 ) -> float | None:  # fmt: skip
     """A lower bound of ``predict.predict_splits(splits, input_shape, dtype, tile, device, training,
-    shared=shared).time``, or None where none is known. From ``SAMPLES`` diagonal rows per
-    dimension, then about twice as many (up to ``MAX_SAMPLES``) while it stays under ``target`` (the
-    rows are the prediction's own: ``grid.diagonal_of``)."""
+    shared=shared).time``, or None where none is known: from ``SAMPLES`` diagonal rows per dimension
+    first (``_sampled_sums``: a few rows, a weaker bound), then, below ``target``, from the exact
+    lengths (``_length_sums``; the rows are the prediction's own: ``grid.diagonal_of``)."""
     _, rates, _, shared = _setting(device, dtype, None, shared)
     lays = [layout(s, input_shape, tile_of(tile, k)) for k, s in enumerate(splits)]
-    samples, widest = SAMPLES, min(max(max(lay.grid) for lay in lays), MAX_SAMPLES)
-    while True:
-        total = 0.0
-        for s, lay in zip(splits, lays, strict=True):
-            seconds = pass_bound(s, lay, dtype, rates, training, samples)
-            if seconds is None:
-                return None
-            total += seconds
-        if total >= target or samples >= widest:
-            return total
-        samples = 2 * samples - 1
+    total = None
+    if max(g for lay in lays for g in lay.grid) > SAMPLES:
+        total = _passes(splits, lays, dtype, rates, training, target, SAMPLES)
+    if total is None or total < target:
+        total = _passes(splits, lays, dtype, rates, training, target, None)
+    return total
+
+
+def _passes(splits, lays, dtype, rates, training: bool, target: float, samples: int | None) -> float | None:
+    """``pass_bound`` summed over the passes, stopped once it reaches ``target``."""
+    total = 0.0
+    for s, lay in zip(splits, lays, strict=True):
+        seconds = pass_bound(s, lay, dtype, rates, training, samples)
+        if seconds is None:
+            return None
+        total += seconds
+        if total >= target:
+            break
+    return total
 
 
 def pass_bound(
-    split: Split, lay: Layout, dtype: torch.dtype, rates: Rates, training: bool, samples: int = SAMPLES
+    split: Split, lay: Layout, dtype: torch.dtype, rates: Rates, training: bool, samples: int | None = None
 ) -> float | None:
-    """A lower bound of the predicted time of one pass (``predict._predict_pass``) with layout ``lay``."""
+    """A lower bound of the predicted time of one pass (``predict._predict_pass``) with layout ``lay``,
+    from the exact box lengths, or from ``samples`` rows per dimension."""
     if getattr(rates, "fused", False) or any(working_counts(split, lay, k) != lay.grid for k in split.sinks):
         return None
-    sums = _length_sums(split, lay, samples)
+    sums = _length_sums(split, lay) if samples is None else _sampled_sums(split, lay, samples)
     if sums is None:
         return None
     item = torch.empty((), dtype=dtype).element_size()
@@ -108,11 +115,48 @@ def pass_bound(
     return sum(device + host for device, host in phases)
 
 
-def _length_sums(split: Split, lay: Layout, samples: int) -> dict | None:
-    """Per node, per dimension: (a lower bound of the sum of its box lengths over the grid's indices
-    along that dimension, a lower bound of the shortest, an upper bound of the longest, the last
-    one's); None if a
-    sampled box is empty or the intervals do not move monotonically."""
+def _length_sums(split: Split, lay: Layout) -> dict | None:
+    """Per node, per dimension: (the sum of its box lengths over the grid's indices along that
+    dimension, the shortest, the longest, the last one's), exact: the lengths of the rows near the
+    borders and of one period of the interior (``grid.dim_keys``, as the prediction's classes
+    are found); None if a box is empty (the product rule does not hold)."""
+    rows, sums = diagonal_of(split, lay).row, {}
+    nodes = list(rows(0)[1])
+    for d in range(split.nd):
+        seen: dict = {}
+
+        def lengths(j, d=d, seen=seen) -> tuple:
+            if j not in seen:
+                need = rows(j)[1]
+                seen[j] = tuple(need[n].hi[d] - need[n].lo[d] for n in nodes)
+            return seen[j]
+
+        per_index = dim_keys(split, lay, rows, d, lengths)
+        distinct: dict = {}  # the interior's indices share their period's tuples
+        for t in per_index:
+            distinct[id(t)] = (t, distinct.get(id(t), (t, 0))[1] + 1)
+        table = np.array([t for t, _ in distinct.values()], dtype=np.int64)  # (distinct, nodes)
+        if (table <= 0).any():
+            return None
+        counts = np.array([c for _, c in distinct.values()], dtype=np.int64)
+        total, shortest, longest = counts @ table, table.min(axis=0), table.max(axis=0)
+        for k, node in enumerate(nodes):
+            sums.setdefault(node, []).append(
+                (int(total[k]), int(shortest[k]), int(longest[k]), per_index[-1][k])
+            )
+    return sums
+
+
+def _sampled_sums(split: Split, lay: Layout, samples: int) -> dict | None:
+    """``_length_sums`` from below, from ``samples`` diagonal rows per dimension: along a dimension, a
+    node's interval moves monotonically with the tile index (every rule maps intervals
+    monotonically), so a tile between two sampled ones has at least the length from the first one's
+    end back to the second one's start:
+
+        len(j) >= hi(a) - lo(b)   for a < j < b   (lo, hi nondecreasing in j)
+
+    (a lower bound of the sum and of the shortest, an upper bound of the longest, the last one's);
+    None if a sampled box is empty or the intervals do not move monotonically."""
     rows, sums = diagonal_of(split, lay).row, {}
     for d, g in enumerate(lay.grid):
         js = sorted({round(i * (g - 1) / max(samples - 1, 1)) for i in range(samples)})
@@ -166,9 +210,22 @@ def _conv_bound(split: Split, op, node, count: int, sums: dict, grad: dict, rate
     flops = 2 * n * count * fan_in * c
     sizes = (n * math.prod(m for _, m, _, _ in lengths), n * math.prod(m for _, _, m, _ in lengths))
     query = (nd, False, cin // op.groups, c, math.prod(op.kernel), max(op.step), fan_in)
-    fwd = flops / _conv_rate_max(rates, *query, sizes, False)
-    bwd = flops * (2 if grad_in(split, node, grad) else 1) / _conv_rate_max(rates, *query, sizes, True)
+    moved = _transposes_s(rates, n * count, cin // op.groups, c, max(op.step), nd)
+    fwd = flops / _conv_rate_max(rates, *query, sizes, False) + moved
+    times = 2 if grad_in(split, node, grad) else 1
+    bwd = times * (flops / _conv_rate_max(rates, *query, sizes, True) + moved)
     return fwd, bwd, 1
+
+
+def _transposes_s(rates: Rates, positions: int, cin: int, cout: int, stride: int, nd: int) -> float:
+    """Seconds, at least, of cuDNN's NCHW <-> NHWC transposes on tensor cores that
+    ``rates.gpu_conv_rate`` adds to a (not transposed) convolution's forward over ``positions``
+    output positions (each kernel of its backward: the same per flop)."""
+    if not rates.gpu or rates.channels_last or rates.peak <= 1.01 * rates.device.peak("fp32"):
+        return 0.0
+    item = torch.empty((), dtype=rates.dtype).element_size()
+    moved = 2 * (cin * positions * stride**nd + cout * positions) * item
+    return moved / _stream_max(rates, "copy", False)
 
 
 def _conv_rate_max(rates: Rates, *query) -> float:

@@ -29,7 +29,17 @@ from bigpicture.engine.split import Split
 from bigpicture.perf.grid import ClassGrid
 from bigpicture.perf.rates import Rates
 from bigpicture.perf.steps import _FLAGS, Rows, Step, steps_of
-from bigpicture.perf.walk import TileWalk, accumulation_s, bytes_of, grad_in, grads, peaks, readers, walk
+from bigpicture.perf.walk import (
+    _FIELDS,
+    TileWalk,
+    accumulation_s,
+    bytes_of,
+    grad_in,
+    grads,
+    readers,
+    row_peaks,
+    walk,
+)
 
 
 def aggregate(
@@ -187,35 +197,19 @@ def _outer(per_dim: list[np.ndarray], combine) -> np.ndarray:
     return out
 
 
-_FIELDS = ("out", "temp", "padded", "saved_extra")
-
-
 def _largest_peaks(split, grid: _Grid, steps: dict, grad: dict, item: int, training: bool, input_copy: bool):
     """The largest (inference, training) peak over the classes: one walk per structure, on arrays."""
     sizes = {n: bytes_of(split, n, grid.mesh(grid.lengths(n)), item) for n in grad}
     terms = [bytes_of(split, k, grid.mesh(_write_lengths(grid, i)), item) for i, k in enumerate(split.sinks)]
-    which = np.zeros(len(sizes[split.input]), dtype=np.int64)  # classes of one structure so far
-    for st, index in steps.values():
-        _, which = np.unique(which * 16 + _structure(st)[index], return_inverse=True)
-    peak = peak_train = 0
-    for g in range(int(which.max()) + 1):
-        mask = which.reshape(-1) == g
-        group = []
-        for st, index in steps.values():
-            picked = index[mask]  # the walk reads the byte counts and the structure's flags only
-            flags = {f: bool(getattr(st, f)[picked[0]]) for f in _FLAGS}
-            group.append(Step(st.node, st.inputs, **{f: getattr(st, f)[picked] for f in _FIELDS}, **flags))
-        p, pt = peaks(
-            split,
-            group,
-            {n: s[mask] for n, s in sizes.items()},
-            [t[mask] for t in terms],
-            grad,
-            training,
-            input_copy,
-        )
-        peak, peak_train = max(peak, int(np.max(p))), max(peak_train, int(np.max(pt)))
-    return peak, peak_train
+    per_class = [_picked(st, index) for st, index in steps.values()]
+    peak, peak_train = row_peaks(split, per_class, sizes, terms, grad, training, input_copy)
+    return int(peak.max()), int(peak_train.max())
+
+
+def _picked(st: Step, index: np.ndarray) -> Step:
+    """The step of each class (row ``index[c]`` of ``st``): what ``walk.row_peaks`` reads of it."""
+    fields = {f: getattr(st, f)[index] for f in (*_FIELDS, *_FLAGS)}
+    return Step(st.node, st.inputs, **fields)
 
 
 def _write_lengths(grid: _Grid, k: int) -> list[np.ndarray]:
@@ -223,8 +217,3 @@ def _write_lengths(grid: _Grid, k: int) -> list[np.ndarray]:
         np.array([grid.row(j)[0][k].shape[d] for j in reps], dtype=np.int64)
         for d, reps in enumerate(grid.reps)
     ]
-
-
-def _structure(st) -> np.ndarray:
-    """What decides a step's part in the walk, besides its byte counts (per row of a step on arrays)."""
-    return st.aliases + 2 * st.keeps_padded + 4 * st.saves_inputs + 8 * st.saves_output

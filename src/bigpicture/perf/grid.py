@@ -91,10 +91,14 @@ class Geometry:
     def __call__(self, j: int, copy: bool) -> dict:
         if (j, copy) not in self._rows:
             s, need = self.split, self.row(j)[1]
+            other = self._rows.get((j, not copy))  # the same but where the image is read first
             self._rows[j, copy] = {
-                node: geometries(s, node, need, _stored(s, spatial_inputs(s, node, need), need, copy))
+                node: geometries(s, node, need, _stored(s, inputs, need, copy))
+                if other is None or not inputs or inputs[0] is s.input
+                else other[node]
                 for node, box in need.items()
                 if node in s.ops and not box.empty
+                for inputs in (spatial_inputs(s, node, need),)
             }
         return self._rows[j, copy]
 
@@ -155,12 +159,18 @@ def _tile(split: Split, lay: Layout, index) -> tuple[tuple, dict]:
 
 
 def _dim_keys(split: Split, lay: Layout, geometry: Geometry, d: int) -> list:
-    """The cost key of every tile index along dimension d, visiting few tiles of a long grid.
+    """The cost key of every tile index along dimension d (``dim_keys`` with ``_key``)."""
+    return dim_keys(split, lay, geometry.row, d, lambda j: _key(geometry, j, d))
+
+
+def dim_keys(split: Split, lay: Layout, row, d: int, key) -> list:
+    """``key(j)`` of every tile index j along dimension d, visiting few tiles of a long grid
+    (``row``: the diagonal's rows, ``tiles.Diagonal.row``).
 
     Away from the image border, tile j + p is tile j shifted by p tiles, where p makes the shift a
     whole number of pixels of every node: so the keys of interior tiles repeat with period p.
     """
-    g, row = lay.grid[d], geometry.row
+    g = lay.grid[d]
     period = math.lcm(*[(Fraction(lay.tile[d]) / split.strides[m][d]).denominator for m in split.strides])
     keys = {}
     start = next((j for j in range(1, g) if row(j)[1][split.input].lo[d] > 0), None)
@@ -171,15 +181,14 @@ def _dim_keys(split: Split, lay: Layout, geometry: Geometry, d: int) -> list:
         or start + period >= g - 1
         or not _shifted(split, lay, row, d, start, period)
     ):
-        return [_key(geometry, j, d) for j in range(g)]
+        return [key(j) for j in range(g)]
     for j in range(start + period + 1):
-        keys[j] = _key(geometry, j, d)
+        keys[j] = key(j)
     end = g - 1  # near the far border, until a tile is its predecessor by one period, moved
     while end > start + period and not (
-        _shifted(split, lay, row, d, end - period, period)
-        and _key(geometry, end, d) == _key(geometry, end - period, d)
+        _shifted(split, lay, row, d, end - period, period) and key(end) == key(end - period)
     ):
-        keys[end] = _key(geometry, end, d)
+        keys[end] = key(end)
         end -= 1
     for j in range(start + period + 1, end + 1):
         keys[j] = keys[start + (j - start) % period]
@@ -191,9 +200,13 @@ def _shifted(split: Split, lay: Layout, row, d: int, j: int, period: int) -> boo
     (w0, n0), (w1, n1) = row(j), row(j + period)
     pairs = [(split.strides[k], a, b) for k, a, b in zip(split.sinks, w0, w1, strict=True)]
     pairs += [(split.strides[m], n0[m], n1[m]) for m in n0]
+    moved, shifts = Fraction(period * lay.tile[d]), {}  # nodes share few strides: one division each
     for stride, a, b in pairs:
-        shift = Fraction(period * lay.tile[d]) / stride[d]
-        if shift.denominator != 1 or (b.lo[d] - a.lo[d], b.hi[d] - a.hi[d]) != (shift, shift):
+        if stride[d] not in shifts:
+            shift = moved / stride[d]
+            shifts[stride[d]] = int(shift) if shift.denominator == 1 else None
+        shift = shifts[stride[d]]
+        if shift is None or b.lo[d] - a.lo[d] != shift or b.hi[d] - a.hi[d] != shift:
             return False
     return True
 

@@ -56,7 +56,7 @@ from bigpicture.perf.grid import Layout, class_grid, layout
 from bigpicture.perf.prediction import Prediction, Stage, _flops, _seconds, _size  # noqa: F401 (re-exported)
 from bigpicture.perf.rates import GPU_ASSUMPTIONS, Rates
 from bigpicture.perf.stage_cost import stage_bytes, with_cuts, with_stage_time
-from bigpicture.perf.walk import TileWalk, bytes_only, last_tile, tile_at, walk
+from bigpicture.perf.walk import TileWalk, bytes_only, last_tile, tile_at, walk, walked
 
 MiB = 2**20
 GPU_CONTEXT_BYTES = 512 * MiB  # CUDA context and cuDNN/cuBLAS handles: 300-600 MiB on recent GPUs
@@ -217,8 +217,8 @@ def least_memory(
 
     The predicted peak is the largest over the grid's tiles of one working set plus parts that grow
     with it, so any one tile's working set bounds it from below; the tile in the middle of the tiles
-    with work (whole-size boxes, away from the borders) is usually the largest. The planner skips
-    tiles this already shows over the budget, for the cost of one walk (``shared`` as for
+    with work (whole-size boxes, away from the borders) is usually the largest (``walk.walked``).
+    The planner skips tiles this already shows over the budget, for the cost of one walk (``shared`` as for
     ``predict_splits``); its walk counts bytes only (``walk.bytes_only``)."""
     dev, rates, on_device, shared = _setting(device, dtype, input_on_device, shared)
     least = 0
@@ -226,11 +226,11 @@ def least_memory(
         lay = layout(s, input_shape, tile_of(tile, k))
         working = max((working_counts(s, lay, k) for k in s.sinks), key=math.prod)
         tiles = math.prod(working)  # at least this many tiles have work
-        index = tuple(c // 2 for c in working)
-        need, writes = tile_at(s, lay, index)
         copy, memo = not on_device or tiles > 1, shared.setdefault(("bytes", id(s)), {})
-        one = walk(s, need, writes, dtype, bytes_only(rates), training, input_grad, copy, memo)  # no times
-        least = max(least, sum(v for _, v in _memory(s, dtype, one, tiles, training, dev.name != "cpu")))
+        for index in walked(working):
+            need, writes = tile_at(s, lay, index)
+            one = walk(s, need, writes, dtype, bytes_only(rates), training, input_grad, copy, memo)
+            least = max(least, sum(v for _, v in _memory(s, dtype, one, tiles, training, dev.name != "cpu")))
     return least
 
 

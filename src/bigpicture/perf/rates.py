@@ -298,8 +298,8 @@ def _nearest_logs(points, values: list[float], at: tuple[float, ...]) -> float:
     if len(points) > 8:
         far = np.sqrt(((np.asarray(points) - logs) ** 2).sum(axis=1))
         near = far <= np.partition(far, 2)[2] * (1 + 1e-9) + 1e-12  # ties and rounding kept
-        points = [p for p, k in zip(points, near, strict=True) if k]
-        values = [v for v, k in zip(values, near, strict=True) if k]
+        index = np.flatnonzero(near).tolist()  # the kept points, in order, without a pass over all
+        points, values = [points[i] for i in index], [values[i] for i in index]
     dist = heapq.nsmallest(3, ((math.dist(logs, p), value) for p, value in zip(points, values, strict=True)))
     if dist[0][0] < 1e-9:
         return dist[0][1]

@@ -1,6 +1,7 @@
 """The planner's search over its tile candidates (``schedule.candidates``), largest first.
 
-    per candidate, until one fits:   memory bound over the budget? (one tile walked) -> skip
+    per candidate, until one fits:   memory bound over the budget? (one tile walked,    -> skip
+                                     every candidate's at once: memory_bound.py)
                                      else predict it (every class of tiles)
     once one fits (best time T):     engine time alone >= T? (a multiplication)       -> skip
                                      time bound >= T? (a few diagonal rows, bound.py)  -> skip
@@ -15,7 +16,8 @@ from __future__ import annotations
 import math
 
 from bigpicture.perf.bound import time_bound
-from bigpicture.perf.predict import least_memory, predict_splits
+from bigpicture.perf.memory_bound import least_memories
+from bigpicture.perf.predict import predict_splits
 
 ROUNDING = 1 - 1e-9  # the bound sums in another order than the prediction
 
@@ -26,9 +28,14 @@ def search(splits, input_shape, tiles, budget: int, dev, dtype, training: bool, 
     ``schedule.least_time``; ``exhaustive``: predict every tile whose memory bound fits (tests)."""
     tried, bounds, skipped, shared, best = [], {}, [], {}, math.inf
     args = (splits, input_shape, dtype)
+    memory: dict = {}
 
     def visit(tile) -> None:
-        bounds[tile] = least_memory(*args, tile, dev, training, shared=shared)
+        if tile not in memory:  # the largest alone; until one fits, every smaller one at once
+            rest = [t for t in tiles if t not in memory and math.prod(t) <= math.prod(tile)]
+            batch = rest if memory and best == math.inf else [tile]
+            memory.update(least_memories(*args, batch, dev, training, shared))
+        bounds[tile] = memory[tile]
         if bounds[tile] <= budget:
             tried.insert(0, predict_splits(*args, tile, dev, training, shared=shared))
 

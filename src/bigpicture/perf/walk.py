@@ -22,7 +22,7 @@ from bigpicture.engine.regions import needs
 from bigpicture.engine.split import Split
 from bigpicture.engine.tiles import Layout, write_box
 from bigpicture.perf.rates import Rates
-from bigpicture.perf.steps import Step, _facts, node_step
+from bigpicture.perf.steps import _FLAGS, Step, _facts, node_step
 
 
 @dataclass
@@ -163,6 +163,40 @@ def peaks(split: Split, steps: list, sizes: dict, terms: list, grad: dict, train
     return peak, np.maximum(fwd_peak, bwd_peak)
 
 
+_FIELDS = ("out", "temp", "padded", "saved_extra")  # the byte counts a walk reads of a step
+
+
+def row_peaks(
+    split: Split, steps: list, sizes: dict, terms: list, grad: dict, training: bool, input_copy: bool
+):
+    """``peaks`` of many walks at once, one per row: ``steps`` on arrays (``steps.steps_of``) with
+    one entry per walk, as are ``sizes`` (per node) and ``terms`` (per sink). Rows whose steps have
+    the same *structure* (which values alias, which padded copies autograd keeps) run the same
+    walk with other byte counts, so each structure is walked once on numpy arrays; (inference
+    peaks, training peaks) per row."""
+    rows = len(sizes[split.input])
+    which = np.zeros(rows, dtype=np.int64)  # rows of one structure so far
+    for st in steps:
+        _, which = np.unique(which * 16 + structure(st), return_inverse=True)
+    which = which.reshape(-1)
+    peak, peak_train = np.zeros(rows, dtype=np.int64), np.zeros(rows, dtype=np.int64)
+    for g in range(int(which.max()) + 1 if rows else 0):
+        mask = which == g
+        group = []
+        for st in steps:  # the walk reads the byte counts and the structure's flags only
+            flags = {f: bool(getattr(st, f)[mask][0]) for f in _FLAGS}
+            group.append(Step(st.node, st.inputs, **{f: getattr(st, f)[mask] for f in _FIELDS}, **flags))
+        p, pt = peaks(split, group, {n: v[mask] for n, v in sizes.items()}, [t[mask] for t in terms], grad,
+                      training, input_copy)  # fmt: skip
+        peak[mask], peak_train[mask] = p, pt
+    return peak, peak_train
+
+
+def structure(st) -> np.ndarray:
+    """What decides a step's part in the walk, besides its byte counts (per row of a step on arrays)."""
+    return st.aliases + 2 * st.keeps_padded + 4 * st.saves_inputs + 8 * st.saves_output
+
+
 def _forward(split: Split, steps: list, sizes: dict, base, training: bool, grad: dict | None = None):
     """Peak bytes of one forward over the tile; with ``training``, what stays saved at its end."""
     owner, refs, saved = {split.input: split.input}, {split.input: 1}, {}
@@ -236,6 +270,13 @@ def tile_at(split: Split, lay: Layout, index: tuple[int, ...]) -> tuple[dict, tu
     """The node boxes and write boxes of the tile at grid ``index``."""
     writes = tuple(write_box(index, lay, split.strides[k], split.extents[k]) for k in split.sinks)
     return needs(split, dict(zip(split.sinks, writes, strict=True))), writes
+
+
+def walked(working: tuple[int, ...]) -> set[tuple[int, ...]]:
+    """The grid indices whose tiles a memory bound walks, of a grid with ``working`` tiles with work
+    per dimension: the middle one (whole-size boxes, away from the borders), and where a dimension
+    has two tiles, also the first (the second may be a remainder)."""
+    return {tuple(c // 2 for c in working), tuple(0 if c == 2 else c // 2 for c in working)}
 
 
 class _BytesOnly:

@@ -1,0 +1,101 @@
+"""The memory bounds of many candidate tiles at once: ``predict.least_memory`` of each.
+
+``least_memory`` walks one tile per candidate (two where a dimension has two tiles), a step per
+node built on its own. The planner asks it of every candidate down to the first that fits, so
+here every candidate's walked tiles are rows of one walk on arrays:
+
+    per node     one ``steps.steps_of`` over the rows (the walked tiles of every candidate)
+    per walk     ``walk.row_peaks``: rows of one structure walked together
+    per tile     the largest of its rows' ``predict._memory`` sums, over its passes
+
+with the same numbers as walking each tile on its own (``tests/test_plan_search.py``).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from bigpicture.engine.plan import tile_of
+from bigpicture.engine.rules import Window
+from bigpicture.engine.rules.resample import ConvTranspose, Pad
+from bigpicture.engine.split import Split
+from bigpicture.engine.tiles import layout, working_counts
+from bigpicture.perf.predict import _memory, _setting
+from bigpicture.perf.steps import Rows, _outside, _stored, geometries, spatial_inputs, step_key, steps_of
+from bigpicture.perf.walk import TileWalk, bytes_of, bytes_only, grad_in, grads, row_peaks, tile_at, walked
+
+
+def least_memories(
+    splits: list[Split], input_shape, dtype: torch.dtype, tiles, device, training: bool, shared: dict
+) -> dict:
+    """``predict.least_memory(splits, input_shape, dtype, tile, device, training, shared=shared)``
+    of every tile in ``tiles`` (the input neither on the device nor needing a gradient: the planner's)."""
+    dev, rates, on_device, shared = _setting(device, dtype, None, shared)
+    item, counting = torch.empty((), dtype=dtype).element_size(), bytes_only(rates)
+    least = dict.fromkeys(tiles, 0)
+    for k, s in enumerate(splits):
+        groups: dict = {}  # walks of the same nodes (non-empty boxes) and input copy
+        for tile in tiles:
+            lay = layout(s, input_shape, tile_of(tile, k))
+            working = max((working_counts(s, lay, sink) for sink in s.sinks), key=math.prod)
+            count = math.prod(working)
+            copy = not on_device or count > 1
+            for index in walked(working):
+                need, writes = tile_at(s, lay, index)
+                key = (copy, tuple((n, b.empty) for n, b in need.items()))
+                groups.setdefault(key, []).append((tile, count, need, writes))
+        for (copy, _), group in groups.items():
+            peak, peak_train = _peaks(s, group, item, counting, training, copy)
+            for (tile, count, _, _), p, pt in zip(group, peak.tolist(), peak_train.tolist(), strict=True):
+                one = TileWalk(peak=p, peak_train=pt)
+                least[tile] = max(least[tile], sum(v for _, v in _memory(s, dtype, one, count, training,
+                                                                          dev.name != "cpu")))  # fmt: skip
+    return least
+
+
+def _peaks(split: Split, group: list, item: int, rates, training: bool, copy: bool):
+    """(inference peaks, training peaks) of each walk of ``group`` ((tile, count, need, writes))."""
+    needs = [need for _, _, need, _ in group]
+    grad = grads(split, needs[0], False)  # the same nodes in every walk of the group
+    steps = [
+        steps_of(split, node, _rows(split, node, needs, copy), item, rates, grad_in(split, node, grad))
+        for node in list(grad)[1:]
+    ]
+    sizes = {n: bytes_of(split, n, np.array([need[n].numel for need in needs], dtype=np.int64), item)
+             for n in grad}  # fmt: skip
+    terms = [
+        bytes_of(split, sink, np.array([w[i].numel for *_, w in group], dtype=np.int64), item)
+        for i, sink in enumerate(split.sinks)
+    ]
+    return row_peaks(split, steps, sizes, terms, grad, training, copy)
+
+
+def _rows(split: Split, node, needs: list[dict], copy: bool) -> Rows:
+    """The geometries of ``node``'s step in each walk, as ``steps.node_step`` makes them one at a time."""
+    op, nd = split.ops[node], split.nd
+    copied = [False] * len(needs)  # only windows and padding read out of the image or a sub-box
+    for k, need in enumerate(needs if isinstance(op, (Window, Pad)) else ()):
+        key = step_key(node, geometries(split, node, need, _stored(split, spatial_inputs(split, node, need),
+                                                                    need, copy)), False)  # fmt: skip
+        copied[k] = key[1] or key[2]
+    boxes = [need[node] for need in needs]
+    return Rows(
+        np.array([b.numel for b in boxes], dtype=np.int64),
+        tuple(
+            (i, np.array([need[i].numel for need in needs], dtype=np.int64))
+            for i in op.inputs
+            if i in needs[0]
+        ),
+        np.array(
+            [op.padded_box(b).shape if isinstance(op, Window) else (1,) * nd for b in boxes], dtype=np.int64
+        ),
+        np.array(
+            [op.needs(b)[0].shape if isinstance(op, ConvTranspose) else (1,) * nd for b in boxes],
+            dtype=np.int64,
+        ),  # fmt: skip
+        np.array([c and _outside(op, b) for c, b in zip(copied, boxes, strict=True)]),
+        np.array(copied),
+    )
