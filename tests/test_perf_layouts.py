@@ -111,8 +111,9 @@ def test_strided_batchnorm_runs_at_its_own_rate():
         strided = any(g[2] for g in geometries(split, norm, need, stored))
         moved = 2 * 4 * need[norm].numel * F32  # read and written
         assert st.fwd_s == pytest.approx(moved / (1e9 if strided else 4e9))
-        # its backward reads the gradient and the saved input, writes the input's gradient
-        assert st.bwd_s == pytest.approx(1.5 * moved / (1.5e9 if strided else 3e9))
+        # its backward reads the gradient and the saved input, writes the input's gradient; its
+        # weight's and bias's gradients summed in float64 (copy and add, at the unary rate here)
+        assert st.bwd_s == pytest.approx(1.5 * moved / (1.5e9 if strided else 3e9) + (4 + 4) * 36 / 4e9)
         seconds[strided] = st.fwd_s
     assert set(seconds) == {False, True}
     # a calibration from before the strided rate: every BatchNorm at the contiguous one
@@ -122,3 +123,34 @@ def test_strided_batchnorm_runs_at_its_own_rate():
     assert node_step(split, norm, need, False, True, F32, old, {}).fwd_s == pytest.approx(
         2 * 4 * need[norm].numel * F32 / 4e9
     )
+
+
+def test_parameter_gradients_summed_in_float64_per_tile(one_thread):
+    """Each tile's backward converts every parameter's gradient to float64 and adds it to the run's
+    sum (the engine's ``_to_copy`` per parameter per tile, counted here, plus one back at the end);
+    the model charges that copy and add to the step of the node owning the parameters."""
+    from torch.profiler import profile
+
+    torch.manual_seed(0)
+    m = bp.freeze_batchnorm(nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU()).train())
+    net = bp.tiled(m, tile=16)
+    x = torch.randn(1, 3, 48, 40)
+    net(x).sum().backward()
+    with profile(record_shapes=True) as prof:
+        m.zero_grad(set_to_none=True)
+        net(x).sum().backward()
+    copies = {tuple(e.input_shapes[0]): e.count for e in prof.key_averages(group_by_input_shape=True)
+              if e.key == "aten::_to_copy" and e.input_shapes and e.input_shapes[0]}  # fmt: skip
+    tiles = len(net.plan.tiles)
+    assert copies == {(8, 3, 3, 3): tiles + 1, (8,): 3 * (tiles + 1)}  # conv weight, bias; norm weight, bias
+
+    stream = {kind: [[1, 1e9], [2**40, 1e9]] for kind in ("unary", "binary", "norm", "copy")}
+    backward = {"norm": [[1, 2e9], [2**40, 2e9]]}
+    rates = Rates(local_cpu(), torch.float32, _calibration(stream=stream, stream_backward=backward))
+    plan = net.plan_for(x, training=True)
+    split, norm = plan.split, next(n for n in plan.split.order if n.target == "1")
+    need = plan.needs(plan.tiles[0])
+    st = node_step(split, norm, need, True, True, F32, rates, {})
+    moved = 3 * 8 * need[norm].numel * F32  # the gradient and the saved input read, the input's written
+    elements = 8 + 8  # the norm's weight and bias
+    assert st.bwd_s == pytest.approx(moved / 2e9 + elements * 12 / 1e9 + elements * 24 / 1e9)

@@ -167,7 +167,21 @@ def steps_of(split: Split, node, rows: Rows, item: int, rates: Rates, grad_in: b
     st.bwd_s = np.where(woken & (st.bwd_s != 0), st.bwd_s + rates.wake_s, st.bwd_s)
     if getattr(rates, "fused", False):  # compiled tiles: memory-bound chains fused (perf/fusion.py)
         fuse(split, node, st)
+    st.bwd_s = st.bwd_s + _gradient_sum_s(split, node, rates)
     return st
+
+
+def _gradient_sum_s(split: Split, node, rates: Rates) -> float:
+    """Seconds a tile's backward spends adding its parameter gradients into the run's sums, which the
+    engine keeps in float64 (``execute``: ``gr.to(float64)``, then ``totals + gr``): a float32 read
+    and a float64 write, then two float64 reads and a write, per element of each parameter (the first
+    tile's sum is its copy: one add per parameter per step over-counted)."""
+    module = _module(split, node)
+    elements = sum(p.numel() for p in module.parameters() if p.requires_grad) if module is not None else 0
+    if not elements:
+        return 0.0
+    copy, add = elements * 12, elements * 24
+    return copy / rates.stream("copy", copy) + add / rates.stream("binary", add)
 
 
 def _conv_steps(split: Split, op, st: Step, rows: Rows, n: int, c: int, item: int, rates: Rates, grad_in):
