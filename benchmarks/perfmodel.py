@@ -361,9 +361,11 @@ CPU_METHOD = """\
 Predictions come from `bigpicture.perf.predict` with no tensor allocated: every class of tiles (corner,
 edge, interior) is walked node by node in the tile interpreter's order (`steps.py`): bytes of each
 value with last-use freeing, padded copies at the image border, what autograd saves, gradient
-buffers in the backward; seconds per op from the calibration of this CPU (`calibrate.py`,
+buffers in the backward, each convolution's workspace (transposed ones calibrated apart); seconds
+per op from the calibration of this CPU (`calibrate.py`,
 `rates.py`: convolutions by the backend torch picks for the shape (im2col or oneDNN), input and
-output channels, kernel, stride and size, forward and backward; memory-bound ops by size; every
+output channels, kernel, stride and size, forward and backward; memory-bound ops by size, BatchNorm
+also on the strided view a natively padded convolution leaves at the image border; every
 op timed cycling through copies of its operands that exceed the core's caches, as a network finds
 them; the interpreter's own cost per node per tile, from tiled runs of a small reference network; what each
 op on every thread adds in a tiled run, from tiled runs of memory-bound ops; the pages each tile

@@ -11,6 +11,7 @@ import torch
 from helpers import _loss, assert_tiled_matches
 from torch import nn
 
+import bigpicture as bp
 from bigpicture.engine import padding
 
 CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
@@ -91,3 +92,32 @@ def test_whole_image_tile_of_a_cut_pads_natively(training, one_thread, monkeypat
                         torch.autograd.grad(_loss(expected), [x0, *params])):
             torch.testing.assert_close(a, b)
     assert not copies
+
+
+@pytest.mark.parametrize("nd", [1, 2, 3])
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_crops_says_which_outputs_are_strided_views(name, nd, one_thread):
+    """``crops`` (what the performance model reads) is true exactly where the tile interpreter's
+    natively padded result is a strided view: the outputs the symmetric padding adds dropped."""
+    make, _ = CASES[name]
+    shape, tile = SHAPES[nd]
+    torch.manual_seed(0)
+    m = model(nd, make(nd)).double().eval()
+    net = bp.tiled(m, tile=tile)
+    x = torch.randn(shape, dtype=torch.float64)
+    plan = net.plan_for(x, training=False)
+    node = next(n for n in plan.split.order if n.op == "call_module" and n.target == "2")
+    op, seen = plan.split.ops[node], []
+    run = op.padded_natively
+
+    def recorded(out, *args):
+        y = run(out, *args)
+        seen.append((any(op.crops(out)), not y.is_contiguous()))
+        return y
+
+    op.padded_natively = recorded
+    with torch.no_grad():
+        net(x)
+    assert len(seen) == len(plan.tiles)
+    assert all(a == b for a, b in seen), seen
+    assert any(a for a, _ in seen) or name.startswith("maxpool"), "a padded convolution crops somewhere"

@@ -144,22 +144,28 @@ def _stream_elements(dtype: torch.dtype, quick: bool) -> list[int]:
 
 def _stream(dtype: torch.dtype, quick: bool, seconds, min_time: float) -> dict[str, list[list[float]]]:
     item = torch.empty((), dtype=dtype).element_size()
-    out: dict[str, list[list[float]]] = {k: [] for k in STREAM_KINDS}
+    out: dict[str, list[list[float]]] = {k: [] for k in (*STREAM_KINDS, "norm_strided")}
     for n in _stream_elements(dtype, quick):
         xs = [torch.randn(1, 16, n // 16, dtype=dtype) for _ in range(_copies(n * item))]
         mean, var = torch.zeros(16, dtype=dtype), torch.ones(16, dtype=dtype)
         slope = torch.full((1,), 0.25, dtype=dtype)
         ones, pairs = [(x,) for x in xs], [(x, xs[i - 1]) for i, x in enumerate(xs)]
         halves = [(x[:, :8].contiguous(),) for x in xs]
+        # a natively padded convolution's result with the outputs its symmetric padding adds
+        # dropped: a strided view, on which PyTorch's BatchNorm takes its generic path
+        side = max(math.isqrt(n // 16), 1)
+        strided = [(torch.randn(1, 16, side + 1, side + 1, dtype=dtype)[:, :, 1:, 1:],) for _ in xs]
         cases = {
             "unary": (_cycling(torch.relu, ones), 2),
             "binary": (_cycling(torch.add, pairs), 3),
             "norm": (_cycling(lambda x, m=mean, v=var: F.batch_norm(x, m, v, v, m, False), ones), 2),
+            "norm_strided": (_cycling(lambda x, m=mean, v=var: F.batch_norm(x, m, v, v, m, False),
+                                      strided), 2),
             "copy": (_cycling(lambda h: torch.cat([h, h], 1), halves), 2),
             "prelu": (_cycling(lambda x, a=slope: F.prelu(x, a), ones), 2),
         }
         for kind, (fn, passes) in cases.items():
-            moved = passes * xs[0].numel() * item
+            moved = passes * (strided[0][0] if kind == "norm_strided" else xs[0]).numel() * item
             out[kind].append([moved, moved / seconds(fn, min_time)])
     return out
 
@@ -172,28 +178,31 @@ def _stream_backward(
     normalisation (as the engine runs it: eval statistics, gradients of its weight and bias) and
     PReLU, whose weight gradient is a reduction over the whole tensor, many times a ReLU's cost."""
     item = torch.empty((), dtype=dtype).element_size()
-    out: dict[str, list[list[float]]] = {"unary": [], "norm": [], "prelu": []}
+    out: dict[str, list[list[float]]] = {"unary": [], "norm": [], "prelu": [], "norm_strided": []}
     for n in _stream_elements(dtype, quick):
         xs = [torch.randn(1, 16, n // 16, dtype=dtype, requires_grad=True) for _ in range(_copies(n * item))]
+        side = max(math.isqrt(n // 16), 1)  # a natively padded convolution's cropped result (``_stream``)
+        views = [torch.randn(1, 16, side + 1, side + 1, dtype=dtype)[:, :, 1:, 1:] for _ in xs]
+        views = [v.requires_grad_() for v in views]
         w, b = (
             torch.ones(16, dtype=dtype, requires_grad=True),
             torch.zeros(16, dtype=dtype, requires_grad=True),
         )
         mean, var = torch.zeros(16, dtype=dtype), torch.ones(16, dtype=dtype)
         a = torch.full((1,), 0.25, dtype=dtype, requires_grad=True)
-        g = torch.ones_like(xs[0])
         cases = {
             "unary": lambda x: (torch.relu(x), (x,)),
             "norm": lambda x, m=mean, v=var, w=w, b=b: (F.batch_norm(x, m, v, w, b, False), (x, w, b)),
             "prelu": lambda x, a=a: (F.prelu(x, a), (x, a)),
         }
+        cases["norm_strided"] = cases["norm"]
         for kind, graph in cases.items():
-            grad = seconds(
-                _cycling(lambda y, wrt, g=g: torch.autograd.grad(y, wrt, g, retain_graph=True),
-                         [graph(x) for x in xs]),
-                min_time,
-            )  # fmt: skip
-            moved = 3 * xs[0].numel() * item
+            inputs = views if kind == "norm_strided" else xs
+            graphs = [graph(x) for x in inputs]
+            g = torch.ones_like(graphs[0][0])
+            backward = _cycling(lambda y, wrt, g=g: torch.autograd.grad(y, wrt, g, retain_graph=True), graphs)
+            grad = seconds(backward, min_time)
+            moved = 3 * inputs[0].numel() * item
             out[kind].append([moved, moved / grad])
     return out
 
@@ -239,9 +248,14 @@ from pathlib import Path
 torch.set_num_threads(1)
 def rss(key):
     return int(re.search(key + r":\\s+(\\d+) kB", Path("/proc/self/status").read_text())[1]) * 1024
-nd, cin, cout, side = ND, CIN, COUT, SIDE
-conv = (F.conv2d, F.conv3d)[nd - 2]
-x, w = torch.randn((1, cin) + (side,) * nd), torch.randn((cout, cin) + (3,) * nd)
+nd, cin, cout, side, stride, transposed = ND, CIN, COUT, SIDE, STRIDE, TRANSPOSED
+x = torch.randn((1, cin) + (side,) * nd)
+if transposed:
+    w = torch.randn((cin, cout) + (3,) * nd)
+    conv = lambda x, w: (F.conv_transpose2d, F.conv_transpose3d)[nd - 2](x, w, stride=stride, padding=1)
+else:
+    w = torch.randn((cout, cin) + (3,) * nd)
+    conv = lambda x, w: (F.conv2d, F.conv3d)[nd - 2](x, w, stride=stride)
 with torch.no_grad():
     del_ = conv(x, w)
     del del_
@@ -249,32 +263,64 @@ with torch.no_grad():
     base = rss("VmRSS")
     y = conv(x, w)
     extra = rss("VmHWM") - base - y.numel() * 4
-    print(extra / max(x.numel(), y.numel()) / 4, extra / (cin * 3**nd * y[0, 0].numel() * 4))
+    # the column matrix: input channels x kernel per output position (a transposed convolution
+    # scatters output channels x kernel per input position)
+    columns = cout * x[0, 0].numel() if transposed else cin * y[0, 0].numel()
+    print(extra / max(x.numel(), y.numel()) / 4, extra / (columns * 3**nd * 4))
 """
 
 
-def _conv_workspace(quick: bool) -> dict[str, list]:
-    """Bytes a CPU convolution holds besides its output, per dimensionality: a multiple of its
-    larger operand (oneDNN converting layouts) or of its im2col matrix (generic kernels). Measured as
-    peak RSS in fresh processes whose glibc returns freed memory at once; the basis that explains
-    the measurement best is kept."""
+# per kind (key): two convolutions (dimensions, input channels, output channels, side, stride,
+# transposed) whose operands and column matrices scale differently (stride 1 and 2; transposed:
+# the input or the output the larger), so that one basis explains both
+_WORKSPACE_CASES = {
+    "2": ((2, 16, 16, 330, 1, False), (2, 16, 16, 330, 2, False)),
+    "3": ((3, 8, 8, 29, 1, False), (3, 8, 8, 29, 2, False)),
+    "2t": ((2, 32, 16, 128, 2, True), (2, 16, 2, 128, 2, True)),
+    "3t": ((3, 16, 8, 24, 2, True), (3, 32, 2, 24, 2, True)),
+}
+_QUICK_WORKSPACE_CASES = {  # a rough figure for tests: the convolutions' kinds only
+    "2": ((2, 4, 8, 64, 1, False), (2, 4, 8, 64, 2, False)),
+    "3": ((3, 2, 4, 12, 1, False), (3, 2, 4, 12, 2, False)),
+}
+
+
+def _workspace_probe(nd: int, cin: int, cout: int, side: int, stride: int, transposed: bool) -> tuple | None:
+    """(workspace / larger operand, workspace / column matrix) of one convolution, in a fresh process."""
     import subprocess
     import sys
 
+    code = _WORKSPACE_PROBE
+    names = ("ND", "CIN", "COUT", "SIDE", "STRIDE", "TRANSPOSED")
+    for key, value in zip(names, (nd, cin, cout, side, stride, transposed), strict=True):
+        code = code.replace(key, str(value))
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "OMP_NUM_THREADS": "1"}
+    try:
+        run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                             timeout=120)  # fmt: skip
+        operand, im2col = map(float, run.stdout.split())
+    except (OSError, ValueError, subprocess.TimeoutExpired):
+        return None
+    return operand, im2col
+
+
+def _conv_workspace(quick: bool) -> dict[str, list]:
+    """Bytes a CPU convolution holds besides its output, per dimensionality and for transposed
+    convolutions apart ("2t", "3t"): a multiple of its larger operand (oneDNN converting layouts) or
+    of its im2col matrix (generic kernels). Measured as peak RSS in fresh processes whose glibc
+    returns freed memory at once, on two convolutions of each kind; the basis whose multiple the two
+    agree on is kept. oneDNN's 2D transposed convolution holds twice its larger operand here (an
+    upsampling 32 -> 2 channels at 193^2 in the perfmodel benchmark's UNet: 9.1 MiB besides its
+    output, 2.0x its 4.6 MiB input; 32 -> 16 at 128^2: 2.0x its output), a convolution once."""
     out = dict(DEFAULT_WORKSPACE)
-    for nd, cin, cout, side in ((2, 4, 8, 64), (3, 2, 4, 12)) if quick else ((2, 16, 16, 330), (3, 8, 8, 29)):
-        code = _WORKSPACE_PROBE
-        for key, value in (("ND", nd), ("CIN", cin), ("COUT", cout), ("SIDE", side)):
-            code = code.replace(key, str(value))
-        env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "OMP_NUM_THREADS": "1"}
-        try:
-            run = subprocess.run(
-                [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120
-            )
-            operand, im2col = map(float, run.stdout.split())
-        except (OSError, ValueError, subprocess.TimeoutExpired):
+    for key, cases in (_QUICK_WORKSPACE_CASES if quick else _WORKSPACE_CASES).items():
+        probes = [_workspace_probe(*case) for case in cases]
+        if None in probes or min(min(p) for p in probes) <= 0:
             continue
-        out[str(nd)] = ["im2col", im2col] if abs(im2col - 1) < abs(operand - 1) else ["operand", operand]
+        (op1, col1), (op2, col2) = probes
+        spread = {"operand": abs(math.log(op1 / op2)), "im2col": abs(math.log(col1 / col2))}
+        basis = min(spread, key=spread.get)
+        out[key] = [basis, (op1 + op2) / 2 if basis == "operand" else (col1 + col2) / 2]
     return out
 
 

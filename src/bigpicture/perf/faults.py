@@ -9,7 +9,9 @@ with tile 256 305 MiB; 0.3-0.5 ms per MiB on this machine, 10-15% of those infer
 MONAI UNets fault almost nothing: their dense outputs and im2col columns raise the threshold over
 their working sets. A training step is charged its forward pass's faults (without autograd, as in
 inference); measured training steps faulted less than that (resnet tile 512: 41 MiB a step, 110 in
-inference; unet2d tile 384: 48, predicted 69), which is not modelled.
+inference; unet2d tile 384: 48, predicted 69), which is not modelled. The counts also vary 2-5x
+between identical fresh processes (resnet tile 512 inference: 16, 32, 37 MiB a step; DenseNet tile
+256: 168, 196, 280): glibc's dynamic mmap threshold follows the process's history, not the plan.
 """
 
 from __future__ import annotations

@@ -149,9 +149,11 @@ class Rates:
             self._tables[nd, transposed] = points, all("cin" in p for p in points)
         return self._tables[nd, transposed]
 
-    def workspace(self, nd: int, operand_bytes: int, im2col_bytes: int) -> int:
-        """Bytes a convolution holds while it runs besides its output (GPUs: in the framework allowance)."""
-        basis, factor = self.conv_workspace.get(str(nd), ("operand", 0.0))
+    def workspace(self, nd: int, operand_bytes: int, im2col_bytes: int, transposed: bool = False) -> int:
+        """Bytes a convolution holds while it runs besides its output (GPUs: in the framework allowance);
+        transposed convolutions by their own calibration ("2t", "3t") where it has one."""
+        kind = f"{nd}t" if transposed and f"{nd}t" in self.conv_workspace else str(nd)
+        basis, factor = self.conv_workspace.get(kind, ("operand", 0.0))
         return max(int(factor * (im2col_bytes if basis == "im2col" else operand_bytes)), 0)
 
     def pool(self, window_elements: int, backward: bool = False) -> float:

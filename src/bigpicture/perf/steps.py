@@ -96,7 +96,7 @@ def _step(
         tuple((i, np.array([need[i].numel], dtype=np.int64)) for i in op.inputs if i in need),
         np.array([padded], dtype=np.int64),
         np.array([extra], dtype=np.int64),
-        np.array([copied and _outside(op, box)]),
+        np.array([copied and isinstance(op, (Window, Pad)) and _outside(op, box)]),
         np.array([copied]),
     )
     return row(steps_of(split, node, rows, item, rates, grad_in), 0)
@@ -140,7 +140,7 @@ def steps_of(split: Split, node, rows: Rows, item: int, rates: Rates, grad_in: b
         # An op that pads natively (engine/rules/window.py) reads a view of its input at the image
         # border, padded by the kernel itself: no padded copy, and autograd keeps the input. Its
         # sub-box reads inside the image are still charged a contiguous copy.
-        native = getattr(op, "pads_natively", lambda: False)()
+        native = op.pads_natively()
         copied = rows.copied & ~rows.outside if native else rows.copied
         pad_copy = np.where(copied, math.prod(split.shapes[ins[0]][:2]) * padded_numel * item, 0)
         st.temp = pad_copy
@@ -159,7 +159,7 @@ def steps_of(split: Split, node, rows: Rows, item: int, rates: Rates, grad_in: b
         st.bwd_s = np.array([max(w / rates.pool(w, True), 2 * b / rates.stream("unary", 2 * b))
                              for w, b in zip(window.tolist(), st.bytes.tolist(), strict=True)])  # fmt: skip
     else:
-        _stream_steps(op, name, st, view & ~np.bool_(inplace), elems, item, rates)
+        _stream_steps(op, name, st, view & ~np.bool_(inplace), elems, item, rates, rows.copied)
     if isinstance(op, Window):
         st.fwd_s = st.fwd_s + _per_byte(2 * pad_copy, rates.streams("copy", 2 * pad_copy))
     woken = (st.kind != "view") & (elems >= PARALLEL_ELEMENTS)  # it runs on every thread: wakes them first
@@ -167,7 +167,21 @@ def steps_of(split: Split, node, rows: Rows, item: int, rates: Rates, grad_in: b
     st.bwd_s = np.where(woken & (st.bwd_s != 0), st.bwd_s + rates.wake_s, st.bwd_s)
     if getattr(rates, "fused", False):  # compiled tiles: memory-bound chains fused (perf/fusion.py)
         fuse(split, node, st)
+    st.bwd_s = st.bwd_s + _gradient_sum_s(split, node, rates)
     return st
+
+
+def _gradient_sum_s(split: Split, node, rates: Rates) -> float:
+    """Seconds a tile's backward spends adding its parameter gradients into the run's sums, which the
+    engine keeps in float64 (``execute``: ``gr.to(float64)``, then ``totals + gr``): a float32 read
+    and a float64 write, then two float64 reads and a write, per element of each parameter (the first
+    tile's sum is its copy: one add per parameter per step over-counted)."""
+    module = _module(split, node)
+    elements = sum(p.numel() for p in module.parameters() if p.requires_grad) if module is not None else 0
+    if not elements:
+        return 0.0
+    copy, add = elements * 12, elements * 24
+    return copy / rates.stream("copy", copy) + add / rates.stream("binary", add)
 
 
 def _conv_steps(split: Split, op, st: Step, rows: Rows, n: int, c: int, item: int, rates: Rates, grad_in):
@@ -186,7 +200,7 @@ def _conv_steps(split: Split, op, st: Step, rows: Rows, n: int, c: int, item: in
     # scatters output channels x kernel per input position)
     im2col = n * (c * positions // n if transposed else cin * rows.numel) * math.prod(op.kernel) * item
     operands = np.maximum(read, st.out).tolist()
-    work = [rates.workspace(nd, a, b) for a, b in zip(operands, im2col.tolist(), strict=True)]
+    work = [rates.workspace(nd, a, b, transposed) for a, b in zip(operands, im2col.tolist(), strict=True)]
     st.temp = st.temp + np.array(work, dtype=np.int64)
     st.flops_bwd = st.flops * (2 if grad_in else 1)
     case = {
@@ -206,8 +220,11 @@ def _conv_steps(split: Split, op, st: Step, rows: Rows, n: int, c: int, item: in
     st.fwd_s, st.bwd_s = st.flops / np.array(fwd), st.flops_bwd / np.array(bwd)
 
 
-def _stream_steps(op, name: str, st: Step, view: np.ndarray, elems, item: int, rates: Rates) -> None:
-    """``steps_of`` for a memory-bound op (rows where it is a view of its input move nothing)."""
+def _stream_steps(
+    op, name: str, st: Step, view: np.ndarray, elems, item: int, rates: Rates, strided: np.ndarray
+) -> None:
+    """``steps_of`` for a memory-bound op (rows where it is a view of its input move nothing; a
+    normalisation's ``strided`` rows read a strided view, at the rate calibrated for that)."""
     kind = _stream_kind(op, name)
     st.kind = np.where(view, "view", kind).astype(object)
     st.saves_output = ~view & (name in _SAVE_OUTPUT)
@@ -215,8 +232,19 @@ def _stream_steps(op, name: str, st: Step, view: np.ndarray, elems, item: int, r
         name not in _SAVE_OUTPUT and name not in _SAVE_NOTHING and not isinstance(op, (Pad, Resample))
     )
     moved = np.where(st.saves_inputs | st.saves_output, 3 * elems * item, 0)
-    st.fwd_s = np.where(view, 0.0, _per_byte(st.bytes, rates.streams(kind, st.bytes)))
-    st.bwd_s = _per_byte(moved, rates.streams(kind, moved, backward=True))
+    st.fwd_s = np.where(view, 0.0, _per_byte(st.bytes, _rates(rates, kind, st.bytes, strided)))
+    st.bwd_s = _per_byte(moved, _rates(rates, kind, moved, strided, backward=True))
+
+
+def _rates(rates: Rates, kind: str, nbytes: np.ndarray, strided: np.ndarray, backward: bool = False):
+    """``rates.streams``; a normalisation's rows that read a strided view at that rate (measured
+    here 2.0-2.3x slower forward and backward, PyTorch's generic kernel) where it was calibrated."""
+    rate = rates.streams(kind, nbytes, backward)
+    ops = {} if rates.gpu else rates.ops or {}
+    tables = ops.get("stream_backward" if backward else "stream")
+    if kind == "norm" and strided.any() and "norm_strided" in (tables or {}):  # older calibrations lack it
+        rate = np.where(strided, rates.streams("norm_strided", nbytes, backward), rate)
+    return rate
 
 
 def _per_byte(nbytes: np.ndarray, rate: np.ndarray) -> np.ndarray:
@@ -298,8 +326,24 @@ def geometries(split: Split, node, need: dict, stored: Box) -> tuple[tuple, ...]
         outside = tuple(a < 0 or b > n for a, b, n in zip(padded.lo, padded.hi, extent, strict=True))
         if isinstance(op, Window):
             differ = tuple(padded.dim(d) != stored.dim(d) for d in range(nd))
+    elif _facts(split, node)[0] in _NORM:
+        differ = _strided_input(split, op, box, need)
     extra = op.needs(box)[0].shape if isinstance(op, ConvTranspose) else (0,) * nd
     return tuple(zip(lengths, outside, differ, extra, strict=True))
+
+
+def _strided_input(split: Split, op, box: Box, need: dict) -> tuple[bool, ...]:
+    """Per dimension, whether a normalisation reads a strided view there: the result of a natively
+    padded op that dropped outputs (``NativePadding.crops``), or a sub-box of its input. PyTorch's
+    CPU BatchNorm then takes its generic path, about twice as slow (``steps_of``: "norm_strided")."""
+    first = op.inputs[0] if op.inputs else None
+    if first is None or first not in need or need[first].empty:
+        return (False,) * split.nd
+    sub = tuple(box.dim(d) != need[first].dim(d) for d in range(split.nd))
+    producer = split.ops.get(first)
+    if isinstance(producer, Window) and producer.pads_natively():
+        return tuple(a or b for a, b in zip(sub, producer.crops(need[first]), strict=True))
+    return sub
 
 
 def step_key(node, dims: list[tuple], grad_in: bool) -> tuple:

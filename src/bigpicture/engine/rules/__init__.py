@@ -139,6 +139,11 @@ class Window(Op):
     def read(self, out, value, fill=0.0):
         return read(value, self.padded_box(out), self.in_extents[0], self.mode, fill)
 
+    def pads_natively(self) -> bool:
+        """Whether the op pads the image border with its own ``padding=`` instead of reading a padded
+        copy (``window.NativePadding``); the performance model reads it too."""
+        return False
+
 
 def _tuple(v, n):
     return tuple(v) if isinstance(v, (tuple, list)) else (v,) * n

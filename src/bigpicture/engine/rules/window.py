@@ -32,8 +32,9 @@ class NativePadding:
     def native_padding(self, pad) -> bool:
         return True
 
-    def padded_natively(self, out: Box, value: Value, call, fill: float = 0.0):
-        """``call(input, padding)`` on ``value``'s part of ``out``'s input box, padded as the op pads."""
+    def native_pads(self, out: Box) -> tuple[Box, tuple, tuple]:
+        """(the part of ``out``'s input box inside the image, the padding passed to the op on both
+        sides, the outputs it adds below that are dropped) per dimension."""
         box = self.padded_box(out)
         inside = box.clip(self.in_extents[0])
         pad, skip = [], []
@@ -42,10 +43,28 @@ class NativePadding:
             steps = -(-max(above - below, 0) // self.step[d])  # whole output steps added below
             pad.append(below + steps * self.step[d])
             skip.append(steps)
+        return inside, tuple(pad), tuple(skip)
+
+    def crops(self, out: Box) -> tuple[bool, ...]:
+        """Per dimension, whether ``padded_natively`` drops outputs the symmetric padding adds there:
+        its result is then a strided view of a larger output (the performance model charges what
+        reads it so: PyTorch's CPU BatchNorm takes a slower path on a strided input)."""
+        inside, pad, _ = self.native_pads(out)
+        if not self.pads_natively() or inside.empty or not self.native_padding(pad):
+            return (False,) * self.nd
+        made = [
+            (n + 2 * p - d * (k - 1) - 1) // s + 1
+            for n, p, d, k, s in zip(inside.shape, pad, self.dilation, self.kernel, self.step, strict=True)
+        ]
+        return tuple(m != n for m, n in zip(made, out.shape, strict=True))
+
+    def padded_natively(self, out: Box, value: Value, call, fill: float = 0.0):
+        """``call(input, padding)`` on ``value``'s part of ``out``'s input box, padded as the op pads."""
+        inside, pad, skip = self.native_pads(out)
         if inside.empty or not self.native_padding(pad):
-            return call(read(value, box, self.in_extents[0], self.mode, fill), 0)
+            return call(read(value, self.padded_box(out), self.in_extents[0], self.mode, fill), 0)
         tensor, have = value
-        y = call(tensor[(slice(None), slice(None)) + inside.relative_to(have).slices()], tuple(pad))
+        y = call(tensor[(slice(None), slice(None)) + inside.relative_to(have).slices()], pad)
         if any(skip) or tuple(y.shape[2:]) != out.shape:
             y = y[(slice(None), slice(None)) + tuple(slice(k, k + n) for k, n in zip(skip, out.shape))]
         return y
