@@ -75,19 +75,33 @@ def balanced_order(slides, rng: np.random.Generator) -> list:
     return [s for pair in zip(a, b) for s in pair] + a[len(b) :] + b[len(a) :]
 
 
+def paired_order(slides, rng: np.random.Generator) -> list[tuple]:
+    """(positive, negative) pairs of slides of the same host, in a random order (each slide once; a
+    host's unpaired remainder is left out of that epoch). One optimiser step per pair: the host
+    tissue, alike in both, pushes the pair's gradients in opposite directions and largely cancels,
+    so what is left is the lesion's (slide labels only still)."""
+    pairs = []
+    for host in sorted({s.host for s in slides}):
+        groups = [[s for s in slides if s.host == host and s.label == c] for c in (1, 0)]
+        groups = [[g[i] for i in rng.permutation(len(g))] for g in groups]
+        pairs += list(zip(*groups))
+    return [pairs[i] for i in rng.permutation(len(pairs))]
+
+
 def cosine_schedule(optimizer, steps: int):
     """The learning rate decays from its start to 0 over ``steps`` along a half cosine."""
     return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, max(1, steps))
 
 
-def epochs_of(fit_one, slides, epochs: int, seed: int, desc: str) -> list[float]:
-    """Run ``fit_one(slide, rng)`` over ``slides`` in a fresh class-balanced order per epoch (``rng``
-    draws the slide's augmentation); seconds per epoch."""
+def epochs_of(fit_one, slides, epochs: int, seed: int, desc: str, order=balanced_order) -> list[float]:
+    """Run ``fit_one(item, rng)`` over the items of ``order(slides, rng)`` (slides in a class-balanced
+    order, or pairs of slides), a fresh order per epoch (``rng`` also draws the augmentation);
+    seconds per epoch."""
     rng, seconds = np.random.default_rng(seed), []
     for epoch in range(epochs):
         t0 = time.perf_counter()
-        for s in tqdm(balanced_order(slides, rng), desc=f"{desc} epoch {epoch + 1}/{epochs}", leave=False):
-            fit_one(s, rng)
+        for item in tqdm(order(slides, rng), desc=f"{desc} epoch {epoch + 1}/{epochs}", leave=False):
+            fit_one(item, rng)
         seconds.append(time.perf_counter() - t0)
     return seconds
 
@@ -109,8 +123,10 @@ class WholeSlide:
         "attention": "whole slide, tiled, attention-MIL",
     }
 
-    def __init__(self, budget, shape, pool: str = "lse", seed: int = 0, lr: float = 1e-3):
+    def __init__(self, budget, shape, pool: str = "lse", seed: int = 0, lr: float = 1e-3,
+                 paired: bool = True):  # fmt: skip
         self.name, self.budget, self.model = self.NAMES[pool], budget, build(pool, seed)
+        self.paired = paired
         self.net = bp.tiled(self.model, memory=budget)
         self.plan = bp.make_plan(self.model, tuple(shape), memory=budget, training=True)  # the net's, ahead
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=lr)
@@ -118,20 +134,25 @@ class WholeSlide:
 
     def step_once(self, slide, rng: np.random.Generator | None = None) -> float:
         """One training step on the whole slide, read tile by tile (a random ``Turned`` view of it
-        when ``rng`` is given)."""
-        source = bp.io.open_slide(slide.path)
+        when ``rng`` is given); ``slide`` may be a pair of slides: their gradients summed, one step."""
         self.optimizer.zero_grad(set_to_none=True)
-        loss = loss_of(self.net(source if rng is None else Turned.random(source, rng)), slide.label)
-        loss.backward()
+        total = 0.0
+        for s in slide if isinstance(slide, tuple) else (slide,):
+            source = bp.io.open_slide(s.path)
+            loss = loss_of(self.net(source if rng is None else Turned.random(source, rng)), s.label)
+            loss.backward()
+            total += loss.item()
         self.optimizer.step()
         if self.schedule is not None:
             self.schedule.step()
-        return loss.item()
+        return total
 
     def fit(self, slides, epochs: int, seed: int = 0) -> list[float]:
         calibrate_batchnorm(self.model, tissue_patches(slides))
-        self.schedule = cosine_schedule(self.optimizer, epochs * len(slides))
-        return epochs_of(self.step_once, slides, epochs, seed, self.name)
+        order = paired_order if self.paired else balanced_order
+        steps = len(order(slides, np.random.default_rng(seed)))
+        self.schedule = cosine_schedule(self.optimizer, epochs * steps)
+        return epochs_of(self.step_once, slides, epochs, seed, self.name, order)
 
     @property
     def memory(self) -> int:

@@ -5,7 +5,7 @@ training crop, whether it is lesion (dense supervision, the masks that are other
 evaluation only). If even it cannot find the lesions of held-out slides, no slide-label method
 can: the lesion is then not learnably visible to this trunk from this many examples, and a
 chance-level result of the others says nothing about their pooling. Its slide score is the
-log-sum-exp of its score map (as the whole-slide method's), its prediction tile by tile.
+mean of the top-k of its score map (as the whole-slide top-k method's), its prediction tile by tile.
 
 ``texture_separability`` is the data check that comes before everything: the same trunk as a
 patch classifier, lesion against host patches chosen by the masks. It says whether the lesion's
@@ -33,7 +33,7 @@ class LesionSupervised(WholeSlide):
     whether it is lesion; batches as large as the budget allows (at most ``max_batch``)."""
 
     def __init__(self, budget, shape, crop: int = 256, seed: int = 0, lr: float = 1e-3, max_batch: int = 8):
-        super().__init__(budget, shape, "lse", seed, lr)
+        super().__init__(budget, shape, "topk", seed, lr)
         self.name = "oracle: trained on lesion masks"
         self.crop, self.rng, self.masks = crop, np.random.default_rng(seed + 2), {}
         self.batch, self.plan_memory = choose_batch(self.model, crop, budget_bytes(budget), max_batch)

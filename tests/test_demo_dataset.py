@@ -29,8 +29,9 @@ def test_lesion_covers_at_most_one_percent_of_the_tissue_inside_it(slides):
         assert not (lesion & ~tissue).any(), "the lesion lies inside the tissue"
         share = lesion.sum() / tissue.sum()
         assert share == pytest.approx(s.lesion_fraction)
+        low, high = wsi_dataset.LESION_RANGE
         if s.label:
-            assert 0.8 * 0.007 <= share <= 0.01, (s.path, share)
+            assert 0.95 * low <= share <= high <= 0.01, (s.path, share)
         else:
             assert share == 0
         assert 0.1 < tissue.mean() < 0.95, "glass and tissue both present"
@@ -42,6 +43,42 @@ def test_lesion_pixels_differ_in_texture_not_in_colour(slides):
         rgb = np.moveaxis(np.asarray(bp.io.open_slide(s.path)[0]), 0, -1).astype(float)
         tissue, lesion = s.load_masks()
         assert np.abs(rgb[lesion].mean(0) - rgb[tissue & ~lesion].mean(0)).max() < 40
+
+
+def test_the_lesion_is_one_compact_region(slides):
+    """One ellipse: its pixels fill most of their bounding box (an ellipse fills pi/4 of it)."""
+    for s in (s for s in slides if s.label):
+        lesion = s.load_masks()[1]
+        ys, xs = np.nonzero(lesion)
+        box = (ys.max() - ys.min() + 1) * (xs.max() - xs.min() + 1)
+        assert lesion.sum() / box > 0.6, s.path
+
+
+def test_a_lesion_range_above_one_percent_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="lesion_range"):
+        wsi_dataset.build_dataset(tmp_path, n_slides=2, size=64, lesion_range=(0.01, 0.02))
+
+
+def test_histogram_matching_gives_the_reference_distribution():
+    """The quantile mapping: matched values have the reference's quantiles, and the source's order."""
+    rng = np.random.default_rng(0)
+    source = rng.integers(0, 120, (5000, 3)).astype(np.uint8)
+    reference = (rng.beta(5, 2, (8000, 3)) * 255).astype(np.uint8)
+    out = wsi_dataset.match_histograms(source, reference)
+    for c in range(3):
+        q = np.linspace(0.05, 0.95, 10)
+        np.testing.assert_allclose(np.quantile(out[:, c], q), np.quantile(reference[:, c], q), atol=4)
+        order = np.argsort(source[:, c], kind="stable")
+        assert (np.diff(out[order, c].astype(int)) >= 0).all(), "monotone in the source value"
+
+
+@pytest.mark.parametrize("center, axes, angle", [((50, 60), (20, 9), 0.3), ((2, 97), (30, 12), 1.2), ((-5, 40), (8, 8), 0)])
+def test_ellipse_in_its_bounding_box_equals_the_whole_image_computation(center, axes, angle):
+    ys, xs = np.ogrid[:100, :100]
+    dy, dx = ys - center[0], xs - center[1]
+    u, v = np.cos(angle) * dy + np.sin(angle) * dx, -np.sin(angle) * dy + np.cos(angle) * dx
+    expected = (u / axes[0]) ** 2 + (v / axes[1]) ** 2 <= 1
+    np.testing.assert_array_equal(wsi_dataset.ellipse((100, 100), center, axes, angle), expected)
 
 
 def test_the_slides_are_pyramidal_ome_tiff_with_their_pixel_size(slides):

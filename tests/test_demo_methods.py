@@ -287,3 +287,31 @@ def test_texture_check_says_when_the_lesions_are_too_small_for_its_patches(slide
 
     result = texture_separability(slides[:2], slides[2:], patch=96, steps=2)  # lesions of about 14 px
     assert np.isnan(result["auroc"]) and result["train"][0] == 0 and result["patch"] == 96
+
+
+def test_paired_order_pairs_a_positive_and_a_negative_of_one_host_each_slide_once(slides):
+    more = slides + [wsi_dataset.Slide(f"x{i}", "", i % 2, "cmu", 0.0) for i in range(3)]
+    pairs = methods.paired_order(more, np.random.default_rng(0))
+    assert all(p.label == 1 and n.label == 0 and p.host == n.host for p, n in pairs)
+    used = [s.path for pair in pairs for s in pair]
+    assert len(used) == len(set(used))
+    per_host = {h: min(sum(s.label == c for s in more if s.host == h) for c in (0, 1)) for h in ("cmu", "skin")}
+    assert len(pairs) == sum(per_host.values())
+
+
+def test_a_paired_step_applies_the_sum_of_both_slides_gradients(slides, one_thread):
+    """One optimiser step on a pair equals the step on the two slides' summed gradients (plain SGD,
+    so the step is the gradient): what pairing changes is only when the optimiser steps."""
+    pos, neg = next(s for s in slides if s.label), next(s for s in slides if not s.label)
+    m = methods.WholeSlide(TINY["budget"], (1, 3, SIZE, SIZE), "topk")
+    m.optimizer = torch.optim.SGD(m.model.parameters(), lr=1.0)
+    before = copy.deepcopy(m.model.state_dict())
+    m.step_once((pos, neg))
+    stepped = {k: before[k] - p.detach() for k, p in m.model.named_parameters()}
+    m.model.load_state_dict(before)
+    m.model.zero_grad()
+    for s in (pos, neg):
+        x = torch.from_numpy(np.asarray(bp.io.open_slide(s.path)[:, :, :, :]))
+        loss_of(m.model(x), s.label).backward()
+    for k, p in m.model.named_parameters():
+        torch.testing.assert_close(stepped[k], p.grad, msg=lambda msg, k=k: f"{k}: {msg}")
