@@ -14,6 +14,7 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
+from test_multipass import Norms
 from test_planning_speed import calibrated, unet2d
 from test_random_architectures import blueprints, examples
 from torch import nn
@@ -254,11 +255,15 @@ def test_the_pruned_search_chooses_as_predicting_every_tile_on_long_grids(name, 
 
 @pytest.mark.parametrize("training", [False, True], ids=["inference", "training"])
 @pytest.mark.parametrize("device", ["cpu calibrated", "L4"])
-@pytest.mark.parametrize("name", [*NETWORKS, *(f"long {n}" for n in LONG)])
+@pytest.mark.parametrize("name", [*NETWORKS, *(f"long {n}" for n in LONG), "three passes"])
 def test_memory_bounds_at_once_equal_one_walk_per_tile(name, device, training):
     """``memory_bound.least_memories`` (every candidate's walked tiles as rows of one walk on
-    arrays) gives each tile the bound of ``predict.least_memory`` (its tiles walked one by one)."""
-    factory, shape = NETWORKS[name] if name in NETWORKS else LONG[name.removeprefix("long ")][:2]
+    arrays) gives each tile the bound of ``predict.least_memory`` (its tiles walked one by one),
+    also over the passes of global statistics (the largest pass's)."""
+    if name == "three passes":
+        factory, shape = (lambda: Norms(2)), (1, 2, 190, 220)
+    else:
+        factory, shape = NETWORKS[name] if name in NETWORKS else LONG[name.removeprefix("long ")][:2]
     splits, dtype, dev = analyse(factory().eval(), shape), DEVICES[device], device.split()[0]
     tiles = candidates(splits, shape)
     together = least_memories(splits, shape, dtype, tiles, dev, training, {})
