@@ -43,6 +43,7 @@ class Runner:
         team=None,
         compiled=None,
     ) -> None:
+        plan.lint()  # the plan's tiles checked once, before its first tile runs
         self.plan, self.split, self.args, self.params = plan, plan.split, args, params
         self.device, self.progress = device, progress
         self.derived = derived or {}  # values of earlier passes that the tiles use

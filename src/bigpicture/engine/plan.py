@@ -113,7 +113,15 @@ class Plan:
         return receptive_field(self.split)
 
     def lint(self) -> None:
-        """Check that write boxes partition every sink and read boxes lie in the image."""
+        """Check that write boxes partition every sink and read boxes lie in the image. Once per
+        plan, when a run first uses it (``execute.Runner``), not when it is made: the planner makes
+        plans it never runs, and the check walks every row of the grid's diagonal (a second for a
+        deep network at 32,768^2)."""
+        if not self.__dict__.get("_linted"):
+            self._lint()
+            object.__setattr__(self, "_linted", True)
+
+    def _lint(self) -> None:
         if getattr(self.tiles, "separable", False):  # per dimension: the tiles are a product
             return self._lint_per_dim()
         image = Box.from_shape(self.input_shape[2:])
@@ -239,9 +247,7 @@ def _tile_text(plan: Plan) -> str:
 
 def plan_for_split(s: Split, input_shape, dtype, tile) -> Plan:
     lay = layout(s, input_shape, tile)
-    plan = Plan(s, tuple(input_shape), dtype, lay.requested, lay.tile, Tiles.of(s, lay))
-    plan.lint()
-    return plan
+    return Plan(s, tuple(input_shape), dtype, lay.requested, lay.tile, Tiles.of(s, lay))
 
 
 class PerPass(tuple):

@@ -85,7 +85,7 @@ class Diagonal:
     the tile (k, k, ...), each index capped at its dimension's last tile."""
 
     def __init__(self, split: Split, lay: Layout) -> None:
-        self.split, self.lay, self.rows = split, lay, {}
+        self.split, self.lay, self.rows, self.complete = split, lay, {}, False
 
     def row(self, k: int) -> tuple[tuple[Box, ...], dict]:
         if k not in self.rows:
@@ -95,9 +95,13 @@ class Diagonal:
             self.rows[k] = (writes, needs(s, dict(zip(s.sinks, writes, strict=True))))
         return self.rows[k]
 
-    def walk_all(self) -> None:
-        for k in range(max(self.lay.grid)):
-            self.row(k)
+    def walk_all(self) -> Diagonal:
+        """Every row walked (once): ``separable`` then speaks for the whole grid."""
+        if not self.complete:
+            for k in range(max(self.lay.grid)):
+                self.row(k)
+            self.complete = True
+        return self
 
     @property
     def separable(self) -> bool:
@@ -135,8 +139,9 @@ class Tiles(Sequence):
 
     @classmethod
     def of(cls, split: Split, lay: Layout) -> Tiles:
+        """The tiles of ``split`` on ``lay``; the diagonal's rows are walked on first use (``walked``):
+        the planner makes plans it never runs, and a deep network's rows take a second at 32,768^2."""
         diagonal = Diagonal(split, lay)
-        diagonal.walk_all()
         counts = [working_counts(split, lay, k) for k in split.sinks]
         cover = next((c for c in counts if all(all(a >= b for a, b in zip(c, o)) for o in counts)), None)
         if cover is not None:
@@ -187,15 +192,20 @@ class Tiles(Sequence):
         s, lay = self.split, self.lay
         box = Box.from_dims(lay.intervals[d][j] for d, j in enumerate(index))
         writes = tuple(write_box(index, lay, s.strides[k], s.extents[k]) for k in s.sinks)
-        if self.diagonal.separable:
+        if self.walked.separable:
             read = Box.from_dims(self.diagonal.row(j)[1][s.input].dim(d) for d, j in enumerate(index))
         else:
             read = needs(s, dict(zip(s.sinks, writes, strict=True)))[s.input]
         return Tile(index, box, read, writes)
 
     @property
+    def walked(self) -> Diagonal:
+        """The diagonal with every row walked, so that its ``separable`` holds for every tile."""
+        return self.diagonal.walk_all()
+
+    @property
     def separable(self) -> bool:
-        return self.diagonal.separable and self.listed is None
+        return self.walked.separable and self.listed is None
 
     def per_dim(self, d: int) -> list[tuple[tuple[int, int], tuple[int, int], list[tuple[int, int]]]]:
         """Along dimension d, for each grid index with work: (box, read, writes per sink) intervals."""

@@ -79,7 +79,7 @@ def _kinds(plan: Plan) -> list | None:
     cost the same), so a grid of 10^4 tiles is walked once per kind, not per tile; None where the
     grid's boxes are not a product per dimension (each tile is then walked)."""
     tiles = plan.tiles
-    if not tiles.diagonal.separable:
+    if not tiles.walked.separable:
         return None
     geometry = Geometry(plan.split, tiles.diagonal)
     return [_dim_keys(plan.split, tiles.lay, geometry, d) for d in range(plan.split.nd)]
