@@ -143,6 +143,7 @@ def _worker(
     results = {"wall": walls, "comm": talks, "compute": computes, "calibration": calibration, "calls": sent}
     out.put((rank, results))
     if group is not None:
+        dist.barrier()  # every rank done with its collectives before any tears gloo down
         dist.destroy_process_group()
 
 

@@ -38,6 +38,10 @@ def _entry(rank: int, fn, world: int, port: int, args: tuple) -> None:
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         fn(rank, world, *args)
+        # every rank done with its collectives before any tears gloo down: a rank exiting while a
+        # peer's gloo threads still talk to it aborted once ("terminate called without an active
+        # exception", SIGABRT) after its work had passed
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
