@@ -24,6 +24,15 @@ class Box:
         object.__setattr__(self, "hi", tuple(map(int, self.hi)))
 
     @classmethod
+    def _of(cls, lo: tuple[int, ...], hi: tuple[int, ...]) -> Box:
+        """A box from tuples of ints already checked: the hot paths of the planner's walks make
+        hundreds of thousands of boxes, and the dataclass's init and checks would be most of their cost."""
+        box = object.__new__(cls)
+        object.__setattr__(box, "lo", lo)
+        object.__setattr__(box, "hi", hi)
+        return box
+
+    @classmethod
     def from_shape(cls, shape) -> Box:
         return cls((0,) * len(shape), tuple(shape))
 
@@ -59,19 +68,24 @@ class Box:
         )
 
     def intersect(self, other: Box) -> Box:
-        lo = tuple(max(a, b) for a, b in zip(self.lo, other.lo))
-        hi = tuple(max(min(a, b), lo_) for a, b, lo_ in zip(self.hi, other.hi, lo))
-        return Box(lo, hi)
+        lo = tuple(map(max, self.lo, other.lo))
+        return Box._of(lo, tuple(map(max, map(min, self.hi, other.hi), lo)))
 
     def clip(self, shape) -> Box:
-        return self.intersect(Box.from_shape(shape))
+        """This box inside ``[0, shape)`` (the same as intersecting with ``Box.from_shape(shape)``)."""
+        lo, hi = [], []
+        for a, b, s in zip(self.lo, self.hi, shape):
+            a = a if a > 0 else 0
+            lo.append(a)
+            hi.append(max(min(b, int(s)), a))
+        return Box._of(tuple(lo), tuple(hi))
 
     def hull(self, other: Box) -> Box:
         if self.empty:
             return other
         if other.empty:
             return self
-        return Box(tuple(map(min, self.lo, other.lo)), tuple(map(max, self.hi, other.hi)))
+        return Box._of(tuple(map(min, self.lo, other.lo)), tuple(map(max, self.hi, other.hi)))
 
     def contains(self, other: Box) -> bool:
         return other.empty or all(
