@@ -85,7 +85,7 @@ class Diagonal:
     the tile (k, k, ...), each index capped at its dimension's last tile."""
 
     def __init__(self, split: Split, lay: Layout) -> None:
-        self.split, self.lay, self.rows, self.complete = split, lay, {}, False
+        self.split, self.lay, self.rows = split, lay, {}
 
     def row(self, k: int) -> tuple[tuple[Box, ...], dict]:
         if k not in self.rows:
@@ -97,10 +97,9 @@ class Diagonal:
 
     def walk_all(self) -> Diagonal:
         """Every row walked (once): ``separable`` then speaks for the whole grid."""
-        if not self.complete:
+        if len(self.rows) < max(self.lay.grid):  # rows are memoised: walking again costs a lookup each
             for k in range(max(self.lay.grid)):
                 self.row(k)
-            self.complete = True
         return self
 
     @property
