@@ -132,6 +132,21 @@ def test_counting_per_dimension_equals_walking_every_tile(name, device, training
                 assert got.fwd_by_kind[kind] == pytest.approx(want.fwd_by_kind[kind], rel=1e-12)
 
 
+@pytest.mark.parametrize("name", list(CASES))
+def test_classes_walked_a_few_rows_at_a_time_peak_the_same(name, monkeypatch):
+    """``walk.row_peaks`` walks the classes of a structure in chunks (big grids would otherwise hold
+    every class's byte counts of every node at once): chunks of 2 rows give every tile's peak."""
+    monkeypatch.setattr(walk, "CHUNK_ROWS", 2)
+    make, shape, tiles = CASES[name]
+    split = analyse(make().eval(), shape)[-1]
+    rates = Rates(get_device("H100-SXM"), torch.float32)
+    for tile in tiles:
+        cg = class_grid(split, layout(split, shape, tile))
+        got = classes.aggregate(split, cg, torch.float32, rates, True, False, True, {})
+        want, _ = reference(split, shape, torch.float32, tile, rates, True, True)
+        assert (got.peak, got.peak_train) == (want.peak, want.peak_train), (name, tile)
+
+
 def test_steps_are_built_per_geometry_and_walks_per_structure(monkeypatch):
     """1.7 million tiles in 216 classes: the steps built are one per geometry of a node (per
     dimension, combined), and the walks one per structure (which borders a tile touches), not

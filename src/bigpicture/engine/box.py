@@ -44,6 +44,11 @@ class Box:
     def shape(self) -> tuple[int, ...]:
         return tuple(h - lo if h > lo else 0 for lo, h in zip(self.lo, self.hi))
 
+    def length(self, d: int) -> int:
+        """``shape[d]`` without building the whole shape (the planner asks per dimension)."""
+        n = self.hi[d] - self.lo[d]
+        return n if n > 0 else 0
+
     @property
     def numel(self) -> int:
         n = 1

@@ -16,7 +16,6 @@ per dimension has 8,000 classes. Walking each would take minutes; instead:
 
 from __future__ import annotations
 
-import itertools
 import math
 
 import numpy as np
@@ -28,9 +27,8 @@ from bigpicture.engine.rules.window import Conv
 from bigpicture.engine.split import Split
 from bigpicture.perf.grid import ClassGrid
 from bigpicture.perf.rates import Rates
-from bigpicture.perf.steps import _FLAGS, Rows, Step, steps_of
+from bigpicture.perf.steps import Rows, steps_of
 from bigpicture.perf.walk import (
-    _FIELDS,
     TileWalk,
     accumulation_s,
     bytes_of,
@@ -112,19 +110,16 @@ class _Grid:
 
     def lengths(self, node) -> list[np.ndarray]:
         return [
-            np.array([self.row(j)[1][node].shape[d] for j in reps], dtype=np.int64)
+            np.array([self.row(j)[1][node].length(d) for j in reps], dtype=np.int64)
             for d, reps in enumerate(self.reps)
         ]
 
     def numels(self, node) -> list[tuple[int, int]]:
         """(tiles, positions of ``node``'s box) for each distinct box shape of ``node`` on the grid."""
-        per_dim = self.features(lambda j, d: self.row(j)[1][node].shape[d])
-        out = []
-        for combo in itertools.product(*[range(len(f[1])) for f in per_dim]):
-            tiles = math.prod(per_dim[d][2][f] for d, f in enumerate(combo))
-            numel = math.prod(self.row(per_dim[d][1][f])[1][node].shape[d] for d, f in enumerate(combo))
-            out.append((tiles, numel))
-        return out
+        per_dim = self.features(lambda j, d: self.row(j)[1][node].length(d))  # the values are the lengths
+        tiles = _outer([np.array(f[2], dtype=np.int64) for f in per_dim], np.multiply)
+        numels = _outer([np.array(f[3], dtype=np.int64) for f in per_dim], np.multiply)
+        return list(zip(tiles.tolist(), numels.tolist()))
 
 
 def _node_combos(split, grid: _Grid, node, grad_in: bool, input_copy: bool, item, rates):
@@ -183,9 +178,9 @@ def _lengths(op, boxes: list, need: dict, d: int) -> list[int]:
     """Along dimension d: the lengths of the node's box and its inputs' boxes, of the input box its
     window reads (padding included; 1 if none) and of a transposed convolution's input (or 1)."""
     box = need[boxes[0]]
-    padded = op.padded_box(box).shape[d] if isinstance(op, Window) else 1
-    extra = op.needs(box)[0].shape[d] if isinstance(op, ConvTranspose) else 1
-    return [need[n].shape[d] for n in boxes] + [padded, extra]
+    padded = op.padded_box(box).length(d) if isinstance(op, Window) else 1
+    extra = op.needs(box)[0].length(d) if isinstance(op, ConvTranspose) else 1
+    return [need[n].length(d) for n in boxes] + [padded, extra]
 
 
 def _outer(per_dim: list[np.ndarray], combine) -> np.ndarray:
@@ -201,19 +196,13 @@ def _largest_peaks(split, grid: _Grid, steps: dict, grad: dict, item: int, train
     """The largest (inference, training) peak over the classes: one walk per structure, on arrays."""
     sizes = {n: bytes_of(split, n, grid.mesh(grid.lengths(n)), item) for n in grad}
     terms = [bytes_of(split, k, grid.mesh(_write_lengths(grid, i)), item) for i, k in enumerate(split.sinks)]
-    per_class = [_picked(st, index) for st, index in steps.values()]
-    peak, peak_train = row_peaks(split, per_class, sizes, terms, grad, training, input_copy)
+    st, index = zip(*steps.values()) if steps else ((), ())
+    peak, peak_train = row_peaks(split, list(st), sizes, terms, grad, training, input_copy, list(index))
     return int(peak.max()), int(peak_train.max())
-
-
-def _picked(st: Step, index: np.ndarray) -> Step:
-    """The step of each class (row ``index[c]`` of ``st``): what ``walk.row_peaks`` reads of it."""
-    fields = {f: getattr(st, f)[index] for f in (*_FIELDS, *_FLAGS)}
-    return Step(st.node, st.inputs, **fields)
 
 
 def _write_lengths(grid: _Grid, k: int) -> list[np.ndarray]:
     return [
-        np.array([grid.row(j)[0][k].shape[d] for j in reps], dtype=np.int64)
+        np.array([grid.row(j)[0][k].length(d) for j in reps], dtype=np.int64)
         for d, reps in enumerate(grid.reps)
     ]

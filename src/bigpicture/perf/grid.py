@@ -215,7 +215,7 @@ def _key(geometry: Geometry, j: int, d: int) -> tuple:
     """What makes two tiles cost alike along dimension d: box lengths, and every step's geometry
     (``steps.geometries``: touching the border, reading a sub-box) with the input copied or not."""
     writes, need = geometry.row(j)
-    lengths = tuple(b.shape[d] for b in (*writes, *need.values()))
+    lengths = tuple(b.length(d) for b in (*writes, *need.values()))
     copied, direct = geometry(j, True), geometry(j, False)
     return lengths, tuple((copied[n][d][1:], direct[n][d][1:]) for n in copied)
 

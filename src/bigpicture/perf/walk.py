@@ -163,32 +163,44 @@ def peaks(split: Split, steps: list, sizes: dict, terms: list, grad: dict, train
     return peak, np.maximum(fwd_peak, bwd_peak)
 
 
-_FIELDS = ("out", "temp", "padded", "saved_extra")  # the byte counts a walk reads of a step
+_FIELDS = ("out", "temp", "padded", "saved_extra")
+CHUNK_ROWS = 4096  # rows walked together by ``row_peaks``  # the byte counts a walk reads of a step
 
 
 def row_peaks(
-    split: Split, steps: list, sizes: dict, terms: list, grad: dict, training: bool, input_copy: bool
+    split: Split,
+    steps: list,
+    sizes: dict,
+    terms: list,
+    grad: dict,
+    training: bool,
+    input_copy: bool,
+    index: list | None = None,
 ):
     """``peaks`` of many walks at once, one per row: ``steps`` on arrays (``steps.steps_of``) with
     one entry per walk, as are ``sizes`` (per node) and ``terms`` (per sink). Rows whose steps have
     the same *structure* (which values alias, which padded copies autograd keeps) run the same
     walk with other byte counts, so each structure is walked once on numpy arrays; (inference
-    peaks, training peaks) per row."""
+    peaks, training peaks) per row. ``index``: per step, the entry of each row (the steps then hold
+    each distinct step once: a grid's classes share them, and 32,768 classes of 400 nodes picked
+    out whole would take a gigabyte)."""
     rows = len(sizes[split.input])
+    index = index or [slice(None)] * len(steps)
     which = np.zeros(rows, dtype=np.int64)  # rows of one structure so far
-    for st in steps:
-        _, which = np.unique(which * 16 + structure(st), return_inverse=True)
+    for st, pick in zip(steps, index, strict=True):
+        _, which = np.unique(which * 16 + structure(st)[pick], return_inverse=True)
     which = which.reshape(-1)
     peak, peak_train = np.zeros(rows, dtype=np.int64), np.zeros(rows, dtype=np.int64)
-    for g in range(int(which.max()) + 1 if rows else 0):
-        mask = which == g
-        group = []
-        for st in steps:  # the walk reads the byte counts and the structure's flags only
-            flags = {f: bool(getattr(st, f)[mask][0]) for f in _FLAGS}
-            group.append(Step(st.node, st.inputs, **{f: getattr(st, f)[mask] for f in _FIELDS}, **flags))
-        p, pt = peaks(split, group, {n: v[mask] for n, v in sizes.items()}, [t[mask] for t in terms], grad,
+    groups = [np.flatnonzero(which == g) for g in range(int(which.max()) + 1 if rows else 0)]
+    for chunk in (c for g in groups for c in np.array_split(g, -(-len(g) // CHUNK_ROWS))):
+        group = []  # a chunk of rows of one structure: arrays of a few thousand rows, whatever the grid
+        for st, pick in zip(steps, index, strict=True):  # the walk reads the byte counts and flags only
+            at = chunk if isinstance(pick, slice) else pick[chunk]
+            flags = {f: bool(getattr(st, f)[at[0]]) for f in _FLAGS}
+            group.append(Step(st.node, st.inputs, **{f: getattr(st, f)[at] for f in _FIELDS}, **flags))
+        p, pt = peaks(split, group, {n: v[chunk] for n, v in sizes.items()}, [t[chunk] for t in terms], grad,
                       training, input_copy)  # fmt: skip
-        peak[mask], peak_train[mask] = p, pt
+        peak[chunk], peak_train[chunk] = p, pt
     return peak, peak_train
 
 
