@@ -1,6 +1,6 @@
 """Planning time and memory of every network of the MONAI census (benchmarks/census.py), at large sizes.
 
-    python benchmarks/planning_census.py [--write] [--only NAME ...]
+    python benchmarks/planning_census.py [--write] [--only NAME ...] [--load LOG ...]
 
 Each census row (family and 2D/3D, at the census's own settings) runs in its own Python process:
 import torch, bigpicture and MONAI, build the network (float32, eval mode), capture it (torch.fx), then
@@ -16,6 +16,7 @@ flatten into a linear layer) or that no tile fits is a result too: the error is 
 from __future__ import annotations
 
 import argparse
+import ast
 import json
 import os
 import platform
@@ -79,6 +80,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--write", action="store_true", help="store the table in RESULTS.md")
     parser.add_argument("--only", nargs="*", help="census rows whose id contains one of these")
+    parser.add_argument("--load", nargs="+", metavar="LOG", help="the rows printed by earlier runs, in order")
     parser.add_argument("--one", type=int, help=argparse.SUPPRESS)
     a = parser.parse_args()
     if a.one is not None:
@@ -86,8 +88,8 @@ def main() -> None:
         return
     from census import case_id, cases
 
-    rows = []
-    for index, case in enumerate(cases()):
+    rows = [ast.literal_eval(line) for log in a.load or [] for line in open(log) if line.startswith("{")]
+    for index, case in enumerate([] if a.load else cases()):
         if a.only and not any(o.lower() in case_id(case).lower() for o in a.only):
             continue
         run = subprocess.run([sys.executable, __file__, "--one", str(index)], capture_output=True, text=True,
