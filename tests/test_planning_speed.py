@@ -147,6 +147,23 @@ def test_classes_walked_a_few_rows_at_a_time_peak_the_same(name, monkeypatch):
         assert (got.peak, got.peak_train) == (want.peak, want.peak_train), (name, tile)
 
 
+@pytest.mark.parametrize("device", ["cpu", "cpu calibrated", "H100-SXM"])
+@pytest.mark.parametrize("name", list(CASES))
+def test_bytes_only_predictions_have_the_memory_of_full_ones(name, device):
+    """When no tile fits, the planner predicts candidates with byte-counting rates
+    (``search.least_prediction``): their memory, parts and all, must be the full prediction's."""
+    make, shape, tiles = CASES[name]
+    splits = analyse(make().eval(), shape)
+    rates = calibrated() if device == "cpu calibrated" else Rates(get_device(device), torch.float32)
+    for tile in tiles:
+        for training in (False, True):
+            full = predict_splits(splits, shape, torch.float32, tile, device.split()[0], training,
+                                  shared={"rates": rates})  # fmt: skip
+            counted = predict_splits(splits, shape, torch.float32, tile, device.split()[0], training,
+                                     shared={"rates": walk.bytes_only(rates)})  # fmt: skip
+            assert counted.memory == full.memory and counted.memory_parts == full.memory_parts, tile
+
+
 def test_steps_are_built_per_geometry_and_walks_per_structure(monkeypatch):
     """1.7 million tiles in 216 classes: the steps built are one per geometry of a node (per
     dimension, combined), and the walks one per structure (which borders a tile touches), not

@@ -33,11 +33,10 @@ from bigpicture.perf.predict import (
     _size,
     model_dtype,
     predict,
-    predict_splits,
     resolve_device,
 )
 from bigpicture.perf.rates import Rates
-from bigpicture.perf.search import search
+from bigpicture.perf.search import least_prediction, search
 from bigpicture.perf.stage_cost import check_budget
 
 MAX_TILES = 2**16  # more, smaller tiles are never faster: their halo work and per-tile costs grow
@@ -188,7 +187,7 @@ def best_tile(
                                             least_time)  # fmt: skip
     fits = [p for p in tried if p.memory <= budget]
     if not fits:
-        p = _least(splits, input_shape, dtype, dev, training, tried, bounds, shared)
+        p = least_prediction(splits, input_shape, dtype, dev, training, tried, bounds, shared)
         parts = ", ".join(f"{k} {_size(v)}" for k, v in p.memory_parts if v)
         smaller = " use a smaller dtype," if torch.empty((), dtype=dtype).element_size() > 2 else ""
         raise TilingError(
@@ -206,20 +205,6 @@ def best_tile(
         need = _size(need) if need is not None else f"more than {_size(bounds[bigger[0]])}"
         note += f"; the next larger, {_side(bigger[0])}, needs {need}"
     return best.with_note(note)
-
-
-def _least(splits, input_shape, dtype, dev, training, tried: list, bounds: dict, shared: dict) -> Prediction:
-    """The prediction of least memory among the candidates: those whose bound is below the least
-    predicted so far are predicted, from the least bound up (for the error when no tile fits)."""
-    least = min(tried, key=lambda p: p.memory, default=None)
-    done = {p.tile for p in tried}
-    for tile in sorted(bounds, key=lambda t: (bounds[t], -math.prod(t))):
-        if least is not None and bounds[tile] >= least.memory:
-            break
-        if tile not in done:
-            p = predict_splits(splits, input_shape, dtype, tile, dev, training, shared=shared)
-            least = p if least is None or p.memory < least.memory else least
-    return least
 
 
 def make_plan(

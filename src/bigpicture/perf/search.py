@@ -16,8 +16,11 @@ from __future__ import annotations
 import math
 
 from bigpicture.perf.bound import time_bound
+from bigpicture.perf.devices import load_calibration
 from bigpicture.perf.memory_bound import least_memories
 from bigpicture.perf.predict import predict_splits
+from bigpicture.perf.rates import Rates
+from bigpicture.perf.walk import bytes_only
 
 ROUNDING = 1 - 1e-9  # the bound sums in another order than the prediction
 
@@ -57,3 +60,24 @@ def search(splits, input_shape, tiles, budget: int, dev, dtype, training: bool, 
             skipped.remove(min(larger, key=math.prod))
             visit(min(larger, key=math.prod))
     return tried, bounds, shared, len(skipped)
+
+
+def least_prediction(splits, input_shape, dtype, dev, training, tried: list, bounds: dict, shared: dict):
+    """The prediction of least memory among the candidates (for the error when no tile fits): those
+    whose bound is below the least predicted so far are predicted, from the least bound up.
+
+    Only their memory is asked, so they are predicted with byte-counting rates (``walk.bytes_only``,
+    as the memory bounds are): the bytes are the same, and the seconds, which are not, are never
+    read. On a grid where every tile differs (a 2,000 px receptive field at 2,048^3: 10^4 classes)
+    a CPU prediction's convolution rates cost a minute; its bytes seconds."""
+    least = min(tried, key=lambda p: p.memory, default=None)
+    done = {p.tile for p in tried}
+    rates = shared.get("rates") or Rates(dev, dtype, None if dev.name != "cpu" else load_calibration())
+    memory_only = {"rates": bytes_only(rates)}
+    for tile in sorted(bounds, key=lambda t: (bounds[t], -math.prod(t))):
+        if least is not None and bounds[tile] >= least.memory:
+            break
+        if tile not in done:
+            p = predict_splits(splits, input_shape, dtype, tile, dev, training, shared=memory_only)
+            least = p if least is None or p.memory < least.memory else least
+    return least
