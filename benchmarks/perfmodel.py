@@ -31,7 +31,6 @@ import json
 import os
 import platform
 import re
-import resource
 import statistics
 import subprocess
 import sys
@@ -107,9 +106,7 @@ def one(cfg: dict) -> dict:
     import torch
 
     import bigpicture as bp
-    from bigpicture.perf.devices import get_device, load_calibration
     from bigpicture.perf.predict import predict
-    from bigpicture.perf.rates import Rates
 
     torch.set_num_threads(cfg["threads"])
     clock = time.process_time if cfg["clock"] == "process" else time.perf_counter
@@ -141,22 +138,16 @@ def one(cfg: dict) -> dict:
         base = _status("VmRSS")
         step()
         return {"memory": _status("VmHWM") - base}
-    times, faults = [], []
+    times = []
     for _ in range(cfg["repeats"]):
-        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         start = clock()
         step()
         times.append(clock() - start)
-        faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
     p = predict(net.plan, "cpu", training=cfg["mode"] == "training")
     params = dict(p.memory_parts)["parameters"]
-    fault_s = Rates(get_device("cpu"), torch.float32, load_calibration()).fault_s_per_byte
     return {
         "time": min(times),
         "times": times,
-        # pages faulted in per step (the fastest step's), and as predicted (perf/faults.py)
-        "faulted": faults[times.index(min(times))] * resource.getpagesize(),
-        "predicted_faulted": dict(p.by_kind).get("page faults", 0.0) / fault_s if fault_s else 0.0,
         "predicted_time": p.time,
         "predicted_memory": p.memory - params,
         "tiles": p.tiles,
@@ -281,16 +272,6 @@ def summary(rows: list[dict]) -> str:
     )
 
 
-def faults_line(rows: list[dict]) -> str:
-    """Pages faulted in per step, measured (getrusage) against predicted (`perf/faults.py`)."""
-    cells = [
-        f"{r['net']} {r['tile']} {r['mode']} {r['faulted'] / MiB:,.0f} / {r['predicted_faulted'] / MiB:,.0f}"
-        for r in rows
-        if "faulted" in r
-    ]
-    return "Pages faulted in per step, measured / predicted MiB: " + "; ".join(cells) + "." if cells else ""
-
-
 def regret_table(results: list[dict]) -> str:
     out = [
         "| network | mode | budget MiB | planner's tile | its measured s (MiB) "
@@ -367,9 +348,11 @@ per op from the calibration of this CPU (`calibrate.py`,
 output channels, kernel, stride and size, forward and backward; memory-bound ops by size, BatchNorm
 also on the strided view a natively padded convolution leaves at the image border; every
 op timed cycling through copies of its operands that exceed the core's caches, as a network finds
-them; the interpreter's own cost per node per tile, from tiled runs of a small reference network; what each
-op on every thread adds in a tiled run, from tiled runs of memory-bound ops; the pages each tile
-faults in again where glibc returned its heap to the OS, at a calibrated cost per byte). A training step is
+them; the interpreter's own cost per node per tile, from one-thread tiled runs of a small reference network
+less its ops timed one by one; what each op on every thread (convolutions and pooling always,
+elementwise ops over 32,768 elements) adds in a tiled run, from tiled runs of convolution blocks). An
+inference's peak is the largest over the tiles in run order of the tile's working set and the pages of
+the output written so far (the OS backs them as tiles write them). A training step is
 the forward over the tiles (the last one with autograd, its graph kept), the recompute of every
 other tile, and every tile's backward. Measured memory is the peak of live memory (see
 `benchmarks/perfmodel.py`), without the parameters on both sides. The planner's regret compares the
@@ -629,8 +612,6 @@ def main() -> None:
             summary(rows),
             "",
             table(rows),
-            "",
-            faults_line(rows),
             "",
             f"![predicted vs measured]({PLOT.name})",
             "",

@@ -11,7 +11,9 @@ import bigpicture as bp
 from bigpicture.perf.devices import local_cpu
 from bigpicture.perf.grid import layout
 from bigpicture.perf.predict import _predict_pass
-from bigpicture.perf.rates import Rates, _grid_rate, conv_backend
+from bigpicture.perf.rates import PARALLEL_ELEMENTS, Rates, _grid_rate, conv_backend
+from bigpicture.perf.steps import node_step
+from bigpicture.perf.walk import grads, tile_at
 
 
 def _select(x_shape, w_shape, stride=1, transposed=False):
@@ -135,7 +137,8 @@ def _rates(wake_s: float) -> Rates:
 @pytest.mark.parametrize("side, tile, parallel", [(128, 64, True), (32, 16, False)])
 def test_ops_on_every_thread_pay_the_calibrated_wake(side, tile, parallel):
     """An op of at least PARALLEL_ELEMENTS elements wakes the idle threads once (OMP_WAIT_POLICY):
-    a convolution and a ReLU per tile, four tiles; smaller ops run on one thread and pay nothing."""
+    a convolution and a ReLU per tile, four tiles; a smaller ReLU runs on one thread and pays
+    nothing, a convolution runs on every thread at any size (``steps.ALWAYS_PARALLEL``)."""
     model = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.ReLU()).eval()
     shape = (1, 8, side, side)
     split = bp.make_plan(model, shape, tile=tile).split
@@ -144,7 +147,7 @@ def test_ops_on_every_thread_pay_the_calibrated_wake(side, tile, parallel):
         _predict_pass(split, shape, torch.float32, lay, r.device, r, False, False, True).time
         for r in (_rates(0.0), _rates(1e-3))
     ]
-    assert times[1] - times[0] == pytest.approx(4 * 2 * 1e-3 if parallel else 0.0, abs=1e-9)
+    assert times[1] - times[0] == pytest.approx(4 * (2 if parallel else 1) * 1e-3, abs=1e-9)
 
 
 def test_quick_calibration_records_the_wait_policy(tmp_path, monkeypatch):
@@ -220,3 +223,22 @@ def test_full_grid_reaches_the_geometries_tiles_take():
         assert point in grid
     assert all(2 * cin * cout * k**nd * side**nd <= 2e9 for nd, cin, cout, k, _, side, _ in grid)
     assert len(set(grid)) == len(grid)
+
+
+@pytest.mark.parametrize(
+    "module, channels, side, woken",
+    [
+        (nn.Conv2d(2, 2, 3, padding=1), 2, 16, True),  # a convolution runs on every thread at any size
+        (nn.MaxPool2d(3, 1, 1), 2, 16, True),  # so does pooling
+        (nn.ReLU(), 2, 16, False),  # an elementwise op only over PARALLEL_ELEMENTS
+        (nn.ReLU(), 8, 64, True),
+    ],
+)
+def test_which_ops_wake_the_idle_threads(module, channels, side, woken):
+    assert (channels * side * side >= PARALLEL_ELEMENTS) == (side == 64)
+    shape = (1, channels, side, side)
+    split = bp.make_plan(nn.Sequential(module).eval(), shape, tile=side).split
+    need = tile_at(split, layout(split, shape, side), (0, 0))[0]
+    node = list(grads(split, need, False))[1]
+    steps = [node_step(split, node, need, False, False, 4, _rates(w), {}) for w in (0.0, 1e-3)]
+    assert steps[1].fwd_s - steps[0].fwd_s == pytest.approx(1e-3 if woken else 0.0)

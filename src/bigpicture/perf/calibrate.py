@@ -5,7 +5,6 @@
     memory-bound   unary, binary, normalisation and copy ops by size
     pooling        max pooling windows by size
     workspace      what a convolution holds besides its output, in fresh processes
-    page faults    seconds per byte of touching memory the heap had returned to the OS
     engine         the tile interpreter's own cost per node per tile (a small reference network),
                    and what each multi-threaded op adds in a tiled run (``wake_s``)
 
@@ -226,22 +225,6 @@ def _pool(dtype: torch.dtype, quick: bool, seconds, min_time: float) -> dict[str
     return out
 
 
-def _fault_cost(quick: bool, seconds, min_time: float) -> float:
-    """Seconds per byte of faulting in fresh pages: filling a buffer just mapped (a block over glibc's
-    largest mmap threshold is mapped afresh on every allocation and unmapped when freed: the kernel
-    traps and zeroes each page on first touch) less filling one already resident, on every thread.
-    A tiled run pays it where glibc returns a tile's heap to the OS (`rates.heap_fault_bytes`)."""
-    nbytes = (8 if quick else 64) * 2**20
-    n = nbytes // 4
-    kept = torch.empty(n)
-
-    def fresh() -> None:
-        torch.empty(n).fill_(1.0)
-
-    fresh_s, kept_s = seconds(fresh, min_time), seconds(lambda: kept.fill_(1.0), min_time)
-    return max(fresh_s - kept_s, 0.0) / nbytes
-
-
 _WORKSPACE_PROBE = """
 import re, sys, torch, torch.nn.functional as F
 from pathlib import Path
@@ -339,7 +322,6 @@ def measure(
         "stream_backward": _stream_backward(dtype, quick, seconds, min_time),
         "pool": _pool(dtype, quick, seconds, min_time),
         "conv_workspace": _conv_workspace(quick),
-        "fault_s_per_byte": _fault_cost(quick, seconds, min_time),
     }
     ops["engine_node_s"], ops["engine_train_node_s"], ops["wake_s"] = engine_costs(quick, clock, ops, dtype)
     return ops

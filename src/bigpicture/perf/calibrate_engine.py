@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from bigpicture.engine import execute
 from bigpicture.engine.batchnorm import freeze_batchnorm
@@ -47,23 +48,27 @@ def _reference(nd: int) -> torch.nn.Module:
     return Reference()
 
 
-def _pointwise() -> torch.nn.Module:
-    """Memory-bound ops only (normalisation, activations, additions, a concatenation) on 8 channels:
-    the reference for what an op on every thread costs in a tiled run over its rate back to back."""
+def _blocks() -> torch.nn.Module:
+    """Convolutions with normalisation, activations, a residual addition and pooling at the channel
+    counts of real networks: the reference for what each op that runs on every thread adds in a
+    tiled run over its rate measured back to back (the idle threads it wakes, and waits for)."""
     from torch import nn
 
-    class Pointwise(nn.Module):
+    class Blocks(nn.Module):
         def __init__(self) -> None:
             super().__init__()
-            self.norm, self.act = nn.BatchNorm2d(8), nn.PReLU()
+            self.stem = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU())
+            self.down = nn.Sequential(nn.Conv2d(16, 32, 3, 2, 1), nn.BatchNorm2d(32), nn.ReLU())
+            conv = nn.Conv2d(32, 32, 3, padding=1)
+            self.block = nn.Sequential(conv, nn.BatchNorm2d(32), nn.ReLU(), nn.Conv2d(32, 32, 3, padding=1))
+            self.pool = nn.MaxPool2d(3, 2, 1)
 
         def forward(self, x):
-            y = torch.relu(self.norm(x))
-            z = self.act(y + x)
-            return torch.cat([y, z * y], 1)
+            y = self.down(self.stem(x))
+            return self.pool(torch.relu(y + self.block(y)))
 
     torch.manual_seed(0)
-    return Pointwise()
+    return Blocks()
 
 
 def engine_costs(
@@ -75,21 +80,31 @@ def engine_costs(
     training step runs as the engine runs it: a forward, the recompute of every tile but the last,
     a backward. The 2D and 3D networks' figures are averaged.
 
-    Third, the seconds each op big enough to run on every thread adds in a tiled run over its rate
-    measured back to back: the idle OpenMP threads it wakes after the interpreter's Python (tens of
-    microseconds with OMP_WAIT_POLICY=PASSIVE, about nothing when they spin, the default): the 2D
-    network on tiles whose ops run on every thread, minus its ops and its nodes."""
+    The interpreter's own cost is measured on one thread (``torch.set_num_threads(1)`` for those
+    runs): its Python is serial, and on more threads the tiny ops of the reference network still
+    open parallel regions (convolutions and pooling always do), whose cost would be counted per node.
+
+    Third, the seconds each op that runs on every thread (``steps``: convolutions and pooling, and
+    elementwise ops over ``PARALLEL_ELEMENTS``) adds in a tiled run over its rate measured back to
+    back: the idle OpenMP threads it wakes after the interpreter's Python and waits for at its end.
+    Tens of microseconds on an idle machine; milliseconds where any other process, even at nice 19,
+    holds a core the sleeping threads must take back (measured here: a 2-thread tiled ResNet step took
+    3.4x its 1-thread time while two niced jobs ran, a ReLU 2.1 ms against 0.16 ms). Measured as the
+    network of ``_blocks`` on tiles whose ops run on every thread, minus its ops and its nodes, the
+    best of several steps as every figure here: what the machine gives when it is least disturbed."""
     rates = Rates(
         get_device("cpu"), dtype, {"ops": {**ops, "engine_node_s": 0.0, "engine_train_node_s": 0.0}}
     )
 
-    def run(nd: int, side: int, tile: int, training: bool, pointwise: bool = False) -> tuple[float, dict]:
-        """Measured seconds and predicted ones with unit costs: {(node_s, train_node_s, wake_s): s}."""
-        shape = (1, 8 if pointwise else 1) + (side,) * nd
-        model = (_pointwise() if pointwise else _reference(nd)).to(dtype)
+    def run(nd: int, side: int, tile: int, training: bool, blocks: bool = False) -> tuple[float, float, dict]:
+        """Measured seconds, of which in its ops, and predicted ones with unit costs:
+        {(node_s, train_node_s, wake_s): s}."""
+        shape = (1, 3 if blocks else 1) + (side,) * nd
+        model = (_blocks() if blocks else _reference(nd)).to(dtype)
         model = freeze_batchnorm(model.train()) if training else model.eval()
         net, split = _tiled(model, shape, dtype, tile)
-        measured = _best_step(net, model, torch.randn(shape, dtype=dtype), training, clock, 3 if quick else 7)
+        x = torch.randn(shape, dtype=dtype)
+        measured, in_ops = _best_step(net, model, x, training, clock, 3 if quick else 7)
         lay = layout(split, shape, tile)
         times = {}
         for costs in ((0.0, 0.0, 0.0), (1.0, 0.0, 0.0), (0.0, 2.0, 0.0), (0.0, 0.0, 1.0)):
@@ -98,26 +113,30 @@ def engine_costs(
                 split, shape, dtype, lay, rates.device, rates, training, False, True
             ).time
         rates.node_s = rates.train_node_s = rates.wake_s = 0.0
-        return measured, times
+        return measured, in_ops, times
 
     zero, node, grad, wake = (0.0, 0.0, 0.0), (1.0, 0.0, 0.0), (0.0, 2.0, 0.0), (0.0, 0.0, 1.0)
-    forward, train = [], []
+    forward, train, threads = [], [], torch.get_num_threads()
+    torch.set_num_threads(1)  # the interpreter's Python alone: no parallel regions (see above)
     for nd, side, tile in ((2, 32, 16),) if quick else ((2, 64, 16), (3, 16, 8)):
         left, nodes = {}, {}
         for training in (False, True):
-            measured, times = run(nd, side, tile, training)
-            left[training] = measured - times[zero]
+            # what the step spends outside its ops, timed one by one (the ops' rates measured on
+            # all threads would be a guess for one thread's)
+            measured, in_ops, times = run(nd, side, tile, training)
+            left[training] = measured - in_ops
             # nodes run without autograd; twice the nodes run with autograd (their forward and backward)
             nodes[training] = (times[node] - times[zero], times[grad] - times[zero])
         node_s = max(left[False], 0.0) / nodes[False][0]
         forward.append(node_s)
         no_grad, with_grad = nodes[True]
         train.append(2 * max(left[True] - node_s * no_grad, 0.0) / with_grad if with_grad else node_s)
+    torch.set_num_threads(threads)
     node_s = sum(forward) / len(forward)
     wake_s = 0.0
-    if torch.get_num_threads() > 1 and not quick:
-        # 8 channels x 96^2 > PARALLEL_ELEMENTS: every op runs on every thread
-        measured, times = run(2, 384, 96, False, pointwise=True)
+    if threads > 1 and not quick:
+        # 16-32 channels x 48^2 or more > PARALLEL_ELEMENTS: every op runs on every thread
+        measured, _, times = run(2, 384, 192, False, blocks=True)
         parallel_ops = times[wake] - times[zero]
         left = measured - times[zero] - node_s * (times[node] - times[zero])
         wake_s = max(left, 0.0) / max(parallel_ops, 1)
@@ -134,7 +153,8 @@ def _tiled(model: torch.nn.Module, shape, dtype: torch.dtype, tile: int):
 def _best_step(
     net, model, x: torch.Tensor, training: bool, clock: Callable[[], float], repeats: int
 ) -> float:
-    """Best time of a tiled inference, or training step, after a first call that plans."""
+    """Best time of a tiled inference, or training step, after a first call that plans, and the
+    best time its aten ops take, each timed on its own (``_OpClock``) in as many more steps."""
 
     def step() -> None:
         if training:
@@ -145,9 +165,27 @@ def _best_step(
                 net(x)
 
     step()
-    times = []
+    times, in_ops = [], []
     for _ in range(repeats):
         start = clock()
         step()
         times.append(clock() - start)
-    return min(times)
+    for _ in range(repeats):
+        with _OpClock(clock) as ops:
+            step()
+        in_ops.append(ops.seconds)
+    return min(times), min(in_ops)
+
+
+class _OpClock(TorchDispatchMode):
+    """Seconds spent inside aten ops (forward and backward), each call timed on its own."""
+
+    def __init__(self, clock: Callable[[], float]) -> None:
+        super().__init__()
+        self.clock, self.seconds = clock, 0.0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        start = self.clock()
+        out = func(*args, **(kwargs or {}))
+        self.seconds += self.clock() - start
+        return out

@@ -27,6 +27,7 @@ from bigpicture.engine.rules.window import Conv
 from bigpicture.engine.split import Split
 from bigpicture.perf.grid import ClassGrid
 from bigpicture.perf.rates import Rates
+from bigpicture.perf.resident import class_resident
 from bigpicture.perf.steps import Rows, steps_of
 from bigpicture.perf.walk import (
     TileWalk,
@@ -76,7 +77,12 @@ def aggregate(
                     for n, numel in grid.numels(i)
                 )
             )
-    total.peak, total.peak_train = _largest_peaks(split, grid, steps, grad, item, training, input_copy)
+    peaks, peaks_train = _class_peaks(split, grid, steps, grad, item, training, input_copy)
+    total.peak, total.peak_train = int(peaks.max()), int(peaks_train.max())
+    if not rates.gpu and cg.lasts:  # the CPU backs the boundary's pages as tiles write them
+        resident = class_resident(split, cg.lay, cg.lasts, item)
+        worst = int(np.argmax(np.broadcast_to(peaks, resident.shape) + resident))
+        total.peak, total.resident = int(np.broadcast_to(peaks, resident.shape)[worst]), int(resident[worst])
     return total
 
 
@@ -192,13 +198,12 @@ def _outer(per_dim: list[np.ndarray], combine) -> np.ndarray:
     return out
 
 
-def _largest_peaks(split, grid: _Grid, steps: dict, grad: dict, item: int, training: bool, input_copy: bool):
-    """The largest (inference, training) peak over the classes: one walk per structure, on arrays."""
+def _class_peaks(split, grid: _Grid, steps: dict, grad: dict, item: int, training: bool, input_copy: bool):
+    """The (inference, training) peak of each class: one walk per structure, on arrays."""
     sizes = {n: bytes_of(split, n, grid.mesh(grid.lengths(n)), item) for n in grad}
     terms = [bytes_of(split, k, grid.mesh(_write_lengths(grid, i)), item) for i, k in enumerate(split.sinks)]
     st, index = zip(*steps.values()) if steps else ((), ())
-    peak, peak_train = row_peaks(split, list(st), sizes, terms, grad, training, input_copy, list(index))
-    return int(peak.max()), int(peak_train.max())
+    return row_peaks(split, list(st), sizes, terms, grad, training, input_copy, list(index))
 
 
 def _write_lengths(grid: _Grid, k: int) -> list[np.ndarray]:

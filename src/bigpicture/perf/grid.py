@@ -50,6 +50,7 @@ class ClassGrid:
     per_dim: tuple[tuple[tuple[int, int], ...], ...]
     listed: tuple[TileClass, ...] | None = None
     geometry: Geometry | None = None
+    lasts: tuple[tuple[int, ...], ...] = ()  # per dimension, the last grid index of each kind
 
     @property
     def separable(self) -> bool:
@@ -144,13 +145,14 @@ def _class_grid(split: Split, lay: Layout) -> ClassGrid:
     if not diagonal.separable:  # an empty box breaks the product rule (a hull ignores it): visit every tile
         listed = _group((1, *_tile(split, lay, index)) for index in itertools.product(*map(range, lay.grid)))
         return ClassGrid(split, lay, diagonal, (), tuple(listed))
-    per_dim = []
+    per_dim, lasts = [], []
     for d in range(split.nd):
         groups: dict = {}
         for j in range(lay.grid[d]):
             groups.setdefault(keys[d][j], []).append(j)
         per_dim.append(tuple((len(js), js[0]) for js in groups.values()))
-    return ClassGrid(split, lay, diagonal, tuple(per_dim), geometry=geometry)
+        lasts.append(tuple(js[-1] for js in groups.values()))
+    return ClassGrid(split, lay, diagonal, tuple(per_dim), geometry=geometry, lasts=tuple(lasts))
 
 
 def _tile(split: Split, lay: Layout, index) -> tuple[tuple, dict]:

@@ -24,6 +24,7 @@ from bigpicture.engine.rules.resample import ConvTranspose, Pad
 from bigpicture.engine.split import Split
 from bigpicture.engine.tiles import layout, working_counts
 from bigpicture.perf.predict import _memory, _setting
+from bigpicture.perf.resident import resident_bytes
 from bigpicture.perf.steps import Rows, _outside, _stored, geometries, spatial_inputs, step_key, steps_of
 from bigpicture.perf.walk import TileWalk, bytes_of, bytes_only, grad_in, grads, row_peaks, tile_at, walked
 
@@ -46,11 +47,13 @@ def least_memories(
             for index in walked(working):
                 need, writes = tile_at(s, lay, index)
                 key = (copy, tuple((n, b.empty) for n, b in need.items()))
-                groups.setdefault(key, []).append((tile, count, need, writes))
+                resident = resident_bytes(s, lay, index, item)  # the tile's class peaks no earlier
+                groups.setdefault(key, []).append((tile, count, need, writes, resident))
         for (copy, _), group in groups.items():
             peak, peak_train = _peaks(s, group, item, counting, training, copy)
-            for (tile, count, _, _), p, pt in zip(group, peak.tolist(), peak_train.tolist(), strict=True):
-                one = TileWalk(peak=p, peak_train=pt)
+            for (tile, count, *_, resident), p, pt in zip(group, peak.tolist(), peak_train.tolist(),
+                                                          strict=True):  # fmt: skip
+                one = TileWalk(peak=p, peak_train=pt, resident=resident)
                 least[tile] = max(least[tile], sum(v for _, v in _memory(s, dtype, one, count, training,
                                                                           dev.name != "cpu")))  # fmt: skip
     return least
@@ -58,7 +61,7 @@ def least_memories(
 
 def _peaks(split: Split, group: list, item: int, rates, training: bool, copy: bool):
     """(inference peaks, training peaks) of each walk of ``group`` ((tile, count, need, writes))."""
-    needs = [need for _, _, need, _ in group]
+    needs = [need for _, _, need, *_ in group]
     grad = grads(split, needs[0], False)  # the same nodes in every walk of the group
     steps = [
         steps_of(split, node, _rows(split, node, needs, copy), item, rates, grad_in(split, node, grad))
@@ -67,7 +70,7 @@ def _peaks(split: Split, group: list, item: int, rates, training: bool, copy: bo
     sizes = {n: bytes_of(split, n, np.array([need[n].numel for need in needs], dtype=np.int64), item)
              for n in grad}  # fmt: skip
     terms = [
-        bytes_of(split, sink, np.array([w[i].numel for *_, w in group], dtype=np.int64), item)
+        bytes_of(split, sink, np.array([w[i].numel for _, _, _, w, _ in group], dtype=np.int64), item)
         for i, sink in enumerate(split.sinks)
     ]
     return row_peaks(split, steps, sizes, terms, grad, training, copy)

@@ -13,9 +13,11 @@ a 100,000^2 plan predicts as fast as a 4,096^2 one.
 Peak memory is the sum of what is resident at the worst moment:
 
     parameters and buffers (in the run's dtype)
-    + boundary tensors: the dense sinks, at full size (streamed reductions are small)
-    + the largest tile working set: inference, the values alive at once under last-use freeing;
-      training, one tile's recompute (what autograd saves) and backward (gradient buffers)
+    + boundary tensors: the dense sinks, at full size (streamed reductions are small); an inference
+      on the CPU, only their pages written so far (``resident.py``)
+    + the largest tile working set: inference, the values alive at once under last-use freeing (on the
+      CPU, with the boundary resident then: the largest over the tiles in run order); training, one
+      tile's recompute (what autograd saves) and backward (gradient buffers)
     + training: parameter gradients (one tile's, and the sum so far in float64) and the boundary's
       gradients
     + GPUs: 512 MiB for the CUDA context and library handles, and 10% of the memory that changes
@@ -43,18 +45,17 @@ import torch
 from torch import fx, nn
 
 from bigpicture.engine.box import Box
-from bigpicture.engine.held import is_hold
 from bigpicture.engine.plan import Plan, requested_tiles, tile_of
 from bigpicture.engine.split import Split
 from bigpicture.engine.tiles import working_counts
 from bigpicture.errors import TilingError
 from bigpicture.perf.classes import aggregate
 from bigpicture.perf.devices import Device, for_torch, get_device, load_calibration
-from bigpicture.perf.faults import fault_seconds
 from bigpicture.perf.fusion import fused_rates
 from bigpicture.perf.grid import Layout, class_grid, layout
 from bigpicture.perf.prediction import Prediction, Stage, _flops, _seconds, _size  # noqa: F401 (re-exported)
 from bigpicture.perf.rates import GPU_ASSUMPTIONS, Rates
+from bigpicture.perf.resident import boundary_bytes, resident_bytes
 from bigpicture.perf.stage_cost import stage_bytes, with_cuts, with_stage_time
 from bigpicture.perf.walk import TileWalk, bytes_only, last_tile, tile_at, walk, walked
 
@@ -221,7 +222,7 @@ def least_memory(
     The planner skips tiles this already shows over the budget, for the cost of one walk (``shared`` as for
     ``predict_splits``); its walk counts bytes only (``walk.bytes_only``)."""
     dev, rates, on_device, shared = _setting(device, dtype, input_on_device, shared)
-    least = 0
+    least, item = 0, torch.empty((), dtype=dtype).element_size()
     for k, s in enumerate(splits):
         lay = layout(s, input_shape, tile_of(tile, k))
         working = max((working_counts(s, lay, k) for k in s.sinks), key=math.prod)
@@ -230,6 +231,7 @@ def least_memory(
         for index in walked(working):
             need, writes = tile_at(s, lay, index)
             one = walk(s, need, writes, dtype, bytes_only(rates), training, input_grad, copy, memo)
+            one.resident = resident_bytes(s, lay, index, item)  # this tile's class peaks no earlier
             least = max(least, sum(v for _, v in _memory(s, dtype, one, tiles, training, dev.name != "cpu")))
     return least
 
@@ -275,11 +277,6 @@ def _predict_pass(
         need, writes = last_tile(split, lay)
         last = walk(split, need, writes, dtype, rates, training, input_grad, copy, memo)
     stages, by_kind = _time([(1, total)], training, gpu, rates, last)
-    item = torch.empty((), dtype=dtype).element_size()
-    faults = fault_seconds(split, lay, total.peak, tiles, item, rates, copy, memo)  # CPU: glibc's heap
-    if faults:
-        stages += (Stage("page faults", 0, faults),)
-        by_kind = tuple(sorted((*by_kind, ("page faults", faults)), key=lambda kv: -kv[1]))
     flops = sum(s.flops for s in stages)
     return Prediction(
         device=dev.name,
@@ -330,11 +327,11 @@ def _memory(split: Split, dtype, total: TileWalk, tiles: int, training: bool, gp
     params = sum(p.numel() for p in model.parameters()) * item
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     buffers = sum(b.numel() for b in model.buffers()) * item
-    dense = [k for k in split.sinks if any(split.roles.get(u) in ("tail", "output") for u in k.users)]
-    dense = [k for k in dense if not any(is_hold(u) for u in k.users)]  # cuts: stage_cost.with_cuts
-    boundary = sum(math.prod(split.shapes[k]) for k in dense) * item
+    boundary = boundary_bytes(split, item)  # the dense sinks (a stage cut's holds: stage_cost.with_cuts)
     working = total.peak_train if training else total.peak
-    parts = [("parameters", params + buffers), ("boundary tensors", boundary), ("tile working set", working)]
+    # an inference on the CPU: the boundary's pages written by the tiles so far (``resident.py``)
+    resident = boundary if training or gpu or total.resident is None else total.resident
+    parts = [("parameters", params + buffers), ("boundary tensors", resident), ("tile working set", working)]
     parts += [("global stages", stage_bytes(split, dtype, training))]  # tensors held whole between passes
     if training:
         # the sum of the tiles' parameter gradients, kept in float64 (execute.Runner.backward), the

@@ -81,8 +81,6 @@ class Rates:
         self.launch_s = device.launch_overhead_s
         # CPU: an op big enough to run on every thread first wakes the idle ones (OMP_WAIT_POLICY)
         self.wake_s = 0.0 if self.gpu else (self.ops or {}).get("wake_s", 0.0)
-        # CPU: seconds per byte of faulting in pages the heap returned to the OS (`heap_fault_bytes`)
-        self.fault_s_per_byte = 0.0 if self.gpu else (self.ops or {}).get("fault_s_per_byte", 0.0)
         self._conv: dict = {}  # memo: a network repeats a few convolution shapes many times
         self._tables: dict = {}  # memo: the calibration's points and grids per kind of convolution
         # CPU convolutions hold a workspace besides their output (GPUs: in the framework allowance)
@@ -368,28 +366,6 @@ def conv_backend(
     except (AttributeError, RuntimeError, TypeError):
         return None
     return str(backend).rsplit(".", 1)[-1]
-
-
-# glibc's malloc (torch's CPU allocator) serves blocks of at least its mmap threshold with fresh
-# mappings; the threshold rises to the largest such block freed, up to this (64-bit builds: 4 x 1 MiB x
-# sizeof(long)), and it returns the top of its heap to the OS once twice the threshold is free there
-GLIBC_MMAP_THRESHOLD_MAX = 32 * 2**20
-
-
-def heap_fault_bytes(peak, largest, tiles):
-    """Bytes a run of ``tiles`` tiles faults in afresh, page by page, on the CPU: each tile's values
-    are freed when it ends, and when its working set ``peak`` exceeds glibc's trim threshold (twice
-    the ``largest`` block freed, a value, a convolution's workspace or a boundary tensor, capped as
-    `GLIBC_MMAP_THRESHOLD_MAX`) glibc hands that heap back to the OS and the next tile faults it in
-    again: ``tiles`` x ``peak``; under the threshold the heap is kept and nothing is faulted. Numbers
-    or numpy arrays alike (the planner's steps on arrays).
-
-    Assumed: glibc's dynamic thresholds (no MALLOC_MMAP_THRESHOLD_ / MALLOC_TRIM_THRESHOLD_ set) and
-    a heap that is free above the tile's values at its end. Measured on the benchmark's tiled runs
-    (faults counted by getrusage): resnet tile 512 faults 110 MiB a step (4 tiles x 28 MiB working
-    set, largest value 8 MiB), UNets whose im2col columns or dense outputs are big none."""
-    threshold = 2 * np.minimum(largest, GLIBC_MMAP_THRESHOLD_MAX)
-    return np.where(np.asarray(peak) > threshold, np.asarray(tiles) * np.asarray(peak), 0)
 
 
 # what this machine's torch (2.13, CPU) showed: oneDNN for 2D, im2col ("slow_conv3d") for 3D

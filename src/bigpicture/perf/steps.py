@@ -43,6 +43,9 @@ _INPLACE = {"iadd", "isub", "imul", "itruediv"}
 _COPY = {"cat", "concat", "concatenate", "clone", "pixelshuffle", "pixelunshuffle"}
 _NORM = {"batchnorm1d", "batchnorm2d", "batchnorm3d", "syncbatchnorm", "batch_norm", "instancenorm1d",
          "instancenorm2d", "instancenorm3d"}
+# CPU kernels that split their work over every thread whatever its size (oneDNN and BLAS
+# convolutions, ATen's pooling loops over channels); elementwise ops only over PARALLEL_ELEMENTS
+ALWAYS_PARALLEL = ("conv", "pool")
 # fmt: on
 
 
@@ -162,7 +165,8 @@ def steps_of(split: Split, node, rows: Rows, item: int, rates: Rates, grad_in: b
         _stream_steps(op, name, st, view & ~np.bool_(inplace), elems, item, rates, rows.copied)
     if isinstance(op, Window):
         st.fwd_s = st.fwd_s + _per_byte(2 * pad_copy, rates.streams("copy", 2 * pad_copy))
-    woken = (st.kind != "view") & (elems >= PARALLEL_ELEMENTS)  # it runs on every thread: wakes them first
+    # it runs on every thread, waking them first: convolutions (oneDNN, BLAS) and pooling at any size
+    woken = np.isin(st.kind, ALWAYS_PARALLEL) | ((st.kind != "view") & (elems >= PARALLEL_ELEMENTS))
     st.fwd_s = np.where(woken, st.fwd_s + rates.wake_s, st.fwd_s)
     st.bwd_s = np.where(woken & (st.bwd_s != 0), st.bwd_s + rates.wake_s, st.bwd_s)
     if getattr(rates, "fused", False):  # compiled tiles: memory-bound chains fused (perf/fusion.py)
