@@ -54,6 +54,7 @@ CONFIGS = {
         "slides": 12,
         "size": 768,
         "epochs": 3,
+        "oracle_epochs": 6,  # the diagnostic's mask training: cheap, and under-trained at 5 (RESULTS.md)
         "budget": "12MiB",
         "patch": 128,
         "mil_epochs": 20,
@@ -65,6 +66,7 @@ CONFIGS = {
         "slides": 64,
         "size": 2048,
         "epochs": 5,
+        "oracle_epochs": 15,
         "budget": "64MiB",
         "patch": 128,
         "mil_epochs": 30,
@@ -233,8 +235,10 @@ def run(cfg: dict, cfg_name: str, out: Path, a) -> None:
         f"slide methods step once per pair of a positive and a negative slide of a host):")  # fmt: skip
     seconds = {}
     for name in ("whole", "mean", "attention", "downsampled", "patches", "oracle"):
-        seconds[name] = float(np.mean(methods[name].fit(train, cfg["epochs"], seed=a.seed)))
-        say(f"  {methods[name].name:<34}{seconds[name]:7.1f} s/epoch")
+        epochs = cfg["oracle_epochs"] if name == "oracle" else cfg["epochs"]
+        seconds[name] = float(np.mean(methods[name].fit(train, epochs, seed=a.seed)))
+        note = f" ({epochs} epochs of mask training)" if name == "oracle" else ""
+        say(f"  {methods[name].name:<34}{seconds[name]:7.1f} s/epoch{note}")
     seconds["mil"] = float(np.mean(methods["mil"].fit(train, cfg["mil_epochs"], seed=a.seed)))
     mil = methods["mil"]
     say(f"  {mil.name:<34}{seconds['mil']:7.1f} s/epoch ({cfg['mil_epochs']} epochs over features)")

@@ -223,7 +223,7 @@ class Patches:
     name = "patches"
 
     def __init__(self, budget, patch: int = 128, seed: int = 0, lr: float = 1e-3, max_batch: int = 256):
-        self.patch, self.model = patch, build("mean", seed)
+        self.patch, self.model = patch, build("mean", seed, margin=0)
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=lr)
         self.batch, self.memory = choose_batch(self.model, patch, budget_bytes(budget), max_batch)
         self.sources, self.schedule = {}, None

@@ -28,6 +28,12 @@ The score map is the heatmap: one score per 16 x 16 px, the evidence of each pla
   head is linear, the logit is also the attention-weighted mean of the score map, which is how
   the heatmap (the attention weights) and the logit are read from one tiled inference pass.
 
+The border: the trunk's three padded 3x3 convolutions zero-pad, so the ``MARGIN`` cells along each
+edge of the score map see zeros beyond the image, a pattern alike on every slide and unlike any
+tissue. Pooled, they won: top-k took the border strip as the top places of positive and negative
+slides alike (examples/RESULTS.md). The whole-slide pools therefore read the inner map only
+(``inner``), and the heatmaps show 0 on the margin: no score there is ever used.
+
 Every model has ``evidence`` (a module: slide -> per-position maps, run tile by tile) and
 ``readout`` (those maps -> slide logit and heatmap), so prediction is one tiled pass for all.
 """
@@ -43,6 +49,7 @@ import bigpicture as bp
 WIDTHS = (16, 32, 64)  # the stride-4 stem's, then one per stride-2 convolution
 STRIDE = 16
 TOPK = 16  # top-k pooling: the mean of the k highest scores (a lesion covers 40-60 cells at 2048^2)
+MARGIN = 2  # score-map cells along each edge that the trunk's zero padding reaches (see ``inner``)
 CLAMP = 20.0  # scores are clamped before exp in ``lse`` pooling, so float32 never overflows
 
 
@@ -78,6 +85,19 @@ class ScoreMap(nn.Module):
         return self.score(self.features(x))
 
 
+def inner(maps: torch.Tensor, margin: int = MARGIN) -> torch.Tensor:
+    """The map without its ``margin`` cells along each edge. Why ``MARGIN`` is 2: the last 3x3
+    convolution's padding reaches its first and last cell, and through it the second cell sees the
+    previous stride-2 convolution's padded first (or, for an odd size, last) cell; nothing deeper
+    (``test_the_inner_map_does_not_see_the_padding``)."""
+    return maps[:, :, margin : maps.shape[2] - margin, margin : maps.shape[3] - margin] if margin else maps
+
+
+def outer(inner_map: torch.Tensor, margin: int = MARGIN) -> torch.Tensor:
+    """A (H, W) map of the inner cells back on the whole map's grid, 0 on the margin."""
+    return F.pad(inner_map, (margin,) * 4)
+
+
 def pool_mean(scores: torch.Tensor) -> torch.Tensor:
     return scores.mean(dim=(2, 3))
 
@@ -98,23 +118,26 @@ POOLS = {"mean": pool_mean, "lse": pool_lse, "topk": pool_topk}
 
 
 class SlideNet(nn.Module):
-    """A whole slide in, one logit out (positive = lesion present)."""
+    """A whole slide in, one logit out (positive = lesion present), pooled over the inner map
+    (``margin`` cells along each edge left out)."""
 
-    def __init__(self, pool: str = "lse", widths=WIDTHS):
+    def __init__(self, pool: str = "lse", widths=WIDTHS, margin: int = MARGIN):
         super().__init__()
         self.map = ScoreMap(widths)
-        self.pool = POOLS[pool]
+        self.pool, self.margin = POOLS[pool], margin
 
     def forward(self, x):
-        return self.pool(self.map(x))
+        return self.pool(inner(self.map(x), self.margin))
 
     @property
     def evidence(self) -> nn.Module:
         return self.map
 
     def readout(self, scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Slide logit and heatmap (the sigmoid of each place's score) from the score map."""
-        return self.pool(scores)[:, :1], torch.sigmoid(scores)[0, 0]
+        """Slide logit and heatmap (the sigmoid of each place's score, 0 on the margin) from the
+        score map."""
+        scores = inner(scores, self.margin)
+        return self.pool(scores)[:, :1], outer(torch.sigmoid(scores)[0, 0], self.margin)
 
 
 class Gate(nn.Module):
@@ -130,15 +153,16 @@ class Gate(nn.Module):
 
 class AttentionSlideNet(nn.Module):
     """Whole-slide attention-MIL: features at every 16 px, softmax attention over all positions,
-    the attention-weighted feature mean, a linear head. One logit per slide."""
+    the attention-weighted feature mean, a linear head. One logit per slide. Attention covers the
+    inner map only (``margin``)."""
 
-    def __init__(self, widths=WIDTHS):
+    def __init__(self, widths=WIDTHS, margin: int = MARGIN):
         super().__init__()
         self.map = ScoreMap(widths)
-        self.gate = Gate(widths[-1])
+        self.gate, self.margin = Gate(widths[-1]), margin
 
     def forward(self, x):
-        h = self.map.features(x)
+        h = inner(self.map.features(x), self.margin)
         a = self.gate(h)
         pooled = torch.softmax(a.flatten(2), -1) @ h.flatten(2).transpose(1, 2)  # (N, 1, C), streamed
         return F.linear(pooled, self.map.score.weight.flatten(1), self.map.score.bias).reshape(-1, 1)
@@ -150,10 +174,11 @@ class AttentionSlideNet(nn.Module):
     def readout(self, maps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Slide logit and heatmap (the attention weights over their maximum, 0..1) from the maps
         [attention logits, scores]: with a linear head the logit is the attention-weighted mean of
-        the score map."""
+        the score map; 0 on the margin."""
+        maps = inner(maps, self.margin)
         weights = torch.softmax(maps[:, :1].flatten(2), -1)
         logit = (weights * maps[:, 1:].flatten(2)).sum(-1)
-        return logit, (weights / weights.max()).view_as(maps[:, :1])[0, 0]
+        return logit, outer((weights / weights.max()).view_as(maps[:, :1])[0, 0], self.margin)
 
 
 class _Evidence(nn.Module):
@@ -168,11 +193,13 @@ class _Evidence(nn.Module):
         return torch.cat([self.net.gate(h), self.net.map.score(h)], 1)
 
 
-def build(pool: str = "lse", seed: int = 0) -> nn.Module:
+def build(pool: str = "lse", seed: int = 0, margin: int = MARGIN) -> nn.Module:
     """The network with BatchNorm frozen (running statistics), so it tiles while training;
-    ``pool``: ``mean``, ``lse``, ``topk`` or ``attention`` (whole-slide attention-MIL)."""
+    ``pool``: ``mean``, ``lse``, ``topk`` or ``attention`` (whole-slide attention-MIL); ``margin``:
+    the score-map cells along each edge that pooling leaves out (0 for patches: a 32-64 px patch's
+    map has only 2-4 cells a side, and a patch classifier scores the whole patch)."""
     torch.manual_seed(seed)
-    model = AttentionSlideNet() if pool == "attention" else SlideNet(pool)
+    model = AttentionSlideNet(margin=margin) if pool == "attention" else SlideNet(pool, margin=margin)
     bp.freeze_batchnorm(model)
     return model.train()
 

@@ -36,7 +36,8 @@ class LesionSupervised(WholeSlide):
         super().__init__(budget, shape, "topk", seed, lr)
         self.name = "oracle: trained on lesion masks"
         self.crop, self.rng, self.masks = crop, np.random.default_rng(seed + 2), {}
-        self.batch, self.plan_memory = choose_batch(self.model, crop, budget_bytes(budget), max_batch)
+        # the step trains the score map on crops (no pooling): its untiled step is what must fit
+        self.batch, self.plan_memory = choose_batch(self.model.map, crop, budget_bytes(budget), max_batch)
 
     @property
     def memory(self) -> int:
@@ -139,7 +140,7 @@ def texture_separability(train, test, patch: int = 32, steps: int = 300, seed: i
               "patch": patch, "steps": steps}  # fmt: skip
     if 0 in counts["train"] + counts["test"]:  # lesions too small for a patch of this size
         return {"auroc": float("nan"), **counts}
-    model = build("mean", seed)
+    model = build("mean", seed, margin=0)
     calibrate_batchnorm(model, [x[i : i + 32] for i in range(0, min(len(x), 128), 32)])
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     pos, neg = (y == 1).nonzero().ravel(), (y == 0).nonzero().ravel()

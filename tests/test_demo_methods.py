@@ -28,7 +28,7 @@ def slides(tmp_path_factory, one_thread):
 
 
 def test_untiled_memory_grows_with_the_pixels():
-    model = build()
+    model = build("mean", margin=0)
     m64, m128, m256 = (methods.untiled_memory(model, (1, 3, s, s)) for s in (64, 128, 256))
     assert 3 < (m256 - m128) / (m128 - m64) < 5  # activations grow with the pixels, parameters do not
 
@@ -44,14 +44,14 @@ def test_downsampled_takes_the_finest_level_that_fits():
 
 
 def test_patch_batch_is_the_largest_that_fits():
-    model, budget = build("mean"), 6 * 2**20
+    model, budget = build("mean", margin=0), 6 * 2**20
     batch, memory = methods.choose_batch(model, 64, budget, max_batch=256)
     assert memory <= budget < methods.untiled_memory(model, (2 * batch, 3, 64, 64))
 
 
 def test_a_budget_that_nothing_fits_is_an_error():
     with pytest.raises(ValueError, match="fits"):
-        methods.choose_batch(build("mean"), 64, 1000, max_batch=4)
+        methods.choose_batch(build("mean", margin=0), 64, 1000, max_batch=4)
 
 
 def test_budget_bytes():
@@ -68,12 +68,18 @@ def test_each_method_fits_the_budget_and_its_step_is_measured(slides, method):
 
 
 def test_whole_slide_plan_is_the_planners_under_the_budget(slides):
-    m = methods.WholeSlide(TINY["budget"], (1, 3, SIZE, SIZE))
+    m = methods.WholeSlide(TINY["budget"], (1, 3, SIZE, SIZE), "topk")
     m.step_once(slides[0])
     assert m.net.plan.memory == m.memory <= methods.budget_bytes(TINY["budget"])
-    assert max(m.net.plan.tile) < SIZE, "the budget makes the planner tile"
     pred = m.predict(slides[0])
     assert pred["heat"].shape == (SIZE // 16, SIZE // 16) and pred["stride"] == 16
+
+
+def test_a_budget_below_the_untiled_step_makes_the_planner_tile():
+    model, shape = build("topk"), (1, 3, 512, 512)
+    budget = int(0.9 * methods.untiled_memory(model, shape))
+    plan = bp.make_plan(model, shape, memory=budget, training=True)
+    assert plan.memory <= budget and max(plan.tile) < 512
 
 
 def test_patches_score_each_tissue_patch(slides):
@@ -134,7 +140,7 @@ def test_tiled_training_steps_equal_the_untiled_ones(pool, one_thread):
     torch.manual_seed(0)
     model = build(pool, seed=1).double()
     untiled = copy.deepcopy(model)
-    x = torch.randint(0, 256, (1, 3, 112, 88)).double()
+    x = torch.randint(0, 256, (1, 3, 160, 136)).double()
     net = bp.tiled(model, tile=32)
     for label in (1, 0):
         results = []
@@ -160,7 +166,7 @@ def test_topk_pooling_forward_and_every_gradient_equal_the_untiled_ones(label, t
     several tiles) against untiled, float64."""
     torch.manual_seed(3)
     model = build("topk", seed=4).double()
-    x = torch.randint(0, 256, (1, 3, 128, 96)).double()
+    x = torch.randint(0, 256, (1, 3, 160, 128)).double()
     grads = []
     for run in (bp.tiled(model, tile=tile), model):
         model.zero_grad()
@@ -194,11 +200,14 @@ def test_topk_loss_adds_the_per_position_term_for_negative_slides_only():
 def test_topk_readout_gives_the_forwards_logit_from_the_tiled_score_map(one_thread):
     torch.manual_seed(0)
     model = build("topk", seed=2).double().eval()
-    x = torch.randint(0, 256, (1, 3, 96, 80)).double()
+    x = torch.randint(0, 256, (1, 3, 160, 128)).double()
     with torch.no_grad():
         logit, heat = model.readout(bp.tiled(model.evidence, tile=32)(x))
         torch.testing.assert_close(logit, model(x)[:, :1])
-    assert heat.shape == (6, 5) and ((heat > 0) & (heat < 1)).all()
+    m = wsi_models.MARGIN
+    assert heat.shape == (10, 8) and ((heat[m:-m, m:-m] > 0) & (heat[m:-m, m:-m] < 1)).all()
+    heat[m:-m, m:-m] = 0
+    assert (heat == 0).all(), "the margin, never pooled, shows 0"
 
 
 def test_attention_heatmap_and_logit_come_from_one_tiled_pass(one_thread):
@@ -206,11 +215,32 @@ def test_attention_heatmap_and_logit_come_from_one_tiled_pass(one_thread):
     forward's logit, and attention weights that peak at 1."""
     torch.manual_seed(0)
     model = build("attention", seed=2).double().eval()
-    x = torch.randint(0, 256, (1, 3, 96, 80)).double()
+    x = torch.randint(0, 256, (1, 3, 128, 112)).double()
     with torch.no_grad():
         logit, heat = model.readout(bp.tiled(model.evidence, tile=32)(x))
         torch.testing.assert_close(logit, model(x))
-    assert heat.shape == (6, 5) and heat.max() == 1 and (heat > 0).all()
+    m = wsi_models.MARGIN
+    assert heat.shape == (8, 7) and heat.max() == 1 and (heat[m:-m, m:-m] > 0).all()
+    heat[m:-m, m:-m] = 0
+    assert (heat == 0).all(), "the margin, never attended, shows 0"
+
+
+@pytest.mark.parametrize("shape", [(160, 136), (144, 176), (192, 192)])
+def test_the_inner_map_does_not_see_the_padding(shape, one_thread):
+    """The inner score map of an image equals the same cells of the map of a larger image around it
+    (aligned on the 16 px grid): the ``MARGIN`` cells left out are all the zero padding reaches,
+    also for sizes that are odd at 1/8 or 1/16. With one cell less of margin it would differ."""
+    torch.manual_seed(5)
+    model = build("topk", seed=6).double().eval()
+    (h, w), pad, m = shape, 32, wsi_models.MARGIN
+    big = torch.randint(0, 256, (1, 3, h + 2 * pad, w + 2 * pad)).double()
+    x = big[:, :, pad : pad + h, pad : pad + w]
+    with torch.no_grad():
+        small, large = model.map(x), model.map(big)
+    c = pad // wsi_models.STRIDE
+    around = large[:, :, c : c + small.shape[2], c : c + small.shape[3]]
+    torch.testing.assert_close(wsi_models.inner(small), wsi_models.inner(around))
+    assert not torch.allclose(wsi_models.inner(small, m - 1), wsi_models.inner(around, m - 1))
 
 
 def test_the_oracle_learns_from_lesion_masks_within_the_budget(slides):
