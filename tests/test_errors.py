@@ -361,6 +361,16 @@ def test_plan_text_names_tile_grid_halo_and_receptive_field(capsys):
     assert rows["receptive field"].startswith("8 x 8"), text  # a pool window of 2 grown by 1 + 2 + 2 + 1
 
 
+def test_plan_text_signs_a_halo_that_crops():
+    """A map sliced before its sink reads less than the tile: the halo shows signed, not "--2"."""
+    model = nn.Sequential(conv(3, 4), Lambda(lambda t: t[:, :, 2:-2, 2:-2])).double()
+    net = bp.tiled(model, tile=8)
+    net(image(24, 24))
+    text = str(net.plan)
+    assert "--" not in text and "-1/" not in text, text
+    assert "less work than untiled" in text or "more work than untiled" in text
+
+
 def test_plan_grid_row_agrees_with_the_tile_count():
     net = bp.tiled(nn.Sequential(nn.Conv2d(3, 3, 3, stride=2), nn.Conv2d(3, 3, 3)).double(), tile=5)
     net(image(23, 21))

@@ -187,7 +187,8 @@ class Plan:
 
 def _halo_text(plan: Plan) -> str:
     """The halo of each pass: cuts give each its own (``engine/cuts.py``)."""
-    text = lambda p: ", ".join(f"-{a}/+{b}" for a, b in p.halo)  # noqa: E731
+    # signed: a pass that crops (a slice of the map, say) reads less than its tile: "+4/+48"
+    text = lambda p: ", ".join(f"{-a:+d}/{b:+d}" for a, b in p.halo)  # noqa: E731
     if not staging.cut_sources(plan.split):
         return text(plan) + " input px (below/above, per dim)"
     passes = (*plan.earlier, plan)

@@ -49,7 +49,7 @@ class Prediction:
                 "tile",
                 f"{' x '.join(map(str, self.tile))} input px, {self.tiles:,} tiles ({self.classes} kinds)",
             ),
-            ("halo overhead", f"{100 * self.halo_overhead:.1f}% more work than untiled"),
+            ("halo overhead", _overhead(self.halo_overhead)),
             ("peak memory", f"{_size(self.memory)} = {parts}"),
             ("time", f"{_seconds(self.time)} = {stages}"),
             ("work", f"{_flops(self.flops)}; time by op: {kinds}"),
@@ -83,3 +83,9 @@ def _seconds(s: float) -> str:
     if s >= 3600:
         return f"{s / 3600:.2f} h"
     return f"{s:.3g} s" if s >= 1 else f"{1e3 * s:.3g} ms"
+
+
+def _overhead(share: float) -> str:
+    """The tiles' extra work over the untiled model's (less, where the graph crops what tiles skip)."""
+    more = "more" if share >= 0 else "less"
+    return f"{100 * abs(share):.1f}% {more} work than untiled"
