@@ -7,6 +7,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from test_rates import _rates
 from torch import nn
 
 import bigpicture as bp
@@ -14,7 +15,6 @@ from bigpicture.perf.grid import layout
 from bigpicture.perf.predict import least_memory, predict_splits
 from bigpicture.perf.resident import PAGE_BYTES, boundary_bytes, dense_sinks, resident_bytes
 from bigpicture.perf.walk import tile_at, walk
-from test_rates import _rates
 
 
 class Dense(nn.Module):

@@ -81,8 +81,9 @@ def aggregate(
     total.peak, total.peak_train = int(peaks.max()), int(peaks_train.max())
     if not rates.gpu and cg.lasts:  # the CPU backs the boundary's pages as tiles write them
         resident = class_resident(split, cg.lay, cg.lasts, item)
-        worst = int(np.argmax(np.broadcast_to(peaks, resident.shape) + resident))
-        total.peak, total.resident = int(np.broadcast_to(peaks, resident.shape)[worst]), int(resident[worst])
+        peaks = np.broadcast_to(peaks, resident.shape)
+        worst = int(np.argmax(peaks + resident))
+        total.run_peak = int(peaks[worst]), int(resident[worst])
     return total
 
 

@@ -53,7 +53,7 @@ def least_memories(
             peak, peak_train = _peaks(s, group, item, counting, training, copy)
             for (tile, count, *_, resident), p, pt in zip(group, peak.tolist(), peak_train.tolist(),
                                                           strict=True):  # fmt: skip
-                one = TileWalk(peak=p, peak_train=pt, resident=resident)
+                one = TileWalk(peak=p, peak_train=pt, run_peak=(p, resident))
                 least[tile] = max(least[tile], sum(v for _, v in _memory(s, dtype, one, count, training,
                                                                           dev.name != "cpu")))  # fmt: skip
     return least

@@ -231,7 +231,7 @@ def least_memory(
         for index in walked(working):
             need, writes = tile_at(s, lay, index)
             one = walk(s, need, writes, dtype, bytes_only(rates), training, input_grad, copy, memo)
-            one.resident = resident_bytes(s, lay, index, item)  # this tile's class peaks no earlier
+            one.run_peak = one.peak, resident_bytes(s, lay, index, item)  # its class peaks no earlier
             least = max(least, sum(v for _, v in _memory(s, dtype, one, tiles, training, dev.name != "cpu")))
     return least
 
@@ -328,9 +328,9 @@ def _memory(split: Split, dtype, total: TileWalk, tiles: int, training: bool, gp
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     buffers = sum(b.numel() for b in model.buffers()) * item
     boundary = boundary_bytes(split, item)  # the dense sinks (a stage cut's holds: stage_cost.with_cuts)
-    working = total.peak_train if training else total.peak
-    # an inference on the CPU: the boundary's pages written by the tiles so far (``resident.py``)
-    resident = boundary if training or gpu or total.resident is None else total.resident
+    working, resident = (total.peak_train if training else total.peak), boundary
+    if not (training or gpu) and total.run_peak is not None:  # the CPU: pages written so far (resident.py)
+        working, resident = total.run_peak
     parts = [("parameters", params + buffers), ("boundary tensors", resident), ("tile working set", working)]
     parts += [("global stages", stage_bytes(split, dtype, training))]  # tensors held whole between passes
     if training:

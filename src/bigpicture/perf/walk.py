@@ -32,9 +32,9 @@ class TileWalk:
 
     peak: int = 0
     peak_train: int = 0
-    # bytes of the boundary tensors resident at the inference peak, with ``peak`` the working set of
-    # the tile there (the CPU: only the pages tiles wrote so far, ``resident.py``); None: all of them
-    resident: int | None = None
+    # (working set, bytes of the boundary tensors resident) of the tile where an inference on the CPU
+    # peaks in run order (``resident.py``); None: the largest working set with the whole boundary
+    run_peak: tuple[int, int] | None = None
     fwd_s: float = 0.0
     bwd_s: float = 0.0
     flops_fwd: int = 0
