@@ -166,8 +166,8 @@ def peaks(split: Split, steps: list, sizes: dict, terms: list, grad: dict, train
     return peak, np.maximum(fwd_peak, bwd_peak)
 
 
-_FIELDS = ("out", "temp", "padded", "saved_extra")
-CHUNK_ROWS = 4096  # rows walked together by ``row_peaks``  # the byte counts a walk reads of a step
+_FIELDS = ("out", "temp", "padded", "saved_extra")  # the byte counts a walk reads of a step
+CHUNK_ROWS = 4096  # rows walked together by ``row_peaks``
 
 
 def row_peaks(
