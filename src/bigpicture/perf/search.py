@@ -16,10 +16,8 @@ from __future__ import annotations
 import math
 
 from bigpicture.perf.bound import time_bound
-from bigpicture.perf.devices import load_calibration
 from bigpicture.perf.memory_bound import least_memories
-from bigpicture.perf.predict import predict_splits
-from bigpicture.perf.rates import Rates
+from bigpicture.perf.predict import _setting, predict_splits
 from bigpicture.perf.walk import bytes_only
 
 ROUNDING = 1 - 1e-9  # the bound sums in another order than the prediction
@@ -72,8 +70,7 @@ def least_prediction(splits, input_shape, dtype, dev, training, tried: list, bou
     a CPU prediction's convolution rates cost a minute; its bytes seconds."""
     least = min(tried, key=lambda p: p.memory, default=None)
     done = {p.tile for p in tried}
-    rates = shared.get("rates") or Rates(dev, dtype, None if dev.name != "cpu" else load_calibration())
-    memory_only = {"rates": bytes_only(rates)}
+    memory_only = {"rates": bytes_only(_setting(dev, dtype, None, shared)[1])}  # the search's own rates
     for tile in sorted(bounds, key=lambda t: (bounds[t], -math.prod(t))):
         if least is not None and bounds[tile] >= least.memory:
             break
