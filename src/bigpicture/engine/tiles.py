@@ -82,18 +82,46 @@ def write_box(index, lay: Layout, stride, extent) -> Box:
 
 class Diagonal:
     """The grid's diagonal tiles, walked on first use: ``row(k)`` is (write boxes, node boxes) of
-    the tile (k, k, ...), each index capped at its dimension's last tile."""
+    the tile (k, k, ...), each index capped at its dimension's last tile with work (``working``).
+
+    Tiles past a dimension's last one with work write nothing (a network of valid convolutions
+    writes less than its input, HoVerNet): the engine skips them, so a row reads only the
+    dimensions where k has work, and is empty in the others (a row past every dimension's work is
+    that empty tile's own walk). ``gaps``: the rows whose tile has an empty box, which break the
+    product rule (a hull ignores an empty box)."""
 
     def __init__(self, split: Split, lay: Layout) -> None:
-        self.split, self.lay, self.rows = split, lay, {}
+        self.split, self.lay, self.rows, self.gaps, self._working_rows = split, lay, {}, set(), {}
+        counts = [working_counts(split, lay, k) for k in split.sinks] or [lay.grid]
+        self.working = tuple(map(max, zip(*counts, strict=True)))
+        self.cover = self.working in counts  # the tiles with work are a product of ranges
+        self._unread = split.input if split.input not in split.order else None
 
     def row(self, k: int) -> tuple[tuple[Box, ...], dict]:
         if k not in self.rows:
-            s = self.split
-            index = tuple(min(k, g - 1) for g in self.lay.grid)
-            writes = tuple(write_box(index, self.lay, s.strides[n], s.extents[n]) for n in s.sinks)
-            self.rows[k] = (writes, needs(s, dict(zip(s.sinks, writes, strict=True))))
+            past = [d for d, w in enumerate(self.working) if k >= w]
+            if len(past) == len(self.working):  # no dimension has work here: the empty tile itself
+                self.rows[k] = self._walk(tuple(min(k, g - 1) for g in self.lay.grid))
+            else:
+                writes, need = self.working_row(k)
+                self.rows[k] = (writes, need) if not past else _emptied(writes, need, past)
         return self.rows[k]
+
+    def working_row(self, k: int) -> tuple[tuple[Box, ...], dict]:
+        """(write boxes, node boxes) of the tile with work nearest (k, k, ...): each index capped
+        at its dimension's last tile with work. Along a dimension d with k < ``working[d]``, its
+        boxes are those of every tile of index k along d (``row`` makes the others empty)."""
+        if k not in self._working_rows:
+            writes, need = self._walk(tuple(min(k, w - 1) for w in self.working))
+            if any(b.empty for b in (*writes, *(v for n, v in need.items() if n is not self._unread))):
+                self.gaps.add(k)
+            self._working_rows[k] = writes, need
+        return self._working_rows[k]
+
+    def _walk(self, index: tuple[int, ...]) -> tuple[tuple[Box, ...], dict]:
+        s = self.split
+        writes = tuple(write_box(index, self.lay, s.strides[n], s.extents[n]) for n in s.sinks)
+        return writes, needs(s, dict(zip(s.sinks, writes, strict=True)))
 
     def walk_all(self) -> Diagonal:
         """Every row walked (once): ``separable`` then speaks for the whole grid."""
@@ -104,12 +132,20 @@ class Diagonal:
 
     @property
     def separable(self) -> bool:
-        """Whether the product rule holds on the rows walked so far (no empty box; the input's box is
-        empty in every tile of a pass that reads only held tensors, which breaks nothing)."""
-        unread = self.split.input if self.split.input not in self.split.order else None
-        boxes = (b for w, need in self.rows.values()
-                 for b in (*w, *(v for n, v in need.items() if n is not unread)))
-        return not any(b.empty for b in boxes)
+        """Whether the product rule holds on the rows walked so far, for the tiles with work: no
+        empty box in them (the input's box is empty in every tile of a pass that reads only held
+        tensors, which breaks nothing), and those tiles a product of ranges (one sink, or one whose
+        boxes cover every other's)."""
+        return self.cover and not self.gaps
+
+
+def _emptied(writes: tuple[Box, ...], need: dict, dims: list[int]) -> tuple[tuple[Box, ...], dict]:
+    """The boxes with the intervals along ``dims`` made empty (at their start)."""
+
+    def cut(b: Box) -> Box:
+        return Box._of(b.lo, tuple(b.lo[d] if d in dims else h for d, h in enumerate(b.hi)))
+
+    return tuple(map(cut, writes)), {n: cut(b) for n, b in need.items()}
 
 
 @dataclass(frozen=True)

@@ -91,7 +91,7 @@ class _Grid:
     """The kinds of grid index per dimension, with their diagonal rows and tile counts."""
 
     def __init__(self, split: Split, cg: ClassGrid) -> None:
-        self.split, self.row, self.geometry = split, cg.diagonal.row, cg.geometry
+        self.split, self.row, self.geometry = split, cg.diagonal.working_row, cg.geometry
         self.reps = [[j for _, j in kinds] for kinds in cg.per_dim]
         self.counts = [np.array([n for n, _ in kinds], dtype=np.int64) for kinds in cg.per_dim]
         self.shape = tuple(len(r) for r in self.reps)

@@ -22,12 +22,14 @@ from bigpicture.engine.box import Box
 from bigpicture.engine.regions import needs
 from bigpicture.engine.split import Split
 from bigpicture.engine.tiles import Diagonal, Layout, layout, write_box
+from bigpicture.errors import TilingError
 from bigpicture.perf.steps import _stored, geometries, spatial_inputs
 
 __all__ = ["ClassGrid", "Layout", "TileClass", "class_grid", "layout", "tile_classes"]
 
 
 MAX_PERIOD = 64  # interior tiles repeat with a period of at most the network's total stride
+MAX_WALKS = 4096  # tiles walked one by one where the product rule does not count them (a few seconds)
 
 
 @dataclass(frozen=True)
@@ -70,7 +72,7 @@ class ClassGrid:
         """Every class with its boxes (one ``TileClass`` each): for tests and small grids."""
         if self.listed is not None:
             return list(self.listed)
-        nd, rows, out = self.split.nd, self.diagonal.row, []
+        nd, rows, out = self.split.nd, self.diagonal.working_row, []
         for combo in itertools.product(*self.per_dim):
 
             def box(pick, combo=combo):
@@ -87,7 +89,7 @@ class Geometry:
     the input copied or not: computed once, read by the class keys and by the per-node counts."""
 
     def __init__(self, split: Split, diagonal: Diagonal) -> None:
-        self.split, self.row, self._rows = split, diagonal.row, {}
+        self.split, self.row, self.working, self._rows = split, diagonal.working_row, diagonal.working, {}
 
     def __call__(self, j: int, copy: bool) -> dict:
         if (j, copy) not in self._rows:
@@ -142,17 +144,48 @@ def _class_grid(split: Split, lay: Layout) -> ClassGrid:
     diagonal = diagonal_of(split, lay)
     geometry = Geometry(split, diagonal)
     keys = [_dim_keys(split, lay, geometry, d) for d in range(split.nd)]
-    if not diagonal.separable:  # an empty box breaks the product rule (a hull ignores it): visit every tile
-        listed = _group((1, *_tile(split, lay, index)) for index in itertools.product(*map(range, lay.grid)))
-        return ClassGrid(split, lay, diagonal, (), tuple(listed))
+    if not diagonal.separable:  # an empty box breaks the product rule (a hull ignores it)
+        return ClassGrid(split, lay, diagonal, (), tuple(_listed(split, lay, diagonal)))
     per_dim, lasts = [], []
     for d in range(split.nd):
         groups: dict = {}
-        for j in range(lay.grid[d]):
-            groups.setdefault(keys[d][j], []).append(j)
+        for j, key in enumerate(keys[d]):
+            groups.setdefault(key, []).append(j)
         per_dim.append(tuple((len(js), js[0]) for js in groups.values()))
         lasts.append(tuple(js[-1] for js in groups.values()))
     return ClassGrid(split, lay, diagonal, tuple(per_dim), geometry=geometry, lasts=tuple(lasts))
+
+
+def _listed(split: Split, lay: Layout, diagonal: Diagonal) -> list[TileClass]:
+    """The classes of a grid the product rule does not count, each tile walked on its own; past
+    ``MAX_WALKS`` tiles, one tile per combination of translates (``_translates``): the tiles of
+    one combination are one another moved by whole periods away from every border."""
+    if math.prod(lay.grid) <= MAX_WALKS:
+        every = itertools.product(*map(range, lay.grid))
+        return _group(split, ((1, *_tile(split, lay, index)) for index in every))
+    kinds = [_translates(split, lay, diagonal.row, d) for d in range(split.nd)]
+    combos = math.prod(map(len, kinds))
+    if combos > MAX_WALKS:
+        size = " x ".join(str(i[-1][1]) for i in lay.intervals)
+        raise TilingError(
+            f"tile {'x'.join(map(str, lay.tile))} on an input of {size} makes {combos:,} kinds of tiles,"
+            " each predicted on its own: some tiles compute an empty box of"
+            " a node (an output they do not write, a transposed convolution's output padding), so they"
+            " cannot be counted per dimension. Give a larger tile=."
+        )
+    reps = ((math.prod(map(len, c)), tuple(js[0] for js in c)) for c in itertools.product(*kinds))
+    return _group(split, ((count, *_tile(split, lay, index)) for count, index in reps))
+
+
+def _translates(split: Split, lay: Layout, row, d: int) -> list[list[int]]:
+    """The grid indices along d grouped by translation: in the interior (``_periodic``) those one
+    period apart, each index near a border on its own."""
+    g, found = lay.grid[d], _periodic(split, lay, row, d, lambda j: j, lay.grid[d], same=False)
+    if found is None:
+        return [[j] for j in range(g)]
+    start, period, end = found
+    inside = [list(range(r, end + 1, period)) for r in range(start, start + period)]
+    return [[j] for j in range(start)] + inside + [[j] for j in range(end + 1, g)]
 
 
 def _tile(split: Split, lay: Layout, index) -> tuple[tuple, dict]:
@@ -161,20 +194,36 @@ def _tile(split: Split, lay: Layout, index) -> tuple[tuple, dict]:
 
 
 def _dim_keys(split: Split, lay: Layout, geometry: Geometry, d: int) -> list:
-    """The cost key of every tile index along dimension d (``dim_keys`` with ``_key``)."""
-    return dim_keys(split, lay, geometry.row, d, lambda j: _key(geometry, j, d))
+    """The cost key of every tile index with work along dimension d (``dim_keys`` with ``_key``)."""
+    count = geometry.working[d]
+    return dim_keys(split, lay, geometry.row, d, lambda j: _key(geometry, j, d), count)
 
 
-def dim_keys(split: Split, lay: Layout, row, d: int, key) -> list:
-    """``key(j)`` of every tile index j along dimension d, visiting few tiles of a long grid
-    (``row``: the diagonal's rows, ``tiles.Diagonal.row``).
+def dim_keys(split: Split, lay: Layout, row, d: int, key, count: int | None = None) -> list:
+    """``key(j)`` of every tile index j < ``count`` along dimension d (default: every index),
+    visiting few tiles of a long grid (``row``: the diagonal's rows, ``tiles.Diagonal.row``).
 
     Away from the image border, tile j + p is tile j shifted by p tiles, where p makes the shift a
     whole number of pixels of every node: so the keys of interior tiles repeat with period p.
     """
-    g = lay.grid[d]
+    g = lay.grid[d] if count is None else count
+    keys: dict = {}
+    found = _periodic(split, lay, row, d, key, g, keys=keys)
+    if found is None:
+        return [key(j) for j in range(g)]
+    start, period, end = found
+    for j in range(start + period + 1, end + 1):
+        keys[j] = keys[start + (j - start) % period]
+    return [keys[j] for j in range(g)]
+
+
+def _periodic(split: Split, lay: Layout, row, d: int, key, g: int, keys=None, same: bool = True):
+    """(start, period, end): the indices of [start, end] along d, of the first g, are those of
+    [start, start + period) moved by whole periods (``_shifted``, and with equal ``key`` where
+    ``same``); ``keys`` gets the keys of the indices outside that range and of one period. None
+    where the grid is short or has no such period."""
+    keys = {} if keys is None else keys
     period = math.lcm(*[(Fraction(lay.tile[d]) / split.strides[m][d]).denominator for m in split.strides])
-    keys = {}
     start = next((j for j in range(1, g) if row(j)[1][split.input].lo[d] > 0), None)
     if (
         g <= 8
@@ -183,18 +232,16 @@ def dim_keys(split: Split, lay: Layout, row, d: int, key) -> list:
         or start + period >= g - 1
         or not _shifted(split, lay, row, d, start, period)
     ):
-        return [key(j) for j in range(g)]
+        return None
     for j in range(start + period + 1):
         keys[j] = key(j)
     end = g - 1  # near the far border, until a tile is its predecessor by one period, moved
     while end > start + period and not (
-        _shifted(split, lay, row, d, end - period, period) and key(end) == key(end - period)
+        _shifted(split, lay, row, d, end - period, period) and (not same or key(end) == key(end - period))
     ):
         keys[end] = key(end)
         end -= 1
-    for j in range(start + period + 1, end + 1):
-        keys[j] = keys[start + (j - start) % period]
-    return [keys[j] for j in range(g)]
+    return start, period, end
 
 
 def _shifted(split: Split, lay: Layout, row, d: int, j: int, period: int) -> bool:
@@ -222,12 +269,18 @@ def _key(geometry: Geometry, j: int, d: int) -> tuple:
     return lengths, tuple((copied[n][d][1:], direct[n][d][1:]) for n in copied)
 
 
-def _group(tiles) -> list[TileClass]:
+def _group(split: Split, tiles) -> list[TileClass]:
+    """Tiles of equal boxes up to a translation (shapes, and the image borders each touches) as one
+    class each; tiles that write nothing are skipped, as the engine skips them."""
     classes: dict = {}
+    extents = split.extents
     for count, writes, need in tiles:
         if all(w.empty for w in writes):
             continue
-        key = (tuple(w.shape for w in writes), tuple(b.shape for b in need.values()))
+        key = tuple(
+            (b.shape, tuple(a <= 0 for a in b.lo), tuple(h >= e for h, e in zip(b.hi, extents[n])))
+            for n, b in (*zip(split.sinks, writes), *need.items())
+        )
         if key in classes:
             c = classes[key]
             classes[key] = TileClass(c.count + count, c.need, c.writes)

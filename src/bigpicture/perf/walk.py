@@ -20,7 +20,7 @@ import torch
 
 from bigpicture.engine.regions import needs
 from bigpicture.engine.split import Split
-from bigpicture.engine.tiles import Layout, write_box
+from bigpicture.engine.tiles import Layout, Tiles, write_box
 from bigpicture.perf.rates import Rates
 from bigpicture.perf.steps import _FLAGS, Step, _facts, node_step
 
@@ -276,9 +276,11 @@ def _backward(steps: list, sizes: dict, state, grad: dict):
 
 
 def last_tile(split: Split, lay: Layout) -> tuple[dict, tuple]:
-    """The node boxes and write boxes of the grid's last tile: the engine runs it last in the
-    forward with autograd and keeps its graph, so a training step does not recompute it."""
-    return tile_at(split, lay, tuple(g - 1 for g in lay.grid))
+    """The node boxes and write boxes of the grid's last tile with work: the engine runs it last in
+    the forward with autograd and keeps its graph, so a training step does not recompute it (the
+    tiles past it write nothing: a network of valid convolutions writes less than its input)."""
+    tiles = Tiles.of(split, lay)
+    return tile_at(split, lay, tiles.index(len(tiles) - 1))
 
 
 def tile_at(split: Split, lay: Layout, index: tuple[int, ...]) -> tuple[dict, tuple]:
