@@ -42,7 +42,7 @@ class Box:
 
     @property
     def shape(self) -> tuple[int, ...]:
-        return tuple(h - lo if h > lo else 0 for lo, h in zip(self.lo, self.hi))
+        return tuple([h - lo if h > lo else 0 for lo, h in zip(self.lo, self.hi)])
 
     def length(self, d: int) -> int:
         """``shape[d]`` without building the whole shape (the planner asks per dimension)."""
@@ -52,13 +52,18 @@ class Box:
     @property
     def numel(self) -> int:
         n = 1
-        for s in self.shape:
-            n *= s
+        for lo, h in zip(self.lo, self.hi):
+            if h <= lo:
+                return 0
+            n *= h - lo
         return n
 
     @property
     def empty(self) -> bool:
-        return any(h <= lo for lo, h in zip(self.lo, self.hi))
+        for lo, h in zip(self.lo, self.hi):  # a loop, not any(): the planner asks millions of times
+            if h <= lo:
+                return True
+        return False
 
     def grow(self, lo, hi=None) -> Box:
         """Grow by ``lo`` below and ``hi`` above (ints or per-dimension tuples; negative shrinks)."""
@@ -78,19 +83,19 @@ class Box:
 
     def clip(self, shape) -> Box:
         """This box inside ``[0, shape)`` (the same as intersecting with ``Box.from_shape(shape)``)."""
-        lo, hi = [], []
-        for a, b, s in zip(self.lo, self.hi, shape):
-            a = a if a > 0 else 0
-            lo.append(a)
-            hi.append(max(min(b, int(s)), a))
+        lo = [a if a > 0 else 0 for a in self.lo]
+        hi = [a if b <= a else b if b < n else max(int(n), a) for a, b, n in zip(lo, self.hi, shape)]
         return Box._of(tuple(lo), tuple(hi))
 
     def hull(self, other: Box) -> Box:
+        lo, hi, olo, ohi = self.lo, self.hi, other.lo, other.hi
+        if lo == olo and hi == ohi:  # users that need the same box: common in the reverse walk
+            return self
         if self.empty:
             return other
         if other.empty:
             return self
-        return Box._of(tuple(map(min, self.lo, other.lo)), tuple(map(max, self.hi, other.hi)))
+        return Box._of(tuple(map(min, lo, olo)), tuple(map(max, hi, ohi)))
 
     def contains(self, other: Box) -> bool:
         return other.empty or all(
@@ -113,7 +118,7 @@ class Box:
     @classmethod
     def from_dims(cls, dims) -> Box:
         dims = list(dims)
-        return cls(tuple(a for a, _ in dims), tuple(b for _, b in dims))
+        return cls._of(tuple([int(a) for a, _ in dims]), tuple([int(b) for _, b in dims]))
 
     def __str__(self) -> str:
         return "[" + ", ".join(f"{a}:{b}" for a, b in zip(self.lo, self.hi)) + ")"

@@ -147,8 +147,11 @@ def readers(steps: list, grad: dict) -> list[tuple[object, int]]:
     return [(i, r) for i, r in count.items() if r > 1]
 
 
-def accumulation_s(size, readers: int, rates: Rates) -> float:
-    """Gradients of a value read by several nodes are summed: one add per extra reader."""
+def accumulation_s(size, readers: int, rates: Rates):
+    """Gradients of a value read by several nodes are summed: one add per extra reader (``size``:
+    bytes, a number or an array of them)."""
+    if isinstance(size, np.ndarray):
+        return (readers - 1) * 3 * size / rates.streams("binary", 3 * size)
     return (readers - 1) * 3 * size / rates.stream("binary", 3 * size)
 
 
