@@ -1,50 +1,45 @@
-"""A lower bound of a tile's predicted time, from a few of its grid's tiles: the planner skips the
-full prediction (``predict.predict_splits``) of tiles this already shows slower than its best.
+"""A lower bound of a tile's predicted time: the planner skips the full prediction
+(``predict.predict_splits``) of tiles this already shows no faster than its best.
 
 A prediction sums, over the grid's tiles and nodes, each step's seconds (``steps.steps_of``), and
-adds the engine's per-node cost. Each step takes at least its work (flops, or bytes moved) at the
-*fastest* rate its op can get:
+adds the engine's per-node cost. A node's box in a tile is a product of per-dimension intervals
+that depend on the tile's index in that dimension only, so the grid's steps of a node are the
+combinations of its per-dimension geometries, each run by the product of their tile counts:
 
-    convolution    flops / the largest calibrated rate its query can reach (``conv_rate_max``):
-                   the rate is a weighted mean of calibration points (``rates._table_rate`` over the
-                   grid's corners around the query, ``rates._nearest_logs`` over the nearest three);
-                   on a GPU's tensor cores, plus cuDNN's NCHW <-> NHWC transposes at the stream peak
-    memory-bound   bytes / the largest rate of its kind's table (rates interpolate between points)
-    view, padding  0
+    per dimension   the lengths of every node's box at every index: the rows near the borders
+                    and one period of the interior (``grid.dim_keys``; the interior repeats it),
+                    from the diagonal rows the prediction reads too (``grid.diagonal_of``)
+    per node        its lengths and its inputs' per dimension, combined over the dimensions
+                    --> ``steps.steps_of`` on those rows: the prediction's own step seconds
 
-and a node's work over the grid is its work per position times the positions of its boxes over
-all tiles, which is a product over dimensions of the sums of its box lengths along each (a tile's
-box is a product of per-dimension intervals that depend on its index in that dimension only). Those
-sums are exact: the interior's tiles repeat one period of boxes moved (``grid.dim_keys``), so the
-rows near the borders and one period give every index's lengths, from the diagonal rows the
-prediction reads too (``grid.diagonal_of``).
-
-Padded copies, thread wake-ups and gradient accumulation are left out (they only add). A training
-step's recompute skips the last tile (its lengths are those of the last diagonal row). None
-where the product rule does not hold (a sink without work in some tile, an empty box) or for fused steps.
+What the lengths do not say is left out, each of which only adds to a step's seconds: the padded
+or contiguous copy of a window's input (``steps_of`` with nothing copied), and a normalisation
+reading a strided view (the faster of the two rates counts). Exact otherwise: the rates, torch's
+backend for each input shape, thread wake-ups, the gradient sums of values read twice, the
+training step's last tile (the forward keeps its graph), the engine's cost per node and tile. So
+the bound is the prediction's time less the copies at the image border, a few percent at most.
+None where the product rule does not hold (a sink without work in some tile, an empty box) or for
+fused steps (compiled tiles).
 """
 
 from __future__ import annotations
 
-import bisect
 import math
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
 
 from bigpicture.engine.plan import tile_of
-from bigpicture.engine.rules.resample import ConvTranspose, Pad, Resample, Slice
-from bigpicture.engine.rules.window import Conv, Pool
+from bigpicture.engine.rules import Window
+from bigpicture.engine.rules.resample import ConvTranspose
 from bigpicture.engine.split import Split
 from bigpicture.engine.tiles import Layout, layout, working_counts
 from bigpicture.perf.grid import diagonal_of, dim_keys
 from bigpicture.perf.predict import _setting
-from bigpicture.perf.rates import GPU_CONV_EFFICIENCY, GPU_STREAM_EFFICIENCY, WINOGRAD_3X3, Rates, _grid_table
-from bigpicture.perf.steps import _SAVE_NOTHING, _SAVE_OUTPUT, _VIEWS, _facts, _stream_kind
-from bigpicture.perf.walk import grad_in, grads
-
-SAMPLES = 5  # diagonal rows per dimension of the first, cheaper bound
-MARGIN = 1 + 1e-9  # rates from logs and exponentials may round a hair above the largest point
+from bigpicture.perf.rates import Rates
+from bigpicture.perf.steps import _NORM, Rows, _facts, steps_of
+from bigpicture.perf.walk import accumulation_s, bytes_of, grad_in, grads, readers
 
 
 def time_bound(
@@ -52,24 +47,11 @@ def time_bound(
     target: float = math.inf,
 ) -> float | None:  # fmt: skip
     """A lower bound of ``predict.predict_splits(splits, input_shape, dtype, tile, device, training,
-    shared=shared).time``, or None where none is known: from ``SAMPLES`` diagonal rows per dimension
-    first (``_sampled_sums``: a few rows, a weaker bound), then, below ``target``, from the exact
-    lengths (``_length_sums``; the rows are the prediction's own: ``grid.diagonal_of``)."""
+    shared=shared).time``, or None where none is known; the passes are summed until ``target``."""
     _, rates, _, shared = _setting(device, dtype, None, shared)
-    lays = [layout(s, input_shape, tile_of(tile, k)) for k, s in enumerate(splits)]
-    total = None
-    if max(g for lay in lays for g in lay.grid) > SAMPLES:
-        total = _passes(splits, lays, dtype, rates, training, target, SAMPLES)
-    if total is None or total < target:
-        total = _passes(splits, lays, dtype, rates, training, target, None)
-    return total
-
-
-def _passes(splits, lays, dtype, rates, training: bool, target: float, samples: int | None) -> float | None:
-    """``pass_bound`` summed over the passes, stopped once it reaches ``target``."""
     total = 0.0
-    for s, lay in zip(splits, lays, strict=True):
-        seconds = pass_bound(s, lay, dtype, rates, training, samples)
+    for k, s in enumerate(splits):
+        seconds = pass_bound(s, layout(s, input_shape, tile_of(tile, k)), dtype, rates, training)
         if seconds is None:
             return None
         total += seconds
@@ -78,250 +60,142 @@ def _passes(splits, lays, dtype, rates, training: bool, target: float, samples: 
     return total
 
 
-def pass_bound(
-    split: Split, lay: Layout, dtype: torch.dtype, rates: Rates, training: bool, samples: int | None = None
-) -> float | None:
-    """A lower bound of the predicted time of one pass (``predict._predict_pass``) with layout ``lay``,
-    from the exact box lengths, or from ``samples`` rows per dimension."""
+def pass_bound(split: Split, lay: Layout, dtype: torch.dtype, rates: Rates, training: bool) -> float | None:
+    """A lower bound of the predicted time of one pass (``predict._predict_pass``) with layout ``lay``."""
     if getattr(rates, "fused", False) or any(working_counts(split, lay, k) != lay.grid for k in split.sinks):
         return None
-    sums = _length_sums(split, lay) if samples is None else _sampled_sums(split, lay, samples)
-    if sums is None:
+    tables = dim_tables(split, lay)
+    if tables is None:
         return None
     item = torch.empty((), dtype=dtype).element_size()
     grad = grads(split, diagonal_of(split, lay).row(0)[1], False)
-    every = {n: math.prod(t for t, _, _, _ in dims) for n, dims in sums.items()}  # positions over the grid
-    rest = {n: every[n] - math.prod(e for *_, e in dims) for n, dims in sums.items()}  # but the last tile
-    fwd = fwd_rest = bwd = 0.0
-    ops = 0
-    for node in list(grad)[1:]:
-        f, b, op_counts = _node_bound(split, node, every, sums, grad, item, rates)
-        fwd, bwd, ops = fwd + f, bwd + (b if training and grad[node] else 0.0), ops + op_counts
-        if training:
-            fwd_rest += _node_bound(split, node, rest, sums, grad, item, rates)[0]
+    fwd = last_fwd = bwd = 0.0
+    ops = last_ops = 0
+    steps, combos = [], {}
+    for node in list(grad)[1:]:  # the image first: it has no step
+        c = combos[node] = _combos(split, node, tables)
+        st = least_step(split, node, c.rows, item, rates, grad_in(split, node, grad))
+        steps.append(st)
+        fwd, last_fwd = fwd + float(c.tiles @ st.fwd_s), last_fwd + float(st.fwd_s[c.last])
+        bwd += float(c.tiles @ st.bwd_s) if training and grad[node] else 0.0
+        works = st.kind != "view"
+        ops, last_ops = ops + int(c.tiles[works].sum()), last_ops + int(works[c.last])
+    if training:  # a value read by several steps: its gradients summed (``walk.accumulation_s``)
+        for i, r in readers(steps, grad):
+            sizes = bytes_of(split, i, combos[i].rows.numel, item).tolist()
+            bwd += sum(n * accumulation_s(b, r, rates) for n, b in zip(combos[i].tiles.tolist(), sizes))
     tiles, nodes = math.prod(lay.grid), len(grad) - 1
     grad_node_s = rates.train_node_s / 2
-    # training: the forward keeps the last tile's graph (its nodes with autograd), the recompute
-    # runs every other tile
-    phases = [(fwd, tiles * nodes * rates.node_s + tiles * ops * rates.host_op_s
+    # as ``predict._time``: the forward keeps the last tile's graph (its nodes with autograd), the
+    # recompute runs every other tile
+    phases = [(fwd, tiles * nodes * rates.node_s + ops * rates.host_op_s
                + nodes * (grad_node_s - rates.node_s) * training)]  # fmt: skip
     if training:
         phases += [
-            (fwd_rest, (tiles - 1) * (nodes * grad_node_s + ops * rates.host_op_s)),
-            (bwd, tiles * nodes * grad_node_s + tiles * ops * rates.host_op_s),
-        ]  # fmt: skip
+            (fwd - last_fwd, (tiles - 1) * nodes * grad_node_s + (ops - last_ops) * rates.host_op_s),
+            (bwd, tiles * nodes * grad_node_s + ops * rates.host_op_s),
+        ]
     if rates.gpu:  # the host runs ahead of the GPU: a phase takes the longer of the two
         return sum(max(device, host) for device, host in phases)
     return sum(device + host for device, host in phases)
 
 
-def _length_sums(split: Split, lay: Layout) -> dict | None:
-    """Per node, per dimension: (the sum of its box lengths over the grid's indices along that
-    dimension, the shortest, the longest, the last one's), exact: the lengths of the rows near the
-    borders and of one period of the interior (``grid.dim_keys``, as the prediction's classes
-    are found); None if a box is empty (the product rule does not hold)."""
-    rows, sums = diagonal_of(split, lay).row, {}
+def least_step(split: Split, node, rows: Rows, item: int, rates: Rates, grad_in: bool):
+    """``steps.steps_of`` with nothing copied: a normalisation that may read a strided view takes
+    the faster of its two rates (where the calibration has the strided one)."""
+    st = steps_of(split, node, rows, item, rates, grad_in)
+    if _facts(split, node)[0] in _NORM and not rates.gpu and rates.measured:
+        strided = steps_of(split, node, replace(rows, copied=~rows.copied), item, rates, grad_in)
+        st.fwd_s, st.bwd_s = np.minimum(st.fwd_s, strided.fwd_s), np.minimum(st.bwd_s, strided.bwd_s)
+    return st
+
+
+@dataclass(frozen=True)
+class DimTable:
+    """Along one dimension: every distinct row of lengths (one column per feature: each node's box
+    length, then each transposed convolution's input length), the grid indices that have it, and
+    the row of the last index."""
+
+    columns: dict  # (node, "box" or "input") -> column
+    lengths: np.ndarray  # (distinct, columns)
+    counts: np.ndarray  # (distinct,)
+    last: int
+
+
+def dim_tables(split: Split, lay: Layout) -> list[DimTable] | None:
+    """A ``DimTable`` per dimension, exact (``grid.dim_keys``: the rows near the borders and one
+    period of the interior); None if a box is empty (the product rule does not hold)."""
+    rows = diagonal_of(split, lay).row
     nodes = list(rows(0)[1])
+    transposed = [n for n in nodes if isinstance(split.ops.get(n), ConvTranspose)]
+    columns = {**{(n, "box"): k for k, n in enumerate(nodes)},
+               **{(n, "input"): len(nodes) + k for k, n in enumerate(transposed)}}  # fmt: skip
+    tables = []
     for d in range(split.nd):
         seen: dict = {}
 
         def lengths(j, d=d, seen=seen) -> tuple:
             if j not in seen:
                 need = rows(j)[1]
-                seen[j] = tuple(need[n].hi[d] - need[n].lo[d] for n in nodes)
+                seen[j] = tuple(need[n].hi[d] - need[n].lo[d] for n in nodes) + tuple(
+                    split.ops[n].needs(need[n])[0].length(d) for n in transposed
+                )
             return seen[j]
 
         per_index = dim_keys(split, lay, rows, d, lengths)
-        distinct: dict = {}  # the interior's indices share their period's tuples
+        distinct: dict = {}
         for t in per_index:
-            distinct[id(t)] = (t, distinct.get(id(t), (t, 0))[1] + 1)
-        table = np.array([t for t, _ in distinct.values()], dtype=np.int64)  # (distinct, nodes)
-        if (table <= 0).any():
+            distinct[t] = distinct.get(t, 0) + 1
+        table = np.array(list(distinct), dtype=np.int64).reshape(len(distinct), len(columns))
+        if (table[:, : len(nodes)] <= 0).any():
             return None
-        counts = np.array([c for _, c in distinct.values()], dtype=np.int64)
-        total, shortest, longest = counts @ table, table.min(axis=0), table.max(axis=0)
-        for k, node in enumerate(nodes):
-            sums.setdefault(node, []).append(
-                (int(total[k]), int(shortest[k]), int(longest[k]), per_index[-1][k])
+        counts = np.array(list(distinct.values()), dtype=np.int64)
+        tables.append(DimTable(columns, table, counts, list(distinct).index(per_index[-1])))
+    return tables
+
+
+@dataclass(frozen=True)
+class Combos:
+    rows: Rows  # the node's distinct steps over the grid (nothing copied)
+    tiles: np.ndarray  # tiles running each
+    last: int  # the step of the grid's last tile
+
+
+def _combos(split: Split, node, tables: list[DimTable]) -> Combos:
+    """The distinct geometries of ``node``'s step over the grid (its box, its inputs' boxes, a
+    window's padded input, a transposed convolution's input) and the tiles that run each: per
+    dimension the distinct rows of its columns, combined over the dimensions."""
+    op = split.ops[node]
+    cols = [tables[0].columns[node, "box"]]
+    cols += [tables[0].columns[i, "box"] for i in op.inputs if (i, "box") in tables[0].columns]
+    cols += [tables[0].columns[node, "input"]] if isinstance(op, ConvTranspose) else []
+    lengths, tiles, last = None, None, 0
+    for t in tables:
+        distinct: dict = {}  # a few rows: tuples are quicker than np.unique
+        keys = [tuple(r) for r in t.lengths[:, cols].tolist()]
+        for key, n in zip(keys, t.counts.tolist(), strict=True):
+            distinct[key] = distinct.get(key, 0) + n
+        values = np.array(list(distinct), dtype=np.int64)
+        n = np.array(list(distinct.values()), dtype=np.int64)
+        at = list(distinct).index(keys[t.last])
+        if lengths is None:
+            lengths, tiles = values[:, None, :], n
+        else:
+            lengths = np.concatenate(
+                [np.repeat(lengths, len(values), axis=0), np.tile(values[:, None, :], (len(tiles), 1, 1))], 1
             )
-    return sums
-
-
-def _sampled_sums(split: Split, lay: Layout, samples: int) -> dict | None:
-    """``_length_sums`` from below, from ``samples`` diagonal rows per dimension: along a dimension, a
-    node's interval moves monotonically with the tile index (every rule maps intervals
-    monotonically), so a tile between two sampled ones has at least the length from the first one's
-    end back to the second one's start:
-
-        len(j) >= hi(a) - lo(b)   for a < j < b   (lo, hi nondecreasing in j)
-
-    (a lower bound of the sum and of the shortest, an upper bound of the longest, the last one's);
-    None if a sampled box is empty or the intervals do not move monotonically."""
-    rows, sums = diagonal_of(split, lay).row, {}
-    for d, g in enumerate(lay.grid):
-        js = sorted({round(i * (g - 1) / max(samples - 1, 1)) for i in range(samples)})
-        boxes = [rows(j)[1] for j in js]
-        for node in boxes[0]:
-            lo = [r[node].lo[d] for r in boxes]
-            hi = [r[node].hi[d] for r in boxes]
-            if any(h <= a for a, h in zip(lo, hi, strict=True)) or lo != sorted(lo) or hi != sorted(hi):
-                return None
-            lengths = [h - a for a, h in zip(lo, hi, strict=True)]
-            total, shortest, longest = sum(lengths), min(lengths), max(lengths)
-            for k in range(len(js) - 1):
-                between = js[k + 1] - js[k] - 1
-                if between:
-                    least = max(1, hi[k] - lo[k + 1])
-                    total += between * least
-                    shortest, longest = min(shortest, least), max(longest, hi[k + 1] - lo[k])
-            sums.setdefault(node, []).append((total, shortest, longest, lengths[-1]))
-    return sums
-
-
-def _node_bound(split: Split, node, count: dict, sums: dict, grad: dict, item: int, rates: Rates):
-    """(forward seconds, backward seconds, ops per tile) of ``node`` over tiles where each node's
-    boxes have ``count[node]`` positions in all, from below (``sums``: ``_length_sums``)."""
-    op, (n, c) = split.ops[node], split.shapes[node][:2]
-    name, _, _ = _facts(split, node)
-    elems = n * c * count[node]
-    if isinstance(op, (Conv, ConvTranspose)):
-        return _conv_bound(split, op, node, count[node], sums, grad, rates)
-    if name in _VIEWS or isinstance(op, (Slice, Pad)):
-        return 0.0, 0.0, 0
-    inputs = [math.prod(split.shapes[i][:2]) * count[i] for i in op.inputs if i in count]
-    moved = (elems + sum(inputs)) * item
-    if isinstance(op, Pool):
-        window = elems * math.prod(op.kernel)
-        fwd = max(window / _pool_max(rates, False), moved / _stream_max(rates, "unary", False))
-        bwd = max(window / _pool_max(rates, True), 2 * moved / _stream_max(rates, "unary", False))
-        return fwd, bwd, 1
-    kind = _stream_kind(op, name)
-    saves = name in _SAVE_OUTPUT or (name not in _SAVE_NOTHING and not isinstance(op, Resample))
-    bwd = 3 * elems * item / _stream_max(rates, kind, True) if saves else 0.0
-    return moved / _stream_max(rates, kind, False), bwd, 1
-
-
-def _conv_bound(split: Split, op, node, count: int, sums: dict, grad: dict, rates: Rates):
-    nd, n, c = split.nd, *split.shapes[node][:2]
-    transposed, cin = isinstance(op, ConvTranspose), split.shapes[op.inputs[0]][1]
-    if transposed:  # its work follows its input box, which is not a node's: left out
-        return 0.0, 0.0, 1
-    fan_in, lengths = op.cin_per_group * math.prod(op.kernel), sums[node]
-    flops = 2 * n * count * fan_in * c
-    sizes = (n * math.prod(m for _, m, _, _ in lengths), n * math.prod(m for _, _, m, _ in lengths))
-    query = (nd, False, cin // op.groups, c, math.prod(op.kernel), max(op.step), fan_in)
-    moved = _transposes_s(rates, n * count, cin // op.groups, c, max(op.step), nd)
-    fwd = flops / _conv_rate_max(rates, *query, sizes, False) + moved
-    times = 2 if grad_in(split, node, grad) else 1
-    bwd = times * (flops / _conv_rate_max(rates, *query, sizes, True) + moved)
-    return fwd, bwd, 1
-
-
-def _transposes_s(rates: Rates, positions: int, cin: int, cout: int, stride: int, nd: int) -> float:
-    """Seconds, at least, of cuDNN's NCHW <-> NHWC transposes on tensor cores that
-    ``rates.gpu_conv_rate`` adds to a (not transposed) convolution's forward over ``positions``
-    output positions (each kernel of its backward: the same per flop)."""
-    if not rates.gpu or rates.channels_last or rates.peak <= 1.01 * rates.device.peak("fp32"):
-        return 0.0
-    item = torch.empty((), dtype=rates.dtype).element_size()
-    moved = 2 * (cin * positions * stride**nd + cout * positions) * item
-    return moved / _stream_max(rates, "copy", False)
-
-
-def _conv_rate_max(rates: Rates, *query) -> float:
-    """``conv_rate_max``, once per query and rates."""
-    memo = rates.__dict__.setdefault("_bounds", {})
-    if query not in memo:
-        memo[query] = conv_rate_max(rates, *query)
-    return memo[query]
-
-
-def conv_rate_max(
-    rates: Rates, nd: int, transposed: bool, cin: int, cout: int, kernel: int, stride: int, fan_in: int,
-    sizes: tuple[int, int], backward: bool,
-) -> float:  # fmt: skip
-    """The largest flops/s ``rates.conv`` gives this convolution at output positions within ``sizes``
-    (least, most), with any backend."""
-    if rates.gpu:  # gpu_conv_rate's factors other than these are at most 1
-        tensor_cores = rates.peak > 1.01 * rates.device.peak("fp32")
-        rate = rates.peak * GPU_CONV_EFFICIENCY * fan_in / (fan_in + (32 if tensor_cores else 8))
-        winograd = nd == 2 and kernel == 9 and stride == 1 and not transposed
-        return rate * (WINOGRAD_3X3 if winograd and not tensor_cores and rates.dtype == torch.float32 else 1)
-    if rates.ops is None:
-        return 0.5 * rates.peak
-    points, gridded = rates._points(nd, transposed)
-    value = "backward" if backward else "forward"
-    if not points:
-        return 0.5 * rates.peak
-    best, nearest = 0.0, not gridded
-    memo = rates.__dict__.setdefault("_bounds", {})  # the tables this module reads, once per rates
-    if ("backends", nd, transposed) not in memo:
-        memo["backends", nd, transposed] = {p.get("backend") for p in points} | {None}
-    for backend in memo["backends", nd, transposed] if gridded else ():
-        key = ("grid", nd, transposed, value, stride > 1, backend, kernel)
-        if key not in memo:
-            memo[key] = _grid_table(points, value, stride, kernel, backend)
-        table, axes = memo[key]
-        ins, outs, grid = _weighted(axes[0], cin), _weighted(axes[1], cout), axes[2]
-        # the positions corners of queries within sizes
-        reach = grid[max(bisect.bisect_right(grid, sizes[0]) - 1, 0) : bisect.bisect_left(grid, sizes[1]) + 1]
-        for size in reach:
-            found = [r for r in (table.get((a, b, size)) for a in ins for b in outs) if r]
-            nearest = nearest or not found  # a query next to this size may find no corner
-            best = max(best, *found) if found else best
-    if nearest:  # the nearest measurements answer: any that can be among the three nearest
-        if ("logs", nd, transposed) not in memo:
-            near = [[p["fan_in"], p["cout"], p["positions"], 4 ** (p["stride"] - 1)] for p in points]
-            memo["logs", nd, transposed] = np.log(np.maximum(near, 1))
-            memo["values", nd, transposed] = {
-                v: np.array([p[v] for p in points]) for v in ("forward", "backward")
-            }
-        values = memo["values", nd, transposed][value]
-        best = max(best, _nearest_max(memo["logs", nd, transposed], values, fan_in, cout, stride, sizes))
-    return best * MARGIN
-
-
-def _nearest_max(logs, values, fan_in: int, cout: int, stride: int, sizes, pieces: int = 16) -> float:
-    """The largest value among the points ``rates._nearest_logs`` may weigh for a query whose
-    positions lie within ``sizes``, a segment in log space cut in ``pieces``: on each piece, those no
-    farther from it than the third point, chosen so, is from either of its ends (``logs``: the
-    points' coordinates, ``values``: their rates)."""
-    at = np.log(np.maximum([fan_in, cout, 1, 4 ** (min(stride, 2) - 1)], 1))
-    across = ((logs[:, [0, 1, 3]] - at[[0, 1, 3]]) ** 2).sum(axis=1)
-    cuts = np.linspace(*(math.log(max(v, 1)) for v in sizes), pieces + 1)
-    x = logs[:, 2][None, :]
-    x0, x1 = cuts[:-1, None], cuts[1:, None]  # (pieces, points)
-    along = np.maximum(np.maximum(x0 - x, x - x1), 0)
-    ends = across + np.maximum((x - x0) ** 2, (x - x1) ** 2)
-    third = min(2, logs.shape[0] - 1)
-    radius = np.partition(ends, third, axis=1)[:, third : third + 1]
-    near = (across + along**2 <= radius * (1 + 1e-9) + 1e-12).any(axis=0)
-    return float(values[near].max())
-
-
-def _weighted(values: list, q) -> list:
-    """The grid values ``rates._table_rate`` weighs (weight above 0) for a query ``q`` on one axis."""
-    below, above = bisect.bisect_right(values, q), bisect.bisect_left(values, q)
-    lo = values[below - 1] if below else values[0]
-    hi = values[above] if above < len(values) else values[-1]
-    if hi <= lo:
-        return [lo]
-    w = math.log(q / lo) / math.log(hi / lo)
-    return [v for v, weight in ((lo, 1 - w), (hi, w)) if weight > 0]
-
-
-def _stream_max(rates: Rates, kind: str, backward: bool) -> float:
-    """The largest bytes/s ``rates.stream`` gives an op of ``kind`` (any size)."""
-    if rates.gpu:
-        return rates.device.bandwidth_bytes_per_s * GPU_STREAM_EFFICIENCY
-    if rates.ops is None:
-        return rates.device.bandwidth_bytes_per_s
-    forward = rates.ops["stream"]
-    table = (rates.ops.get("stream_backward", {}) if backward else forward).get(kind) or forward["unary"]
-    return max(r for _, r in table) * MARGIN
-
-
-def _pool_max(rates: Rates, backward: bool) -> float:
-    if rates.gpu or rates.ops is None:
-        return math.inf
-    return max(r for _, r in rates.ops["pool"]["backward" if backward else "forward"]) * MARGIN
+            tiles = np.outer(tiles, n).reshape(-1)
+        last = last * len(values) + at
+    # lengths: (combinations, dimensions, columns)
+    numel = lengths.prod(axis=1)
+    own = lengths[:, :, 0]
+    if isinstance(op, Window):  # ``Window.padded_box``: the input box its output box reads, padding included
+        step, dil, kernel = (np.array(v, dtype=np.int64) for v in (op.step, op.dilation, op.kernel))
+        padded = (own - 1) * step + dil * (kernel - 1) + 1
+    else:
+        padded = np.ones_like(own)
+    extra = lengths[:, :, -1] if isinstance(op, ConvTranspose) else np.ones_like(own)
+    inputs = [i for i in op.inputs if (i, "box") in tables[0].columns]
+    no = np.zeros(len(numel), dtype=bool)
+    rows = Rows(numel[:, 0], tuple((i, numel[:, 1 + k]) for k, i in enumerate(inputs)), padded, extra, no, no)
+    return Combos(rows, tiles, last)

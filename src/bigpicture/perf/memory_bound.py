@@ -23,10 +23,10 @@ from bigpicture.engine.rules import Window
 from bigpicture.engine.rules.resample import ConvTranspose, Pad
 from bigpicture.engine.split import Split
 from bigpicture.engine.tiles import layout, working_counts
-from bigpicture.perf.predict import _memory, _setting
+from bigpicture.perf.predict import _memory, _setting, memory_walked
 from bigpicture.perf.resident import resident_bytes
 from bigpicture.perf.steps import Rows, _outside, _stored, geometries, spatial_inputs, step_key, steps_of
-from bigpicture.perf.walk import TileWalk, bytes_of, bytes_only, grad_in, grads, row_peaks, tile_at, walked
+from bigpicture.perf.walk import TileWalk, bytes_of, bytes_only, grad_in, grads, row_peaks, tile_at
 
 
 def least_memories(
@@ -38,13 +38,14 @@ def least_memories(
     item, counting = torch.empty((), dtype=dtype).element_size(), bytes_only(rates)
     least = dict.fromkeys(tiles, 0)
     for k, s in enumerate(splits):
+        memo = shared.setdefault(("bytes", id(s)), {})  # as ``least_memory``'s
         groups: dict = {}  # walks of the same nodes (non-empty boxes) and input copy
         for tile in tiles:
             lay = layout(s, input_shape, tile_of(tile, k))
             working = max((working_counts(s, lay, sink) for sink in s.sinks), key=math.prod)
             count = math.prod(working)
             copy = not on_device or count > 1
-            for index in walked(working):
+            for index in memory_walked(lay, working):
                 need, writes = tile_at(s, lay, index)
                 key = (copy, tuple((n, b.empty) for n, b in need.items()))
                 resident = resident_bytes(s, lay, index, item)  # the tile's class peaks no earlier
@@ -54,8 +55,8 @@ def least_memories(
             for (tile, count, *_, resident), p, pt in zip(group, peak.tolist(), peak_train.tolist(),
                                                           strict=True):  # fmt: skip
                 one = TileWalk(peak=p, peak_train=pt, run_peak=(p, resident))
-                least[tile] = max(least[tile], sum(v for _, v in _memory(s, dtype, one, count, training,
-                                                                          dev.name != "cpu")))  # fmt: skip
+                parts = _memory(s, dtype, one, count, training, dev.name != "cpu", memo)
+                least[tile] = max(least[tile], sum(v for _, v in parts))
     return least
 
 

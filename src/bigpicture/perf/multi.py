@@ -29,11 +29,12 @@ from bigpicture.engine.distributed import shares
 from bigpicture.engine.plan import Plan, plan_splits
 from bigpicture.errors import TilingError
 from bigpicture.perf.comm import LINK_EFFICIENCY, all_reduce_s, communication  # noqa: F401 (re-exported)
-from bigpicture.perf.devices import NODE_LINKS, Interconnect, get_interconnect, load_calibration
+from bigpicture.perf.devices import NODE_LINKS, Interconnect, get_interconnect
 from bigpicture.perf.grid import Geometry, _dim_keys
 from bigpicture.perf.predict import (
     Prediction,
     _seconds,
+    _setting,
     _size,
     least_memory,
     model_dtype,
@@ -41,23 +42,23 @@ from bigpicture.perf.predict import (
     predict_splits,
     resolve_device,
 )
-from bigpicture.perf.rates import Rates
 from bigpicture.perf.walk import walk
 
 DEVICES_PER_NODE = 8  # the default node: 8 GPUs, as in NVIDIA DGX/HGX systems
 
 
-def tile_costs(plan: Plan) -> list[float]:
+def tile_costs(plan: Plan, shared: dict | None = None) -> list[float]:
     """Predicted seconds of each of ``plan.tiles`` (forward, plus backward for a training plan).
 
     A plan whose device the model cannot predict (no table entry) is weighed by read-box size.
+    ``shared``: the planner's (``predict_splits``'s), whose rates it reads.
     """
     try:
         dev = resolve_device(plan.device)
     except TilingError:
         return [float(t.read.numel) for t in plan.tiles]
     dtype = plan.dtype if plan.dtype.is_floating_point else model_dtype(plan.split.gm)
-    rates = Rates(dev, dtype, None if dev.name != "cpu" else load_calibration())
+    rates = _setting(dev, dtype, None, shared)[1]
     memo, by_class, costs = {}, {}, []
     tiles, kinds = plan.tiles, _kinds(plan)
     for p in tiles.positions:
@@ -172,12 +173,13 @@ def predict_devices(
     links=None,
     single: Prediction | None = None,
     costs: list[float] | None = None,
+    shared: dict | None = None,
 ) -> DevicesPrediction:
     """``plan`` run by ``devices`` ranks (``nodes`` nodes, default 8 devices per node).
 
     ``links``: (within a node, between nodes), names or ``Interconnect``s; default the device's
     own (``devices.NODE_LINKS``). ``single``, ``costs``: the plan's one-device prediction and
-    ``tile_costs``, if known already.
+    ``tile_costs``, if known already; ``shared``: the planner's, whose rates ``tile_costs`` reads.
     """
     if devices < 1:
         raise TilingError(f"devices={devices}: give the number of devices, 1 or more")
@@ -186,7 +188,7 @@ def predict_devices(
         raise TilingError(f"devices={devices} on nodes={nodes}: give the same number of devices per node")
     single = single or predict(plan)
     links = tuple(map(get_interconnect, links)) if links else _links(single.device)
-    costs = tile_costs(plan) if costs is None else costs
+    costs = tile_costs(plan, shared) if costs is None else costs
     total = sum(costs) or 1.0
     per_rank = tuple(single.time * sum(costs[i] for i in r) / total for r in shares(costs, devices))
     talk, buffer = communication(plan, devices, nodes, links)
@@ -227,13 +229,13 @@ def best_on_devices(
     is skipped once a lower bound of its N-device time reaches the best so far: ``time_bound``
     (a bound of its one-device time), then its one-device prediction, over N (perfect balance),
     plus the communication (no tile changes it: dense outputs and gradients have the image's and
-    the model's sizes). ``time_bound(tile)``: seconds, from ``schedule.least_time``.
+    the model's sizes). ``time_bound(tile, shared=)``: seconds, from ``schedule.least_time``.
     """
     best, fitting, shared, talk, least, skipped = None, {}, {}, None, None, 0
     nodes, links, gm = nodes or math.ceil(devices / DEVICES_PER_NODE), _links(dev.name), splits[-1].gm
     for tile in reversed(tiles):
         bound = 0.0 if talk is None else sum(s for _, s in talk[0])
-        if best is not None and time_bound(tile) / devices + bound >= best.time:
+        if best is not None and time_bound(tile, shared=shared) / devices + bound >= best.time:
             skipped += 1
             continue
         if least_memory(splits, input_shape, dtype, tile, dev, training, shared=shared) > budget:
@@ -247,7 +249,7 @@ def best_on_devices(
         if best is not None and single.time / devices + sum(s for _, s in talk[0]) >= best.time:
             fitting[tile] = None  # fits; predicted no faster
             continue
-        fitting[tile] = predict_devices(plan, devices, nodes, links, single=single)
+        fitting[tile] = predict_devices(plan, devices, nodes, links, single=single, shared=shared)
         best = fitting[tile] if best is None or fitting[tile].time < best.time else best
     if best is None:
         raise TilingError(

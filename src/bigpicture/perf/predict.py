@@ -184,20 +184,10 @@ def predict_splits(
     (the rates, the steps built, the untiled walk): the planner passes one dict for its candidates."""
     dev, rates, on_device, shared = _setting(device, dtype, input_on_device, shared)
     parts = [
-        _predict_pass(
-            s,
-            input_shape,
-            dtype,
-            layout(s, input_shape, tile_of(tile, k)),
-            dev,
-            rates,
-            training,
-            input_grad,
-            on_device,
-            shared.setdefault(id(s), {}),
-        )  # fmt: skip
+        _predict_pass(s, input_shape, dtype, layout(s, input_shape, tile_of(tile, k)), dev, rates, training,
+                      input_grad, on_device, shared.setdefault(id(s), {}))
         for k, s in enumerate(splits)
-    ]
+    ]  # fmt: skip
     whole = parts[0] if len(parts) == 1 else _combine(parts)
     whole = with_stage_time(whole, splits[-1], dtype, rates, training)  # the untiled global stages
     return with_cuts(whole, splits, input_shape, tile, dtype, rates, training)  # stages cut into tiers
@@ -218,7 +208,7 @@ def least_memory(
 
     The predicted peak is the largest over the grid's tiles of one working set plus parts that grow
     with it, so any one tile's working set bounds it from below; the tile in the middle of the tiles
-    with work (whole-size boxes, away from the borders) is usually the largest (``walk.walked``).
+    with work (whole-size boxes, away from the borders) is usually the largest (``memory_walked``).
     The planner skips tiles this already shows over the budget, for the cost of one walk (``shared`` as for
     ``predict_splits``); its walk counts bytes only (``walk.bytes_only``)."""
     dev, rates, on_device, shared = _setting(device, dtype, input_on_device, shared)
@@ -228,12 +218,21 @@ def least_memory(
         working = max((working_counts(s, lay, k) for k in s.sinks), key=math.prod)
         tiles = math.prod(working)  # at least this many tiles have work
         copy, memo = not on_device or tiles > 1, shared.setdefault(("bytes", id(s)), {})
-        for index in walked(working):
+        for index in memory_walked(lay, working):
             need, writes = tile_at(s, lay, index)
             one = walk(s, need, writes, dtype, bytes_only(rates), training, input_grad, copy, memo)
             one.run_peak = one.peak, resident_bytes(s, lay, index, item)  # its class peaks no earlier
-            least = max(least, sum(v for _, v in _memory(s, dtype, one, tiles, training, dev.name != "cpu")))
+            parts = _memory(s, dtype, one, tiles, training, dev.name != "cpu", memo)
+            least = max(least, sum(v for _, v in parts))
     return least
+
+
+def memory_walked(lay: Layout, working: tuple[int, ...]) -> set[tuple[int, ...]]:
+    """The grid indices a memory bound walks: ``walk.walked``'s, and the tile over the image's centre,
+    whose halo the border clips least: the largest boxes where a receptive field spans the image
+    (DenseNet121 3D at 2,048^3, tile 96: 248 GiB there, 232 GiB one tile further)."""
+    centre = tuple(min(i[-1][1] // 2 // t, c - 1) for i, t, c in zip(lay.intervals, lay.tile, working))
+    return walked(working) | {centre}
 
 
 def _setting(device, dtype, input_on_device, shared):
@@ -271,7 +270,7 @@ def _predict_pass(
         whole = {n: Box.from_shape(e) for n, e in split.extents.items()}
         memo["untiled"] = walk(split, whole, (), dtype, rates, False, False, False)
     untiled = memo["untiled"]
-    memory_parts = _memory(split, dtype, total, tiles, training, gpu)
+    memory_parts = _memory(split, dtype, total, tiles, training, gpu, memo)
     last = None
     if training:  # the tile whose graph the forward keeps: the backward does not recompute it
         need, writes = last_tile(split, lay)
@@ -321,12 +320,16 @@ def _combine(passes: list[Prediction]) -> Prediction:
     )
 
 
-def _memory(split: Split, dtype, total: TileWalk, tiles: int, training: bool, gpu: bool):
-    item = torch.empty((), dtype=dtype).element_size()
-    model = split.gm.meta.get("bigpicture_model", split.gm)
-    params = sum(p.numel() for p in model.parameters()) * item
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    buffers = sum(b.numel() for b in model.buffers()) * item
+def _memory(split: Split, dtype, total: TileWalk, tiles: int, training: bool, gpu: bool, memo=None):
+    """The parts of the predicted peak; ``memo``: where the model's sizes are kept between calls."""
+    item, memo = torch.empty((), dtype=dtype).element_size(), {} if memo is None else memo
+    if "model sizes" not in memo:  # a deep model's parameters take milliseconds to list: once per planner
+        model = split.gm.meta.get("bigpicture_model", split.gm)
+        ps = list(model.parameters())
+        memo["model sizes"] = (sum(p.numel() for p in ps), sum(p.numel() for p in ps if p.requires_grad),
+                               sum(b.numel() for b in model.buffers()))  # fmt: skip
+    params, trainable, buffers = memo["model sizes"]
+    params, buffers = params * item, buffers * item
     boundary = boundary_bytes(split, item)  # the dense sinks (a stage cut's holds: stage_cost.with_cuts)
     working, resident = (total.peak_train if training else total.peak), boundary
     if not (training or gpu) and total.run_peak is not None:  # the CPU: pages written so far (resident.py)

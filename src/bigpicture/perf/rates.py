@@ -180,9 +180,13 @@ class Rates:
             return self.stream(kind, nbytes, backward)  # a formula: numpy computes it as Python does
         if self.ops is None:
             return np.full(nbytes.shape, self.stream(kind, 1, backward))
-        forward = self.ops["stream"]
-        table = (self.ops.get("stream_backward", {}) if backward else forward).get(kind) or forward["unary"]
-        return _interpolate_many(np.array([s for s, _ in table]), np.array([r for _, r in table]), nbytes)
+        key = ("stream", kind, backward)
+        if key not in self._tables:  # the table as arrays, once: the planner asks per node and pass
+            forward = self.ops["stream"]
+            tables = self.ops.get("stream_backward", {}) if backward else forward
+            table = tables.get(kind) or forward["unary"]
+            self._tables[key] = np.array([s for s, _ in table]), np.array([r for _, r in table])
+        return _interpolate_many(*self._tables[key], nbytes)
 
 
 def _interpolate_many(xs: np.ndarray, ys: np.ndarray, x: np.ndarray) -> np.ndarray:

@@ -26,16 +26,16 @@ from bigpicture.engine.tiles import layout, working_counts
 from bigpicture.errors import TilingError
 from bigpicture.perf.compiled import compiled_plan
 from bigpicture.perf.cuts import cut_splits, host_budget
-from bigpicture.perf.devices import Device, load_calibration
+from bigpicture.perf.devices import Device
 from bigpicture.perf.multi import best_on_devices, with_devices
 from bigpicture.perf.predict import (
     Prediction,
+    _setting,
     _size,
     model_dtype,
     predict,
     resolve_device,
 )
-from bigpicture.perf.rates import Rates
 from bigpicture.perf.search import least_prediction, search
 from bigpicture.perf.stage_cost import check_budget
 
@@ -338,17 +338,18 @@ def with_reason(plan: Plan, reason: str) -> Plan:
 
 
 def least_time(
-    splits: list[Split], input_shape, dtype: torch.dtype, tile, device="cpu", training: bool = False
-) -> float:
+    splits: list[Split], input_shape, dtype: torch.dtype, tile, device="cpu", training: bool = False,
+    shared: dict | None = None,
+) -> float:  # fmt: skip
     """A lower bound of ``predict_splits(...).time`` from the number of tiles alone: the engine's
     own seconds per node and tile, which every phase pays at least (a GPU's phase takes the longer
     of its device and host times; the CPU's adds them). Nothing is walked, so the planner skips,
     for the cost of a multiplication, the tiles this already shows slower than its best.
 
     Counted: the tiles some sink writes in (``tiles.working_counts``), each computing at least the
-    nodes the sink depends on (a non-empty box needs non-empty inputs)."""
-    dev = resolve_device(device)
-    rates = Rates(dev, dtype, None if dev.name != "cpu" else load_calibration())
+    nodes the sink depends on (a non-empty box needs non-empty inputs). ``shared``: the search's
+    (``predict_splits``'s), whose rates it reads."""
+    rates = _setting(device, dtype, None, shared)[1]
     grad_node_s = rates.train_node_s / 2
     per_tile = min(rates.node_s, grad_node_s) + 2 * grad_node_s if training else rates.node_s
     seconds = 0.0

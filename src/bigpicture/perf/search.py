@@ -41,7 +41,7 @@ def search(splits, input_shape, tiles, budget: int, dev, dtype, training: bool, 
             tried.insert(0, predict_splits(*args, tile, dev, training, shared=shared))
 
     for tile in reversed(tiles):
-        if best < math.inf and least_time(*args, tile, dev, training) >= best:
+        if best < math.inf and least_time(*args, tile, dev, training, shared) >= best:
             continue
         if best < math.inf and not exhaustive:
             bound = time_bound(*args, tile, dev, training, shared, best / ROUNDING)

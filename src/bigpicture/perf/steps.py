@@ -166,7 +166,8 @@ def steps_of(split: Split, node, rows: Rows, item: int, rates: Rates, grad_in: b
     if isinstance(op, Window):
         st.fwd_s = st.fwd_s + _per_byte(2 * pad_copy, rates.streams("copy", 2 * pad_copy))
     # it runs on every thread, waking them first: convolutions (oneDNN, BLAS) and pooling at any size
-    woken = np.isin(st.kind, ALWAYS_PARALLEL) | ((st.kind != "view") & (elems >= PARALLEL_ELEMENTS))
+    parallel = np.array([k in ALWAYS_PARALLEL for k in st.kind.tolist()], dtype=bool)
+    woken = parallel | ((st.kind != "view") & (elems >= PARALLEL_ELEMENTS))
     st.fwd_s = np.where(woken, st.fwd_s + rates.wake_s, st.fwd_s)
     st.bwd_s = np.where(woken & (st.bwd_s != 0), st.bwd_s + rates.wake_s, st.bwd_s)
     if getattr(rates, "fused", False):  # compiled tiles: memory-bound chains fused (perf/fusion.py)
@@ -180,8 +181,12 @@ def _gradient_sum_s(split: Split, node, rates: Rates) -> float:
     engine keeps in float64 (``execute``: ``gr.to(float64)``, then ``totals + gr``): a float32 read
     and a float64 write, then two float64 reads and a write, per element of each parameter (the first
     tile's sum is its copy: one add per parameter per step over-counted)."""
-    module = _module(split, node)
-    elements = sum(p.numel() for p in module.parameters() if p.requires_grad) if module is not None else 0
+    memo = rates.__dict__.setdefault("_trainable", {})  # per rates (one planner's): asked per pass and tile
+    if node not in memo:
+        module = _module(split, node)
+        params = module.parameters() if module is not None else ()
+        memo[node] = sum(p.numel() for p in params if p.requires_grad)
+    elements = memo[node]
     if not elements:
         return 0.0
     copy, add = elements * 12, elements * 24
