@@ -247,17 +247,36 @@ def _periodic(split: Split, lay: Layout, row, d: int, key, g: int, keys=None, sa
 def _shifted(split: Split, lay: Layout, row, d: int, j: int, period: int) -> bool:
     """Whether tile j + period is tile j moved by period tiles along dimension d, in every node."""
     (w0, n0), (w1, n1) = row(j), row(j + period)
-    pairs = [(split.strides[k], a, b) for k, a, b in zip(split.sinks, w0, w1, strict=True)]
-    pairs += [(split.strides[m], n0[m], n1[m]) for m in n0]
-    moved, shifts = Fraction(period * lay.tile[d]), {}  # nodes share few strides: one division each
-    for stride, a, b in pairs:
-        if stride[d] not in shifts:
-            shift = moved / stride[d]
-            shifts[stride[d]] = int(shift) if shift.denominator == 1 else None
-        shift = shifts[stride[d]]
+    shifts = _shifts(split, lay, d, period)
+    for k, a, b in zip(split.sinks, w0, w1, strict=True):
+        shift = shifts[k]
+        if shift is None or b.lo[d] - a.lo[d] != shift or b.hi[d] - a.hi[d] != shift:
+            return False
+    for m, a in n0.items():
+        shift, b = shifts[m], n1[m]
         if shift is None or b.lo[d] - a.lo[d] != shift or b.hi[d] - a.hi[d] != shift:
             return False
     return True
+
+
+def _shifts(split: Split, lay: Layout, d: int, period: int) -> dict:
+    """Per node, how many of its pixels ``period`` tiles along d move it (None: not a whole number),
+    cached by split, layout, dimension and period: the planner asks per pair of rows it compares."""
+    key = (id(split), lay, d, period)
+    if key not in _SHIFTS or _SHIFTS[key][0] is not split:
+        moved, by_stride, shifts = Fraction(period * lay.tile[d]), {}, {}
+        for node, stride in split.strides.items():  # nodes share few strides: one division each
+            if stride[d] not in by_stride:
+                shift = moved / stride[d]
+                by_stride[stride[d]] = int(shift) if shift.denominator == 1 else None
+            shifts[node] = by_stride[stride[d]]
+        if len(_SHIFTS) >= 256:
+            _SHIFTS.pop(next(iter(_SHIFTS)))
+        _SHIFTS[key] = (split, shifts)  # the split is kept, so its id is not reused while cached
+    return _SHIFTS[key][1]
+
+
+_SHIFTS: dict = {}
 
 
 def _key(geometry: Geometry, j: int, d: int) -> tuple:
