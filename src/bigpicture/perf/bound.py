@@ -49,10 +49,11 @@ def time_bound(
     target: float = math.inf,
 ) -> float | None:  # fmt: skip
     """A lower bound of ``predict.predict_splits(splits, input_shape, dtype, tile, device, training,
-    shared=shared).time``, or None where none is known; the passes are summed until ``target``."""
+    shared=shared).time``, or None where none is known; the passes are summed until ``target``, the
+    last first (the whole network, forward and backward: usually the most of the time)."""
     _, rates, _, shared = _setting(device, dtype, None, shared)
     total = 0.0
-    for k, s in enumerate(splits):
+    for k, s in reversed(list(enumerate(splits))):
         seconds = pass_bound(s, layout(s, input_shape, tile_of(tile, k)), dtype, rates, training)
         if seconds is None:
             return None
