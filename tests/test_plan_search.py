@@ -67,7 +67,7 @@ DEVICES = {"cpu": torch.float32, "cpu calibrated": torch.float32, "H100-SXM": to
 def chosen(splits, shape, budget, device, dtype, training, exhaustive):
     """(the prediction ``best_tile`` chooses, the tiles the time bound skipped, the predictions made)."""
     tiles = candidates(splits, shape)
-    tried, bounds, _, skipped = search(splits, shape, tiles, budget, get_device(device.split()[0]), dtype,
+    tried, bounds, _, skipped, _ = search(splits, shape, tiles, budget, get_device(device.split()[0]), dtype,
                                        training, least_time, exhaustive)  # fmt: skip
     fits = [p for p in tried if p.memory <= budget]
     best = min(fits, key=lambda p: (p.time, -math.prod(p.tile))) if fits else None
@@ -290,3 +290,23 @@ def test_memory_bounds_at_once_equal_one_walk_per_tile(name, device, training):
     tiles = candidates(splits, shape)
     together = least_memories(splits, shape, dtype, tiles, dev, training, {})
     assert together == {t: least_memory(splits, shape, dtype, t, dev, training) for t in tiles}
+
+
+@pytest.mark.parametrize("device", ["cpu calibrated", "L4"])
+@pytest.mark.parametrize("name", list(NETWORKS))
+def test_the_note_names_the_next_larger_tile_as_without_the_time_bound(name, device, monkeypatch):
+    """The note's next larger tile and its peak (a bytes-only prediction where the time bound
+    skipped it) are those of a search that predicts every candidate the time bound would skip."""
+    from bigpicture.perf import search as search_module
+    from bigpicture.perf.schedule import best_tile
+
+    factory, shape = NETWORKS[name]
+    splits, dtype = analyse(factory().eval(), shape), DEVICES[device]
+    dev = device.split()[0]
+    for budget in _budgets(splits, shape, device, dtype, True):
+        pruned = best_tile(splits, shape, budget, dev, dtype, True)
+        with monkeypatch.context() as patch:
+            patch.setattr(search_module, "time_bound", lambda *args, **kwargs: None)
+            every = best_tile(splits, shape, budget, dev, dtype, True)
+        assert pruned == every.with_note(pruned.note)
+        assert pruned.note.partition(";")[2] == every.note.partition(";")[2], (pruned.note, every.note)

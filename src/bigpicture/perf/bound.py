@@ -12,12 +12,14 @@ combinations of its per-dimension geometries, each run by the product of their t
     per node        its lengths and its inputs' per dimension, combined over the dimensions
                     --> ``steps.steps_of`` on those rows: the prediction's own step seconds
 
-What the lengths do not say is left out, each of which only adds to a step's seconds: the padded
-or contiguous copy of a window's input (``steps_of`` with nothing copied), and a normalisation
-reading a strided view (the faster of the two rates counts). Exact otherwise: the rates, torch's
-backend for each input shape, thread wake-ups, the gradient sums of values read twice, the
-training step's last tile (the forward keeps its graph), the engine's cost per node and tile. So
-the bound is the prediction's time less the copies at the image border, a few percent at most.
+What the lengths do not say is left out, each of which only adds to a step's seconds (``steps_of``
+with ``least``): the padded or contiguous copy of a window's input (nothing is copied), and a
+normalisation reading a strided view (the faster of its two rates counts). Exact otherwise: the
+rates, torch's backend for each input shape, thread wake-ups, the gradient sums of values read
+twice, the training step's last tile (the forward keeps its graph), the engine's cost per node and
+tile. So the bound is the prediction's time less the copies, mostly at the image border: 0.94-1.00
+of it on the census networks at 16,384^2 (the last bound, from the fastest rate near each shape and
+the box lengths, was 0.33-0.64 on the CPU).
 None where the product rule does not hold (a sink without work in some tile, an empty box) or for
 fused steps (compiled tiles).
 """
@@ -25,7 +27,7 @@ fused steps (compiled tiles).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -38,7 +40,7 @@ from bigpicture.engine.tiles import Layout, layout, working_counts
 from bigpicture.perf.grid import diagonal_of, dim_keys
 from bigpicture.perf.predict import _setting
 from bigpicture.perf.rates import Rates
-from bigpicture.perf.steps import _NORM, Rows, _facts, steps_of
+from bigpicture.perf.steps import Rows, steps_of
 from bigpicture.perf.walk import accumulation_s, bytes_of, grad_in, grads, readers
 
 
@@ -47,10 +49,11 @@ def time_bound(
     target: float = math.inf,
 ) -> float | None:  # fmt: skip
     """A lower bound of ``predict.predict_splits(splits, input_shape, dtype, tile, device, training,
-    shared=shared).time``, or None where none is known; the passes are summed until ``target``."""
+    shared=shared).time``, or None where none is known; the passes are summed until ``target``, the
+    last first (the whole network, forward and backward: usually the most of the time)."""
     _, rates, _, shared = _setting(device, dtype, None, shared)
     total = 0.0
-    for k, s in enumerate(splits):
+    for k, s in reversed(list(enumerate(splits))):
         seconds = pass_bound(s, layout(s, input_shape, tile_of(tile, k)), dtype, rates, training)
         if seconds is None:
             return None
@@ -74,7 +77,7 @@ def pass_bound(split: Split, lay: Layout, dtype: torch.dtype, rates: Rates, trai
     steps, combos = [], {}
     for node in list(grad)[1:]:  # the image first: it has no step
         c = combos[node] = _combos(split, node, tables)
-        st = least_step(split, node, c.rows, item, rates, grad_in(split, node, grad))
+        st = steps_of(split, node, c.rows, item, rates, grad_in(split, node, grad), least=True)
         steps.append(st)
         fwd, last_fwd = fwd + float(c.tiles @ st.fwd_s), last_fwd + float(st.fwd_s[c.last])
         bwd += float(c.tiles @ st.bwd_s) if training and grad[node] else 0.0
@@ -98,16 +101,6 @@ def pass_bound(split: Split, lay: Layout, dtype: torch.dtype, rates: Rates, trai
     if rates.gpu:  # the host runs ahead of the GPU: a phase takes the longer of the two
         return sum(max(device, host) for device, host in phases)
     return sum(device + host for device, host in phases)
-
-
-def least_step(split: Split, node, rows: Rows, item: int, rates: Rates, grad_in: bool):
-    """``steps.steps_of`` with nothing copied: a normalisation that may read a strided view takes
-    the faster of its two rates (where the calibration has the strided one)."""
-    st = steps_of(split, node, rows, item, rates, grad_in)
-    if _facts(split, node)[0] in _NORM and not rates.gpu and rates.measured:
-        strided = steps_of(split, node, replace(rows, copied=~rows.copied), item, rates, grad_in)
-        st.fwd_s, st.bwd_s = np.minimum(st.fwd_s, strided.fwd_s), np.minimum(st.bwd_s, strided.bwd_s)
-    return st
 
 
 @dataclass(frozen=True)

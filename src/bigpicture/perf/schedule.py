@@ -183,8 +183,8 @@ def best_tile(
     check_budget(splits[-1], dtype, training, budget)  # global stages no tile size changes
     # from the largest tile down, skipping those bounds show over the budget or slower (search.py)
     tiles = candidates(splits, input_shape)
-    tried, bounds, shared, skipped = search(splits, input_shape, tiles, budget, dev, dtype, training,
-                                            least_time)  # fmt: skip
+    tried, bounds, shared, skipped, needs = search(splits, input_shape, tiles, budget, dev, dtype, training,
+                                                   least_time)  # fmt: skip
     fits = [p for p in tried if p.memory <= budget]
     if not fits:
         p = least_prediction(splits, input_shape, dtype, dev, training, tried, bounds, shared)
@@ -198,9 +198,9 @@ def best_tile(
     best = min(fits, key=lambda p: (p.time, -math.prod(p.tile)))
     note = f"fastest predicted of the {len(fits)} tile sizes (of {len(tried)}) that fit {_size(budget)}"
     note += f", {skipped} more bounded slower" if skipped else ""
-    bigger = [t for t in sorted(bounds, key=math.prod) if math.prod(t) > math.prod(best.tile)]
+    bigger = [t for t in sorted({*bounds, *needs}, key=math.prod) if math.prod(t) > math.prod(best.tile)]
     if bigger:
-        known = {p.tile: p.memory for p in tried}
+        known = {**{p.tile: p.memory for p in tried}, **needs}
         need = known.get(bigger[0])
         need = _size(need) if need is not None else f"more than {_size(bounds[bigger[0]])}"
         note += f"; the next larger, {_side(bigger[0])}, needs {need}"

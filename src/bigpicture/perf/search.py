@@ -25,7 +25,8 @@ ROUNDING = 1 - 1e-9  # the bound sums in another order than the prediction
 
 def search(splits, input_shape, tiles, budget: int, dev, dtype, training: bool, least_time, exhaustive=False):
     """(the predictions made, newest and smallest first; each visited tile's memory bound; the
-    ``shared`` dict of the predictions; how many tiles the time bound skipped). ``least_time``:
+    ``shared`` dict of the predictions; how many tiles the time bound skipped; the predicted peak of
+    the next larger tile than the choice where the time bound skipped it, for the note). ``least_time``:
     ``schedule.least_time``; ``exhaustive``: predict every tile whose memory bound fits (tests)."""
     tried, bounds, skipped, shared, best = [], {}, [], {}, math.inf
     args = (splits, input_shape, dtype)
@@ -51,13 +52,15 @@ def search(splits, input_shape, tiles, budget: int, dev, dtype, training: bool, 
         visit(tile)
         if tile in bounds and bounds[tile] <= budget and tried[0].memory <= budget:
             best = min(best, tried[0].time)
-    if best < math.inf:  # the tile the note names as the next larger one: predicted, as without skips
+    needs = {}
+    if best < math.inf:  # the tile the note names as the next larger one: its peak, as without skips
         chosen = min((p for p in tried if p.memory <= budget), key=lambda p: (p.time, -math.prod(p.tile)))
         larger = [t for t in [*bounds, *skipped] if math.prod(t) > math.prod(chosen.tile)]
-        if larger and min(larger, key=math.prod) in skipped:
-            skipped.remove(min(larger, key=math.prod))
-            visit(min(larger, key=math.prod))
-    return tried, bounds, shared, len(skipped)
+        if larger and min(larger, key=math.prod) in skipped:  # bytes only: only its memory is read
+            tile = min(larger, key=math.prod)
+            memory_only = {"rates": bytes_only(_setting(dev, dtype, None, shared)[1])}
+            needs[tile] = predict_splits(*args, tile, dev, training, shared=memory_only).memory
+    return tried, bounds, shared, len(skipped), needs
 
 
 def least_prediction(splits, input_shape, dtype, dev, training, tried: list, bounds: dict, shared: dict):

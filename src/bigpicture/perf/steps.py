@@ -119,9 +119,12 @@ def row(st: Step, i: int) -> Step:
     return replace(st, **values)
 
 
-def steps_of(split: Split, node, rows: Rows, item: int, rates: Rates, grad_in: bool) -> Step:
+def steps_of(
+    split: Split, node, rows: Rows, item: int, rates: Rates, grad_in: bool, least: bool = False
+) -> Step:
     """The steps of ``node`` on every row of ``rows`` at once: a ``Step`` whose numbers, flags and
-    kind are arrays with one entry per row (``row`` takes one out)."""
+    kind are arrays with one entry per row (``row`` takes one out). ``least``: a normalisation's rows
+    at the faster of its plain and strided rates (the time bound's, with nothing copied)."""
     op, shape = split.ops[node], split.shapes[node]
     n, c, r = shape[0], shape[1], len(rows.numel)
     ins = tuple(op.inputs)
@@ -162,7 +165,8 @@ def steps_of(split: Split, node, rows: Rows, item: int, rates: Rates, grad_in: b
         st.bwd_s = np.array([max(w / rates.pool(w, True), 2 * b / rates.stream("unary", 2 * b))
                              for w, b in zip(window.tolist(), st.bytes.tolist(), strict=True)])  # fmt: skip
     else:
-        _stream_steps(op, name, st, view & ~np.bool_(inplace), elems, item, rates, rows.copied)
+        strided = None if least else rows.copied
+        _stream_steps(op, name, st, view & ~np.bool_(inplace), elems, item, rates, strided)
     if isinstance(op, Window):
         st.fwd_s = st.fwd_s + _per_byte(2 * pad_copy, rates.streams("copy", 2 * pad_copy))
     # it runs on every thread, waking them first: convolutions (oneDNN, BLAS) and pooling at any size
@@ -230,7 +234,7 @@ def _conv_steps(split: Split, op, st: Step, rows: Rows, n: int, c: int, item: in
 
 
 def _stream_steps(
-    op, name: str, st: Step, view: np.ndarray, elems, item: int, rates: Rates, strided: np.ndarray
+    op, name: str, st: Step, view: np.ndarray, elems, item: int, rates: Rates, strided: np.ndarray | None
 ) -> None:
     """``steps_of`` for a memory-bound op (rows where it is a view of its input move nothing; a
     normalisation's ``strided`` rows read a strided view, at the rate calibrated for that)."""
@@ -245,14 +249,16 @@ def _stream_steps(
     st.bwd_s = _per_byte(moved, _rates(rates, kind, moved, strided, backward=True))
 
 
-def _rates(rates: Rates, kind: str, nbytes: np.ndarray, strided: np.ndarray, backward: bool = False):
+def _rates(rates: Rates, kind: str, nbytes: np.ndarray, strided: np.ndarray | None, backward: bool = False):
     """``rates.streams``; a normalisation's rows that read a strided view at that rate (measured
-    here 2.0-2.3x slower forward and backward, PyTorch's generic kernel) where it was calibrated."""
+    here 2.0-2.3x slower forward and backward, PyTorch's generic kernel) where it was calibrated.
+    ``strided`` None: the faster of the two (a lower bound of either: ``bound.py``)."""
     rate = rates.streams(kind, nbytes, backward)
     ops = {} if rates.gpu else rates.ops or {}
     tables = ops.get("stream_backward" if backward else "stream")
-    if kind == "norm" and strided.any() and "norm_strided" in (tables or {}):  # older calibrations lack it
-        rate = np.where(strided, rates.streams("norm_strided", nbytes, backward), rate)
+    if kind == "norm" and (strided is None or strided.any()) and "norm_strided" in (tables or {}):
+        other = rates.streams("norm_strided", nbytes, backward)  # older calibrations lack it
+        rate = np.maximum(rate, other) if strided is None else np.where(strided, other, rate)
     return rate
 
 
