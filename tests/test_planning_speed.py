@@ -288,7 +288,7 @@ def test_the_planners_search_is_bounded_whatever_the_input_size(nd, classifier, 
         except bp.TilingError as e:  # the dense output alone is over the budget: a result too
             assert "no tile fits" in str(e)
             chosen.append(None)
-        # each candidate: a walk for its memory bound, and the diagonal rows of its time bound (`bound.dim_tables`)
+        # each candidate: a walk for its memory bound, the diagonal rows of its time bound
         assert counted["needs"] <= 192 and counted["steps"] <= 640, (size, counted, chosen)
     assert any(c is not None and c[1] > 1 for c in chosen) or not classifier, chosen  # tiles were chosen
 
