@@ -19,7 +19,7 @@ from test_planning_speed import calibrated, unet2d
 from test_random_architectures import blueprints, examples
 from torch import nn
 
-from bigpicture.engine.tiles import Diagonal
+from bigpicture.engine.tiles import Diagonal, working_counts
 from bigpicture.perf import bound, predict
 from bigpicture.perf.devices import get_device
 from bigpicture.perf.grid import layout
@@ -27,7 +27,8 @@ from bigpicture.perf.memory_bound import least_memories
 from bigpicture.perf.predict import least_memory, predict_splits
 from bigpicture.perf.schedule import analyse, candidates, least_time
 from bigpicture.perf.search import search
-from bigpicture.perf.walk import bytes_only, last_tile, walk
+from bigpicture.perf.walk import bytes_only, grads, last_tile, walk
+from bigpicture.perf.work_bound import work_bound
 
 
 @pytest.fixture(autouse=True)
@@ -96,11 +97,15 @@ def test_the_pruned_search_chooses_as_predicting_every_tile(name, device, traini
         assert pruned == every, (budget, pruned.tile, every.tile)  # the whole prediction, field by field
 
 
+@pytest.mark.parametrize("levels", ["every level", "no tight level"])
 @pytest.mark.parametrize("device", ["cpu calibrated"])
 @pytest.mark.parametrize("name", ["wide field 2d", "3d"])
-def test_the_bound_skips_predictions(name, device):
+def test_the_bound_skips_predictions(name, device, levels, monkeypatch):
     """The table above is not vacuous: with halos many times the work, small tiles are bounded
-    slower than the whole image and not predicted."""
+    slower than the whole image and not predicted; the work at the fastest rates (``work_bound``)
+    alone skips some."""
+    if levels == "no tight level":
+        monkeypatch.setattr(bound, "pass_bound", lambda *args: 0.0)
     factory, shape = NETWORKS[name]
     splits, dtype = analyse(factory().eval(), shape), DEVICES[device]
     budget = _budgets(splits, shape, device, dtype, True)[0]
@@ -118,8 +123,8 @@ def test_the_time_bound_is_below_every_prediction(name, device, training):
     for tile in candidates(splits, shape):
         p = predict_splits(splits, shape, dtype, tile, device.split()[0], training)
         b = bound.time_bound(splits, shape, dtype, tile, device.split()[0], training, {})
-        assert b is not None, tile  # every sink writes in every tile here: the bound is known
         assert 0 < b <= p.time * (1 + 1e-9), (tile, b, p.time)  # equal where the host time decides
+        _levels(splits, shape, dtype, tile, device.split()[0], training)
         assert least_time(splits, shape, dtype, tile, device.split()[0], training) <= b * (1 + 1e-9)
 
 
@@ -194,10 +199,34 @@ def _ratios(splits, shape, dtype, device, training, tiles, known=True):
         p = predict_splits(splits, shape, dtype, tile, device, training)
         assert 0 < least_memory(splits, shape, dtype, tile, device, training) <= p.memory, tile
         b = bound.time_bound(splits, shape, dtype, tile, device, training, {})
-        if b is not None or known:
-            assert b is not None and 0 < b <= p.time * (1 + 1e-9), (tile, b, p.time)
+        assert 0 < b <= p.time * (1 + 1e-9), (tile, b, p.time)
+        if _levels(splits, shape, dtype, tile, device, training) or known:
             out.append(b / p.time)
     return out
+
+
+def _levels(splits, shape, dtype, tile, device, training) -> bool:
+    """Per pass, the time bound's levels are in order: the engine's cost alone, at most the work at
+    the fastest rates (``work_bound``), at most the prediction's step seconds (``pass_bound``), and
+    the whole bound is their sum (where the tight level is known: True)."""
+    shared = {}
+    rates = predict._setting(device, dtype, None, shared)[1]
+    item, known, total = torch.empty((), dtype=dtype).element_size(), True, 0.0
+    for s in splits:
+        lay = layout(s, shape, tile)
+        engine = bound.engine_bound(s, lay, rates, training)
+        tables = bound.dim_tables(s, lay)
+        if tables is None or any(working_counts(s, lay, k) != lay.grid for k in s.sinks):
+            known, total = False, total + engine
+            continue
+        grad = grads(s, Diagonal(s, lay).row(0)[1], False)
+        work = work_bound(s, tables, lay.grid, item, rates, training, grad, {})
+        tight = bound.pass_bound(s, lay, dtype, rates, training, (tables, grad))
+        assert 0 < work <= tight * (1 + 1e-9), (tile, work, tight)
+        assert engine <= tight * (1 + 1e-9), (tile, engine, tight)
+        total += max(engine, work, tight)
+    assert bound.time_bound(splits, shape, dtype, tile, device, training, shared) == pytest.approx(total)
+    return known
 
 
 @given(blueprints(nd=2, dag=True, max_steps=5), st.sampled_from([*DEVICES, "cpu strided"]), st.booleans())
@@ -261,6 +290,7 @@ def test_the_time_bound_is_below_the_prediction_on_long_grids(name, device, trai
         p = predict_splits(splits, shape, dtype, tile, device.split()[0], training)
         b = bound.time_bound(splits, shape, dtype, tile, device.split()[0], training, {})
         assert 0 < b <= p.time * (1 + 1e-9), (tile, b, p.time)
+        _levels(splits, shape, dtype, tile, device.split()[0], training)
 
 
 @pytest.mark.parametrize("device", ["cpu calibrated", "L4"])

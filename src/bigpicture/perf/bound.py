@@ -18,10 +18,14 @@ normalisation reading a strided view (the faster of its two rates counts). Exact
 rates, torch's backend for each input shape, thread wake-ups, the gradient sums of values read
 twice, the training step's last tile (the forward keeps its graph), the engine's cost per node and
 tile. So the bound is the prediction's time less the copies, mostly at the image border: 0.94-1.00
-of it on the census networks at 16,384^2 (the last bound, from the fastest rate near each shape and
-the box lengths, was 0.33-0.64 on the CPU).
-None where the product rule does not hold (a sink without work in some tile, an empty box) or for
-fused steps (compiled tiles).
+of it on the census networks at 16,384^2. It costs nearly a prediction, so it comes last, per pass,
+only while the cheaper levels leave the sum below the best time so far:
+
+    engine_bound   the engine's cost per node and tile (nothing walked)
+    work_bound     each step's work at the fastest rate it can get (``work_bound.py``: 0.5-0.7 of
+                   the prediction on the CPU, a few ms per pass)
+    pass_bound     the above (unknown where the product rule does not hold: a sink without work in
+                   some tile, an empty box; or for fused steps, compiled tiles)
 """
 
 from __future__ import annotations
@@ -42,36 +46,90 @@ from bigpicture.perf.predict import _setting
 from bigpicture.perf.rates import Rates
 from bigpicture.perf.steps import Rows, steps_of
 from bigpicture.perf.walk import accumulation_s, bytes_of, grad_in, grads, readers
+from bigpicture.perf.work_bound import work_bound
 
 
 def time_bound(
     splits: list[Split], input_shape, dtype: torch.dtype, tile, device, training: bool, shared: dict,
     target: float = math.inf,
-) -> float | None:  # fmt: skip
+) -> float:  # fmt: skip
     """A lower bound of ``predict.predict_splits(splits, input_shape, dtype, tile, device, training,
-    shared=shared).time``, or None where none is known; the passes are summed until ``target``, the
-    last first (the whole network, forward and backward: usually the most of the time)."""
+    shared=shared).time``, made tighter only while it is below ``target``: per pass, first the
+    engine's cost alone (``engine_bound``, nothing walked), then the work at the fastest rates
+    (``work_bound.work_bound``), then the prediction's own step seconds (``pass_bound``); each level
+    over the passes last first (the whole network: usually the most of the time)."""
     _, rates, _, shared = _setting(device, dtype, None, shared)
-    total = 0.0
-    for k, s in reversed(list(enumerate(splits))):
-        seconds = pass_bound(s, layout(s, input_shape, tile_of(tile, k)), dtype, rates, training)
-        if seconds is None:
-            return None
-        total += seconds
-        if total >= target:
-            break
+    memo = shared.setdefault(("bound", "rates"), {})  # the rates' maxima (work_bound.py)
+    lays = [layout(s, input_shape, tile_of(tile, k)) for k, s in enumerate(splits)]
+    levels = [engine_bound(s, lay, rates, training) for s, lay in zip(splits, lays, strict=True)]
+    total = sum(levels)
+    if total >= target:
+        return total
+    item, known = torch.empty((), dtype=dtype).element_size(), {}
+
+    def tables(k: int):  # (dim_tables, grads) of pass k, or None where the product rule does not hold
+        if k not in known:
+            s, lay = splits[k], lays[k]
+            full = not getattr(rates, "fused", False) and all(working_counts(s, lay, sink) == lay.grid
+                                                              for sink in s.sinks)  # fmt: skip
+            t = dim_tables(s, lay) if full else None
+            known[k] = None if t is None else (t, grads(s, diagonal_of(s, lay).row(0)[1], False))
+        return known[k]
+
+    def work(k: int):
+        found = tables(k)
+        return None if found is None else work_bound(splits[k], found[0], lays[k].grid, item, rates,
+                                                     training, found[1], memo)  # fmt: skip
+
+    def tight(k: int):
+        found = tables(k)
+        return None if found is None else pass_bound(splits[k], lays[k], dtype, rates, training, found)
+
+    for level in (work, tight):
+        for k in reversed(range(len(splits))):
+            seconds = level(k)
+            if seconds is not None and seconds > levels[k]:
+                total, levels[k] = total + seconds - levels[k], seconds
+                if total >= target:
+                    return total
     return total
 
 
-def pass_bound(split: Split, lay: Layout, dtype: torch.dtype, rates: Rates, training: bool) -> float | None:
-    """A lower bound of the predicted time of one pass (``predict._predict_pass``) with layout ``lay``."""
-    if getattr(rates, "fused", False) or any(working_counts(split, lay, k) != lay.grid for k in split.sinks):
-        return None
-    tables = dim_tables(split, lay)
-    if tables is None:
-        return None
+def engine_bound(split: Split, lay: Layout, rates: Rates, training: bool) -> float:
+    """A lower bound of a pass's predicted time from its number of tiles alone: the engine's own
+    seconds per node and tile, which every phase pays at least (a GPU's phase takes the longer of
+    its device and host times; the CPU's adds them). Counted: the tiles some sink writes in
+    (``tiles.working_counts``), each computing at least the nodes the sink depends on (a non-empty
+    box needs non-empty inputs)."""
+    grad_node_s = rates.train_node_s / 2
+    per_tile = min(rates.node_s, grad_node_s) + 2 * grad_node_s if training else rates.node_s
+    least = 0.0
+    for sink in split.sinks:  # the tiles where this sink writes compute at least its ancestors
+        tiles, nodes = math.prod(working_counts(split, lay, sink)), len(_ancestors(split, sink))
+        least = max(least, tiles * nodes * per_tile - (nodes * grad_node_s if training else 0.0))
+    return least
+
+
+def _ancestors(split: Split, sink) -> set:
+    """The spatial nodes ``sink`` is computed from (itself included, the image not)."""
+    seen, todo = set(), [sink]
+    while todo:
+        node = todo.pop()
+        if node in seen or node is split.input or split.roles.get(node) != "spatial":
+            continue
+        seen.add(node)
+        todo.extend(node.all_input_nodes)
+    return seen
+
+
+def pass_bound(
+    split: Split, lay: Layout, dtype: torch.dtype, rates: Rates, training: bool, found: tuple
+) -> float:
+    """A lower bound of the predicted time of one pass (``predict._predict_pass``) with layout ``lay``,
+    whose every tile has work in every sink; ``found``: (its ``dim_tables``, ``walk.grads`` of its
+    diagonal's first row)."""
+    tables, grad = found
     item = torch.empty((), dtype=dtype).element_size()
-    grad = grads(split, diagonal_of(split, lay).row(0)[1], False)
     fwd = last_fwd = bwd = 0.0
     ops = last_ops = 0
     steps, combos = [], {}

@@ -22,8 +22,9 @@ from torch import fx, nn
 from bigpicture.engine import capture as g
 from bigpicture.engine.plan import Plan, capture, plan_graph, plan_splits, split_graph
 from bigpicture.engine.split import Split, split, stages
-from bigpicture.engine.tiles import layout, working_counts
+from bigpicture.engine.tiles import layout
 from bigpicture.errors import TilingError
+from bigpicture.perf.bound import engine_bound
 from bigpicture.perf.compiled import compiled_plan
 from bigpicture.perf.cuts import cut_splits, host_budget
 from bigpicture.perf.devices import Device
@@ -341,37 +342,12 @@ def least_time(
     splits: list[Split], input_shape, dtype: torch.dtype, tile, device="cpu", training: bool = False,
     shared: dict | None = None,
 ) -> float:  # fmt: skip
-    """A lower bound of ``predict_splits(...).time`` from the number of tiles alone: the engine's
-    own seconds per node and tile, which every phase pays at least (a GPU's phase takes the longer
-    of its device and host times; the CPU's adds them). Nothing is walked, so the planner skips,
-    for the cost of a multiplication, the tiles this already shows slower than its best.
-
-    Counted: the tiles some sink writes in (``tiles.working_counts``), each computing at least the
-    nodes the sink depends on (a non-empty box needs non-empty inputs). ``shared``: the search's
-    (``predict_splits``'s), whose rates it reads."""
+    """A lower bound of ``predict_splits(...).time`` from the number of tiles alone (``bound.engine_bound``
+    of each pass): nothing is walked, so the planner skips, for the cost of a multiplication, the tiles
+    this already shows slower than its best. ``shared``: the search's (``predict_splits``'s), whose
+    rates it reads."""
     rates = _setting(device, dtype, None, shared)[1]
-    grad_node_s = rates.train_node_s / 2
-    per_tile = min(rates.node_s, grad_node_s) + 2 * grad_node_s if training else rates.node_s
-    seconds = 0.0
-    for s in splits:
-        lay, least = layout(s, input_shape, tile), 0.0
-        for sink in s.sinks:  # the tiles where this sink writes compute at least its ancestors
-            tiles, nodes = math.prod(working_counts(s, lay, sink)), len(_ancestors(s, sink))
-            least = max(least, tiles * nodes * per_tile - (nodes * grad_node_s if training else 0.0))
-        seconds += least
-    return seconds
-
-
-def _ancestors(split: Split, sink) -> set:
-    """The spatial nodes ``sink`` is computed from (itself included, the image not)."""
-    seen, todo = set(), [sink]
-    while todo:
-        node = todo.pop()
-        if node in seen or node is split.input or split.roles.get(node) != "spatial":
-            continue
-        seen.add(node)
-        todo.extend(node.all_input_nodes)
-    return seen
+    return sum(engine_bound(s, layout(s, input_shape, tile), rates, training) for s in splits)
 
 
 def _size_up(n: int) -> str:
