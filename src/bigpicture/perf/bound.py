@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -81,17 +82,20 @@ def time_bound(
         return None if found is None else work_bound(splits[k], found[0], lays[k].grid, item, rates,
                                                      training, found[1], memo)  # fmt: skip
 
-    def tight(k: int):
-        found = tables(k)
-        return None if found is None else pass_bound(splits[k], lays[k], dtype, rates, training, found)
-
-    for level in (work, tight):
-        for k in reversed(range(len(splits))):
-            seconds = level(k)
-            if seconds is not None and seconds > levels[k]:
+    for k in reversed(range(len(splits))):
+        seconds = work(k)
+        if seconds is not None and seconds > levels[k]:
+            total, levels[k] = total + seconds - levels[k], seconds
+            if total >= target:
+                return total
+    # the tight level over chunks of passes, 1, 2, 4, ... (each node's steps asked once per chunk)
+    rest, size = [k for k in reversed(range(len(splits))) if tables(k) is not None], 1
+    while rest and total < target:
+        chunk, rest, size = rest[:size], rest[size:], 2 * size
+        found = pass_bounds([(splits[k], lays[k], tables(k)) for k in chunk], dtype, rates, training)
+        for k, seconds in zip(chunk, found, strict=True):
+            if seconds > levels[k]:
                 total, levels[k] = total + seconds - levels[k], seconds
-                if total >= target:
-                    return total
     return total
 
 
@@ -128,23 +132,68 @@ def pass_bound(
     """A lower bound of the predicted time of one pass (``predict._predict_pass``) with layout ``lay``,
     whose every tile has work in every sink; ``found``: (its ``dim_tables``, ``walk.grads`` of its
     diagonal's first row)."""
-    tables, grad = found
+    return pass_bounds([(split, lay, found)], dtype, rates, training)[0]
+
+
+class _Part(NamedTuple):
+    """A node's steps in one pass: what ``pass_bounds`` reads of ``steps.steps_of``."""
+
+    inputs: tuple
+    fwd_s: np.ndarray
+    bwd_s: np.ndarray
+    kind: np.ndarray
+
+
+def pass_bounds(passes: list[tuple], dtype: torch.dtype, rates: Rates, training: bool) -> list[float]:
+    """``pass_bound`` of each of ``passes`` ((split, layout, found)): a node's steps are asked once
+    over its rows in all of them (the passes of global statistics recompute the nodes before
+    them: a squeeze-and-excitation network's 17-34 passes share most nodes, each its own boxes)."""
     item = torch.empty((), dtype=dtype).element_size()
+    combos: list[dict] = [{} for _ in passes]
+    groups: dict = {}  # steps_of's call for each node, over the passes where its step reads alike
+    for k, (split, _, (tables, grad)) in enumerate(passes):
+        for node in list(grad)[1:]:  # the image first: it has no step
+            c = combos[k][node] = _combos(split, node, tables)
+            key = (node, id(split.ops[node]), grad_in(split, node, grad), tuple(i for i, _ in c.rows.inputs))
+            groups.setdefault(key, []).append(k)
+    steps: list[dict] = [{} for _ in passes]
+    for (node, _, grad_input, _), ks in groups.items():
+        rows = [combos[k][node].rows for k in ks]
+        st = steps_of(passes[ks[0]][0], node, joined(rows), item, rates, grad_input, least=True)
+        start = 0
+        for k, r in zip(ks, rows, strict=True):
+            at = slice(start, start + len(r.numel))
+            steps[k][node], start = _Part(st.inputs, st.fwd_s[at], st.bwd_s[at], st.kind[at]), at.stop
+    return [_seconds(*p, combos[k], steps[k], item, rates, training) for k, p in enumerate(passes)]
+
+
+def joined(rows: list[Rows]) -> Rows:
+    """The rows of several ``Rows`` (of one node, alike in their inputs) as one: one ``steps.steps_of``."""
+    if len(rows) == 1:
+        return rows[0]
+    inputs = tuple(
+        (i, np.concatenate([r.inputs[k][1] for r in rows])) for k, (i, _) in enumerate(rows[0].inputs)
+    )
+    fields = ("numel", "padded", "extra", "outside", "copied")
+    return Rows(**{f: np.concatenate([getattr(r, f) for r in rows]) for f in fields}, inputs=inputs)
+
+
+def _seconds(split: Split, lay: Layout, found: tuple, combos: dict, steps: dict, item: int, rates: Rates,
+             training: bool) -> float:  # fmt: skip
+    """One pass's bound from its nodes' steps (``pass_bounds``)."""
+    grad = found[1]
     fwd = last_fwd = bwd = 0.0
     ops = last_ops = 0
-    steps, combos = [], {}
-    for node in list(grad)[1:]:  # the image first: it has no step
-        c = combos[node] = _combos(split, node, tables)
-        st = steps_of(split, node, c.rows, item, rates, grad_in(split, node, grad), least=True)
-        steps.append(st)
+    for node, st in steps.items():
+        c = combos[node]
         fwd, last_fwd = fwd + float(c.tiles @ st.fwd_s), last_fwd + float(st.fwd_s[c.last])
         bwd += float(c.tiles @ st.bwd_s) if training and grad[node] else 0.0
         works = st.kind != "view"
         ops, last_ops = ops + int(c.tiles[works].sum()), last_ops + int(works[c.last])
     if training:  # a value read by several steps: its gradients summed (``walk.accumulation_s``)
-        for i, r in readers(steps, grad):
-            sizes = bytes_of(split, i, combos[i].rows.numel, item).tolist()
-            bwd += sum(n * accumulation_s(b, r, rates) for n, b in zip(combos[i].tiles.tolist(), sizes))
+        for i, r in readers(list(steps.values()), grad):
+            sizes = bytes_of(split, i, combos[i].rows.numel, item)
+            bwd += float(combos[i].tiles @ accumulation_s(sizes, r, rates))
     tiles, nodes = math.prod(lay.grid), len(grad) - 1
     grad_node_s = rates.train_node_s / 2
     # as ``predict._time``: the forward keeps the last tile's graph (its nodes with autograd), the

@@ -23,6 +23,7 @@ from bigpicture.engine.rules import Window
 from bigpicture.engine.rules.resample import ConvTranspose, Pad
 from bigpicture.engine.split import Split
 from bigpicture.engine.tiles import layout, working_counts
+from bigpicture.perf.bound import joined
 from bigpicture.perf.predict import _memory, _setting, memory_walked
 from bigpicture.perf.resident import resident_bytes
 from bigpicture.perf.steps import Rows, _outside, _stored, geometries, spatial_inputs, step_key, steps_of
@@ -37,9 +38,9 @@ def least_memories(
     dev, rates, on_device, shared = _setting(device, dtype, None, shared)
     item, counting = torch.empty((), dtype=dtype).element_size(), bytes_only(rates)
     least = dict.fromkeys(tiles, 0)
+    walks = []  # per pass, walks of the same nodes (non-empty boxes) and input copy: (pass, copy, walks)
     for k, s in enumerate(splits):
-        memo = shared.setdefault(("bytes", id(s)), {})  # as ``least_memory``'s
-        groups: dict = {}  # walks of the same nodes (non-empty boxes) and input copy
+        groups: dict = {}
         for tile in tiles:
             lay = layout(s, input_shape, tile_of(tile, k))
             working = max((working_counts(s, lay, sink) for sink in s.sinks), key=math.prod)
@@ -50,31 +51,49 @@ def least_memories(
                 key = (copy, tuple((n, b.empty) for n, b in need.items()))
                 resident = resident_bytes(s, lay, index, item)  # the tile's class peaks no earlier
                 groups.setdefault(key, []).append((tile, count, need, writes, resident))
-        for (copy, _), group in groups.items():
-            peak, peak_train = _peaks(s, group, item, counting, training, copy)
-            for (tile, count, *_, resident), p, pt in zip(group, peak.tolist(), peak_train.tolist(),
-                                                          strict=True):  # fmt: skip
-                one = TileWalk(peak=p, peak_train=pt, run_peak=(p, resident))
-                parts = _memory(s, dtype, one, count, training, dev.name != "cpu", memo)
-                least[tile] = max(least[tile], sum(v for _, v in parts))
+        walks += [(k, copy, group) for (copy, _), group in groups.items()]
+    for (k, _, group), (peak, peak_train) in zip(walks, _peaks(splits, walks, item, counting, training),
+                                                 strict=True):  # fmt: skip
+        memo = shared.setdefault(("bytes", id(splits[k].gm)), {})  # the model's sizes, once per graph
+        for (tile, count, *_, resident), p, pt in zip(group, peak.tolist(), peak_train.tolist(), strict=True):
+            one = TileWalk(peak=p, peak_train=pt, run_peak=(p, resident))
+            parts = _memory(splits[k], dtype, one, count, training, dev.name != "cpu", memo)
+            least[tile] = max(least[tile], sum(v for _, v in parts))
     return least
 
 
-def _peaks(split: Split, group: list, item: int, rates, training: bool, copy: bool):
-    """(inference peaks, training peaks) of each walk of ``group`` ((tile, count, need, writes))."""
-    needs = [need for _, _, need, *_ in group]
-    grad = grads(split, needs[0], False)  # the same nodes in every walk of the group
-    steps = [
-        steps_of(split, node, _rows(split, node, needs, copy), item, rates, grad_in(split, node, grad))
-        for node in list(grad)[1:]
-    ]
-    sizes = {n: bytes_of(split, n, np.array([need[n].numel for need in needs], dtype=np.int64), item)
-             for n in grad}  # fmt: skip
-    terms = [
-        bytes_of(split, sink, np.array([w[i].numel for _, _, _, w, _ in group], dtype=np.int64), item)
-        for i, sink in enumerate(split.sinks)
-    ]
-    return row_peaks(split, steps, sizes, terms, grad, training, copy)
+def _peaks(splits: list[Split], walks: list, item: int, rates, training: bool) -> list:
+    """(inference peaks, training peaks) of each group of ``walks`` ((pass, copy, [(tile, count,
+    need, writes, resident)])). A node's steps are asked once over its rows in every group of every
+    pass (a squeeze-and-excitation network's 17-34 passes share most nodes)."""
+    prepared, calls = [], {}
+    for w, (k, copy, group) in enumerate(walks):
+        s, needs = splits[k], [need for _, _, need, *_ in group]
+        grad = grads(s, needs[0], False)  # the same nodes in every walk of the group
+        prepared.append((grad, needs))
+        for node in list(grad)[1:]:
+            rows = _rows(s, node, needs, copy)
+            key = (node, id(s.ops[node]), grad_in(s, node, grad), tuple(i for i, _ in rows.inputs))
+            calls.setdefault(key, []).append((w, rows))
+    steps: list[dict] = [{} for _ in walks]  # per group, node -> (its steps over every group, its rows)
+    for (node, _, grad_input, _), parts in calls.items():
+        s = splits[walks[parts[0][0]][0]]
+        st, start = steps_of(s, node, joined([r for _, r in parts]), item, rates, grad_input), 0
+        for w, r in parts:
+            steps[w][node], start = (st, np.arange(start, start + len(r.numel))), start + len(r.numel)
+    out = []
+    for w, (k, copy, group) in enumerate(walks):
+        s, (grad, needs) = splits[k], prepared[w]
+        sizes = {n: bytes_of(s, n, np.array([need[n].numel for need in needs], dtype=np.int64), item)
+                 for n in grad}  # fmt: skip
+        terms = [
+            bytes_of(s, sink, np.array([writes[i].numel for *_, writes, _ in group], dtype=np.int64), item)
+            for i, sink in enumerate(s.sinks)
+        ]
+        ours = [steps[w][n] for n in list(grad)[1:]]
+        index = [i for _, i in ours]
+        out.append(row_peaks(s, [st for st, _ in ours], sizes, terms, grad, training, copy, index))
+    return out
 
 
 def _rows(split: Split, node, needs: list[dict], copy: bool) -> Rows:

@@ -1,7 +1,7 @@
 """The planner's search over its tile candidates (``schedule.candidates``), largest first.
 
     per candidate, until one fits:   memory bound over the budget? (one tile walked,    -> skip
-                                     every candidate's at once: memory_bound.py)
+                                     the next 2, 4, 8, ... candidates' at once: memory_bound.py)
                                      else predict it (every class of tiles)
     once one fits (best time T):     engine time alone >= T? (a multiplication)       -> skip
                                      time bound >= T? (a few diagonal rows, bound.py)  -> skip
@@ -31,11 +31,14 @@ def search(splits, input_shape, tiles, budget: int, dev, dtype, training: bool, 
     tried, bounds, skipped, shared, best = [], {}, [], {}, math.inf
     args = (splits, input_shape, dtype)
     memory: dict = {}
+    batches: list = []  # the sizes of the memory bounds' batches so far
 
     def visit(tile) -> None:
-        if tile not in memory:  # the largest alone; until one fits, every smaller one at once
-            rest = [t for t in tiles if t not in memory and math.prod(t) <= math.prod(tile)]
-            batch = rest if memory and best == math.inf else [tile]
+        if tile not in memory:  # the largest alone; until one fits, the next smaller 2, 4, 8, ... at once
+            smaller = [t for t in reversed(tiles) if math.prod(t) <= math.prod(tile)]
+            rest = [t for t in smaller if t not in memory and t != tile]
+            batch = [tile, *rest[: 2 ** len(batches) - 1]] if memory and best == math.inf else [tile]
+            batches.append(len(batch))
             memory.update(least_memories(*args, batch, dev, training, shared))
         bounds[tile] = memory[tile]
         if bounds[tile] <= budget:
