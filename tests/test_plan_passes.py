@@ -106,3 +106,20 @@ def test_the_pruned_search_of_many_passes_chooses_as_predicting_every_tile(split
         every, _, all_tried = chosen(splits, SHAPE, budget, device, dtype, training, True)
         assert pruned == every, (budget, pruned.tile, every.tile)
         assert len(tried) + skipped <= len(all_tried)
+
+
+@pytest.mark.parametrize("training", [False, True], ids=["inference", "training"])
+@pytest.mark.parametrize("device", ["cpu calibrated", "L4"])
+def test_memory_bounds_under_a_budget_are_exact_for_the_tiles_that_may_fit(splits, device, training):
+    """Given a budget, a tile over it in the last pass keeps that pass's bound: over the budget,
+    at most its whole bound; every other tile's bound is the whole one."""
+    dtype, dev = DEVICES[device], device.split()[0]
+    tiles = candidates(splits, SHAPE)
+    whole = least_memories(splits, SHAPE, dtype, tiles, dev, training, {})
+    for budget in sorted(set(whole.values())):
+        given = least_memories(splits, SHAPE, dtype, tiles, dev, training, {}, budget)
+        for t in tiles:
+            if whole[t] <= budget:
+                assert given[t] == whole[t], (budget, t)
+            else:
+                assert budget < given[t] <= whole[t], (budget, t)

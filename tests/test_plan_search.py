@@ -340,3 +340,40 @@ def test_the_note_names_the_next_larger_tile_as_without_the_time_bound(name, dev
             every = best_tile(splits, shape, budget, dev, dtype, True)
         assert pruned == every.with_note(pruned.note)
         assert pruned.note.partition(";")[2] == every.note.partition(";")[2], (pruned.note, every.note)
+
+
+@pytest.mark.parametrize("walks", [3, 12])
+def test_a_candidate_with_too_many_kinds_of_tiles_is_skipped_and_its_error_raised_only_if_none_fits(walks,
+                                                                                                    monkeypatch):  # fmt: skip
+    """Output padding breaks the product rule; past ``grid.MAX_WALKS`` kinds of tiles a grid is a
+    ``TilingError`` (``grid._listed``). The search treats such a candidate as not fitting: it chooses
+    the fastest of the others that fit, and raises that error only where none does."""
+    from test_grid_empty import OutputPadding
+
+    from bigpicture.errors import TilingError
+    from bigpicture.perf import grid
+    from bigpicture.perf.schedule import best_tile
+
+    shape = (1, 1, 61, 49)
+    splits = analyse(OutputPadding().eval(), shape)
+    tiles = candidates(splits, shape)
+    peaks = {t: predict_splits(splits, shape, torch.float32, t, "cpu", True).memory for t in tiles}
+    monkeypatch.setattr(grid, "MAX_WALKS", walks)
+    grid._CLASSES.clear()
+    known = {}
+    for t in tiles:
+        try:
+            known[t] = predict_splits(splits, shape, torch.float32, t, "cpu", True)
+        except TilingError:
+            pass
+    assert 0 < len(known) < len(tiles)
+    for budget in sorted(set(peaks.values())):
+        fits = [p for p in known.values() if p.memory <= budget]
+        if not fits:
+            with pytest.raises(TilingError, match="kinds of tiles"):
+                best_tile(splits, shape, budget, "cpu", torch.float32, True)
+            continue
+        want = min(fits, key=lambda p: (p.time, -math.prod(p.tile)))
+        got = best_tile(splits, shape, budget, "cpu", torch.float32, True)
+        assert got == want.with_note(got.note), (budget, got.tile, want.tile)
+    grid._CLASSES.clear()

@@ -8,7 +8,9 @@ here every candidate's walked tiles are rows of one walk on arrays:
     per walk     ``walk.row_peaks``: rows of one structure walked together
     per tile     the largest of its rows' ``predict._memory`` sums, over its passes
 
-with the same numbers as walking each tile on its own (``tests/test_plan_search.py``).
+with the same numbers as walking each tile on its own (``tests/test_plan_search.py``). A node's steps
+are asked once over its rows in every pass, and given the search's budget, a tile over it in the
+last pass (the whole network) is not walked in the others (``tests/test_plan_passes.py``).
 """
 
 from __future__ import annotations
@@ -31,35 +33,49 @@ from bigpicture.perf.walk import TileWalk, bytes_of, bytes_only, grad_in, grads,
 
 
 def least_memories(
-    splits: list[Split], input_shape, dtype: torch.dtype, tiles, device, training: bool, shared: dict
-) -> dict:
+    splits: list[Split], input_shape, dtype: torch.dtype, tiles, device, training: bool, shared: dict,
+    budget: float | None = None,
+) -> dict:  # fmt: skip
     """``predict.least_memory(splits, input_shape, dtype, tile, device, training, shared=shared)``
-    of every tile in ``tiles`` (the input neither on the device nor needing a gradient: the planner's)."""
+    of every tile in ``tiles`` (the input neither on the device nor needing a gradient: the planner's).
+
+    With ``budget``, the last pass (the whole network) is walked first, and a tile already over the
+    budget there keeps that bound, still one of its peak: the other passes are walked only for the
+    tiles that may fit (a squeeze-and-excitation network's 17-51 passes, for every candidate)."""
     dev, rates, on_device, shared = _setting(device, dtype, None, shared)
     item, counting = torch.empty((), dtype=dtype).element_size(), bytes_only(rates)
     least = dict.fromkeys(tiles, 0)
-    walks = []  # per pass, walks of the same nodes (non-empty boxes) and input copy: (pass, copy, walks)
-    for k, s in enumerate(splits):
-        groups: dict = {}
-        for tile in tiles:
-            lay = layout(s, input_shape, tile_of(tile, k))
-            working = max((working_counts(s, lay, sink) for sink in s.sinks), key=math.prod)
-            count = math.prod(working)
-            copy = not on_device or count > 1
-            for index in memory_walked(lay, working):
-                need, writes = tile_at(s, lay, index)
-                key = (copy, tuple((n, b.empty) for n, b in need.items()))
-                resident = resident_bytes(s, lay, index, item)  # the tile's class peaks no earlier
-                groups.setdefault(key, []).append((tile, count, need, writes, resident))
-        walks += [(k, copy, group) for (copy, _), group in groups.items()]
-    for (k, _, group), (peak, peak_train) in zip(walks, _peaks(splits, walks, item, counting, training),
-                                                 strict=True):  # fmt: skip
-        memo = shared.setdefault(("bytes", id(splits[k].gm)), {})  # the model's sizes, once per graph
-        for (tile, count, *_, resident), p, pt in zip(group, peak.tolist(), peak_train.tolist(), strict=True):
-            one = TileWalk(peak=p, peak_train=pt, run_peak=(p, resident))
-            parts = _memory(splits[k], dtype, one, count, training, dev.name != "cpu", memo)
-            least[tile] = max(least[tile], sum(v for _, v in parts))
+    passes = list(range(len(splits)))
+    for ks in [passes[-1:], passes[:-1]] if budget is not None else [passes]:
+        may = [t for t in tiles if budget is None or least[t] <= budget]
+        walks = [w for k in ks for w in _walks(splits[k], k, input_shape, may, on_device, item)]
+        for (k, _, group), (peak, peak_train) in zip(walks, _peaks(splits, walks, item, counting, training),
+                                                     strict=True):  # fmt: skip
+            memo = shared.setdefault(("bytes", id(splits[k].gm)), {})  # the model's sizes, once per graph
+            for (tile, count, *_, resident), p, pt in zip(group, peak.tolist(), peak_train.tolist(),
+                                                          strict=True):  # fmt: skip
+                one = TileWalk(peak=p, peak_train=pt, run_peak=(p, resident))
+                parts = _memory(splits[k], dtype, one, count, training, dev.name != "cpu", memo)
+                least[tile] = max(least[tile], sum(v for _, v in parts))
     return least
+
+
+def _walks(s: Split, k: int, input_shape, tiles, on_device: bool, item: int) -> list:
+    """The tiles pass ``k`` walks for the memory bounds of ``tiles``, grouped by the nodes they
+    compute (non-empty boxes) and the input's copy: [(k, copy, [(tile, count, need, writes,
+    resident)])]."""
+    groups: dict = {}
+    for tile in tiles:
+        lay = layout(s, input_shape, tile_of(tile, k))
+        working = max((working_counts(s, lay, sink) for sink in s.sinks), key=math.prod)
+        count = math.prod(working)
+        copy = not on_device or count > 1
+        for index in memory_walked(lay, working):
+            need, writes = tile_at(s, lay, index)
+            key = (copy, tuple((n, b.empty) for n, b in need.items()))
+            resident = resident_bytes(s, lay, index, item)  # the tile's class peaks no earlier
+            groups.setdefault(key, []).append((tile, count, need, writes, resident))
+    return [(k, copy, group) for (copy, _), group in groups.items()]
 
 
 def _peaks(splits: list[Split], walks: list, item: int, rates, training: bool) -> list:

@@ -8,13 +8,16 @@
                                      else as above
 
 Every skip is exact: a skipped tile cannot be faster than the best, and on equal times the larger
-tile (visited first) is kept, so the choice equals that of predicting every candidate.
+tile (visited first) is kept, so the choice equals that of predicting every candidate. A tile whose
+grid has too many kinds of tiles to predict (``grid._listed``'s ``TilingError``) does not fit; its
+error is raised only if no other tile fits.
 """
 
 from __future__ import annotations
 
 import math
 
+from bigpicture.errors import TilingError
 from bigpicture.perf.bound import time_bound
 from bigpicture.perf.memory_bound import least_memories
 from bigpicture.perf.predict import _setting, predict_splits
@@ -31,6 +34,7 @@ def search(splits, input_shape, tiles, budget: int, dev, dtype, training: bool, 
     tried, bounds, skipped, shared, best = [], {}, [], {}, math.inf
     args = (splits, input_shape, dtype)
     memory: dict = {}
+    errors: dict = {}  # tiles whose prediction is a TilingError, largest first
     batches: list = []  # the sizes of the memory bounds' batches so far
 
     def visit(tile) -> None:
@@ -39,10 +43,13 @@ def search(splits, input_shape, tiles, budget: int, dev, dtype, training: bool, 
             rest = [t for t in smaller if t not in memory and t != tile]
             batch = [tile, *rest[: 2 ** len(batches) - 1]] if memory and best == math.inf else [tile]
             batches.append(len(batch))
-            memory.update(least_memories(*args, batch, dev, training, shared))
+            memory.update(least_memories(*args, batch, dev, training, shared, budget))
         bounds[tile] = memory[tile]
         if bounds[tile] <= budget:
-            tried.insert(0, predict_splits(*args, tile, dev, training, shared=shared))
+            try:
+                tried.insert(0, predict_splits(*args, tile, dev, training, shared=shared))
+            except TilingError as error:  # a grid of too many kinds of tiles (grid._listed): not this one
+                errors[tile] = error
 
     for tile in reversed(tiles):
         if best < math.inf and least_time(*args, tile, dev, training, shared) >= best:
@@ -53,8 +60,10 @@ def search(splits, input_shape, tiles, budget: int, dev, dtype, training: bool, 
                 skipped.append(tile)
                 continue
         visit(tile)
-        if tile in bounds and bounds[tile] <= budget and tried[0].memory <= budget:
+        if tile in bounds and bounds[tile] <= budget and tile not in errors and tried[0].memory <= budget:
             best = min(best, tried[0].time)
+    if best == math.inf and errors:  # none fits: the largest that might have, unpredictable
+        raise next(iter(errors.values()))
     needs = {}
     if best < math.inf:  # the tile the note names as the next larger one: its peak, as without skips
         chosen = min((p for p in tried if p.memory <= budget), key=lambda p: (p.time, -math.prod(p.tile)))
@@ -62,7 +71,10 @@ def search(splits, input_shape, tiles, budget: int, dev, dtype, training: bool, 
         if larger and min(larger, key=math.prod) in skipped:  # bytes only: only its memory is read
             tile = min(larger, key=math.prod)
             memory_only = {"rates": bytes_only(_setting(dev, dtype, None, shared)[1])}
-            needs[tile] = predict_splits(*args, tile, dev, training, shared=memory_only).memory
+            try:
+                needs[tile] = predict_splits(*args, tile, dev, training, shared=memory_only).memory
+            except TilingError:  # too many kinds of tiles to predict: the note names the next one known
+                pass
     return tried, bounds, shared, len(skipped), needs
 
 
