@@ -314,6 +314,9 @@ class _BytesOnly:
     def conv(self, *args, **kwargs) -> float:
         return 1.0
 
+    def convs(self, nd: int, fan_in: int, cout: int, positions: list, *args) -> list:
+        return [1.0] * len(positions)
+
     def pool(self, *args, **kwargs) -> float:
         return 1.0
 
