@@ -14,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from bigpicture.perf import row_memo, steps
+from bigpicture.perf import predict, row_memo, steps
 from bigpicture.perf.devices import get_device, load_calibration, local_cpu
 from bigpicture.perf.predict import predict_splits
 from bigpicture.perf.rates import (
@@ -165,10 +165,10 @@ def test_step_memo_reads_back_what_it_computed(monkeypatch):
     odd = _fields(3, flops_dtype=np.float64)  # not of the usual dtypes: never packed (a cast could round)
     memo.get("b", compute(odd))
     assert memo.get("b", compute(odd)) is odd and len(calls) == 3
-    monkeypatch.setattr(row_memo, "MAX_STEPS", 2)
+    monkeypatch.setattr(row_memo, "MAX_ROWS", 8)
     for key in ("c", "d"):
         memo.get(key, compute(_fields(2)))
-    assert "a" not in memo.entries and set(memo.entries) == {"c", "d"}  # the oldest went first
+    assert "a" not in memo.entries and set(memo.entries) == {"c", "d"} and memo.rows == 4  # the oldest went
 
 
 # -- whole predictions, with the memo and without -----------------------------------------------------
@@ -243,7 +243,8 @@ SETTINGS = {  # device, dtype, calibration (None: the uncalibrated CPU's nominal
 @pytest.mark.parametrize("network", NETWORKS)
 def test_predictions_with_the_memo_equal_those_without(network, nd, setting, monkeypatch, one_thread):
     """Every candidate of one planner predicted with one ``shared`` (the memo filled by the earlier
-    candidates and passes) against each predicted afresh without it: the same floats, everywhere."""
+    candidates and passes) against each predicted afresh without it, and with the last tile walked
+    on its own (``predict.LAST_FROM_CLASSES``): the same floats, everywhere."""
     device, dtype, calibration = SETTINGS[setting]
     torch.manual_seed(0)
     shape = SHAPES[nd]
@@ -260,10 +261,35 @@ def test_predictions_with_the_memo_equal_those_without(network, nd, setting, mon
     shared = rates()
     for training, input_grad in ((False, False), (True, False), (True, True)):  # the first conv: grad_in
         for tile in TILES[nd]:
-            monkeypatch.setattr(steps, "MEMO", True)
-            got = predict_splits(splits, shape, dtype, tile, device, training, input_grad, shared=shared)
-            monkeypatch.setattr(steps, "MEMO", False)
-            want = predict_splits(splits, shape, dtype, tile, device, training, input_grad, shared=rates())
+            for on in (True, False):  # the last tile read off its class, or walked on its own
+                monkeypatch.setattr(steps, "MEMO", on)
+                monkeypatch.setattr(predict, "LAST_FROM_CLASSES", on)
+                if on:
+                    got = predict_splits(splits, shape, dtype, tile, device, training, input_grad, shared=shared)
+                else:
+                    want = predict_splits(splits, shape, dtype, tile, device, training, input_grad, shared=rates())
             assert got == want, (tile, training, input_grad)
             assert got.by_kind == want.by_kind and got.memory_parts == want.memory_parts
     assert len(shared["rates"]._steps.entries) > 0  # the memo was used
+
+
+@pytest.mark.parametrize("calibration", [None, "made up"])
+def test_the_bounds_rows_and_the_predictions_share_the_memo_where_alike(calibration, monkeypatch):
+    """``least`` (the time bound's faster of a normalisation's rates) changes a normalisation's steps
+    only, and ``grad_in`` a convolution's: the memo keys them there alone, so every node's steps on
+    the same rows, in any order of asking, equal those built afresh."""
+    net = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 2, 3)).eval()
+    split = analyse(net, (1, 2, 32, 32))[-1]
+    make = lambda: Rates(local_cpu(), torch.float32, _calibration() if calibration else None)  # noqa: E731
+    memo = make()
+    for node in (n for n in split.order if n in split.ops):
+        inputs = tuple((i, np.array([100, 144, 81], dtype=np.int64)) for i in split.ops[node].inputs)
+        rows = steps.Rows(np.array([64, 100, 49]), inputs, np.array([[10, 10], [12, 12], [9, 9]]),
+                          np.ones((3, 2), dtype=np.int64), np.zeros(3, dtype=bool), np.array([True, False, True]))  # fmt: skip
+        for least, grad_in in ((True, False), (False, False), (False, True), (True, True)):
+            monkeypatch.setattr(steps, "MEMO", True)
+            got = steps.steps_of(split, node, rows, 4, memo, grad_in, least)
+            monkeypatch.setattr(steps, "MEMO", False)
+            want = steps.steps_of(split, node, rows, 4, make(), grad_in, least)
+            for f in steps._FIELDS:
+                assert np.array_equal(getattr(got, f), getattr(want, f)), (node, least, grad_in, f)

@@ -28,7 +28,7 @@ from bigpicture.engine.split import Split
 from bigpicture.perf.grid import ClassGrid
 from bigpicture.perf.rates import Rates
 from bigpicture.perf.resident import class_resident
-from bigpicture.perf.steps import Rows, steps_of
+from bigpicture.perf.steps import Rows, row, steps_of
 from bigpicture.perf.walk import (
     TileWalk,
     accumulation_s,
@@ -73,6 +73,8 @@ def aggregate(
         for i, r in readers([st for st, _ in steps.values()], grad):
             tiles, numels = grid.numels(i)
             total.add_accumulation(float(tiles @ accumulation_s(bytes_of(split, i, numels, item), r, rates)))
+    if training:
+        total.last = _last(cg, steps, grad)
     peaks, peaks_train = _class_peaks(split, grid, steps, grad, item, training, input_copy)
     total.peak, total.peak_train = int(peaks.max()), int(peaks_train.max())
     if not rates.gpu and cg.lasts:  # the CPU backs the boundary's pages as tiles write them
@@ -176,6 +178,18 @@ def _node_combos(split, grid: _Grid, node, grad_in: bool, input_copy: bool, item
         grid.mesh([f[0] * math.prod(counts[d + 1 :]) for d, f in enumerate(per_dim)], np.add)
     ]
     return st, np.rint(tiles).astype(np.int64), index
+
+
+def _last(cg: ClassGrid, steps: dict, grad: dict) -> TileWalk:
+    """The walk (times and counts) of the grid's last tile with work, as ``walk.walk`` sums it node by
+    node, from the steps of its class: in each dimension, the kind of its last index with work."""
+    picks = [lasts.index(w - 1) for lasts, w in zip(cg.lasts, cg.diagonal.working, strict=True)]
+    kinds = [len(k) for k in cg.per_dim]
+    at = sum(k * math.prod(kinds[d + 1 :]) for d, k in enumerate(picks))  # its class, row-major
+    out = TileWalk()
+    for node, (st, index) in steps.items():
+        out.add_step(row(st, int(index[at])), 1, grad[node])
+    return out
 
 
 def _unique_rows(table: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -33,12 +33,13 @@ class Rows:
     copied: np.ndarray
 
     def key(self) -> tuple:
-        """The rows as a key (``StepMemo``): each array's dtype, shape and bytes."""
+        """The rows as a key (``StepMemo``): the arrays' dtypes and shapes, and their bytes in one."""
         arrays = (self.numel, *(n for _, n in self.inputs), self.padded, self.extra, self.outside)
-        return tuple((a.dtype.str, a.shape, a.tobytes()) for a in (*arrays, self.copied))
+        arrays += (self.copied,)
+        return tuple((a.dtype.char, a.shape) for a in arrays), b"".join([a.tobytes() for a in arrays])
 
 
-MAX_STEPS = 20_000  # steps kept (a few hundred bytes each, plus their rows); past that, the oldest go
+MAX_ROWS = 1 << 17  # rows kept over the steps (~150 bytes each with their key); past that, the oldest go
 _INTS = ("out", "temp", "padded", "saved_extra", "flops", "bytes", "flops_bwd")
 _FLOATS = ("fwd_s", "bwd_s")
 _BOOLS = ("saves_inputs", "saves_output", "aliases", "keeps_padded")
@@ -50,6 +51,7 @@ class StepMemo:
 
     def __init__(self) -> None:
         self.entries: dict = {}
+        self.rows = 0
 
     def get(self, key, compute) -> dict:
         """The fields of the step of ``key``: ``compute()``'s, kept for the next time."""
@@ -61,8 +63,9 @@ class StepMemo:
         fields = compute()
         packed = _pack(fields)
         if packed is not None:
-            if len(self.entries) >= MAX_STEPS:
-                del self.entries[next(iter(self.entries))]
+            self.rows += len(packed[3])
+            while self.entries and self.rows > MAX_ROWS:
+                self.rows -= len(self.entries.pop(next(iter(self.entries)))[3])
             self.entries[key] = packed
         return fields
 

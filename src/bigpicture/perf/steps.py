@@ -18,7 +18,7 @@ interpolation save nothing.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -100,7 +100,7 @@ def row(st: Step, i: int) -> Step:
     values = {f: int(v) for f, v in values.items()}
     values.update({f: bool(getattr(st, f)[i]) for f in _FLAGS})
     values.update(fwd_s=float(st.fwd_s[i]), bwd_s=float(st.bwd_s[i]), kind=str(st.kind[i]))
-    return replace(st, **values)
+    return Step(st.node, st.inputs, **values)
 
 
 MEMO = True  # rows of steps kept per node (``row_memo``); False: every row built again (tests compare)
@@ -123,8 +123,10 @@ def steps_of(
     if memo is None:
         memo = rates.__dict__["_steps"] = StepMemo()
     op, fused = split.ops[node], getattr(rates, "fused", False)
-    key = (node, op, split.shapes[node], tuple(i for i, _ in rows.inputs), item, grad_in, least, rates.wake_s,
-           fused, split.sinks if fused else None, rows.key())  # fmt: skip
+    # what else a step reads: grad_in only a convolution's (its input gradient), least a normalisation's
+    conv, norm = isinstance(op, (Conv, ConvTranspose)), _facts(split, node)[0] in _NORM
+    key = (node, op, split.shapes[node], tuple(i for i, _ in rows.inputs), item, conv and grad_in,
+           norm and least, rates.wake_s, fused, split.sinks if fused else None, rows.key())  # fmt: skip
 
     def compute() -> dict:
         st = _steps_of(split, node, rows, item, rates, grad_in, least)
@@ -197,16 +199,16 @@ def _gradient_sum_s(split: Split, node, rates: Rates) -> float:
     engine keeps in float64 (``execute``: ``gr.to(float64)``, then ``totals + gr``): a float32 read
     and a float64 write, then two float64 reads and a write, per element of each parameter (the first
     tile's sum is its copy: one add per parameter per step over-counted)."""
-    memo = rates.__dict__.setdefault("_trainable", {})  # per rates (one planner's): asked per pass and tile
+    memo = rates.__dict__.setdefault("_gradient_sums", {})  # per rates: asked per pass and tile
     if node not in memo:
         module = _module(split, node)
         params = module.parameters() if module is not None else ()
-        memo[node] = sum(p.numel() for p in params if p.requires_grad)
-    elements = memo[node]
-    if not elements:
-        return 0.0
-    copy, add = elements * 12, elements * 24
-    return copy / rates.stream("copy", copy) + add / rates.stream("binary", add)
+        elements = sum(p.numel() for p in params if p.requires_grad)
+        copy, add = elements * 12, elements * 24
+        memo[node] = 0.0
+        if elements:
+            memo[node] = copy / rates.stream("copy", copy) + add / rates.stream("binary", add)
+    return memo[node]
 
 
 def _conv_steps(split: Split, op, st: Step, rows: Rows, n: int, c: int, item: int, rates: Rates, grad_in):
