@@ -73,8 +73,12 @@ def _old_nearest_logs(points, values: list[float], at: tuple[float, ...]) -> flo
     return sum(w * v for w, (_, v) in zip(weights, dist, strict=True)) / sum(weights)
 
 
-def _old_cpu_conv(rates: Rates, nd, fan_in, cout, positions, stride, backward, transposed, cin, kernel, backend):
-    """``Rates.conv`` on a calibrated CPU as it was before ``Rates.convs``, without its memo."""
+def _old_conv(rates: Rates, nd, fan_in, cout, positions, stride, backward, transposed, cin, kernel, backend):
+    """``Rates.conv`` as it was before ``Rates.convs``, without its memo."""
+    if rates.gpu:
+        return gpu_conv_rate(rates, nd, fan_in, cout, positions, stride, transposed, cin, kernel)
+    if rates.ops is None:
+        return 0.5 * rates.peak
     value = "backward" if backward else "forward"
     points, gridded = rates._points(nd, transposed)
     if not points:
@@ -89,7 +93,13 @@ def _old_cpu_conv(rates: Rates, nd, fan_in, cout, positions, stride, backward, t
     return rate
 
 
-_CALIBRATIONS = {"made up": lambda: _calibration(), "this machine's": load_calibration}
+_CALIBRATIONS = {  # device, dtype, calibration (None: none)
+    "made up": lambda: ("cpu", torch.float32, _calibration()),
+    "this machine's": lambda: ("cpu", torch.float32, load_calibration()),
+    "uncalibrated": lambda: ("cpu", torch.float32, None),
+    "H100-bf16": lambda: ("H100-SXM", torch.bfloat16, None),
+    "T4-fp32": lambda: ("T4", torch.float32, None),
+}
 
 
 @pytest.mark.parametrize("calibration", _CALIBRATIONS)
@@ -107,20 +117,21 @@ _CALIBRATIONS = {"made up": lambda: _calibration(), "this machine's": load_calib
 def test_cpu_convolution_rates_of_a_node_equal_one_at_a_time(
     calibration, nd, cin, cout, kernel, stride, transposed, backend, positions
 ):
-    """``Rates.convs`` (a node's rows at once, the nearest-point fallback on arrays) against the
-    scalar path it replaced, on fresh rates: the same floats."""
-    cal = _CALIBRATIONS[calibration]()
-    if cal is None:
+    """``Rates.convs`` (a node's rows at once, the nearest-point fallback on arrays; GPU rates and an
+    uncalibrated CPU's memoised) against the scalar path it replaced, on fresh rates: the same floats."""
+    device, dtype, cal = _CALIBRATIONS[calibration]()
+    if cal is None and calibration == "this machine's":
         pytest.skip("this machine is not calibrated")
+    dev = local_cpu() if device == "cpu" else get_device(device)
     fan_in = cin * (kernel or 9)
     for backward in (False, True):
-        rates = Rates(local_cpu(), torch.float32, cal)
+        rates = Rates(dev, dtype, cal)
         args = (nd, fan_in, cout, positions, stride, backward, transposed, cin, kernel, [backend] * len(positions))
         got = rates.convs(*args)
-        want = [_old_cpu_conv(rates, nd, fan_in, cout, p, stride, backward, transposed, cin, kernel, backend)
+        want = [_old_conv(rates, nd, fan_in, cout, p, stride, backward, transposed, cin, kernel, backend)
                 for p in positions]  # fmt: skip
         assert got == want
-        one = Rates(local_cpu(), torch.float32, cal)  # and one at a time through ``conv``
+        one = Rates(dev, dtype, cal)  # and one at a time through ``conv``
         kw = {"cin": cin, "kernel": kernel, "backend": backend}
         assert [one.conv(nd, fan_in, cout, p, stride, backward, transposed, **kw) for p in positions] == want
 

@@ -100,10 +100,15 @@ class _Grid:
         out = []
         for d, reps in enumerate(self.reps):
             ids: dict = {}
-            index = np.array([ids.setdefault(feature(j, d), len(ids)) for j in reps], dtype=np.int64)
-            firsts = [reps[list(index).index(f)] for f in range(len(ids))]
-            tiles = [int(self.counts[d][index == f].sum()) for f in range(len(ids))]
-            out.append((index, firsts, tiles, list(ids)))
+            firsts, tiles = [], []  # per distinct feature: its first row, the grid indices that have it
+            index = []
+            for j, n in zip(reps, self.counts[d].tolist(), strict=True):
+                f = ids.setdefault(feature(j, d), len(ids))
+                if f == len(firsts):
+                    firsts.append(j), tiles.append(0)
+                tiles[f] += n
+                index.append(f)
+            out.append((np.array(index, dtype=np.int64), firsts, tiles, list(ids)))
         return out
 
     def mesh(self, per_dim: list[np.ndarray], combine=np.multiply) -> np.ndarray:
