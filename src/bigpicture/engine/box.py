@@ -83,6 +83,11 @@ class Box:
 
     def clip(self, shape) -> Box:
         """This box inside ``[0, shape)`` (the same as intersecting with ``Box.from_shape(shape)``)."""
+        for a, b, n in zip(self.lo, self.hi, shape):  # most boxes the planner clips are inside already
+            if a < 0 or b <= a or b > n:
+                break
+        else:
+            return self
         lo = [a if a > 0 else 0 for a in self.lo]
         hi = [a if b <= a else b if b < n else max(int(n), a) for a, b, n in zip(lo, self.hi, shape)]
         return Box._of(tuple(lo), tuple(hi))

@@ -15,6 +15,7 @@ def needs(split: Split, writes: dict) -> dict:
     """The box each spatial node computes for one tile, given the write box of each sink."""
     empty = Box((0,) * split.nd, (0,) * split.nd)
     need: dict = {}
+    asked: dict = {}  # user -> the boxes it needs of its inputs: asked once, not once per input (a concat)
     for node in reversed(split.order):
         if split.roles[node] != "spatial":
             continue
@@ -22,8 +23,11 @@ def needs(split: Split, writes: dict) -> dict:
         for user in node.users:
             if user not in need or need[user].empty:  # not spatial, or computed in another pass
                 continue
-            op = split.ops[user]
-            box = box.hull(op.needs(need[user])[op.inputs.index(node)])
+            if user not in asked:
+                op = split.ops[user]
+                asked[user] = op.needs(need[user]), op.inputs
+            boxes, inputs = asked[user]
+            box = box.hull(boxes[inputs.index(node)])
         need[node] = box
     need.setdefault(split.input, empty)  # a pass that reads only a global stage's outputs
     return need

@@ -28,7 +28,7 @@ from bigpicture.engine.split import Split
 from bigpicture.perf.grid import ClassGrid
 from bigpicture.perf.rates import Rates
 from bigpicture.perf.resident import class_resident
-from bigpicture.perf.steps import Rows, steps_of
+from bigpicture.perf.steps import Rows, row, steps_of
 from bigpicture.perf.walk import (
     TileWalk,
     accumulation_s,
@@ -73,6 +73,8 @@ def aggregate(
         for i, r in readers([st for st, _ in steps.values()], grad):
             tiles, numels = grid.numels(i)
             total.add_accumulation(float(tiles @ accumulation_s(bytes_of(split, i, numels, item), r, rates)))
+    if training:
+        total.last = _last(cg, steps, grad)
     peaks, peaks_train = _class_peaks(split, grid, steps, grad, item, training, input_copy)
     total.peak, total.peak_train = int(peaks.max()), int(peaks_train.max())
     if not rates.gpu and cg.lasts:  # the CPU backs the boundary's pages as tiles write them
@@ -98,10 +100,15 @@ class _Grid:
         out = []
         for d, reps in enumerate(self.reps):
             ids: dict = {}
-            index = np.array([ids.setdefault(feature(j, d), len(ids)) for j in reps], dtype=np.int64)
-            firsts = [reps[list(index).index(f)] for f in range(len(ids))]
-            tiles = [int(self.counts[d][index == f].sum()) for f in range(len(ids))]
-            out.append((index, firsts, tiles, list(ids)))
+            firsts, tiles = [], []  # per distinct feature: its first row, the grid indices that have it
+            index = []
+            for j, n in zip(reps, self.counts[d].tolist(), strict=True):
+                f = ids.setdefault(feature(j, d), len(ids))
+                if f == len(firsts):
+                    firsts.append(j), tiles.append(0)
+                tiles[f] += n
+                index.append(f)
+            out.append((np.array(index, dtype=np.int64), firsts, tiles, list(ids)))
         return out
 
     def mesh(self, per_dim: list[np.ndarray], combine=np.multiply) -> np.ndarray:
@@ -176,6 +183,18 @@ def _node_combos(split, grid: _Grid, node, grad_in: bool, input_copy: bool, item
         grid.mesh([f[0] * math.prod(counts[d + 1 :]) for d, f in enumerate(per_dim)], np.add)
     ]
     return st, np.rint(tiles).astype(np.int64), index
+
+
+def _last(cg: ClassGrid, steps: dict, grad: dict) -> TileWalk:
+    """The walk (times and counts) of the grid's last tile with work, as ``walk.walk`` sums it node by
+    node, from the steps of its class: in each dimension, the kind of its last index with work."""
+    picks = [lasts.index(w - 1) for lasts, w in zip(cg.lasts, cg.diagonal.working, strict=True)]
+    kinds = [len(k) for k in cg.per_dim]
+    at = sum(k * math.prod(kinds[d + 1 :]) for d, k in enumerate(picks))  # its class, row-major
+    out = TileWalk()
+    for node, (st, index) in steps.items():
+        out.add_step(row(st, int(index[at])), 1, grad[node])
+    return out
 
 
 def _unique_rows(table: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

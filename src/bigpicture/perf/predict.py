@@ -61,6 +61,7 @@ from bigpicture.perf.walk import TileWalk, bytes_only, last_tile, tile_at, walk,
 
 MiB = 2**20
 GPU_CONTEXT_BYTES = 512 * MiB  # CUDA context and cuDNN/cuBLAS handles: 300-600 MiB on recent GPUs
+LAST_FROM_CLASSES = True  # False: the last tile walked on its own (tests compare the two)
 GPU_FRAGMENTATION = 0.10  # caching allocator slack and cuDNN workspace, on the memory that changes
 
 
@@ -271,8 +272,8 @@ def _predict_pass(
         memo["untiled"] = walk(split, whole, (), dtype, rates, False, False, False)
     untiled = memo["untiled"]
     memory_parts = _memory(split, dtype, total, tiles, training, gpu, memo)
-    last = None
-    if training:  # the tile whose graph the forward keeps: the backward does not recompute it
+    last = total.last if LAST_FROM_CLASSES else None  # the tile whose graph the forward keeps: the
+    if training and last is None:  # backward does not recompute it (read off its class where it can be)
         need, writes = last_tile(split, lay)
         last = walk(split, need, writes, dtype, rates, training, input_grad, copy, memo)
     stages, by_kind = _time([(1, total)], training, gpu, rates, last)
@@ -335,7 +336,9 @@ def _memory(split: Split, dtype, total: TileWalk, tiles: int, training: bool, gp
     if not (training or gpu) and total.run_peak is not None:  # the CPU: pages written so far (resident.py)
         working, resident = total.run_peak
     parts = [("parameters", params + buffers), ("boundary tensors", resident), ("tile working set", working)]
-    parts += [("global stages", stage_bytes(split, dtype, training))]  # tensors held whole between passes
+    if ("stage bytes", dtype, training) not in memo:  # the split's alone: asked per candidate and walk
+        memo["stage bytes", dtype, training] = stage_bytes(split, dtype, training)
+    parts += [("global stages", memo["stage bytes", dtype, training])]  # tensors held whole between passes
     if training:
         # the sum of the tiles' parameter gradients, kept in float64 (execute.Runner.backward), the
         # previous tile's (alive until the next tile's are returned) and this tile's; the boundary's.

@@ -36,6 +36,13 @@ import numpy as np
 import torch
 
 from bigpicture.perf.devices import Device
+from bigpicture.perf.gpu_rates import (  # noqa: F401 (re-exported: the GPU half of the rates)
+    GPU_CONV_EFFICIENCY,
+    GPU_CTA_TILE,
+    WINOGRAD_3X3,
+    gpu_conv_rate,
+    quantization,
+)
 
 GPU_ASSUMPTIONS = (
     "GPU rates are assumptions, not measurements: convolutions reach 70% of the dtype's dense peak "
@@ -51,7 +58,6 @@ GPU_ASSUMPTIONS = (
     "for n bytes); 5 us launch floor per op; host dispatch 20 us per op and the tile interpreter "
     "60 us per node per tile, overlapped with GPU work."
 )
-GPU_CONV_EFFICIENCY = 0.7
 GPU_STREAM_EFFICIENCY = 0.8
 GPU_HOST_OP_S = 20e-6
 GPU_ENGINE_NODE_S = 60e-6
@@ -113,31 +119,53 @@ class Rates:
         the output's (the input's for a transposed convolution). With the input channels `cin`, the
         kernel volume and torch's `backend` (`conv_backend`), a CPU rate is interpolated among the
         measurements of that backend and kernel (`_grid_rate`); else from the nearest ones."""
-        if self.gpu:
-            return gpu_conv_rate(self, nd, fan_in, cout, positions, stride, transposed, cin, kernel)
+        if self.gpu:  # a formula of these numbers only (the backward runs at the forward's rate)
+            key = (nd, fan_in, cout, positions, stride, transposed, cin, kernel)
+            if key not in self._conv:
+                self._conv[key] = gpu_conv_rate(self, *key)
+            return self._conv[key]
         if self.ops is None:
             return 0.5 * self.peak
         key = (nd, fan_in, cout, positions, stride, backward, transposed, cin, kernel, backend)
         if key not in self._conv:
-            value = "backward" if backward else "forward"
-            points, gridded = self._points(nd, transposed)
-            rate = None if points else 0.5 * self.peak  # a calibration without convolutions
-            if rate is None and cin is not None and kernel is not None and gridded:
+            self._conv[key] = self.convs(*key[:3], [positions], *key[4:9], [backend])[0]
+        return self._conv[key]
+
+    def convs(self, nd: int, fan_in: int, cout: int, positions: list[int], stride: int, backward: bool,
+              transposed: bool, cin: int | None, kernel: int | None, backends: list) -> list:  # fmt: skip
+        """``conv`` at each of ``positions`` with its entry of ``backends``: a node's rows at once, those
+        the calibration grid does not cover from their nearest measurements together."""
+        if self.gpu or self.ops is None:
+            case = {"cin": cin, "kernel": kernel}
+            return [self.conv(nd, fan_in, cout, p, stride, backward, transposed, **case, backend=b)
+                    for p, b in zip(positions, backends, strict=True)]  # fmt: skip
+        value, nearest = "backward" if backward else "forward", {}
+        points, gridded = self._points(nd, transposed)
+        keys = [(nd, fan_in, cout, p, stride, backward, transposed, cin, kernel, b)
+                for p, b in zip(positions, backends, strict=True)]  # fmt: skip
+        for key in keys:
+            if key in self._conv or key in nearest:
+                continue
+            rate, p, backend = None, key[3], key[9]
+            if not points:  # a calibration without convolutions
+                rate = 0.5 * self.peak
+            elif cin is not None and kernel is not None and gridded:
                 table_key = (nd, transposed, value, stride > 1, backend, kernel)
                 if table_key not in self._tables:  # the planner asks for many positions of one table
                     self._tables[table_key] = _grid_table(points, value, stride, kernel, backend)
-                rate = _table_rate(*self._tables[table_key], cin, cout, positions)
+                rate = _table_rate(*self._tables[table_key], cin, cout, p)
             if rate is None:
-                if (nd, transposed, value) not in self._tables:  # the points' logs, once
-                    near = [(p["fan_in"], p["cout"], p["positions"], 4 ** (p["stride"] - 1)) for p in points]
-                    self._tables[nd, transposed, value] = (
-                        np.array([_logs(p) for p in near]),
-                        [p[value] for p in points],
-                    )
-                logs, values = self._tables[nd, transposed, value]
-                rate = _nearest_logs(logs, values, (fan_in, cout, positions, 4 ** (min(stride, 2) - 1)))
-            self._conv[key] = rate
-        return self._conv[key]
+                nearest[key] = (fan_in, cout, p, 4 ** (min(stride, 2) - 1))
+            else:
+                self._conv[key] = rate
+        if nearest:
+            if (nd, transposed, value) not in self._tables:  # the points' logs, once
+                near = [(p["fan_in"], p["cout"], p["positions"], 4 ** (p["stride"] - 1)) for p in points]
+                logs = np.array([_logs(p) for p in near])
+                self._tables[nd, transposed, value] = logs, [p[value] for p in points]
+            rates = _nearest_many(*self._tables[nd, transposed, value], list(nearest.values()))
+            self._conv.update(zip(nearest, rates, strict=True))
+        return [self._conv[key] for key in keys]
 
     def _points(self, nd: int, transposed: bool) -> tuple[list[dict], bool]:
         """The calibration's convolutions of ``nd`` dimensions (and kind), and whether they form a grid."""
@@ -185,87 +213,29 @@ class Rates:
             forward = self.ops["stream"]
             tables = self.ops.get("stream_backward", {}) if backward else forward
             table = tables.get(kind) or forward["unary"]
-            self._tables[key] = np.array([s for s, _ in table]), np.array([r for _, r in table])
-        return _interpolate_many(*self._tables[key], nbytes)
+            self._tables[key] = _segments(np.array([s for s, _ in table]), np.array([r for _, r in table]))
+        return _interpolate_segments(self._tables[key], nbytes)
 
 
-def _interpolate_many(xs: np.ndarray, ys: np.ndarray, x: np.ndarray) -> np.ndarray:
-    """``_interpolate`` at every entry of ``x``."""
-    i = np.clip(np.searchsorted(xs, x, side="left"), 1, max(len(xs) - 1, 1))
+def _segments(xs: np.ndarray, ys: np.ndarray) -> tuple:
+    """What ``_interpolate`` on arrays computes of the table alone, per index ``np.searchsorted``
+    gives (0 to len(xs), clipped to a segment): the segment's start, log of its ratio, rise and start
+    value (``_interpolate_segments``)."""
+    i = np.clip(np.arange(len(xs) + 1), 1, max(len(xs) - 1, 1))  # as np.searchsorted's index is clipped
     x0, x1, y0, y1 = xs[i - 1], xs[np.minimum(i, len(xs) - 1)], ys[i - 1], ys[np.minimum(i, len(xs) - 1)]
     with np.errstate(divide="ignore", invalid="ignore"):
-        inside = y0 + np.log(x / x0) / np.log(x1 / x0) * (y1 - y0)
+        ratio = np.log(x1 / x0)
+    return xs, ys, x0, ratio, y1 - y0, y0
+
+
+def _interpolate_segments(table: tuple, x: np.ndarray) -> np.ndarray:
+    """``_interpolate`` at every entry of ``x`` (in numpy's logarithms), from the table's ``_segments``:
+    few numpy calls (the planner asks on arrays of a few entries, thousands of times)."""
+    xs, ys, x0, ratio, rise, y0 = table
+    i = np.searchsorted(xs, x, side="left")
+    with np.errstate(divide="ignore", invalid="ignore"):
+        inside = y0[i] + np.log(x / x0[i]) / ratio[i] * rise[i]
     return np.where(x <= xs[0], ys[0], np.where(x > xs[-1], ys[-1], inside))
-
-
-# -- GPU convolutions: the assumptions of GPU_ASSUMPTIONS, each with its source ---------------------
-
-# Output positions x output channels per thread block of the implicit GEMM: a typical cuBLAS/cuDNN
-# tile (NVIDIA, "Matrix Multiplication Background User's Guide", DU-09799-001, sec. 2.3 and 3)
-GPU_CTA_TILE = (128, 128)
-# Winograd F(2x2, 3x3): 16 multiplies where direct convolution takes 36 for a 2x2 output tile
-# (Lavin & Gray, "Fast Algorithms for Convolutional Neural Networks", CVPR 2016, sec. 4)
-WINOGRAD_3X3 = 36 / 16
-
-
-def gpu_conv_rate(
-    rates: Rates, nd: int, fan_in: int, cout: int, positions: int, stride: int, transposed: bool,
-    cin: int | None, kernel: int | None,
-) -> float:  # fmt: skip
-    """Flops/s (direct-convolution flops) of a cuDNN convolution, its implicit GEMM of M = output
-    positions (batch included), N = output channels, K = `fan_in` (NVIDIA, "Convolutional Layers
-    User's Guide", DU-09798-001: the mapping of a convolution to a GEMM):
-
-    - 70% of the dtype's dense peak (`GPU_CONV_EFFICIENCY`), less for short K (each block's
-      prologue and epilogue amortised over K / (K + h), h wider on tensor cores);
-    - tile quantization (M and N rounded up to whole blocks of `GPU_CTA_TILE`) and wave
-      quantization (blocks in whole waves over the SMs, one at a time per SM), as the NVIDIA Matrix
-      Multiplication Background User's Guide (DU-09799-001, sec. 3.1, 3.2) describes them;
-    - float32 on CUDA cores (no TF32: V100, T4, or ``allow_tf32`` off): a 3x3 stride-1 2D
-      convolution runs as Winograd F(2x2,3x3), 2.25x fewer multiplies (Lavin & Gray 2016); cuDNN
-      implements it for forward, data and filter gradients (CUDNN_CONVOLUTION_*_ALGO_WINOGRAD*, 3x3
-      filters, stride 1: cuDNN API reference) and ``torch.backends.cudnn.benchmark`` picks the
-      fastest algorithm. The transforms are neglected (they are memory-bound and amortised over
-      the channels). Kernel volume 9 in 2D is taken for 3x3 (a 1x9 kernel would be counted so too);
-    - tensor cores on NCHW tensors (PyTorch's default layout, the tile interpreter's): cuDNN runs
-      tensor-core kernels in NHWC and transposes NCHW operands first and the result back ("The cuDNN
-      library may use padding, folding, and NCHW-to-NHWC transformations to call the Tensor Core
-      operations", cuDNN Developer Guide, Tensor Core operations; NVIDIA Convolutional Layers User's
-      Guide, "Tensor Layouts In Memory: NCHW vs NHWC"): each kernel (forward, data gradient, filter
-      gradient) reads and writes both its activation operands once more, at the stream rate.
-      Input channels are per group, so a grouped convolution's input transpose is under-counted.
-    """
-    dev = rates.device
-    tensor_cores = rates.peak > 1.01 * dev.peak("fp32")
-    half = 32 if tensor_cores else 8  # tensor-core tiles are deeper in K: they fill later
-    rate = rates.peak * GPU_CONV_EFFICIENCY * fan_in / (fan_in + half)
-    rate *= quantization(positions, cout, dev.sms)
-    winograd = nd == 2 and kernel == 9 and stride == 1 and not transposed
-    if winograd and not tensor_cores and rates.dtype == torch.float32:
-        rate *= WINOGRAD_3X3
-    if tensor_cores and not rates.channels_last:
-        item = torch.empty((), dtype=rates.dtype).element_size()
-        cin = cin if cin is not None else fan_in // max(kernel or 1, 1)
-        scaled = positions * stride**nd  # the other operand's positions: input of a strided conv
-        elems = cin * (positions if transposed else scaled) + cout * (scaled if transposed else positions)
-        moved = 2 * elems * item  # read in one layout, written in the other
-        flops = 2 * positions * fan_in * cout
-        rate = flops / (flops / rate + moved / rates.stream("copy", moved))
-    return rate
-
-
-def quantization(positions: int, channels: int, sms: int | None) -> float:
-    """Useful fraction of a GPU's work for a GEMM of `positions` x `channels` outputs in blocks of
-    `GPU_CTA_TILE`: tile quantization (the last block in each dimension partly idle) times wave
-    quantization (the last wave of blocks over `sms` SMs partly idle; not counted without `sms`).
-    Few output channels get a narrower block (32 or 64 wide): the libraries carry kernels of several
-    tile shapes and pick one per problem (the same guide, sec. 2.3)."""
-    tm, tn = GPU_CTA_TILE
-    tn = next((n for n in (32, 64) if channels <= n), tn)
-    blocks = math.ceil(positions / tm) * math.ceil(channels / tn)
-    tiles = positions * channels / (blocks * tm * tn)
-    waves = blocks / (math.ceil(blocks / sms) * sms) if sms else 1.0
-    return tiles * waves
 
 
 def _compute_dtype(device: Device, dtype: torch.dtype) -> torch.dtype | str:
@@ -288,22 +258,33 @@ def _interpolate(xs: Sequence[float], ys: Sequence[float], x: float) -> float:
 
 def _nearest(points: list[tuple[float, ...]], values: list[float], at: tuple[float, ...]) -> float:
     """Inverse-distance weighting of the 3 nearest measurements, in log space."""
-    return _nearest_logs([_logs(p) for p in points], values, at)
+    return _nearest_many(np.array([_logs(p) for p in points]), values, [at])[0]
 
 
 def _logs(point: tuple[float, ...]) -> list[float]:
     return [math.log(max(v, 1)) for v in point]
 
 
-def _nearest_logs(points, values: list[float], at: tuple[float, ...]) -> float:
-    """``_nearest`` on the points' logs (the planner asks for many positions of one calibration):
-    numpy finds the few nearest, ``math.dist`` then orders them as ``_nearest`` does."""
-    logs = _logs(at)
-    if len(points) > 8:
-        far = np.sqrt(((np.asarray(points) - logs) ** 2).sum(axis=1))
-        near = far <= np.partition(far, 2)[2] * (1 + 1e-9) + 1e-12  # ties and rounding kept
-        index = np.flatnonzero(near).tolist()  # the kept points, in order, without a pass over all
-        points, values = [points[i] for i in index], [values[i] for i in index]
+def _nearest_many(points: np.ndarray, values: list[float], ats: list[tuple[float, ...]]) -> list[float]:
+    """``_nearest`` at each of ``ats`` on the points' logs (the planner asks for many positions of one
+    calibration): numpy finds each one's few nearest points, ``math.dist`` then orders them as
+    ``_nearest`` does."""
+    logs = [_logs(at) for at in ats]
+    if len(points) <= 8:
+        return [_weighted(at, points, values) for at in logs]
+    out = []
+    for start in range(0, len(logs), 256):  # (rows, points, 4) differences: a few MiB at a time
+        chunk = np.array(logs[start : start + 256])
+        far = np.sqrt(((points[None] - chunk[:, None]) ** 2).sum(axis=2))
+        near = far <= np.partition(far, 2, axis=1)[:, 2:3] * (1 + 1e-9) + 1e-12  # ties and rounding kept
+        for at, kept in zip(logs[start : start + 256], near, strict=True):
+            index = np.flatnonzero(kept).tolist()  # the kept points, in order, without a pass over all
+            out.append(_weighted(at, [points[i] for i in index], [values[i] for i in index]))
+    return out
+
+
+def _weighted(logs: list[float], points, values: list[float]) -> float:
+    """Inverse-distance weighting of the 3 of ``points`` nearest ``logs``."""
     dist = heapq.nsmallest(3, ((math.dist(logs, p), value) for p, value in zip(points, values, strict=True)))
     if dist[0][0] < 1e-9:
         return dist[0][1]
@@ -351,7 +332,7 @@ def _table_rate(table: dict, axes: list, cin: int, cout: int, positions: int) ->
     return math.exp(total / weight) if weight > 0 else None
 
 
-@functools.lru_cache(maxsize=4096)
+@functools.lru_cache(maxsize=1 << 16)  # the planner asks per tile geometry: 170,000 shapes for DenseNet264
 def conv_backend(
     input_shape: tuple[int, ...], weight_shape: tuple[int, ...], stride: tuple[int, ...],
     dilation: tuple[int, ...], groups: int, transposed: bool, dtype: torch.dtype = torch.float32,
@@ -362,14 +343,17 @@ def conv_backend(
     nothing of the shape is allocated; None where this torch cannot say."""
     nd = len(input_shape) - 2
     try:
-        x = torch.empty(1, dtype=dtype).expand(input_shape)
-        w = torch.empty(1, dtype=dtype).expand(weight_shape)
+        one = _one(dtype)
+        x, w = one.expand(input_shape), one.expand(weight_shape)
         backend = torch._C._select_conv_backend(
             x, w, None, list(stride), [0] * nd, list(dilation), transposed, [0] * nd, groups, None
         )
     except (AttributeError, RuntimeError, TypeError):
         return None
     return str(backend).rsplit(".", 1)[-1]
+
+
+_one = functools.cache(lambda dtype: torch.empty(1, dtype=dtype))  # expanded by conv_backend, never written
 
 
 # what this machine's torch (2.13, CPU) showed: oneDNN for 2D, im2col ("slow_conv3d") for 3D

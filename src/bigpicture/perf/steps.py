@@ -18,7 +18,7 @@ interpolation save nothing.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -29,6 +29,7 @@ from bigpicture.engine.rules.window import AvgPool, Conv, MaxPool, Pool
 from bigpicture.engine.split import Split
 from bigpicture.perf.fusion import fuse
 from bigpicture.perf.rates import PARALLEL_ELEMENTS, Rates, conv_backend
+from bigpicture.perf.row_memo import Rows, StepMemo
 
 # fmt: off
 _VIEWS = {"identity", "dropout", "dropout1d", "dropout2d", "dropout3d", "alphadropout", "featurealphadropout",
@@ -69,23 +70,6 @@ class Step:
     flops_bwd: int = 0
 
 
-@dataclass(frozen=True)
-class Rows:
-    """Geometries of one node's step, one entry per row (numpy arrays): what ``steps_of`` needs.
-
-    ``numel``: positions of the node's box; ``inputs``: of each spatial input's box the tile
-    computes; ``padded``, ``extra``: per dimension, lengths of a window's padded input box and of
-    a transposed convolution's input box (1 where the op has none); ``outside``: the window
-    reaches out of the image; ``copied``: its input is copied first (padded, or a sub-box)."""
-
-    numel: np.ndarray
-    inputs: tuple[tuple[object, np.ndarray], ...]
-    padded: np.ndarray  # (rows, nd)
-    extra: np.ndarray  # (rows, nd)
-    outside: np.ndarray
-    copied: np.ndarray
-
-
 def _step(
     split: Split, node, box: Box, copied: bool, need: dict, item: int, rates: Rates, grad_in: bool
 ) -> Step:
@@ -116,7 +100,12 @@ def row(st: Step, i: int) -> Step:
     values = {f: int(v) for f, v in values.items()}
     values.update({f: bool(getattr(st, f)[i]) for f in _FLAGS})
     values.update(fwd_s=float(st.fwd_s[i]), bwd_s=float(st.bwd_s[i]), kind=str(st.kind[i]))
-    return replace(st, **values)
+    return Step(st.node, st.inputs, **values)
+
+
+MEMO = True  # rows of steps kept per node (``row_memo``); False: every row built again (tests compare)
+_FIELDS = ("out", "temp", "padded", "saved_extra", "flops", "bytes", "flops_bwd", "fwd_s", "bwd_s", "kind",
+           *_FLAGS)  # fmt: skip
 
 
 def steps_of(
@@ -124,7 +113,32 @@ def steps_of(
 ) -> Step:
     """The steps of ``node`` on every row of ``rows`` at once: a ``Step`` whose numbers, flags and
     kind are arrays with one entry per row (``row`` takes one out). ``least``: a normalisation's rows
-    at the faster of its plain and strided rates (the time bound's, with nothing copied)."""
+    at the faster of its plain and strided rates (the time bound's, with nothing copied).
+
+    Steps built before on the same rows for this node (another pass, candidate tile or bound) are
+    read back from a memo on ``rates`` (``row_memo.StepMemo``)."""
+    if not MEMO:
+        return _steps_of(split, node, rows, item, rates, grad_in, least)
+    memo = rates.__dict__.get("_steps")
+    if memo is None:
+        memo = rates.__dict__["_steps"] = StepMemo()
+    op, fused = split.ops[node], getattr(rates, "fused", False)
+    # what else a step reads: grad_in only a convolution's (its input gradient), least a normalisation's
+    conv, norm = isinstance(op, (Conv, ConvTranspose)), _facts(split, node)[0] in _NORM
+    key = (node, op, split.shapes[node], tuple(i for i, _ in rows.inputs), item, conv and grad_in,
+           norm and least, rates.wake_s, fused, split.sinks if fused else None, rows.key())  # fmt: skip
+
+    def compute() -> dict:
+        st = _steps_of(split, node, rows, item, rates, grad_in, least)
+        return {f: getattr(st, f) for f in _FIELDS}
+
+    return Step(node, tuple(op.inputs), **memo.get(key, compute))
+
+
+def _steps_of(
+    split: Split, node, rows: Rows, item: int, rates: Rates, grad_in: bool, least: bool = False
+) -> Step:
+    """``steps_of`` without the memo: every row built."""
     op, shape = split.ops[node], split.shapes[node]
     n, c, r = shape[0], shape[1], len(rows.numel)
     ins = tuple(op.inputs)
@@ -185,16 +199,16 @@ def _gradient_sum_s(split: Split, node, rates: Rates) -> float:
     engine keeps in float64 (``execute``: ``gr.to(float64)``, then ``totals + gr``): a float32 read
     and a float64 write, then two float64 reads and a write, per element of each parameter (the first
     tile's sum is its copy: one add per parameter per step over-counted)."""
-    memo = rates.__dict__.setdefault("_trainable", {})  # per rates (one planner's): asked per pass and tile
+    memo = rates.__dict__.setdefault("_gradient_sums", {})  # per rates: asked per pass and tile
     if node not in memo:
         module = _module(split, node)
         params = module.parameters() if module is not None else ()
-        memo[node] = sum(p.numel() for p in params if p.requires_grad)
-    elements = memo[node]
-    if not elements:
-        return 0.0
-    copy, add = elements * 12, elements * 24
-    return copy / rates.stream("copy", copy) + add / rates.stream("binary", add)
+        elements = sum(p.numel() for p in params if p.requires_grad)
+        copy, add = elements * 12, elements * 24
+        memo[node] = 0.0
+        if elements:
+            memo[node] = copy / rates.stream("copy", copy) + add / rates.stream("binary", add)
+    return memo[node]
 
 
 def _conv_steps(split: Split, op, st: Step, rows: Rows, n: int, c: int, item: int, rates: Rates, grad_in):
@@ -216,21 +230,17 @@ def _conv_steps(split: Split, op, st: Step, rows: Rows, n: int, c: int, item: in
     work = [rates.workspace(nd, a, b, transposed) for a, b in zip(operands, im2col.tolist(), strict=True)]
     st.temp = st.temp + np.array(work, dtype=np.int64)
     st.flops_bwd = st.flops * (2 if grad_in else 1)
-    case = {
-        "transposed": transposed,
-        "cin": cin // (1 if transposed else op.groups),
-        "kernel": math.prod(op.kernel),
-    }
-    lengths = rows.extra if transposed else rows.padded
-    fwd, bwd = [], []
-    for p, dims in zip(positions.tolist(), lengths.tolist(), strict=True):
-        if p == 0:  # a transposed convolution of an empty input box (a tile reading padding only)
-            fwd.append(1.0), bwd.append(1.0)  # no work, no seconds
-            continue
-        backend = _backend(op, tuple(dims), n, cin, c, transposed, rates)
-        fwd.append(rates.conv(nd, fan_in, c, p, stride, **case, backend=backend))
-        bwd.append(rates.conv(nd, fan_in, c, p, stride, backward=True, **case, backend=backend))
-    st.fwd_s, st.bwd_s = st.flops / np.array(fwd), st.flops_bwd / np.array(bwd)
+    case = (transposed, cin // (1 if transposed else op.groups), math.prod(op.kernel))
+    lengths = (rows.extra if transposed else rows.padded).tolist()
+    # a transposed convolution of an empty input box (a tile reading padding only): no work, no seconds
+    live = [k for k, p in enumerate(positions.tolist()) if p != 0]
+    backends = [_backend(op, tuple(lengths[k]), n, cin, c, transposed, rates) for k in live]
+    fwd, bwd = np.ones(len(lengths)), np.ones(len(lengths))
+    if live:
+        at = [int(positions[k]) for k in live]
+        fwd[live] = rates.convs(nd, fan_in, c, at, stride, False, *case, backends)
+        bwd[live] = rates.convs(nd, fan_in, c, at, stride, True, *case, backends)
+    st.fwd_s, st.bwd_s = st.flops / fwd, st.flops_bwd / bwd
 
 
 def _stream_steps(

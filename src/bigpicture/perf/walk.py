@@ -43,6 +43,8 @@ class TileWalk:
     ops: int = 0
     fwd_by_kind: dict = field(default_factory=dict)
     bwd_by_kind: dict = field(default_factory=dict)
+    # of a grid's sum (``classes.aggregate``): the grid's last tile with work, its steps read off its class
+    last: TileWalk | None = field(default=None, repr=False, compare=False)
 
     def add_step(self, st: Step, count: int, grad: bool) -> None:
         """``count`` tiles run step ``st`` (and its backward, with ``grad``)."""
@@ -313,6 +315,9 @@ class _BytesOnly:
 
     def conv(self, *args, **kwargs) -> float:
         return 1.0
+
+    def convs(self, nd: int, fan_in: int, cout: int, positions: list, *args) -> list:
+        return [1.0] * len(positions)
 
     def pool(self, *args, **kwargs) -> float:
         return 1.0
