@@ -14,19 +14,22 @@ say which slides hold a lesion, from slide labels only. The demo
    by top-k (every position of a negative slide taught "lesion-free"), by the mean and by
    attention-MIL; (a) the same network (top-k) untiled on the finest pyramid level that fits;
    (b) patches labelled with their slide's label, slide score = mean or max of patch probabilities;
-   (c) attention-MIL over (b)'s patch features; and, as a diagnostic upper bound
+   (c) attention-MIL over (b)'s patch features; (d) a self-supervised trunk (SimCLR, no labels),
+   pseudo-labels from the negative slides and a cell head (``wsi_pseudo.py``; run tile by tile);
+   and, as a diagnostic upper bound
    that is not a contender, the same network trained on the lesion masks (``wsi_oracle.py``);
 4. reports held-out slide AUC with a bootstrap interval, lesion localisation, predicted and measured
    peak memory (fresh processes) and time per epoch, and the predicted cost at 100,000^2 on an H100;
 5. writes heatmaps as PNG overlays and as pyramidal OME-TIFF (checked with tifffile and zarr).
 
     python examples/pathology_demo.py           # short: 12 slides of 768^2, about 1.5 CPU-minutes
-    python examples/pathology_demo.py --full    # 64 slides of 2048^2, 5 epochs
+    python examples/pathology_demo.py --full    # 64 slides of 2048^2, 5 epochs, 3000 SimCLR steps
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import platform
@@ -44,6 +47,7 @@ from wsi_methods import Downsampled, Patches, PatchMIL, WholeSlide, read_all, un
 from wsi_metrics import auc, bootstrap_auc, localisation, on_grid, peak_rss, reset_peak, rss
 from wsi_models import build, loss_of
 from wsi_oracle import LesionSupervised, texture_separability
+from wsi_pseudo import PseudoLabels
 from wsi_report import check_tiff, heatmap_tiff, overlay_png, table
 
 import bigpicture as bp
@@ -61,6 +65,8 @@ CONFIGS = {
         "lr": 1e-3,
         "texture_patch": 32,  # a 1% lesion on a 768^2 slide is about 60 px across
         "texture_steps": 300,
+        "simclr_steps": 300,  # the pseudo-label method's pretext (wsi_pseudo.py)
+        "ref_cells": 10000,
     },
     "full": {
         "slides": 64,
@@ -73,6 +79,8 @@ CONFIGS = {
         "lr": 1e-3,
         "texture_patch": 64,
         "texture_steps": 600,
+        "simclr_steps": 3000,
+        "ref_cells": 30000,
     },
 }
 
@@ -97,6 +105,19 @@ def check_exact(slide: Slide, budget: str, pool: str = "lse") -> str:
             f"{worst:.1e})")  # fmt: skip
 
 
+def check_exact_map(method, slide: Slide) -> str:
+    """A trained method's tiled score map against the untiled one, float64, on a real slide."""
+    evidence = copy.deepcopy(method.evidence).double()
+    x = read_all(bp.io.open_slide(slide.path)).double()
+    net = bp.tiled(evidence, memory=method.budget)
+    with torch.no_grad():
+        tiled, reference = net(x), evidence(x)
+    torch.testing.assert_close(tiled, reference)
+    return (f"  {method.name}: its score map on {Path(slide.path).name}, tile {net.plan.tile} under "
+            f"{method.budget}, equals the untiled one (float64, assert_close; largest difference "
+            f"{(tiled - reference).abs().max().item():.1e})")  # fmt: skip
+
+
 def make_methods(cfg, shape, only: str | None = None) -> dict:
     """Every method (or ``only`` that one and what it needs), untrained, at the config's budget."""
     b, lr = cfg["budget"], cfg.get("lr", 1e-3)
@@ -108,6 +129,7 @@ def make_methods(cfg, shape, only: str | None = None) -> dict:
         "downsampled": lambda: Downsampled(b, shape, lr=lr),
         "patches": lambda: patches,
         "mil": lambda: PatchMIL(patches, lr=lr),
+        "pseudo": lambda: PseudoLabels(b, shape, steps=cfg["simclr_steps"], ref_cells=cfg["ref_cells"]),
         "oracle": lambda: LesionSupervised(b, shape, lr=lr),
     }
     return {k: f() for k, f in factories.items() if only in (None, k)}  # fmt: skip
@@ -119,7 +141,7 @@ def evaluate(methods, test: list[Slide]) -> tuple[list[dict], dict]:
     rows, labels = [], [s.label for s in test]
     scorers = [("whole", "score"), ("mean", "score"), ("attention", "score"), ("downsampled", "score"),
                ("patches", "score_mean"), ("patches", "score_max"), ("mil", "score"),
-               ("oracle", "score")]  # fmt: skip
+               ("pseudo", "score"), ("oracle", "score")]  # fmt: skip
     for name, key in scorers:
         scores = [p[key] for p in preds[name]]
         loc = [localise(s, p) for s, p in zip(test, preds[name]) if s.label]
@@ -155,7 +177,7 @@ def measure(method: str, slide: Slide, cfg: dict) -> dict:
 def measure_all(slide: Slide, cfg_name: str, threads: int) -> dict:
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}  # freed tensors leave the heap: live peak
     out = {}
-    for method in ("whole", "mean", "attention", "downsampled", "patches", "mil"):
+    for method in ("whole", "mean", "attention", "downsampled", "patches", "mil", "pseudo"):
         full = ["--full"] if cfg_name == "full" else []
         cmd = [sys.executable, os.path.abspath(__file__), "--measure", method, "--threads", str(threads),
                "--slide", json.dumps(slide.__dict__), *full]  # fmt: skip
@@ -234,10 +256,13 @@ def run(cfg: dict, cfg_name: str, out: Path, a) -> None:
     say(f"\nTraining at a memory budget of {cfg['budget']} per step ({cfg['epochs']} epochs, Adam; the whole-"
         f"slide methods step once per pair of a positive and a negative slide of a host):")  # fmt: skip
     seconds = {}
-    for name in ("whole", "mean", "attention", "downsampled", "patches", "oracle"):
+    for name in ("whole", "mean", "attention", "downsampled", "patches", "pseudo", "oracle"):
         epochs = cfg["oracle_epochs"] if name == "oracle" else cfg["epochs"]
         seconds[name] = float(np.mean(methods[name].fit(train, epochs, seed=a.seed)))
         note = f" ({epochs} epochs of mask training)" if name == "oracle" else ""
+        if name == "pseudo":
+            note = (f" (once: {cfg['simclr_steps']} SimCLR steps of batch {methods[name].batch}, features, "
+                    "pseudo-labels, head)")  # fmt: skip
         say(f"  {methods[name].name:<34}{seconds[name]:7.1f} s/epoch{note}")
     seconds["mil"] = float(np.mean(methods["mil"].fit(train, cfg["mil_epochs"], seed=a.seed)))
     mil = methods["mil"]
@@ -245,6 +270,7 @@ def run(cfg: dict, cfg_name: str, out: Path, a) -> None:
     whole, down, patches = methods["whole"], methods["downsampled"], methods["patches"]
     say(f"  downsampled: pyramid level {down.level} (1/{down.factor}), the finest whose untiled step is "
         f"predicted to fit; patches: {patches.patch} px, batch {patches.batch}.")  # fmt: skip
+    say(check_exact_map(methods["pseudo"], test[0]))
 
     say("\nThe whole-slide plan (print(net.plan)):")
     say(str(whole.net.plan))
@@ -269,11 +295,12 @@ def run(cfg: dict, cfg_name: str, out: Path, a) -> None:
 
     say("\nHeatmaps (held-out slides with a lesion):")
     for i, s in ((i, s) for i, s in enumerate(test) if s.label):
-        shown = ("whole", "mean", "attention", "downsampled", "patches", "mil", "oracle")
+        shown = ("whole", "mean", "attention", "downsampled", "patches", "mil", "pseudo", "oracle")
         heats = {methods[k].name: preds[k][i] for k in shown}
         stem = out / f"heatmap_{Path(s.path).name.split('.')[0]}"
         say(f"  {overlay_png(s, heats, stem.with_suffix('.png'))}")
-        for k, suffix in (("whole", ".ome.tif"), ("attention", "_attention.ome.tif")):
+        for k in ("whole", "attention", "pseudo"):
+            suffix = ".ome.tif" if k == "whole" else f"_{k}.ome.tif"
             p = preds[k][i]
             tif = heatmap_tiff(s, p["heat"], p["stride"], Path(str(stem) + suffix))
             say(f"    {check_tiff(tif, p['heat'], p['stride'], bp.io.open_slide(s.path).shape[2:])}")
