@@ -336,9 +336,9 @@ def _memory(split: Split, dtype, total: TileWalk, tiles: int, training: bool, gp
     if not (training or gpu) and total.run_peak is not None:  # the CPU: pages written so far (resident.py)
         working, resident = total.run_peak
     parts = [("parameters", params + buffers), ("boundary tensors", resident), ("tile working set", working)]
-    if ("stage bytes", dtype, training) not in memo:  # the split's alone: asked per candidate and walk
-        memo["stage bytes", dtype, training] = stage_bytes(split, dtype, training)
-    parts += [("global stages", memo["stage bytes", dtype, training])]  # tensors held whole between passes
+    key = ("stage bytes", id(split), dtype, training)  # the split's (a memo may serve every pass of a graph)
+    memo[key] = memo[key] if key in memo else stage_bytes(split, dtype, training)  # per candidate and walk
+    parts += [("global stages", memo[key])]  # tensors held whole between passes
     if training:
         # the sum of the tiles' parameter gradients, kept in float64 (execute.Runner.backward), the
         # previous tile's (alive until the next tile's are returned) and this tile's; the boundary's.
