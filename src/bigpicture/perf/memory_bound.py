@@ -9,8 +9,7 @@ here every candidate's walked tiles are rows of one walk on arrays:
     per tile     the largest of its rows' ``predict._memory`` sums, over its passes
 
 with the same numbers as walking each tile on its own (``tests/test_plan_search.py``). A node's steps
-are asked once over its rows in every pass, and given the search's budget, a tile over it in the
-last pass (the whole network) is not walked in the others (``tests/test_plan_passes.py``).
+are asked once over its rows in every pass walked (``tests/test_plan_passes.py``).
 """
 
 from __future__ import annotations
@@ -26,7 +25,7 @@ from bigpicture.engine.rules.resample import ConvTranspose, Pad
 from bigpicture.engine.split import Split
 from bigpicture.engine.tiles import layout, working_counts
 from bigpicture.perf.bound import joined
-from bigpicture.perf.predict import _memory, _setting, memory_walked
+from bigpicture.perf.predict import _graph_memo, _memory, _setting, memory_walked
 from bigpicture.perf.resident import resident_bytes
 from bigpicture.perf.steps import Rows, _outside, _stored, geometries, spatial_inputs, step_key, steps_of
 from bigpicture.perf.walk import TileWalk, bytes_of, bytes_only, grad_in, grads, row_peaks, tile_at
@@ -34,29 +33,27 @@ from bigpicture.perf.walk import TileWalk, bytes_of, bytes_only, grad_in, grads,
 
 def least_memories(
     splits: list[Split], input_shape, dtype: torch.dtype, tiles, device, training: bool, shared: dict,
-    budget: float | None = None,
+    passes=None,
 ) -> dict:  # fmt: skip
     """``predict.least_memory(splits, input_shape, dtype, tile, device, training, shared=shared)``
     of every tile in ``tiles`` (the input neither on the device nor needing a gradient: the planner's).
 
-    With ``budget``, the last pass (the whole network) is walked first, and a tile already over the
-    budget there keeps that bound, still one of its peak: the other passes are walked only for the
-    tiles that may fit (a squeeze-and-excitation network's 17-51 passes, for every candidate)."""
+    ``passes``: the indices of the passes walked (default: every pass), the bound then the largest
+    of theirs. The search walks the last pass (the whole network) first, and the others only for a
+    tile it may predict (a squeeze-and-excitation network's 17-51 passes, for every candidate)."""
     dev, rates, on_device, shared = _setting(device, dtype, None, shared)
     item, counting = torch.empty((), dtype=dtype).element_size(), bytes_only(rates)
     least = dict.fromkeys(tiles, 0)
-    passes = list(range(len(splits)))
-    for ks in [passes[-1:], passes[:-1]] if budget is not None else [passes]:
-        may = [t for t in tiles if budget is None or least[t] <= budget]
-        walks = [w for k in ks for w in _walks(splits[k], k, input_shape, may, on_device, item)]
-        for (k, _, group), (peak, peak_train) in zip(walks, _peaks(splits, walks, item, counting, training),
-                                                     strict=True):  # fmt: skip
-            memo = shared.setdefault(("bytes", id(splits[k].gm)), {})  # the model's sizes, once per graph
-            for (tile, count, *_, resident), p, pt in zip(group, peak.tolist(), peak_train.tolist(),
-                                                          strict=True):  # fmt: skip
-                one = TileWalk(peak=p, peak_train=pt, run_peak=(p, resident))
-                parts = _memory(splits[k], dtype, one, count, training, dev.name != "cpu", memo)
-                least[tile] = max(least[tile], sum(v for _, v in parts))
+    ks = range(len(splits)) if passes is None else passes
+    walks = [w for k in ks for w in _walks(splits[k], k, input_shape, tiles, on_device, item)]
+    for (k, _, group), (peak, peak_train) in zip(walks, _peaks(splits, walks, item, counting, training),
+                                                 strict=True):  # fmt: skip
+        memo = _graph_memo(splits[k], shared)  # the model's sizes, once per graph
+        for (tile, count, *_, resident), p, pt in zip(group, peak.tolist(), peak_train.tolist(),
+                                                      strict=True):  # fmt: skip
+            one = TileWalk(peak=p, peak_train=pt, run_peak=(p, resident))
+            parts = _memory(splits[k], dtype, one, count, training, dev.name != "cpu", memo)
+            least[tile] = max(least[tile], sum(v for _, v in parts))
     return least
 
 

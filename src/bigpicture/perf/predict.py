@@ -44,7 +44,6 @@ from dataclasses import replace
 import torch
 from torch import fx, nn
 
-from bigpicture.engine.box import Box
 from bigpicture.engine.plan import Plan, requested_tiles, tile_of
 from bigpicture.engine.split import Split
 from bigpicture.engine.tiles import working_counts
@@ -57,6 +56,7 @@ from bigpicture.perf.prediction import Prediction, Stage, _flops, _seconds, _siz
 from bigpicture.perf.rates import GPU_ASSUMPTIONS, Rates
 from bigpicture.perf.resident import boundary_bytes, resident_bytes
 from bigpicture.perf.stage_cost import stage_bytes, with_cuts, with_stage_time
+from bigpicture.perf.untiled import untiled_flops
 from bigpicture.perf.walk import TileWalk, bytes_only, last_tile, tile_at, walk, walked
 
 MiB = 2**20
@@ -186,7 +186,7 @@ def predict_splits(
     dev, rates, on_device, shared = _setting(device, dtype, input_on_device, shared)
     parts = [
         _predict_pass(s, input_shape, dtype, layout(s, input_shape, tile_of(tile, k)), dev, rates, training,
-                      input_grad, on_device, shared.setdefault(id(s), {}))
+                      input_grad, on_device, shared.setdefault(id(s), {}), _graph_memo(s, shared))
         for k, s in enumerate(splits)
     ]  # fmt: skip
     whole = parts[0] if len(parts) == 1 else _combine(parts)
@@ -236,6 +236,12 @@ def memory_walked(lay: Layout, working: tuple[int, ...]) -> set[tuple[int, ...]]
     return walked(working) | {centre}
 
 
+def _graph_memo(split: Split, shared: dict) -> dict:
+    """What the passes of ``split``'s graph share in ``shared``: the model's sizes and each node's
+    untiled flops (``untiled.py``), asked once however many passes hold the node."""
+    return shared.setdefault(("graph", id(split.gm)), {})
+
+
 def _setting(device, dtype, input_on_device, shared):
     """(device, its rates, whether the input lives on it, ``shared``): the rates made once per ``shared``."""
     dev = resolve_device(device)
@@ -259,19 +265,21 @@ def _predict_pass(
     input_grad: bool,
     on_device: bool,
     memo: dict | None = None,
+    graph: dict | None = None,
 ) -> Prediction:
+    """One pass's prediction; ``memo``: kept between its predictions, ``graph``: ``_graph_memo``'s."""
     gpu, memo = dev.name != "cpu", {} if memo is None else memo
+    graph = memo if graph is None else graph
     classes = class_grid(split, lay)
     tiles = classes.tiles
     # execute.Runner.read_input copies each tile's read box (contiguous) even from an input that
     # already lives on the device (``on_device``); one tile runs the model on the input itself
     copy = not on_device or tiles > 1
     total = aggregate(split, classes, dtype, rates, training, input_grad, copy, memo)
-    if "untiled" not in memo:
-        whole = {n: Box.from_shape(e) for n, e in split.extents.items()}
-        memo["untiled"] = walk(split, whole, (), dtype, rates, False, False, False)
+    if "untiled" not in memo:  # the forward's flops over the whole image, for the halo overhead
+        memo["untiled"] = untiled_flops(split, dtype, rates, graph.setdefault("untiled", {}))
     untiled = memo["untiled"]
-    memory_parts = _memory(split, dtype, total, tiles, training, gpu, memo)
+    memory_parts = _memory(split, dtype, total, tiles, training, gpu, graph)
     last = total.last if LAST_FROM_CLASSES else None  # the tile whose graph the forward keeps: the
     if training and last is None:  # backward does not recompute it (read off its class where it can be)
         need, writes = last_tile(split, lay)
@@ -288,7 +296,7 @@ def _predict_pass(
         memory=sum(v for _, v in memory_parts),
         time=sum(s.seconds for s in stages),
         flops=flops,
-        halo_overhead=total.flops_fwd / untiled.flops_fwd - 1 if untiled.flops_fwd else 0.0,
+        halo_overhead=total.flops_fwd / untiled - 1 if untiled else 0.0,
         memory_parts=memory_parts,
         stages=stages,
         by_kind=by_kind,

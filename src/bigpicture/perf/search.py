@@ -1,16 +1,22 @@
 """The planner's search over its tile candidates (``schedule.candidates``), largest first.
 
-    per candidate, until one fits:   memory bound over the budget? (one tile walked,    -> skip
-                                     the next 2, 4, 8, ... candidates' at once: memory_bound.py)
-                                     else predict it (every class of tiles)
+    per candidate, until one fits:   last pass's memory bound over the budget?          -> skip
+                                     (one tile walked, the next 2, 4, 8, ... candidates'
+                                     at once: memory_bound.py)
+                                     else predict it (every class of tiles); over the
+                                     budget, the other passes' bound over it too?       -> skip
     once one fits (best time T):     engine time alone >= T? (a multiplication)       -> skip
                                      time bound >= T? (a few diagonal rows, bound.py)  -> skip
                                      else as above
 
 Every skip is exact: a skipped tile cannot be faster than the best, and on equal times the larger
-tile (visited first) is kept, so the choice equals that of predicting every candidate. A tile whose
-grid has too many kinds of tiles to predict (``grid._listed``'s ``TilingError``) does not fit; its
-error is raised only if no other tile fits.
+tile (visited first) is kept, so the choice equals that of predicting every candidate. The last pass
+(the whole network) holds the largest tiles of a squeeze-and-excitation network's 17-51 passes: its
+bound alone decides most candidates, and a tile predicted to fit needs no other (the bound is below
+the prediction), so the other passes are bounded only for a tile predicted over the budget: the
+predictions counted are those a bound of every pass leaves under it (``tests/test_plan_passes.py``).
+A tile whose grid has too many kinds of tiles to predict (``grid._listed``'s ``TilingError``) does
+not fit; its error is raised only if no other tile fits.
 """
 
 from __future__ import annotations
@@ -33,23 +39,36 @@ def search(splits, input_shape, tiles, budget: int, dev, dtype, training: bool, 
     ``schedule.least_time``; ``exhaustive``: predict every tile whose memory bound fits (tests)."""
     tried, bounds, skipped, shared, best = [], {}, [], {}, math.inf
     args = (splits, input_shape, dtype)
-    memory: dict = {}
+    last: dict = {}  # the last pass's memory bounds
     errors: dict = {}  # tiles whose prediction is a TilingError, largest first
     batches: list = []  # the sizes of the memory bounds' batches so far
+    earlier = range(len(splits) - 1)
 
-    def visit(tile) -> None:
-        if tile not in memory:  # the largest alone; until one fits, the next smaller 2, 4, 8, ... at once
+    def visit(tile):
+        """The prediction of ``tile`` if its memory bound may fit, else None."""
+        if tile not in last:  # the largest alone; until one fits, the next smaller 2, 4, 8, ... at once
             smaller = [t for t in reversed(tiles) if math.prod(t) <= math.prod(tile)]
-            rest = [t for t in smaller if t not in memory and t != tile]
-            batch = [tile, *rest[: 2 ** len(batches) - 1]] if memory and best == math.inf else [tile]
+            rest = [t for t in smaller if t not in last and t != tile]
+            batch = [tile, *rest[: 2 ** len(batches) - 1]] if last and best == math.inf else [tile]
             batches.append(len(batch))
-            memory.update(least_memories(*args, batch, dev, training, shared, budget))
-        bounds[tile] = memory[tile]
-        if bounds[tile] <= budget:
-            try:
-                tried.insert(0, predict_splits(*args, tile, dev, training, shared=shared))
-            except TilingError as error:  # a grid of too many kinds of tiles (grid._listed): not this one
-                errors[tile] = error
+            last.update(least_memories(*args, batch, dev, training, shared, [len(splits) - 1]))
+        bounds[tile] = last[tile]
+        if bounds[tile] > budget:
+            return None
+        try:
+            p = predict_splits(*args, tile, dev, training, shared=shared)
+        except TilingError as error:  # a grid of too many kinds of tiles (grid._listed): not this one
+            p = error
+        if isinstance(p, TilingError) or p.memory > budget:  # the other passes' bounds may skip it
+            others = least_memories(*args, [tile], dev, training, shared, earlier)[tile]
+            bounds[tile] = max(bounds[tile], others)
+            if bounds[tile] > budget:
+                return None
+        if isinstance(p, TilingError):
+            errors[tile] = p
+            return None
+        tried.insert(0, p)
+        return p
 
     for tile in reversed(tiles):
         if best < math.inf and least_time(*args, tile, dev, training, shared) >= best:
@@ -59,9 +78,9 @@ def search(splits, input_shape, tiles, budget: int, dev, dtype, training: bool, 
             if bound is not None and bound * ROUNDING >= best:
                 skipped.append(tile)
                 continue
-        visit(tile)
-        if tile in bounds and bounds[tile] <= budget and tile not in errors and tried[0].memory <= budget:
-            best = min(best, tried[0].time)
+        p = visit(tile)
+        if p is not None and p.memory <= budget:
+            best = min(best, p.time)
     if best == math.inf and errors:  # none fits: the largest that might have, unpredictable
         raise next(iter(errors.values()))
     needs = {}
