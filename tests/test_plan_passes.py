@@ -213,6 +213,19 @@ def test_the_search_over_passes_equals_bounding_and_predicting_every_tile(net, d
         assert named and said[3] == ", ".join(f"{k} {_size(v)}" for k, v in named[0].memory_parts if v)
 
 
+@pytest.mark.parametrize("net", ["2d", "3d"])
+def test_the_budgets_above_reach_every_case(net):
+    """Not vacuous: some tile's last pass fits a budget its other passes do not, and some tile's
+    bound of every pass fits a budget its prediction does not."""
+    factory, shape = NETS[net]
+    torch.manual_seed(0)
+    splits = analyse(factory().eval(), shape)
+    tiles, last, whole, peaks = every_tile(splits, shape, torch.float32, "cpu", False)
+    cases = budgets(last, whole, peaks)
+    assert any(last[t] <= b < whole[t] for b in cases for t in tiles)
+    assert any(whole[t] <= b < peaks[t].memory for b in cases for t in tiles)
+
+
 @pytest.mark.parametrize("which", ["least peak", "largest"])
 def test_a_tile_too_many_kinds_of_tiles_to_predict_is_bounded_over_every_pass(splits, which, monkeypatch):
     """A candidate whose prediction is a ``TilingError`` (``grid._listed``) under the last pass's
