@@ -72,7 +72,8 @@ def source(lo, hi, extent, mode: str) -> tuple[np.ndarray, np.ndarray]:
 
 
 def op_needs(op, lo, hi, rows) -> list[tuple[np.ndarray, np.ndarray]]:
-    """``op.needs`` per row, for the rows where ``rows`` is True (the others are left empty, at 0)."""
+    """``op.needs`` per row, for the rows where ``rows`` is True (the others are left empty, at 0;
+    None: every row)."""
     kind = type(op)
     if kind.needs is Op.needs:
         return [clip(lo, hi, e) for e in op.in_extents]
@@ -87,7 +88,7 @@ def _scalar_needs(op, lo, hi, rows) -> list[tuple[np.ndarray, np.ndarray]]:
     """Any other rule's ``needs``, one row at a time (transposed convolutions, resampling, ...)."""
     out = [(np.zeros_like(lo), np.zeros_like(hi)) for _ in op.inputs]
     los, his = lo.T.tolist(), hi.T.tolist()
-    for r in np.flatnonzero(rows).tolist():
+    for r in range(lo.shape[1]) if rows is None else np.flatnonzero(rows).tolist():
         for (olo, ohi), box in zip(out, op.needs(Box._of(tuple(los[r]), tuple(his[r]))), strict=True):
             olo[:, r], ohi[:, r] = box.lo, box.hi
     return out
@@ -112,8 +113,7 @@ def needs(split: Split, writes: dict, rows: int) -> dict:
                 continue
             if user not in asked:
                 op = split.ops[user]
-                every = np.ones(rows, dtype=bool) if keep is None else keep
-                asked[user] = op_needs(op, *need[user], every), op.inputs
+                asked[user] = op_needs(op, *need[user], keep), op.inputs
             blocks, inputs = asked[user]
             other = blocks[inputs.index(node)]
             if fresh and keep is None:  # most nodes: their one user's box
@@ -131,11 +131,11 @@ def needs(split: Split, writes: dict, rows: int) -> dict:
 
 def _column(values) -> np.ndarray:
     """Per-dimension values as a column, to broadcast over a block's rows."""
-    return _columns(tuple(int(v) for v in values))
+    return _columns(values if type(values) is tuple else tuple(values))
 
 
 @functools.lru_cache(maxsize=1024)
-def _columns(values: tuple[int, ...]) -> np.ndarray:
-    column = np.asarray(values, dtype=np.int64)[:, None]
+def _columns(values: tuple) -> np.ndarray:
+    column = np.asarray([int(v) for v in values], dtype=np.int64)[:, None]
     column.flags.writeable = False  # shared by every caller
     return column

@@ -76,7 +76,7 @@ class BlockGeometry:
             elif _facts(split, node)[0] in _NORM and op.inputs and op.inputs[0] in where:
                 norms.append(i)
             if isinstance(op, ConvTranspose):
-                (elo, ehi), = intervals.op_needs(op, *self.box(node), np.ones(shape[2], dtype=bool))
+                (elo, ehi), = intervals.op_needs(op, *self.box(node), None)
                 self.extra[i] = np.maximum(ehi - elo, 0)
         if windows:
             self._windows(windows)

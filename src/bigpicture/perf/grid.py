@@ -234,7 +234,8 @@ def _periodic(split: Split, lay: Layout, row, d: int, key, g: int, keys=None, sa
     ``same``); ``keys`` gets the keys of the indices outside that range and of one period. None
     where the grid is short or has no such period."""
     keys = {} if keys is None else keys
-    period = math.lcm(*[(Fraction(lay.tile[d]) / split.strides[m][d]).denominator for m in split.strides])
+    tile = Fraction(lay.tile[d])
+    period = math.lcm(*[(tile / stride).denominator for stride in _distinct_strides(split, d)])
     start = next((j for j in range(1, g) if _input_lo(split, row, j, d) > 0), None)
     if (
         g <= 8
@@ -272,6 +273,19 @@ def _input_lo(split: Split, row, j: int, d: int) -> int:
         return row(j)[1][split.input].lo[d]
     block, r = diagonal.visit(j)
     return int(block.lo[block.place[split.input], d, r])
+
+
+def _distinct_strides(split: Split, d: int) -> list:
+    """The nodes' distinct strides along d, cached by split (nodes share few strides)."""
+    key = (id(split), d)
+    if key not in _STRIDES or _STRIDES[key][0] is not split:
+        if len(_STRIDES) >= 256:
+            _STRIDES.pop(next(iter(_STRIDES)))
+        _STRIDES[key] = (split, list({stride[d] for stride in split.strides.values()}))
+    return _STRIDES[key][1]
+
+
+_STRIDES: dict = {}
 
 
 def _shifted(split: Split, lay: Layout, row, d: int, j: int, period: int) -> bool:
