@@ -127,7 +127,8 @@ class Diagonal:
     def ask(self, k: int) -> tuple[tuple[Box, ...], dict]:
         """Row k of the working rows, made from its block (``visit``)."""
         block, r = self.visit(k)
-        boxes = [Box._of(a, b) for a, b in block.listed(r)]
+        made: dict = {}  # one Box per distinct box, as the scalar walk shares them along chains
+        boxes = [made[ab] if ab in made else made.setdefault(ab, Box._of(*ab)) for ab in block.listed(r)]
         writes = tuple(boxes[: block.sinks])
         return writes, dict(zip(block.nodes, boxes[block.sinks :], strict=True))
 

@@ -78,6 +78,7 @@ class BlockGeometry:
             if isinstance(op, ConvTranspose):
                 (elo, ehi), = intervals.op_needs(op, *self.box(node), None)
                 self.extra[i] = np.maximum(ehi - elo, 0)
+        self._canon: dict = {}
         if windows:
             self._windows(windows)
         if norms:
@@ -128,13 +129,15 @@ class BlockGeometry:
         lengths = np.maximum(self.block.hi[:, :, r] - self.block.lo[:, :, r], 0).T.tolist()
         arrays = (self.outside, self.differ[copy], self.extra)
         fields = [[a[:, d, r].tolist() for d in range(nd)] for a in arrays]
-        out = {}
+        out, canon = {}, self._canon  # equal tuples made once: a deep network repeats a few geometries
         for i, node in enumerate(self.ops):
             boxes = (self.where[node], *self.inputs[node])
-            out[node] = tuple(
-                (tuple([lengths[d][w] for w in boxes]), fields[0][d][i], fields[1][d][i], fields[2][d][i])
-                for d in range(nd)
-            )
+            dims = []
+            for d in range(nd):
+                g = (tuple([lengths[d][w] for w in boxes]), fields[0][d][i], fields[1][d][i], fields[2][d][i])
+                dims.append(canon.setdefault(g, g))
+            g = tuple(dims)
+            out[node] = canon.setdefault(g, g)
         return out
 
     def key(self, r: int, d: int) -> bytes:
