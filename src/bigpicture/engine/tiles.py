@@ -17,6 +17,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from fractions import Fraction
 
+import numpy as np
+
+from bigpicture.engine import intervals
 from bigpicture.engine.box import Box
 from bigpicture.engine.regions import needs
 from bigpicture.engine.split import Split
@@ -87,8 +90,13 @@ class Diagonal:
     Tiles past a dimension's last one with work write nothing (a network of valid convolutions
     writes less than its input, HoVerNet): the engine skips them, so a row reads only the
     dimensions where k has work, and is empty in the others (a row past every dimension's work is
-    that empty tile's own walk). ``gaps``: the rows whose tile has an empty box, which break the
-    product rule (a hull ignores an empty box)."""
+    that empty tile's own walk). ``gaps``: the rows asked so far whose tile has an empty box, which
+    break the product rule (a hull ignores an empty box).
+
+    Rows are walked ``BLOCK`` at a time (``block``, with ``engine.intervals``): one walk of arrays
+    costs about what one row of ``Box`` objects does; ``ask`` makes one row's boxes from its block."""
+
+    BLOCK = 16
 
     def __init__(self, split: Split, lay: Layout) -> None:
         self.split, self.lay, self.rows, self.gaps, self._working_rows = split, lay, {}, set(), {}
@@ -96,6 +104,7 @@ class Diagonal:
         self.working = tuple(map(max, zip(*counts, strict=True)))
         self.cover = self.working in counts  # the tiles with work are a product of ranges
         self._unread = split.input if split.input not in split.order else None
+        self._blocks: dict = {}
 
     def row(self, k: int) -> tuple[tuple[Box, ...], dict]:
         if k not in self.rows:
@@ -112,13 +121,54 @@ class Diagonal:
         at its dimension's last tile with work. Along a dimension d with k < ``working[d]``, its
         boxes are those of every tile of index k along d (``row`` makes the others empty)."""
         if k not in self._working_rows:
-            writes, need = self._walk(tuple(min(k, w - 1) for w in self.working))
-            if any(b.empty for b in (*writes, *(v for n, v in need.items() if n is not self._unread))):
-                self.gaps.add(k)
-            self._working_rows[k] = writes, need
+            self._working_rows[k] = self.ask(k)
         return self._working_rows[k]
 
+    def ask(self, k: int) -> tuple[tuple[Box, ...], dict]:
+        """Row k of the working rows, made from its block (``visit``)."""
+        block, r = self.visit(k)
+        made: dict = {}  # one Box per distinct box, as the scalar walk shares them along chains
+        boxes = [made[ab] if ab in made else made.setdefault(ab, Box._of(*ab)) for ab in block.listed(r)]
+        writes = tuple(boxes[: block.sinks])
+        return writes, dict(zip(block.nodes, boxes[block.sinks :], strict=True))
+
+    def visit(self, k: int) -> tuple[Block, int]:
+        """The block of working row k and the row's place in it, the row counted as walked: its
+        empty boxes, if any, join ``gaps`` (what reads the block's arrays reads the row)."""
+        block = self.block(k)
+        r = k - block.start
+        if block.gaps[r]:
+            self.gaps.add(k)
+        return block, r
+
+    def block(self, k: int) -> Block:
+        """The block of working rows holding row k, walked on first use. Blocks are laid from the
+        first row in the first half of the rows with work, from the last one in the second half:
+        the planner reads the rows near both borders of the grid, one block at each is enough."""
+        n, size = max(self.working), self.BLOCK
+        start = k - k % size if k < n // 2 else max(n - size - (n - 1 - k) // size * size, 0)
+        if start not in self._blocks:
+            self._blocks[start] = self._walk_block(start)
+        return self._blocks[start]
+
+    def _walk_block(self, start: int) -> Block:
+        s, lay = self.split, self.lay
+        ks = np.arange(start, start + self.BLOCK, dtype=np.int64)
+        index = np.stack([np.minimum(ks, w - 1) for w in self.working])  # (dimensions, rows)
+        writes = [write_intervals(index, lay, s.strides[n], s.extents[n]) for n in s.sinks]
+        need = intervals.needs(s, dict(zip(s.sinks, writes, strict=True)), self.BLOCK)
+        nodes = list(need)
+        read = [need[n] for n in nodes if n is not self._unread]
+        gaps = np.zeros(self.BLOCK, dtype=bool)
+        for lo, hi in (*writes, *read):
+            gaps |= intervals.empty(lo, hi)
+        lo = _narrow(np.stack([b[0] for b in (*writes, *(need[n] for n in nodes))]))
+        hi = _narrow(np.stack([b[1] for b in (*writes, *(need[n] for n in nodes))]))
+        place = {n: len(writes) + i for i, n in enumerate(nodes)}
+        return Block(start, len(writes), nodes, lo, hi, gaps, place)
+
     def _walk(self, index: tuple[int, ...]) -> tuple[tuple[Box, ...], dict]:
+        """One tile's boxes, walked on its own with ``Box`` objects (the reference for ``block``)."""
         s = self.split
         writes = tuple(write_box(index, self.lay, s.strides[n], s.extents[n]) for n in s.sinks)
         return writes, needs(s, dict(zip(s.sinks, writes, strict=True)))
@@ -137,6 +187,44 @@ class Diagonal:
         tensors, which breaks nothing), and those tiles a product of ranges (one sink, or one whose
         boxes cover every other's)."""
         return self.cover and not self.gaps
+
+
+@dataclass(frozen=True, eq=False)
+class Block:
+    """``Diagonal.BLOCK`` working rows from ``start``: ``lo``, ``hi`` of shape (boxes, dimensions,
+    rows), the boxes being the sinks' write boxes (the first ``sinks``) then ``nodes``' boxes;
+    ``gaps``: per row, whether some box (but the unread input's) is empty."""
+
+    start: int
+    sinks: int
+    nodes: list
+    lo: np.ndarray
+    hi: np.ndarray
+    gaps: np.ndarray
+    place: dict  # node -> its box's index in lo and hi
+
+    def listed(self, r: int):
+        """Row r as (lo, hi) tuples per box."""
+        nd = self.lo.shape[1]
+        lo = zip(*[self.lo[:, d, r].tolist() for d in range(nd)], strict=True)
+        return zip(lo, zip(*[self.hi[:, d, r].tolist() for d in range(nd)], strict=True), strict=True)
+
+
+def _narrow(a: np.ndarray) -> np.ndarray:
+    """``a`` as int32 where its values fit (they do but for absurd images): half the memory of the
+    blocks the planner's caches keep. What reads them computes in int64 (numpy widens)."""
+    small = a.size == 0 or (a.min() >= np.iinfo(np.int32).min and a.max() <= np.iinfo(np.int32).max)
+    return a.astype(np.int32) if small else a
+
+
+def write_intervals(index: np.ndarray, lay: Layout, stride, extent) -> tuple[np.ndarray, np.ndarray]:
+    """``write_box`` for many tiles: ``index`` of shape (dimensions, tiles) -> (lo, hi) arrays."""
+    lo, hi = np.empty_like(index), np.empty_like(index)
+    for d, j in enumerate(index):
+        w = int(Fraction(lay.tile[d]) / stride[d])
+        lo[d] = np.minimum(j * w, extent[d])
+        hi[d] = np.where(j == lay.grid[d] - 1, extent[d], np.minimum((j + 1) * w, extent[d]))
+    return lo, hi
 
 
 def _emptied(writes: tuple[Box, ...], need: dict, dims: list[int]) -> tuple[tuple[Box, ...], dict]:

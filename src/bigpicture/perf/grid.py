@@ -18,12 +18,14 @@ import math
 from dataclasses import dataclass
 from fractions import Fraction
 
+import numpy as np
+
 from bigpicture.engine.box import Box
 from bigpicture.engine.regions import needs
 from bigpicture.engine.split import Split
 from bigpicture.engine.tiles import Diagonal, Layout, layout, write_box
 from bigpicture.errors import TilingError
-from bigpicture.perf.steps import _stored, geometries, spatial_inputs
+from bigpicture.perf.geometry import BlockGeometry, row_geometries, supported
 
 __all__ = ["ClassGrid", "Layout", "TileClass", "class_grid", "layout", "tile_classes"]
 
@@ -86,23 +88,32 @@ class ClassGrid:
 
 class Geometry:
     """Per diagonal row, every node's step geometry in every dimension (``steps.geometries``), with
-    the input copied or not: computed once, read by the class keys and by the per-node counts."""
+    the input copied or not: computed once, read by the class keys and by the per-node counts.
+    Computed a block of rows at a time from the block's arrays (``geometry.BlockGeometry``), or
+    row by row (``geometry.row_geometries``) where a row has an empty box."""
 
     def __init__(self, split: Split, diagonal: Diagonal) -> None:
-        self.split, self.row, self.working, self._rows = split, diagonal.working_row, diagonal.working, {}
+        self.split, self.diagonal, self.working = split, diagonal, diagonal.working
+        self.row = diagonal.working_row
+        self._rows, self._blocks, self._supported = {}, {}, supported(split)
+
+    def block(self, j: int) -> tuple[BlockGeometry | None, int]:
+        """The geometry of row j's block and j's place in it; None where row j has an empty box."""
+        block, r = self.diagonal.visit(j)
+        if block.gaps[r] or not self._supported:
+            return None, r
+        if block.start not in self._blocks:
+            self._blocks[block.start] = BlockGeometry(self.split, block)
+        return self._blocks[block.start], r
 
     def __call__(self, j: int, copy: bool) -> dict:
         if (j, copy) not in self._rows:
-            s, need = self.split, self.row(j)[1]
-            other = self._rows.get((j, not copy))  # the same but where the image is read first
-            self._rows[j, copy] = {
-                node: geometries(s, node, need, _stored(s, inputs, need, copy))
-                if other is None or not inputs or inputs[0] is s.input
-                else other[node]
-                for node, box in need.items()
-                if node in s.ops and not box.empty
-                for inputs in (spatial_inputs(s, node, need),)
-            }
+            block, r = self.block(j)
+            if block is None:
+                other = self._rows.get((j, not copy))  # the same but where the image is read first
+                self._rows[j, copy] = row_geometries(self.split, self.row(j)[1], copy, other)
+            else:
+                self._rows[j, copy] = block.row(r, copy)
         return self._rows[j, copy]
 
 
@@ -223,8 +234,9 @@ def _periodic(split: Split, lay: Layout, row, d: int, key, g: int, keys=None, sa
     ``same``); ``keys`` gets the keys of the indices outside that range and of one period. None
     where the grid is short or has no such period."""
     keys = {} if keys is None else keys
-    period = math.lcm(*[(Fraction(lay.tile[d]) / split.strides[m][d]).denominator for m in split.strides])
-    start = next((j for j in range(1, g) if row(j)[1][split.input].lo[d] > 0), None)
+    tile = Fraction(lay.tile[d])
+    period = math.lcm(*[(tile / stride).denominator for stride in _distinct_strides(split, d)])
+    start = next((j for j in range(1, g) if _input_lo(split, row, j, d) > 0), None)
     if (
         g <= 8
         or period > MAX_PERIOD
@@ -244,10 +256,51 @@ def _periodic(split: Split, lay: Layout, row, d: int, key, g: int, keys=None, sa
     return start, period, end
 
 
+def _blocks(row, *js: int) -> Diagonal | None:
+    """The diagonal whose ``working_row`` is ``row`` (or whose ``row`` is, for rows where every
+    dimension has work): its blocks' arrays hold rows ``js``, read without making their boxes."""
+    diagonal = getattr(row, "__self__", None)
+    if not isinstance(diagonal, Diagonal):
+        return None
+    working = row.__func__ is Diagonal.working_row
+    return diagonal if working or (row.__func__ is Diagonal.row and max(js) < min(diagonal.working)) else None
+
+
+def _input_lo(split: Split, row, j: int, d: int) -> int:
+    """``row(j)[1][split.input].lo[d]``."""
+    diagonal = _blocks(row, j)
+    if diagonal is None:
+        return row(j)[1][split.input].lo[d]
+    block, r = diagonal.visit(j)
+    return int(block.lo[block.place[split.input], d, r])
+
+
+def _distinct_strides(split: Split, d: int) -> list:
+    """The nodes' distinct strides along d, cached by split (nodes share few strides)."""
+    key = (id(split), d)
+    if key not in _STRIDES or _STRIDES[key][0] is not split:
+        if len(_STRIDES) >= 256:
+            _STRIDES.pop(next(iter(_STRIDES)))
+        _STRIDES[key] = (split, list({stride[d] for stride in split.strides.values()}))
+    return _STRIDES[key][1]
+
+
+_STRIDES: dict = {}
+
+
 def _shifted(split: Split, lay: Layout, row, d: int, j: int, period: int) -> bool:
     """Whether tile j + period is tile j moved by period tiles along dimension d, in every node."""
-    (w0, n0), (w1, n1) = row(j), row(j + period)
     shifts = _shifts(split, lay, d, period)
+    diagonal = _blocks(row, j, j + period)
+    if diagonal is not None:  # the same, on the blocks' arrays
+        (b0, r0), (b1, r1) = diagonal.visit(j), diagonal.visit(j + period)
+        moved = [shifts[k] for k in split.sinks] + [shifts[n] for n in b0.nodes]
+        if None in moved:
+            return False
+        moved = np.array(moved, dtype=np.int64)
+        lo, hi = b1.lo[:, d, r1] - b0.lo[:, d, r0], b1.hi[:, d, r1] - b0.hi[:, d, r0]
+        return bool((lo == moved).all() and (hi == moved).all())
+    (w0, n0), (w1, n1) = row(j), row(j + period)
     for k, a, b in zip(split.sinks, w0, w1, strict=True):
         shift = shifts[k]
         if shift is None or b.lo[d] - a.lo[d] != shift or b.hi[d] - a.hi[d] != shift:
@@ -281,7 +334,15 @@ _SHIFTS: dict = {}
 
 def _key(geometry: Geometry, j: int, d: int) -> tuple:
     """What makes two tiles cost alike along dimension d: box lengths, and every step's geometry
-    (``steps.geometries``: touching the border, reading a sub-box) with the input copied or not."""
+    (``steps.geometries``: touching the border, reading a sub-box) with the input copied or not.
+    Read from the arrays of row j's block (``BlockGeometry.key``), or ``_row_key`` where the row
+    has an empty box."""
+    block, r = geometry.block(j)
+    return _row_key(geometry, j, d) if block is None else block.key(r, d)
+
+
+def _row_key(geometry: Geometry, j: int, d: int) -> tuple:
+    """``_key`` from row j's boxes and geometries, one node at a time."""
     writes, need = geometry.row(j)
     lengths = tuple(b.length(d) for b in (*writes, *need.values()))
     copied, direct = geometry(j, True), geometry(j, False)

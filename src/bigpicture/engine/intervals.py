@@ -1,0 +1,141 @@
+"""Boxes of many tiles at once: per dimension, arrays of (start, stop) for a block of diagonal rows.
+
+The planner walks the grid's diagonal (``tiles.Diagonal``) for dozens of rows of a network of a
+thousand nodes; one ``Box`` at a time that is a few hundred thousand small Python objects. Here a
+*block* is ``(lo, hi)``, two int64 arrays of shape (dimensions, rows), and each function is the
+exact twin of a ``Box`` method or of an op's ``needs``, row by row:
+
+    Box.hull, Box.clip          -> hull, clip
+    Window.needs, Pad.needs     -> the padded box, then ``padding.source_box`` (source)
+    Op.needs (pointwise)        -> clip to each input's extent
+    any other rule              -> its own ``needs``, one row at a time (``_scalar_needs``)
+
+``needs`` is ``regions.needs`` over a block: the same boxes, empty ones included, as walking each
+row on its own (tests/test_batch_geometry.py compares them).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+
+from bigpicture.engine.box import Box
+from bigpicture.engine.padding import source_range
+from bigpicture.engine.rules import Op, Window
+from bigpicture.engine.rules.resample import Pad
+from bigpicture.engine.split import Split
+
+
+def empty(lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
+    """Per row, whether the box is empty (``Box.empty``: some dimension with hi <= lo)."""
+    return (hi <= lo).any(axis=0)
+
+
+def hull(alo, ahi, blo, bhi) -> tuple[np.ndarray, np.ndarray]:
+    """``Box.hull`` per row: an empty box gives the other one, else the per-dimension hull."""
+    a, b = empty(alo, ahi), empty(blo, bhi)
+    lo = np.where(a, blo, np.where(b, alo, np.minimum(alo, blo)))
+    hi = np.where(a, bhi, np.where(b, ahi, np.maximum(ahi, bhi)))
+    return lo, hi
+
+
+def clip(lo, hi, shape) -> tuple[np.ndarray, np.ndarray]:
+    """``Box.clip`` per row: the box inside [0, shape). Per dimension that is the identity where the
+    interval is inside already, so no row needs ``Box.clip``'s whole-box test."""
+    n = _column(shape)
+    lo = np.maximum(lo, 0)
+    return lo, np.where(hi <= lo, lo, np.where(hi < n, hi, np.maximum(n, lo)))
+
+
+def padded(op, lo, hi) -> tuple[np.ndarray, np.ndarray]:
+    """``op.padded_box`` per row, for a ``Window`` or a ``Pad``."""
+    if isinstance(op, Pad):
+        shift = _column(op.pad_lo)
+        return lo - shift, hi - shift
+    s, p, d, k = (_column(v) for v in (op.step, op.pad_lo, op.dilation, op.kernel))
+    return lo * s - p, (hi - 1) * s - p + d * (k - 1) + 1
+
+
+def source(lo, hi, extent, mode: str) -> tuple[np.ndarray, np.ndarray]:
+    """``padding.source_box`` per row: the image interval the positions read under ``mode``."""
+    n = _column(extent)
+    a, b = np.maximum(lo, 0), np.minimum(hi, n)
+    if mode == "constant":
+        keep = a < b
+        return np.where(keep, a, 0), np.where(keep, b, 0)
+    inside = (lo >= 0) & (hi <= n) & (hi > lo)
+    out_lo, out_hi = np.where(inside, lo, 0), np.where(inside, hi, 0)
+    for d, r in zip(*np.nonzero(~inside & (hi > lo)), strict=True):  # reaching out: mapped one by one
+        out_lo[d, r], out_hi[d, r] = source_range(int(lo[d, r]), int(hi[d, r]), int(extent[d]), mode)
+    return out_lo, out_hi
+
+
+def op_needs(op, lo, hi, rows) -> list[tuple[np.ndarray, np.ndarray]]:
+    """``op.needs`` per row, for the rows where ``rows`` is True (the others are left empty, at 0;
+    None: every row)."""
+    kind = type(op)
+    if kind.needs is Op.needs:
+        return [clip(lo, hi, e) for e in op.in_extents]
+    if (kind.needs is Window.needs and kind.padded_box is Window.padded_box) or (
+        kind.needs is Pad.needs and kind.padded_box is Pad.padded_box
+    ):
+        return [source(*padded(op, lo, hi), op.in_extents[0], op.mode)]
+    return _scalar_needs(op, lo, hi, rows)
+
+
+def _scalar_needs(op, lo, hi, rows) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Any other rule's ``needs``, one row at a time (transposed convolutions, resampling, ...)."""
+    out = [(np.zeros_like(lo), np.zeros_like(hi)) for _ in op.inputs]
+    los, his = lo.T.tolist(), hi.T.tolist()
+    for r in range(lo.shape[1]) if rows is None else np.flatnonzero(rows).tolist():
+        for (olo, ohi), box in zip(out, op.needs(Box._of(tuple(los[r]), tuple(his[r]))), strict=True):
+            olo[:, r], ohi[:, r] = box.lo, box.hi
+    return out
+
+
+def needs(split: Split, writes: dict, rows: int) -> dict:
+    """``regions.needs`` for ``rows`` tiles at once: ``writes`` maps each sink to its (lo, hi) block."""
+    zero = np.zeros((split.nd, rows), dtype=np.int64)
+    need: dict = {}
+    gone: dict = {}  # node -> per row, whether its box is empty; None where no row's is
+    asked: dict = {}  # user -> the blocks it needs of its inputs, once for all of them (a concat)
+    for node in reversed(split.order):
+        if split.roles[node] != "spatial":
+            continue
+        fresh = node not in writes  # the box is still the empty one: a hull gives the other box
+        lo, hi = writes.get(node, (zero, zero))
+        for user in node.users:
+            if user not in need:  # not spatial, or computed in another pass
+                continue
+            keep = None if gone[user] is None else ~gone[user]
+            if keep is not None and not keep.any():
+                continue
+            if user not in asked:
+                op = split.ops[user]
+                asked[user] = op_needs(op, *need[user], keep), op.inputs
+            blocks, inputs = asked[user]
+            other = blocks[inputs.index(node)]
+            if fresh and keep is None:  # most nodes: their one user's box
+                lo, hi, fresh = *other, False
+                continue
+            hlo, hhi = hull(lo, hi, *other)
+            lo, hi = (hlo, hhi) if keep is None else (np.where(keep, hlo, lo), np.where(keep, hhi, hi))
+            fresh = False
+        need[node] = lo, hi
+        rows_gone = empty(lo, hi)
+        gone[node] = rows_gone if rows_gone.any() else None
+    need.setdefault(split.input, (zero, zero))
+    return need
+
+
+def _column(values) -> np.ndarray:
+    """Per-dimension values as a column, to broadcast over a block's rows."""
+    return _columns(values if type(values) is tuple else tuple(values))
+
+
+@functools.lru_cache(maxsize=1024)
+def _columns(values: tuple) -> np.ndarray:
+    column = np.asarray([int(v) for v in values], dtype=np.int64)[:, None]
+    column.flags.writeable = False  # shared by every caller
+    return column

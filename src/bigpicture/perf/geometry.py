@@ -1,0 +1,191 @@
+"""The step geometry of every node on a block of diagonal rows at once, from the block's arrays.
+
+``steps.geometries`` says what a node's step depends on along each dimension: the lengths of its
+box and its inputs' boxes, whether its window reaches out of the image, whether it reads a sub-box
+of its stored input, a transposed convolution's input length. The grid's class keys
+(``grid._key``) ask it for every node of every row they visit, one ``Box`` at a time; here it is
+computed for a ``tiles.Block`` of rows with numpy (``BlockGeometry``), the same values exactly
+(tests/test_batch_geometry.py). A row with an empty box (which changes which inputs a node reads)
+is computed the scalar way (``row_geometries``).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from bigpicture.engine import intervals
+from bigpicture.engine.rules import Window
+from bigpicture.engine.rules.resample import ConvTranspose, Pad
+from bigpicture.engine.rules.window import MaxPool, NativePadding
+from bigpicture.engine.split import Split
+from bigpicture.engine.tiles import Block
+from bigpicture.perf.steps import _NORM, _facts, _stored, geometries, spatial_inputs
+
+
+def supported(split: Split) -> bool:
+    """Whether ``BlockGeometry`` knows every op's padded box and native padding: those of the rules
+    here (a rule registered elsewhere may change them; its split is computed row by row)."""
+    for op in split.ops.values():
+        kind = type(op)
+        if isinstance(op, (Window, Pad)) and kind.padded_box not in (Window.padded_box, Pad.padded_box):
+            return False
+        if isinstance(op, NativePadding) and (
+            kind.crops is not NativePadding.crops or kind.native_pads is not NativePadding.native_pads
+        ):
+            return False
+    return True
+
+
+def row_geometries(split: Split, need: dict, copy: bool, other: dict | None = None) -> dict:
+    """Every computed node's ``steps.geometries`` on one tile (``need``), the input copied or not;
+    ``other``: the same with ``copy`` the other way, whose values hold for nodes not reading the image."""
+    return {
+        node: geometries(split, node, need, _stored(split, inputs, need, copy))
+        if other is None or not inputs or inputs[0] is split.input
+        else other[node]
+        for node, box in need.items()
+        if node in split.ops and not box.empty
+        for inputs in (spatial_inputs(split, node, need),)
+    }
+
+
+class BlockGeometry:
+    """The geometry of every node on the rows of one block, as arrays of shape (nodes, dimensions,
+    rows): for the nodes in ``ops``, ``outside``, ``extra`` and, per input copied or not, ``differ``
+    (``steps.geometries``' fields; the lengths are the block's).
+    Each field is computed for every node of a kind at once (windows, normalisations), with the
+    ops' parameters gathered into arrays: a block costs a few dozen numpy calls, not a few per node."""
+
+    def __init__(self, split: Split, block: Block) -> None:
+        self.split, self.block = split, block
+        self.where = where = block.place
+        self.ops = [n for n in block.nodes if n in split.ops]
+        self.inputs = {n: [where[i] for i in split.ops[n].inputs if i in where] for n in self.ops}
+        shape = (len(self.ops), split.nd, block.lo.shape[2])
+        self.outside = np.zeros(shape, dtype=bool)
+        transposed = any(isinstance(split.ops[n], ConvTranspose) for n in self.ops)
+        self.extra = np.zeros(shape if transposed else (1, 1, 1), dtype=np.int64)
+        if not transposed:  # no memory for zeros
+            self.extra = np.broadcast_to(self.extra, shape)
+        self.differ = {True: np.zeros(shape, dtype=bool), False: np.zeros(shape, dtype=bool)}
+        windows, norms = [], []
+        for i, node in enumerate(self.ops):
+            op = split.ops[node]
+            if isinstance(op, (Window, Pad)):
+                windows.append(i)
+            elif _facts(split, node)[0] in _NORM and op.inputs and op.inputs[0] in where:
+                norms.append(i)
+            if isinstance(op, ConvTranspose):
+                (elo, ehi), = intervals.op_needs(op, *self.box(node), None)
+                self.extra[i] = np.maximum(ehi - elo, 0)
+        self._canon: dict = {}
+        if windows:
+            self._windows(windows)
+        if norms:
+            self._norms(norms)
+
+    def box(self, node) -> tuple[np.ndarray, np.ndarray]:
+        w = self.where[node]
+        return self.block.lo[w], self.block.hi[w]
+
+    def _windows(self, index: list[int]) -> None:
+        """``outside`` of windows and paddings, and ``differ`` of windows: the padded box against
+        the box of the value the first input is stored as (``steps._stored``)."""
+        s, ops = self.split, [self.split.ops[self.ops[i]] for i in index]
+        plo, phi = _padded(ops, *self._gather([self.where[self.ops[i]] for i in index]))
+        self.outside[index] = (plo < 0) | (phi > _params(ops, lambda op: op.in_extents[0]))
+        firsts = []
+        for i in index:
+            inputs = [j for j in s.ops[self.ops[i]].inputs if j is s.input or j in self.where]
+            firsts.append(inputs[0] if inputs else s.input)
+        slo, shi = self._gather([self.where[f] for f in firsts])
+        window = np.array([isinstance(op, Window) for op in ops])[:, None, None]
+        self.differ[True][index] = ((plo != slo) | (phi != shi)) & window
+        image = np.array([f is s.input for f in firsts])[:, None, None]  # stored whole: [0, extent)
+        slo, shi = np.where(image, 0, slo), np.where(image, np.asarray(s.extents[s.input])[:, None], shi)
+        self.differ[False][index] = ((plo != slo) | (phi != shi)) & window
+
+    def _norms(self, index: list[int]) -> None:
+        """``differ`` of normalisations (``steps._strided_input``): a sub-box of the first input, or
+        the result of a natively padded window that dropped outputs (``_crops``)."""
+        s = self.split
+        firsts = [s.ops[self.ops[i]].inputs[0] for i in index]
+        lo, hi = self._gather([self.where[self.ops[i]] for i in index])
+        flo, fhi = self._gather([self.where[f] for f in firsts])
+        sub = (lo != flo) | (hi != fhi)
+        natively = [isinstance(s.ops.get(f), Window) and s.ops[f].pads_natively() for f in firsts]
+        cropping = [k for k, n in enumerate(natively) if n]
+        if cropping:
+            sub[cropping] |= _crops([s.ops[firsts[k]] for k in cropping], flo[cropping], fhi[cropping])
+        sub &= ~(fhi <= flo).any(axis=1, keepdims=True)  # an empty input box: no strided read
+        self.differ[True][index] = self.differ[False][index] = sub
+
+    def _gather(self, boxes: list[int]) -> tuple[np.ndarray, np.ndarray]:
+        return self.block.lo[boxes], self.block.hi[boxes]
+
+    def row(self, r: int, copy: bool) -> dict:
+        """``row_geometries`` of row r (which has no empty box but maybe the unread input's)."""
+        nd = self.split.nd
+        lengths = np.maximum(self.block.hi[:, :, r] - self.block.lo[:, :, r], 0).T.tolist()
+        arrays = (self.outside, self.differ[copy], self.extra)
+        fields = [[a[:, d, r].tolist() for d in range(nd)] for a in arrays]
+        out, canon = {}, self._canon  # equal tuples made once: a deep network repeats a few geometries
+        for i, node in enumerate(self.ops):
+            boxes = (self.where[node], *self.inputs[node])
+            dims = []
+            for d in range(nd):
+                g = (tuple([lengths[d][w] for w in boxes]), fields[0][d][i], fields[1][d][i], fields[2][d][i])
+                dims.append(canon.setdefault(g, g))
+            g = tuple(dims)
+            out[node] = canon.setdefault(g, g)
+        return out
+
+    def key(self, r: int, d: int) -> bytes:
+        """A key equal for two rows of the block exactly when ``grid._row_key`` is, along dimension
+        d: every box's length, and every node's (outside, differ, extra) with the input copied and
+        not (the nodes are the same in every row: none has an empty box)."""
+        lengths = np.maximum(self.block.hi[:, d, r] - self.block.lo[:, d, r], 0)
+        fields = (self.outside, self.differ[True], self.differ[False], self.extra)
+        return np.concatenate([lengths, *(a[:, d, r] for a in fields)]).tobytes()
+
+
+def _params(ops: list, value) -> np.ndarray:
+    """Per op a per-dimension parameter, as an array of shape (ops, dimensions, 1)."""
+    return np.array([[int(v) for v in value(op)] for op in ops], dtype=np.int64)[:, :, None]
+
+
+def _padded(ops: list, lo: np.ndarray, hi: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``op.padded_box`` of each op's box at once: a padding is a window of one pixel, stride 1."""
+    nd = lo.shape[1]
+
+    def reach(op):
+        if not isinstance(op, Window):
+            return (0,) * nd
+        return [d * (k - 1) for d, k in zip(op.dilation, op.kernel, strict=True)]
+
+    step = _params(ops, lambda op: op.step if isinstance(op, Window) else (1,) * nd)
+    pad = _params(ops, lambda op: op.pad_lo)
+    return lo * step - pad, (hi - 1) * step - pad + _params(ops, reach) + 1
+
+
+def _crops(ops: list, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
+    """``NativePadding.crops`` of each op's output box at once (arrays of shape (ops, dimensions, rows))."""
+    plo, phi = _padded(ops, lo, hi)
+    extent, step = _params(ops, lambda op: op.in_extents[0]), _params(ops, lambda op: op.step)
+    ilo = np.maximum(plo, 0)  # Box.clip
+    ihi = np.where(phi <= ilo, ilo, np.where(phi < extent, phi, np.maximum(extent, ilo)))
+    below, above = ilo - plo, phi - ihi
+    pad = below + -(-np.maximum(above - below, 0) // step) * step
+    kernel, dilation = _params(ops, lambda op: op.kernel), _params(ops, lambda op: op.dilation)
+    native = np.empty((len(ops), 1, lo.shape[2]), dtype=bool)
+    for k, op in enumerate(ops):
+        kind = type(op)
+        if kind.native_padding is NativePadding.native_padding:
+            native[k] = True
+        elif kind.native_padding is MaxPool.native_padding:
+            native[k] = (2 * pad[k] <= kernel[k]).all(axis=0)
+        else:
+            native[k] = [op.native_padding(tuple(p)) for p in pad[k].T.tolist()]
+    made = (np.maximum(ihi - ilo, 0) + 2 * pad - dilation * (kernel - 1) - 1) // step + 1
+    inside = ~(ihi <= ilo).any(axis=1, keepdims=True)
+    return (made != np.maximum(hi - lo, 0)) & native & inside
