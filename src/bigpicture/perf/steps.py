@@ -226,9 +226,7 @@ def _conv_steps(split: Split, op, st: Step, rows: Rows, n: int, c: int, item: in
     # the column matrix: input channels x kernel per output position (a transposed convolution
     # scatters output channels x kernel per input position)
     im2col = n * (c * positions // n if transposed else cin * rows.numel) * math.prod(op.kernel) * item
-    operands = np.maximum(read, st.out).tolist()
-    work = [rates.workspace(nd, a, b, transposed) for a, b in zip(operands, im2col.tolist(), strict=True)]
-    st.temp = st.temp + np.array(work, dtype=np.int64)
+    st.temp = st.temp + rates.workspaces(nd, np.maximum(read, st.out), im2col, transposed)
     st.flops_bwd = st.flops * (2 if grad_in else 1)
     case = (transposed, cin // (1 if transposed else op.groups), math.prod(op.kernel))
     lengths = (rows.extra if transposed else rows.padded).tolist()
@@ -342,19 +340,36 @@ def geometries(split: Split, node, need: dict, stored: Box) -> tuple[tuple, ...]
     sub-box of its stored input (convolution and pooling kernels copy a strided input first), and
     a transposed convolution's input length. A tile's step is a function of these, per dimension."""
     op, box = split.ops[node], need[node]
-    shapes = [box.shape] + [need[i].shape for i in op.inputs if i in need]
-    lengths = list(zip(*shapes, strict=True))
+    boxes = [box] + [need[i] for i in op.inputs if i in need]
+    # the boxes' lengths per dimension (``Box.shape``, transposed), without building each shape
+    lengths = [tuple([h - a if h > a else 0 for a, h in zip(b.lo, b.hi)]) for b in boxes]
+    lengths = list(zip(*lengths, strict=True))
     nd = split.nd
     outside = differ = (False,) * nd
     if isinstance(op, (Window, Pad)):
-        padded, extent = op.padded_box(box), op.in_extents[0]
-        outside = tuple(a < 0 or b > n for a, b, n in zip(padded.lo, padded.hi, extent, strict=True))
+        lo, hi = padded_bounds(op, box)
+        extent = op.in_extents[0]
+        outside = tuple([a < 0 or b > n for a, b, n in zip(lo, hi, extent, strict=True)])
         if isinstance(op, Window):
-            differ = tuple(padded.dim(d) != stored.dim(d) for d in range(nd))
+            bounds = zip(lo, hi, stored.lo, stored.hi, strict=True)
+            differ = tuple([a != c or b != e for a, b, c, e in bounds])
     elif _facts(split, node)[0] in _NORM:
         differ = _strided_input(split, op, box, need)
     extra = op.needs(box)[0].shape if isinstance(op, ConvTranspose) else (0,) * nd
     return tuple(zip(lengths, outside, differ, extra, strict=True))
+
+
+def padded_bounds(op, box: Box) -> tuple[tuple, tuple]:
+    """(lo, hi) of ``op.padded_box(box)``: a plain window's arithmetic inline (``Window.padded_box``,
+    without a ``Box``: ``geometries`` asks per node and diagonal row, a few hundred thousand times)."""
+    if type(op).padded_box is not Window.padded_box:
+        padded = op.padded_box(box)
+        return padded.lo, padded.hi
+    lo, hi = [], []
+    for a, b, s, p, d, k in zip(box.lo, box.hi, op.step, op.pad_lo, op.dilation, op.kernel):
+        lo.append(int(a * s - p))
+        hi.append(int((b - 1) * s - p + d * (k - 1) + 1))
+    return tuple(lo), tuple(hi)
 
 
 def _strided_input(split: Split, op, box: Box, need: dict) -> tuple[bool, ...]:
