@@ -4,6 +4,7 @@ memoised GPU rates."""
 
 from __future__ import annotations
 
+import functools
 import heapq
 import math
 
@@ -342,9 +343,23 @@ def _old_geometries(split, node, need, stored):
         if isinstance(op, Window):
             differ = tuple(padded.dim(d) != stored.dim(d) for d in range(nd))
     elif steps._facts(split, node)[0] in steps._NORM:
-        differ = steps._strided_input(split, op, box, need)
+        differ = _old_strided_input(split, op, box, need)
     extra = op.needs(box)[0].shape if isinstance(op, ConvTranspose) else (0,) * nd
     return tuple(zip(lengths, outside, differ, extra, strict=True))
+
+
+def _old_strided_input(split, op, box, need):
+    """``steps._strided_input`` before ``steps._crops``."""
+    from bigpicture.engine.rules import Window
+
+    first = op.inputs[0] if op.inputs else None
+    if first is None or first not in need or need[first].empty:
+        return (False,) * split.nd
+    sub = tuple(box.dim(d) != need[first].dim(d) for d in range(split.nd))
+    producer = split.ops.get(first)
+    if isinstance(producer, Window) and producer.pads_natively():
+        return tuple(a or b for a, b in zip(sub, producer.crops(need[first]), strict=True))
+    return sub
 
 
 def _old_lengths(op, boxes, need, d):
@@ -414,3 +429,31 @@ def test_predictions_equal_those_of_the_old_bookkeeping(network, nd, setting, mo
     for g, w, case in zip(got, want, cases, strict=True):
         assert g == w, case
         assert g.by_kind == w.by_kind and g.memory_parts == w.memory_parts
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.data())
+def test_crops_of_interior_boxes_equal_the_engines(data):
+    """``steps._crops`` (none inside the image, without boxes) against ``crops`` of the engine's op."""
+    from bigpicture.engine.box import Box
+    from bigpicture.engine.rules import Window
+
+    ops = _WINDOWS()
+    op = data.draw(st.sampled_from(ops))
+    lo = [data.draw(st.integers(-3, e + 3)) for e in op.in_extents[0]]
+    hi = [a + data.draw(st.integers(-1, 20)) for a in lo]
+    box = Box(tuple(lo), tuple(hi))
+    assert isinstance(op, Window) and steps._crops(op, box) == op.crops(box)
+
+
+def _windows() -> list:
+    net = nn.Sequential(nn.Conv2d(2, 4, 3, stride=2, padding=1), nn.MaxPool2d(3, 2, padding=1),
+                        nn.Conv2d(4, 4, 5, padding=4, dilation=2), nn.Conv2d(4, 4, 4, stride=3, padding=2),
+                        nn.AvgPool2d(3, 1, padding=1), nn.Conv2d(4, 2, 1)).eval()  # fmt: skip
+    split = analyse(net, (1, 2, 37, 41))[-1]
+    from bigpicture.engine.rules import Window
+
+    return [op for op in split.ops.values() if isinstance(op, Window) and op.pads_natively()]
+
+
+_WINDOWS = functools.cache(_windows)

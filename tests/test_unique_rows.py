@@ -61,7 +61,9 @@ def _old_structures(steps, index, rows):
 def _step(flags: np.ndarray) -> Step:
     aliases, keeps, saves_in, saves_out = flags.T
     zero = np.zeros(len(flags), dtype=np.int64)
-    return Step(None, (), zero, aliases=aliases, keeps_padded=keeps, saves_inputs=saves_in, saves_output=saves_out)
+    return Step(
+        None, (), zero, aliases=aliases, keeps_padded=keeps, saves_inputs=saves_in, saves_output=saves_out
+    )
 
 
 @settings(max_examples=150, deadline=None)

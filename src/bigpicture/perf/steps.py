@@ -25,7 +25,7 @@ import numpy as np
 from bigpicture.engine.box import Box
 from bigpicture.engine.rules import Window
 from bigpicture.engine.rules.resample import ConvTranspose, Pad, Resample, Slice
-from bigpicture.engine.rules.window import AvgPool, Conv, MaxPool, Pool
+from bigpicture.engine.rules.window import AvgPool, Conv, MaxPool, NativePadding, Pool
 from bigpicture.engine.split import Split
 from bigpicture.perf.fusion import fuse
 from bigpicture.perf.rates import PARALLEL_ELEMENTS, Rates, conv_backend
@@ -382,8 +382,20 @@ def _strided_input(split: Split, op, box: Box, need: dict) -> tuple[bool, ...]:
     sub = tuple(box.dim(d) != need[first].dim(d) for d in range(split.nd))
     producer = split.ops.get(first)
     if isinstance(producer, Window) and producer.pads_natively():
-        return tuple(a or b for a, b in zip(sub, producer.crops(need[first]), strict=True))
+        return tuple(a or b for a, b in zip(sub, _crops(producer, need[first]), strict=True))
     return sub
+
+
+def _crops(op, out: Box) -> tuple[bool, ...]:
+    """``op.crops(out)``, none where ``out``'s padded box lies inside the image (no padding: the op
+    makes exactly ``out``, (n - d (k - 1) - 1) // s + 1 = b - a of a padded length n = (b - 1 - a) s +
+    d (k - 1) + 1), without ``NativePadding.native_pads``'s boxes: most tiles are interior ones."""
+    cls = type(op)
+    if cls.crops is NativePadding.crops and cls.native_pads is NativePadding.native_pads and not out.empty:
+        lo, hi = padded_bounds(op, out)
+        if all(a >= 0 for a in lo) and all(b <= n for b, n in zip(hi, op.in_extents[0], strict=True)):
+            return (False,) * len(lo)
+    return op.crops(out)
 
 
 def step_key(node, dims: list[tuple], grad_in: bool) -> tuple:
