@@ -362,6 +362,10 @@ def _old_strided_input(split, op, box, need):
     return sub
 
 
+def _old_spatial_inputs(split, node, need):
+    return [i for i in split.ops[node].inputs if i is split.input or (i in need and not need[i].empty)]
+
+
 def _old_lengths(op, boxes, need, d):
     from bigpicture.engine.rules import Window
     from bigpicture.engine.rules.resample import ConvTranspose
@@ -391,6 +395,8 @@ def _old_bookkeeping(monkeypatch):
     monkeypatch.setattr(grid, "geometries", _old_geometries)
     monkeypatch.setattr(memory_bound, "geometries", _old_geometries)
     monkeypatch.setattr(classes, "_lengths", _old_lengths)
+    for module in (steps, grid, memory_bound):
+        monkeypatch.setattr(module, "spatial_inputs", _old_spatial_inputs)
     monkeypatch.setattr(classes, "_unique_rows", _old_unique_rows)
     monkeypatch.setattr(walk, "structures", _old_structures)
     monkeypatch.setattr(

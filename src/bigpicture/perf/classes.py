@@ -215,7 +215,7 @@ def _unique_rows(table: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """``np.unique(table, axis=0)``'s first index of each distinct row and each row's distinct one,
     in its (lexicographic) order, 4x faster on a 3D grid's 32,768 combinations: each row hashed to
     one integer (a product with random weights, wrapping), checked against the rows themselves.
-    Small tables (a 2D grid's few hundred combinations) as tuples in a dict, fewer numpy calls."""
+    Small tables (a few dozen combinations) as tuples in a dict, fewer numpy calls."""
     if len(table) <= SMALL_TABLE:
         return _unique_small(table)
     _, first, inverse = np.unique(table @ _weights(table.shape[1]), return_index=True, return_inverse=True)
@@ -229,7 +229,7 @@ def _unique_rows(table: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return first[order], rank[inverse]
 
 
-SMALL_TABLE = 512  # rows up to which ``_unique_small`` is the faster
+SMALL_TABLE = 40  # rows up to which ``_unique_small`` is the faster (measured: 35 vs 59 us at 24 rows)
 
 
 def _unique_small(table: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -135,7 +135,9 @@ class Rates:
               transposed: bool, cin: int | None, kernel: int | None, backends: list) -> list:  # fmt: skip
         """``conv`` at each of ``positions`` with its entry of ``backends``: a node's rows at once, those
         the calibration grid does not cover from their nearest measurements together."""
-        if self.gpu or self.ops is None:
+        if not self.gpu and self.ops is None:  # an uncalibrated CPU: one nominal rate (``conv``'s)
+            return [0.5 * self.peak] * len(positions)
+        if self.gpu:
             case = {"cin": cin, "kernel": kernel}
             return [self.conv(nd, fan_in, cout, p, stride, backward, transposed, **case, backend=b)
                     for p, b in zip(positions, backends, strict=True)]  # fmt: skip

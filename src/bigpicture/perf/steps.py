@@ -18,6 +18,7 @@ interpolation save nothing.
 from __future__ import annotations
 
 import math
+import operator
 from dataclasses import dataclass
 
 import numpy as np
@@ -326,7 +327,12 @@ def node_step(
 
 def spatial_inputs(split: Split, node, need: dict) -> list:
     """The inputs of ``node`` that the tile computes (or the image): the first is what it reads."""
-    return [i for i in split.ops[node].inputs if i is split.input or (i in need and not need[i].empty)]
+    out, x = [], split.input
+    for i in split.ops[node].inputs:  # ``not need[i].empty`` inline: the planner asks per node and row
+        box = need.get(i) if i is not x else None
+        if i is x or (box is not None and all(map(operator.lt, box.lo, box.hi))):
+            out.append(i)
+    return out
 
 
 def dim_geometry(split: Split, node, need: dict, stored: Box, d: int) -> tuple:
