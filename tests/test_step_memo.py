@@ -4,6 +4,7 @@ memoised GPU rates."""
 
 from __future__ import annotations
 
+import functools
 import heapq
 import math
 
@@ -14,7 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from bigpicture.perf import predict, row_memo, steps
+from bigpicture.perf import classes, grid, memory_bound, predict, row_memo, steps, walk
 from bigpicture.perf.devices import get_device, load_calibration, local_cpu
 from bigpicture.perf.predict import predict_splits
 from bigpicture.perf.rates import (
@@ -134,6 +135,23 @@ def test_cpu_convolution_rates_of_a_node_equal_one_at_a_time(
         one = Rates(dev, dtype, cal)  # and one at a time through ``conv``
         kw = {"cin": cin, "kernel": kernel, "backend": backend}
         assert [one.conv(nd, fan_in, cout, p, stride, backward, transposed, **kw) for p in positions] == want
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    factor=st.one_of(st.floats(0.0, 8.0), st.integers(0, 4), st.floats(-1.0, 0.0)),
+    basis=st.sampled_from(["operand", "im2col"]),
+    kinds=st.sampled_from([{}, {"2": 0, "3": 0, "3t": 0}]),
+    nbytes=st.lists(st.tuples(st.integers(0, 2**52), st.integers(0, 2**52)), min_size=1, max_size=20),
+)
+def test_convolution_workspaces_on_arrays_equal_one_at_a_time(factor, basis, kinds, nbytes):
+    rates = Rates(local_cpu(), torch.float32, _calibration())
+    rates.conv_workspace = {k: [basis, factor] for k in kinds} or {"2": [basis, factor]}
+    operands, im2cols = (np.array(v, dtype=np.int64) for v in zip(*nbytes, strict=True))
+    for nd, transposed in ((2, False), (3, False), (3, True)):
+        got = rates.workspaces(nd, operands, im2cols, transposed)
+        want = [rates.workspace(nd, a, b, transposed) for a, b in nbytes]
+        assert got.dtype == np.int64 and got.tolist() == want
 
 
 @pytest.mark.parametrize("device", ["H100-SXM", "L4", "V100"])
@@ -304,3 +322,144 @@ def test_the_bounds_rows_and_the_predictions_share_the_memo_where_alike(calibrat
             want = steps.steps_of(split, node, rows, 4, make(), grad_in, least)
             for f in steps._FIELDS:
                 assert np.array_equal(getattr(got, f), getattr(want, f)), (node, least, grad_in, f)
+
+
+# -- whole predictions, with the planner's cheaper bookkeeping and with what it replaced ----------------
+
+
+def _old_geometries(split, node, need, stored):
+    """``steps.geometries`` before ``padded_bounds`` (boxes built, as the engine builds them)."""
+    from bigpicture.engine.rules import Window
+    from bigpicture.engine.rules.resample import ConvTranspose, Pad
+
+    op, box = split.ops[node], need[node]
+    shapes = [box.shape] + [need[i].shape for i in op.inputs if i in need]
+    lengths = list(zip(*shapes, strict=True))
+    nd = split.nd
+    outside = differ = (False,) * nd
+    if isinstance(op, (Window, Pad)):
+        padded, extent = op.padded_box(box), op.in_extents[0]
+        outside = tuple(a < 0 or b > n for a, b, n in zip(padded.lo, padded.hi, extent, strict=True))
+        if isinstance(op, Window):
+            differ = tuple(padded.dim(d) != stored.dim(d) for d in range(nd))
+    elif steps._facts(split, node)[0] in steps._NORM:
+        differ = _old_strided_input(split, op, box, need)
+    extra = op.needs(box)[0].shape if isinstance(op, ConvTranspose) else (0,) * nd
+    return tuple(zip(lengths, outside, differ, extra, strict=True))
+
+
+def _old_strided_input(split, op, box, need):
+    """``steps._strided_input`` before ``steps._crops``."""
+    from bigpicture.engine.rules import Window
+
+    first = op.inputs[0] if op.inputs else None
+    if first is None or first not in need or need[first].empty:
+        return (False,) * split.nd
+    sub = tuple(box.dim(d) != need[first].dim(d) for d in range(split.nd))
+    producer = split.ops.get(first)
+    if isinstance(producer, Window) and producer.pads_natively():
+        return tuple(a or b for a, b in zip(sub, producer.crops(need[first]), strict=True))
+    return sub
+
+
+def _old_spatial_inputs(split, node, need):
+    return [i for i in split.ops[node].inputs if i is split.input or (i in need and not need[i].empty)]
+
+
+def _old_lengths(op, boxes, need, d):
+    from bigpicture.engine.rules import Window
+    from bigpicture.engine.rules.resample import ConvTranspose
+
+    box = need[boxes[0]]
+    padded = op.padded_box(box).length(d) if isinstance(op, Window) else 1
+    extra = op.needs(box)[0].length(d) if isinstance(op, ConvTranspose) else 1
+    return [need[n].length(d) for n in boxes] + [padded, extra]
+
+
+def _old_unique_rows(table):
+    _, first, inverse = np.unique(table, axis=0, return_index=True, return_inverse=True)
+    return first, inverse.reshape(-1)
+
+
+def _old_structures(steps_, index, rows):
+    which = np.zeros(rows, dtype=np.int64)
+    for st_, pick in zip(steps_, index, strict=True):
+        _, which = np.unique(which * 16 + walk.structure(st_)[pick], return_inverse=True)
+    return which.reshape(-1)
+
+
+def _old_bookkeeping(monkeypatch):
+    """The planner's bookkeeping as it was: geometries on boxes, features through ``features``,
+    distinct rows by ``np.unique``, structures renumbered after every step; its caches emptied."""
+    monkeypatch.setattr(steps, "geometries", _old_geometries)
+    monkeypatch.setattr(grid, "geometries", _old_geometries)
+    monkeypatch.setattr(memory_bound, "geometries", _old_geometries)
+    monkeypatch.setattr(classes, "_lengths", _old_lengths)
+    for module in (steps, grid, memory_bound):
+        monkeypatch.setattr(module, "spatial_inputs", _old_spatial_inputs)
+    monkeypatch.setattr(classes, "_unique_rows", _old_unique_rows)
+    monkeypatch.setattr(walk, "structures", _old_structures)
+    monkeypatch.setattr(
+        classes._Grid, "geometry_features",
+        lambda self, node, copy: self.features(lambda j, d: self.geometry(j, copy)[node][d]),
+    )  # fmt: skip
+    for cache in ("_CLASSES", "_DIAGONALS", "_SHIFTS"):
+        monkeypatch.setattr(grid, cache, {})
+
+
+@pytest.mark.parametrize("setting", SETTINGS)
+@pytest.mark.parametrize("nd", [2, 3])
+@pytest.mark.parametrize("network", NETWORKS)
+def test_predictions_equal_those_of_the_old_bookkeeping(network, nd, setting, monkeypatch, one_thread):
+    """Every candidate tile predicted with the planner's bookkeeping and with the old one (each on
+    fresh rates, without the step memo): the same floats, everywhere."""
+    device, dtype, calibration = SETTINGS[setting]
+    torch.manual_seed(0)
+    shape = SHAPES[nd]
+    splits = analyse(NETWORKS[network](nd).eval(), shape)
+    monkeypatch.setattr(steps, "MEMO", False)
+
+    def rates():
+        made = Rates(get_device(device) if device != "cpu" else local_cpu(), dtype,
+                     _calibration() if calibration else None)  # fmt: skip
+        return {"rates": made}
+
+    cases = [(t, training, input_grad) for t in TILES[nd] for training, input_grad in
+             ((False, False), (True, False), (True, True))]  # fmt: skip
+    for cache in ("_CLASSES", "_DIAGONALS", "_SHIFTS"):
+        monkeypatch.setattr(grid, cache, {})
+    got = [predict_splits(splits, shape, dtype, t, device, tr, ig, shared=rates()) for t, tr, ig in cases]
+    with monkeypatch.context() as old:
+        _old_bookkeeping(old)
+        want = [predict_splits(splits, shape, dtype, t, device, tr, ig, shared=rates()) for t, tr, ig in cases]
+    for g, w, case in zip(got, want, cases, strict=True):
+        assert g == w, case
+        assert g.by_kind == w.by_kind and g.memory_parts == w.memory_parts
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.data())
+def test_crops_of_interior_boxes_equal_the_engines(data):
+    """``steps._crops`` (none inside the image, without boxes) against ``crops`` of the engine's op."""
+    from bigpicture.engine.box import Box
+    from bigpicture.engine.rules import Window
+
+    ops = _WINDOWS()
+    op = data.draw(st.sampled_from(ops))
+    lo = [data.draw(st.integers(-3, e + 3)) for e in op.in_extents[0]]
+    hi = [a + data.draw(st.integers(-1, 20)) for a in lo]
+    box = Box(tuple(lo), tuple(hi))
+    assert isinstance(op, Window) and steps._crops(op, box) == op.crops(box)
+
+
+def _windows() -> list:
+    net = nn.Sequential(nn.Conv2d(2, 4, 3, stride=2, padding=1), nn.MaxPool2d(3, 2, padding=1),
+                        nn.Conv2d(4, 4, 5, padding=4, dilation=2), nn.Conv2d(4, 4, 4, stride=3, padding=2),
+                        nn.AvgPool2d(3, 1, padding=1), nn.Conv2d(4, 2, 1)).eval()  # fmt: skip
+    split = analyse(net, (1, 2, 37, 41))[-1]
+    from bigpicture.engine.rules import Window
+
+    return [op for op in split.ops.values() if isinstance(op, Window) and op.pads_natively()]
+
+
+_WINDOWS = functools.cache(_windows)

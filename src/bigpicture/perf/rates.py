@@ -135,7 +135,9 @@ class Rates:
               transposed: bool, cin: int | None, kernel: int | None, backends: list) -> list:  # fmt: skip
         """``conv`` at each of ``positions`` with its entry of ``backends``: a node's rows at once, those
         the calibration grid does not cover from their nearest measurements together."""
-        if self.gpu or self.ops is None:
+        if not self.gpu and self.ops is None:  # an uncalibrated CPU: one nominal rate (``conv``'s)
+            return [0.5 * self.peak] * len(positions)
+        if self.gpu:
             case = {"cin": cin, "kernel": kernel}
             return [self.conv(nd, fan_in, cout, p, stride, backward, transposed, **case, backend=b)
                     for p, b in zip(positions, backends, strict=True)]  # fmt: skip
@@ -181,6 +183,18 @@ class Rates:
         kind = f"{nd}t" if transposed and f"{nd}t" in self.conv_workspace else str(nd)
         basis, factor = self.conv_workspace.get(kind, ("operand", 0.0))
         return max(int(factor * (im2col_bytes if basis == "im2col" else operand_bytes)), 0)
+
+    def workspaces(
+        self, nd: int, operand_bytes: np.ndarray, im2col_bytes: np.ndarray, transposed: bool = False
+    ) -> np.ndarray:
+        """``workspace`` of each entry of arrays of byte counts (int64): the same product, truncated
+        (both cast an integer to the nearest double, then multiply and truncate toward zero)."""
+        kind = f"{nd}t" if transposed and f"{nd}t" in self.conv_workspace else str(nd)
+        basis, factor = self.conv_workspace.get(kind, ("operand", 0.0))
+        nbytes = np.asarray(im2col_bytes if basis == "im2col" else operand_bytes, dtype=np.int64)
+        if isinstance(factor, int):  # an integer factor multiplies exactly, as Python's ints do
+            return np.maximum(factor * nbytes, 0)
+        return np.maximum((float(factor) * nbytes.astype(np.float64)).astype(np.int64), 0)
 
     def pool(self, window_elements: int, backward: bool = False) -> float:
         """Window elements (output elements x kernel volume) per second of a pooling op."""

@@ -18,6 +18,7 @@ interpolation save nothing.
 from __future__ import annotations
 
 import math
+import operator
 from dataclasses import dataclass
 
 import numpy as np
@@ -25,7 +26,7 @@ import numpy as np
 from bigpicture.engine.box import Box
 from bigpicture.engine.rules import Window
 from bigpicture.engine.rules.resample import ConvTranspose, Pad, Resample, Slice
-from bigpicture.engine.rules.window import AvgPool, Conv, MaxPool, Pool
+from bigpicture.engine.rules.window import AvgPool, Conv, MaxPool, NativePadding, Pool
 from bigpicture.engine.split import Split
 from bigpicture.perf.fusion import fuse
 from bigpicture.perf.rates import PARALLEL_ELEMENTS, Rates, conv_backend
@@ -226,9 +227,7 @@ def _conv_steps(split: Split, op, st: Step, rows: Rows, n: int, c: int, item: in
     # the column matrix: input channels x kernel per output position (a transposed convolution
     # scatters output channels x kernel per input position)
     im2col = n * (c * positions // n if transposed else cin * rows.numel) * math.prod(op.kernel) * item
-    operands = np.maximum(read, st.out).tolist()
-    work = [rates.workspace(nd, a, b, transposed) for a, b in zip(operands, im2col.tolist(), strict=True)]
-    st.temp = st.temp + np.array(work, dtype=np.int64)
+    st.temp = st.temp + rates.workspaces(nd, np.maximum(read, st.out), im2col, transposed)
     st.flops_bwd = st.flops * (2 if grad_in else 1)
     case = (transposed, cin // (1 if transposed else op.groups), math.prod(op.kernel))
     lengths = (rows.extra if transposed else rows.padded).tolist()
@@ -328,7 +327,12 @@ def node_step(
 
 def spatial_inputs(split: Split, node, need: dict) -> list:
     """The inputs of ``node`` that the tile computes (or the image): the first is what it reads."""
-    return [i for i in split.ops[node].inputs if i is split.input or (i in need and not need[i].empty)]
+    out, x = [], split.input
+    for i in split.ops[node].inputs:  # ``not need[i].empty`` inline: the planner asks per node and row
+        box = need.get(i) if i is not x else None
+        if i is x or (box is not None and all(map(operator.lt, box.lo, box.hi))):
+            out.append(i)
+    return out
 
 
 def dim_geometry(split: Split, node, need: dict, stored: Box, d: int) -> tuple:
@@ -342,19 +346,36 @@ def geometries(split: Split, node, need: dict, stored: Box) -> tuple[tuple, ...]
     sub-box of its stored input (convolution and pooling kernels copy a strided input first), and
     a transposed convolution's input length. A tile's step is a function of these, per dimension."""
     op, box = split.ops[node], need[node]
-    shapes = [box.shape] + [need[i].shape for i in op.inputs if i in need]
-    lengths = list(zip(*shapes, strict=True))
+    boxes = [box] + [need[i] for i in op.inputs if i in need]
+    # the boxes' lengths per dimension (``Box.shape``, transposed), without building each shape
+    lengths = [tuple([h - a if h > a else 0 for a, h in zip(b.lo, b.hi)]) for b in boxes]
+    lengths = list(zip(*lengths, strict=True))
     nd = split.nd
     outside = differ = (False,) * nd
     if isinstance(op, (Window, Pad)):
-        padded, extent = op.padded_box(box), op.in_extents[0]
-        outside = tuple(a < 0 or b > n for a, b, n in zip(padded.lo, padded.hi, extent, strict=True))
+        lo, hi = padded_bounds(op, box)
+        extent = op.in_extents[0]
+        outside = tuple([a < 0 or b > n for a, b, n in zip(lo, hi, extent, strict=True)])
         if isinstance(op, Window):
-            differ = tuple(padded.dim(d) != stored.dim(d) for d in range(nd))
+            bounds = zip(lo, hi, stored.lo, stored.hi, strict=True)
+            differ = tuple([a != c or b != e for a, b, c, e in bounds])
     elif _facts(split, node)[0] in _NORM:
         differ = _strided_input(split, op, box, need)
     extra = op.needs(box)[0].shape if isinstance(op, ConvTranspose) else (0,) * nd
     return tuple(zip(lengths, outside, differ, extra, strict=True))
+
+
+def padded_bounds(op, box: Box) -> tuple[tuple, tuple]:
+    """(lo, hi) of ``op.padded_box(box)``: a plain window's arithmetic inline (``Window.padded_box``,
+    without a ``Box``: ``geometries`` asks per node and diagonal row, a few hundred thousand times)."""
+    if type(op).padded_box is not Window.padded_box:
+        padded = op.padded_box(box)
+        return padded.lo, padded.hi
+    lo, hi = [], []
+    for a, b, s, p, d, k in zip(box.lo, box.hi, op.step, op.pad_lo, op.dilation, op.kernel):
+        lo.append(int(a * s - p))
+        hi.append(int((b - 1) * s - p + d * (k - 1) + 1))
+    return tuple(lo), tuple(hi)
 
 
 def _strided_input(split: Split, op, box: Box, need: dict) -> tuple[bool, ...]:
@@ -367,8 +388,20 @@ def _strided_input(split: Split, op, box: Box, need: dict) -> tuple[bool, ...]:
     sub = tuple(box.dim(d) != need[first].dim(d) for d in range(split.nd))
     producer = split.ops.get(first)
     if isinstance(producer, Window) and producer.pads_natively():
-        return tuple(a or b for a, b in zip(sub, producer.crops(need[first]), strict=True))
+        return tuple(a or b for a, b in zip(sub, _crops(producer, need[first]), strict=True))
     return sub
+
+
+def _crops(op, out: Box) -> tuple[bool, ...]:
+    """``op.crops(out)``, none where ``out``'s padded box lies inside the image (no padding: the op
+    makes exactly ``out``, (n - d (k - 1) - 1) // s + 1 = b - a of a padded length n = (b - 1 - a) s +
+    d (k - 1) + 1), without ``NativePadding.native_pads``'s boxes: most tiles are interior ones."""
+    cls = type(op)
+    if cls.crops is NativePadding.crops and cls.native_pads is NativePadding.native_pads and not out.empty:
+        lo, hi = padded_bounds(op, out)
+        if all(a >= 0 for a in lo) and all(b <= n for b, n in zip(hi, op.in_extents[0], strict=True)):
+            return (False,) * len(lo)
+    return op.crops(out)
 
 
 def step_key(node, dims: list[tuple], grad_in: bool) -> tuple:

@@ -194,10 +194,7 @@ def row_peaks(
     out whole would take a gigabyte)."""
     rows = len(sizes[split.input])
     index = index or [slice(None)] * len(steps)
-    which = np.zeros(rows, dtype=np.int64)  # rows of one structure so far
-    for st, pick in zip(steps, index, strict=True):
-        _, which = np.unique(which * 16 + structure(st)[pick], return_inverse=True)
-    which = which.reshape(-1)
+    which = structures(steps, index, rows)
     peak, peak_train = np.zeros(rows, dtype=np.int64), np.zeros(rows, dtype=np.int64)
     groups = [np.flatnonzero(which == g) for g in range(int(which.max()) + 1 if rows else 0)]
     for chunk in (c for g in groups for c in np.array_split(g, -(-len(g) // CHUNK_ROWS))):
@@ -210,6 +207,25 @@ def row_peaks(
                       training, input_copy)  # fmt: skip
         peak[chunk], peak_train[chunk] = p, pt
     return peak, peak_train
+
+
+def structures(steps: list, index: list, rows: int) -> np.ndarray:
+    """Per row, the number of its steps' structures (``structure``) among the rows', in their
+    lexicographic order (as renumbering after each step with ``np.unique`` would number them):
+    steps alike in every row change no order and are skipped, the others packed 4 bits each
+    until int64 would overflow."""
+    which, top, packed = np.zeros(rows, dtype=np.int64), 1, False  # top: above every entry of which
+    for st, pick in zip(steps, index, strict=True):
+        code = structure(st)
+        if len(code) == 0 or (code == code[0]).all():
+            continue
+        if top * 16 > 2**62:
+            _, which = np.unique(which, return_inverse=True)
+            which, top = which.reshape(-1), int(which.max(initial=0)) + 1
+        which, top, packed = which * 16 + code[pick], top * 16, True
+    if packed:
+        which = np.unique(which, return_inverse=True)[1].reshape(-1)
+    return which
 
 
 def structure(st) -> np.ndarray:
