@@ -15,7 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from bigpicture.perf import classes, grid, memory_bound, predict, row_memo, steps, walk
+from bigpicture.perf import classes, geometry, grid, memory_bound, predict, row_memo, steps, walk
 from bigpicture.perf.devices import get_device, load_calibration, local_cpu
 from bigpicture.perf.predict import predict_splits
 from bigpicture.perf.rates import (
@@ -392,10 +392,11 @@ def _old_bookkeeping(monkeypatch):
     """The planner's bookkeeping as it was: geometries on boxes, features through ``features``,
     distinct rows by ``np.unique``, structures renumbered after every step; its caches emptied."""
     monkeypatch.setattr(steps, "geometries", _old_geometries)
-    monkeypatch.setattr(grid, "geometries", _old_geometries)
+    monkeypatch.setattr(geometry, "geometries", _old_geometries)
+    monkeypatch.setattr(grid, "supported", lambda split: False)  # every row by row, on the old geometries
     monkeypatch.setattr(memory_bound, "geometries", _old_geometries)
     monkeypatch.setattr(classes, "_lengths", _old_lengths)
-    for module in (steps, grid, memory_bound):
+    for module in (steps, geometry, memory_bound):
         monkeypatch.setattr(module, "spatial_inputs", _old_spatial_inputs)
     monkeypatch.setattr(classes, "_unique_rows", _old_unique_rows)
     monkeypatch.setattr(walk, "structures", _old_structures)
