@@ -47,13 +47,13 @@ from torch import fx, nn
 from bigpicture.engine.plan import Plan, requested_tiles, tile_of
 from bigpicture.engine.split import Split
 from bigpicture.engine.tiles import working_counts
-from bigpicture.errors import TilingError
 from bigpicture.perf.classes import aggregate
 from bigpicture.perf.devices import Device, for_torch, get_device, load_calibration
 from bigpicture.perf.fusion import fused_rates
 from bigpicture.perf.grid import Layout, class_grid, layout
 from bigpicture.perf.prediction import Prediction, Stage, _flops, _seconds, _size  # noqa: F401 (re-exported)
 from bigpicture.perf.rates import GPU_ASSUMPTIONS, Rates
+from bigpicture.perf.reads import read_seconds, with_reads  # noqa: F401 (re-exported)
 from bigpicture.perf.resident import boundary_bytes, resident_bytes
 from bigpicture.perf.stage_cost import stage_bytes, with_cuts, with_stage_time
 from bigpicture.perf.untiled import untiled_flops
@@ -124,48 +124,6 @@ def model_dtype(model: nn.Module | fx.GraphModule) -> torch.dtype:
     if isinstance(model, fx.GraphModule):
         model = model.meta.get("bigpicture_model", model)
     return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
-
-
-def read_seconds(plan: Plan, source, samples: int = 8, clock=None) -> tuple[float, float]:
-    """(seconds to read every tile's read box of ``plan`` and of its earlier passes from ``source``,
-    seconds of the first tile's read), from timed reads of ``samples`` read boxes spread over the
-    grid, extrapolated by pixels. Real reads: the source is opened, nothing else is computed."""
-    import time
-
-    import numpy as np
-
-    from bigpicture.io import as_source
-
-    clock = clock or time.perf_counter
-    src = as_source(source)
-    if len(src.shape) != len(plan.input_shape) or tuple(src.shape[2:]) != tuple(plan.input_shape[2:]):
-        raise TilingError(
-            f"source of shape {tuple(src.shape)} does not match the plan's input {tuple(plan.input_shape)}: "
-            "plan for the source's shape (bp.make_plan(model, source.shape, ...))"
-        )
-    tiles = plan.tiles
-    n = min(samples, len(tiles))
-    picks = sorted({round(i * (len(tiles) - 1) / max(n - 1, 1)) for i in range(n)})
-    seconds = sizes = 0.0
-    for i in picks:
-        started = clock()
-        np.asarray(src[(slice(None), slice(None)) + tiles[i].read.slices()])
-        seconds += clock() - started
-        sizes += tiles[i].read.numel
-    per_pixel = seconds / max(sizes, 1)
-    passes = 1 + len(plan.earlier)  # multipass plans read every tile once per pass
-    return passes * per_pixel * sum(t.read.numel for t in tiles), per_pixel * tiles[0].read.numel
-
-
-def with_reads(prediction: Prediction, reads: tuple[float, float], overlap: bool = True) -> Prediction:
-    """``prediction`` with the input's reads (``read_seconds``) added: overlapped with the compute
-    (the longer of the two, plus the first read), or in turn."""
-    total, first = reads
-    compute = prediction.time
-    time_s = max(compute, total) + first if overlap else compute + total
-    mode = "overlapped with the compute" if overlap else "in turn with the compute"
-    stages = (*prediction.stages, Stage(f"input reads ({mode})", 0, total))
-    return replace(prediction, time=time_s, stages=stages)
 
 
 def predict_splits(

@@ -29,8 +29,9 @@ from bigpicture.engine.rules.resample import ConvTranspose, Pad, Resample, Slice
 from bigpicture.engine.rules.window import AvgPool, Conv, MaxPool, NativePadding, Pool
 from bigpicture.engine.split import Split
 from bigpicture.perf.fusion import fuse
-from bigpicture.perf.rates import PARALLEL_ELEMENTS, Rates, conv_backend
+from bigpicture.perf.rates import PARALLEL_ELEMENTS, Rates
 from bigpicture.perf.row_memo import Rows, StepMemo
+from bigpicture.perf.step_rates import _backend, _per_byte, _rates
 
 # fmt: off
 _VIEWS = {"identity", "dropout", "dropout1d", "dropout2d", "dropout3d", "alphadropout", "featurealphadropout",
@@ -256,34 +257,6 @@ def _stream_steps(
     moved = np.where(st.saves_inputs | st.saves_output, 3 * elems * item, 0)
     st.fwd_s = np.where(view, 0.0, _per_byte(st.bytes, _rates(rates, kind, st.bytes, strided)))
     st.bwd_s = _per_byte(moved, _rates(rates, kind, moved, strided, backward=True))
-
-
-def _rates(rates: Rates, kind: str, nbytes: np.ndarray, strided: np.ndarray | None, backward: bool = False):
-    """``rates.streams``; a normalisation's rows that read a strided view at that rate (measured
-    here 2.0-2.3x slower forward and backward, PyTorch's generic kernel) where it was calibrated.
-    ``strided`` None: the faster of the two (a lower bound of either: ``bound.py``)."""
-    rate = rates.streams(kind, nbytes, backward)
-    ops = {} if rates.gpu else rates.ops or {}
-    tables = ops.get("stream_backward" if backward else "stream")
-    if kind == "norm" and (strided is None or strided.any()) and "norm_strided" in (tables or {}):
-        other = rates.streams("norm_strided", nbytes, backward)  # older calibrations lack it
-        rate = np.maximum(rate, other) if strided is None else np.where(strided, other, rate)
-    return rate
-
-
-def _per_byte(nbytes: np.ndarray, rate: np.ndarray) -> np.ndarray:
-    """Seconds to move ``nbytes`` at ``rate`` bytes/s, 0 where nothing moves."""
-    return np.divide(nbytes, rate, out=np.zeros(len(nbytes)), where=nbytes > 0)
-
-
-def _backend(op, shape: tuple, n: int, cin: int, cout: int, transposed: bool, rates: Rates) -> str | None:
-    """The kernel family torch will run this convolution with on the CPU (`rates.conv_backend`), for an
-    input box of ``shape`` (the padded box a convolution reads, a transposed convolution's input)."""
-    if rates.gpu or not rates.measured:
-        return None
-    weight = (cin, cout // op.groups) if transposed else (cout, cin // op.groups)
-    return conv_backend((n, cin) + shape, weight + tuple(op.kernel), tuple(op.step), tuple(op.dilation),
-                        op.groups, transposed, rates.dtype)  # fmt: skip
 
 
 def _stream_kind(op, name: str) -> str:
