@@ -42,8 +42,9 @@ def hull(alo, ahi, blo, bhi) -> tuple[np.ndarray, np.ndarray]:
 
 def clip(lo, hi, shape) -> tuple[np.ndarray, np.ndarray]:
     """``Box.clip`` per row: the box inside [0, shape). Per dimension that is the identity where the
-    interval is inside already, so no row needs ``Box.clip``'s whole-box test."""
-    n = _column(shape)
+    interval is inside already, so no row needs ``Box.clip``'s whole-box test. ``shape``: per-dimension
+    sizes, or an array that broadcasts against ``lo`` (one shape per op: ``perf/geometry.py``)."""
+    n = shape if isinstance(shape, np.ndarray) else _column(shape)
     lo = np.maximum(lo, 0)
     return lo, np.where(hi <= lo, lo, np.where(hi < n, hi, np.maximum(n, lo)))
 

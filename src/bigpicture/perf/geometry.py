@@ -172,8 +172,7 @@ def _crops(ops: list, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
     """``NativePadding.crops`` of each op's output box at once (arrays of shape (ops, dimensions, rows))."""
     plo, phi = _padded(ops, lo, hi)
     extent, step = _params(ops, lambda op: op.in_extents[0]), _params(ops, lambda op: op.step)
-    ilo = np.maximum(plo, 0)  # Box.clip
-    ihi = np.where(phi <= ilo, ilo, np.where(phi < extent, phi, np.maximum(extent, ilo)))
+    ilo, ihi = intervals.clip(plo, phi, extent)
     below, above = ilo - plo, phi - ihi
     pad = below + -(-np.maximum(above - below, 0) // step) * step
     kernel, dilation = _params(ops, lambda op: op.kernel), _params(ops, lambda op: op.dilation)
