@@ -404,7 +404,7 @@ def _old_bookkeeping(monkeypatch):
         classes._Grid, "geometry_features",
         lambda self, node, copy: self.features(lambda j, d: self.geometry(j, copy)[node][d]),
     )  # fmt: skip
-    for cache in ("_CLASSES", "_DIAGONALS", "_SHIFTS"):
+    for cache in ("_CLASSES", "_DIAGONALS"):
         monkeypatch.setattr(grid, cache, {})
 
 
@@ -427,7 +427,7 @@ def test_predictions_equal_those_of_the_old_bookkeeping(network, nd, setting, mo
 
     cases = [(t, training, input_grad) for t in TILES[nd] for training, input_grad in
              ((False, False), (True, False), (True, True))]  # fmt: skip
-    for cache in ("_CLASSES", "_DIAGONALS", "_SHIFTS"):
+    for cache in ("_CLASSES", "_DIAGONALS"):
         monkeypatch.setattr(grid, cache, {})
     got = [predict_splits(splits, shape, dtype, t, device, tr, ig, shared=rates()) for t, tr, ig in cases]
     with monkeypatch.context() as old:

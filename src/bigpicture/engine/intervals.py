@@ -72,17 +72,36 @@ def source(lo, hi, extent, mode: str) -> tuple[np.ndarray, np.ndarray]:
     return out_lo, out_hi
 
 
-def op_needs(op, lo, hi, rows) -> list[tuple[np.ndarray, np.ndarray]]:
+def op_needs(op, lo, hi, rows, inside: dict | None = None) -> list[tuple[np.ndarray, np.ndarray]]:
     """``op.needs`` per row, for the rows where ``rows`` is True (the others are left empty, at 0;
-    None: every row)."""
+    None: every row). ``inside``: the blocks known to lie inside an extent (``_clipped``), which
+    the blocks made here join."""
     kind = type(op)
     if kind.needs is Op.needs:
-        return [clip(lo, hi, e) for e in op.in_extents]
+        return [_clipped(lo, hi, e, inside) for e in op.in_extents]
     if (kind.needs is Window.needs and kind.padded_box is Window.padded_box) or (
         kind.needs is Pad.needs and kind.padded_box is Pad.padded_box
     ):
-        return [source(*padded(op, lo, hi), op.in_extents[0], op.mode)]
+        read = source(*padded(op, lo, hi), op.in_extents[0], op.mode)
+        if inside is not None and op.mode == "constant":  # each row in [0, extent), or (0, 0)
+            inside[id(read[0])] = (*read, tuple(map(int, op.in_extents[0])))
+        return [read]
     return _scalar_needs(op, lo, hi, rows)
+
+
+def _clipped(lo, hi, extent, inside: dict | None) -> tuple[np.ndarray, np.ndarray]:
+    """``clip(lo, hi, extent)``; ``lo`` and ``hi`` themselves where ``inside`` holds them with an extent
+    no larger, as it holds what ``clip`` and a constant-padded window return: in every row and
+    dimension 0 <= lo < hi <= extent, or 0 <= lo = hi, where ``clip`` changes nothing. A chain of
+    pointwise ops then passes one block along, clipped once."""
+    if inside is None:
+        return clip(lo, hi, extent)
+    known = inside.get(id(lo))
+    if known is not None and known[1] is hi and all(a <= b for a, b in zip(known[2], extent, strict=True)):
+        return lo, hi
+    out = clip(lo, hi, extent)
+    inside[id(out[0])] = (*out, tuple(map(int, extent)))  # the arrays are kept: their ids stay theirs
+    return out
 
 
 def _scalar_needs(op, lo, hi, rows) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -101,6 +120,8 @@ def needs(split: Split, writes: dict, rows: int) -> dict:
     need: dict = {}
     gone: dict = {}  # node -> per row, whether its box is empty; None where no row's is
     asked: dict = {}  # user -> the blocks it needs of its inputs, once for all of them (a concat)
+    inside: dict = {}  # id(lo) -> (lo, hi, extent): blocks inside an extent (``_clipped``)
+    emptied: dict = {}  # id(lo) -> (lo, hi, gone): nodes of one block (a chain) tested once
     for node in reversed(split.order):
         if split.roles[node] != "spatial":
             continue
@@ -114,7 +135,7 @@ def needs(split: Split, writes: dict, rows: int) -> dict:
                 continue
             if user not in asked:
                 op = split.ops[user]
-                asked[user] = op_needs(op, *need[user], keep), op.inputs
+                asked[user] = op_needs(op, *need[user], keep, inside), op.inputs
             blocks, inputs = asked[user]
             other = blocks[inputs.index(node)]
             if fresh and keep is None:  # most nodes: their one user's box
@@ -124,8 +145,11 @@ def needs(split: Split, writes: dict, rows: int) -> dict:
             lo, hi = (hlo, hhi) if keep is None else (np.where(keep, hlo, lo), np.where(keep, hhi, hi))
             fresh = False
         need[node] = lo, hi
-        rows_gone = empty(lo, hi)
-        gone[node] = rows_gone if rows_gone.any() else None
+        known = emptied.get(id(lo))
+        if known is None or known[1] is not hi:
+            rows_gone = empty(lo, hi)
+            known = emptied[id(lo)] = lo, hi, rows_gone if rows_gone.any() else None
+        gone[node] = known[2]
     need.setdefault(split.input, (zero, zero))
     return need
 

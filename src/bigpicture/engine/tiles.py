@@ -144,28 +144,37 @@ class Diagonal:
     def block(self, k: int) -> Block:
         """The block of working rows holding row k, walked on first use. Blocks are laid from the
         first row in the first half of the rows with work, from the last one in the second half:
-        the planner reads the rows near both borders of the grid, one block at each is enough."""
+        the planner reads the rows near both borders of the grid, one block at each is enough, and
+        the two are walked together (a walk costs per op, hardly per row)."""
         n, size = max(self.working), self.BLOCK
         start = k - k % size if k < n // 2 else max(n - size - (n - 1 - k) // size * size, 0)
         if start not in self._blocks:
-            self._blocks[start] = self._walk_block(start)
+            borders = (0, max(n - size, 0))
+            starts = [start, *(b for b in borders if start in borders and b not in (start, *self._blocks))]
+            self._blocks.update(zip(starts, self._walk_blocks(starts), strict=True))
         return self._blocks[start]
 
-    def _walk_block(self, start: int) -> Block:
-        s, lay = self.split, self.lay
-        ks = np.arange(start, start + self.BLOCK, dtype=np.int64)
+    def _walk_blocks(self, starts: list[int]) -> list[Block]:
+        """The blocks from ``starts``, walked at once: each row's boxes depend on that row alone."""
+        s, lay, size = self.split, self.lay, self.BLOCK
+        ks = np.concatenate([np.arange(start, start + size, dtype=np.int64) for start in starts])
         index = np.stack([np.minimum(ks, w - 1) for w in self.working])  # (dimensions, rows)
         writes = [write_intervals(index, lay, s.strides[n], s.extents[n]) for n in s.sinks]
-        need = intervals.needs(s, dict(zip(s.sinks, writes, strict=True)), self.BLOCK)
+        need = intervals.needs(s, dict(zip(s.sinks, writes, strict=True)), len(ks))
         nodes = list(need)
         read = [need[n] for n in nodes if n is not self._unread]
-        gaps = np.zeros(self.BLOCK, dtype=bool)
-        for lo, hi in (*writes, *read):
+        gaps = np.zeros(len(ks), dtype=bool)
+        distinct = {(id(lo), id(hi)): (lo, hi) for lo, hi in (*writes, *read)}  # a chain's nodes share one
+        for lo, hi in distinct.values():
             gaps |= intervals.empty(lo, hi)
-        lo = _narrow(np.stack([b[0] for b in (*writes, *(need[n] for n in nodes))]))
-        hi = _narrow(np.stack([b[1] for b in (*writes, *(need[n] for n in nodes))]))
+        lo = np.stack([b[0] for b in (*writes, *(need[n] for n in nodes))])
+        hi = np.stack([b[1] for b in (*writes, *(need[n] for n in nodes))])
         place = {n: len(writes) + i for i, n in enumerate(nodes)}
-        return Block(start, len(writes), nodes, lo, hi, gaps, place)
+        cut = [slice(i * size, (i + 1) * size) for i in range(len(starts))]
+        return [
+            Block(start, len(writes), nodes, _narrow(lo[:, :, c]), _narrow(hi[:, :, c]), gaps[c], place)
+            for start, c in zip(starts, cut, strict=True)
+        ]
 
     def _walk(self, index: tuple[int, ...]) -> tuple[tuple[Box, ...], dict]:
         """One tile's boxes, walked on its own with ``Box`` objects (the reference for ``block``)."""
@@ -202,6 +211,7 @@ class Block:
     hi: np.ndarray
     gaps: np.ndarray
     place: dict  # node -> its box's index in lo and hi
+    cache: dict = field(default_factory=dict, repr=False)  # what readers derive from the block, kept with it
 
     def listed(self, r: int):
         """Row r as (lo, hi) tuples per box."""

@@ -16,9 +16,6 @@ from __future__ import annotations
 import itertools
 import math
 from dataclasses import dataclass
-from fractions import Fraction
-
-import numpy as np
 
 from bigpicture.engine.box import Box
 from bigpicture.engine.regions import needs
@@ -26,6 +23,7 @@ from bigpicture.engine.split import Split
 from bigpicture.engine.tiles import Diagonal, Layout, layout, write_box
 from bigpicture.errors import TilingError
 from bigpicture.perf.geometry import BlockGeometry, row_geometries, supported
+from bigpicture.perf.strides import strides_of
 
 __all__ = ["ClassGrid", "Layout", "TileClass", "class_grid", "layout", "tile_classes"]
 
@@ -234,12 +232,12 @@ def _periodic(split: Split, lay: Layout, row, d: int, key, g: int, keys=None, sa
     ``same``); ``keys`` gets the keys of the indices outside that range and of one period. None
     where the grid is short or has no such period."""
     keys = {} if keys is None else keys
-    tile = Fraction(lay.tile[d])
-    period = math.lcm(*[(tile / stride).denominator for stride in _distinct_strides(split, d)])
     start = next((j for j in range(1, g) if _input_lo(split, row, j, d) > 0), None)
+    if g <= 8:
+        return None
+    period = strides_of(split).period(lay.tile[d], d)
     if (
-        g <= 8
-        or period > MAX_PERIOD
+        period > MAX_PERIOD
         or start is None
         or start + period >= g - 1
         or not _shifted(split, lay, row, d, start, period)
@@ -275,61 +273,28 @@ def _input_lo(split: Split, row, j: int, d: int) -> int:
     return int(block.lo[block.place[split.input], d, r])
 
 
-def _distinct_strides(split: Split, d: int) -> list:
-    """The nodes' distinct strides along d, cached by split (nodes share few strides)."""
-    key = (id(split), d)
-    if key not in _STRIDES or _STRIDES[key][0] is not split:
-        if len(_STRIDES) >= 256:
-            _STRIDES.pop(next(iter(_STRIDES)))
-        _STRIDES[key] = (split, list({stride[d] for stride in split.strides.values()}))
-    return _STRIDES[key][1]
-
-
-_STRIDES: dict = {}
-
-
 def _shifted(split: Split, lay: Layout, row, d: int, j: int, period: int) -> bool:
-    """Whether tile j + period is tile j moved by period tiles along dimension d, in every node."""
-    shifts = _shifts(split, lay, d, period)
+    """Whether tile j + period is tile j moved by period tiles along dimension d, in every node: each
+    box moved by the node pixels ``period`` tiles make (``strides.Strides.shifts``: a whole number)."""
+    strides = strides_of(split)
+    shift, whole = strides.shifts(period * lay.tile[d], d)
     diagonal = _blocks(row, j, j + period)
-    if diagonal is not None:  # the same, on the blocks' arrays
+    if diagonal is not None:  # on the blocks' arrays, every box at once
         (b0, r0), (b1, r1) = diagonal.visit(j), diagonal.visit(j + period)
-        moved = [shifts[k] for k in split.sinks] + [shifts[n] for n in b0.nodes]
-        if None in moved:
+        group = strides.of_block(b0, split.sinks, d)
+        if not whole[group].all():
             return False
-        moved = np.array(moved, dtype=np.int64)
+        moved = shift[group]
         lo, hi = b1.lo[:, d, r1] - b0.lo[:, d, r0], b1.hi[:, d, r1] - b0.hi[:, d, r0]
         return bool((lo == moved).all() and (hi == moved).all())
     (w0, n0), (w1, n1) = row(j), row(j + period)
-    for k, a, b in zip(split.sinks, w0, w1, strict=True):
-        shift = shifts[k]
-        if shift is None or b.lo[d] - a.lo[d] != shift or b.hi[d] - a.hi[d] != shift:
-            return False
-    for m, a in n0.items():
-        shift, b = shifts[m], n1[m]
-        if shift is None or b.lo[d] - a.lo[d] != shift or b.hi[d] - a.hi[d] != shift:
+    group, shift, whole = strides.group[d], shift.tolist(), whole.tolist()
+    pairs = itertools.chain(zip(split.sinks, w0, w1, strict=True), ((m, a, n1[m]) for m, a in n0.items()))
+    for node, a, b in pairs:
+        g = group[node]
+        if not whole[g] or b.lo[d] - a.lo[d] != shift[g] or b.hi[d] - a.hi[d] != shift[g]:
             return False
     return True
-
-
-def _shifts(split: Split, lay: Layout, d: int, period: int) -> dict:
-    """Per node, how many of its pixels ``period`` tiles along d move it (None: not a whole number),
-    cached by split, layout, dimension and period: the planner asks per pair of rows it compares."""
-    key = (id(split), lay, d, period)
-    if key not in _SHIFTS or _SHIFTS[key][0] is not split:
-        moved, by_stride, shifts = Fraction(period * lay.tile[d]), {}, {}
-        for node, stride in split.strides.items():  # nodes share few strides: one division each
-            if stride[d] not in by_stride:
-                shift = moved / stride[d]
-                by_stride[stride[d]] = int(shift) if shift.denominator == 1 else None
-            shifts[node] = by_stride[stride[d]]
-        if len(_SHIFTS) >= 256:
-            _SHIFTS.pop(next(iter(_SHIFTS)))
-        _SHIFTS[key] = (split, shifts)  # the split is kept, so its id is not reused while cached
-    return _SHIFTS[key][1]
-
-
-_SHIFTS: dict = {}
 
 
 def _key(geometry: Geometry, j: int, d: int) -> tuple:
