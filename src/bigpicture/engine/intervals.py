@@ -97,8 +97,9 @@ def _clipped(lo, hi, extent, inside: dict | None) -> tuple[np.ndarray, np.ndarra
     if inside is None:
         return clip(lo, hi, extent)
     known = inside.get(id(lo))
-    if known is not None and known[1] is hi and all(a <= b for a, b in zip(known[2], extent, strict=True)):
-        return lo, hi
+    if known is not None and known[1] is hi:
+        if known[2] == extent or all(a <= b for a, b in zip(known[2], extent, strict=True)):
+            return lo, hi
     out = clip(lo, hi, extent)
     inside[id(out[0])] = (*out, tuple(map(int, extent)))  # the arrays are kept: their ids stay theirs
     return out
