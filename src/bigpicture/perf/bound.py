@@ -109,9 +109,23 @@ def engine_bound(split: Split, lay: Layout, rates: Rates, training: bool) -> flo
     per_tile = min(rates.node_s, grad_node_s) + 2 * grad_node_s if training else rates.node_s
     least = 0.0
     for sink in split.sinks:  # the tiles where this sink writes compute at least its ancestors
-        tiles, nodes = math.prod(working_counts(split, lay, sink)), len(_ancestors(split, sink))
+        tiles, nodes = math.prod(working_counts(split, lay, sink)), _ancestor_count(split, sink)
         least = max(least, tiles * nodes * per_tile - (nodes * grad_node_s if training else 0.0))
     return least
+
+
+def _ancestor_count(split: Split, sink) -> int:
+    """``len(_ancestors(split, sink))``, cached by split and sink (asked per candidate tile and pass)."""
+    key = (id(split), sink)
+    found = _ANCESTORS.get(key)
+    if found is None or found[0] is not split:
+        if len(_ANCESTORS) >= 4096:
+            _ANCESTORS.pop(next(iter(_ANCESTORS)))
+        found = _ANCESTORS[key] = (split, len(_ancestors(split, sink)))  # the split kept: its id not reused
+    return found[1]
+
+
+_ANCESTORS: dict = {}
 
 
 def _ancestors(split: Split, sink) -> set:
@@ -152,8 +166,9 @@ def pass_bounds(passes: list[tuple], dtype: torch.dtype, rates: Rates, training:
     combos: list[dict] = [{} for _ in passes]
     groups: dict = {}  # steps_of's call for each node, over the passes where its step reads alike
     for k, (split, _, (tables, grad)) in enumerate(passes):
+        listed = [(t.lengths.tolist(), t.counts.tolist()) for t in tables]
         for node in list(grad)[1:]:  # the image first: it has no step
-            c = combos[k][node] = _combos(split, node, tables)
+            c = combos[k][node] = _combos(split, node, tables, listed)
             key = (node, id(split.ops[node]), grad_in(split, node, grad), tuple(i for i, _ in c.rows.inputs))
             groups.setdefault(key, []).append(k)
     steps: list[dict] = [{} for _ in passes]
@@ -225,21 +240,29 @@ class DimTable:
 def dim_tables(split: Split, lay: Layout) -> list[DimTable] | None:
     """A ``DimTable`` per dimension, exact (``grid.dim_keys``: the rows near the borders and one
     period of the interior); None if a box is empty (the product rule does not hold)."""
-    rows = diagonal_of(split, lay).row
+    diagonal = diagonal_of(split, lay)
+    rows = diagonal.row
     nodes = list(rows(0)[1])
     transposed = [n for n in nodes if isinstance(split.ops.get(n), ConvTranspose)]
     columns = {**{(n, "box"): k for k, n in enumerate(nodes)},
                **{(n, "input"): len(nodes) + k for k, n in enumerate(transposed)}}  # fmt: skip
+    spans: dict = {}  # per block of diagonal rows: its nodes' lengths (nodes, dimensions, rows)
     tables = []
     for d in range(split.nd):
         seen: dict = {}
 
         def lengths(j, d=d, seen=seen) -> tuple:
             if j not in seen:
-                need = rows(j)[1]
-                seen[j] = tuple(need[n].hi[d] - need[n].lo[d] for n in nodes) + tuple(
-                    split.ops[n].needs(need[n])[0].length(d) for n in transposed
-                )
+                if j < diagonal.working[d]:  # row j's boxes along d: those of its block's arrays
+                    block, r = diagonal.visit(j)
+                    if block.start not in spans:
+                        at = [block.place[n] for n in nodes]
+                        spans[block.start] = block.hi[at].astype(np.int64) - block.lo[at]
+                    box = tuple(spans[block.start][:, d, r].tolist())
+                else:  # past the tiles with work along d: ``Diagonal.row`` empties them
+                    need = rows(j)[1]
+                    box = tuple(need[n].hi[d] - need[n].lo[d] for n in nodes)
+                seen[j] = box + tuple(split.ops[n].needs(rows(j)[1][n])[0].length(d) for n in transposed)
             return seen[j]
 
         per_index = dim_keys(split, lay, rows, d, lengths)
@@ -261,32 +284,28 @@ class Combos:
     last: int  # the step of the grid's last tile
 
 
-def _combos(split: Split, node, tables: list[DimTable]) -> Combos:
+def _combos(split: Split, node, tables: list[DimTable], listed: list | None = None) -> Combos:
     """The distinct geometries of ``node``'s step over the grid (its box, its inputs' boxes, a
     window's padded input, a transposed convolution's input) and the tiles that run each: per
-    dimension the distinct rows of its columns, combined over the dimensions."""
+    dimension the distinct rows of its columns, combined over the dimensions. ``listed``: per table,
+    its lengths and counts as lists (made once per pass)."""
     op = split.ops[node]
     cols = [tables[0].columns[node, "box"]]
     cols += [tables[0].columns[i, "box"] for i in op.inputs if (i, "box") in tables[0].columns]
     cols += [tables[0].columns[node, "input"]] if isinstance(op, ConvTranspose) else []
-    lengths, tiles, last = None, None, 0
-    for t in tables:
+    combos, counts, last = [()], [1], 0  # in Python: a few rows per dimension, a few numpy calls in all
+    for t, (rows, ns) in zip(tables, listed or [(t.lengths.tolist(), t.counts.tolist()) for t in tables],
+                             strict=True):  # fmt: skip
         distinct: dict = {}  # a few rows: tuples are quicker than np.unique
-        keys = [tuple(r) for r in t.lengths[:, cols].tolist()]
-        for key, n in zip(keys, t.counts.tolist(), strict=True):
+        keys = [tuple([r[c] for c in cols]) for r in rows]
+        for key, n in zip(keys, ns, strict=True):
             distinct[key] = distinct.get(key, 0) + n
-        values = np.array(list(distinct), dtype=np.int64)
-        n = np.array(list(distinct.values()), dtype=np.int64)
-        at = list(distinct).index(keys[t.last])
-        if lengths is None:
-            lengths, tiles = values[:, None, :], n
-        else:
-            lengths = np.concatenate(
-                [np.repeat(lengths, len(values), axis=0), np.tile(values[:, None, :], (len(tiles), 1, 1))], 1
-            )
-            tiles = np.outer(tiles, n).reshape(-1)
-        last = last * len(values) + at
-    # lengths: (combinations, dimensions, columns)
+        # every combination so far with each of these rows, the latest dimension fastest
+        combos = [c + (key,) for c in combos for key in distinct]
+        counts = [a * b for a in counts for b in distinct.values()]
+        last = last * len(distinct) + list(distinct).index(keys[t.last])
+    lengths = np.array(combos, dtype=np.int64)  # (combinations, dimensions, columns)
+    tiles = np.array(counts, dtype=np.int64)
     numel = lengths.prod(axis=1)
     own = lengths[:, :, 0]
     if isinstance(op, Window):  # ``Window.padded_box``: the input box its output box reads, padding included

@@ -165,7 +165,8 @@ class Rates:
                 near = [(p["fan_in"], p["cout"], p["positions"], 4 ** (p["stride"] - 1)) for p in points]
                 logs = np.array([_logs(p) for p in near])
                 self._tables[nd, transposed, value] = logs, [p[value] for p in points]
-            rates = _nearest_many(*self._tables[nd, transposed, value], list(nearest.values()))
+            kept = self._tables.setdefault((nd, transposed, "nearest"), {})  # forward and backward alike
+            rates = _nearest_many(*self._tables[nd, transposed, value], list(nearest.values()), kept)
             self._conv.update(zip(nearest, rates, strict=True))
         return [self._conv[key] for key in keys]
 
@@ -228,7 +229,18 @@ class Rates:
             tables = self.ops.get("stream_backward", {}) if backward else forward
             table = tables.get(kind) or forward["unary"]
             self._tables[key] = _segments(np.array([s for s, _ in table]), np.array([r for _, r in table]))
-        return _interpolate_segments(self._tables[key], nbytes)
+        if nbytes.ndim != 1 or len(nbytes) > 64:
+            return _interpolate_segments(self._tables[key], nbytes)
+        # a few entries: each size's rate kept (numpy's cost per call is most of a few entries' time)
+        known = self._tables.setdefault(("stream at", kind, backward), {})
+        sizes = nbytes.tolist()
+        new = [x for x in sizes if x not in known]
+        if new:
+            if len(known) > 1 << 16:
+                known.clear()
+            found = _interpolate_segments(self._tables[key], np.array(new)).tolist()
+            known.update(zip(new, found, strict=True))
+        return np.array([known[x] for x in sizes], dtype=np.float64)
 
 
 def _segments(xs: np.ndarray, ys: np.ndarray) -> tuple:
@@ -279,27 +291,39 @@ def _logs(point: tuple[float, ...]) -> list[float]:
     return [math.log(max(v, 1)) for v in point]
 
 
-def _nearest_many(points: np.ndarray, values: list[float], ats: list[tuple[float, ...]]) -> list[float]:
+def _nearest_many(points: np.ndarray, values: list[float], ats: list[tuple[float, ...]],
+                  kept: dict | None = None) -> list[float]:  # fmt: skip
     """``_nearest`` at each of ``ats`` on the points' logs (the planner asks for many positions of one
     calibration): numpy finds each one's few nearest points, ``math.dist`` then orders them as
-    ``_nearest`` does."""
-    logs = [_logs(at) for at in ats]
+    ``_nearest`` does. ``kept``: per query, those points and their distances (``_closest``), kept
+    between calls on the same points (the forward's and the backward's rates share them)."""
+    kept = {} if kept is None else kept
+    new = [at for at in dict.fromkeys(ats) if at not in kept]
+    logs = [_logs(at) for at in new]
     if len(points) <= 8:
-        return [_weighted(at, points, values) for at in logs]
-    out = []
-    for start in range(0, len(logs), 256):  # (rows, points, 4) differences: a few MiB at a time
+        kept.update((at, _closest(lg, points, range(len(points)))) for at, lg in zip(new, logs, strict=True))
+    for start in range(0, len(logs) if len(points) > 8 else 0, 256):  # (rows, points, 4): a few MiB
         chunk = np.array(logs[start : start + 256])
         far = np.sqrt(((points[None] - chunk[:, None]) ** 2).sum(axis=2))
         near = far <= np.partition(far, 2, axis=1)[:, 2:3] * (1 + 1e-9) + 1e-12  # ties and rounding kept
-        for at, kept in zip(logs[start : start + 256], near, strict=True):
-            index = np.flatnonzero(kept).tolist()  # the kept points, in order, without a pass over all
-            out.append(_weighted(at, [points[i] for i in index], [values[i] for i in index]))
-    return out
+        for at, lg, close in zip(new[start : start + 256], logs[start : start + 256], near, strict=True):
+            kept[at] = _closest(lg, points, np.flatnonzero(close).tolist())  # in order, no pass over all
+    return [_weighted(kept[at], values) for at in ats]
 
 
-def _weighted(logs: list[float], points, values: list[float]) -> float:
-    """Inverse-distance weighting of the 3 of ``points`` nearest ``logs``."""
-    dist = heapq.nsmallest(3, ((math.dist(logs, p), value) for p, value in zip(points, values, strict=True)))
+def _closest(logs: list[float], points, index) -> list[tuple[float, int]]:
+    """(distance, index) of the ``points`` at ``index`` (in order) that ``_weighted`` may weigh: those
+    no farther than the third nearest (a calibration's grid has many points at one distance: the same
+    fan-in, channels and positions measured for several backends and kernels)."""
+    dist = [(math.dist(logs, points[i]), i) for i in index]
+    third = sorted(d for d, _ in dist)[min(2, len(dist) - 1)]
+    return [(d, i) for d, i in dist if d <= third]
+
+
+def _weighted(close: list[tuple[float, int]], values: list[float]) -> float:
+    """Inverse-distance weighting of the 3 points nearest a query, of its ``_closest`` (a nearer
+    distance first, then a smaller value, as the (distance, value) pairs sort)."""
+    dist = heapq.nsmallest(3, ((d, values[i]) for d, i in close))
     if dist[0][0] < 1e-9:
         return dist[0][1]
     weights = [1 / d**2 for d, _ in dist]

@@ -26,7 +26,9 @@ row along every dimension.
 
 from __future__ import annotations
 
+import bisect
 import math
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -58,27 +60,31 @@ def work_bound(split: Split, tables: list, grid: tuple, item: int, rates: Rates,
                memo: dict) -> float:  # fmt: skip
     """A lower bound of ``bound.pass_bound`` (so of the pass's prediction) from ``tables``
     (``bound.dim_tables`` of its layout), ``grad`` (``walk.grads`` of its diagonal's first row);
-    ``memo``: the rates' maxima, kept between calls (the search's ``shared``)."""
+    ``memo``: the rates' maxima and the nodes' facts, kept between calls (the search's ``shared``).
+
+    Each node's numbers are two (every tile, every tile but the last): Python floats, whose
+    operations round as numpy's float64 do, without numpy's cost per call on two entries."""
     columns = tables[0].columns
     every = np.prod([t.counts @ t.lengths for t in tables], axis=0).astype(np.float64)
     last = np.prod([t.lengths[t.last] for t in tables], axis=0).astype(np.float64)
     least = np.prod([t.lengths.min(axis=0) for t in tables], axis=0)
     most = np.prod([t.lengths.max(axis=0) for t in tables], axis=0)
-    positions = np.stack([every, every - last])  # (every tile, every tile but the last) x columns
+    at = _At((every.tolist(), (every - last).tolist()), (least.tolist(), most.tolist()), item, rates, memo)
     tiles = math.prod(grid)
-    counts = np.array([tiles, tiles - 1], dtype=np.float64)
-    fwd, bwd, works = np.zeros(2), 0.0, 0
-    for node in list(grad)[1:]:  # the image first: it has no step
-        f, b, w = _node(split, node, positions, (least, most), columns, counts, item, rates, grad, memo)
-        fwd, works = fwd + f, works + w
-        bwd += b if training and grad[node] else 0.0
+    woken = (float(tiles) * rates.wake_s, float(tiles - 1) * rates.wake_s)
+    fwd0 = fwd1 = bwd = 0.0
+    works = 0
+    for node, fact in zip(list(grad)[1:], _node_facts(memo, split, list(grad)[1:], columns), strict=True):
+        (f0, f1), b, w = _node(split, node, fact, at, woken, grad)  # the image first: it has no step
+        fwd0, fwd1, works = fwd0 + f0, fwd1 + f1, works + w
+        bwd += b + float(tiles) * _gradient_sum_s(split, node, rates) if training and grad[node] else 0.0
     nodes, grad_node_s = len(grad) - 1, rates.train_node_s / 2
     ops = tiles * works  # as ``bound.pass_bound``'s phases
-    phases = [(fwd[0], tiles * nodes * rates.node_s + ops * rates.host_op_s
+    phases = [(fwd0, tiles * nodes * rates.node_s + ops * rates.host_op_s
                + nodes * (grad_node_s - rates.node_s) * training)]  # fmt: skip
     if training:
         phases += [
-            (fwd[1], (tiles - 1) * nodes * grad_node_s + (ops - works) * rates.host_op_s),
+            (fwd1, (tiles - 1) * nodes * grad_node_s + (ops - works) * rates.host_op_s),
             (bwd, tiles * nodes * grad_node_s + ops * rates.host_op_s),
         ]
     if rates.gpu:
@@ -86,83 +92,125 @@ def work_bound(split: Split, tables: list, grid: tuple, item: int, rates: Rates,
     return sum(device + host for device, host in phases)
 
 
-def _node(split: Split, node, positions, ranges, columns: dict, counts, item: int, rates: Rates, grad: dict,
-          memo: dict) -> tuple:  # fmt: skip
-    """(forward seconds over every tile and every tile but the last, backward seconds, 1 if it is
-    an op the host dispatches else 0) of ``node``, from below; ``ranges``: the least and most
-    positions of each column's box in a tile."""
-    op, (n, c) = split.ops[node], split.shapes[node][:2]
-    name, inplace, _ = _facts(split, node)
-    own = positions[:, columns[node, "box"]]
-    elems = n * c * own
-    ins = [(i, positions[:, columns[i, "box"]]) for i in op.inputs if (i, "box") in columns]
-    moved = (elems + sum((math.prod(split.shapes[i][:2]) * p for i, p in ins), np.zeros(2))) * item
-    tile_elems = tuple(n * c * int(r[columns[node, "box"]]) for r in ranges)  # in a tile: least, most
-    tile_bytes = tuple(
-        item * (e + sum(math.prod(split.shapes[i][:2]) * int(r[columns[i, "box"]]) for i, _ in ins))
-        for e, r in zip(tile_elems, ranges, strict=True)
-    )
-    woken = counts * rates.wake_s
-    if isinstance(op, (Conv, ConvTranspose)):
-        fwd = _conv_seconds(split, op, node, positions, ranges, columns, n, c, item, rates, memo)
-        times = 2 if grad_in(split, node, grad) else 1
-        args = (split, op, node, positions, ranges, columns, n, c, item, rates, memo)
-        bwd = times * _conv_seconds(*args, True)[0]
+class _At(NamedTuple):
+    """What a pass's nodes are bounded at: per column of the tables, its positions summed over
+    every tile and every tile but the last, its least and most positions in a tile."""
+
+    positions: tuple[list, list]
+    ranges: tuple[list, list]
+    item: int
+    rates: Rates
+    memo: dict
+
+
+class _Fact(NamedTuple):
+    """What ``_node`` reads of a node that the layout does not change (``_node_facts``)."""
+
+    kind: str  # "conv", "pool", "view" or a stream kind
+    box: int  # its box's column
+    positions: int  # the column of a convolution's positions (a transposed one's: its input's)
+    nc: int  # batch x channels
+    ins: tuple  # per spatial input: (its batch x channels, its column)
+    saves: bool  # a stream op saves for its backward
+
+
+def _node_facts(memo: dict, split: Split, nodes: list, columns: dict) -> list[_Fact]:
+    """The ``_Fact`` of each of ``nodes``, kept per split (the search bounds its passes per candidate)."""
+    key = ("work facts", id(split))
+    found = memo.get(key)
+    if found is not None and found[0] is split and found[1] == nodes and found[2] == columns:
+        return found[3]
+    facts = []
+    for node in nodes:
+        op, (n, c) = split.ops[node], split.shapes[node][:2]
+        name, inplace, _ = _facts(split, node)
+        ins = tuple((math.prod(split.shapes[i][:2]), columns[i, "box"]) for i in op.inputs
+                    if (i, "box") in columns)  # fmt: skip
+        saves = name in _SAVE_OUTPUT or (name not in _SAVE_NOTHING and not isinstance(op, (Pad, Resample)))
+        if isinstance(op, (Conv, ConvTranspose)):
+            kind = "conv"
+        elif isinstance(op, Pool):
+            kind = "pool"
+        elif (name in _VIEWS or isinstance(op, (Slice, Pad))) and not inplace:  # nothing copied: Pad a view
+            kind = "view"
+        else:
+            kind = _stream_kind(op, name)
+        box = columns[node, "box"]
+        positions = columns[node, "input"] if isinstance(op, ConvTranspose) else box
+        facts.append(_Fact(kind, box, positions, n * c, ins, saves))
+    memo[key] = (split, nodes, dict(columns), facts)  # the split is kept: its id is not reused
+    return facts
+
+
+def _node(split: Split, node, fact: _Fact, at: _At, woken: tuple, grad: dict) -> tuple:
+    """((forward seconds over every tile, over every tile but the last), backward seconds without the
+    parameters' gradient sums, 1 if it is an op the host dispatches else 0) of ``node``, from below."""
+    if fact.kind == "view":
+        return (0.0, 0.0), 0.0, 0
+    (p0, p1), (lo, hi), item, rates, memo = at
+    elems = (fact.nc * p0[fact.box], fact.nc * p1[fact.box])
+    tile_elems = (fact.nc * lo[fact.box], fact.nc * hi[fact.box])  # in a tile: least, most
+    acc0 = acc1 = 0.0  # the inputs' positions (floats, summed in order) and their least and most (ints)
+    in_lo = in_hi = 0
+    for nc, col in fact.ins:
+        acc0, acc1 = acc0 + nc * p0[col], acc1 + nc * p1[col]
+        in_lo, in_hi = in_lo + nc * lo[col], in_hi + nc * hi[col]
+    moved = ((elems[0] + acc0) * item, (elems[1] + acc1) * item)
+    tile_bytes = (item * (tile_elems[0] + in_lo), item * (tile_elems[1] + in_hi))
+    if fact.kind == "conv":
+        op = split.ops[node]
+        f0, f1 = _conv_seconds(split, op, node, at, fact)
+        bwd = (2 if grad_in(split, node, grad) else 1) * _conv_seconds(split, op, node, at, fact, True)[0]
         bwd += woken[0] if not isinstance(op, ConvTranspose) else 0.0  # (an empty input box: no work)
-        return fwd + woken, bwd + _grads_s(split, node, rates, counts), 1
-    if isinstance(op, Pool):
-        k = math.prod(op.kernel)
-        window, windows = elems * k, tuple(k * e for e in tile_elems)
+        return (f0 + woken[0], f1 + woken[1]), bwd, 1
+    if fact.kind == "pool":
+        k = math.prod(split.ops[node].kernel)
+        window, windows = (elems[0] * k, elems[1] * k), tuple(k * e for e in tile_elems)
         twice = tuple(2 * b for b in tile_bytes)
-        fwd = np.maximum(window / _most(memo, rates, "pool", False, windows),
-                         moved / _most(memo, rates, "unary", False, tile_bytes))  # fmt: skip
+        pool = _most(memo, rates, "pool", False, windows)
+        unary = _most(memo, rates, "unary", False, tile_bytes)
+        fwd = tuple(max(w / pool, m / unary) + wake for w, m, wake in zip(window, moved, woken, strict=True))
         bwd = max(window[0] / _most(memo, rates, "pool", True, windows),
                   2 * moved[0] / _most(memo, rates, "unary", False, twice))  # fmt: skip
-        return fwd + woken, bwd + woken[0] + _grads_s(split, node, rates, counts), 1
-    view = (name in _VIEWS or isinstance(op, (Slice, Pad))) and not inplace  # nothing copied: Pad a view
-    if view:
-        return np.zeros(2), _grads_s(split, node, rates, counts), 0
-    kind = _stream_kind(op, name)
-    saves = name in _SAVE_OUTPUT or (name not in _SAVE_NOTHING and not isinstance(op, (Pad, Resample)))
+        return fwd, bwd + woken[0], 1
     large = tile_elems[0] >= PARALLEL_ELEMENTS  # woken in every tile
-    fwd = moved / _most(memo, rates, kind, False, tile_bytes) + (woken if large else 0.0)
+    rate = _most(memo, rates, fact.kind, False, tile_bytes)
+    fwd = (moved[0] / rate + (woken[0] if large else 0.0), moved[1] / rate + (woken[1] if large else 0.0))
     bwd = 0.0
-    if saves:
+    if fact.saves:
         saved = tuple(3 * e * item for e in tile_elems)
-        bwd = 3 * elems[0] * item / _most(memo, rates, kind, True, saved) + (woken[0] if large else 0.0)
-    return fwd, bwd + _grads_s(split, node, rates, counts), 1
+        bwd = 3 * elems[0] * item / _most(memo, rates, fact.kind, True, saved) + (woken[0] if large else 0.0)
+    return fwd, bwd, 1
 
 
-def _grads_s(split: Split, node, rates: Rates, counts) -> float:
-    """Every tile's backward adds the node's parameter gradients into the run's sums."""
-    return float(counts[0]) * _gradient_sum_s(split, node, rates)
-
-
-def _conv_seconds(split: Split, op, node, positions, ranges, columns: dict, n: int, c: int, item: int,
-                  rates: Rates, memo: dict, backward: bool = False) -> np.ndarray:  # fmt: skip
-    """A convolution's seconds (``steps._conv_steps``) over the positions, from below."""
+def _conv_seconds(split: Split, op, node, at: _At, fact: _Fact, backward: bool = False) -> tuple:
+    """A convolution's seconds (``steps._conv_steps``) over every tile and every tile but the last,
+    from below."""
+    (p0, p1), (lo, hi), item, rates, memo = at
+    n, c = split.shapes[node][:2]
     nd, transposed, stride = split.nd, isinstance(op, ConvTranspose), max(op.step)
     cin = split.shapes[op.inputs[0]][1]
     kernel = math.prod(op.kernel)
-    column = columns[node, "input" if transposed else "box"]
-    at = n * positions[:, column]
+    column = fact.positions
+    positions = (n * p0[column], n * p1[column])
     if transposed:
         fan_in = cin * kernel
-        flops = 2 * at * fan_in * c / op.groups
+        flops = tuple(2 * a * fan_in * c / op.groups for a in positions)
     else:
         fan_in = op.cin_per_group * kernel
-        flops = 2 * at * fan_in * c
-    reach = (n * int(ranges[0][column]), n * int(ranges[1][column]))
+        flops = tuple(2 * a * fan_in * c for a in positions)
+    reach = (n * lo[column], n * hi[column])
     cq = cin // (1 if transposed else op.groups)
     query = (nd, cq, c, kernel, stride, fan_in, transposed, backward)
     rate = _conv_rate_max(memo, rates, *query, reach)
-    seconds = flops / rate
+    seconds = tuple(f / rate for f in flops)
     if rates.gpu and rates.peak > 1.01 * rates.device.peak("fp32") and not rates.channels_last:
         # ``rates.gpu_conv_rate``: cuDNN's transposes to NHWC and back, at the stream peak
         scale = stride**nd  # the other operand's positions per position
         per = 2 * item * (cq * (1 if transposed else scale) + c * (scale if transposed else 1))
         most = per * reach[1]  # the stream rate grows with the size: at most the largest tile's
-        seconds = seconds + per * at / _most(memo, rates, "copy", False, (most, most))
+        copy = _most(memo, rates, "copy", False, (most, most))
+        seconds = tuple(s + per * a / copy for s, a in zip(seconds, positions, strict=True))
     return seconds
 
 
@@ -171,7 +219,18 @@ def _conv_rate_max(
     transposed: bool, backward: bool, reach: tuple[int, int],
 ) -> float:  # fmt: skip
     """The largest flops/s ``rates.conv`` gives this convolution at positions within ``reach``
-    (least, most), any backend."""
+    (least, most), any backend; kept per query (the passes of a candidate share most shapes)."""
+    query = (nd, cin, cout, kernel, stride, fan_in, transposed, backward, reach)
+    if ("conv at", query) not in memo:
+        memo["conv at", query] = _conv_rate_most(memo, rates, *query)
+    return memo["conv at", query]
+
+
+def _conv_rate_most(
+    memo: dict, rates: Rates, nd: int, cin: int, cout: int, kernel: int, stride: int, fan_in: int,
+    transposed: bool, backward: bool, reach: tuple[int, int],
+) -> float:  # fmt: skip
+    """``_conv_rate_max``, found."""
     if rates.gpu:  # ``rates.gpu_conv_rate``: its quantization is at most 1
         tensor_cores = rates.peak > 1.01 * rates.device.peak("fp32")
         rate = rates.peak * GPU_CONV_EFFICIENCY * fan_in / (fan_in + (32 if tensor_cores else 8))
@@ -216,9 +275,9 @@ def _span(values: list, least, most) -> tuple[int, int]:
 
 
 def _corners(values: list, q) -> list:
-    """The grid values ``rates._table_rate`` weighs for a query ``q`` on one axis (sorted values)."""
-    below = sum(v <= q for v in values)
-    above = sum(v < q for v in values)
+    """The grid values ``rates._table_rate`` weighs for a query ``q`` on one axis (sorted values:
+    bisected, as ``_table_rate`` does)."""
+    below, above = bisect.bisect_right(values, q), bisect.bisect_left(values, q)
     lo = values[below - 1] if below else values[0]
     hi = values[above] if above < len(values) else values[-1]
     return [lo] if hi <= lo else [lo, hi]
@@ -228,7 +287,16 @@ def _most(memo: dict, rates: Rates, kind: str, backward: bool, reach: tuple) -> 
     """The largest rate ``rates`` gives an op of ``kind`` ("pool": window elements/s, else a stream's
     bytes/s, a norm's plain or strided) at sizes within ``reach`` (least, most). A CPU's rates
     interpolate between their table's points (piecewise linear in log size, constant beyond): at
-    most the largest point of the segments ``reach`` spans; a GPU's stream rate grows with the size."""
+    most the largest point of the segments ``reach`` spans; a GPU's stream rate grows with the size.
+    Kept per query."""
+    asked = ("most at", kind, backward, reach)
+    if asked not in memo:
+        memo[asked] = _most_found(memo, rates, kind, backward, reach)
+    return memo[asked]
+
+
+def _most_found(memo: dict, rates: Rates, kind: str, backward: bool, reach: tuple) -> float:
+    """``_most``, found."""
     if rates.gpu or rates.ops is None:
         if kind == "pool":
             return math.inf
