@@ -29,6 +29,7 @@ from bigpicture.engine.split import Split
 from bigpicture.perf.grid import ClassGrid
 from bigpicture.perf.rates import Rates
 from bigpicture.perf.resident import class_resident
+from bigpicture.perf.step_batch import steps_many
 from bigpicture.perf.steps import Rows, padded_bounds, row, steps_of
 from bigpicture.perf.walk import (
     TileWalk,
@@ -40,6 +41,8 @@ from bigpicture.perf.walk import (
     row_peaks,
     walk,
 )
+
+BATCH = True  # every pass's steps of a node asked at once (``aggregate_passes``); False: pass by pass
 
 
 def aggregate(
@@ -53,21 +56,55 @@ def aggregate(
     memo: dict,
 ) -> TileWalk:
     """The grid's tiles summed (times, work, nodes) with the largest tile's peaks."""
+    return aggregate_passes([(split, cg, input_copy, memo)], dtype, rates, training, input_grad)[0]
+
+
+def aggregate_passes(
+    passes: list[tuple], dtype: torch.dtype, rates: Rates, training: bool, input_grad: bool
+) -> list[TileWalk]:
+    """``aggregate`` of each pass (split, class grid, input copied, memo). A node's steps in every
+    pass are asked at once (``step_batch.steps_many``): a squeeze-and-excitation network's passes
+    repeat most nodes, each on rows of its own."""
     item = torch.empty((), dtype=dtype).element_size()
+    prepared = [_prepare(split, cg, item, rates, input_grad, copy) for split, cg, copy, _ in passes]
+    calls = [(p[0].split, node, rows, g) for p in prepared if p for node, (rows, g, _, _) in p[2].items()]
+    if BATCH:
+        found = iter(steps_many(calls, item, rates))
+    else:
+        found = (steps_of(s, node, rows, item, rates, g) for s, node, rows, g in calls)
+    out = []
+    for (split, cg, copy, memo), p in zip(passes, prepared, strict=True):
+        if p is None:  # not separable: each class walked
+            out.append(TileWalk())
+            for c in cg.listed:
+                one = walk(split, c.need, c.writes, dtype, rates, training, input_grad, copy, memo)
+                out[-1].add(one, c.count)
+        else:
+            steps = {node: (next(found), tiles, index) for node, (_, _, tiles, index) in p[2].items()}
+            out.append(_summed(cg, *p[:2], steps, item, rates, training, copy))
+    return out
+
+
+def _prepare(split: Split, cg: ClassGrid, item: int, rates: Rates, input_grad: bool, input_copy: bool):
+    """(grid, grads, per node (rows, grad_in, tiles, class index): ``_node_combos`` without the
+    steps) of a separable class grid, or None."""
     if not cg.separable:
-        total = TileWalk()
-        for c in cg.listed:
-            total.add(
-                walk(split, c.need, c.writes, dtype, rates, training, input_grad, input_copy, memo), c.count
-            )
-        return total
+        return None
     grid = _Grid(split, cg)
     grad = grads(split, grid.row(0)[1], input_grad)
-    total, steps = TileWalk(), {}
+    combos = {}
     for node in list(grad)[1:]:  # the image first: it has no step
-        st, tiles, index = _node_combos(
-            split, grid, node, grad_in(split, node, grad), input_copy, item, rates
-        )
+        rows, tiles, index = _node_rows(split, grid, node, input_copy, rates)
+        combos[node] = rows, grad_in(split, node, grad), tiles, index
+    return grid, grad, combos
+
+
+def _summed(cg: ClassGrid, grid, grad: dict, combos: dict, item: int, rates: Rates, training: bool,
+            input_copy: bool) -> TileWalk:  # fmt: skip
+    """``aggregate`` of a separable grid from each node's (steps, tiles, class index)."""
+    split = grid.split
+    total, steps = TileWalk(), {}
+    for node, (st, tiles, index) in combos.items():
         total.add_steps(st, tiles, training and grad[node])
         steps[node] = st, index
     if training:
@@ -147,9 +184,9 @@ class _Grid:
         return tiles, numels
 
 
-def _node_combos(split, grid: _Grid, node, grad_in: bool, input_copy: bool, item, rates):
-    """The distinct steps of ``node`` over the grid (a ``Step`` on arrays, ``steps.steps_of``),
-    the tiles that run each, and per class (row-major) the index of its step.
+def _node_rows(split, grid: _Grid, node, input_copy: bool, rates):
+    """The rows of ``node``'s distinct steps over the grid (``steps.steps_of`` builds them on
+    arrays), the tiles that run each, and per class (row-major) the index of its step.
 
     A step's cost depends on its geometry only through products over dimensions (positions of
     its box, of its inputs' boxes, of its padded input, of a transposed convolution's input) and
@@ -191,12 +228,11 @@ def _node_combos(split, grid: _Grid, node, grad_in: bool, input_copy: bool, item
         out[first, 0],
         copied[first, 0],
     )
-    st = steps_of(split, node, rows, item, rates, grad_in)
     # the combination of each class, numbered row-major, then its step
     index = inverse.reshape(-1)[
         grid.mesh([f[0] * math.prod(counts[d + 1 :]) for d, f in enumerate(per_dim)], np.add)
     ]
-    return st, np.rint(tiles).astype(np.int64), index
+    return rows, np.rint(tiles).astype(np.int64), index
 
 
 def _last(cg: ClassGrid, steps: dict, grad: dict) -> TileWalk:
