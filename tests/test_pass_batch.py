@@ -3,7 +3,8 @@ what each pass predicted on its own (``predict._predict_pass``, each node's step
 field of the ``Prediction``, bit for bit, over named networks and random squeeze-and-excitation ones.
 
 The reference is ``predict_splits`` as it was: the passes predicted one after the other, each asking
-``steps.steps_of`` node by node (``classes.BATCH = False``), then combined.
+``steps.steps_of`` node by node (``classes.BATCH = False``), each node's combinations on arrays
+(``classes.SMALL_TABLE = 0``: ``classes._combos``, not the small grids' ``_small_combos``), then combined.
 """
 
 from __future__ import annotations
@@ -71,6 +72,7 @@ def assert_batched_as_per_pass(splits, shape, tiles, setting: str, monkeypatch, 
         for tile in tiles:
             with monkeypatch.context() as old:
                 old.setattr(classes, "BATCH", False)
+                old.setattr(classes, "SMALL_TABLE", 0)  # every node's combinations on arrays
                 old.setattr(steps, "MEMO", False)
                 want = per_pass(splits, shape, dtype, tile, device, training, input_grad, _shared(setting))
             for shared in (planner, _shared(setting)):
@@ -212,3 +214,34 @@ def test_steps_many_equal_steps_of_each(setting, memo, monkeypatch):
         for f in steps._FIELDS:
             a, b = getattr(one, f), getattr(want, f)
             assert a.dtype == b.dtype and np.array_equal(a, b), (node, f)
+
+
+# -- a node's combinations on Python numbers (a small grid) or on arrays --------------------------
+
+
+@st.composite
+def node_geometries(draw):
+    """``_node_rows``' per-dimension features and lengths: few distinct values, so rows repeat."""
+    nd, boxes = draw(st.integers(1, 3)), ["node", *range(draw(st.integers(0, 2)))]
+    per_dim, lengths = [], []
+    for _ in range(nd):
+        count = draw(st.integers(1, 4))
+        flags = [(None, draw(st.booleans()), draw(st.booleans()), 0) for _ in range(count)]
+        tiles = draw(st.lists(st.integers(1, 10**4), min_size=count, max_size=count))  # sums exact in float64
+        per_dim.append((tuple(range(count)), list(range(count)), tiles, flags))
+        lengths.append([draw(st.lists(st.integers(0, 3), min_size=len(boxes) + 2, max_size=len(boxes) + 2))
+                        for _ in range(count)])  # fmt: skip
+    return per_dim, lengths, boxes, draw(st.booleans())
+
+
+@settings(max_examples=300, deadline=None, derandomize=True, database=None)
+@given(node_geometries())
+def test_small_combinations_equal_those_on_arrays(geometry):
+    got, want = classes._small_combos(*geometry), classes._combos(*geometry)
+    for a, b in zip(
+        (*got[0].__dict__.values(), *got[1:]), (*want[0].__dict__.values(), *want[1:]), strict=True
+    ):
+        if isinstance(a, tuple):  # the inputs' (node, positions)
+            assert [i for i, _ in a] == [i for i, _ in b]
+            a, b = np.stack([n for _, n in a]) if a else a, np.stack([n for _, n in b]) if b else b
+        assert np.asarray(a).dtype == np.asarray(b).dtype and np.array_equal(a, b), geometry

@@ -17,7 +17,9 @@ per dimension has 8,000 classes. Walking each would take minutes; instead:
 from __future__ import annotations
 
 import functools
+import itertools
 import math
+import operator
 
 import numpy as np
 import torch
@@ -86,8 +88,8 @@ def aggregate_passes(
 
 
 def _prepare(split: Split, cg: ClassGrid, item: int, rates: Rates, input_grad: bool, input_copy: bool):
-    """(grid, grads, per node (rows, grad_in, tiles, class index): ``_node_combos`` without the
-    steps) of a separable class grid, or None."""
+    """(grid, grads, per node (rows, grad_in, tiles, class index): ``_node_rows``) of a separable
+    class grid, or None."""
     if not cg.separable:
         return None
     grid = _Grid(split, cg)
@@ -132,6 +134,7 @@ class _Grid:
         self.counts = [np.array([n for n, _ in kinds], dtype=np.int64) for kinds in cg.per_dim]
         self._counts = [c.tolist() for c in self.counts]
         self._geometries: dict = {}  # per input copied or not: ``geometry_features``'s rows
+        self._combinations: dict = {}  # ``combinations`` by the features' ids
         self.shape = tuple(len(r) for r in self.reps)
 
     def features(self, feature) -> list[tuple[np.ndarray, list, list, list]]:
@@ -159,8 +162,18 @@ class _Grid:
                     firsts.append(j), tiles.append(0)
                 tiles[f] += n
                 index.append(f)
-            out.append((np.array(index, dtype=np.int64), firsts, tiles, list(ids)))
+            out.append((tuple(index), firsts, tiles, list(ids)))
         return out
+
+    def combinations(self, per_dim: list[tuple]) -> np.ndarray:
+        """Per class (row-major), the number of its combination of per-dimension features (numbered
+        row-major too), from ``features``' ids; nodes share few partitions of the kinds: cached."""
+        key = tuple(f[0] for f in per_dim)
+        if key not in self._combinations:
+            counts = [len(f[1]) for f in per_dim]
+            ids = [np.array(f[0], dtype=np.int64) * math.prod(counts[d + 1 :]) for d, f in enumerate(per_dim)]
+            self._combinations[key] = self.mesh(ids, np.add)
+        return self._combinations[key]
 
     def mesh(self, per_dim: list[np.ndarray], combine=np.multiply) -> np.ndarray:
         """Per class (the grid's kinds, row-major), the per-dimension values combined (a product)."""
@@ -196,23 +209,28 @@ def _node_rows(split, grid: _Grid, node, input_copy: bool, rates):
     permutation of dimensions share a step. A CPU convolution also depends on the shape of its
     input (torch picks its kernel by shape: ``steps._backend``), which the key then holds too.
     """
-
     per_dim = grid.geometry_features(node, input_copy)
     op = split.ops[node]
     boxes = [node, *(i for i in op.inputs if i in grid.row(0)[1])]
-    lengths, outside, differ = [], [], []  # per dimension, per distinct geometry along it
-    for d, (_, firsts, _, values) in enumerate(per_dim):
-        rows = [grid.row(j)[1] for j in firsts]
-        lengths.append(np.array([_lengths(op, boxes, r, d) for r in rows], dtype=np.int64))
-        outside.append(np.array([v[1] for v in values]))
-        differ.append(np.array([v[2] for v in values]))
+    # per dimension, per distinct geometry along it: the lengths (``_lengths``), outside, differ
+    lengths = [[_lengths(op, boxes, grid.row(j)[1], d) for j in f[1]] for d, f in enumerate(per_dim)]
+    shaped = not rates.gpu and rates.measured and isinstance(op, (Conv, ConvTranspose))
+    small = math.prod(len(f[1]) for f in per_dim) <= SMALL_TABLE
+    rows, tiles, inverse = (_small_combos if small else _combos)(per_dim, lengths, boxes, shaped)
+    return rows, tiles, inverse[grid.combinations(per_dim)]
+
+
+def _combos(per_dim: list, lengths: list, boxes: list, shaped: bool) -> tuple[Rows, np.ndarray, np.ndarray]:
+    """(rows, tiles, the distinct row of each combination) of ``_node_rows``, on arrays over every
+    combination of the per-dimension geometries (a 3D grid's tens of thousands). ``shaped``: the
+    key holds the input's shape (a CPU convolution's)."""
+    lengths = [np.array(x, dtype=np.int64) for x in lengths]
     numels = _outer(lengths, np.multiply)  # (combinations, quantities)
-    out = _outer(outside, np.logical_or)[:, None]
-    copied = out | _outer(differ, np.logical_or)[:, None]
+    out = _outer([np.array([v[1] for v in f[3]]) for f in per_dim], np.logical_or)[:, None]
+    copied = out | _outer([np.array([v[2] for v in f[3]]) for f in per_dim], np.logical_or)[:, None]
     columns = [numels, out, copied]
-    counts = [len(f[1]) for f in per_dim]
-    picks = np.unravel_index(np.arange(len(numels)), counts)
-    if not rates.gpu and rates.measured and isinstance(op, (Conv, ConvTranspose)):
+    picks = np.unravel_index(np.arange(len(numels)), [len(f[1]) for f in per_dim])
+    if shaped:
         columns.append(np.concatenate([x[p][:, -2:] for x, p in zip(lengths, picks, strict=True)], 1))
     table = np.concatenate([c.astype(np.int64) for c in columns], 1)
     first, inverse = _unique_rows(table)
@@ -228,11 +246,48 @@ def _node_rows(split, grid: _Grid, node, input_copy: bool, rates):
         out[first, 0],
         copied[first, 0],
     )
-    # the combination of each class, numbered row-major, then its step
-    index = inverse.reshape(-1)[
-        grid.mesh([f[0] * math.prod(counts[d + 1 :]) for d, f in enumerate(per_dim)], np.add)
-    ]
-    return rows, np.rint(tiles).astype(np.int64), index
+    return rows, np.rint(tiles).astype(np.int64), inverse.reshape(-1)
+
+
+def _small_combos(
+    per_dim: list, lengths: list, boxes: list, shaped: bool
+) -> tuple[Rows, np.ndarray, np.ndarray]:
+    """``_combos`` of a few dozen combinations on Python numbers: numpy's cost per call is most of
+    it there (a squeeze-and-excitation network's 25,000 nodes and passes, 9 combinations each). The
+    same numbers: products and sums of Python ints are exact, as the int64 ones and the float64 tile
+    counts (integers below 2^53) are; rows as tuples sort as the int64 table's rows do."""
+    seen: dict = {}  # distinct row -> [its first combination, the tiles that run it]
+    order = []  # each combination's row
+    per_feature = [
+        [(k, tuple(x[k]), bool(f[3][k][1]), bool(f[3][k][1] or f[3][k][2]), f[2][k]) for k in range(len(x))]
+        for f, x in zip(per_dim, lengths, strict=True)
+    ]  # per dimension and feature: (its id, lengths, outside, copied, tiles)
+    for combo in itertools.product(*per_feature):
+        numel, out, copied, tiles = combo[0][1], combo[0][2], combo[0][3], combo[0][4]
+        for _, x, o, c, t in combo[1:]:
+            numel, out, copied, tiles = tuple(map(operator.mul, numel, x)), out or o, copied or c, tiles * t
+        key = (*numel, out, copied)
+        key += tuple(v for g in combo for v in g[1][-2:]) if shaped else ()
+        entry = seen.get(key)
+        if entry is None:
+            seen[key] = [tuple(g[0] for g in combo), tiles]
+        else:
+            entry[1] += tiles
+        order.append(key)
+    distinct = sorted(seen)
+    rank = {key: u for u, key in enumerate(distinct)}
+    q = len(boxes) + 2  # the row's quantities (``_lengths``), then its flags
+    firsts = [[x[f] for x, f in zip(lengths, seen[key][0], strict=True)] for key in distinct]
+    rows = Rows(
+        np.array([key[0] for key in distinct], dtype=np.int64),
+        tuple((i, np.array([key[k] for key in distinct], dtype=np.int64)) for k, i in enumerate(boxes) if k),
+        np.array([[x[-2] for x in picked] for picked in firsts], dtype=np.int64).reshape(len(distinct), -1),
+        np.array([[x[-1] for x in picked] for picked in firsts], dtype=np.int64).reshape(len(distinct), -1),
+        np.array([bool(key[q]) for key in distinct]),
+        np.array([bool(key[q + 1]) for key in distinct]),
+    )
+    tiles = np.array([seen[key][1] for key in distinct], dtype=np.int64)
+    return rows, tiles, np.array([rank[key] for key in order], dtype=np.int64)
 
 
 def _last(cg: ClassGrid, steps: dict, grad: dict) -> TileWalk:
