@@ -36,7 +36,7 @@ class Rows:
         """The rows as a key (``StepMemo``): the arrays' dtypes and shapes, and their bytes in one."""
         arrays = (self.numel, *(n for _, n in self.inputs), self.padded, self.extra, self.outside)
         arrays += (self.copied,)
-        return tuple((a.dtype.char, a.shape) for a in arrays), b"".join([a.tobytes() for a in arrays])
+        return tuple([(a.dtype.char, a.shape) for a in arrays]), b"".join([a.tobytes() for a in arrays])
 
 
 def join_rows(rows: list[Rows]) -> Rows:

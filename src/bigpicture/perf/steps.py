@@ -135,7 +135,7 @@ def memo_context(split: Split, node, rows: Rows, item: int, rates: Rates, grad_i
     Of the flags, grad_in only a convolution's (its input gradient), least a normalisation's."""
     op, fused = split.ops[node], getattr(rates, "fused", False)
     conv, norm = isinstance(op, (Conv, ConvTranspose)), _facts(split, node)[0] in _NORM
-    return (node, op, split.shapes[node], tuple(i for i, _ in rows.inputs), item, conv and grad_in,
+    return (node, op, split.shapes[node], tuple([i for i, _ in rows.inputs]), item, conv and grad_in,
             norm and least, rates.wake_s, fused, split.sinks if fused else None)  # fmt: skip
 
 
