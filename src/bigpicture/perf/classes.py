@@ -17,7 +17,9 @@ per dimension has 8,000 classes. Walking each would take minutes; instead:
 from __future__ import annotations
 
 import functools
+import itertools
 import math
+import operator
 
 import numpy as np
 import torch
@@ -29,6 +31,7 @@ from bigpicture.engine.split import Split
 from bigpicture.perf.grid import ClassGrid
 from bigpicture.perf.rates import Rates
 from bigpicture.perf.resident import class_resident
+from bigpicture.perf.step_batch import steps_many
 from bigpicture.perf.steps import Rows, padded_bounds, row, steps_of
 from bigpicture.perf.walk import (
     TileWalk,
@@ -40,6 +43,8 @@ from bigpicture.perf.walk import (
     row_peaks,
     walk,
 )
+
+BATCH = True  # every pass's steps of a node asked at once (``aggregate_passes``); False: pass by pass
 
 
 def aggregate(
@@ -53,21 +58,55 @@ def aggregate(
     memo: dict,
 ) -> TileWalk:
     """The grid's tiles summed (times, work, nodes) with the largest tile's peaks."""
+    return aggregate_passes([(split, cg, input_copy, memo)], dtype, rates, training, input_grad)[0]
+
+
+def aggregate_passes(
+    passes: list[tuple], dtype: torch.dtype, rates: Rates, training: bool, input_grad: bool
+) -> list[TileWalk]:
+    """``aggregate`` of each pass (split, class grid, input copied, memo). A node's steps in every
+    pass are asked at once (``step_batch.steps_many``): a squeeze-and-excitation network's passes
+    repeat most nodes, each on rows of its own."""
     item = torch.empty((), dtype=dtype).element_size()
+    prepared = [_prepare(split, cg, item, rates, input_grad, copy) for split, cg, copy, _ in passes]
+    calls = [(p[0].split, node, rows, g) for p in prepared if p for node, (rows, g, _, _) in p[2].items()]
+    if BATCH:
+        found = iter(steps_many(calls, item, rates))
+    else:
+        found = (steps_of(s, node, rows, item, rates, g) for s, node, rows, g in calls)
+    out = []
+    for (split, cg, copy, memo), p in zip(passes, prepared, strict=True):
+        if p is None:  # not separable: each class walked
+            out.append(TileWalk())
+            for c in cg.listed:
+                one = walk(split, c.need, c.writes, dtype, rates, training, input_grad, copy, memo)
+                out[-1].add(one, c.count)
+        else:
+            steps = {node: (next(found), tiles, index) for node, (_, _, tiles, index) in p[2].items()}
+            out.append(_summed(cg, *p[:2], steps, item, rates, training, copy))
+    return out
+
+
+def _prepare(split: Split, cg: ClassGrid, item: int, rates: Rates, input_grad: bool, input_copy: bool):
+    """(grid, grads, per node (rows, grad_in, tiles, class index): ``_node_rows``) of a separable
+    class grid, or None."""
     if not cg.separable:
-        total = TileWalk()
-        for c in cg.listed:
-            total.add(
-                walk(split, c.need, c.writes, dtype, rates, training, input_grad, input_copy, memo), c.count
-            )
-        return total
+        return None
     grid = _Grid(split, cg)
     grad = grads(split, grid.row(0)[1], input_grad)
-    total, steps = TileWalk(), {}
+    combos = {}
     for node in list(grad)[1:]:  # the image first: it has no step
-        st, tiles, index = _node_combos(
-            split, grid, node, grad_in(split, node, grad), input_copy, item, rates
-        )
+        rows, tiles, index = _node_rows(split, grid, node, input_copy, rates)
+        combos[node] = rows, grad_in(split, node, grad), tiles, index
+    return grid, grad, combos
+
+
+def _summed(cg: ClassGrid, grid, grad: dict, combos: dict, item: int, rates: Rates, training: bool,
+            input_copy: bool) -> TileWalk:  # fmt: skip
+    """``aggregate`` of a separable grid from each node's (steps, tiles, class index)."""
+    split = grid.split
+    total, steps = TileWalk(), {}
+    for node, (st, tiles, index) in combos.items():
         total.add_steps(st, tiles, training and grad[node])
         steps[node] = st, index
     if training:
@@ -95,6 +134,7 @@ class _Grid:
         self.counts = [np.array([n for n, _ in kinds], dtype=np.int64) for kinds in cg.per_dim]
         self._counts = [c.tolist() for c in self.counts]
         self._geometries: dict = {}  # per input copied or not: ``geometry_features``'s rows
+        self._combinations: dict = {}  # ``combinations`` by the features' ids
         self.shape = tuple(len(r) for r in self.reps)
 
     def features(self, feature) -> list[tuple[np.ndarray, list, list, list]]:
@@ -122,8 +162,18 @@ class _Grid:
                     firsts.append(j), tiles.append(0)
                 tiles[f] += n
                 index.append(f)
-            out.append((np.array(index, dtype=np.int64), firsts, tiles, list(ids)))
+            out.append((tuple(index), firsts, tiles, list(ids)))
         return out
+
+    def combinations(self, per_dim: list[tuple]) -> np.ndarray:
+        """Per class (row-major), the number of its combination of per-dimension features (numbered
+        row-major too), from ``features``' ids; nodes share few partitions of the kinds: cached."""
+        key = tuple(f[0] for f in per_dim)
+        if key not in self._combinations:
+            counts = [len(f[1]) for f in per_dim]
+            ids = [np.array(f[0], dtype=np.int64) * math.prod(counts[d + 1 :]) for d, f in enumerate(per_dim)]
+            self._combinations[key] = self.mesh(ids, np.add)
+        return self._combinations[key]
 
     def mesh(self, per_dim: list[np.ndarray], combine=np.multiply) -> np.ndarray:
         """Per class (the grid's kinds, row-major), the per-dimension values combined (a product)."""
@@ -147,9 +197,9 @@ class _Grid:
         return tiles, numels
 
 
-def _node_combos(split, grid: _Grid, node, grad_in: bool, input_copy: bool, item, rates):
-    """The distinct steps of ``node`` over the grid (a ``Step`` on arrays, ``steps.steps_of``),
-    the tiles that run each, and per class (row-major) the index of its step.
+def _node_rows(split, grid: _Grid, node, input_copy: bool, rates):
+    """The rows of ``node``'s distinct steps over the grid (``steps.steps_of`` builds them on
+    arrays), the tiles that run each, and per class (row-major) the index of its step.
 
     A step's cost depends on its geometry only through products over dimensions (positions of
     its box, of its inputs' boxes, of its padded input, of a transposed convolution's input) and
@@ -159,23 +209,28 @@ def _node_combos(split, grid: _Grid, node, grad_in: bool, input_copy: bool, item
     permutation of dimensions share a step. A CPU convolution also depends on the shape of its
     input (torch picks its kernel by shape: ``steps._backend``), which the key then holds too.
     """
-
     per_dim = grid.geometry_features(node, input_copy)
     op = split.ops[node]
     boxes = [node, *(i for i in op.inputs if i in grid.row(0)[1])]
-    lengths, outside, differ = [], [], []  # per dimension, per distinct geometry along it
-    for d, (_, firsts, _, values) in enumerate(per_dim):
-        rows = [grid.row(j)[1] for j in firsts]
-        lengths.append(np.array([_lengths(op, boxes, r, d) for r in rows], dtype=np.int64))
-        outside.append(np.array([v[1] for v in values]))
-        differ.append(np.array([v[2] for v in values]))
+    # per dimension, per distinct geometry along it: the lengths (``_lengths``), outside, differ
+    lengths = [[_lengths(op, boxes, grid.row(j)[1], d) for j in f[1]] for d, f in enumerate(per_dim)]
+    shaped = not rates.gpu and rates.measured and isinstance(op, (Conv, ConvTranspose))
+    small = math.prod(len(f[1]) for f in per_dim) <= SMALL_TABLE
+    rows, tiles, inverse = (_small_combos if small else _combos)(per_dim, lengths, boxes, shaped)
+    return rows, tiles, inverse[grid.combinations(per_dim)]
+
+
+def _combos(per_dim: list, lengths: list, boxes: list, shaped: bool) -> tuple[Rows, np.ndarray, np.ndarray]:
+    """(rows, tiles, the distinct row of each combination) of ``_node_rows``, on arrays over every
+    combination of the per-dimension geometries (a 3D grid's tens of thousands). ``shaped``: the
+    key holds the input's shape (a CPU convolution's)."""
+    lengths = [np.array(x, dtype=np.int64) for x in lengths]
     numels = _outer(lengths, np.multiply)  # (combinations, quantities)
-    out = _outer(outside, np.logical_or)[:, None]
-    copied = out | _outer(differ, np.logical_or)[:, None]
+    out = _outer([np.array([v[1] for v in f[3]]) for f in per_dim], np.logical_or)[:, None]
+    copied = out | _outer([np.array([v[2] for v in f[3]]) for f in per_dim], np.logical_or)[:, None]
     columns = [numels, out, copied]
-    counts = [len(f[1]) for f in per_dim]
-    picks = np.unravel_index(np.arange(len(numels)), counts)
-    if not rates.gpu and rates.measured and isinstance(op, (Conv, ConvTranspose)):
+    picks = np.unravel_index(np.arange(len(numels)), [len(f[1]) for f in per_dim])
+    if shaped:
         columns.append(np.concatenate([x[p][:, -2:] for x, p in zip(lengths, picks, strict=True)], 1))
     table = np.concatenate([c.astype(np.int64) for c in columns], 1)
     first, inverse = _unique_rows(table)
@@ -191,12 +246,48 @@ def _node_combos(split, grid: _Grid, node, grad_in: bool, input_copy: bool, item
         out[first, 0],
         copied[first, 0],
     )
-    st = steps_of(split, node, rows, item, rates, grad_in)
-    # the combination of each class, numbered row-major, then its step
-    index = inverse.reshape(-1)[
-        grid.mesh([f[0] * math.prod(counts[d + 1 :]) for d, f in enumerate(per_dim)], np.add)
-    ]
-    return st, np.rint(tiles).astype(np.int64), index
+    return rows, np.rint(tiles).astype(np.int64), inverse.reshape(-1)
+
+
+def _small_combos(
+    per_dim: list, lengths: list, boxes: list, shaped: bool
+) -> tuple[Rows, np.ndarray, np.ndarray]:
+    """``_combos`` of a few dozen combinations on Python numbers: numpy's cost per call is most of
+    it there (a squeeze-and-excitation network's 25,000 nodes and passes, 9 combinations each). The
+    same numbers: products and sums of Python ints are exact, as the int64 ones and the float64 tile
+    counts (integers below 2^53) are; rows as tuples sort as the int64 table's rows do."""
+    seen: dict = {}  # distinct row -> [its first combination, the tiles that run it]
+    order = []  # each combination's row
+    per_feature = [
+        [(k, tuple(x[k]), bool(f[3][k][1]), bool(f[3][k][1] or f[3][k][2]), f[2][k]) for k in range(len(x))]
+        for f, x in zip(per_dim, lengths, strict=True)
+    ]  # per dimension and feature: (its id, lengths, outside, copied, tiles)
+    for combo in itertools.product(*per_feature):
+        numel, out, copied, tiles = combo[0][1], combo[0][2], combo[0][3], combo[0][4]
+        for _, x, o, c, t in combo[1:]:
+            numel, out, copied, tiles = tuple(map(operator.mul, numel, x)), out or o, copied or c, tiles * t
+        key = (*numel, out, copied)
+        key += tuple(v for g in combo for v in g[1][-2:]) if shaped else ()
+        entry = seen.get(key)
+        if entry is None:
+            seen[key] = [tuple(g[0] for g in combo), tiles]
+        else:
+            entry[1] += tiles
+        order.append(key)
+    distinct = sorted(seen)
+    rank = {key: u for u, key in enumerate(distinct)}
+    q = len(boxes) + 2  # the row's quantities (``_lengths``), then its flags
+    firsts = [[x[f] for x, f in zip(lengths, seen[key][0], strict=True)] for key in distinct]
+    rows = Rows(
+        np.array([key[0] for key in distinct], dtype=np.int64),
+        tuple((i, np.array([key[k] for key in distinct], dtype=np.int64)) for k, i in enumerate(boxes) if k),
+        np.array([[x[-2] for x in picked] for picked in firsts], dtype=np.int64).reshape(len(distinct), -1),
+        np.array([[x[-1] for x in picked] for picked in firsts], dtype=np.int64).reshape(len(distinct), -1),
+        np.array([bool(key[q]) for key in distinct]),
+        np.array([bool(key[q + 1]) for key in distinct]),
+    )
+    tiles = np.array([seen[key][1] for key in distinct], dtype=np.int64)
+    return rows, tiles, np.array([rank[key] for key in order], dtype=np.int64)
 
 
 def _last(cg: ClassGrid, steps: dict, grad: dict) -> TileWalk:

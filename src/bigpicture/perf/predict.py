@@ -47,10 +47,10 @@ from torch import fx, nn
 from bigpicture.engine.plan import Plan, requested_tiles, tile_of
 from bigpicture.engine.split import Split
 from bigpicture.engine.tiles import working_counts
-from bigpicture.perf.classes import aggregate
+from bigpicture.perf.classes import aggregate, aggregate_passes
 from bigpicture.perf.devices import Device, for_torch, get_device, load_calibration
 from bigpicture.perf.fusion import fused_rates
-from bigpicture.perf.grid import Layout, class_grid, layout
+from bigpicture.perf.grid import ClassGrid, Layout, class_grid, layout
 from bigpicture.perf.prediction import Prediction, Stage, _flops, _seconds, _size  # noqa: F401 (re-exported)
 from bigpicture.perf.rates import GPU_ASSUMPTIONS, Rates
 from bigpicture.perf.reads import read_seconds, with_reads  # noqa: F401 (re-exported)
@@ -142,11 +142,14 @@ def predict_splits(
     ``shared``: what predictions of other tiles for the same splits, device and dtype may reuse
     (the rates, the steps built, the untiled walk): the planner passes one dict for its candidates."""
     dev, rates, on_device, shared = _setting(device, dtype, input_on_device, shared)
+    grids = [class_grid(s, layout(s, input_shape, tile_of(tile, k))) for k, s in enumerate(splits)]
+    memos = [shared.setdefault(id(s), {}) for s in splits]
+    passes = [(s, g, _copied(on_device, g), m) for s, g, m in zip(splits, grids, memos, strict=True)]
+    totals = aggregate_passes(passes, dtype, rates, training, input_grad)  # every pass's steps at once
     parts = [
-        _predict_pass(s, input_shape, dtype, layout(s, input_shape, tile_of(tile, k)), dev, rates, training,
-                      input_grad, on_device, shared.setdefault(id(s), {}), _graph_memo(s, shared))
-        for k, s in enumerate(splits)
-    ]  # fmt: skip
+        _pass_prediction(s, dtype, g, dev, rates, training, input_grad, c, m, _graph_memo(s, shared), total)
+        for (s, g, c, m), total in zip(passes, totals, strict=True)
+    ]
     whole = parts[0] if len(parts) == 1 else _combine(parts)
     whole = with_stage_time(whole, splits[-1], dtype, rates, training)  # the untiled global stages
     return with_cuts(whole, splits, input_shape, tile, dtype, rates, training)  # stages cut into tiers
@@ -226,14 +229,36 @@ def _predict_pass(
     graph: dict | None = None,
 ) -> Prediction:
     """One pass's prediction; ``memo``: kept between its predictions, ``graph``: ``_graph_memo``'s."""
-    gpu, memo = dev.name != "cpu", {} if memo is None else memo
-    graph = memo if graph is None else graph
+    memo = {} if memo is None else memo
     classes = class_grid(split, lay)
-    tiles = classes.tiles
-    # execute.Runner.read_input copies each tile's read box (contiguous) even from an input that
-    # already lives on the device (``on_device``); one tile runs the model on the input itself
-    copy = not on_device or tiles > 1
+    copy = _copied(on_device, classes)
     total = aggregate(split, classes, dtype, rates, training, input_grad, copy, memo)
+    return _pass_prediction(split, dtype, classes, dev, rates, training, input_grad, copy, memo, graph, total)
+
+
+def _copied(on_device: bool, classes: ClassGrid) -> bool:
+    """Whether each tile's read box is copied: execute.Runner.read_input copies it (contiguous) even
+    from an input that already lives on the device (``on_device``); one tile runs the model on the
+    input itself."""
+    return not on_device or classes.tiles > 1
+
+
+def _pass_prediction(
+    split: Split,
+    dtype,
+    classes: ClassGrid,
+    dev: Device,
+    rates: Rates,
+    training: bool,
+    input_grad: bool,
+    copy: bool,
+    memo: dict,
+    graph: dict | None,
+    total: TileWalk,
+) -> Prediction:
+    """``_predict_pass`` from the grid's tiles summed (``classes.aggregate``): ``total``."""
+    gpu, graph = dev.name != "cpu", memo if graph is None else graph
+    tiles, lay = classes.tiles, classes.lay
     if "untiled" not in memo:  # the forward's flops over the whole image, for the halo overhead
         memo["untiled"] = untiled_flops(split, dtype, rates, graph.setdefault("untiled", {}))
     untiled = memo["untiled"]

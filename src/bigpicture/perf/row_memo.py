@@ -36,7 +36,18 @@ class Rows:
         """The rows as a key (``StepMemo``): the arrays' dtypes and shapes, and their bytes in one."""
         arrays = (self.numel, *(n for _, n in self.inputs), self.padded, self.extra, self.outside)
         arrays += (self.copied,)
-        return tuple((a.dtype.char, a.shape) for a in arrays), b"".join([a.tobytes() for a in arrays])
+        return tuple([(a.dtype.char, a.shape) for a in arrays]), b"".join([a.tobytes() for a in arrays])
+
+
+def join_rows(rows: list[Rows]) -> Rows:
+    """The rows of several ``Rows`` (of one node, alike in their inputs) as one: one ``steps_of``."""
+    if len(rows) == 1:
+        return rows[0]
+    inputs = tuple(
+        (i, np.concatenate([r.inputs[k][1] for r in rows])) for k, (i, _) in enumerate(rows[0].inputs)
+    )
+    fields = ("numel", "padded", "extra", "outside", "copied")
+    return Rows(**{f: np.concatenate([getattr(r, f) for r in rows]) for f in fields}, inputs=inputs)
 
 
 MAX_ROWS = 1 << 17  # rows kept over the steps (~150 bytes each with their key); past that, the oldest go
@@ -55,19 +66,38 @@ class StepMemo:
 
     def get(self, key, compute) -> dict:
         """The fields of the step of ``key``: ``compute()``'s, kept for the next time."""
-        packed = self.entries.get(key)
-        if packed is not None:
-            ints, floats, flags, kind = packed
-            out = dict(zip(_INTS, ints, strict=True)) | dict(zip(_FLOATS, floats, strict=True))
-            return out | dict(zip(_BOOLS, flags, strict=True)) | {"kind": kind}
+        found = self.find(key)
+        if found is not None:
+            return found
         fields = compute()
+        self.put(key, fields)
+        return fields
+
+    def find(self, key) -> dict | None:
+        """The fields kept for ``key`` (read-only views), or None."""
+        packed = self.entries.get(key)
+        if packed is None:
+            return None
+        ints, floats, flags, kind = packed
+        out = dict(zip(_INTS, ints, strict=True)) | dict(zip(_FLOATS, floats, strict=True))
+        return out | dict(zip(_BOOLS, flags, strict=True)) | {"kind": kind}
+
+    def put(self, key, fields: dict) -> None:
+        """Keep ``fields`` (copied, packed) for ``key``, the oldest dropped past ``MAX_ROWS`` rows."""
         packed = _pack(fields)
         if packed is not None:
             self.rows += len(packed[3])
             while self.entries and self.rows > MAX_ROWS:
                 self.rows -= len(self.entries.pop(next(iter(self.entries)))[3])
             self.entries[key] = packed
-        return fields
+
+
+def step_memo(rates) -> StepMemo:
+    """The memo of steps kept on ``rates`` (made on first use): its numbers are the steps'."""
+    memo = rates.__dict__.get("_steps")
+    if memo is None:
+        memo = rates.__dict__["_steps"] = StepMemo()
+    return memo
 
 
 def _pack(fields: dict) -> tuple | None:

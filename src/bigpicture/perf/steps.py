@@ -30,7 +30,7 @@ from bigpicture.engine.rules.window import AvgPool, Conv, MaxPool, NativePadding
 from bigpicture.engine.split import Split
 from bigpicture.perf.fusion import fuse
 from bigpicture.perf.rates import PARALLEL_ELEMENTS, Rates
-from bigpicture.perf.row_memo import Rows, StepMemo
+from bigpicture.perf.row_memo import Rows, step_memo
 from bigpicture.perf.step_rates import _backend, _per_byte, _rates
 
 # fmt: off
@@ -121,20 +121,22 @@ def steps_of(
     read back from a memo on ``rates`` (``row_memo.StepMemo``)."""
     if not MEMO:
         return _steps_of(split, node, rows, item, rates, grad_in, least)
-    memo = rates.__dict__.get("_steps")
-    if memo is None:
-        memo = rates.__dict__["_steps"] = StepMemo()
-    op, fused = split.ops[node], getattr(rates, "fused", False)
-    # what else a step reads: grad_in only a convolution's (its input gradient), least a normalisation's
-    conv, norm = isinstance(op, (Conv, ConvTranspose)), _facts(split, node)[0] in _NORM
-    key = (node, op, split.shapes[node], tuple(i for i, _ in rows.inputs), item, conv and grad_in,
-           norm and least, rates.wake_s, fused, split.sinks if fused else None, rows.key())  # fmt: skip
+    key = (memo_context(split, node, rows, item, rates, grad_in, least), rows.key())
 
     def compute() -> dict:
         st = _steps_of(split, node, rows, item, rates, grad_in, least)
         return {f: getattr(st, f) for f in _FIELDS}
 
-    return Step(node, tuple(op.inputs), **memo.get(key, compute))
+    return Step(node, tuple(split.ops[node].inputs), **step_memo(rates).get(key, compute))
+
+
+def memo_context(split: Split, node, rows: Rows, item: int, rates: Rates, grad_in: bool, least: bool):
+    """What ``node``'s steps depend on besides its rows' numbers: ``steps_of``'s memo key without them.
+    Of the flags, grad_in only a convolution's (its input gradient), least a normalisation's."""
+    op, fused = split.ops[node], getattr(rates, "fused", False)
+    conv, norm = isinstance(op, (Conv, ConvTranspose)), _facts(split, node)[0] in _NORM
+    return (node, op, split.shapes[node], tuple([i for i, _ in rows.inputs]), item, conv and grad_in,
+            norm and least, rates.wake_s, fused, split.sinks if fused else None)  # fmt: skip
 
 
 def _steps_of(
