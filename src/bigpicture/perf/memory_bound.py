@@ -57,6 +57,23 @@ def least_memories(
     return least
 
 
+def walked_peaks(splits: list[Split], walks: list, item: int, rates, training: bool) -> list[tuple[int, int]]:
+    """(inference peak, training peak) of the tile of each of ``walks`` ((pass, node boxes, write
+    boxes, whether it copies its input)), as ``walk.walk`` gives them: walked together, a node's
+    steps asked once over its rows in every pass (``_peaks``). ``rates``: byte-counting ones."""
+    groups: dict = {}
+    for i, (k, need, writes, copy) in enumerate(walks):
+        key = (k, copy, tuple((n, b.empty) for n, b in need.items()))
+        groups.setdefault(key, []).append((i, None, need, writes, None))
+    grouped = [(k, copy, group) for (k, copy, _), group in groups.items()]
+    out: list = [None] * len(walks)
+    for (*_, group), (peak, peak_train) in zip(grouped, _peaks(splits, grouped, item, rates, training),
+                                               strict=True):  # fmt: skip
+        for (i, *_), p, pt in zip(group, peak.tolist(), peak_train.tolist(), strict=True):
+            out[i] = (p, pt)
+    return out
+
+
 def _walks(s: Split, k: int, input_shape, tiles, on_device: bool, item: int) -> list:
     """The tiles pass ``k`` walks for the memory bounds of ``tiles``, grouped by the nodes they
     compute (non-empty boxes) and the input's copy: [(k, copy, [(tile, count, need, writes,

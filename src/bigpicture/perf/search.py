@@ -25,6 +25,7 @@ import math
 
 from bigpicture.errors import TilingError
 from bigpicture.perf.bound import time_bound
+from bigpicture.perf.least import memory_prediction
 from bigpicture.perf.memory_bound import least_memories
 from bigpicture.perf.predict import _setting, predict_splits
 from bigpicture.perf.walk import bytes_only
@@ -104,7 +105,9 @@ def least_prediction(splits, input_shape, dtype, dev, training, tried: list, bou
     Only their memory is asked, so they are predicted with byte-counting rates (``walk.bytes_only``,
     as the memory bounds are): the bytes are the same, and the seconds, which are not, are never
     read. On a grid where every tile differs (a 2,000 px receptive field at 2,048^3: 10^4 classes)
-    a CPU prediction's convolution rates cost a minute; its bytes seconds."""
+    a CPU prediction's convolution rates cost a minute; its bytes seconds. A pass whose peak one
+    tile provably holds is read off that tile's walk (``least.memory_prediction``): a
+    squeeze-and-excitation network's 34-51 passes then cost a walk each, not every class's."""
     least = min(tried, key=lambda p: p.memory, default=None)
     done = {p.tile for p in tried}
     memory_only = {"rates": bytes_only(_setting(dev, dtype, None, shared)[1])}  # the search's own rates
@@ -112,6 +115,6 @@ def least_prediction(splits, input_shape, dtype, dev, training, tried: list, bou
         if least is not None and bounds[tile] >= least.memory:
             break
         if tile not in done:
-            p = predict_splits(splits, input_shape, dtype, tile, dev, training, shared=memory_only)
+            p = memory_prediction(splits, input_shape, dtype, tile, dev, training, memory_only)
             least = p if least is None or p.memory < least.memory else least
     return least
