@@ -131,8 +131,7 @@ def steps_of(
 
 
 def memo_context(split: Split, node, rows: Rows, item: int, rates: Rates, grad_in: bool, least: bool):
-    """What ``node``'s steps depend on besides its rows' numbers: ``steps_of``'s memo key without them.
-    Of the flags, grad_in only a convolution's (its input gradient), least a normalisation's."""
+    """``steps_of``'s memo key without the rows' numbers (grad_in: a convolution's; least: a norm's)."""
     op, fused = split.ops[node], getattr(rates, "fused", False)
     conv, norm = isinstance(op, (Conv, ConvTranspose)), _facts(split, node)[0] in _NORM
     return (node, op, split.shapes[node], tuple([i for i, _ in rows.inputs]), item, conv and grad_in,
