@@ -60,6 +60,7 @@ class BlockGeometry:
         self.split, self.block = split, block
         self.where = where = block.place
         self.ops = [n for n in block.nodes if n in split.ops]
+        self.at = {n: i for i, n in enumerate(self.ops)}  # node -> its index in the arrays
         self.inputs = {n: [where[i] for i in split.ops[n].inputs if i in where] for n in self.ops}
         shape = (len(self.ops), split.nd, block.lo.shape[2])
         self.outside = np.zeros(shape, dtype=bool)
@@ -92,8 +93,9 @@ class BlockGeometry:
         """``outside`` of windows and paddings, and ``differ`` of windows: the padded box against
         the box of the value the first input is stored as (``steps._stored``)."""
         s, ops = self.split, [self.split.ops[self.ops[i]] for i in index]
-        plo, phi = _padded(ops, *self._gather([self.where[self.ops[i]] for i in index]))
-        self.outside[index] = (plo < 0) | (phi > _params(ops, lambda op: op.in_extents[0]))
+        params = _params(ops)
+        plo, phi = _padded(params, *self._gather([self.where[self.ops[i]] for i in index]))
+        self.outside[index] = (plo < 0) | (phi > params[:, _EXTENT])
         firsts = []
         for i in index:
             inputs = [j for j in s.ops[self.ops[i]].inputs if j is s.input or j in self.where]
@@ -140,6 +142,14 @@ class BlockGeometry:
             out[node] = canon.setdefault(g, g)
         return out
 
+    def node(self, r: int, copy: bool, node) -> tuple:
+        """``row(r, copy)[node]``, for one node: the arrays of the other nodes not read."""
+        i, boxes = self.at[node], (self.where[node], *self.inputs[node])
+        lo, hi = self.block.lo[list(boxes), :, r].astype(np.int64), self.block.hi[list(boxes), :, r]
+        lengths = np.maximum(hi - lo, 0).T.tolist()
+        fields = [a[i, :, r].tolist() for a in (self.outside, self.differ[copy], self.extra)]
+        return tuple((tuple(lengths[d]), *(f[d] for f in fields)) for d in range(self.split.nd))
+
     def key(self, r: int, d: int) -> bytes:
         """A key equal for two rows of the block exactly when ``grid._row_key`` is, along dimension
         d: every box's length, and every node's (outside, differ, extra) with the input copied and
@@ -149,33 +159,53 @@ class BlockGeometry:
         return np.concatenate([lengths, *(a[:, d, r] for a in fields)]).tobytes()
 
 
-def _params(ops: list, value) -> np.ndarray:
-    """Per op a per-dimension parameter, as an array of shape (ops, dimensions, 1)."""
-    return np.array([[int(v) for v in value(op)] for op in ops], dtype=np.int64)[:, :, None]
+_STEP, _PAD, _REACH, _EXTENT, _KERNEL, _DILATION = range(6)  # the fields of ``_params``
 
 
-def _padded(ops: list, lo: np.ndarray, hi: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """``op.padded_box`` of each op's box at once: a padding is a window of one pixel, stride 1."""
-    nd = lo.shape[1]
+def _params(ops: list) -> np.ndarray:
+    """Per op its parameters (step, pad_lo, reach d (k - 1), input extent, kernel, dilation; a
+    padding's: a window of one pixel, stride 1), as an array of shape (ops, fields, dimensions, 1)."""
+    return np.array([_record(op) for op in ops], dtype=np.int64)[..., None]
 
-    def reach(op):
-        if not isinstance(op, Window):
-            return (0,) * nd
-        return [d * (k - 1) for d, k in zip(op.dilation, op.kernel, strict=True)]
 
-    step = _params(ops, lambda op: op.step if isinstance(op, Window) else (1,) * nd)
-    pad = _params(ops, lambda op: op.pad_lo)
-    return lo * step - pad, (hi - 1) * step - pad + _params(ops, reach) + 1
+def _record(op) -> tuple:
+    """``_params``' row of one op, cached by op: the passes of a network share their ops, and each
+    pass's blocks ask for the same ones (the op is kept, so its id is not reused while cached)."""
+    found = _RECORDS.get(id(op))
+    if found is None or found[0] is not op:
+        nd = len(op.pad_lo)
+        if isinstance(op, Window):
+            kernel, dilation = tuple(map(int, op.kernel)), tuple(map(int, op.dilation))
+            reach = tuple(d * (k - 1) for d, k in zip(dilation, kernel, strict=True))
+            step = tuple(map(int, op.step))
+        else:
+            kernel = dilation = step = (1,) * nd
+            reach = (0,) * nd
+        row = (step, tuple(map(int, op.pad_lo)), reach, tuple(map(int, op.in_extents[0])), kernel, dilation)
+        if len(_RECORDS) >= 8192:
+            _RECORDS.pop(next(iter(_RECORDS)))
+        found = _RECORDS[id(op)] = (op, row)
+    return found[1]
+
+
+_RECORDS: dict = {}
+
+
+def _padded(params: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``op.padded_box`` of each op's box at once (``params``: the ops' ``_params``)."""
+    step, pad = params[:, _STEP], params[:, _PAD]
+    return lo * step - pad, (hi - 1) * step - pad + params[:, _REACH] + 1
 
 
 def _crops(ops: list, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
     """``NativePadding.crops`` of each op's output box at once (arrays of shape (ops, dimensions, rows))."""
-    plo, phi = _padded(ops, lo, hi)
-    extent, step = _params(ops, lambda op: op.in_extents[0]), _params(ops, lambda op: op.step)
+    params = _params(ops)
+    plo, phi = _padded(params, lo, hi)
+    extent, step = params[:, _EXTENT], params[:, _STEP]
     ilo, ihi = intervals.clip(plo, phi, extent)
     below, above = ilo - plo, phi - ihi
     pad = below + -(-np.maximum(above - below, 0) // step) * step
-    kernel, dilation = _params(ops, lambda op: op.kernel), _params(ops, lambda op: op.dilation)
+    kernel, dilation = params[:, _KERNEL], params[:, _DILATION]
     native = np.empty((len(ops), 1, lo.shape[2]), dtype=bool)
     for k, op in enumerate(ops):
         kind = type(op)

@@ -103,6 +103,7 @@ def _held(s: Split, lay, training: bool, gpu: bool, rates, on_device: bool):
 def holder(s: Split, cg: ClassGrid, copy: bool) -> tuple[int, ...] | None:
     """A grid index whose kind bounds every kind in each dimension (the module's docstring), or None."""
     nodes = list(cg.diagonal.working_row(0)[1])
+    computed = set(nodes)
     ops = []  # the nodes whose steps read flags (their rule), or may alias a value the tile does not compute
     for n in nodes:
         if n in s.ops:
@@ -110,9 +111,10 @@ def holder(s: Split, cg: ClassGrid, copy: bool) -> tuple[int, ...] | None:
             rule = ("native" if op.pads_natively() else "window") if isinstance(op, Window) else None
             rule = "pad" if isinstance(op, Pad) else rule
             first = op.inputs[0] if op.inputs else None
-            aliasing = first is not s.input and first not in nodes
+            aliasing = first is not s.input and first not in computed
             if rule is not None or aliasing or isinstance(op, ConvTranspose):
-                ops.append((n, op, rule, aliasing))
+                plain = rule in (None, "pad") or type(op).padded_box is Window.padded_box
+                ops.append((n, op, rule, aliasing, plain))
     features: dict = {}  # per diagonal row: its features along every dimension
     index = []
     for d, kinds in enumerate(cg.per_dim):
@@ -132,12 +134,42 @@ def _features(s: Split, cg: ClassGrid, j: int, copy: bool, nodes: list, ops: lis
     """What the walk of a class reads of its kind along each dimension, from the kind's diagonal row
     j: per dimension (lengths, flags, the geometry of the steps that may alias a value the tile does
     not compute). The lengths of a node's inputs are those of their own boxes, listed once; the
-    flags are ``steps.geometries``' (what ``classes`` reads, for the nodes whose steps read them)."""
+    flags are ``steps.geometries``' (what ``classes`` reads, for the nodes whose steps read them).
+    Read off the arrays of the row's block (``geometry.BlockGeometry``, the grid's own, the same
+    values: tests/test_least_features.py), or ``_row_features`` where the row has none."""
+    block, r = cg.geometry.block(j) if cg.geometry is not None else (None, 0)
+    if block is None or not all(plain for *_, plain in ops):
+        return _row_features(s, cg, j, copy, nodes, ops)
+    boxes = block.block
+    known = boxes.cache.get("least")
+    if known is None or known[0] is not nodes:  # the nodes' boxes, then the write boxes
+        known = boxes.cache["least"] = nodes, [boxes.place[n] for n in nodes] + list(range(boxes.sinks))
+    rows = known[1]
+    lengths = [np.maximum(boxes.hi[rows, :, r].astype(np.int64) - boxes.lo[rows, :, r], 0)]
+    at = [block.at[n] for n, *_ in ops]
+    outside, differ = block.outside[at, :, r].tolist(), block.differ[copy][at, :, r].tolist()
+    extra = block.extra[at, :, r]
+    flags, fixed, nd = [], [], s.nd
+    for k, (n, op, rule, aliasing, _) in enumerate(ops):
+        if rule == "pad":
+            flags.append(tuple(("pad", outside[k][d]) for d in range(nd)))
+        elif rule is not None:
+            flags.append(tuple((rule, outside[k][d], differ[k][d]) for d in range(nd)))
+        if isinstance(op, ConvTranspose):
+            lengths.append(extra[k][None].astype(np.int64))
+        if aliasing:
+            fixed.append((n, block.node(r, copy, n)))
+    table = np.concatenate(lengths).astype(np.int64)
+    return [(table[:, d], tuple(f[d] for f in flags), tuple((n, g[d]) for n, g in fixed)) for d in range(nd)]
+
+
+def _row_features(s: Split, cg: ClassGrid, j: int, copy: bool, nodes: list, ops: list) -> list[tuple]:
+    """``_features`` from row j's boxes, one node at a time (``steps.geometries``)."""
     writes, need = cg.diagonal.working_row(j)
     boxes = [need[n] for n in nodes] + list(writes)
     lengths = [np.maximum(np.array([b.hi for b in boxes]) - np.array([b.lo for b in boxes]), 0)]
     flags, fixed, nd = [], [], s.nd
-    for n, op, rule, aliasing in ops:
+    for n, op, rule, aliasing, _ in ops:
         if need[n].empty:  # no step (its lengths say so too)
             flags.append((("empty", n),) * nd)
             continue

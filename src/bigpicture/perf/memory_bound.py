@@ -100,9 +100,10 @@ def _peaks(splits: list[Split], walks: list, item: int, rates, training: bool) -
     for w, (k, copy, group) in enumerate(walks):
         s, needs = splits[k], [need for _, _, need, *_ in group]
         grad = grads(s, needs[0], False)  # the same nodes in every walk of the group
-        prepared.append((grad, needs))
+        numel = _numels(needs)
+        prepared.append((grad, numel))
         for node in list(grad)[1:]:
-            rows = _rows(s, node, needs, copy)
+            rows = _rows(s, node, needs, copy, numel)
             key = (node, id(s.ops[node]), grad_in(s, node, grad), tuple(i for i, _ in rows.inputs))
             calls.setdefault(key, []).append((w, rows))
     steps: list[dict] = [{} for _ in walks]  # per group, node -> (its steps over every group, its rows)
@@ -113,9 +114,8 @@ def _peaks(splits: list[Split], walks: list, item: int, rates, training: bool) -
             steps[w][node], start = (st, np.arange(start, start + len(r.numel))), start + len(r.numel)
     out = []
     for w, (k, copy, group) in enumerate(walks):
-        s, (grad, needs) = splits[k], prepared[w]
-        sizes = {n: bytes_of(s, n, np.array([need[n].numel for need in needs], dtype=np.int64), item)
-                 for n in grad}  # fmt: skip
+        s, (grad, numel) = splits[k], prepared[w]
+        sizes = {n: bytes_of(s, n, numel[n], item) for n in grad}
         terms = [
             bytes_of(s, sink, np.array([writes[i].numel for *_, writes, _ in group], dtype=np.int64), item)
             for i, sink in enumerate(s.sinks)
@@ -126,8 +126,22 @@ def _peaks(splits: list[Split], walks: list, item: int, rates, training: bool) -
     return out
 
 
-def _rows(split: Split, node, needs: list[dict], copy: bool) -> Rows:
-    """The geometries of ``node``'s step in each walk, as ``steps.node_step`` makes them one at a time."""
+def _numels(needs: list[dict]) -> dict:
+    """Per node, the positions of its box in each walk (int64): each box counted once, not once
+    per reader (as a node, as each user's input, for its bytes)."""
+    first = needs[0]
+    if len(needs) == 1:
+        out = {n: np.array([b.numel], dtype=np.int64) for n, b in first.items()}
+    else:
+        out = {n: np.array([need[n].numel for need in needs], dtype=np.int64) for n in first}
+    for a in out.values():
+        a.flags.writeable = False  # shared by the node's rows, its users' and its bytes
+    return out
+
+
+def _rows(split: Split, node, needs: list[dict], copy: bool, numel: dict) -> Rows:
+    """The geometries of ``node``'s step in each walk, as ``steps.node_step`` makes them one at a
+    time; ``numel``: the boxes' positions (``_numels``)."""
     op, nd = split.ops[node], split.nd
     copied = [False] * len(needs)  # only windows and padding read out of the image or a sub-box
     for k, need in enumerate(needs if isinstance(op, (Window, Pad)) else ()):
@@ -136,12 +150,8 @@ def _rows(split: Split, node, needs: list[dict], copy: bool) -> Rows:
         copied[k] = key[1] or key[2]
     boxes = [need[node] for need in needs]
     return Rows(
-        np.array([b.numel for b in boxes], dtype=np.int64),
-        tuple(
-            (i, np.array([need[i].numel for need in needs], dtype=np.int64))
-            for i in op.inputs
-            if i in needs[0]
-        ),
+        numel[node],
+        tuple((i, numel[i]) for i in op.inputs if i in needs[0]),
         np.array(
             [op.padded_box(b).shape if isinstance(op, Window) else (1,) * nd for b in boxes], dtype=np.int64
         ),

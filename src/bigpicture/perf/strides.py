@@ -24,12 +24,12 @@ class Strides:
 
     def __init__(self, split: Split) -> None:
         self.values, self.group = [], []
+        pairs = [(node, _pairs(stride)) for node, stride in split.strides.items()]
         for d in range(split.nd):
             index: dict = {}
             group = {}
-            for node, stride in split.strides.items():
-                f = stride[d]
-                group[node] = index.setdefault((f.numerator, f.denominator), len(index))
+            for node, per_dim in pairs:
+                group[node] = index.setdefault(per_dim[d], len(index))
             self.values.append(list(index))
             self.group.append(group)
 
@@ -53,6 +53,20 @@ class Strides:
             group = self.group[d]
             block.cache[key] = np.array([group[n] for n in (*sinks, *block.nodes)], dtype=np.int64)
         return block.cache[key]
+
+
+def _pairs(stride: tuple) -> tuple:
+    """A node's stride per dimension as (numerator, denominator) pairs, cached by the stride's tuple:
+    the passes of a network share their nodes' tuples (a deep network's 51 passes ask 600 each)."""
+    found = _PAIRS.get(id(stride))
+    if found is None or found[0] is not stride:
+        if len(_PAIRS) >= 16384:
+            _PAIRS.pop(next(iter(_PAIRS)))
+        found = _PAIRS[id(stride)] = (stride, tuple((f.numerator, f.denominator) for f in stride))  # kept
+    return found[1]
+
+
+_PAIRS: dict = {}
 
 
 def strides_of(split: Split) -> Strides:

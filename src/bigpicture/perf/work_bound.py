@@ -115,31 +115,45 @@ class _Fact(NamedTuple):
 
 
 def _node_facts(memo: dict, split: Split, nodes: list, columns: dict) -> list[_Fact]:
-    """The ``_Fact`` of each of ``nodes``, kept per split (the search bounds its passes per candidate)."""
+    """The ``_Fact`` of each of ``nodes``, kept per split (the search bounds its passes per candidate).
+    What does not depend on the columns is kept per op (``_op_fact``): the passes of a network share
+    their ops (a squeeze-and-excitation network's 17-51 passes, each bounded once per candidate)."""
     key = ("work facts", id(split))
     found = memo.get(key)
     if found is not None and found[0] is split and found[1] == nodes and found[2] == columns:
         return found[3]
+    per_op = memo.setdefault("work op facts", {})
     facts = []
     for node in nodes:
-        op, (n, c) = split.ops[node], split.shapes[node][:2]
-        name, inplace, _ = _facts(split, node)
-        ins = tuple((math.prod(split.shapes[i][:2]), columns[i, "box"]) for i in op.inputs
-                    if (i, "box") in columns)  # fmt: skip
-        saves = name in _SAVE_OUTPUT or (name not in _SAVE_NOTHING and not isinstance(op, (Pad, Resample)))
-        if isinstance(op, (Conv, ConvTranspose)):
-            kind = "conv"
-        elif isinstance(op, Pool):
-            kind = "pool"
-        elif (name in _VIEWS or isinstance(op, (Slice, Pad))) and not inplace:  # nothing copied: Pad a view
-            kind = "view"
-        else:
-            kind = _stream_kind(op, name)
+        op = split.ops[node]
+        known = per_op.get(id(op))
+        if known is None or known[0] is not op or known[1] is not node or known[2] is not split.shapes:
+            known = per_op[id(op)] = (op, node, split.shapes, _op_fact(split, node, op))  # the op kept
+        kind, nc, inputs, saves, transposed = known[3]
+        ins = tuple((c, columns[i, "box"]) for c, i in inputs if (i, "box") in columns)
         box = columns[node, "box"]
-        positions = columns[node, "input"] if isinstance(op, ConvTranspose) else box
-        facts.append(_Fact(kind, box, positions, n * c, ins, saves))
+        facts.append(_Fact(kind, box, columns[node, "input"] if transposed else box, nc, ins, saves))
     memo[key] = (split, nodes, dict(columns), facts)  # the split is kept: its id is not reused
     return facts
+
+
+def _op_fact(split: Split, node, op) -> tuple:
+    """(kind, batch x channels, per input (its batch x channels, the input), whether a stream op
+    saves for its backward, whether it is a transposed convolution) of ``node``: ``_Fact`` but the
+    columns."""
+    n, c = split.shapes[node][:2]
+    name, inplace, _ = _facts(split, node)
+    inputs = tuple((math.prod(split.shapes[i][:2]), i) for i in op.inputs if i in split.shapes)
+    saves = name in _SAVE_OUTPUT or (name not in _SAVE_NOTHING and not isinstance(op, (Pad, Resample)))
+    if isinstance(op, (Conv, ConvTranspose)):
+        kind = "conv"
+    elif isinstance(op, Pool):
+        kind = "pool"
+    elif (name in _VIEWS or isinstance(op, (Slice, Pad))) and not inplace:  # nothing copied: Pad a view
+        kind = "view"
+    else:
+        kind = _stream_kind(op, name)
+    return kind, n * c, inputs, saves, isinstance(op, ConvTranspose)
 
 
 def _node(split: Split, node, fact: _Fact, at: _At, woken: tuple, grad: dict) -> tuple:
