@@ -28,19 +28,16 @@ from bigpicture.engine.rules import Window
 from bigpicture.engine.rules.resample import ConvTranspose
 from bigpicture.engine.rules.window import Conv
 from bigpicture.engine.split import Split
+from bigpicture.perf.class_sums import summed
 from bigpicture.perf.grid import ClassGrid
+from bigpicture.perf.node_rows import RowShare
 from bigpicture.perf.rates import Rates
-from bigpicture.perf.resident import class_resident
 from bigpicture.perf.step_batch import steps_many
-from bigpicture.perf.steps import Rows, padded_bounds, row, steps_of
+from bigpicture.perf.steps import Rows, padded_bounds, steps_of
 from bigpicture.perf.walk import (
     TileWalk,
-    accumulation_s,
-    bytes_of,
     grad_in,
     grads,
-    readers,
-    row_peaks,
     walk,
 )
 
@@ -68,7 +65,8 @@ def aggregate_passes(
     pass are asked at once (``step_batch.steps_many``): a squeeze-and-excitation network's passes
     repeat most nodes, each on rows of its own."""
     item = torch.empty((), dtype=dtype).element_size()
-    prepared = [_prepare(split, cg, item, rates, input_grad, copy) for split, cg, copy, _ in passes]
+    share = RowShare()  # the passes' nodes share most rows
+    prepared = [_prepare(split, cg, item, rates, input_grad, copy, share) for split, cg, copy, _ in passes]
     calls = [(p[0].split, node, rows, g) for p in prepared if p for node, (rows, g, _, _) in p[2].items()]
     if BATCH:
         found = iter(steps_many(calls, item, rates))
@@ -82,12 +80,13 @@ def aggregate_passes(
                 one = walk(split, c.need, c.writes, dtype, rates, training, input_grad, copy, memo)
                 out[-1].add(one, c.count)
         else:
-            steps = {node: (next(found), tiles, index) for node, (_, _, tiles, index) in p[2].items()}
-            out.append(_summed(cg, *p[:2], steps, item, rates, training, copy))
+            steps = {node: (next(found), t, index, rows.numel) for node, (rows, _, t, index) in p[2].items()}
+            out.append(summed(cg, *p[:2], steps, item, rates, training, copy))
     return out
 
 
-def _prepare(split: Split, cg: ClassGrid, item: int, rates: Rates, input_grad: bool, input_copy: bool):
+def _prepare(split: Split, cg: ClassGrid, item: int, rates: Rates, input_grad: bool, input_copy: bool,
+             share: RowShare):  # fmt: skip
     """(grid, grads, per node (rows, grad_in, tiles, class index): ``_node_rows``) of a separable
     class grid, or None."""
     if not cg.separable:
@@ -96,33 +95,9 @@ def _prepare(split: Split, cg: ClassGrid, item: int, rates: Rates, input_grad: b
     grad = grads(split, grid.row(0)[1], input_grad)
     combos = {}
     for node in list(grad)[1:]:  # the image first: it has no step
-        rows, tiles, index = _node_rows(split, grid, node, input_copy, rates)
+        rows, tiles, index = _node_rows(split, grid, node, input_copy, rates, share)
         combos[node] = rows, grad_in(split, node, grad), tiles, index
     return grid, grad, combos
-
-
-def _summed(cg: ClassGrid, grid, grad: dict, combos: dict, item: int, rates: Rates, training: bool,
-            input_copy: bool) -> TileWalk:  # fmt: skip
-    """``aggregate`` of a separable grid from each node's (steps, tiles, class index)."""
-    split = grid.split
-    total, steps = TileWalk(), {}
-    for node, (st, tiles, index) in combos.items():
-        total.add_steps(st, tiles, training and grad[node])
-        steps[node] = st, index
-    if training:
-        for i, r in readers([st for st, _ in steps.values()], grad):
-            tiles, numels = grid.numels(i)
-            total.add_accumulation(float(tiles @ accumulation_s(bytes_of(split, i, numels, item), r, rates)))
-    if training:
-        total.last = _last(cg, steps, grad)
-    peaks, peaks_train = _class_peaks(split, grid, steps, grad, item, training, input_copy)
-    total.peak, total.peak_train = int(peaks.max()), int(peaks_train.max())
-    if not rates.gpu and cg.lasts:  # the CPU backs the boundary's pages as tiles write them
-        resident = class_resident(split, cg.lay, cg.lasts, item)
-        peaks = np.broadcast_to(peaks, resident.shape)
-        worst = int(np.argmax(peaks + resident))
-        total.run_peak = int(peaks[worst]), int(resident[worst])
-    return total
 
 
 class _Grid:
@@ -135,6 +110,7 @@ class _Grid:
         self._counts = [c.tolist() for c in self.counts]
         self._geometries: dict = {}  # per input copied or not: ``geometry_features``'s rows
         self._combinations: dict = {}  # ``combinations`` by the features' ids
+        self._columns: dict = {}  # ``geometry_features`` along a dimension by its values' identities
         self.shape = tuple(len(r) for r in self.reps)
 
     def features(self, feature) -> list[tuple[np.ndarray, list, list, list]]:
@@ -147,23 +123,31 @@ class _Grid:
         off the kinds' geometries directly: the planner asks per node and pass."""
         if copy not in self._geometries:  # per dimension, each kind's geometries of every node
             self._geometries[copy] = [[self.geometry(j, copy) for j in reps] for reps in self.reps]
-        return self._features([[g[node][d] for g in gs] for d, gs in enumerate(self._geometries[copy])])
+        out = []
+        for d, gs in enumerate(self._geometries[copy]):
+            values = [g[node][d] for g in gs]
+            key = (d, *map(id, values))  # kept alive by ``_geometries``: ids not reused
+            if key not in self._columns:
+                self._columns[key] = self._column(d, values)
+            out.append(self._columns[key])
+        return out
 
     def _features(self, values: list[list]) -> list[tuple[np.ndarray, list, list, list]]:
         """``features`` from each kind's feature value per dimension."""
-        out = []
-        for d, reps in enumerate(self.reps):
-            ids: dict = {}
-            firsts, tiles = [], []  # per distinct feature: its first row, the grid indices that have it
-            index = []
-            for j, n, value in zip(reps, self._counts[d], values[d], strict=True):
-                f = ids.setdefault(value, len(ids))
-                if f == len(firsts):
-                    firsts.append(j), tiles.append(0)
-                tiles[f] += n
-                index.append(f)
-            out.append((tuple(index), firsts, tiles, list(ids)))
-        return out
+        return [self._column(d, column) for d, column in enumerate(values)]
+
+    def _column(self, d: int, values: list) -> tuple[np.ndarray, list, list, list]:
+        """``features`` along dimension d from each kind's feature value there."""
+        ids: dict = {}
+        firsts, tiles = [], []  # per distinct feature: its first row, the grid indices that have it
+        index = []
+        for j, n, value in zip(self.reps[d], self._counts[d], values, strict=True):
+            f = ids.setdefault(value, len(ids))
+            if f == len(firsts):
+                firsts.append(j), tiles.append(0)
+            tiles[f] += n
+            index.append(f)
+        return tuple(index), firsts, tiles, list(ids)
 
     def combinations(self, per_dim: list[tuple]) -> np.ndarray:
         """Per class (row-major), the number of its combination of per-dimension features (numbered
@@ -197,7 +181,7 @@ class _Grid:
         return tiles, numels
 
 
-def _node_rows(split, grid: _Grid, node, input_copy: bool, rates):
+def _node_rows(split, grid: _Grid, node, input_copy: bool, rates, share: RowShare):
     """The rows of ``node``'s distinct steps over the grid (``steps.steps_of`` builds them on
     arrays), the tiles that run each, and per class (row-major) the index of its step.
 
@@ -208,16 +192,24 @@ def _node_rows(split, grid: _Grid, node, input_copy: bool, rates):
     a 3D grid with 10 kinds per dimension has 1,000 combinations, and tiles that differ by a
     permutation of dimensions share a step. A CPU convolution also depends on the shape of its
     input (torch picks its kernel by shape: ``steps._backend``), which the key then holds too.
+    Nodes and passes with the same geometries share their rows (``node_rows.RowShare``).
     """
     per_dim = grid.geometry_features(node, input_copy)
     op = split.ops[node]
     boxes = [node, *(i for i in op.inputs if i in grid.row(0)[1])]
-    # per dimension, per distinct geometry along it: the lengths (``_lengths``), outside, differ
-    lengths = [[_lengths(op, boxes, grid.row(j)[1], d) for j in f[1]] for d, f in enumerate(per_dim)]
     shaped = not rates.gpu and rates.measured and isinstance(op, (Conv, ConvTranspose))
-    small = math.prod(len(f[1]) for f in per_dim) <= SMALL_TABLE
-    rows, tiles, inverse = (_small_combos if small else _combos)(per_dim, lengths, boxes, shaped)
+
+    def lengths() -> list:  # per dimension, per distinct geometry along it (``_lengths``)
+        return [[_lengths(op, boxes, grid.row(j)[1], d) for j in f[1]] for d, f in enumerate(per_dim)]
+
+    rows, tiles, inverse = share.get(node, op, per_dim, boxes, shaped, lengths, _combos_of)
     return rows, tiles, inverse[grid.combinations(per_dim)]
+
+
+def _combos_of(per_dim: list, lengths: list, boxes: list, shaped: bool) -> tuple:
+    """``_small_combos`` of a small grid (<= ``SMALL_TABLE`` combinations), ``_combos`` otherwise."""
+    small = math.prod(len(f[1]) for f in per_dim) <= SMALL_TABLE
+    return (_small_combos if small else _combos)(per_dim, lengths, boxes, shaped)
 
 
 def _combos(per_dim: list, lengths: list, boxes: list, shaped: bool) -> tuple[Rows, np.ndarray, np.ndarray]:
@@ -290,18 +282,6 @@ def _small_combos(
     return rows, tiles, np.array([rank[key] for key in order], dtype=np.int64)
 
 
-def _last(cg: ClassGrid, steps: dict, grad: dict) -> TileWalk:
-    """The walk (times and counts) of the grid's last tile with work, as ``walk.walk`` sums it node by
-    node, from the steps of its class: in each dimension, the kind of its last index with work."""
-    picks = [lasts.index(w - 1) for lasts, w in zip(cg.lasts, cg.diagonal.working, strict=True)]
-    kinds = [len(k) for k in cg.per_dim]
-    at = sum(k * math.prod(kinds[d + 1 :]) for d, k in enumerate(picks))  # its class, row-major
-    out = TileWalk()
-    for node, (st, index) in steps.items():
-        out.add_step(row(st, int(index[at])), 1, grad[node])
-    return out
-
-
 def _unique_rows(table: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """``np.unique(table, axis=0)``'s first index of each distinct row and each row's distinct one,
     in its (lexicographic) order, 4x faster on a 3D grid's 32,768 combinations: each row hashed to
@@ -363,18 +343,3 @@ def _outer(per_dim: list[np.ndarray], combine) -> np.ndarray:
     for values in per_dim[1:]:
         out = combine(out[:, None], values[None, :]).reshape((-1,) + values.shape[1:])
     return out
-
-
-def _class_peaks(split, grid: _Grid, steps: dict, grad: dict, item: int, training: bool, input_copy: bool):
-    """The (inference, training) peak of each class: one walk per structure, on arrays."""
-    sizes = {n: bytes_of(split, n, grid.mesh(grid.lengths(n)), item) for n in grad}
-    terms = [bytes_of(split, k, grid.mesh(_write_lengths(grid, i)), item) for i, k in enumerate(split.sinks)]
-    st, index = zip(*steps.values()) if steps else ((), ())
-    return row_peaks(split, list(st), sizes, terms, grad, training, input_copy, list(index))
-
-
-def _write_lengths(grid: _Grid, k: int) -> list[np.ndarray]:
-    return [
-        np.array([grid.row(j)[0][k].length(d) for j in reps], dtype=np.int64)
-        for d, reps in enumerate(grid.reps)
-    ]

@@ -58,6 +58,21 @@ class TileWalk:
             self.flops_bwd += count * st.flops_bwd
             self.bwd_by_kind[st.kind] = self.bwd_by_kind.get(st.kind, 0.0) + count * st.bwd_s
 
+    def add_row(self, st: Step, i: int, grad: bool) -> None:
+        """``add_step`` of row i of a step on arrays (``steps.row``) run by one tile, without the row's
+        other fields: the same sums."""
+        kind, fwd_s = str(st.kind[i]), float(st.fwd_s[i])
+        self.nodes += 1
+        self.ops += kind != "view"
+        self.fwd_s += fwd_s
+        self.flops_fwd += int(st.flops[i])
+        self.fwd_by_kind[kind] = self.fwd_by_kind.get(kind, 0.0) + fwd_s
+        if grad:
+            bwd_s = float(st.bwd_s[i])
+            self.bwd_s += bwd_s
+            self.flops_bwd += int(st.flops_bwd[i])
+            self.bwd_by_kind[kind] = self.bwd_by_kind.get(kind, 0.0) + bwd_s
+
     def add_steps(self, st: Step, tiles: np.ndarray, grad: bool) -> None:
         """Steps on arrays (``steps.steps_of``): row i run by ``tiles[i]`` tiles."""
         counts = tiles.tolist()

@@ -1,0 +1,383 @@
+"""``bigpicture.perf.classes`` as it was before its nodes shared rows (integ at f058fe2): the reference
+of tests/test_class_rows_fast.py, verbatim but for this line.
+
+Every class of tiles at once: a grid's summed time and its largest peak, counted per dimension.
+
+A class is one kind of grid index per dimension (``grid.ClassGrid``), so a 3D grid with 20 kinds
+per dimension has 8,000 classes. Walking each would take minutes; instead:
+
+- Time and work add up over tiles, node by node. A node's step is a function of its geometry in
+  each dimension (``steps.dim_geometry``), so its total over the grid is
+
+      sum over geometries (g_0, g_1, ...) of  tiles(g_0) x tiles(g_1) x ...  x  step(g_0, g_1, ...)
+
+  with few geometries per node and dimension: one step per combination, not one per class.
+- Peak memory is the largest of each class's walk, which is no sum. Classes whose steps have the
+  same *structure* (which values alias, which padded copies autograd keeps) run the same walk with
+  other byte counts, so ``walk.peaks`` walks them together on numpy arrays, one entry per class.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import math
+import operator
+
+import numpy as np
+import torch
+
+from bigpicture.engine.rules import Window
+from bigpicture.engine.rules.resample import ConvTranspose
+from bigpicture.engine.rules.window import Conv
+from bigpicture.engine.split import Split
+from bigpicture.perf.grid import ClassGrid
+from bigpicture.perf.rates import Rates
+from bigpicture.perf.resident import class_resident
+from bigpicture.perf.step_batch import steps_many
+from bigpicture.perf.steps import Rows, padded_bounds, row, steps_of
+from bigpicture.perf.walk import (
+    TileWalk,
+    accumulation_s,
+    bytes_of,
+    grad_in,
+    grads,
+    readers,
+    row_peaks,
+    walk,
+)
+
+BATCH = True  # every pass's steps of a node asked at once (``aggregate_passes``); False: pass by pass
+
+
+def aggregate(
+    split: Split,
+    cg: ClassGrid,
+    dtype: torch.dtype,
+    rates: Rates,
+    training: bool,
+    input_grad: bool,
+    input_copy: bool,
+    memo: dict,
+) -> TileWalk:
+    """The grid's tiles summed (times, work, nodes) with the largest tile's peaks."""
+    return aggregate_passes([(split, cg, input_copy, memo)], dtype, rates, training, input_grad)[0]
+
+
+def aggregate_passes(
+    passes: list[tuple], dtype: torch.dtype, rates: Rates, training: bool, input_grad: bool
+) -> list[TileWalk]:
+    """``aggregate`` of each pass (split, class grid, input copied, memo). A node's steps in every
+    pass are asked at once (``step_batch.steps_many``): a squeeze-and-excitation network's passes
+    repeat most nodes, each on rows of its own."""
+    item = torch.empty((), dtype=dtype).element_size()
+    prepared = [_prepare(split, cg, item, rates, input_grad, copy) for split, cg, copy, _ in passes]
+    calls = [(p[0].split, node, rows, g) for p in prepared if p for node, (rows, g, _, _) in p[2].items()]
+    if BATCH:
+        found = iter(steps_many(calls, item, rates))
+    else:
+        found = (steps_of(s, node, rows, item, rates, g) for s, node, rows, g in calls)
+    out = []
+    for (split, cg, copy, memo), p in zip(passes, prepared, strict=True):
+        if p is None:  # not separable: each class walked
+            out.append(TileWalk())
+            for c in cg.listed:
+                one = walk(split, c.need, c.writes, dtype, rates, training, input_grad, copy, memo)
+                out[-1].add(one, c.count)
+        else:
+            steps = {node: (next(found), tiles, index) for node, (_, _, tiles, index) in p[2].items()}
+            out.append(_summed(cg, *p[:2], steps, item, rates, training, copy))
+    return out
+
+
+def _prepare(split: Split, cg: ClassGrid, item: int, rates: Rates, input_grad: bool, input_copy: bool):
+    """(grid, grads, per node (rows, grad_in, tiles, class index): ``_node_rows``) of a separable
+    class grid, or None."""
+    if not cg.separable:
+        return None
+    grid = _Grid(split, cg)
+    grad = grads(split, grid.row(0)[1], input_grad)
+    combos = {}
+    for node in list(grad)[1:]:  # the image first: it has no step
+        rows, tiles, index = _node_rows(split, grid, node, input_copy, rates)
+        combos[node] = rows, grad_in(split, node, grad), tiles, index
+    return grid, grad, combos
+
+
+def _summed(cg: ClassGrid, grid, grad: dict, combos: dict, item: int, rates: Rates, training: bool,
+            input_copy: bool) -> TileWalk:  # fmt: skip
+    """``aggregate`` of a separable grid from each node's (steps, tiles, class index)."""
+    split = grid.split
+    total, steps = TileWalk(), {}
+    for node, (st, tiles, index) in combos.items():
+        total.add_steps(st, tiles, training and grad[node])
+        steps[node] = st, index
+    if training:
+        for i, r in readers([st for st, _ in steps.values()], grad):
+            tiles, numels = grid.numels(i)
+            total.add_accumulation(float(tiles @ accumulation_s(bytes_of(split, i, numels, item), r, rates)))
+    if training:
+        total.last = _last(cg, steps, grad)
+    peaks, peaks_train = _class_peaks(split, grid, steps, grad, item, training, input_copy)
+    total.peak, total.peak_train = int(peaks.max()), int(peaks_train.max())
+    if not rates.gpu and cg.lasts:  # the CPU backs the boundary's pages as tiles write them
+        resident = class_resident(split, cg.lay, cg.lasts, item)
+        peaks = np.broadcast_to(peaks, resident.shape)
+        worst = int(np.argmax(peaks + resident))
+        total.run_peak = int(peaks[worst]), int(resident[worst])
+    return total
+
+
+class _Grid:
+    """The kinds of grid index per dimension, with their diagonal rows and tile counts."""
+
+    def __init__(self, split: Split, cg: ClassGrid) -> None:
+        self.split, self.row, self.geometry = split, cg.diagonal.working_row, cg.geometry
+        self.reps = [[j for _, j in kinds] for kinds in cg.per_dim]
+        self.counts = [np.array([n for n, _ in kinds], dtype=np.int64) for kinds in cg.per_dim]
+        self._counts = [c.tolist() for c in self.counts]
+        self._geometries: dict = {}  # per input copied or not: ``geometry_features``'s rows
+        self._combinations: dict = {}  # ``combinations`` by the features' ids
+        self.shape = tuple(len(r) for r in self.reps)
+
+    def features(self, feature) -> list[tuple[np.ndarray, list, list, list]]:
+        """Per dimension: the id of each kind's ``feature(j, d)`` (j: its diagonal row), and per
+        distinct feature a row that has it, the number of grid indices that have it, and its value."""
+        return self._features([[feature(j, d) for j in reps] for d, reps in enumerate(self.reps)])
+
+    def geometry_features(self, node, copy: bool) -> list[tuple[np.ndarray, list, list, list]]:
+        """``features`` of ``node``'s step geometry along each dimension (``steps.geometries``), read
+        off the kinds' geometries directly: the planner asks per node and pass."""
+        if copy not in self._geometries:  # per dimension, each kind's geometries of every node
+            self._geometries[copy] = [[self.geometry(j, copy) for j in reps] for reps in self.reps]
+        return self._features([[g[node][d] for g in gs] for d, gs in enumerate(self._geometries[copy])])
+
+    def _features(self, values: list[list]) -> list[tuple[np.ndarray, list, list, list]]:
+        """``features`` from each kind's feature value per dimension."""
+        out = []
+        for d, reps in enumerate(self.reps):
+            ids: dict = {}
+            firsts, tiles = [], []  # per distinct feature: its first row, the grid indices that have it
+            index = []
+            for j, n, value in zip(reps, self._counts[d], values[d], strict=True):
+                f = ids.setdefault(value, len(ids))
+                if f == len(firsts):
+                    firsts.append(j), tiles.append(0)
+                tiles[f] += n
+                index.append(f)
+            out.append((tuple(index), firsts, tiles, list(ids)))
+        return out
+
+    def combinations(self, per_dim: list[tuple]) -> np.ndarray:
+        """Per class (row-major), the number of its combination of per-dimension features (numbered
+        row-major too), from ``features``' ids; nodes share few partitions of the kinds: cached."""
+        key = tuple(f[0] for f in per_dim)
+        if key not in self._combinations:
+            counts = [len(f[1]) for f in per_dim]
+            ids = [np.array(f[0], dtype=np.int64) * math.prod(counts[d + 1 :]) for d, f in enumerate(per_dim)]
+            self._combinations[key] = self.mesh(ids, np.add)
+        return self._combinations[key]
+
+    def mesh(self, per_dim: list[np.ndarray], combine=np.multiply) -> np.ndarray:
+        """Per class (the grid's kinds, row-major), the per-dimension values combined (a product)."""
+        out = per_dim[0].reshape([-1] + [1] * (len(self.shape) - 1))
+        for d, values in enumerate(per_dim[1:], 1):
+            out = combine(out, values.reshape([-1 if e == d else 1 for e in range(len(self.shape))]))
+        return np.broadcast_to(out, self.shape).reshape(-1)
+
+    def lengths(self, node) -> list[np.ndarray]:
+        return [
+            np.array([self.row(j)[1][node].length(d) for j in reps], dtype=np.int64)
+            for d, reps in enumerate(self.reps)
+        ]
+
+    def numels(self, node) -> tuple[np.ndarray, np.ndarray]:
+        """(tiles, positions of ``node``'s box), arrays with an entry per combination of its distinct
+        lengths per dimension."""
+        per_dim = self.features(lambda j, d: self.row(j)[1][node].length(d))  # the values are the lengths
+        tiles = _outer([np.array(f[2], dtype=np.float64) for f in per_dim], np.multiply)
+        numels = _outer([np.array(f[3], dtype=np.int64) for f in per_dim], np.multiply)
+        return tiles, numels
+
+
+def _node_rows(split, grid: _Grid, node, input_copy: bool, rates):
+    """The rows of ``node``'s distinct steps over the grid (``steps.steps_of`` builds them on
+    arrays), the tiles that run each, and per class (row-major) the index of its step.
+
+    A step's cost depends on its geometry only through products over dimensions (positions of
+    its box, of its inputs' boxes, of its padded input, of a transposed convolution's input) and
+    whether it is padded or copied (``steps.steps_of``). Those are counted on arrays over every
+    combination of the per-dimension geometries, and one step is built per distinct set of them:
+    a 3D grid with 10 kinds per dimension has 1,000 combinations, and tiles that differ by a
+    permutation of dimensions share a step. A CPU convolution also depends on the shape of its
+    input (torch picks its kernel by shape: ``steps._backend``), which the key then holds too.
+    """
+    per_dim = grid.geometry_features(node, input_copy)
+    op = split.ops[node]
+    boxes = [node, *(i for i in op.inputs if i in grid.row(0)[1])]
+    # per dimension, per distinct geometry along it: the lengths (``_lengths``), outside, differ
+    lengths = [[_lengths(op, boxes, grid.row(j)[1], d) for j in f[1]] for d, f in enumerate(per_dim)]
+    shaped = not rates.gpu and rates.measured and isinstance(op, (Conv, ConvTranspose))
+    small = math.prod(len(f[1]) for f in per_dim) <= SMALL_TABLE
+    rows, tiles, inverse = (_small_combos if small else _combos)(per_dim, lengths, boxes, shaped)
+    return rows, tiles, inverse[grid.combinations(per_dim)]
+
+
+def _combos(per_dim: list, lengths: list, boxes: list, shaped: bool) -> tuple[Rows, np.ndarray, np.ndarray]:
+    """(rows, tiles, the distinct row of each combination) of ``_node_rows``, on arrays over every
+    combination of the per-dimension geometries (a 3D grid's tens of thousands). ``shaped``: the
+    key holds the input's shape (a CPU convolution's)."""
+    lengths = [np.array(x, dtype=np.int64) for x in lengths]
+    numels = _outer(lengths, np.multiply)  # (combinations, quantities)
+    out = _outer([np.array([v[1] for v in f[3]]) for f in per_dim], np.logical_or)[:, None]
+    copied = out | _outer([np.array([v[2] for v in f[3]]) for f in per_dim], np.logical_or)[:, None]
+    columns = [numels, out, copied]
+    picks = np.unravel_index(np.arange(len(numels)), [len(f[1]) for f in per_dim])
+    if shaped:
+        columns.append(np.concatenate([x[p][:, -2:] for x, p in zip(lengths, picks, strict=True)], 1))
+    table = np.concatenate([c.astype(np.int64) for c in columns], 1)
+    first, inverse = _unique_rows(table)
+    tiles = np.bincount(
+        inverse.reshape(-1), weights=_outer([np.array(f[2], dtype=np.float64) for f in per_dim], np.multiply)
+    )
+    dims = [x[p[first]] for x, p in zip(lengths, picks, strict=True)]  # per dimension, (steps, quantities)
+    rows = Rows(
+        numels[first, 0],
+        tuple((i, numels[first, 1 + k]) for k, i in enumerate(boxes[1:])),
+        np.stack([x[:, -2] for x in dims], 1),
+        np.stack([x[:, -1] for x in dims], 1),
+        out[first, 0],
+        copied[first, 0],
+    )
+    return rows, np.rint(tiles).astype(np.int64), inverse.reshape(-1)
+
+
+def _small_combos(
+    per_dim: list, lengths: list, boxes: list, shaped: bool
+) -> tuple[Rows, np.ndarray, np.ndarray]:
+    """``_combos`` of a few dozen combinations on Python numbers: numpy's cost per call is most of
+    it there (a squeeze-and-excitation network's 25,000 nodes and passes, 9 combinations each). The
+    same numbers: products and sums of Python ints are exact, as the int64 ones and the float64 tile
+    counts (integers below 2^53) are; rows as tuples sort as the int64 table's rows do."""
+    seen: dict = {}  # distinct row -> [its first combination, the tiles that run it]
+    order = []  # each combination's row
+    per_feature = [
+        [(k, tuple(x[k]), bool(f[3][k][1]), bool(f[3][k][1] or f[3][k][2]), f[2][k]) for k in range(len(x))]
+        for f, x in zip(per_dim, lengths, strict=True)
+    ]  # per dimension and feature: (its id, lengths, outside, copied, tiles)
+    for combo in itertools.product(*per_feature):
+        numel, out, copied, tiles = combo[0][1], combo[0][2], combo[0][3], combo[0][4]
+        for _, x, o, c, t in combo[1:]:
+            numel, out, copied, tiles = tuple(map(operator.mul, numel, x)), out or o, copied or c, tiles * t
+        key = (*numel, out, copied)
+        key += tuple(v for g in combo for v in g[1][-2:]) if shaped else ()
+        entry = seen.get(key)
+        if entry is None:
+            seen[key] = [tuple(g[0] for g in combo), tiles]
+        else:
+            entry[1] += tiles
+        order.append(key)
+    distinct = sorted(seen)
+    rank = {key: u for u, key in enumerate(distinct)}
+    q = len(boxes) + 2  # the row's quantities (``_lengths``), then its flags
+    firsts = [[x[f] for x, f in zip(lengths, seen[key][0], strict=True)] for key in distinct]
+    rows = Rows(
+        np.array([key[0] for key in distinct], dtype=np.int64),
+        tuple((i, np.array([key[k] for key in distinct], dtype=np.int64)) for k, i in enumerate(boxes) if k),
+        np.array([[x[-2] for x in picked] for picked in firsts], dtype=np.int64).reshape(len(distinct), -1),
+        np.array([[x[-1] for x in picked] for picked in firsts], dtype=np.int64).reshape(len(distinct), -1),
+        np.array([bool(key[q]) for key in distinct]),
+        np.array([bool(key[q + 1]) for key in distinct]),
+    )
+    tiles = np.array([seen[key][1] for key in distinct], dtype=np.int64)
+    return rows, tiles, np.array([rank[key] for key in order], dtype=np.int64)
+
+
+def _last(cg: ClassGrid, steps: dict, grad: dict) -> TileWalk:
+    """The walk (times and counts) of the grid's last tile with work, as ``walk.walk`` sums it node by
+    node, from the steps of its class: in each dimension, the kind of its last index with work."""
+    picks = [lasts.index(w - 1) for lasts, w in zip(cg.lasts, cg.diagonal.working, strict=True)]
+    kinds = [len(k) for k in cg.per_dim]
+    at = sum(k * math.prod(kinds[d + 1 :]) for d, k in enumerate(picks))  # its class, row-major
+    out = TileWalk()
+    for node, (st, index) in steps.items():
+        out.add_step(row(st, int(index[at])), 1, grad[node])
+    return out
+
+
+def _unique_rows(table: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``np.unique(table, axis=0)``'s first index of each distinct row and each row's distinct one,
+    in its (lexicographic) order, 4x faster on a 3D grid's 32,768 combinations: each row hashed to
+    one integer (a product with random weights, wrapping), checked against the rows themselves.
+    Small tables (a few dozen combinations) as tuples in a dict, fewer numpy calls."""
+    if len(table) <= SMALL_TABLE:
+        return _unique_small(table)
+    _, first, inverse = np.unique(table @ _weights(table.shape[1]), return_index=True, return_inverse=True)
+    inverse = inverse.reshape(-1)
+    if not (table[first][inverse] == table).all():  # two rows share a hash: the exact way
+        _, first, inverse = np.unique(table, axis=0, return_index=True, return_inverse=True)
+        return first, inverse.reshape(-1)
+    order = np.lexsort(table[first].T[::-1])  # column 0 first, as np.unique sorts rows
+    rank = np.empty_like(order)
+    rank[order] = np.arange(len(order))
+    return first[order], rank[inverse]
+
+
+SMALL_TABLE = 40  # rows up to which ``_unique_small`` is the faster (measured: 35 vs 59 us at 24 rows)
+
+
+def _unique_small(table: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``_unique_rows`` of a small table: its rows as tuples of Python ints, which sort as numpy's
+    int64 rows do (lexicographically, column 0 first); each distinct row's first occurrence."""
+    rows = list(map(tuple, table.tolist()))
+    firsts: dict = {}
+    for i, r in enumerate(rows):
+        firsts.setdefault(r, i)
+    distinct = sorted(firsts)
+    rank = {r: k for k, r in enumerate(distinct)}
+    first = np.array([firsts[r] for r in distinct], dtype=np.int64)
+    return first, np.array([rank[r] for r in rows], dtype=np.int64)
+
+
+@functools.cache
+def _weights(columns: int) -> np.ndarray:
+    """``_unique_rows``'s hash weights for a table of ``columns`` columns (drawn once, read-only)."""
+    weights = np.random.default_rng(0).integers(1, 2**62, size=columns, dtype=np.int64)
+    weights.flags.writeable = False
+    return weights
+
+
+def _lengths(op, boxes: list, need: dict, d: int) -> list[int]:
+    """Along dimension d: the lengths of the node's box and its inputs' boxes, of the input box its
+    window reads (padding included; 1 if none) and of a transposed convolution's input (or 1)."""
+    box = need[boxes[0]]
+    padded = 1
+    if isinstance(op, Window):
+        lo, hi = padded_bounds(op, box)
+        padded = max(hi[d] - lo[d], 0)
+    extra = op.needs(box)[0].length(d) if isinstance(op, ConvTranspose) else 1
+    return [need[n].length(d) for n in boxes] + [padded, extra]
+
+
+def _outer(per_dim: list[np.ndarray], combine) -> np.ndarray:
+    """Per combination of one entry per dimension (row-major), the entries combined: (combinations,
+    ...) for per-dimension arrays of (entries, ...)."""
+    out = per_dim[0]
+    for values in per_dim[1:]:
+        out = combine(out[:, None], values[None, :]).reshape((-1,) + values.shape[1:])
+    return out
+
+
+def _class_peaks(split, grid: _Grid, steps: dict, grad: dict, item: int, training: bool, input_copy: bool):
+    """The (inference, training) peak of each class: one walk per structure, on arrays."""
+    sizes = {n: bytes_of(split, n, grid.mesh(grid.lengths(n)), item) for n in grad}
+    terms = [bytes_of(split, k, grid.mesh(_write_lengths(grid, i)), item) for i, k in enumerate(split.sinks)]
+    st, index = zip(*steps.values()) if steps else ((), ())
+    return row_peaks(split, list(st), sizes, terms, grad, training, input_copy, list(index))
+
+
+def _write_lengths(grid: _Grid, k: int) -> list[np.ndarray]:
+    return [
+        np.array([grid.row(j)[0][k].length(d) for j in reps], dtype=np.int64)
+        for d, reps in enumerate(grid.reps)
+    ]
