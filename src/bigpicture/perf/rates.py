@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import bisect
 import functools
-import heapq
 import itertools
 import math
 from collections.abc import Sequence
@@ -88,6 +87,7 @@ class Rates:
         # CPU: an op big enough to run on every thread first wakes the idle ones (OMP_WAIT_POLICY)
         self.wake_s = 0.0 if self.gpu else (self.ops or {}).get("wake_s", 0.0)
         self._conv: dict = {}  # memo: a network repeats a few convolution shapes many times
+        self._rows: dict = {}  # memo of ``convs``: per context, by (positions, backend)
         self._tables: dict = {}  # memo: the calibration's points and grids per kind of convolution
         # CPU convolutions hold a workspace besides their output (GPUs: in the framework allowance)
         workspace = (self.ops or {}).get("conv_workspace", DEFAULT_WORKSPACE)
@@ -143,23 +143,26 @@ class Rates:
                     for p, b in zip(positions, backends, strict=True)]  # fmt: skip
         value, nearest = "backward" if backward else "forward", {}
         points, gridded = self._points(nd, transposed)
-        keys = [(nd, fan_in, cout, p, stride, backward, transposed, cin, kernel, b)
-                for p, b in zip(positions, backends, strict=True)]  # fmt: skip
-        for key in keys:
-            if key in self._conv or key in nearest:
-                continue
-            rate, p, backend = None, key[3], key[9]
-            if not points:  # a calibration without convolutions
-                rate = 0.5 * self.peak
-            elif cin is not None and kernel is not None and gridded:
+        # memo per context (what a node's rows share), by (positions, backend): no 10-tuple per row
+        context = (nd, fan_in, cout, stride, backward, transposed, cin, kernel)
+        memo = self._rows.get(context)
+        if memo is None:
+            memo = self._rows[context] = {}
+        asked = list(zip(positions, backends, strict=True))
+        new = [q for q in dict.fromkeys(asked) if q not in memo]
+        if not points:  # a calibration without convolutions
+            memo.update((q, 0.5 * self.peak) for q in new)
+        elif cin is not None and kernel is not None and gridded:
+            for backend in dict.fromkeys(b for _, b in new):  # many positions of one table at once
                 table_key = (nd, transposed, value, stride > 1, backend, kernel)
-                if table_key not in self._tables:  # the planner asks for many positions of one table
+                if table_key not in self._tables:
                     self._tables[table_key] = _grid_table(points, value, stride, kernel, backend)
-                rate = _table_rate(*self._tables[table_key], cin, cout, p)
-            if rate is None:
-                nearest[key] = (fan_in, cout, p, 4 ** (min(stride, 2) - 1))
-            else:
-                self._conv[key] = rate
+                at = [q for q in new if q[1] == backend]
+                found = _table_rates(*self._tables[table_key], cin, cout, [p for p, _ in at])
+                memo.update((q, r) for q, r in zip(at, found, strict=True) if r is not None)
+        for q in new:  # those the grid does not cover: from their nearest measurements, together
+            if q not in memo:
+                nearest[q] = (fan_in, cout, q[0], 4 ** (min(stride, 2) - 1))
         if nearest:
             if (nd, transposed, value) not in self._tables:  # the points' logs, once
                 near = [(p["fan_in"], p["cout"], p["positions"], 4 ** (p["stride"] - 1)) for p in points]
@@ -167,8 +170,8 @@ class Rates:
                 self._tables[nd, transposed, value] = logs, [p[value] for p in points]
             kept = self._tables.setdefault((nd, transposed, "nearest"), {})  # forward and backward alike
             rates = _nearest_many(*self._tables[nd, transposed, value], list(nearest.values()), kept)
-            self._conv.update(zip(nearest, rates, strict=True))
-        return [self._conv[key] for key in keys]
+            memo.update(zip(nearest, rates, strict=True))
+        return [memo[q] for q in asked]
 
     def _points(self, nd: int, transposed: bool) -> tuple[list[dict], bool]:
         """The calibration's convolutions of ``nd`` dimensions (and kind), and whether they form a grid."""
@@ -300,15 +303,35 @@ def _nearest_many(points: np.ndarray, values: list[float], ats: list[tuple[float
     kept = {} if kept is None else kept
     new = [at for at in dict.fromkeys(ats) if at not in kept]
     logs = [_logs(at) for at in new]
+    rows = points.tolist()  # ``math.dist`` reads Python floats: the same numbers, no numpy scalars
     if len(points) <= 8:
-        kept.update((at, _closest(lg, points, range(len(points)))) for at, lg in zip(new, logs, strict=True))
-    for start in range(0, len(logs) if len(points) > 8 else 0, 256):  # (rows, points, 4): a few MiB
-        chunk = np.array(logs[start : start + 256])
-        far = np.sqrt(((points[None] - chunk[:, None]) ** 2).sum(axis=2))
-        near = far <= np.partition(far, 2, axis=1)[:, 2:3] * (1 + 1e-9) + 1e-12  # ties and rounding kept
-        for at, lg, close in zip(new[start : start + 256], logs[start : start + 256], near, strict=True):
-            kept[at] = _closest(lg, points, np.flatnonzero(close).tolist())  # in order, no pass over all
+        kept.update((at, _closest(lg, rows, range(len(points)))) for at, lg in zip(new, logs, strict=True))
+    elif new:
+        index = _candidates(points, np.array(logs))
+        kept.update((at, _closest(lg, rows, i)) for at, lg, i in zip(new, logs, index, strict=True))
     return [_weighted(kept[at], values) for at in ats]
+
+
+def _candidates(points: np.ndarray, queries: np.ndarray) -> list[list[int]]:
+    """Per query (a row of logs), the indices of the points (in order) no farther than about its third
+    nearest (squared distances within 1e-6 of the third's, ties and rounding kept): a superset of
+    those ``_closest`` keeps, which it then measures by ``math.dist`` (its output is the same for any
+    superset holding the three nearest). The planner's queries differ in their positions alone:
+    the other coordinates' part of the distances is summed once."""
+    out = []
+    same = (queries[:, [0, 1, 3]] == queries[:1, [0, 1, 3]]).all()
+    if same:  # (points,): the squared distance of every point but along positions
+        base = ((points[:, [0, 1, 3]] - queries[0, [0, 1, 3]]) ** 2).sum(axis=1)
+    for start in range(0, len(queries), 1024):  # (rows, points): a few MiB
+        chunk = queries[start : start + 1024]
+        if same:
+            far = base + (points[:, 2] - chunk[:, 2:3]) ** 2
+        else:
+            far = ((points[None] - chunk[:, None]) ** 2).sum(axis=2)
+        near = far <= np.partition(far, 2, axis=1)[:, 2:3] * (1 + 1e-6) + 1e-9  # ties and rounding kept
+        cols, ends = np.nonzero(near)[1].tolist(), np.cumsum(near.sum(axis=1)).tolist()
+        out += [cols[a:b] for a, b in zip([0, *ends[:-1]], ends, strict=True)]
+    return out
 
 
 def _closest(logs: list[float], points, index) -> list[tuple[float, int]]:
@@ -323,7 +346,7 @@ def _closest(logs: list[float], points, index) -> list[tuple[float, int]]:
 def _weighted(close: list[tuple[float, int]], values: list[float]) -> float:
     """Inverse-distance weighting of the 3 points nearest a query, of its ``_closest`` (a nearer
     distance first, then a smaller value, as the (distance, value) pairs sort)."""
-    dist = heapq.nsmallest(3, ((d, values[i]) for d, i in close))
+    dist = sorted([(d, values[i]) for d, i in close])[:3]  # ``heapq.nsmallest(3, ...)``, documented so
     if dist[0][0] < 1e-9:
         return dist[0][1]
     weights = [1 / d**2 for d, _ in dist]
@@ -351,6 +374,37 @@ def _grid_table(points: list[dict], value: str, stride: int, kernel: int, backen
     points = [p for p in points if p["kernel"] == near]
     table = {(p["cin"], p["cout"], p["positions"]): p[value] for p in points}
     return table, [sorted({k[axis] for k in table}) for axis in range(3)]
+
+
+def _table_rates(table: dict, axes: list, cin: int, cout: int, positions: list[int]) -> list[float | None]:
+    """``_table_rate`` at each of ``positions`` (one convolution's rows): the input and output channels'
+    corners and the table's log-rates once, then per entry its positions' corners, weighed in the same
+    order (the corners' weights multiplied left to right, ``math.prod``'s), the same floats."""
+    heads = []  # per (cin, cout) corner: the product of its weights, its rates along positions, their logs
+    (c0, c1), values = (_corners(v, q) for v, q in zip(axes[:2], (cin, cout), strict=True)), axes[2]
+    for v0, w0 in c0:
+        for v1, w1 in c1:
+            heads.append((w0 * w1, {v2: table.get((v0, v1, v2)) for v2 in values}, {}))
+    out = []
+    for q in positions:
+        total = weight = 0.0
+        for w01, rates, logs in heads:
+            for v2, w2 in _corners(values, q):
+                w = w01 * w2
+                if w > 0 and (rate := rates[v2]):
+                    log = logs[v2] if v2 in logs else logs.setdefault(v2, math.log(rate))
+                    total, weight = total + w * log, weight + w
+        out.append(math.exp(total / weight) if weight > 0 else None)
+    return out
+
+
+def _corners(values: list, q: int) -> tuple:
+    """``_table_rate``'s corners of a query ``q`` on one axis (sorted values): (value, weight) pairs."""
+    below, above = bisect.bisect_right(values, q), bisect.bisect_left(values, q)
+    lo = values[below - 1] if below else values[0]
+    hi = values[above] if above < len(values) else values[-1]
+    w = math.log(q / lo) / math.log(hi / lo) if hi > lo else 0.0
+    return ((lo, 1 - w), (hi, w)) if hi > lo else ((lo, 1.0),)
 
 
 def _table_rate(table: dict, axes: list, cin: int, cout: int, positions: int) -> float | None:

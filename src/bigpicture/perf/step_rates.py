@@ -1,12 +1,12 @@
 """The rates a step is charged at: a stream op's bytes per second (normalisations reading a strided
-view slower where calibrated), and the kernel family torch picks for a convolution on the CPU.
-Split from ``steps.py``, which builds the steps from them."""
+view slower where calibrated; a convolution's: ``conv_rates.py``). Split from ``steps.py``, which
+builds the steps from them."""
 
 from __future__ import annotations
 
 import numpy as np
 
-from bigpicture.perf.rates import Rates, conv_backend
+from bigpicture.perf.rates import Rates
 
 
 def _rates(rates: Rates, kind: str, nbytes: np.ndarray, strided: np.ndarray | None, backward: bool = False):
@@ -25,13 +25,3 @@ def _rates(rates: Rates, kind: str, nbytes: np.ndarray, strided: np.ndarray | No
 def _per_byte(nbytes: np.ndarray, rate: np.ndarray) -> np.ndarray:
     """Seconds to move ``nbytes`` at ``rate`` bytes/s, 0 where nothing moves."""
     return np.divide(nbytes, rate, out=np.zeros(len(nbytes)), where=nbytes > 0)
-
-
-def _backend(op, shape: tuple, n: int, cin: int, cout: int, transposed: bool, rates: Rates) -> str | None:
-    """The kernel family torch will run this convolution with on the CPU (`rates.conv_backend`), for an
-    input box of ``shape`` (the padded box a convolution reads, a transposed convolution's input)."""
-    if rates.gpu or not rates.measured:
-        return None
-    weight = (cin, cout // op.groups) if transposed else (cout, cin // op.groups)
-    return conv_backend((n, cin) + shape, weight + tuple(op.kernel), tuple(op.step), tuple(op.dilation),
-                        op.groups, transposed, rates.dtype)  # fmt: skip

@@ -28,10 +28,11 @@ from bigpicture.engine.rules import Window
 from bigpicture.engine.rules.resample import ConvTranspose, Pad, Resample, Slice
 from bigpicture.engine.rules.window import AvgPool, Conv, MaxPool, NativePadding, Pool
 from bigpicture.engine.split import Split
+from bigpicture.perf.conv_rates import conv_rates
 from bigpicture.perf.fusion import fuse
 from bigpicture.perf.rates import PARALLEL_ELEMENTS, Rates
 from bigpicture.perf.row_memo import Rows, step_memo
-from bigpicture.perf.step_rates import _backend, _per_byte, _rates
+from bigpicture.perf.step_rates import _per_byte, _rates
 
 # fmt: off
 _VIEWS = {"identity", "dropout", "dropout1d", "dropout2d", "dropout3d", "alphadropout", "featurealphadropout",
@@ -232,15 +233,9 @@ def _conv_steps(split: Split, op, st: Step, rows: Rows, n: int, c: int, item: in
     st.temp = st.temp + rates.workspaces(nd, np.maximum(read, st.out), im2col, transposed)
     st.flops_bwd = st.flops * (2 if grad_in else 1)
     case = (transposed, cin // (1 if transposed else op.groups), math.prod(op.kernel))
-    lengths = (rows.extra if transposed else rows.padded).tolist()
+    lengths = rows.extra if transposed else rows.padded
     # a transposed convolution of an empty input box (a tile reading padding only): no work, no seconds
-    live = [k for k, p in enumerate(positions.tolist()) if p != 0]
-    backends = [_backend(op, tuple(lengths[k]), n, cin, c, transposed, rates) for k in live]
-    fwd, bwd = np.ones(len(lengths)), np.ones(len(lengths))
-    if live:
-        at = [int(positions[k]) for k in live]
-        fwd[live] = rates.convs(nd, fan_in, c, at, stride, False, *case, backends)
-        bwd[live] = rates.convs(nd, fan_in, c, at, stride, True, *case, backends)
+    fwd, bwd = conv_rates(op, lengths, positions, n, cin, c, transposed, nd, fan_in, stride, case, rates)
     st.fwd_s, st.bwd_s = st.flops / fwd, st.flops_bwd / bwd
 
 

@@ -1,0 +1,106 @@
+"""A convolution node's rates on its rows: each distinct (input box, output positions) rated once.
+
+``steps._conv_steps`` charges every row of a node's steps the flops/s of its shape: torch's CPU
+kernel family for the row's padded input box (``rates.conv_backend``) and the calibrated rate of
+that family at the row's output positions (``Rates.convs``). A node's rows repeat a few shapes
+(SENet154 at 16,384^2 on the CPU: 295,000 rows, 195,000 distinct per node, 74,000 input boxes in
+all), so the rows are deduplicated first and each distinct one asked once, then spread back:
+
+    rows (box, positions) --np.unique--> distinct --backends_of--> kernel family per box
+                                                  --Rates.convs--> flops/s per (positions, family)
+                          <--inverse-- the same floats per row
+
+``backends_of`` keeps each box's answer per convolution signature (what ``conv_backend`` is asked
+besides the box), so the same box of the same convolution is asked of torch once per process, as
+``conv_backend``'s cache did, with no key built per row.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from bigpicture.perf.rates import Rates, _one
+
+MAX_BACKENDS = 1 << 17  # boxes kept over all signatures (~150 bytes each); past that, all are dropped
+_known: dict = {}  # signature -> box -> kernel family (None: torch cannot say)
+_count = [0]
+
+
+def conv_rates(
+    op, lengths: np.ndarray, positions: np.ndarray, n: int, cin: int, cout: int, transposed: bool, nd: int,
+    fan_in: int, stride: int, case: tuple, rates: Rates,
+) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+    """(forward, backward) flops/s of each row of a convolution's steps: ``lengths`` (rows, nd) its
+    input box (the padded box, a transposed convolution's input), ``positions`` its work's positions
+    (``Rates.convs``' argument; 0: no work, rate 1). ``case``: (transposed, input channels per group,
+    kernel volume)."""
+    fwd, bwd = np.ones(len(positions)), np.ones(len(positions))
+    live = positions != 0
+    if not live.any():
+        return fwd, bwd
+    if rates.gpu or not rates.measured:  # no kernel family: a formula or one rate, memoised per positions
+        at = positions[live].tolist()
+        fwd[live] = rates.convs(nd, fan_in, cout, at, stride, False, *case, [None] * len(at))
+        bwd[live] = rates.convs(nd, fan_in, cout, at, stride, True, *case, [None] * len(at))
+        return fwd, bwd
+    rows = np.column_stack([lengths[live], positions[live]])
+    distinct, inverse = np.unique(rows, axis=0, return_inverse=True)
+    at, inverse = distinct[:, nd].tolist(), inverse.reshape(-1)
+    backends = backends_of(op, distinct[:, :nd].tolist(), n, cin, cout, transposed, rates)
+    fwd[live] = np.array(rates.convs(nd, fan_in, cout, at, stride, False, *case, backends))[inverse]
+    bwd[live] = np.array(rates.convs(nd, fan_in, cout, at, stride, True, *case, backends))[inverse]
+    return fwd, bwd
+
+
+def backends_of(op, boxes: list, n: int, cin: int, cout: int, transposed: bool, rates: Rates) -> list:
+    """The kernel family torch runs one convolution with on the CPU (``rates.conv_backend``) for each
+    input box (a list of lengths: the padded box a convolution reads, a transposed convolution's
+    input), each box asked of torch once per signature; None on a GPU or an uncalibrated CPU."""
+    if rates.gpu or not rates.measured:
+        return [None] * len(boxes)
+    weight = (cin, cout // op.groups) if transposed else (cout, cin // op.groups)
+    kernel, step, dilation = tuple(op.kernel), tuple(op.step), tuple(op.dilation)
+    signature = ((n, cin), weight + kernel, step, dilation, op.groups, transposed, rates.dtype)
+    known = _known.get(signature)
+    if known is None:
+        known = _known[signature] = {}
+    boxes = [tuple(b) for b in boxes]
+    new = [b for b in dict.fromkeys(boxes) if b not in known]
+    if new:
+        if _count[0] + len(new) > MAX_BACKENDS:
+            _known.clear()
+            _count[0] = 0
+            known = _known[signature] = {}
+        known.update(zip(new, _select(signature, new), strict=True))
+        _count[0] += len(new)
+    return [known[b] for b in boxes]
+
+
+def _select(signature: tuple, boxes: list[tuple]) -> list:
+    """``rates.conv_backend(channels + box, *rest)`` of each box, the weight and lists built once: the
+    same call of torch's dispatch heuristic on tensors expanded from one element."""
+    channels, weight_shape, stride, dilation, groups, transposed, dtype = signature
+    nd = len(weight_shape) - 2
+    try:
+        one = _one(dtype)
+        w, select = one.expand(weight_shape), torch._C._select_conv_backend
+    except (AttributeError, RuntimeError, TypeError):
+        return [None] * len(boxes)
+    stride, dilation, zeros = list(stride), list(dilation), [0] * nd
+    out = []
+    for box in boxes:
+        try:
+            x = one.expand(channels + box)
+            backend = select(x, w, None, stride, zeros, dilation, transposed, zeros, groups, None)
+        except (AttributeError, RuntimeError, TypeError):
+            out.append(None)
+            continue
+        name = _names.get(backend)  # ``str`` of torch's enum is most of a box's time: once per member
+        if name is None:
+            name = _names[backend] = str(backend).rsplit(".", 1)[-1]
+        out.append(name)
+    return out
+
+
+_names: dict = {}  # torch's ConvBackend member -> its name
