@@ -1,5 +1,6 @@
 """``bigpicture.perf.classes`` as it was before its nodes shared rows (integ at f058fe2): the reference
-of tests/test_class_rows_fast.py, verbatim but for this line.
+of tests/test_class_rows_fast.py, verbatim but for this line and ``walk.TileWalk.add_steps`` as it was
+(``_add_steps``).
 
 Every class of tiles at once: a grid's summed time and its largest peak, counted per dimension.
 
@@ -110,7 +111,7 @@ def _summed(cg: ClassGrid, grid, grad: dict, combos: dict, item: int, rates: Rat
     split = grid.split
     total, steps = TileWalk(), {}
     for node, (st, tiles, index) in combos.items():
-        total.add_steps(st, tiles, training and grad[node])
+        _add_steps(total, st, tiles, training and grad[node])
         steps[node] = st, index
     if training:
         for i, r in readers([st for st, _ in steps.values()], grad):
@@ -381,3 +382,20 @@ def _write_lengths(grid: _Grid, k: int) -> list[np.ndarray]:
         np.array([grid.row(j)[0][k].length(d) for j in reps], dtype=np.int64)
         for d, reps in enumerate(grid.reps)
     ]
+
+
+def _add_steps(self: TileWalk, st, tiles: np.ndarray, grad: bool) -> None:
+    """Steps on arrays (``steps.steps_of``): row i run by ``tiles[i]`` tiles."""
+    counts = tiles.tolist()
+    self.nodes += sum(counts)
+    self.ops += int(tiles[st.kind != "view"].sum())
+    self.fwd_s += float(tiles @ st.fwd_s)
+    self.flops_fwd += sum(map(operator.mul, counts, st.flops.tolist()))
+    kinds = [(k, st.kind == k) for k in dict.fromkeys(st.kind.tolist())]
+    for kind, rows in kinds:
+        self.fwd_by_kind[kind] = self.fwd_by_kind.get(kind, 0.0) + float(tiles[rows] @ st.fwd_s[rows])
+    if grad:
+        self.bwd_s += float(tiles @ st.bwd_s)
+        self.flops_bwd += sum(map(operator.mul, counts, st.flops_bwd.tolist()))
+        for kind, rows in kinds:
+            self.bwd_by_kind[kind] = self.bwd_by_kind.get(kind, 0.0) + float(tiles[rows] @ st.bwd_s[rows])

@@ -27,7 +27,7 @@ from bigpicture.engine.tiles import layout, working_counts
 from bigpicture.perf.bound import joined
 from bigpicture.perf.predict import _graph_memo, _memory, _setting, memory_walked
 from bigpicture.perf.resident import resident_bytes
-from bigpicture.perf.steps import Rows, _outside, _stored, geometries, spatial_inputs, step_key, steps_of
+from bigpicture.perf.steps import Rows, _stored, padded_bounds, spatial_inputs, steps_of
 from bigpicture.perf.walk import TileWalk, bytes_of, bytes_only, grad_in, grads, row_peaks, tile_at
 
 
@@ -141,24 +141,34 @@ def _numels(needs: list[dict]) -> dict:
 
 def _rows(split: Split, node, needs: list[dict], copy: bool, numel: dict) -> Rows:
     """The geometries of ``node``'s step in each walk, as ``steps.node_step`` makes them one at a
-    time; ``numel``: the boxes' positions (``_numels``)."""
+    time; ``numel``: the boxes' positions (``_numels``). A window's (or padding's) padded box is
+    made once per walk (``_padding``), not by ``steps.geometries`` and ``op.padded_box`` apart."""
     op, nd = split.ops[node], split.nd
-    copied = [False] * len(needs)  # only windows and padding read out of the image or a sub-box
-    for k, need in enumerate(needs if isinstance(op, (Window, Pad)) else ()):
-        key = step_key(node, geometries(split, node, need, _stored(split, spatial_inputs(split, node, need),
-                                                                    need, copy)), False)  # fmt: skip
-        copied[k] = key[1] or key[2]
     boxes = [need[node] for need in needs]
+    ones = [(1,) * nd] * len(needs)
+    if isinstance(op, (Window, Pad)):  # only they read out of the image or a sub-box
+        copied, outside, padded = zip(*(_padding(split, node, op, need, copy) for need in needs), strict=True)
+    else:
+        copied = outside = (False,) * len(needs)
     return Rows(
         numel[node],
         tuple((i, numel[i]) for i in op.inputs if i in needs[0]),
-        np.array(
-            [op.padded_box(b).shape if isinstance(op, Window) else (1,) * nd for b in boxes], dtype=np.int64
-        ),
-        np.array(
-            [op.needs(b)[0].shape if isinstance(op, ConvTranspose) else (1,) * nd for b in boxes],
-            dtype=np.int64,
-        ),  # fmt: skip
-        np.array([c and _outside(op, b) for c, b in zip(copied, boxes, strict=True)]),
+        np.array(padded if isinstance(op, Window) else ones, dtype=np.int64),
+        np.array([op.needs(b)[0].shape for b in boxes] if isinstance(op, ConvTranspose) else ones,
+                 dtype=np.int64),  # fmt: skip
+        np.array([c and o for c, o in zip(copied, outside, strict=True)]),
         np.array(copied),
     )
+
+
+def _padding(split: Split, node, op, need: dict, copy: bool) -> tuple[bool, bool, tuple]:
+    """(whether the step copies its input: ``steps.step_key``'s outside or strided flag, whether its
+    padded box reaches out of the image (``steps._outside``), the padded box's shape) of a window's
+    or a padding's step on one walk: ``steps.geometries``' flags, from one ``padded_bounds``."""
+    lo, hi = padded_bounds(op, need[node])
+    outside = any([a < 0 or b > n for a, b, n in zip(lo, hi, op.in_extents[0], strict=True)])
+    copied = outside
+    if not outside and isinstance(op, Window):  # a sub-box of the value its input is stored as
+        stored = _stored(split, spatial_inputs(split, node, need), need, copy)
+        copied = any([a != c or b != e for a, b, c, e in zip(lo, hi, stored.lo, stored.hi, strict=True)])
+    return copied, outside, tuple([b - a if b > a else 0 for a, b in zip(lo, hi)])

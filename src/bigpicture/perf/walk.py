@@ -77,10 +77,14 @@ class TileWalk:
         """Steps on arrays (``steps.steps_of``): row i run by ``tiles[i]`` tiles."""
         counts = tiles.tolist()
         self.nodes += sum(counts)
+        kinds = list(dict.fromkeys(st.kind.tolist()))
+        if len(kinds) == 1:  # every row's: the sums over all rows are the kind's
+            self._add_kind(st, tiles, counts, kinds[0], grad)
+            return
         self.ops += int(tiles[st.kind != "view"].sum())
         self.fwd_s += float(tiles @ st.fwd_s)
         self.flops_fwd += sum(map(operator.mul, counts, st.flops.tolist()))
-        kinds = [(k, st.kind == k) for k in dict.fromkeys(st.kind.tolist())]
+        kinds = [(k, st.kind == k) for k in kinds]
         for kind, rows in kinds:
             self.fwd_by_kind[kind] = self.fwd_by_kind.get(kind, 0.0) + float(tiles[rows] @ st.fwd_s[rows])
         if grad:
@@ -88,6 +92,19 @@ class TileWalk:
             self.flops_bwd += sum(map(operator.mul, counts, st.flops_bwd.tolist()))
             for kind, rows in kinds:
                 self.bwd_by_kind[kind] = self.bwd_by_kind.get(kind, 0.0) + float(tiles[rows] @ st.bwd_s[rows])
+
+    def _add_kind(self, st: Step, tiles: np.ndarray, counts: list, kind: str, grad: bool) -> None:
+        """``add_steps`` of steps whose rows are all of one kind (``counts``: ``tiles`` as a list)."""
+        self.ops += sum(counts) if kind != "view" else 0
+        fwd_s = float(tiles @ st.fwd_s)
+        self.fwd_s += fwd_s
+        self.flops_fwd += sum(map(operator.mul, counts, st.flops.tolist()))
+        self.fwd_by_kind[kind] = self.fwd_by_kind.get(kind, 0.0) + fwd_s
+        if grad:
+            bwd_s = float(tiles @ st.bwd_s)
+            self.bwd_s += bwd_s
+            self.flops_bwd += sum(map(operator.mul, counts, st.flops_bwd.tolist()))
+            self.bwd_by_kind[kind] = self.bwd_by_kind.get(kind, 0.0) + bwd_s
 
     def add_accumulation(self, seconds: float) -> None:
         self.bwd_s += seconds
