@@ -24,8 +24,13 @@ def steps_many(calls: list[tuple], item: int, rates: Rates) -> list[Step]:
     out: list = [None] * len(calls)
     memo = step_memo(rates) if steps.MEMO else None
     groups: dict = {}  # context -> rows' key -> the calls on those rows
+    contexts: dict = {}  # (split, node, grad_in, inputs) -> its memo context: a node is asked once per pass
     for k, (split, node, rows, grad_in) in enumerate(calls):
-        context, key = memo_context(split, node, rows, item, rates, grad_in, False), rows.key()
+        asked = (id(split), node, grad_in, *[i for i, _ in rows.inputs])
+        context = contexts.get(asked)
+        if context is None:
+            context = contexts[asked] = memo_context(split, node, rows, item, rates, grad_in, False)
+        key = rows.key()
         found = memo.find((context, key)) if memo is not None else None
         if found is not None:
             out[k] = Step(node, tuple(split.ops[node].inputs), **found)
