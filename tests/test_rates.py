@@ -11,7 +11,8 @@ import bigpicture as bp
 from bigpicture.perf.devices import local_cpu
 from bigpicture.perf.grid import layout
 from bigpicture.perf.predict import _predict_pass
-from bigpicture.perf.rates import PARALLEL_ELEMENTS, Rates, _grid_rate, conv_backend
+from bigpicture.perf.rate_tables import _grid_rate
+from bigpicture.perf.rates import PARALLEL_ELEMENTS, Rates, conv_backend
 from bigpicture.perf.steps import node_step
 from bigpicture.perf.walk import grads, tile_at
 

@@ -18,15 +18,8 @@ from torch import nn
 from bigpicture.perf import classes, geometry, grid, memory_bound, predict, row_memo, steps, walk
 from bigpicture.perf.devices import get_device, load_calibration, local_cpu
 from bigpicture.perf.predict import predict_splits
-from bigpicture.perf.rates import (
-    Rates,
-    _grid_table,
-    _interpolate_segments,
-    _logs,
-    _segments,
-    _table_rate,
-    gpu_conv_rate,
-)
+from bigpicture.perf.rate_tables import _grid_table, _logs, _table_rate
+from bigpicture.perf.rates import Rates, _interpolate_segments, _segments, gpu_conv_rate
 from bigpicture.perf.row_memo import StepMemo
 from bigpicture.perf.schedule import analyse
 

@@ -20,7 +20,8 @@ from torch import nn
 from bigpicture.perf import conv_rates, steps
 from bigpicture.perf.devices import get_device, load_calibration, local_cpu
 from bigpicture.perf.predict import predict_splits
-from bigpicture.perf.rates import Rates, _logs, _nearest_many, _table_rate, _table_rates
+from bigpicture.perf.rate_tables import _logs, _nearest_many, _table_rate, _table_rates
+from bigpicture.perf.rates import Rates
 from bigpicture.perf.row_memo import Rows
 from bigpicture.perf.schedule import analyse
 
@@ -197,7 +198,7 @@ def test_backends_are_torchs_for_every_box_and_kept_within_bounds(monkeypatch):
     positions=st.lists(st.integers(1, 10**7), min_size=0, max_size=30),
 )
 def test_table_rates_equal_one_at_a_time(axes, holes, zeros, cin, cout, positions):
-    """``rates._table_rates`` against ``_table_rate`` per position: grids with holes (corners left out of
+    """``rate_tables._table_rates`` against ``_table_rate`` per position: grids with holes (corners left out of
     the weights, none left: None) and zero rates, queries on, between and beyond the grid's values."""
     axes = [sorted(a) for a in axes]
     rng = np.random.default_rng(len(positions))
@@ -219,7 +220,7 @@ def test_table_rates_equal_one_at_a_time(axes, holes, zeros, cin, cout, position
     spread=st.booleans(),
 )
 def test_nearest_many_equals_one_at_a_time(grid, repeats, query, positions, spread):
-    """``rates._nearest_many`` (candidates by squared distances, one part summed once where the queries
+    """``rate_tables._nearest_many`` (candidates by squared distances, one part summed once where the queries
     differ in positions alone) against ``_nearest`` one query at a time: grids of points measured
     several times (ties), queries on the grid's points and off them, sharing the other coordinates
     or not (``spread``)."""

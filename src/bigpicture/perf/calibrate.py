@@ -1,7 +1,7 @@
 """Measurement of the local CPU for the performance model: what ``bigpicture calibrate`` stores.
 
     convolutions   a grid of channels, kernels, strides and sizes, forward and backward, each with
-                   the backend torch picks for it (im2col or oneDNN): ``rates._grid_rate`` reads it
+                   the backend torch picks for it (im2col or oneDNN): ``rate_tables._grid_rate`` reads it
     memory-bound   unary, binary, normalisation and copy ops by size
     pooling        max pooling windows by size
     workspace      what a convolution holds besides its output, in fresh processes
