@@ -19,11 +19,11 @@ inputs' lengths) with a plain window's padded input length computed from its own
 
 from __future__ import annotations
 
-import dataclasses
 import numbers
 
 from bigpicture.engine.rules import Window
 from bigpicture.engine.rules.resample import ConvTranspose
+from bigpicture.perf.row_memo import Rows
 
 
 def reach(op) -> tuple | None:
@@ -87,5 +87,5 @@ class RowShare:
         rows, tiles, inverse = found
         if [i for i, _ in rows.inputs] != boxes[1:]:
             inputs = tuple((i, n) for i, (_, n) in zip(boxes[1:], rows.inputs, strict=True))
-            rows = dataclasses.replace(rows, inputs=inputs)
+            rows = Rows(rows.numel, inputs, rows.padded, rows.extra, rows.outside, rows.copied)
         return rows, tiles, inverse
