@@ -45,6 +45,7 @@ from bigpicture.engine.tiles import Layout, layout, working_counts
 from bigpicture.perf.grid import diagonal_of, dim_keys
 from bigpicture.perf.predict import _setting
 from bigpicture.perf.rates import Rates
+from bigpicture.perf.row_memo import join_rows
 from bigpicture.perf.steps import Rows, steps_of
 from bigpicture.perf.walk import accumulation_s, bytes_of, grad_in, grads, readers
 from bigpicture.perf.work_bound import work_bound
@@ -174,23 +175,12 @@ def pass_bounds(passes: list[tuple], dtype: torch.dtype, rates: Rates, training:
     steps: list[dict] = [{} for _ in passes]
     for (node, _, grad_input, _), ks in groups.items():
         rows = [combos[k][node].rows for k in ks]
-        st = steps_of(passes[ks[0]][0], node, joined(rows), item, rates, grad_input, least=True)
+        st = steps_of(passes[ks[0]][0], node, join_rows(rows), item, rates, grad_input, least=True)
         start = 0
         for k, r in zip(ks, rows, strict=True):
             at = slice(start, start + len(r.numel))
             steps[k][node], start = _Part(st.inputs, st.fwd_s[at], st.bwd_s[at], st.kind[at]), at.stop
     return [_seconds(*p, combos[k], steps[k], item, rates, training) for k, p in enumerate(passes)]
-
-
-def joined(rows: list[Rows]) -> Rows:
-    """The rows of several ``Rows`` (of one node, alike in their inputs) as one: one ``steps.steps_of``."""
-    if len(rows) == 1:
-        return rows[0]
-    inputs = tuple(
-        (i, np.concatenate([r.inputs[k][1] for r in rows])) for k, (i, _) in enumerate(rows[0].inputs)
-    )
-    fields = ("numel", "padded", "extra", "outside", "copied")
-    return Rows(**{f: np.concatenate([getattr(r, f) for r in rows]) for f in fields}, inputs=inputs)
 
 
 def _seconds(split: Split, lay: Layout, found: tuple, combos: dict, steps: dict, item: int, rates: Rates,

@@ -24,9 +24,9 @@ from bigpicture.engine.rules import Window
 from bigpicture.engine.rules.resample import ConvTranspose, Pad
 from bigpicture.engine.split import Split
 from bigpicture.engine.tiles import layout, working_counts
-from bigpicture.perf.bound import joined
 from bigpicture.perf.predict import _graph_memo, _memory, _setting, memory_walked
 from bigpicture.perf.resident import resident_bytes
+from bigpicture.perf.row_memo import join_rows
 from bigpicture.perf.steps import Rows, _stored, padded_bounds, spatial_inputs, steps_of
 from bigpicture.perf.walk import TileWalk, bytes_of, bytes_only, grad_in, grads, row_peaks, tile_at
 
@@ -109,7 +109,7 @@ def _peaks(splits: list[Split], walks: list, item: int, rates, training: bool) -
     steps: list[dict] = [{} for _ in walks]  # per group, node -> (its steps over every group, its rows)
     for (node, _, grad_input, _), parts in calls.items():
         s = splits[walks[parts[0][0]][0]]
-        st, start = steps_of(s, node, joined([r for _, r in parts]), item, rates, grad_input), 0
+        st, start = steps_of(s, node, join_rows([r for _, r in parts]), item, rates, grad_input), 0
         for w, r in parts:
             steps[w][node], start = (st, np.arange(start, start + len(r.numel))), start + len(r.numel)
     out = []
