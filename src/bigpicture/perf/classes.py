@@ -191,7 +191,7 @@ def _node_rows(split, grid: _Grid, node, input_copy: bool, rates, share: RowShar
     combination of the per-dimension geometries, and one step is built per distinct set of them:
     a 3D grid with 10 kinds per dimension has 1,000 combinations, and tiles that differ by a
     permutation of dimensions share a step. A CPU convolution also depends on the shape of its
-    input (torch picks its kernel by shape: ``steps._backend``), which the key then holds too.
+    input (torch picks its kernel by shape: ``conv_rates.backends_of``), which the key then holds too.
     Nodes and passes with the same geometries share their rows (``node_rows.RowShare``).
     """
     per_dim = grid.geometry_features(node, input_copy)

@@ -353,7 +353,7 @@ class _BytesOnly:
     """``rates`` that answer every rate with 1 and pick no backend: a walk with them counts the same
     bytes (the workspace is the rates' own) for a fraction of the cost, for memory bounds."""
 
-    measured = False  # no CPU backend asked of torch (steps._backend)
+    measured = False  # no CPU backend asked of torch (conv_rates.backends_of)
 
     def __init__(self, rates: Rates) -> None:
         self._rates = rates
