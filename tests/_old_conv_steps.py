@@ -8,7 +8,8 @@ import math
 import numpy as np
 
 from bigpicture.engine.rules.resample import ConvTranspose
-from bigpicture.perf.rates import Rates, conv_backend
+from bigpicture.perf.conv_rates import conv_backend
+from bigpicture.perf.rates import Rates
 
 
 def old_backend(op, shape: tuple, n: int, cin: int, cout: int, transposed: bool, rates: Rates) -> str | None:

@@ -8,11 +8,12 @@ import torch
 from torch import nn
 
 import bigpicture as bp
+from bigpicture.perf.conv_rates import conv_backend
 from bigpicture.perf.devices import local_cpu
 from bigpicture.perf.grid import layout
 from bigpicture.perf.predict import _predict_pass
 from bigpicture.perf.rate_tables import _grid_rate
-from bigpicture.perf.rates import PARALLEL_ELEMENTS, Rates, conv_backend
+from bigpicture.perf.rates import PARALLEL_ELEMENTS, Rates
 from bigpicture.perf.steps import node_step
 from bigpicture.perf.walk import grads, tile_at
 

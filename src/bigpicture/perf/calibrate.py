@@ -28,8 +28,9 @@ import torch
 import torch.nn.functional as F
 
 from bigpicture.perf.calibrate_engine import engine_costs
+from bigpicture.perf.conv_rates import conv_backend
 from bigpicture.perf.devices import calibration_path, machine
-from bigpicture.perf.rates import DEFAULT_WORKSPACE, STREAM_KINDS, conv_backend
+from bigpicture.perf.rates import DEFAULT_WORKSPACE, STREAM_KINDS
 from bigpicture.perf.timing import (
     CLOCKS,
     bandwidth,

@@ -11,16 +11,18 @@ all), so the rows are deduplicated first and each distinct one asked once, then 
                           <--inverse-- the same floats per row
 
 ``backends_of`` keeps each box's answer per convolution signature (what ``conv_backend`` is asked
-besides the box), so the same box of the same convolution is asked of torch once per process, as
-``conv_backend``'s cache did, with no key built per row.
+besides the box), so the same box of the same convolution is asked of torch once per process, with no
+key built per row; ``conv_backend`` (the calibration's question, one shape) asks ``_select`` too.
 """
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import torch
 
-from bigpicture.perf.rates import Rates, _one
+from bigpicture.perf.rates import Rates
 
 MAX_BACKENDS = 1 << 17  # boxes kept over all signatures (~150 bytes each); past that, all are dropped
 _known: dict = {}  # signature -> box -> kernel family (None: torch cannot say)
@@ -77,9 +79,22 @@ def backends_of(op, boxes: list, n: int, cin: int, cout: int, transposed: bool, 
     return [known[b] for b in boxes]
 
 
+@functools.lru_cache(maxsize=1 << 16)
+def conv_backend(
+    input_shape: tuple[int, ...], weight_shape: tuple[int, ...], stride: tuple[int, ...],
+    dilation: tuple[int, ...], groups: int, transposed: bool, dtype: torch.dtype = torch.float32,
+) -> str | None:  # fmt: skip
+    """The kernel family torch's CPU dispatch picks for a convolution of these shapes, as the tile
+    interpreter calls it (input padded already, padding 0): "Slow2d"/"Slow3d" (im2col + GEMM),
+    "Mkldnn" (oneDNN), ... Asked of torch's own heuristic on tensors expanded from one element, so
+    nothing of the shape is allocated; None where this torch cannot say."""
+    rest = (tuple(weight_shape), tuple(stride), tuple(dilation), groups, transposed, dtype)
+    return _select((tuple(input_shape[:2]), *rest), [tuple(input_shape[2:])])[0]
+
+
 def _select(signature: tuple, boxes: list[tuple]) -> list:
-    """``rates.conv_backend(channels + box, *rest)`` of each box, the weight and lists built once: the
-    same call of torch's dispatch heuristic on tensors expanded from one element."""
+    """``conv_backend(channels + box, *rest)`` of each box, the weight and lists built once: torch's
+    dispatch heuristic on tensors expanded from one element (``_one``)."""
     channels, weight_shape, stride, dilation, groups, transposed, dtype = signature
     nd = len(weight_shape) - 2
     try:
@@ -104,3 +119,4 @@ def _select(signature: tuple, boxes: list[tuple]) -> list:
 
 
 _names: dict = {}  # torch's ConvBackend member -> its name
+_one = functools.cache(lambda dtype: torch.empty(1, dtype=dtype))  # expanded, never written

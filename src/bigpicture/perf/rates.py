@@ -8,7 +8,7 @@ over a grid of channel counts, kernels, strides and spatial sizes, each with the
 picks for it; memory-bound ops over tensor sizes from cache-resident to DRAM-sized; and the
 engine's own per-node, per-tile cost and per-op wake-up of idle threads. A convolution's rate
 comes from the measurements of its backend, kernel and stride class (`rate_tables.py`, with
-`conv_backend` asking torch which backend a tile's shape gets); other rates are interpolated by
+`conv_rates.conv_backend` asking torch which backend a tile's shape gets); other rates are interpolated by
 size in log space.
 
 GPUs in the device table are not measured here; their rates follow documented assumptions
@@ -24,7 +24,6 @@ its GPU time and its host time.
 
 from __future__ import annotations
 
-import functools
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -116,7 +115,7 @@ class Rates:
              backend: str | None = None) -> float:  # fmt: skip
         """Flops/s of a convolution: fan_in = input channels per group x kernel volume; positions are
         the output's (the input's for a transposed convolution). With the input channels `cin`, the
-        kernel volume and torch's `backend` (`conv_backend`), a CPU rate is interpolated among the
+        kernel volume and torch's `backend` (`conv_rates.conv_backend`), a CPU rate is interpolated among the
         measurements of that backend and kernel (`rate_tables._grid_rate`); else from the nearest ones."""
         if self.gpu:  # a formula of these numbers only (the backward runs at the forward's rate)
             key = (nd, fan_in, cout, positions, stride, transposed, cin, kernel)
@@ -282,30 +281,6 @@ def _interpolate(xs: Sequence[float], ys: Sequence[float], x: float) -> float:
             w = math.log(x / x0) / math.log(x1 / x0)
             return y0 + w * (y1 - y0)
     return ys[-1]
-
-
-@functools.lru_cache(maxsize=1 << 16)  # the planner asks per tile geometry: 170,000 shapes for DenseNet264
-def conv_backend(
-    input_shape: tuple[int, ...], weight_shape: tuple[int, ...], stride: tuple[int, ...],
-    dilation: tuple[int, ...], groups: int, transposed: bool, dtype: torch.dtype = torch.float32,
-) -> str | None:  # fmt: skip
-    """The kernel family torch's CPU dispatch picks for a convolution of these shapes, as the tile
-    interpreter calls it (input padded already, padding 0): "Slow2d"/"Slow3d" (im2col + GEMM),
-    "Mkldnn" (oneDNN), ... Asked of torch's own heuristic on tensors expanded from one element, so
-    nothing of the shape is allocated; None where this torch cannot say."""
-    nd = len(input_shape) - 2
-    try:
-        one = _one(dtype)
-        x, w = one.expand(input_shape), one.expand(weight_shape)
-        backend = torch._C._select_conv_backend(
-            x, w, None, list(stride), [0] * nd, list(dilation), transposed, [0] * nd, groups, None
-        )
-    except (AttributeError, RuntimeError, TypeError):
-        return None
-    return str(backend).rsplit(".", 1)[-1]
-
-
-_one = functools.cache(lambda dtype: torch.empty(1, dtype=dtype))  # expanded by conv_backend, never written
 
 
 # what this machine's torch (2.13, CPU) showed: oneDNN for 2D, im2col ("slow_conv3d") for 3D
