@@ -5,7 +5,6 @@
 from __future__ import annotations
 
 import dataclasses
-import itertools
 
 import numpy as np
 import pytest
@@ -14,13 +13,13 @@ from _old_conv_steps import old_backend, old_conv_steps
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from test_pass_batch import CASES, _monai
-from test_step_memo import _calibration, _old_nearest_logs
+from test_step_memo import _calibration
 from torch import nn
 
 from bigpicture.perf import conv_rates, steps
 from bigpicture.perf.devices import get_device, load_calibration, local_cpu
 from bigpicture.perf.predict import predict_splits
-from bigpicture.perf.rate_tables import _logs, _nearest_many, _table_rate, _table_rates
+from bigpicture.perf.rate_tables import _table_rate, _table_rates
 from bigpicture.perf.rates import Rates
 from bigpicture.perf.row_memo import Rows
 from bigpicture.perf.schedule import analyse
@@ -209,27 +208,3 @@ def test_table_rates_equal_one_at_a_time(axes, holes, zeros, cin, cout, position
     positions = positions + axes[2] + [axes[2][0] - 1 or 1, axes[2][-1] + 1]
     got = _table_rates(table, axes, cin, cout, positions)
     assert got == [_table_rate(table, axes, cin, cout, p) for p in positions]
-
-
-@settings(max_examples=100, deadline=None)
-@given(
-    grid=st.tuples(*[st.lists(st.integers(1, 1 << 20), min_size=1, max_size=4, unique=True)] * 4),
-    repeats=st.integers(1, 3),
-    query=st.tuples(st.integers(1, 1 << 20), st.integers(1, 1 << 20), st.sampled_from([1, 4])),
-    positions=st.lists(st.integers(1, 1 << 30), min_size=1, max_size=40),
-    spread=st.booleans(),
-)
-def test_nearest_many_equals_one_at_a_time(grid, repeats, query, positions, spread):
-    """``rate_tables._nearest_many`` (candidates by squared distances, one part summed once where the queries
-    differ in positions alone) against ``_nearest`` one query at a time: grids of points measured
-    several times (ties), queries on the grid's points and off them, sharing the other coordinates
-    or not (``spread``)."""
-    points = [p for p in itertools.product(*grid) for _ in range(repeats)]
-    values = np.random.default_rng(len(points)).uniform(1e8, 1e11, len(points)).tolist()
-    fan_in, cout, s = query
-    ats = [(fan_in + (k if spread else 0), cout, p, s) for k, p in enumerate(positions)]
-    ats += [points[k] for k in range(0, len(points), max(1, len(points) // 5))]  # on measured points
-    logs = np.array([_logs(p) for p in points])
-    kept: dict = {}
-    for _ in range(2):  # asked afresh, then read back
-        assert _nearest_many(logs, values, ats, kept) == [_old_nearest_logs(logs, values, at) for at in ats]

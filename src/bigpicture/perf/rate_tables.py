@@ -5,7 +5,9 @@ Two readers of ``calibrate.measure``'s convolution points (`rates.Rates.convs`):
   positions): multilinear in the logs over the grid's corners around the query, geometric in the rate
   (``_grid_rate``, ``_table_rate``; ``_table_rates`` for many positions of one convolution);
 - elsewhere: inverse-distance weighting of the 3 nearest points in log space (``_nearest``;
-  ``_nearest_many`` for many queries, numpy narrowing the candidates that ``math.dist`` then orders).
+  ``_nearest_rates`` for many queries of one convolution, which differ in positions alone: the points
+  that can be nearest any of them kept once (``_near_points``), numpy narrowing those per query that
+  ``math.dist`` then orders).
 Split from rates.py (which keeps the rates' object and the memory-bound ops), the same functions.
 """
 
@@ -20,70 +22,64 @@ import numpy as np
 
 def _nearest(points: list[tuple[float, ...]], values: list[float], at: tuple[float, ...]) -> float:
     """Inverse-distance weighting of the 3 nearest measurements, in log space."""
-    return _nearest_many(np.array([_logs(p) for p in points]), values, [at])[0]
+    logs = np.array([_logs(p) for p in points])
+    return _nearest_rates(_near_points(logs, _logs(at), (values,)), [math.log(max(at[2], 1))])[0][0]
 
 
 def _logs(point: tuple[float, ...]) -> list[float]:
     return [math.log(max(v, 1)) for v in point]
 
 
-def _nearest_many(points: np.ndarray, values: list[float], ats: list[tuple[float, ...]],
-                  kept: dict | None = None) -> list[float]:  # fmt: skip
-    """``_nearest`` at each of ``ats`` on the points' logs (the planner asks for many positions of one
-    calibration): numpy finds each one's few nearest points, ``math.dist`` then orders them as
-    ``_nearest`` does. ``kept``: per query, those points and their distances (``_closest``), kept
-    between calls on the same points (the forward's and the backward's rates share them)."""
-    kept = {} if kept is None else kept
-    new = [at for at in dict.fromkeys(ats) if at not in kept]
-    logs = [_logs(at) for at in new]
-    rows = points.tolist()  # ``math.dist`` reads Python floats: the same numbers, no numpy scalars
-    if len(points) <= 8:
-        kept.update((at, _closest(lg, rows, range(len(points)))) for at, lg in zip(new, logs, strict=True))
-    elif new:
-        index = _candidates(points, np.array(logs))
-        kept.update((at, _closest(lg, rows, i)) for at, lg, i in zip(new, logs, index, strict=True))
-    return [_weighted(kept[at], values) for at in ats]
+def _near_points(points: np.ndarray, head: list[float], values: tuple[list[float], ...]) -> tuple:
+    """What ``_nearest_rates`` reads of the points' logs for queries that differ in positions alone
+    (``head``: the logs of a query, its positions' left out; ``values``: the points' rates, a list
+    per kind): the points that may be among a query's 3 nearest whatever its positions, and their
+    squared distance along the other coordinates (``base``).
+
+    Points of one positions value are the same distance apart along positions from any query, so
+    a point whose ``base`` exceeds the third smallest of its group (by 1e-6 relative and 1e-9,
+    far beyond rounding: a sum of 3 squares is within a few ulps of the exact one, ``math.dist`` within
+    one) has 3 points strictly nearer than it from every query and is never weighed: left out."""
+    base = ((points[:, [0, 1, 3]] - np.array([head[0], head[1], head[3]])) ** 2).sum(axis=1)
+    keep = np.zeros(len(points), dtype=bool)
+    for along in np.unique(points[:, 2]):
+        group = points[:, 2] == along
+        third = np.sort(base[group])[min(2, group.sum() - 1)]
+        keep |= group & (base <= third * (1 + 1e-6) + 1e-9)
+    index = np.flatnonzero(keep)
+    kept = [[v[i] for i in index.tolist()] for v in values]
+    return head, base[index], points[index, 2], points[index].tolist(), kept
 
 
-def _candidates(points: np.ndarray, queries: np.ndarray) -> list[list[int]]:
-    """Per query (a row of logs), the indices of the points (in order) no farther than about its third
-    nearest (squared distances within 1e-6 of the third's, ties and rounding kept): a superset of
-    those ``_closest`` keeps, which it then measures by ``math.dist`` (its output is the same for any
-    superset holding the three nearest). The planner's queries differ in their positions alone:
-    the other coordinates' part of the distances is summed once."""
-    out = []
-    same = (queries[:, [0, 1, 3]] == queries[:1, [0, 1, 3]]).all()
-    if same:  # (points,): the squared distance of every point but along positions
-        base = ((points[:, [0, 1, 3]] - queries[0, [0, 1, 3]]) ** 2).sum(axis=1)
-    for start in range(0, len(queries), 1024):  # (rows, points): a few MiB
-        chunk = queries[start : start + 1024]
-        if same:
-            far = base + (points[:, 2] - chunk[:, 2:3]) ** 2
-        else:
-            far = ((points[None] - chunk[:, None]) ** 2).sum(axis=2)
-        near = far <= np.partition(far, 2, axis=1)[:, 2:3] * (1 + 1e-6) + 1e-9  # ties and rounding kept
+def _nearest_rates(near: tuple, xs: list[float]) -> list[tuple[float, ...]]:
+    """Per query (``xs``: the log of its positions), the inverse-distance weighting of its 3 nearest
+    points' rates, one per list of ``near``'s values (``_near_points``), in log space.
+
+    numpy keeps the points no farther than about a query's third nearest (squared distances within
+    1e-6 of the third's, ties and rounding kept): a superset of those within its third nearest by
+    ``math.dist``; the 3 smallest (distance, rate) pairs of any such superset are those of all the
+    points, which ``math.dist`` then measures and sorts (a nearer distance first, then a smaller
+    rate), weighed by 1 / distance**2 (the nearest alone within 1e-9)."""
+    head, base, along, rows, values = near
+    out, dist, last = [], math.dist, min(2, len(rows) - 1)
+    for start in range(0, len(xs), 1024):  # (queries, points): a few MiB
+        chunk = xs[start : start + 1024]
+        far = base + (along - np.array(chunk)[:, None]) ** 2
+        near = far <= np.partition(far, last, axis=1)[:, last : last + 1] * (1 + 1e-6) + 1e-9
         cols, ends = np.nonzero(near)[1].tolist(), np.cumsum(near.sum(axis=1)).tolist()
-        out += [cols[a:b] for a, b in zip([0, *ends[:-1]], ends, strict=True)]
+        for x, a, b in zip(chunk, [0, *ends[:-1]], ends, strict=True):
+            at = [head[0], head[1], x, head[3]]
+            ds = [(dist(at, rows[i]), i) for i in cols[a:b]]
+            rates = []
+            for kind in values:
+                top = sorted([(d, kind[i]) for d, i in ds])[:3]
+                if top[0][0] < 1e-9:
+                    rates.append(top[0][1])
+                    continue
+                weights = [1 / d**2 for d, _ in top]
+                rates.append(sum(w * v for w, (_, v) in zip(weights, top, strict=True)) / sum(weights))
+            out.append(tuple(rates))
     return out
-
-
-def _closest(logs: list[float], points, index) -> list[tuple[float, int]]:
-    """(distance, index) of the ``points`` at ``index`` (in order) that ``_weighted`` may weigh: those
-    no farther than the third nearest (a calibration's grid has many points at one distance: the same
-    fan-in, channels and positions measured for several backends and kernels)."""
-    dist = [(math.dist(logs, points[i]), i) for i in index]
-    third = sorted(d for d, _ in dist)[min(2, len(dist) - 1)]
-    return [(d, i) for d, i in dist if d <= third]
-
-
-def _weighted(close: list[tuple[float, int]], values: list[float]) -> float:
-    """Inverse-distance weighting of the 3 points nearest a query, of its ``_closest`` (a nearer
-    distance first, then a smaller value, as the (distance, value) pairs sort)."""
-    dist = sorted([(d, values[i]) for d, i in close])[:3]  # ``heapq.nsmallest(3, ...)``, documented so
-    if dist[0][0] < 1e-9:
-        return dist[0][1]
-    weights = [1 / d**2 for d, _ in dist]
-    return sum(w * v for w, (_, v) in zip(weights, dist, strict=True)) / sum(weights)
 
 
 def _grid_rate(
@@ -111,7 +107,7 @@ def _grid_table(points: list[dict], value: str, stride: int, kernel: int, backen
 
 def _table_rates(table: dict, axes: list, cin: int, cout: int, positions: list[int]) -> list[float | None]:
     """``_table_rate`` at each of ``positions`` (one convolution's rows): the input and output channels'
-    corners and the table's log-rates once, then per entry its positions' corners, weighed in the same
+    corners and the table's log-rates once, then per entry its positions' corners (once), weighed in the same
     order (the corners' weights multiplied left to right, ``math.prod``'s), the same floats."""
     heads = []  # per (cin, cout) corner: the product of its weights, its rates along positions, their logs
     (c0, c1), values = (_corners(v, q) for v, q in zip(axes[:2], (cin, cout), strict=True)), axes[2]
@@ -121,8 +117,9 @@ def _table_rates(table: dict, axes: list, cin: int, cout: int, positions: list[i
     out = []
     for q in positions:
         total = weight = 0.0
+        corners = _corners(values, q)
         for w01, rates, logs in heads:
-            for v2, w2 in _corners(values, q):
+            for v2, w2 in corners:
                 w = w01 * w2
                 if w > 0 and (rate := rates[v2]):
                     log = logs[v2] if v2 in logs else logs.setdefault(v2, math.log(rate))

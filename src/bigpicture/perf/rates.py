@@ -39,7 +39,7 @@ from bigpicture.perf.gpu_rates import (  # noqa: F401 (re-exported: the GPU half
     gpu_conv_rate,
     quantization,
 )
-from bigpicture.perf.rate_tables import _grid_table, _logs, _nearest_many, _table_rates
+from bigpicture.perf.rate_tables import _grid_table, _logs, _near_points, _nearest_rates, _table_rates
 
 GPU_ASSUMPTIONS = (
     "GPU rates are assumptions, not measurements: convolutions reach 70% of the dtype's dense peak "
@@ -139,7 +139,7 @@ class Rates:
             case = {"cin": cin, "kernel": kernel}
             return [self.conv(nd, fan_in, cout, p, stride, backward, transposed, **case, backend=b)
                     for p, b in zip(positions, backends, strict=True)]  # fmt: skip
-        value, nearest = "backward" if backward else "forward", {}
+        value = "backward" if backward else "forward"
         points, gridded = self._points(nd, transposed)
         # memo per context (what a node's rows share), by (positions, backend): no 10-tuple per row
         context = (nd, fan_in, cout, stride, backward, transposed, cin, kernel)
@@ -158,18 +158,30 @@ class Rates:
                 at = [q for q in new if q[1] == backend]
                 found = _table_rates(*self._tables[table_key], cin, cout, [p for p, _ in at])
                 memo.update((q, r) for q, r in zip(at, found, strict=True) if r is not None)
-        for q in new:  # those the grid does not cover: from their nearest measurements, together
-            if q not in memo:
-                nearest[q] = (fan_in, cout, q[0], 4 ** (min(stride, 2) - 1))
-        if nearest:
-            if (nd, transposed, value) not in self._tables:  # the points' logs, once
-                near = [(p["fan_in"], p["cout"], p["positions"], 4 ** (p["stride"] - 1)) for p in points]
-                logs = np.array([_logs(p) for p in near])
-                self._tables[nd, transposed, value] = logs, [p[value] for p in points]
-            kept = self._tables.setdefault((nd, transposed, "nearest"), {})  # forward and backward alike
-            rates = _nearest_many(*self._tables[nd, transposed, value], list(nearest.values()), kept)
-            memo.update(zip(nearest, rates, strict=True))
+        rest = [q for q in new if q not in memo]  # those the grid does not cover: from the nearest points
+        if rest:
+            head = (fan_in, cout, 4 ** (min(stride, 2) - 1))
+            found = self._nearest(nd, transposed, head, [p for p, _ in rest])
+            memo.update(zip(rest, (f[backward] for f in found), strict=True))
         return [memo[q] for q in asked]
+
+    def _nearest(self, nd: int, transposed: bool, head: tuple, positions: list[int]) -> list[tuple]:
+        """(forward, backward) rates of a convolution (``head``: its fan-in, output channels and stride
+        class) at each of ``positions`` from the nearest measurements (``rate_tables._nearest_rates``),
+        kept per convolution and positions: the forward's and the backward's rates are asked apart."""
+        near = self._tables.get((nd, transposed, "nearest", head))
+        if near is None:
+            points = self._points(nd, transposed)[0]
+            near = [(p["fan_in"], p["cout"], p["positions"], 4 ** (p["stride"] - 1)) for p in points]
+            values = ([p["forward"] for p in points], [p["backward"] for p in points])
+            logs = np.array([_logs(p) for p in near])
+            near = _near_points(logs, _logs((*head[:2], 1, head[2])), values), {}
+            self._tables[nd, transposed, "nearest", head] = near
+        kept = near[1]
+        new = [p for p in dict.fromkeys(positions) if p not in kept]
+        if new:
+            kept.update(zip(new, _nearest_rates(near[0], [math.log(max(p, 1)) for p in new]), strict=True))
+        return [kept[p] for p in positions]
 
     def _points(self, nd: int, transposed: bool) -> tuple[list[dict], bool]:
         """The calibration's convolutions of ``nd`` dimensions (and kind), and whether they form a grid."""
