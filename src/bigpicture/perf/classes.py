@@ -30,6 +30,7 @@ from bigpicture.engine.rules.window import Conv
 from bigpicture.engine.split import Split
 from bigpicture.perf.class_sums import summed
 from bigpicture.perf.grid import ClassGrid
+from bigpicture.perf.kind_columns import node_columns
 from bigpicture.perf.node_rows import RowShare
 from bigpicture.perf.rates import Rates
 from bigpicture.perf.step_batch import steps_many
@@ -111,6 +112,7 @@ class _Grid:
         self._geometries: dict = {}  # per input copied or not: ``geometry_features``'s rows
         self._combinations: dict = {}  # ``combinations`` by the features' ids
         self._columns: dict = {}  # ``geometry_features`` along a dimension by its values' identities
+        self._nodes: dict = {}  # per input copied or not: every node's ``geometry_features`` (or None)
         self.shape = tuple(len(r) for r in self.reps)
 
     def features(self, feature) -> list[tuple[np.ndarray, list, list, list]]:
@@ -120,7 +122,12 @@ class _Grid:
 
     def geometry_features(self, node, copy: bool) -> list[tuple[np.ndarray, list, list, list]]:
         """``features`` of ``node``'s step geometry along each dimension (``steps.geometries``), read
-        off the kinds' geometries directly: the planner asks per node and pass."""
+        off the kinds' geometries directly: the planner asks per node and pass. Every node's at once
+        from the blocks' arrays (``kind_columns.node_columns``) where each kind's row has them."""
+        if copy not in self._nodes:
+            self._nodes[copy] = node_columns(self.geometry, self.reps, self._counts, copy)
+        if self._nodes[copy] is not None:
+            return self._nodes[copy][node]
         if copy not in self._geometries:  # per dimension, each kind's geometries of every node
             self._geometries[copy] = [[self.geometry(j, copy) for j in reps] for reps in self.reps]
         out = []
