@@ -1,6 +1,6 @@
 """``bigpicture.perf.classes`` as it was before its nodes shared rows (integ at f058fe2): the reference
-of tests/test_class_rows_fast.py, verbatim but for this line and ``walk.TileWalk.add_steps`` as it was
-(``_add_steps``).
+of tests/test_class_rows_fast.py, verbatim but for this line, ``walk.TileWalk.add_steps`` as it was
+(``_add_steps``) and ``walk.row_peaks`` as it was (tests/_old_walk.py: its sizes per class).
 
 Every class of tiles at once: a grid's summed time and its largest peak, counted per dimension.
 
@@ -27,6 +27,7 @@ import operator
 
 import numpy as np
 import torch
+from _old_walk import row_peaks  # the walk as it was (its sizes per class)
 
 from bigpicture.engine.rules import Window
 from bigpicture.engine.rules.resample import ConvTranspose
@@ -44,7 +45,6 @@ from bigpicture.perf.walk import (
     grad_in,
     grads,
     readers,
-    row_peaks,
     walk,
 )
 

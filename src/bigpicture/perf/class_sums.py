@@ -27,7 +27,7 @@ def summed(cg: ClassGrid, grid, grad: dict, combos: dict, item: int, rates: Rate
     total, steps, numels = TileWalk(), {}, {}
     for node, (st, tiles, index, numel) in combos.items():
         total.add_steps(st, tiles, training and grad[node])
-        steps[node], numels[node] = (st, index), numel[index]
+        steps[node], numels[node] = (st, index), numel
     if training:
         for i, r in readers([st for st, _ in steps.values()], grad):
             tiles, positions = grid.numels(i)
@@ -61,7 +61,8 @@ def last_walk(cg: ClassGrid, steps: dict, grad: dict) -> TileWalk:
 def class_peaks(split, grid, steps: dict, numels: dict, grad: dict, item: int, training: bool,
                 input_copy: bool):  # fmt: skip
     """The (inference, training) peak of each class: one walk per structure, on arrays. ``numels``:
-    per node with a step, the positions of its box per class (its steps' rows', read off per class)."""
+    per node with a step, the positions of its box on each of its steps' rows (``walk.row_peaks``
+    reads them off per class)."""
     sizes = {n: bytes_of(split, n, numels[n] if n in numels else grid.mesh(grid.lengths(n)), item)
              for n in grad}  # fmt: skip
     terms = [bytes_of(split, k, grid.mesh(write_lengths(grid, i)), item) for i, k in enumerate(split.sinks)]

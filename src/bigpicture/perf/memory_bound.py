@@ -106,23 +106,25 @@ def _peaks(splits: list[Split], walks: list, item: int, rates, training: bool) -
             rows = _rows(s, node, needs, copy, numel)
             key = (node, id(s.ops[node]), grad_in(s, node, grad), tuple(i for i, _ in rows.inputs))
             calls.setdefault(key, []).append((w, rows))
-    steps: list[dict] = [{} for _ in walks]  # per group, node -> (its steps over every group, its rows)
+    steps: list[dict] = [{} for _ in walks]  # per group, node -> (its steps over every group, sizes, rows)
     for (node, _, grad_input, _), parts in calls.items():
         s = splits[walks[parts[0][0]][0]]
-        st, start = steps_of(s, node, join_rows([r for _, r in parts]), item, rates, grad_input), 0
+        rows = join_rows([r for _, r in parts])
+        st, start = steps_of(s, node, rows, item, rates, grad_input), 0
+        size = bytes_of(s, node, rows.numel, item)
         for w, r in parts:
-            steps[w][node], start = (st, np.arange(start, start + len(r.numel))), start + len(r.numel)
+            steps[w][node], start = (st, size, np.arange(start, start + len(r.numel))), start + len(r.numel)
     out = []
     for w, (k, copy, group) in enumerate(walks):
         s, (grad, numel) = splits[k], prepared[w]
-        sizes = {n: bytes_of(s, n, numel[n], item) for n in grad}
+        ours = [steps[w][n] for n in list(grad)[1:]]
+        sizes = {s.input: bytes_of(s, s.input, numel[s.input], item), **{st.node: z for st, z, _ in ours}}
         terms = [
             bytes_of(s, sink, np.array([writes[i].numel for *_, writes, _ in group], dtype=np.int64), item)
             for i, sink in enumerate(s.sinks)
         ]
-        ours = [steps[w][n] for n in list(grad)[1:]]
-        index = [i for _, i in ours]
-        out.append(row_peaks(s, [st for st, _ in ours], sizes, terms, grad, training, copy, index))
+        index = [i for *_, i in ours]
+        out.append(row_peaks(s, [st for st, *_ in ours], sizes, terms, grad, training, copy, index))
     return out
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 import operator
 from dataclasses import dataclass, field
-from functools import reduce
+from functools import partial, reduce
 
 import numpy as np
 import torch
@@ -22,7 +22,8 @@ from bigpicture.engine.regions import needs
 from bigpicture.engine.split import Split
 from bigpicture.engine.tiles import Layout, Tiles, write_box
 from bigpicture.perf.rates import Rates
-from bigpicture.perf.steps import _FLAGS, Step, _facts, node_step
+from bigpicture.perf.row_walk import CHUNK, Program, Table
+from bigpicture.perf.steps import Step, _facts, node_step
 
 
 @dataclass
@@ -203,10 +204,6 @@ def peaks(split: Split, steps: list, sizes: dict, terms: list, grad: dict, train
     return peak, np.maximum(fwd_peak, bwd_peak)
 
 
-_FIELDS = ("out", "temp", "padded", "saved_extra")  # the byte counts a walk reads of a step
-CHUNK_ROWS = 4096  # rows walked together by ``row_peaks``
-
-
 def row_peaks(
     split: Split,
     steps: list,
@@ -217,47 +214,91 @@ def row_peaks(
     input_copy: bool,
     index: list | None = None,
 ):
-    """``peaks`` of many walks at once, one per row: ``steps`` on arrays (``steps.steps_of``) with
-    one entry per walk, as are ``sizes`` (per node) and ``terms`` (per sink). Rows whose steps have
-    the same *structure* (which values alias, which padded copies autograd keeps) run the same
-    walk with other byte counts, so each structure is walked once on numpy arrays; (inference
-    peaks, training peaks) per row. ``index``: per step, the entry of each row (the steps then hold
-    each distinct step once: a grid's classes share them, and 32,768 classes of 400 nodes picked
-    out whole would take a gigabyte)."""
+    """``peaks`` of many walks at once, one per row: ``steps`` on arrays (``steps.steps_of``), each
+    row of a walk picking an entry of each step (``index``: per step, the entry of each row; None:
+    the row's own); ``sizes`` per node with a step, its value's bytes on each entry of its step
+    (the image's: per row), ``terms`` per sink, per row. Rows whose steps have the same *structure*
+    (which values alias, which padded copies autograd keeps) run the same walk with other byte
+    counts, so each structure is walked once on names and its byte counts summed on arrays of a
+    chunk of rows at a time (``row_walk``); (inference peaks, training peaks) per row. The steps
+    hold each distinct step once: a grid's classes share them, and 32,768 classes of 400 nodes
+    picked out whole would take a gigabyte."""
     rows = len(sizes[split.input])
     index = index or [slice(None)] * len(steps)
-    which = structures(steps, index, rows)
     peak, peak_train = np.zeros(rows, dtype=np.int64), np.zeros(rows, dtype=np.int64)
-    groups = [np.flatnonzero(which == g) for g in range(int(which.max()) + 1 if rows else 0)]
-    for chunk in (c for g in groups for c in np.array_split(g, -(-len(g) // CHUNK_ROWS))):
-        group = []  # a chunk of rows of one structure: arrays of a few thousand rows, whatever the grid
-        for st, pick in zip(steps, index, strict=True):  # the walk reads the byte counts and flags only
-            at = chunk if isinstance(pick, slice) else pick[chunk]
-            flags = {f: bool(getattr(st, f)[at[0]]) for f in _FLAGS}
-            group.append(Step(st.node, st.inputs, **{f: getattr(st, f)[at] for f in _FIELDS}, **flags))
-        p, pt = peaks(split, group, {n: v[chunk] for n, v in sizes.items()}, [t[chunk] for t in terms], grad,
-                      training, input_copy)  # fmt: skip
-        peak[chunk], peak_train[chunk] = p, pt
+    if not rows:
+        return peak, peak_train
+    codes, starts = flag_codes(steps)
+    alike = not steps or (np.minimum.reduceat(codes, starts) == np.maximum.reduceat(codes, starts)).all()
+    which = np.zeros(rows, dtype=np.int64) if alike else structures(steps, index, rows)
+    table = Table(split, steps, sizes, terms, index, rows, codes)
+    groups = int(which.max()) + 1
+    for g in range(groups):
+        members = np.flatnonzero(which == g) if groups > 1 else None
+        first = int(members[0]) if groups > 1 else 0
+        count = rows if members is None else len(members)
+        if count > WIDE:  # thousands of rows: each step's numpy operations long enough
+            size, run = CHUNK_ROWS, partial(_stepwise, split, table, first, grad, training, input_copy)
+        else:
+            program = Program(split, steps, table.codes(first), table.nonzero, grad, training, input_copy)
+            size, run = max(1, CHUNK // (4 * len(table.offsets))), partial(program.run, table)
+        for start in range(0, count, size):
+            chunk = slice(start, start + size) if members is None else members[start : start + size]
+            peak[chunk], peak_train[chunk] = run(chunk)
     return peak, peak_train
+
+
+WIDE = 1024  # rows of one structure past which they are walked step by step (``_stepwise``)
+CHUNK_ROWS = 4096  # rows walked together by ``_stepwise``
+
+
+def _stepwise(split: Split, table: Table, first: int, grad: dict, training: bool, input_copy: bool, chunk):
+    """``peaks`` of the rows of ``chunk`` (of one structure, that of row ``first``), step by step on
+    their byte counts picked out of ``table``."""
+    x, codes, group, sizes = split.input, table.codes(first), [], {}
+    own = np.arange(table.rows)[chunk]
+    for st, pick, code, start in zip(table.steps, table.index, codes, table.offsets.tolist(), strict=False):
+        at = (own if isinstance(pick, slice) else pick[chunk]) + start
+        out, temp, padded, extra, sizes[st.node] = (f.take(at) for f in table.fields)
+        group.append(Step(st.node, st.inputs, out=out, temp=temp, padded=padded, saved_extra=extra,
+                          aliases=bool(code & 1), keeps_padded=bool(code & 2), saves_inputs=bool(code & 4),
+                          saves_output=bool(code & 8)))  # fmt: skip
+    extra = table.fields[-1].take(table.offsets[len(table.steps) :, None] + own)  # the image's, the terms
+    sizes[x] = extra[0]
+    return peaks(split, group, sizes, list(extra[1:]), grad, training, input_copy)
 
 
 def structures(steps: list, index: list, rows: int) -> np.ndarray:
     """Per row, the number of its steps' structures (``structure``) among the rows', in their
     lexicographic order (as renumbering after each step with ``np.unique`` would number them):
-    steps alike in every row change no order and are skipped, the others packed 4 bits each
-    until int64 would overflow."""
+    steps alike in every row change no order and are skipped (found on every step's rows at once,
+    ``flag_codes``), the others packed 4 bits each until int64 would overflow."""
     which, top, packed = np.zeros(rows, dtype=np.int64), 1, False  # top: above every entry of which
-    for st, pick in zip(steps, index, strict=True):
-        code = structure(st)
-        if len(code) == 0 or (code == code[0]).all():
-            continue
+    codes, starts = flag_codes(steps)
+    ends = np.append(starts[1:], len(codes))
+    full = np.flatnonzero(ends > starts)  # steps with rows
+    varying = full[np.minimum.reduceat(codes, starts[full]) != np.maximum.reduceat(codes, starts[full])] \
+        if len(full) else full  # fmt: skip
+    for t in varying.tolist():
+        code = codes[starts[t] : ends[t]]
         if top * 16 > 2**62:
             _, which = np.unique(which, return_inverse=True)
             which, top = which.reshape(-1), int(which.max(initial=0)) + 1
-        which, top, packed = which * 16 + code[pick], top * 16, True
+        which, top, packed = which * 16 + code[index[t]], top * 16, True
     if packed:
         which = np.unique(which, return_inverse=True)[1].reshape(-1)
     return which
+
+
+def flag_codes(steps: list) -> tuple[np.ndarray, np.ndarray]:
+    """Every step's ``structure`` on each of its rows, end to end (int64), and where each step's start."""
+    starts = np.cumsum([0] + [len(st.aliases) for st in steps])
+    if not steps:
+        return np.zeros(0, dtype=np.int64), starts[:-1]
+    a, k = np.concatenate([st.aliases for st in steps]), np.concatenate([st.keeps_padded for st in steps])
+    i = np.concatenate([st.saves_inputs for st in steps])
+    o = np.concatenate([st.saves_output for st in steps])
+    return a + 2 * k.astype(np.int64) + 4 * i + 8 * o, starts[:-1]
 
 
 def structure(st) -> np.ndarray:
