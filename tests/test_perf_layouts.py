@@ -10,11 +10,11 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import bigpicture as bp
+from bigpicture.perf.bytes_only import bytes_only
 from bigpicture.perf.devices import local_cpu
 from bigpicture.perf.predict import predict
 from bigpicture.perf.rates import Rates
 from bigpicture.perf.steps import geometries, node_step, spatial_inputs
-from bigpicture.perf.walk import bytes_only
 
 F32 = 4
 

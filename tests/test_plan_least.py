@@ -24,10 +24,11 @@ from bigpicture.engine.plan import tile_of
 from bigpicture.errors import TilingError
 from bigpicture.perf import least, predict
 from bigpicture.perf import search as search_module
+from bigpicture.perf.bytes_only import bytes_only
 from bigpicture.perf.devices import get_device
 from bigpicture.perf.grid import layout
 from bigpicture.perf.schedule import analyse, best_tile, candidates
-from bigpicture.perf.walk import TileWalk, bytes_only, tile_at, walk
+from bigpicture.perf.walk import TileWalk, tile_at, walk
 
 DEVICES = ["cpu", "H100-SXM"]
 

@@ -2,7 +2,7 @@
 
 ``search.search`` skips the full prediction of tiles whose time bound (``bound.time_bound``) is
 already no faster than the best tile so far, and bounds memory with walks that count bytes only
-(``walk.bytes_only``). The reference is the exhaustive search (every candidate whose memory bound
+(``bytes_only.bytes_only``). The reference is the exhaustive search (every candidate whose memory bound
 fits predicted): the chosen tile and its whole prediction must be equal, on a table of networks,
 sizes, devices (this CPU uncalibrated and calibrated, GPUs), budgets, training and inference, and
 on random networks (hypothesis). The bound itself must stay below every prediction it stands for.
@@ -21,13 +21,14 @@ from torch import nn
 
 from bigpicture.engine.tiles import Diagonal, working_counts
 from bigpicture.perf import bound, predict
+from bigpicture.perf.bytes_only import bytes_only
 from bigpicture.perf.devices import get_device
 from bigpicture.perf.grid import layout
 from bigpicture.perf.memory_bound import least_memories
 from bigpicture.perf.predict import least_memory, predict_splits
 from bigpicture.perf.schedule import analyse, candidates, least_time
 from bigpicture.perf.search import search
-from bigpicture.perf.walk import bytes_only, grads, last_tile, walk
+from bigpicture.perf.walk import grads, last_tile, walk
 from bigpicture.perf.work_bound import work_bound
 
 

@@ -17,7 +17,7 @@ import bigpicture as bp
 from bigpicture.engine import regions
 from bigpicture.engine.box import Box
 from bigpicture.engine.tiles import Tiles
-from bigpicture.perf import classes, steps, walk
+from bigpicture.perf import bytes_only, classes, steps, walk
 from bigpicture.perf.devices import get_device
 from bigpicture.perf.grid import class_grid, layout
 from bigpicture.perf.predict import predict_splits
@@ -160,7 +160,7 @@ def test_bytes_only_predictions_have_the_memory_of_full_ones(name, device):
             full = predict_splits(splits, shape, torch.float32, tile, device.split()[0], training,
                                   shared={"rates": rates})  # fmt: skip
             counted = predict_splits(splits, shape, torch.float32, tile, device.split()[0], training,
-                                     shared={"rates": walk.bytes_only(rates)})  # fmt: skip
+                                     shared={"rates": bytes_only.bytes_only(rates)})  # fmt: skip
             assert counted.memory == full.memory and counted.memory_parts == full.memory_parts, tile
 
 

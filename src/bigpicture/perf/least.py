@@ -59,7 +59,7 @@ from bigpicture.perf.walk import TileWalk, tile_at
 def memory_prediction(splits: list[Split], input_shape, dtype, tile, device, training: bool, shared: dict):
     """``predict_splits(splits, input_shape, dtype, tile, device, training, shared=shared)``'s memory,
     memory parts and tile (the planner's setting: the input not needing a gradient, on the device
-    where it is the CPU). ``shared``: predictions with byte-counting rates (``walk.bytes_only``), as
+    where it is the CPU). ``shared``: predictions with byte-counting rates (``bytes_only.bytes_only``), as
     ``search.least_prediction`` makes them: the time and work are not predicted. The tiles read off
     are walked together (``memory_bound.walked_peaks``: a node's steps once over every pass's)."""
     dev, rates, on_device, shared = _setting(device, dtype, None, shared)

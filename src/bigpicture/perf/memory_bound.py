@@ -24,11 +24,12 @@ from bigpicture.engine.rules import Window
 from bigpicture.engine.rules.resample import ConvTranspose, Pad
 from bigpicture.engine.split import Split
 from bigpicture.engine.tiles import layout, working_counts
+from bigpicture.perf.bytes_only import bytes_only
 from bigpicture.perf.predict import _graph_memo, _memory, _setting, memory_walked
 from bigpicture.perf.resident import resident_bytes
 from bigpicture.perf.row_memo import join_rows
 from bigpicture.perf.steps import Rows, _stored, padded_bounds, spatial_inputs, steps_of
-from bigpicture.perf.walk import TileWalk, bytes_of, bytes_only, grad_in, grads, row_peaks, tile_at
+from bigpicture.perf.walk import TileWalk, bytes_of, grad_in, grads, row_peaks, tile_at
 
 
 def least_memories(

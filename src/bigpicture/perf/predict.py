@@ -47,6 +47,7 @@ from torch import fx, nn
 from bigpicture.engine.plan import Plan, requested_tiles, tile_of
 from bigpicture.engine.split import Split
 from bigpicture.engine.tiles import working_counts
+from bigpicture.perf.bytes_only import bytes_only
 from bigpicture.perf.classes import aggregate, aggregate_passes
 from bigpicture.perf.devices import Device, for_torch, get_device, load_calibration
 from bigpicture.perf.fusion import fused_rates
@@ -57,7 +58,7 @@ from bigpicture.perf.reads import read_seconds, with_reads  # noqa: F401 (re-exp
 from bigpicture.perf.resident import boundary_bytes, resident_bytes
 from bigpicture.perf.stage_cost import stage_bytes, with_cuts, with_stage_time
 from bigpicture.perf.untiled import untiled_flops
-from bigpicture.perf.walk import TileWalk, bytes_only, last_tile, tile_at, walk, walked
+from bigpicture.perf.walk import TileWalk, last_tile, tile_at, walk, walked
 
 MiB = 2**20
 GPU_CONTEXT_BYTES = 512 * MiB  # CUDA context and cuDNN/cuBLAS handles: 300-600 MiB on recent GPUs
@@ -172,7 +173,7 @@ def least_memory(
     with it, so any one tile's working set bounds it from below; the tile in the middle of the tiles
     with work (whole-size boxes, away from the borders) is usually the largest (``memory_walked``).
     The planner skips tiles this already shows over the budget, for the cost of one walk (``shared`` as for
-    ``predict_splits``); its walk counts bytes only (``walk.bytes_only``)."""
+    ``predict_splits``); its walk counts bytes only (``bytes_only.bytes_only``)."""
     dev, rates, on_device, shared = _setting(device, dtype, input_on_device, shared)
     least, item = 0, torch.empty((), dtype=dtype).element_size()
     for k, s in enumerate(splits):

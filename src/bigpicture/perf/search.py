@@ -25,10 +25,10 @@ import math
 
 from bigpicture.errors import TilingError
 from bigpicture.perf.bound import time_bound
+from bigpicture.perf.bytes_only import bytes_only
 from bigpicture.perf.least import memory_prediction
 from bigpicture.perf.memory_bound import least_memories
 from bigpicture.perf.predict import _setting, predict_splits
-from bigpicture.perf.walk import bytes_only
 
 ROUNDING = 1 - 1e-9  # the bound sums in another order than the prediction
 
@@ -102,7 +102,7 @@ def least_prediction(splits, input_shape, dtype, dev, training, tried: list, bou
     """The prediction of least memory among the candidates (for the error when no tile fits): those
     whose bound is below the least predicted so far are predicted, from the least bound up.
 
-    Only their memory is asked, so they are predicted with byte-counting rates (``walk.bytes_only``,
+    Only their memory is asked, so they are predicted with byte-counting rates (``bytes_only.bytes_only``,
     as the memory bounds are): the bytes are the same, and the seconds, which are not, are never
     read. On a grid where every tile differs (a 2,000 px receptive field at 2,048^3: 10^4 classes)
     a CPU prediction's convolution rates cost a minute; its bytes seconds. A pass whose peak one

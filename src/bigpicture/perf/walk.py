@@ -388,38 +388,3 @@ def walked(working: tuple[int, ...]) -> set[tuple[int, ...]]:
     per dimension: the middle one (whole-size boxes, away from the borders), and where a dimension
     has two tiles, also the first (the second may be a remainder)."""
     return {tuple(c // 2 for c in working), tuple(0 if c == 2 else c // 2 for c in working)}
-
-
-class _BytesOnly:
-    """``rates`` that answer every rate with 1 and pick no backend: a walk with them counts the same
-    bytes (the workspace is the rates' own) for a fraction of the cost, for memory bounds."""
-
-    measured = False  # no CPU backend asked of torch (conv_rates.backends_of)
-
-    def __init__(self, rates: Rates) -> None:
-        self._rates = rates
-
-    def __getattr__(self, name: str):
-        return getattr(self._rates, name)
-
-    def conv(self, *args, **kwargs) -> float:
-        return 1.0
-
-    def convs(self, nd: int, fan_in: int, cout: int, positions: list, *args) -> list:
-        return [1.0] * len(positions)
-
-    def pool(self, *args, **kwargs) -> float:
-        return 1.0
-
-    def stream(self, *args, **kwargs) -> float:
-        return 1.0
-
-    def streams(self, kind: str, nbytes, backward: bool = False) -> np.ndarray:
-        return np.ones(np.shape(nbytes))
-
-
-def bytes_only(rates: Rates) -> _BytesOnly:
-    """The byte-counting stand-in of ``rates`` (``_BytesOnly``), one per rates."""
-    if "_bytes_only" not in rates.__dict__:
-        rates.__dict__["_bytes_only"] = _BytesOnly(rates)
-    return rates.__dict__["_bytes_only"]
