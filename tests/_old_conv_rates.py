@@ -1,5 +1,5 @@
 """``conv_rates.py`` and ``Rates.convs`` as they were before the rates were read per context, the
-rows keyed by one integer and the boxes asked of torch on strided tensors (the reference of
+rows keyed by one integer and their rates kept in arrays (the reference of
 ``test_rates_fast.py``): the same functions, line for line; ``OldRates`` is ``Rates`` with the old
 ``convs``, ``backends_of`` keeps its answers in a store of its own."""
 

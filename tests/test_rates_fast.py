@@ -112,14 +112,27 @@ def test_nearest_rates_on_exact_ties():
     cin=st.integers(1, 5000),
     cout=st.integers(1, 5000),
     positions=st.lists(st.integers(1, 10**7), min_size=0, max_size=30),
+    huge=st.sampled_from([[], [1 << 53], [(1 << 53) - 1, (1 << 60) + 3]]),
+    minus=st.booleans(),
 )
-def test_table_rates_equal_the_old(axes, holes, zeros, cin, cout, positions):
+def test_table_rates_equal_the_old(axes, holes, zeros, cin, cout, positions, huge, minus):
+    """``_table_rates`` (numpy over the positions) against the old loop: grids with holes (corners
+    left out of the weights, none left: None) and zero rates, queries on, between and beyond the
+    grid's values, positions past 2**53 (``_table_rate``'s), a negative rate (both refuse it alike)."""
     axes = [sorted(a) for a in axes]
     rng = np.random.default_rng(len(positions))
     corners = [(a, b, c) for a in axes[0] for b in axes[1] for c in axes[2]]
     table = {k: (0.0 if z else float(rng.uniform(1e8, 1e11))) for k, h, z in zip(corners, holes, zeros) if not h}
-    positions = positions + axes[2] + [axes[2][0] - 1 or 1, axes[2][-1] + 1]
-    assert _table_rates(table, axes, cin, cout, positions) == old_tables._table_rates(table, axes, cin, cout, positions)
+    positions = positions + axes[2] + [axes[2][0] - 1 or 1, axes[2][-1] + 1] + huge
+    if minus and table:
+        table[next(iter(table))] = -1e9
+    try:
+        want = old_tables._table_rates(table, axes, cin, cout, positions)
+    except ValueError:  # ``math.log`` of the negative rate
+        with pytest.raises(ValueError):
+            _table_rates(table, axes, cin, cout, positions)
+        return
+    assert _table_rates(table, axes, cin, cout, positions) == want
 
 
 # -- a convolution's rates, and whole predictions -------------------------------------------------------
@@ -178,3 +191,46 @@ def test_predictions_equal_the_old(name, calibration, monkeypatch):
             got = predict_splits(splits, shape, torch.float32, tile, "cpu", training, input_grad, shared={"rates": new})
             for f in dataclasses.fields(want):
                 assert getattr(got, f.name) == getattr(want, f.name), (f.name, tile, training, input_grad)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    columns=st.integers(1, 4),
+    rows=st.integers(0, 60),
+    top=st.sampled_from([0, 1, 7, 1000, 1 << 20, 1 << 40, (1 << 62) + 5]),
+    negative=st.booleans(),
+    seed=st.integers(0, 1 << 16),
+)
+def test_distinct_rows_equal_numpys(columns, rows, top, negative, seed):
+    """``conv_rates._distinct`` (rows keyed by one int64 where they fit, else numpy's rows) against
+    ``np.unique(axis=0)``: repeated rows, a column of one value, keys just within and beyond 63 bits,
+    negative entries (numpy's rows)."""
+    rng = np.random.default_rng(seed)
+    pool = rng.integers(-top if negative else 0, top + 1, size=(max(rows // 3, 1), columns), dtype=np.int64)
+    pool[:, 0] = pool[0, 0] if seed % 3 == 0 else pool[:, 0]
+    table = pool[rng.integers(0, len(pool), size=rows)]
+    distinct, inverse = conv_rates._distinct(table)
+    want, back = np.unique(table, axis=0, return_inverse=True)
+    assert distinct.dtype == want.dtype and distinct.shape == want.shape and np.array_equal(distinct, want)
+    assert inverse.tolist() == back.reshape(-1).tolist()
+
+
+def test_backends_past_the_store_bound_keep_the_known_boxes(monkeypatch):
+    """A call whose new boxes overflow ``MAX_BACKENDS`` while some of its boxes were known: the store
+    emptied, every box of the call is asked again (the old ``backends_of`` lost the known ones: KeyError)."""
+    _fresh_backends(monkeypatch)
+    rates = _new_and_old("this machine's")[0]
+    net = nn.Sequential(nn.Conv2d(16, 16, 3, padding=1))
+    split = analyse(net.eval(), (1, 16, 12, 12))[-1]
+    op = split.ops[next(n for n in split.order if n in split.ops)]
+    boxes = [[s, s] for s in (1, 3, 5, 34, 50, 200)]
+    want = conv_rates.backends_of(op, boxes, 1, 16, 16, False, rates)
+    monkeypatch.setattr(conv_rates, "MAX_BACKENDS", 8)
+    more = boxes + [[s, s + 1] for s in (3, 40, 300)]
+    monkeypatch.setattr(old, "MAX_BACKENDS", 8)
+    old.backends_of(op, boxes, 1, 16, 16, False, rates)
+    with pytest.raises(KeyError):
+        old.backends_of(op, more, 1, 16, 16, False, rates)
+    got = conv_rates.backends_of(op, more, 1, 16, 16, False, rates)
+    assert got[: len(boxes)] == want and len(got) == len(more) and conv_rates._count[0] == len(more)
+    assert got[len(boxes) :] == [conv_rates.conv_backend((1, 16, *b), (16, 16, 3, 3), (1, 1), (1, 1), 1, False) for b in more[len(boxes) :]]

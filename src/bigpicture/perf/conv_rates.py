@@ -6,9 +6,12 @@ that family at the row's output positions (``Rates.convs``). A node's rows repea
 (SENet154 at 16,384^2 on the CPU: 295,000 rows, 195,000 distinct per node, 74,000 input boxes in
 all), so the rows are deduplicated first and each distinct one asked once, then spread back:
 
-    rows (box, positions) --np.unique--> distinct --backends_of--> kernel family per box
-                                                  --Rates.convs--> flops/s per (positions, family)
+    rows (box, positions) --_distinct--> distinct --backends_of--> kernel family per box
+                                                 --Rates.conv_rows--> flops/s per (positions, family)
                           <--inverse-- the same floats per row
+
+``_distinct`` is ``np.unique`` on one int64 key per row; ``Rates.conv_rows`` keeps a convolution's
+rates in sorted arrays, so rows already rated are looked up by numpy, not one at a time.
 
 ``backends_of`` keeps each box's answer per convolution signature (what ``conv_backend`` is asked
 besides the box), so the same box of the same convolution is asked of torch once per process, with no
@@ -18,6 +21,7 @@ key built per row; ``conv_backend`` (the calibration's question, one shape) asks
 from __future__ import annotations
 
 import functools
+import math
 
 import numpy as np
 import torch
@@ -46,13 +50,39 @@ def conv_rates(
         fwd[live] = rates.convs(nd, fan_in, cout, at, stride, False, *case, [None] * len(at))
         bwd[live] = rates.convs(nd, fan_in, cout, at, stride, True, *case, [None] * len(at))
         return fwd, bwd
-    rows = np.column_stack([lengths[live], positions[live]])
-    distinct, inverse = np.unique(rows, axis=0, return_inverse=True)
-    at, inverse = distinct[:, nd].tolist(), inverse.reshape(-1)
-    backends = backends_of(op, distinct[:, :nd].tolist(), n, cin, cout, transposed, rates)
-    fwd[live] = np.array(rates.convs(nd, fan_in, cout, at, stride, False, *case, backends))[inverse]
-    bwd[live] = np.array(rates.convs(nd, fan_in, cout, at, stride, True, *case, backends))[inverse]
+    distinct, inverse = _distinct(np.column_stack([lengths[live], positions[live]]))
+    # the distinct rows are sorted: a box's rows are consecutive, its kernel family asked once
+    box = np.ones(len(distinct), dtype=bool)
+    box[1:] = (distinct[1:, :nd] != distinct[:-1, :nd]).any(axis=1)
+    families = backends_of(op, distinct[:, :nd][box].tolist(), n, cin, cout, transposed, rates)
+    which = np.cumsum(box) - 1
+    found = rates.conv_rows(nd, fan_in, cout, stride, *case, distinct[:, nd], families, which)
+    if found is None:  # positions too many for ``conv_rows``' keys: as lists
+        at, backends = distinct[:, nd].tolist(), [families[i] for i in which.tolist()]
+        found = [np.array(rates.convs(nd, fan_in, cout, at, stride, backward, *case, backends))
+                 for backward in (False, True)]  # fmt: skip
+    fwd[live], bwd[live] = found[0][inverse], found[1][inverse]
     return fwd, bwd
+
+
+def _distinct(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``np.unique(rows, axis=0, return_inverse=True)`` (the inverse flat), the same arrays: where the
+    rows' entries (non-negative) fit one int64 in mixed radix (each column's maximum + 1), which
+    orders them as the rows sort, numpy sorts those keys instead of the rows as bytes."""
+    top = rows.max(axis=0).tolist() if len(rows) else []
+    if not len(rows) or rows.min() < 0 or math.prod(t + 1 for t in top) >= 1 << 63:
+        distinct, inverse = np.unique(rows, axis=0, return_inverse=True)
+        return distinct, inverse.reshape(-1)
+    key = rows[:, 0].copy()
+    for column, t in zip(rows.T[1:], top[1:], strict=True):
+        key *= t + 1
+        key += column
+    order = key.argsort()
+    first = np.ones(len(key), dtype=bool)
+    first[1:] = key[order[1:]] != key[order[:-1]]
+    inverse = np.empty(len(key), dtype=np.intp)
+    inverse[order] = np.cumsum(first) - 1
+    return rows[order[first]], inverse
 
 
 def backends_of(op, boxes: list, n: int, cin: int, cout: int, transposed: bool, rates: Rates) -> list:
@@ -70,10 +100,11 @@ def backends_of(op, boxes: list, n: int, cin: int, cout: int, transposed: bool, 
     boxes = [tuple(b) for b in boxes]
     new = [b for b in dict.fromkeys(boxes) if b not in known]
     if new:
-        if _count[0] + len(new) > MAX_BACKENDS:
+        if _count[0] + len(new) > MAX_BACKENDS:  # every box of this call asked again, the known too
             _known.clear()
             _count[0] = 0
             known = _known[signature] = {}
+            new = list(dict.fromkeys(boxes))
         known.update(zip(new, _select(signature, new), strict=True))
         _count[0] += len(new)
     return [known[b] for b in boxes]

@@ -106,26 +106,43 @@ def _grid_table(points: list[dict], value: str, stride: int, kernel: int, backen
 
 
 def _table_rates(table: dict, axes: list, cin: int, cout: int, positions: list[int]) -> list[float | None]:
-    """``_table_rate`` at each of ``positions`` (one convolution's rows): the input and output channels'
-    corners and the table's log-rates once, then per entry its positions' corners (once), weighed in the same
-    order (the corners' weights multiplied left to right, ``math.prod``'s), the same floats."""
-    heads = []  # per (cin, cout) corner: the product of its weights, its rates along positions, their logs
+    """``_table_rate`` at each of ``positions`` (one convolution's rows), the same floats: the input
+    and output channels' corners once, then numpy weighs every position's corners along positions at
+    once, in ``_table_rate``'s order (per channels' corner, the lower then the upper one; the corners'
+    weights multiplied left to right, ``math.prod``'s), each step one IEEE operation as in Python.
+    ``math.log`` and ``math.exp`` stay Python's (numpy's may round otherwise), as does ``q / lo``: the
+    positions and grid values, below 2**53, are exact in float64, so numpy's quotient is the correctly
+    rounded one Python's integer division gives. Positions beyond, or rates that ``math.log`` refuses
+    (negative, NaN), are ``_table_rate``'s one at a time."""
+    heads = []  # per (cin, cout) corner: the product of its weights, its rates along positions
     (c0, c1), values = (_corners(v, q) for v, q in zip(axes[:2], (cin, cout), strict=True)), axes[2]
     for v0, w0 in c0:
         for v1, w1 in c1:
-            heads.append((w0 * w1, {v2: table.get((v0, v1, v2)) for v2 in values}, {}))
-    out = []
-    for q in positions:
-        total = weight = 0.0
-        corners = _corners(values, q)
-        for w01, rates, logs in heads:
-            for v2, w2 in corners:
-                w = w01 * w2
-                if w > 0 and (rate := rates[v2]):
-                    log = logs[v2] if v2 in logs else logs.setdefault(v2, math.log(rate))
-                    total, weight = total + w * log, weight + w
-        out.append(math.exp(total / weight) if weight > 0 else None)
-    return out
+            heads.append((w0 * w1, [table.get((v0, v1, v2)) for v2 in values]))
+    rates = [r for _, along in heads for r in along if r]
+    exact = 0 <= min(positions, default=0) and max(positions, default=0) < 1 << 53 and values[-1] < 1 << 53
+    if not exact or not all(r > 0 for r in rates):
+        return [_table_rate(table, axes, cin, cout, q) for q in positions]
+    q, grid = np.array(positions, dtype=np.float64), np.array(values, dtype=np.float64)
+    lo = np.maximum(np.searchsorted(grid, q, side="right") - 1, 0)  # bisect_right - 1, bisect_left
+    hi = np.minimum(np.searchsorted(grid, q, side="left"), len(values) - 1)
+    between, w = hi > lo, np.zeros(len(q))  # between: hi is the next value
+    if between.any():
+        spans = np.array([math.log(b / a) for a, b in zip(values, values[1:])] or [1.0])
+        logs = [math.log(r) for r in (q / grid[lo])[between].tolist()]
+        w[between] = np.array(logs) / spans[lo[between]]
+    total, weight = np.zeros(len(q)), np.zeros(len(q))
+    with np.errstate(invalid="ignore", over="ignore"):
+        for w01, along in heads:
+            rated = np.array([bool(r) for r in along])
+            logs = np.array([math.log(r) if r else 0.0 for r in along])
+            for index, w2, present in ((lo, 1.0 - w, True), (hi, w, between)):
+                wt = w01 * w2
+                use = (wt > 0) & rated[index] & present
+                total = np.where(use, total + wt * logs[index], total)
+                weight = np.where(use, weight + wt, weight)
+        mean = total / np.where(weight > 0, weight, 1.0)
+    return [math.exp(m) if g > 0 else None for m, g in zip(mean.tolist(), weight.tolist(), strict=True)]
 
 
 def _corners(values: list, q: int) -> tuple:

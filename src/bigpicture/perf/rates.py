@@ -86,6 +86,8 @@ class Rates:
         self.wake_s = 0.0 if self.gpu else (self.ops or {}).get("wake_s", 0.0)
         self._conv: dict = {}  # memo: a network repeats a few convolution shapes many times
         self._rows: dict = {}  # memo of ``convs``: per context, by (positions, backend)
+        self._arrays: dict = {}  # memo of ``conv_rows``: per context, sorted keys and rates
+        self._families: dict = {}  # a CPU convolution backend's code in ``conv_rows``' keys
         self._tables: dict = {}  # memo: the calibration's points and grids per kind of convolution
         # CPU convolutions hold a workspace besides their output (GPUs: in the framework allowance)
         workspace = (self.ops or {}).get("conv_workspace", DEFAULT_WORKSPACE)
@@ -139,8 +141,6 @@ class Rates:
             case = {"cin": cin, "kernel": kernel}
             return [self.conv(nd, fan_in, cout, p, stride, backward, transposed, **case, backend=b)
                     for p, b in zip(positions, backends, strict=True)]  # fmt: skip
-        value = "backward" if backward else "forward"
-        points, gridded = self._points(nd, transposed)
         # memo per context (what a node's rows share), by (positions, backend): no 10-tuple per row
         context = (nd, fan_in, cout, stride, backward, transposed, cin, kernel)
         memo = self._rows.get(context)
@@ -148,22 +148,64 @@ class Rates:
             memo = self._rows[context] = {}
         asked = list(zip(positions, backends, strict=True))
         new = [q for q in dict.fromkeys(asked) if q not in memo]
+        found = self._cpu_convs(nd, fan_in, cout, stride, backward, transposed, cin, kernel, new)
+        memo.update(zip(new, found, strict=True))
+        return [memo[q] for q in asked]
+
+    def conv_rows(self, nd: int, fan_in: int, cout: int, stride: int, transposed: bool, cin: int | None,
+                  kernel: int | None, positions: np.ndarray, backends: list, which: np.ndarray):  # fmt: skip
+        """(forward, backward) ``convs`` of a measured CPU as arrays, at distinct rows: ``positions``
+        (int64) with the backend ``backends[which[row]]``. Kept per convolution in sorted arrays of
+        keys (positions x 256 + the backend's code), so known rows are found by numpy, not per row;
+        the new ones are ``convs``' (``_cpu_convs``), the same floats. None where the positions or
+        backends do not fit the keys."""
+        if not (len(positions) and 0 <= positions.min() and positions.max() < 1 << 54):
+            return None
+        codes = [self._families.setdefault(b, len(self._families)) for b in backends]
+        if len(self._families) > 256:
+            return None
+        key = (positions << 8) + np.array(codes, dtype=np.int64)[which]
+        context = (nd, fan_in, cout, stride, transposed, cin, kernel)
+        keys, fwd, bwd = self._arrays.get(context) or (np.empty(0, dtype=np.int64), np.empty(0), np.empty(0))
+        at = np.searchsorted(keys, key)
+        if not (at < len(keys)).all() or not (keys[np.minimum(at, len(keys) - 1)] == key).all():
+            known = at < len(keys)
+            known[known] = keys[at[known]] == key[known]
+            miss = np.unique(key[~known])
+            names = list(self._families)
+            asked = list(zip((miss >> 8).tolist(), [names[c] for c in (miss & 255).tolist()], strict=True))
+            case = (cin, kernel, asked)
+            forward = self._cpu_convs(nd, fan_in, cout, stride, False, transposed, *case)
+            backward = self._cpu_convs(nd, fan_in, cout, stride, True, transposed, *case)
+            order = np.concatenate([keys, miss]).argsort()
+            keys = np.concatenate([keys, miss])[order]
+            fwd, bwd = np.concatenate([fwd, forward])[order], np.concatenate([bwd, backward])[order]
+            self._arrays[context] = keys, fwd, bwd
+            at = np.searchsorted(keys, key)
+        return fwd[at], bwd[at]
+
+    def _cpu_convs(self, nd: int, fan_in: int, cout: int, stride: int, backward: bool, transposed: bool,
+                   cin: int | None, kernel: int | None, asked: list[tuple]) -> list[float]:  # fmt: skip
+        """A measured CPU's rates at each (positions, backend) of ``asked`` (distinct): those the
+        calibration grid covers from it, the rest from their nearest measurements, together."""
+        value, found = "backward" if backward else "forward", {}
+        points, gridded = self._points(nd, transposed)
         if not points:  # a calibration without convolutions
-            memo.update((q, 0.5 * self.peak) for q in new)
-        elif cin is not None and kernel is not None and gridded:
-            for backend in dict.fromkeys(b for _, b in new):  # many positions of one table at once
+            return [0.5 * self.peak] * len(asked)
+        if cin is not None and kernel is not None and gridded:
+            for backend in dict.fromkeys(b for _, b in asked):  # many positions of one table at once
                 table_key = (nd, transposed, value, stride > 1, backend, kernel)
                 if table_key not in self._tables:
                     self._tables[table_key] = _grid_table(points, value, stride, kernel, backend)
-                at = [q for q in new if q[1] == backend]
-                found = _table_rates(*self._tables[table_key], cin, cout, [p for p, _ in at])
-                memo.update((q, r) for q, r in zip(at, found, strict=True) if r is not None)
-        rest = [q for q in new if q not in memo]  # those the grid does not cover: from the nearest points
+                at = [q for q in asked if q[1] == backend]
+                rates = _table_rates(*self._tables[table_key], cin, cout, [p for p, _ in at])
+                found.update((q, r) for q, r in zip(at, rates, strict=True) if r is not None)
+        rest = [q for q in asked if q not in found]  # those the grid does not cover: from the nearest points
         if rest:
             head = (fan_in, cout, 4 ** (min(stride, 2) - 1))
-            found = self._nearest(nd, transposed, head, [p for p, _ in rest])
-            memo.update(zip(rest, (f[backward] for f in found), strict=True))
-        return [memo[q] for q in asked]
+            rates = self._nearest(nd, transposed, head, [p for p, _ in rest])
+            found.update(zip(rest, (r[backward] for r in rates), strict=True))
+        return [found[q] for q in asked]
 
     def _nearest(self, nd: int, transposed: bool, head: tuple, positions: list[int]) -> list[tuple]:
         """(forward, backward) rates of a convolution (``head``: its fan-in, output channels and stride
