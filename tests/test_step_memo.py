@@ -177,20 +177,25 @@ def test_step_memo_reads_back_what_it_computed(monkeypatch):
         return lambda: calls.append(1) or fields
 
     first = _fields(5)
+    want = {f: v.copy() for f, v in first.items()}
     assert memo.get("a", compute(first)) is first and len(calls) == 1
     again = memo.get("a", compute(_fields(7)))
-    assert len(calls) == 1 and again.keys() == first.keys()
-    for f, v in first.items():
+    assert len(calls) == 1 and again.keys() == want.keys()
+    for f, v in want.items():
         assert again[f].dtype == v.dtype and np.array_equal(again[f], v), f
         with pytest.raises(ValueError):  # read-only: no caller can change what the next one reads
             again[f][0] = v[1]
-    odd = _fields(3, flops_dtype=np.float64)  # not of the usual dtypes: never packed (a cast could round)
+        with pytest.raises(ValueError):  # nor could the one that computed it
+            first[f][0] = v[1]
+    odd = _fields(3, flops_dtype=np.float64)  # kept as it was built: no cast that could round
     memo.get("b", compute(odd))
-    assert memo.get("b", compute(odd)) is odd and len(calls) == 3
+    assert memo.get("b", compute(odd)) is odd and odd["flops"].dtype == np.float64 and len(calls) == 2
     monkeypatch.setattr(row_memo, "MAX_ROWS", 8)
     for key in ("c", "d"):
         memo.get(key, compute(_fields(2)))
-    assert "a" not in memo.entries and set(memo.entries) == {"c", "d"} and memo.rows == 4  # the oldest went
+    assert set(memo.entries) == {"b", "c", "d"} and memo.rows == 7  # the oldest went
+    memo.get("e", compute(_fields(9)))  # more than MAX_ROWS alone: kept, every other gone
+    assert set(memo.entries) == {"e"} and memo.rows == 9 and [k for k, _ in memo.order] == ["e"]
 
 
 # -- whole predictions, with the memo and without -----------------------------------------------------

@@ -29,6 +29,7 @@ from bigpicture.engine.rules.resample import ConvTranspose, Pad, Resample, Slice
 from bigpicture.engine.rules.window import AvgPool, Conv, MaxPool, NativePadding, Pool
 from bigpicture.engine.split import Split
 from bigpicture.perf.conv_rates import conv_rates
+from bigpicture.perf.conv_work import conv_work
 from bigpicture.perf.fusion import fuse
 from bigpicture.perf.rates import PARALLEL_ELEMENTS, Rates
 from bigpicture.perf.row_memo import Rows, step_memo
@@ -170,6 +171,7 @@ def _steps_of(
         st.temp = pad_copy
         st.padded = np.where(outside, pad_copy, 0)  # autograd saves the padded copy, not a contiguous one
         st.keeps_padded = st.padded > 0
+    kind, views = ("conv" if isinstance(op, (Conv, ConvTranspose)) else "pool"), no  # no row a view
     if isinstance(op, (Conv, ConvTranspose)):
         _conv_steps(split, op, st, rows, n, c, item, rates, grad_in)
     elif isinstance(op, Pool):
@@ -183,13 +185,13 @@ def _steps_of(
         st.bwd_s = np.array([max(w / rates.pool(w, True), 2 * b / rates.stream("unary", 2 * b))
                              for w, b in zip(window.tolist(), st.bytes.tolist(), strict=True)])  # fmt: skip
     else:
-        strided = None if least else rows.copied
-        _stream_steps(op, name, st, view & ~np.bool_(inplace), elems, item, rates, strided)
+        strided, views = None if least else rows.copied, view & ~np.bool_(inplace)
+        kind = _stream_steps(op, name, st, views, elems, item, rates, strided)
     if isinstance(op, Window):
         st.fwd_s = st.fwd_s + _per_byte(2 * pad_copy, rates.streams("copy", 2 * pad_copy))
     # it runs on every thread, waking them first: convolutions (oneDNN, BLAS) and pooling at any size
-    parallel = np.array([k in ALWAYS_PARALLEL for k in st.kind.tolist()], dtype=bool)
-    woken = parallel | ((st.kind != "view") & (elems >= PARALLEL_ELEMENTS))
+    # (kind ALWAYS_PARALLEL: every row but a view), the others past PARALLEL_ELEMENTS
+    woken = ~views & ((kind in ALWAYS_PARALLEL) | (elems >= PARALLEL_ELEMENTS))
     st.fwd_s = np.where(woken, st.fwd_s + rates.wake_s, st.fwd_s)
     st.bwd_s = np.where(woken & (st.bwd_s != 0), st.bwd_s + rates.wake_s, st.bwd_s)
     if getattr(rates, "fused", False):  # compiled tiles: memory-bound chains fused (perf/fusion.py)
@@ -221,11 +223,7 @@ def _conv_steps(split: Split, op, st: Step, rows: Rows, n: int, c: int, item: in
     transposed = isinstance(op, ConvTranspose)
     st.kind[:], st.saves_inputs, stride = "conv", np.ones(len(rows.numel), dtype=bool), max(op.step)
     cin = split.shapes[ins[0]][1]
-    if not transposed:
-        fan_in, positions = op.cin_per_group * math.prod(op.kernel), n * rows.numel
-    else:  # every input position scatters cin x cout/groups x kernel multiply-adds
-        fan_in, positions = cin * math.prod(op.kernel), n * rows.extra.prod(axis=1)
-    st.flops = 2 * positions * fan_in * c // (op.groups if transposed else 1)
+    fan_in, positions, st.flops = conv_work(op, transposed, n, cin, c, rows.numel, rows.extra)
     read = n * cin * (rows.padded if not transposed else rows.extra).prod(axis=1) * item
     # the column matrix: input channels x kernel per output position (a transposed convolution
     # scatters output channels x kernel per input position)
@@ -241,11 +239,11 @@ def _conv_steps(split: Split, op, st: Step, rows: Rows, n: int, c: int, item: in
 
 def _stream_steps(
     op, name: str, st: Step, view: np.ndarray, elems, item: int, rates: Rates, strided: np.ndarray | None
-) -> None:
+) -> str:
     """``steps_of`` for a memory-bound op (rows where it is a view of its input move nothing; a
-    normalisation's ``strided`` rows read a strided view, at the rate calibrated for that)."""
+    normalisation's ``strided`` rows read a strided view, at the rate calibrated for that): its kind."""
     kind = _stream_kind(op, name)
-    st.kind = np.where(view, "view", kind).astype(object)
+    st.kind = np.array([kind, "view"], dtype=object).take(view.astype(np.intp))
     st.saves_output = ~view & (name in _SAVE_OUTPUT)
     st.saves_inputs = ~view & (
         name not in _SAVE_OUTPUT and name not in _SAVE_NOTHING and not isinstance(op, (Pad, Resample))
@@ -253,6 +251,7 @@ def _stream_steps(
     moved = np.where(st.saves_inputs | st.saves_output, 3 * elems * item, 0)
     st.fwd_s = np.where(view, 0.0, _per_byte(st.bytes, _rates(rates, kind, st.bytes, strided)))
     st.bwd_s = _per_byte(moved, _rates(rates, kind, moved, strided, backward=True))
+    return kind
 
 
 def _stream_kind(op, name: str) -> str:
