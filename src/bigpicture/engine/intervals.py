@@ -82,11 +82,41 @@ def op_needs(op, lo, hi, rows, inside: dict | None = None) -> list[tuple[np.ndar
     if (kind.needs is Window.needs and kind.padded_box is Window.padded_box) or (
         kind.needs is Pad.needs and kind.padded_box is Pad.padded_box
     ):
-        read = source(*padded(op, lo, hi), op.in_extents[0], op.mode)
-        if inside is not None and op.mode == "constant":  # each row in [0, extent), or (0, 0)
-            inside[id(read[0])] = (*read, tuple(map(int, op.in_extents[0])))
+        if op.mode != "constant":
+            return [source(*padded(op, lo, hi), op.in_extents[0], op.mode)]
+        scale, low, high, extent, listed = _window(op)
+        a, b = np.maximum(lo * scale + low, 0), np.minimum(hi * scale + high, extent)  # padded, clipped
+        keep = a < b
+        read = a * keep, b * keep  # ``source``'s constant mode: each row in [0, extent), or (0, 0)
+        if inside is not None:
+            inside[id(read[0])] = (*read, listed)
         return [read]
     return _scalar_needs(op, lo, hi, rows)
+
+
+def _window(op) -> tuple:
+    """A window's or a padding's ``padded`` as lo x scale + low, hi x scale + high (integers: the
+    same numbers), with its input's extent as a column and a tuple, cached by op (the op is kept,
+    so its id is not reused while cached): a deep network's walks ask each op's dozens of times."""
+    found = _WINDOWS.get(id(op))
+    if found is None or found[0] is not op:
+        if isinstance(op, Pad):
+            scale = (1,) * len(op.pad_lo)
+            low = high = tuple(-int(p) for p in op.pad_lo)
+        else:
+            scale = tuple(int(v) for v in op.step)
+            low = tuple(-int(p) for p in op.pad_lo)
+            params = zip(scale, op.pad_lo, op.dilation, op.kernel, strict=True)
+            high = tuple(-s - int(p) + int(d) * (int(k) - 1) + 1 for s, p, d, k in params)
+        extent = tuple(map(int, op.in_extents[0]))
+        if len(_WINDOWS) >= 16384:
+            _WINDOWS.pop(next(iter(_WINDOWS)))
+        columns = tuple(_column(v) for v in (scale, low, high, extent))
+        found = _WINDOWS[id(op)] = (op, (*columns, extent))
+    return found[1]
+
+
+_WINDOWS: dict = {}
 
 
 def _clipped(lo, hi, extent, inside: dict | None) -> tuple[np.ndarray, np.ndarray]:
@@ -148,8 +178,8 @@ def needs(split: Split, writes: dict, rows: int) -> dict:
         need[node] = lo, hi
         known = emptied.get(id(lo))
         if known is None or known[1] is not hi:
-            rows_gone = empty(lo, hi)
-            known = emptied[id(lo)] = lo, hi, rows_gone if rows_gone.any() else None
+            below = hi <= lo
+            known = emptied[id(lo)] = lo, hi, below.any(axis=0) if below.any() else None
         gone[node] = known[2]
     need.setdefault(split.input, (zero, zero))
     return need

@@ -58,69 +58,52 @@ class BlockGeometry:
 
     def __init__(self, split: Split, block: Block) -> None:
         self.split, self.block = split, block
-        self.where = where = block.place
-        self.ops = [n for n in block.nodes if n in split.ops]
-        self.at = {n: i for i, n in enumerate(self.ops)}  # node -> its index in the arrays
-        self.inputs = {n: [where[i] for i in split.ops[n].inputs if i in where] for n in self.ops}
+        self.where = block.place
+        static = _static(split, block)
+        self.ops, self.at, self.inputs = static.ops, static.at, static.inputs
         shape = (len(self.ops), split.nd, block.lo.shape[2])
         self.outside = np.zeros(shape, dtype=bool)
-        transposed = any(isinstance(split.ops[n], ConvTranspose) for n in self.ops)
-        self.extra = np.zeros(shape if transposed else (1, 1, 1), dtype=np.int64)
-        if not transposed:  # no memory for zeros
+        self.extra = np.zeros(shape if static.transposed else (1, 1, 1), dtype=np.int64)
+        if not static.transposed:  # no memory for zeros
             self.extra = np.broadcast_to(self.extra, shape)
         self.differ = {True: np.zeros(shape, dtype=bool), False: np.zeros(shape, dtype=bool)}
-        windows, norms = [], []
-        for i, node in enumerate(self.ops):
-            op = split.ops[node]
-            if isinstance(op, (Window, Pad)):
-                windows.append(i)
-            elif _facts(split, node)[0] in _NORM and op.inputs and op.inputs[0] in where:
-                norms.append(i)
-            if isinstance(op, ConvTranspose):
-                (elo, ehi), = intervals.op_needs(op, *self.box(node), None)
-                self.extra[i] = np.maximum(ehi - elo, 0)
+        for i, node in static.transposed:
+            (elo, ehi), = intervals.op_needs(split.ops[node], *self.box(node), None)
+            self.extra[i] = np.maximum(ehi - elo, 0)
         self._canon: dict = {}
-        if windows:
-            self._windows(windows)
-        if norms:
-            self._norms(norms)
+        if static.windows:
+            self._windows(static)
+        if static.norms:
+            self._norms(static)
 
     def box(self, node) -> tuple[np.ndarray, np.ndarray]:
         w = self.where[node]
         return self.block.lo[w], self.block.hi[w]
 
-    def _windows(self, index: list[int]) -> None:
+    def _windows(self, static: _Static) -> None:
         """``outside`` of windows and paddings, and ``differ`` of windows: the padded box against
         the box of the value the first input is stored as (``steps._stored``)."""
-        s, ops = self.split, [self.split.ops[self.ops[i]] for i in index]
-        params = _params(ops)
-        plo, phi = _padded(params, *self._gather([self.where[self.ops[i]] for i in index]))
+        index, params = static.windows, static.window_params
+        plo, phi = _padded(params, *self._gather(static.window_boxes))
         self.outside[index] = (plo < 0) | (phi > params[:, _EXTENT])
-        firsts = []
-        for i in index:
-            inputs = [j for j in s.ops[self.ops[i]].inputs if j is s.input or j in self.where]
-            firsts.append(inputs[0] if inputs else s.input)
-        slo, shi = self._gather([self.where[f] for f in firsts])
-        window = np.array([isinstance(op, Window) for op in ops])[:, None, None]
+        slo, shi = self._gather(static.window_firsts)
+        window = static.window_mask
         self.differ[True][index] = ((plo != slo) | (phi != shi)) & window
-        image = np.array([f is s.input for f in firsts])[:, None, None]  # stored whole: [0, extent)
-        slo, shi = np.where(image, 0, slo), np.where(image, np.asarray(s.extents[s.input])[:, None], shi)
+        image = static.window_image  # stored whole: [0, extent)
+        slo, shi = np.where(image, 0, slo), np.where(image, static.extent, shi)
         self.differ[False][index] = ((plo != slo) | (phi != shi)) & window
 
-    def _norms(self, index: list[int]) -> None:
+    def _norms(self, static: _Static) -> None:
         """``differ`` of normalisations (``steps._strided_input``): a sub-box of the first input, or
         the result of a natively padded window that dropped outputs (``_crops``)."""
-        s = self.split
-        firsts = [s.ops[self.ops[i]].inputs[0] for i in index]
-        lo, hi = self._gather([self.where[self.ops[i]] for i in index])
-        flo, fhi = self._gather([self.where[f] for f in firsts])
+        lo, hi = self._gather(static.norm_boxes)
+        flo, fhi = self._gather(static.norm_firsts)
         sub = (lo != flo) | (hi != fhi)
-        natively = [isinstance(s.ops.get(f), Window) and s.ops[f].pads_natively() for f in firsts]
-        cropping = [k for k, n in enumerate(natively) if n]
+        cropping = static.cropping
         if cropping:
-            sub[cropping] |= _crops([s.ops[firsts[k]] for k in cropping], flo[cropping], fhi[cropping])
+            sub[cropping] |= _crops(static.crop_ops, flo[cropping], fhi[cropping], static.crop_params)
         sub &= ~(fhi <= flo).any(axis=1, keepdims=True)  # an empty input box: no strided read
-        self.differ[True][index] = self.differ[False][index] = sub
+        self.differ[True][static.norms] = self.differ[False][static.norms] = sub
 
     def _gather(self, boxes: list[int]) -> tuple[np.ndarray, np.ndarray]:
         return self.block.lo[boxes], self.block.hi[boxes]
@@ -157,6 +140,62 @@ class BlockGeometry:
         lengths = np.maximum(self.block.hi[:, d, r] - self.block.lo[:, d, r], 0)
         fields = (self.outside, self.differ[True], self.differ[False], self.extra)
         return np.concatenate([lengths, *(a[:, d, r] for a in fields)]).tobytes()
+
+
+class _Static:
+    """What ``BlockGeometry`` reads of the split and of a block's node order alone (which nodes are
+    windows, normalisations, transposed convolutions; their parameters; which boxes they compare),
+    made once for the blocks of one walk (``tiles.Diagonal`` walks a diagonal's two border blocks
+    together: they share their ``place``)."""
+
+    def __init__(self, split: Split, block: Block) -> None:
+        s, where = split, block.place
+        self.ops = [n for n in block.nodes if n in s.ops]
+        self.at = {n: i for i, n in enumerate(self.ops)}  # node -> its index in the arrays
+        self.inputs = {n: [where[i] for i in s.ops[n].inputs if i in where] for n in self.ops}
+        self.windows, self.norms, self.transposed = [], [], []
+        for i, node in enumerate(self.ops):
+            op = s.ops[node]
+            if isinstance(op, (Window, Pad)):
+                self.windows.append(i)
+            elif _facts(s, node)[0] in _NORM and op.inputs and op.inputs[0] in where:
+                self.norms.append(i)
+            if isinstance(op, ConvTranspose):
+                self.transposed.append((i, node))
+        if self.windows:
+            ops = [s.ops[self.ops[i]] for i in self.windows]
+            self.window_params = _params(ops)
+            self.window_boxes = [where[self.ops[i]] for i in self.windows]
+            firsts = []
+            for i in self.windows:
+                inputs = [j for j in s.ops[self.ops[i]].inputs if j is s.input or j in where]
+                firsts.append(inputs[0] if inputs else s.input)
+            self.window_firsts = [where[f] for f in firsts]
+            self.window_mask = np.array([isinstance(op, Window) for op in ops])[:, None, None]
+            self.window_image = np.array([f is s.input for f in firsts])[:, None, None]
+            self.extent = np.asarray(s.extents[s.input])[:, None]
+        if self.norms:
+            firsts = [s.ops[self.ops[i]].inputs[0] for i in self.norms]
+            self.norm_boxes = [where[self.ops[i]] for i in self.norms]
+            self.norm_firsts = [where[f] for f in firsts]
+            natively = [isinstance(s.ops.get(f), Window) and s.ops[f].pads_natively() for f in firsts]
+            self.cropping = [k for k, n in enumerate(natively) if n]
+            self.crop_ops = [s.ops[firsts[k]] for k in self.cropping]
+            self.crop_params = _params(self.crop_ops) if self.crop_ops else None
+
+
+def _static(split: Split, block: Block) -> _Static:
+    """The block's ``_Static``, cached by its ``place`` (kept, so its id is not reused while cached)
+    and split."""
+    found = _STATICS.get(id(block.place))
+    if found is None or found[0] is not block.place or found[1] is not split:
+        if len(_STATICS) >= 64:
+            _STATICS.pop(next(iter(_STATICS)))
+        found = _STATICS[id(block.place)] = (block.place, split, _Static(split, block))
+    return found[2]
+
+
+_STATICS: dict = {}
 
 
 _STEP, _PAD, _REACH, _EXTENT, _KERNEL, _DILATION = range(6)  # the fields of ``_params``
@@ -197,9 +236,10 @@ def _padded(params: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> tuple[np.ndar
     return lo * step - pad, (hi - 1) * step - pad + params[:, _REACH] + 1
 
 
-def _crops(ops: list, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
-    """``NativePadding.crops`` of each op's output box at once (arrays of shape (ops, dimensions, rows))."""
-    params = _params(ops)
+def _crops(ops: list, lo: np.ndarray, hi: np.ndarray, params: np.ndarray | None = None) -> np.ndarray:
+    """``NativePadding.crops`` of each op's output box at once (arrays of shape (ops, dimensions, rows));
+    ``params``: the ops' ``_params``, if made already."""
+    params = _params(ops) if params is None else params
     plo, phi = _padded(params, lo, hi)
     extent, step = params[:, _EXTENT], params[:, _STEP]
     ilo, ihi = intervals.clip(plo, phi, extent)

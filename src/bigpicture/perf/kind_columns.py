@@ -35,8 +35,14 @@ def node_columns(geometry, reps: list[list[int]], counts: list[list[int]], copy:
         return None  # not one node order (blocks of one split's walks share it)
     index = _box_index(first)
     out: dict = {node: [] for node in first.ops}
+    last = None  # the previous dimension's (kinds, tiles, table)
     for d, (js, ns) in enumerate(zip(reps, counts, strict=True)):
         table = _table(picks, js, index, d, copy)
+        if last is not None and last[0] == js and last[1] == ns and np.array_equal(last[2], table):
+            for columns in out.values():  # a square grid: the same columns as along d - 1
+                columns.append(columns[-1])
+            continue
+        last = js, ns, table
         values, codes = _values(table.reshape(-1, table.shape[2]), index.shape[1])
         codes = codes.reshape(table.shape[:2])  # (nodes, kinds): the number of each one's geometry
         kinds, tiles, leads, offsets = _groups(codes, ns)
@@ -94,11 +100,19 @@ def _values(flat: np.ndarray, m: int) -> tuple[list[tuple], np.ndarray]:
     if not (flat[first][inverse] == flat).all():  # two rows share a hash: the exact way
         _, first, inverse = np.unique(flat, axis=0, return_index=True, return_inverse=True)
         inverse = inverse.reshape(-1)
-    values = []
-    for row in flat[first].tolist():
-        lengths = row[:m]
-        values.append((tuple(lengths[: m - lengths.count(-1)]), bool(row[m]), bool(row[m + 1]), row[m + 2]))
-    return values, inverse
+    rows = flat[first]
+    boxes = m - (rows[:, :m] < 0).sum(axis=1)  # per row, its boxes (the rest padding)
+    if (boxes == boxes[0]).all():  # one group: the rows in their order
+        groups, order = [np.arange(len(rows))], None
+    else:
+        groups = [np.flatnonzero(boxes == b) for b in np.unique(boxes).tolist()]
+        order = np.argsort(np.concatenate(groups), kind="stable").tolist()
+    made = []
+    for at in groups:
+        picked = rows[at]
+        made += zip(map(tuple, picked[:, : boxes[at[0]]].tolist()), picked[:, m].astype(bool).tolist(),
+                    picked[:, m + 1].astype(bool).tolist(), picked[:, m + 2].tolist())  # fmt: skip
+    return (made if order is None else [made[i] for i in order]), inverse
 
 
 def _groups(codes: np.ndarray, ns: list[int]) -> tuple[list, list, list, list]:
