@@ -157,8 +157,9 @@ def _steps_of(
     zero, no = np.zeros(r, dtype=np.int64), np.zeros(r, dtype=bool)
     st = Step(node, ins, np.where(view | inplace, 0, elems * item), aliases=view | inplace, temp=zero,
               padded=zero, saves_inputs=no, saves_output=no, saved_extra=zero, keeps_padded=no,
-              kind=np.full(r, "unary", dtype=object), flops=zero, bytes=in_bytes + elems * item,
+              kind=np.empty(r, dtype=object), flops=zero, bytes=in_bytes + elems * item,
               fwd_s=np.zeros(r), bwd_s=np.zeros(r), flops_bwd=zero)  # fmt: skip
+    st.kind.fill("unary")  # one str for every row (``np.full`` converts it row by row: 15x slower)
     pad_copy = zero
     padded_numel = rows.padded.prod(axis=1)
     if isinstance(op, Window):  # a Pad op's padded copy is its own output
