@@ -234,3 +234,47 @@ def test_backends_past_the_store_bound_keep_the_known_boxes(monkeypatch):
     got = conv_rates.backends_of(op, more, 1, 16, 16, False, rates)
     assert got[: len(boxes)] == want and len(got) == len(more) and conv_rates._count[0] == len(more)
     assert got[len(boxes) :] == [conv_rates.conv_backend((1, 16, *b), (16, 16, 3, 3), (1, 1), (1, 1), 1, False) for b in more[len(boxes) :]]
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(case=convolutions(), batch=st.sampled_from([1, 2, 16]))
+def test_backends_equal_the_old(case, batch, monkeypatch):
+    """``backends_of`` (torch's answer named by its enum value) against the old one (named by the
+    enum member): hypothesis-made convolutions and boxes, small, large and too small for the kernel."""
+    net, nd, cin, boxes, _ = case
+    split = analyse(net.eval(), (batch, cin) + (24,) * nd)[-1]
+    op = split.ops[next(n for n in split.order if n in split.ops)]
+    transposed = isinstance(net[0], nn.ConvTranspose2d | nn.ConvTranspose3d)
+    cout = net[0].out_channels
+    rates = _new_and_old("this machine's")[0]
+    _fresh_backends(monkeypatch)
+    boxes = boxes.tolist() + [[s] * nd for s in (1, 7, 40, 300)]
+    want = old.backends_of(op, boxes, batch, cin, cout, transposed, rates)
+    assert conv_rates.backends_of(op, boxes, batch, cin, cout, transposed, rates) == want
+
+
+def test_backend_members_have_distinct_values():
+    """``_select`` names torch's answer by its value: one value per member."""
+    members = getattr(torch._C, "_ConvBackend", None)
+    if members is None:
+        pytest.skip("this torch has no _ConvBackend")
+    values = [m.value for m in members.__members__.values()]
+    assert len(set(values)) == len(values)
+
+
+@pytest.mark.parametrize("calibration", CALIBRATIONS)
+def test_conv_rates_on_positions_past_the_keys_equal_the_old(calibration, monkeypatch):
+    """Rows of positions past ``conv_rows``' keys (2**54 and more: rated as lists), positions of 0
+    (no work), asked twice, and then rows of the same convolution that fit the keys."""
+    net = nn.Sequential(nn.Conv2d(8, 16, 3, padding=1))
+    split = analyse(net.eval(), (1, 8, 24, 24))[-1]
+    op = split.ops[next(n for n in split.order if n in split.ops)]
+    lengths = np.array([[5, 5], [40, 40], [5, 5], [300, 7], [1, 1]], dtype=np.int64)
+    huge = np.array([1 << 54, 3, (1 << 60) + 1, 0, 7], dtype=np.int64)
+    small = np.array([9, 3, 4096, 0, 7], dtype=np.int64)
+    _fresh_backends(monkeypatch)
+    new, was = _new_and_old(calibration)
+    for positions in (huge, huge, small, small):
+        args = (op, lengths, positions, 1, 8, 16, False, 2, 72, 1, (False, 8, 9))
+        got, want = conv_rates.conv_rates(*args, new), old.conv_rates(*args, was)
+        assert [a.tolist() for a in got] == [a.tolist() for a in want]

@@ -97,7 +97,7 @@ def backends_of(op, boxes: list, n: int, cin: int, cout: int, transposed: bool, 
     known = _known.get(signature)
     if known is None:
         known = _known[signature] = {}
-    boxes = [tuple(b) for b in boxes]
+    boxes = list(map(tuple, boxes))
     new = [b for b in dict.fromkeys(boxes) if b not in known]
     if new:
         if _count[0] + len(new) > MAX_BACKENDS:  # every box of this call asked again, the known too
@@ -107,7 +107,7 @@ def backends_of(op, boxes: list, n: int, cin: int, cout: int, transposed: bool, 
             new = list(dict.fromkeys(boxes))
         known.update(zip(new, _select(signature, new), strict=True))
         _count[0] += len(new)
-    return [known[b] for b in boxes]
+    return list(map(known.__getitem__, boxes))
 
 
 @functools.lru_cache(maxsize=1 << 16)
@@ -142,12 +142,13 @@ def _select(signature: tuple, boxes: list[tuple]) -> list:
         except (AttributeError, RuntimeError, TypeError):
             out.append(None)
             continue
-        name = _names.get(backend)  # ``str`` of torch's enum is most of a box's time: once per member
+        # ``str`` of torch's enum is most of a box's time, hashing it much: once per member, by its value
+        name = _names.get(backend.value)
         if name is None:
-            name = _names[backend] = str(backend).rsplit(".", 1)[-1]
+            name = _names[backend.value] = str(backend).rsplit(".", 1)[-1]
         out.append(name)
     return out
 
 
-_names: dict = {}  # torch's ConvBackend member -> its name
+_names: dict = {}  # torch's ConvBackend member's value -> its name
 _one = functools.cache(lambda dtype: torch.empty(1, dtype=dtype))  # expanded, never written

@@ -161,7 +161,8 @@ class Rates:
         backends do not fit the keys."""
         if not (len(positions) and 0 <= positions.min() and positions.max() < 1 << 54):
             return None
-        codes = [self._families.setdefault(b, len(self._families)) for b in backends]
+        codes = {b: self._families.setdefault(b, len(self._families)) for b in dict.fromkeys(backends)}
+        codes = list(map(codes.__getitem__, backends))
         if len(self._families) > 256:
             return None
         key = (positions << 8) + np.array(codes, dtype=np.int64)[which]
