@@ -57,11 +57,14 @@ class RowShare:
     """The rows built for the nodes of one prediction's passes (``classes._node_rows``) by their key:
     each distinct one built once, then handed to each node with its inputs' names. The key is the
     node's geometries per dimension (their tile counts and values) with its op's ``reach`` where the
-    lengths follow from those (then not computed on a hit), else the lengths themselves."""
+    lengths follow from those (then not computed on a hit), else the lengths themselves; each
+    column's (tiles, geometries) by a number, given once per column object."""
 
     def __init__(self) -> None:
         self.built: dict = {}
         self.reach: dict = {}  # node -> its op's ``reach``
+        self.numbers: dict = {}  # a column's (tiles, geometries) -> its number
+        self.columns: dict = {}  # id of a column -> (the column, kept so its id is its own; its number)
 
     def get(self, node, op, per_dim: list, boxes: list, shaped: bool, lengths, build):
         """(rows, tiles, the distinct row of each combination) of ``build(per_dim, lengths, boxes,
@@ -72,7 +75,15 @@ class RowShare:
             self.reach[node] = reach(op)
         window, found = self.reach[node], None
         if window is not None:
-            key = (shaped, window, len(boxes), *[(tuple(f[2]), tuple(f[3])) for f in per_dim])
+            columns = self.columns
+            key = [shaped, window, len(boxes)]
+            for f in per_dim:  # each column's (tiles, geometries) numbered: hashed once, not per node
+                known = columns.get(id(f))
+                if known is None or known[0] is not f:
+                    number = self.numbers.setdefault((tuple(f[2]), tuple(f[3])), len(self.numbers))
+                    known = columns[id(f)] = f, number
+                key.append(known[1])
+            key = tuple(key)
             found = self.built.get(key)
             if found is None and all(len(v[0]) == len(boxes) and v[0][0] > 0 for f in per_dim for v in f[3]):
                 x = [[lengths_of(window, v, d) for v in f[3]] for d, f in enumerate(per_dim)]
@@ -86,6 +97,6 @@ class RowShare:
                 found = self.built[key] = build(per_dim, x, boxes, shaped)
         rows, tiles, inverse = found
         if [i for i, _ in rows.inputs] != boxes[1:]:
-            inputs = tuple((i, n) for i, (_, n) in zip(boxes[1:], rows.inputs, strict=True))
+            inputs = tuple(zip(boxes[1:], [n for _, n in rows.inputs], strict=True))
             rows = Rows(rows.numel, inputs, rows.padded, rows.extra, rows.outside, rows.copied)
         return rows, tiles, inverse
