@@ -140,7 +140,6 @@ def test_table_rates_equal_the_old(axes, holes, zeros, cin, cout, positions, hug
 
 def _fresh_backends(monkeypatch) -> None:
     monkeypatch.setattr(conv_rates, "_known", {})
-    monkeypatch.setattr(conv_rates, "_count", [0])
     monkeypatch.setattr(old, "_known", {})
     monkeypatch.setattr(old, "_count", [0])
 
@@ -213,27 +212,6 @@ def test_distinct_rows_equal_numpys(columns, rows, top, negative, seed):
     want, back = np.unique(table, axis=0, return_inverse=True)
     assert distinct.dtype == want.dtype and distinct.shape == want.shape and np.array_equal(distinct, want)
     assert inverse.tolist() == back.reshape(-1).tolist()
-
-
-def test_backends_past_the_store_bound_keep_the_known_boxes(monkeypatch):
-    """A call whose new boxes overflow ``MAX_BACKENDS`` while some of its boxes were known: the store
-    emptied, every box of the call is asked again (the old ``backends_of`` lost the known ones: KeyError)."""
-    _fresh_backends(monkeypatch)
-    rates = _new_and_old("this machine's")[0]
-    net = nn.Sequential(nn.Conv2d(16, 16, 3, padding=1))
-    split = analyse(net.eval(), (1, 16, 12, 12))[-1]
-    op = split.ops[next(n for n in split.order if n in split.ops)]
-    boxes = [[s, s] for s in (1, 3, 5, 34, 50, 200)]
-    want = conv_rates.backends_of(op, boxes, 1, 16, 16, False, rates)
-    monkeypatch.setattr(conv_rates, "MAX_BACKENDS", 8)
-    more = boxes + [[s, s + 1] for s in (3, 40, 300)]
-    monkeypatch.setattr(old, "MAX_BACKENDS", 8)
-    old.backends_of(op, boxes, 1, 16, 16, False, rates)
-    with pytest.raises(KeyError):
-        old.backends_of(op, more, 1, 16, 16, False, rates)
-    got = conv_rates.backends_of(op, more, 1, 16, 16, False, rates)
-    assert got[: len(boxes)] == want and len(got) == len(more) and conv_rates._count[0] == len(more)
-    assert got[len(boxes) :] == [conv_rates.conv_backend((1, 16, *b), (16, 16, 3, 3), (1, 1), (1, 1), 1, False) for b in more[len(boxes) :]]
 
 
 @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

@@ -47,7 +47,6 @@ def _rates(setting: str) -> Rates:
 
 def _fresh_backends(monkeypatch) -> None:
     monkeypatch.setattr(conv_rates, "_known", {})
-    monkeypatch.setattr(conv_rates, "_count", [0])
 
 
 # -- whole predictions --------------------------------------------------------------------------------
@@ -164,9 +163,9 @@ def test_conv_steps_equal_those_rated_row_by_row(setting, case, grad_in):
             assert a.dtype == b.dtype and a.tolist() == b.tolist(), f
 
 
-def test_backends_are_torchs_for_every_box_and_kept_within_bounds(monkeypatch):
+def test_backends_are_torchs_for_every_box_and_kept_per_class(monkeypatch):
     """``backends_of`` against the old per-row ``conv_backend`` on boxes that switch torch's kernel
-    (small and large, too small for the kernel: None), and its store emptied past ``MAX_BACKENDS``."""
+    (small and large, too small for the kernel: None), its store a few classes per signature."""
     _fresh_backends(monkeypatch)
     rates = _rates("cpu-this-machine")
     for nd in (2, 3):
@@ -178,10 +177,9 @@ def test_backends_are_torchs_for_every_box_and_kept_within_bounds(monkeypatch):
         assert None in want and len(set(want)) > 2
         for _ in range(2):
             assert conv_rates.backends_of(op, [list(b) for b in boxes], 1, 16, 16, False, rates) == want
-    monkeypatch.setattr(conv_rates, "MAX_BACKENDS", 20)  # 18 kept: a new signature's 9 boxes empty the store
     want = [old_backend(op, b, 2, 16, 16, False, rates) for b in boxes]  # a batch of 2
     assert conv_rates.backends_of(op, [list(b) for b in boxes], 2, 16, 16, False, rates) == want
-    assert sum(len(v) for v in conv_rates._known.values()) == len(boxes) == conv_rates._count[0]
+    assert all(len(v) <= 32 for v in conv_rates._known.values()) and len(conv_rates._known) == 3
 
 
 # -- the calibrated table's interpolation and the nearest measurements, many positions at once ----------
