@@ -149,30 +149,41 @@ class Diagonal:
         n, size = max(self.working), self.BLOCK
         start = k - k % size if k < n // 2 else max(n - size - (n - 1 - k) // size * size, 0)
         if start not in self._blocks:
-            borders = (0, max(n - size, 0))
-            starts = [start, *(b for b in borders if start in borders and b not in (start, *self._blocks))]
+            starts = self.starts(start)
             self._blocks.update(zip(starts, self._walk_blocks(starts), strict=True))
         return self._blocks[start]
 
-    def _walk_blocks(self, starts: list[int]) -> list[Block]:
-        """The blocks from ``starts``, walked at once: each row's boxes depend on that row alone."""
+    def starts(self, start: int) -> list[int]:
+        """The blocks walked with the one from ``start``: a border block brings the other border's."""
+        borders = (0, max(max(self.working) - self.BLOCK, 0))
+        return [start, *(b for b in borders if start in borders and b not in (start, *self._blocks))]
+
+    def rows_of(self, starts: list[int]) -> tuple[int, list]:
+        """(the rows of the blocks from ``starts``, the sinks' write blocks on them)."""
         s, lay, size = self.split, self.lay, self.BLOCK
         ks = np.concatenate([np.arange(start, start + size, dtype=np.int64) for start in starts])
         index = np.stack([np.minimum(ks, w - 1) for w in self.working])  # (dimensions, rows)
-        writes = [write_intervals(index, lay, s.strides[n], s.extents[n]) for n in s.sinks]
-        need = intervals.needs(s, dict(zip(s.sinks, writes, strict=True)), len(ks))
+        return len(ks), [write_intervals(index, lay, s.strides[n], s.extents[n]) for n in s.sinks]
+
+    def _walk_blocks(self, starts: list[int]) -> list[Block]:
+        """The blocks from ``starts``, walked at once: each row's boxes depend on that row alone."""
+        s = self.split
+        rows, writes = self.rows_of(starts)
+        need = intervals.needs(s, dict(zip(s.sinks, writes, strict=True)), rows)
         nodes = list(need)
-        read = [need[n] for n in nodes if n is not self._unread]
-        gaps = np.zeros(len(ks), dtype=bool)
-        distinct = {(id(lo), id(hi)): (lo, hi) for lo, hi in (*writes, *read)}  # a chain's nodes share one
-        for lo, hi in distinct.values():
-            gaps |= intervals.empty(lo, hi)
         lo = np.stack([b[0] for b in (*writes, *(need[n] for n in nodes))])
         hi = np.stack([b[1] for b in (*writes, *(need[n] for n in nodes))])
-        place = {n: len(writes) + i for i, n in enumerate(nodes)}
-        cut = [slice(i * size, (i + 1) * size) for i in range(len(starts))]
+        return self.blocks_of(starts, len(writes), nodes, lo, hi)
+
+    def blocks_of(self, starts: list[int], sinks: int, nodes: list, lo, hi) -> list[Block]:
+        """The blocks from ``starts`` of ``lo``, ``hi`` (the sinks' write boxes, then ``nodes``', on the
+        blocks' rows one after the other); ``gaps``: some box empty, but the unread input's."""
+        read = np.array([True] * sinks + [n is not self._unread for n in nodes])
+        gaps = (hi[read] <= lo[read]).any(axis=(0, 1))
+        place = {n: sinks + i for i, n in enumerate(nodes)}
+        cut = [slice(i * self.BLOCK, (i + 1) * self.BLOCK) for i in range(len(starts))]
         return [
-            Block(start, len(writes), nodes, _narrow(lo[:, :, c]), _narrow(hi[:, :, c]), gaps[c], place)
+            Block(start, sinks, nodes, _narrow(lo[:, :, c]), _narrow(hi[:, :, c]), gaps[c], place)
             for start, c in zip(starts, cut, strict=True)
         ]
 

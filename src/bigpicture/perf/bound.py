@@ -37,6 +37,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
+from bigpicture.engine.diagonals import walk_together
 from bigpicture.engine.plan import tile_of
 from bigpicture.engine.rules import Window
 from bigpicture.engine.rules.resample import ConvTranspose
@@ -47,6 +48,7 @@ from bigpicture.perf.predict import _setting
 from bigpicture.perf.rates import Rates
 from bigpicture.perf.row_memo import join_rows
 from bigpicture.perf.steps import Rows, steps_of
+from bigpicture.perf.strides import strides_of
 from bigpicture.perf.walk import accumulation_s, bytes_of, grad_in, grads, readers
 from bigpicture.perf.work_bound import work_bound
 
@@ -67,15 +69,25 @@ def time_bound(
     total = sum(levels)
     if total >= target:
         return total
-    item, known = torch.empty((), dtype=dtype).element_size(), {}
+    item, known, ahead, fulls = torch.empty((), dtype=dtype).element_size(), {}, [2], {}
+    per_split = shared.setdefault(("bound", "grads"), {})  # id(split) -> (split, its grads)
+
+    def full(k: int) -> bool:  # whether pass k's every tile has work in every sink
+        if k not in fulls:
+            s, lay = splits[k], lays[k]
+            fulls[k] = not getattr(rates, "fused", False) and all(working_counts(s, lay, sink) == lay.grid
+                                                                  for sink in s.sinks)  # fmt: skip
+        return fulls[k]
 
     def tables(k: int):  # (dim_tables, grads) of pass k, or None where the product rule does not hold
         if k not in known:
             s, lay = splits[k], lays[k]
-            full = not getattr(rates, "fused", False) and all(working_counts(s, lay, sink) == lay.grid
-                                                              for sink in s.sinks)  # fmt: skip
-            t = dim_tables(s, lay) if full else None
-            known[k] = None if t is None else (t, grads(s, diagonal_of(s, lay).row(0)[1], False))
+            if full(k) and not diagonal_of(s, lay)._blocks:  # the next passes' diagonals walked with it
+                chunk = [j for j in reversed(range(k + 1)) if full(j)][: ahead[0]]
+                walk_together([diagonal_of(splits[j], lays[j]) for j in chunk])
+                ahead[0] *= 2
+            t = dim_tables(s, lay) if full(k) else None
+            known[k] = None if t is None else (t, _grads(s, lay, per_split))
         return known[k]
 
     def work(k: int):
@@ -98,6 +110,16 @@ def time_bound(
             if seconds > levels[k]:
                 total, levels[k] = total + seconds - levels[k], seconds
     return total
+
+
+def _grads(split: Split, lay: Layout, per_split: dict) -> dict:
+    """``walk.grads`` of the first diagonal row of a pass whose ``dim_tables`` are made, kept per split:
+    no box of theirs is empty (the tables hold row 0's positive lengths along every dimension), and
+    ``grads`` reads of the boxes only which are empty: one answer for every layout."""
+    found = per_split.get(id(split))
+    if found is None or found[0] is not split:
+        found = per_split[id(split)] = (split, grads(split, diagonal_of(split, lay).row(0)[1], False))  # kept
+    return found[1]
 
 
 def engine_bound(split: Split, lay: Layout, rates: Rates, training: bool) -> float:
@@ -232,13 +254,16 @@ def dim_tables(split: Split, lay: Layout) -> list[DimTable] | None:
     period of the interior); None if a box is empty (the product rule does not hold)."""
     diagonal = diagonal_of(split, lay)
     rows = diagonal.row
-    nodes = list(rows(0)[1])
+    nodes = diagonal.visit(0)[0].nodes if min(diagonal.working) > 0 else list(rows(0)[1])  # row 0's nodes
     transposed = [n for n in nodes if isinstance(split.ops.get(n), ConvTranspose)]
     columns = {**{(n, "box"): k for k, n in enumerate(nodes)},
                **{(n, "input"): len(nodes) + k for k, n in enumerate(transposed)}}  # fmt: skip
     spans: dict = {}  # per block of diagonal rows: its nodes' lengths (nodes, dimensions, rows)
     tables = []
     for d in range(split.nd):
+        if d and not transposed and _mirrors(split, lay, diagonal, d):
+            tables.append(tables[0])  # the same rows of lengths, counts and last row
+            continue
         seen: dict = {}
 
         def lengths(j, d=d, seen=seen) -> tuple:
@@ -265,6 +290,22 @@ def dim_tables(split: Split, lay: Layout) -> list[DimTable] | None:
         counts = np.array(list(distinct.values()), dtype=np.int64)
         tables.append(DimTable(columns, table, counts, list(distinct).index(per_index[-1])))
     return tables
+
+
+def _mirrors(split: Split, lay: Layout, diagonal, d: int) -> bool:
+    """Whether ``dim_tables``' walk along d reads what it read along dimension 0: the same grid,
+    strides and tiles with work (every tile: no row is read as ``Box`` objects), and every box of
+    every block walked so far (among them every row read along 0) the same along d as along 0 (a
+    square input of a network of square kernels). Then the walk along d takes the same steps on the
+    same numbers, and its table is the same."""
+    strides, grid, working = strides_of(split), lay.grid, diagonal.working
+    same = (lay.intervals[d] == lay.intervals[0] and lay.tile[d] == lay.tile[0]
+            and working[d] == grid[d] == working[0] == grid[0]
+            and strides.values[d] == strides.values[0] and strides.group[d] == strides.group[0])  # fmt: skip
+    return same and all(
+        np.array_equal(block.lo[:, d], block.lo[:, 0]) and np.array_equal(block.hi[:, d], block.hi[:, 0])
+        for block in diagonal._blocks.values()
+    )
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,7 @@ import math
 from dataclasses import dataclass
 
 from bigpicture.engine.box import Box
+from bigpicture.engine.diagonals import walk_together
 from bigpicture.engine.regions import needs
 from bigpicture.engine.split import Split
 from bigpicture.engine.tiles import Diagonal, Layout, layout, write_box
@@ -25,7 +26,7 @@ from bigpicture.errors import TilingError
 from bigpicture.perf.geometry import BlockGeometry, row_geometries, supported
 from bigpicture.perf.strides import strides_of
 
-__all__ = ["ClassGrid", "Layout", "TileClass", "class_grid", "layout", "tile_classes"]
+__all__ = ["ClassGrid", "Layout", "TileClass", "class_grid", "class_grids", "layout", "tile_classes"]
 
 
 MAX_PERIOD = 64  # interior tiles repeat with a period of at most the network's total stride
@@ -118,6 +119,14 @@ class Geometry:
 def tile_classes(split: Split, lay: Layout) -> list[TileClass]:
     """The distinct tiles of the grid and how often each occurs (tiles that write nothing skipped)."""
     return class_grid(split, lay).materialise()
+
+
+def class_grids(splits: list[Split], lays: list[Layout]) -> list[ClassGrid]:
+    """``class_grid`` of each pass, their diagonals not walked yet walked together first
+    (``diagonals.walk_together``: one walk of the union of the passes' nodes, a few passes at once)."""
+    fresh = [(s, lay) for s, lay in zip(splits, lays, strict=True) if (id(s), lay) not in _CLASSES]
+    walk_together([diagonal_of(s, lay) for s, lay in fresh])
+    return [class_grid(s, lay) for s, lay in zip(splits, lays, strict=True)]
 
 
 def class_grid(split: Split, lay: Layout) -> ClassGrid:

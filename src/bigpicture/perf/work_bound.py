@@ -112,6 +112,20 @@ class _Fact(NamedTuple):
     nc: int  # batch x channels
     ins: tuple  # per spatial input: (its batch x channels, its column)
     saves: bool  # a stream op saves for its backward
+    conv: _Conv | None  # a convolution's numbers
+
+
+class _Conv(NamedTuple):
+    """What ``_conv_seconds`` reads of a convolution (``steps._conv_steps``' numbers), kept per op."""
+
+    n: int  # batch
+    c: int  # output channels
+    stride: int  # its largest step
+    kernel: int  # kernel positions
+    fan_in: int  # input channels x kernel positions per output (a transposed one's: every input channel's)
+    cq: int  # input channels per group (a transposed one's: all of them)
+    transposed: bool
+    groups: int
 
 
 def _node_facts(memo: dict, split: Split, nodes: list, columns: dict) -> list[_Fact]:
@@ -129,18 +143,18 @@ def _node_facts(memo: dict, split: Split, nodes: list, columns: dict) -> list[_F
         known = per_op.get(id(op))
         if known is None or known[0] is not op or known[1] is not node or known[2] is not split.shapes:
             known = per_op[id(op)] = (op, node, split.shapes, _op_fact(split, node, op))  # the op kept
-        kind, nc, inputs, saves, transposed = known[3]
+        kind, nc, inputs, saves, conv = known[3]
         ins = tuple((c, columns[i, "box"]) for c, i in inputs if (i, "box") in columns)
         box = columns[node, "box"]
-        facts.append(_Fact(kind, box, columns[node, "input"] if transposed else box, nc, ins, saves))
+        transposed = conv is not None and conv.transposed
+        facts.append(_Fact(kind, box, columns[node, "input"] if transposed else box, nc, ins, saves, conv))
     memo[key] = (split, nodes, dict(columns), facts)  # the split is kept: its id is not reused
     return facts
 
 
 def _op_fact(split: Split, node, op) -> tuple:
     """(kind, batch x channels, per input (its batch x channels, the input), whether a stream op
-    saves for its backward, whether it is a transposed convolution) of ``node``: ``_Fact`` but the
-    columns."""
+    saves for its backward, a convolution's ``_Conv``) of ``node``: ``_Fact`` but the columns."""
     n, c = split.shapes[node][:2]
     name, inplace, _ = _facts(split, node)
     inputs = tuple((math.prod(split.shapes[i][:2]), i) for i in op.inputs if i in split.shapes)
@@ -153,7 +167,14 @@ def _op_fact(split: Split, node, op) -> tuple:
         kind = "view"
     else:
         kind = _stream_kind(op, name)
-    return kind, n * c, inputs, saves, isinstance(op, ConvTranspose)
+    conv = None
+    if kind == "conv":
+        transposed, kernel = isinstance(op, ConvTranspose), math.prod(op.kernel)
+        cin = split.shapes[op.inputs[0]][1]
+        fan_in = cin * kernel if transposed else op.cin_per_group * kernel
+        cq = cin // (1 if transposed else op.groups)
+        conv = _Conv(n, c, max(op.step), kernel, fan_in, cq, transposed, op.groups)
+    return kind, n * c, inputs, saves, conv
 
 
 def _node(split: Split, node, fact: _Fact, at: _At, woken: tuple, grad: dict) -> tuple:
@@ -161,6 +182,11 @@ def _node(split: Split, node, fact: _Fact, at: _At, woken: tuple, grad: dict) ->
     parameters' gradient sums, 1 if it is an op the host dispatches else 0) of ``node``, from below."""
     if fact.kind == "view":
         return (0.0, 0.0), 0.0, 0
+    if fact.kind == "conv":
+        f0, f1, b = _conv_seconds(split.nd, fact.conv, at, fact.positions)
+        bwd = (2 if grad_in(split, node, grad) else 1) * b
+        bwd += woken[0] if not fact.conv.transposed else 0.0  # (an empty input box: no work)
+        return (f0 + woken[0], f1 + woken[1]), bwd, 1
     (p0, p1), (lo, hi), item, rates, memo = at
     elems = (fact.nc * p0[fact.box], fact.nc * p1[fact.box])
     tile_elems = (fact.nc * lo[fact.box], fact.nc * hi[fact.box])  # in a tile: least, most
@@ -171,12 +197,6 @@ def _node(split: Split, node, fact: _Fact, at: _At, woken: tuple, grad: dict) ->
         in_lo, in_hi = in_lo + nc * lo[col], in_hi + nc * hi[col]
     moved = ((elems[0] + acc0) * item, (elems[1] + acc1) * item)
     tile_bytes = (item * (tile_elems[0] + in_lo), item * (tile_elems[1] + in_hi))
-    if fact.kind == "conv":
-        op = split.ops[node]
-        f0, f1 = _conv_seconds(split, op, node, at, fact)
-        bwd = (2 if grad_in(split, node, grad) else 1) * _conv_seconds(split, op, node, at, fact, True)[0]
-        bwd += woken[0] if not isinstance(op, ConvTranspose) else 0.0  # (an empty input box: no work)
-        return (f0 + woken[0], f1 + woken[1]), bwd, 1
     if fact.kind == "pool":
         k = math.prod(split.ops[node].kernel)
         window, windows = (elems[0] * k, elems[1] * k), tuple(k * e for e in tile_elems)
@@ -197,35 +217,30 @@ def _node(split: Split, node, fact: _Fact, at: _At, woken: tuple, grad: dict) ->
     return fwd, bwd, 1
 
 
-def _conv_seconds(split: Split, op, node, at: _At, fact: _Fact, backward: bool = False) -> tuple:
-    """A convolution's seconds (``steps._conv_steps``) over every tile and every tile but the last,
-    from below."""
+def _conv_seconds(nd: int, conv: _Conv, at: _At, column: int) -> tuple[float, float, float]:
+    """A convolution's forward seconds (``steps._conv_steps``) over every tile and every tile but the
+    last, and its backward seconds over every tile (the input's or the weights' gradient), from
+    below; ``column``: its positions' (a transposed one's: its input's)."""
     (p0, p1), (lo, hi), item, rates, memo = at
-    n, c = split.shapes[node][:2]
-    nd, transposed, stride = split.nd, isinstance(op, ConvTranspose), max(op.step)
-    cin = split.shapes[op.inputs[0]][1]
-    kernel = math.prod(op.kernel)
-    column = fact.positions
+    n, c, stride, kernel, fan_in, cq, transposed, groups = conv
     positions = (n * p0[column], n * p1[column])
     if transposed:
-        fan_in = cin * kernel
-        flops = tuple(2 * a * fan_in * c / op.groups for a in positions)
+        flops = (2 * positions[0] * fan_in * c / groups, 2 * positions[1] * fan_in * c / groups)
     else:
-        fan_in = op.cin_per_group * kernel
-        flops = tuple(2 * a * fan_in * c for a in positions)
+        flops = (2 * positions[0] * fan_in * c, 2 * positions[1] * fan_in * c)
     reach = (n * lo[column], n * hi[column])
-    cq = cin // (1 if transposed else op.groups)
-    query = (nd, cq, c, kernel, stride, fan_in, transposed, backward)
-    rate = _conv_rate_max(memo, rates, *query, reach)
-    seconds = tuple(f / rate for f in flops)
+    rate = _conv_rate_max(memo, rates, nd, cq, c, kernel, stride, fan_in, transposed, False, reach)
+    back = _conv_rate_max(memo, rates, nd, cq, c, kernel, stride, fan_in, transposed, True, reach)
+    f0, f1, b = flops[0] / rate, flops[1] / rate, flops[0] / back
     if rates.gpu and rates.peak > 1.01 * rates.device.peak("fp32") and not rates.channels_last:
         # ``rates.gpu_conv_rate``: cuDNN's transposes to NHWC and back, at the stream peak
         scale = stride**nd  # the other operand's positions per position
         per = 2 * item * (cq * (1 if transposed else scale) + c * (scale if transposed else 1))
         most = per * reach[1]  # the stream rate grows with the size: at most the largest tile's
         copy = _most(memo, rates, "copy", False, (most, most))
-        seconds = tuple(s + per * a / copy for s, a in zip(seconds, positions, strict=True))
-    return seconds
+        f0, f1 = f0 + per * positions[0] / copy, f1 + per * positions[1] / copy
+        b += per * positions[0] / copy
+    return f0, f1, b
 
 
 def _conv_rate_max(
@@ -234,10 +249,11 @@ def _conv_rate_max(
 ) -> float:  # fmt: skip
     """The largest flops/s ``rates.conv`` gives this convolution at positions within ``reach``
     (least, most), any backend; kept per query (the passes of a candidate share most shapes)."""
-    query = (nd, cin, cout, kernel, stride, fan_in, transposed, backward, reach)
-    if ("conv at", query) not in memo:
-        memo["conv at", query] = _conv_rate_most(memo, rates, *query)
-    return memo["conv at", query]
+    query = ("conv at", nd, cin, cout, kernel, stride, fan_in, transposed, backward, reach)
+    found = memo.get(query)
+    if found is None:
+        found = memo[query] = _conv_rate_most(memo, rates, *query[1:])
+    return found
 
 
 def _conv_rate_most(
