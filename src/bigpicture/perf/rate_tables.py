@@ -60,7 +60,8 @@ def _nearest_rates(near: tuple, xs: list[float]) -> list[tuple[float, ...]]:
     ``math.dist``; the 3 smallest (distance, rate) pairs of any such superset are those of all the
     points, which ``math.dist`` then measures and sorts (a nearer distance first, then a smaller
     rate), weighed by 1 / distance**2 (the nearest alone within 1e-9). Most queries have 3 of them
-    at distinct distances: one order and one set of weights then serve every kind of rate."""
+    at distinct distances: one order and one set of weights then serve every kind of rate (those of
+    3 candidates unrolled, the same operations in the same order)."""
     head, base, along, rows, values = near
     out, dist, last = [], math.dist, min(2, len(rows) - 1)
     for start in range(0, len(xs), 1024):  # (queries, points): a few MiB
@@ -71,12 +72,17 @@ def _nearest_rates(near: tuple, xs: list[float]) -> list[tuple[float, ...]]:
         at = [head[0], head[1], 0.0, head[3]]  # math.dist reads the query's logs: positions' set per query
         for x, a, b in zip(chunk, [0, *ends[:-1]], ends, strict=True):
             at[2] = x
-            ds = sorted([(dist(at, rows[i]), i) for i in cols[a:b]])
-            if len(ds) == 3 and 1e-9 <= ds[0][0] < ds[1][0] < ds[2][0]:  # no ties: every kind's order
-                weights = [1 / d**2 for d, _ in ds]
-                total = sum(weights)
-                out.append(tuple(sum([w * v[i] for w, (_, i) in zip(weights, ds)]) / total for v in values))
-                continue
+            if b - a == 3:  # most queries: the same steps as below, unrolled
+                i, j, k = cols[a:b]
+                ds = sorted([(dist(at, rows[i]), i), (dist(at, rows[j]), j), (dist(at, rows[k]), k)])
+                (d0, i), (d1, j), (d2, k) = ds
+                if 1e-9 <= d0 < d1 < d2:
+                    w0, w1, w2 = 1 / d0**2, 1 / d1**2, 1 / d2**2
+                    total = sum([w0, w1, w2])
+                    out.append(tuple([sum([w0 * v[i], w1 * v[j], w2 * v[k]]) / total for v in values]))
+                    continue
+            else:
+                ds = sorted([(dist(at, rows[i]), i) for i in cols[a:b]])
             rates = []
             for kind in values:
                 top = sorted([(d, kind[i]) for d, i in ds])[:3]

@@ -178,9 +178,9 @@ class Rates:
             case = (cin, kernel, asked)
             forward = self._cpu_convs(nd, fan_in, cout, stride, False, transposed, *case)
             backward = self._cpu_convs(nd, fan_in, cout, stride, True, transposed, *case)
-            order = np.concatenate([keys, miss]).argsort()
-            keys = np.concatenate([keys, miss])[order]
-            fwd, bwd = np.concatenate([fwd, forward])[order], np.concatenate([bwd, backward])[order]
+            where = np.searchsorted(keys, miss)  # both sorted, none in common: merged in order
+            merged = ((keys, miss), (fwd, forward), (bwd, backward))
+            keys, fwd, bwd = (np.insert(known, where, new) for known, new in merged)
             self._arrays[context] = keys, fwd, bwd
             at = np.searchsorted(keys, key)
         return fwd[at], bwd[at]
@@ -214,11 +214,14 @@ class Rates:
         kept per convolution and positions: the forward's and the backward's rates are asked apart."""
         near = self._tables.get((nd, transposed, "nearest", head))
         if near is None:
-            points = self._points(nd, transposed)[0]
-            near = [(p["fan_in"], p["cout"], p["positions"], 4 ** (p["stride"] - 1)) for p in points]
-            values = ([p["forward"] for p in points], [p["backward"] for p in points])
-            logs = np.array([_logs(p) for p in near])
-            near = _near_points(logs, _logs((*head[:2], 1, head[2])), values), {}
+            measured = self._tables.get((nd, transposed, "nearest points"))
+            if measured is None:  # the points' logs and rates, once per kind of convolution (not per head)
+                points = self._points(nd, transposed)[0]
+                near = [(p["fan_in"], p["cout"], p["positions"], 4 ** (p["stride"] - 1)) for p in points]
+                values = ([p["forward"] for p in points], [p["backward"] for p in points])
+                measured = np.array([_logs(p) for p in near]), values
+                self._tables[nd, transposed, "nearest points"] = measured
+            near = _near_points(measured[0], _logs((*head[:2], 1, head[2])), measured[1]), {}
             self._tables[nd, transposed, "nearest", head] = near
         kept = near[1]
         new = [p for p in dict.fromkeys(positions) if p not in kept]
