@@ -1,6 +1,7 @@
-"""A node's distinct steps over the combinations of its per-dimension geometries (``classes._combos``:
-the table filled by broadcasting, distinct rows by ``np.lexsort``) equal what the code before made
-(``tests/_old_combos.py``, verbatim) and what the small grids' Python path makes (``_small_combos``):
+"""A node's distinct steps over the combinations of its per-dimension geometries (``classes._combos``
+as it was, tests/_old_node_combos.py: the table filled by broadcasting, distinct rows by ``np.lexsort``)
+equal what the code before made (``tests/_old_combos.py``, verbatim) and what the small grids' Python
+path made (``_small_combos``):
 every field, dtype and shape, on random geometries (1D to 3D, repeated lengths so that rows repeat,
 flags, tile counts, with and without the input's shape in the key) and on the lengths a window's
 reach gives (``node_rows.lengths_of``).
@@ -9,12 +10,12 @@ reach gives (``node_rows.lengths_of``).
 from __future__ import annotations
 
 import _old_combos
+import _old_node_combos as classes
 import numpy as np
 from hypothesis import given
 from hypothesis import strategies as st
 from test_random_architectures import examples
 
-from bigpicture.perf import classes
 from bigpicture.perf.node_rows import lengths_of
 
 

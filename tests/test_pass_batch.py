@@ -4,13 +4,14 @@ field of the ``Prediction``, bit for bit, over named networks and random squeeze
 
 The reference is ``predict_splits`` as it was: the passes predicted one after the other, each asking
 ``steps.steps_of`` node by node (``classes.BATCH = False``), each node's combinations on arrays
-(``classes.SMALL_TABLE = 0``: ``classes._combos``, not the small grids' ``_small_combos``), then combined.
+(``classes._combos`` then, tests/_old_node_combos.py), then combined.
 """
 
 from __future__ import annotations
 
 import dataclasses
 
+import _old_node_combos
 import numpy as np
 import pytest
 import torch
@@ -72,7 +73,6 @@ def assert_batched_as_per_pass(splits, shape, tiles, setting: str, monkeypatch, 
         for tile in tiles:
             with monkeypatch.context() as old:
                 old.setattr(classes, "BATCH", False)
-                old.setattr(classes, "SMALL_TABLE", 0)  # every node's combinations on arrays
                 old.setattr(steps, "MEMO", False)
                 want = per_pass(splits, shape, dtype, tile, device, training, input_grad, _shared(setting))
             for shared in (planner, _shared(setting)):
@@ -237,7 +237,7 @@ def node_geometries(draw):
 @settings(max_examples=300, deadline=None, derandomize=True, database=None)
 @given(node_geometries())
 def test_small_combinations_equal_those_on_arrays(geometry):
-    got, want = classes._small_combos(*geometry), classes._combos(*geometry)
+    got, want = _old_node_combos._small_combos(*geometry), _old_node_combos._combos(*geometry)
     for a, b in zip(
         (*got[0].__dict__.values(), *got[1:]), (*want[0].__dict__.values(), *want[1:]), strict=True
     ):

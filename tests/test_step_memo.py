@@ -15,7 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from bigpicture.perf import classes, geometry, grid, memory_bound, predict, row_memo, steps, walk
+from bigpicture.perf import classes, combos, geometry, grid, memory_bound, predict, row_memo, steps, walk
 from bigpicture.perf.devices import get_device, load_calibration, local_cpu
 from bigpicture.perf.predict import predict_splits
 from bigpicture.perf.rate_tables import _grid_table, _logs, _table_rate
@@ -397,7 +397,7 @@ def _old_bookkeeping(monkeypatch):
     monkeypatch.setattr(classes, "_lengths", _old_lengths)
     for module in (steps, geometry, memory_bound):
         monkeypatch.setattr(module, "spatial_inputs", _old_spatial_inputs)
-    monkeypatch.setattr(classes, "_unique_rows", _old_unique_rows)
+    monkeypatch.setattr(combos, "unique_rows", _old_unique_rows)
     monkeypatch.setattr(walk, "structures", _old_structures)
     monkeypatch.setattr(
         classes._Grid, "geometry_features",

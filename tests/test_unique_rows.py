@@ -1,17 +1,16 @@
 """The planner's cheaper bookkeeping equals what it replaced, bit for bit: distinct rows of a node's
-table (``classes._unique_rows``, ``_unique_small``) against ``np.unique``, and the walk's groups of
+table (``classes._unique_rows``, ``_unique_small`` as they were: tests/_old_node_combos.py) against ``np.unique``, and the walk's groups of
 rows of one structure (``walk.structures``) against renumbering with ``np.unique`` after each step."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
+from _old_node_combos import SMALL_TABLE, _unique_rows, _unique_small
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from bigpicture.perf import classes
-from bigpicture.perf.classes import _unique_rows, _unique_small
 from bigpicture.perf.steps import Step
 from bigpicture.perf.walk import structure, structures
 
@@ -39,7 +38,7 @@ def test_unique_rows_equal_numpys(table):
     _check(_unique_small(table), table)
 
 
-@pytest.mark.parametrize("rows", [1, 7, classes.SMALL_TABLE, classes.SMALL_TABLE + 1, 5000])
+@pytest.mark.parametrize("rows", [1, 7, SMALL_TABLE, SMALL_TABLE + 1, 5000])
 def test_unique_rows_of_tables_with_repeats(rows):
     rng = np.random.default_rng(rows)
     base = rng.integers(0, 2**62, (max(rows // 3, 1), 6), dtype=np.int64)

@@ -58,19 +58,22 @@ class RowShare:
     each distinct one built once, then handed to each node with its inputs' names. The key is the
     node's geometries per dimension (their tile counts and values) with its op's ``reach`` where the
     lengths follow from those (then not computed on a hit), else the lengths themselves; each
-    column's (tiles, geometries) by a number, given once per column object."""
+    column's (tiles, geometries) by a number, given once per column object. ``get`` only asks for a
+    build; ``build`` then builds every one asked at once (``combos.combos_many``), ``rows`` reads
+    them back."""
 
     def __init__(self) -> None:
-        self.built: dict = {}
+        self.built: dict = {}  # key -> its ``_Build``
+        self.pending: list = []  # the builds asked since the last ``build``
         self.reach: dict = {}  # node -> its op's ``reach``
         self.numbers: dict = {}  # a column's (tiles, geometries) -> its number
         self.columns: dict = {}  # id of a column -> (the column, kept so its id is its own; its number)
 
-    def get(self, node, op, per_dim: list, boxes: list, shaped: bool, lengths, build):
-        """(rows, tiles, the distinct row of each combination) of ``build(per_dim, lengths, boxes,
-        shaped)``, or of the same rows built before for other nodes (their inputs renamed);
-        ``lengths()``: the lengths from the boxes (``classes._lengths``), where the geometries do
-        not give them."""
+    def get(self, node, op, per_dim: list, boxes: list, shaped: bool, lengths) -> tuple:
+        """A ticket for the (rows, tiles, the distinct row of each combination) of ``classes._combos
+        (per_dim, lengths, boxes, shaped)``, or of the same rows built for other nodes (their inputs
+        renamed): ``rows(ticket)`` after ``build``. ``lengths()``: the lengths from the boxes
+        (``classes._lengths``), where the geometries do not give them."""
         if node not in self.reach:
             self.reach[node] = reach(op)
         window, found = self.reach[node], None
@@ -87,16 +90,43 @@ class RowShare:
             found = self.built.get(key)
             if found is None and all(len(v[0]) == len(boxes) and v[0][0] > 0 for f in per_dim for v in f[3]):
                 x = [[lengths_of(window, v, d) for v in f[3]] for d, f in enumerate(per_dim)]
-                found = self.built[key] = build(per_dim, x, boxes, shaped)
+                found = self.built[key] = self._ask(per_dim, x, boxes, shaped)
         if found is None:
             x = lengths()
             key = (shaped, None, *[(tuple(f[2]), tuple([(v[1], v[2]) for v in f[3]]), tuple(map(tuple, y)))
                                    for f, y in zip(per_dim, x, strict=True)])  # fmt: skip
             found = self.built.get(key)
             if found is None:
-                found = self.built[key] = build(per_dim, x, boxes, shaped)
-        rows, tiles, inverse = found
+                found = self.built[key] = self._ask(per_dim, x, boxes, shaped)
+        return found, boxes
+
+    def _ask(self, *build) -> _Build:
+        out = _Build(build)
+        self.pending.append(out)
+        return out
+
+    def build(self, many) -> None:
+        """Every build asked since the last: ``many(list of (per_dim, lengths, boxes, shaped))``
+        gives their (rows, tiles, inverse) in order."""
+        for pending, made in zip(self.pending, many([b.args for b in self.pending]), strict=True):
+            pending.args, pending.made = None, made
+        self.pending = []
+
+    @staticmethod
+    def rows(ticket: tuple) -> tuple:
+        """(rows, tiles, the distinct row of each combination) of ``get``'s ticket, once built."""
+        build, boxes = ticket
+        rows, tiles, inverse = build.made
         if [i for i, _ in rows.inputs] != boxes[1:]:
             inputs = tuple(zip(boxes[1:], [n for _, n in rows.inputs], strict=True))
             rows = Rows(rows.numel, inputs, rows.padded, rows.extra, rows.outside, rows.copied)
         return rows, tiles, inverse
+
+
+class _Build:
+    """One build asked of ``RowShare``: its arguments until built, then what it made."""
+
+    __slots__ = ("args", "made")
+
+    def __init__(self, args: tuple) -> None:
+        self.args, self.made = args, None
