@@ -4,7 +4,8 @@
 node built on its own. The planner asks it of every candidate down to the first that fits, so
 here every candidate's walked tiles are rows of one walk on arrays:
 
-    per node     one ``steps.steps_of`` over the rows (the walked tiles of every candidate)
+    per node     one ``bytes_only.byte_steps`` over the rows (the walked tiles of every candidate):
+                 ``steps.steps_of``'s byte counts and flags, no seconds
     per walk     ``walk.row_peaks``: rows of one structure walked together
     per tile     the largest of its rows' ``predict._memory`` sums, over its passes
 
@@ -24,12 +25,12 @@ from bigpicture.engine.rules import Window
 from bigpicture.engine.rules.resample import ConvTranspose, Pad
 from bigpicture.engine.split import Split
 from bigpicture.engine.tiles import layout, working_counts
-from bigpicture.perf.bytes_only import bytes_only
+from bigpicture.perf.bytes_only import byte_steps, bytes_only
 from bigpicture.perf.predict import _graph_memo, _memory, _setting, memory_walked
 from bigpicture.perf.resident import resident_bytes
 from bigpicture.perf.row_memo import join_rows
-from bigpicture.perf.steps import Rows, _stored, padded_bounds, spatial_inputs, steps_of
-from bigpicture.perf.walk import TileWalk, bytes_of, grad_in, grads, row_peaks, tile_at
+from bigpicture.perf.steps import Rows, _stored, padded_bounds, spatial_inputs
+from bigpicture.perf.walk import TileWalk, bytes_of, grads, row_peaks, tile_at
 
 
 def least_memories(
@@ -105,13 +106,12 @@ def _peaks(splits: list[Split], walks: list, item: int, rates, training: bool) -
         prepared.append((grad, numel))
         for node in list(grad)[1:]:
             rows = _rows(s, node, needs, copy, numel)
-            key = (node, id(s.ops[node]), grad_in(s, node, grad), tuple(i for i, _ in rows.inputs))
-            calls.setdefault(key, []).append((w, rows))
+            calls.setdefault((node, id(s.ops[node]), tuple(i for i, _ in rows.inputs)), []).append((w, rows))
     steps: list[dict] = [{} for _ in walks]  # per group, node -> (its steps over every group, sizes, rows)
-    for (node, _, grad_input, _), parts in calls.items():
+    for (node, *_), parts in calls.items():  # a step's bytes: of its rows alone (``bytes_only.byte_steps``)
         s = splits[walks[parts[0][0]][0]]
         rows = join_rows([r for _, r in parts])
-        st, start = steps_of(s, node, rows, item, rates, grad_input), 0
+        st, start = byte_steps(s, node, rows, item, rates), 0
         size = bytes_of(s, node, rows.numel, item)
         for w, r in parts:
             steps[w][node], start = (st, size, np.arange(start, start + len(r.numel))), start + len(r.numel)
@@ -146,19 +146,20 @@ def _rows(split: Split, node, needs: list[dict], copy: bool, numel: dict) -> Row
     """The geometries of ``node``'s step in each walk, as ``steps.node_step`` makes them one at a
     time; ``numel``: the boxes' positions (``_numels``). A window's (or padding's) padded box is
     made once per walk (``_padding``), not by ``steps.geometries`` and ``op.padded_box`` apart."""
-    op, nd = split.ops[node], split.nd
-    boxes = [need[node] for need in needs]
-    ones = [(1,) * nd] * len(needs)
-    if isinstance(op, (Window, Pad)):  # only they read out of the image or a sub-box
-        copied, outside, padded = zip(*(_padding(split, node, op, need, copy) for need in needs), strict=True)
-    else:
-        copied = outside = (False,) * len(needs)
+    op, nd, r = split.ops[node], split.nd, len(needs)
+    inputs = tuple((i, numel[i]) for i in op.inputs if i in needs[0])
+    extra = np.ones((r, nd), dtype=np.int64)  # a transposed convolution's input box, 1 for the others
+    if isinstance(op, ConvTranspose):
+        extra = np.array([op.needs(need[node])[0].shape for need in needs], dtype=np.int64)
+    if not isinstance(op, (Window, Pad)):  # only they read out of the image or a sub-box
+        return Rows(numel[node], inputs, np.ones((r, nd), dtype=np.int64), extra, np.zeros(r, dtype=bool),
+                    np.zeros(r, dtype=bool))  # fmt: skip
+    copied, outside, padded = zip(*(_padding(split, node, op, need, copy) for need in needs), strict=True)
     return Rows(
         numel[node],
-        tuple((i, numel[i]) for i in op.inputs if i in needs[0]),
-        np.array(padded if isinstance(op, Window) else ones, dtype=np.int64),
-        np.array([op.needs(b)[0].shape for b in boxes] if isinstance(op, ConvTranspose) else ones,
-                 dtype=np.int64),  # fmt: skip
+        inputs,
+        np.array(padded, dtype=np.int64) if isinstance(op, Window) else np.ones((r, nd), dtype=np.int64),
+        extra,
         np.array([c and o for c, o in zip(copied, outside, strict=True)]),
         np.array(copied),
     )
