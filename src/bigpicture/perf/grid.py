@@ -31,6 +31,7 @@ __all__ = ["ClassGrid", "Layout", "TileClass", "class_grid", "class_grids", "lay
 
 MAX_PERIOD = 64  # interior tiles repeat with a period of at most the network's total stride
 MAX_WALKS = 4096  # tiles walked one by one where the product rule does not count them (a few seconds)
+MAX_CACHED = 64  # class grids and diagonals kept (one per pass of the layouts predicted last)
 
 
 @dataclass(frozen=True)
@@ -123,9 +124,12 @@ def tile_classes(split: Split, lay: Layout) -> list[TileClass]:
 
 def class_grids(splits: list[Split], lays: list[Layout]) -> list[ClassGrid]:
     """``class_grid`` of each pass, their diagonals not walked yet walked together first
-    (``diagonals.walk_together``: one walk of the union of the passes' nodes, a few passes at once)."""
+    (``diagonals.walk_together``: one walk of the union of the passes' nodes, a few passes at once).
+    Past ``MAX_CACHED`` passes the first diagonals would leave the cache before their grids read them:
+    each is then walked alone."""
     fresh = [(s, lay) for s, lay in zip(splits, lays, strict=True) if (id(s), lay) not in _CLASSES]
-    walk_together([diagonal_of(s, lay) for s, lay in fresh])
+    if len(fresh) <= MAX_CACHED:
+        walk_together([diagonal_of(s, lay) for s, lay in fresh])
     return [class_grid(s, lay) for s, lay in zip(splits, lays, strict=True)]
 
 
@@ -135,7 +139,7 @@ def class_grid(split: Split, lay: Layout) -> ClassGrid:
     if key in _CLASSES and _CLASSES[key][0] is split:
         return _CLASSES[key][1]
     classes = _class_grid(split, lay)
-    if len(_CLASSES) >= 64:
+    if len(_CLASSES) >= MAX_CACHED:
         _CLASSES.pop(next(iter(_CLASSES)))
     _CLASSES[key] = (split, classes)  # the split is kept, so its id is not reused while cached
     return classes
@@ -149,7 +153,7 @@ def diagonal_of(split: Split, lay: Layout) -> Diagonal:
     bound (``bound.py``) reads a few of them, its prediction the rest."""
     key = (id(split), lay)
     if key not in _DIAGONALS or _DIAGONALS[key][0] is not split:
-        if len(_DIAGONALS) >= 64:
+        if len(_DIAGONALS) >= MAX_CACHED:
             _DIAGONALS.pop(next(iter(_DIAGONALS)))
         _DIAGONALS[key] = (split, Diagonal(split, lay))  # the split is kept: its id is not reused
     return _DIAGONALS[key][1]

@@ -51,7 +51,7 @@ from bigpicture.perf.bytes_only import bytes_only
 from bigpicture.perf.classes import aggregate, aggregate_passes
 from bigpicture.perf.devices import Device, for_torch, get_device, load_calibration
 from bigpicture.perf.fusion import fused_rates
-from bigpicture.perf.grid import ClassGrid, Layout, class_grid, layout
+from bigpicture.perf.grid import ClassGrid, Layout, class_grid, class_grids, layout
 from bigpicture.perf.prediction import Prediction, Stage, _flops, _seconds, _size  # noqa: F401 (re-exported)
 from bigpicture.perf.rates import GPU_ASSUMPTIONS, Rates
 from bigpicture.perf.reads import read_seconds, with_reads  # noqa: F401 (re-exported)
@@ -143,7 +143,7 @@ def predict_splits(
     ``shared``: what predictions of other tiles for the same splits, device and dtype may reuse
     (the rates, the steps built, the untiled walk): the planner passes one dict for its candidates."""
     dev, rates, on_device, shared = _setting(device, dtype, input_on_device, shared)
-    grids = [class_grid(s, layout(s, input_shape, tile_of(tile, k))) for k, s in enumerate(splits)]
+    grids = class_grids(splits, [layout(s, input_shape, tile_of(tile, k)) for k, s in enumerate(splits)])
     memos = [shared.setdefault(id(s), {}) for s in splits]
     passes = [(s, g, _copied(on_device, g), m) for s, g, m in zip(splits, grids, memos, strict=True)]
     totals = aggregate_passes(passes, dtype, rates, training, input_grad)  # every pass's steps at once
