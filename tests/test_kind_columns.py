@@ -6,6 +6,7 @@ the blocks' arrays) equal those made node by node from each kind's row of geomet
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given
@@ -104,3 +105,16 @@ def test_random_architectures_3d(blueprint):
     net = blueprint.build().float()
     for split in analyse(net, blueprint.input_shape):
         check(split, blueprint.input_shape, blueprint.tile)
+
+
+@pytest.mark.parametrize("tile", [8, (16, 40)])
+def test_hash_collisions_fall_back_exactly(tile, monkeypatch):
+    """Every row hashed alike (zero weights): the columns made the exact way (``unique_rows.unique_rows``)
+    equal the old ones."""
+    from bigpicture.perf import kind_columns
+
+    monkeypatch.setattr(kind_columns, "_weights", lambda columns: np.zeros(columns, dtype=np.int64))
+    shape = (1, 1, 416, 352)
+    torch.manual_seed(0)
+    splits = analyse(_monai("SEResNet50", 2, in_channels=1, num_classes=2)().eval(), shape)
+    assert sum(check(split, shape, tile) for split in splits[:3]) == 3

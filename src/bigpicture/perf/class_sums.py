@@ -71,7 +71,5 @@ def class_peaks(split, grid, steps: dict, numels: dict, grad: dict, item: int, t
 
 
 def write_lengths(grid, k: int) -> list[np.ndarray]:
-    return [
-        np.array([grid.row(j)[0][k].length(d) for j in reps], dtype=np.int64)
-        for d, reps in enumerate(grid.reps)
-    ]
+    """Per dimension, each kind's length of sink k's write box (the block's box k)."""
+    return [np.array(v, dtype=np.int64) for v in grid.box_lengths(lambda block: k)]

@@ -115,6 +115,7 @@ class _Grid:
 
     def __init__(self, split: Split, cg: ClassGrid) -> None:
         self.split, self.row, self.geometry = split, cg.diagonal.working_row, cg.geometry
+        self.visit = cg.diagonal.visit  # working row j's block and its place there (``box_lengths``)
         self.reps = [[j for _, j in kinds] for kinds in cg.per_dim]
         self.counts = [np.array([n for n, _ in kinds], dtype=np.int64) for kinds in cg.per_dim]
         self._counts = [c.tolist() for c in self.counts]
@@ -182,16 +183,29 @@ class _Grid:
             out = combine(out, values.reshape([-1 if e == d else 1 for e in range(len(self.shape))]))
         return np.broadcast_to(out, self.shape).reshape(-1)
 
+    def box_lengths(self, pick) -> list[list[int]]:
+        """Per dimension, each kind's length along it of one box of its diagonal row: the box whose
+        index in a block's arrays is ``pick(block)`` (``tiles.Block``: the sinks' write boxes, then
+        ``place[node]``), read off the diagonal's blocks as ``row(j)``'s boxes would give it
+        (``Box.length``) without making every box of the row."""
+        out = []
+        for d, reps in enumerate(self.reps):
+            lengths = []
+            for j in reps:
+                block, r = self.visit(j)
+                b = pick(block)
+                n = int(block.hi[b, d, r]) - int(block.lo[b, d, r])
+                lengths.append(n if n > 0 else 0)
+            out.append(lengths)
+        return out
+
     def lengths(self, node) -> list[np.ndarray]:
-        return [
-            np.array([self.row(j)[1][node].length(d) for j in reps], dtype=np.int64)
-            for d, reps in enumerate(self.reps)
-        ]
+        return [np.array(v, dtype=np.int64) for v in self.box_lengths(lambda block: block.place[node])]
 
     def numels(self, node) -> tuple[np.ndarray, np.ndarray]:
         """(tiles, positions of ``node``'s box), arrays with an entry per combination of its distinct
         lengths per dimension."""
-        per_dim = self.features(lambda j, d: self.row(j)[1][node].length(d))  # the values are the lengths
+        per_dim = self._features(self.box_lengths(lambda block: block.place[node]))  # the values: lengths
         tiles = _outer([np.array(f[2], dtype=np.float64) for f in per_dim], np.multiply)
         numels = _outer([np.array(f[3], dtype=np.int64) for f in per_dim], np.multiply)
         return tiles, numels

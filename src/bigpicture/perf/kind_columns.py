@@ -21,6 +21,8 @@ import functools
 
 import numpy as np
 
+from bigpicture.perf.unique_rows import unique_rows
+
 
 def node_columns(geometry, reps: list[list[int]], counts: list[list[int]], copy: bool) -> dict | None:
     """Per node of the grid's blocks: per dimension (index, firsts, tiles, values) as
@@ -98,8 +100,7 @@ def _values(flat: np.ndarray, m: int) -> tuple[list[tuple], np.ndarray]:
     _, first, inverse = np.unique(flat @ _weights(flat.shape[1]), return_index=True, return_inverse=True)
     inverse = inverse.reshape(-1)
     if not (flat[first][inverse] == flat).all():  # two rows share a hash: the exact way
-        _, first, inverse = np.unique(flat, axis=0, return_index=True, return_inverse=True)
-        inverse = inverse.reshape(-1)
+        first, inverse = unique_rows(flat)
     rows = flat[first]
     boxes = m - (rows[:, :m] < 0).sum(axis=1)  # per row, its boxes (the rest padding)
     if (boxes == boxes[0]).all():  # one group: the rows in their order

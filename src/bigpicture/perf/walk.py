@@ -77,11 +77,13 @@ class TileWalk:
     def add_steps(self, st: Step, tiles: np.ndarray, grad: bool) -> None:
         """Steps on arrays (``steps.steps_of``): row i run by ``tiles[i]`` tiles."""
         counts = tiles.tolist()
-        self.nodes += sum(counts)
-        kinds = list(dict.fromkeys(st.kind.tolist()))
-        if len(kinds) == 1:  # every row's: the sums over all rows are the kind's
-            self._add_kind(st, tiles, counts, kinds[0], grad)
+        total = sum(counts)
+        self.nodes += total
+        kinds = st.kind.tolist()
+        if kinds and kinds.count(kinds[0]) == len(kinds):  # one kind: the sums over all rows are its
+            self._add_kind(st, tiles, counts, total, kinds[0], grad)
             return
+        kinds = list(dict.fromkeys(kinds))
         self.ops += int(tiles[st.kind != "view"].sum())
         self.fwd_s += float(tiles @ st.fwd_s)
         self.flops_fwd += sum(map(operator.mul, counts, st.flops.tolist()))
@@ -94,9 +96,10 @@ class TileWalk:
             for kind, rows in kinds:
                 self.bwd_by_kind[kind] = self.bwd_by_kind.get(kind, 0.0) + float(tiles[rows] @ st.bwd_s[rows])
 
-    def _add_kind(self, st: Step, tiles: np.ndarray, counts: list, kind: str, grad: bool) -> None:
-        """``add_steps`` of steps whose rows are all of one kind (``counts``: ``tiles`` as a list)."""
-        self.ops += sum(counts) if kind != "view" else 0
+    def _add_kind(self, st: Step, tiles: np.ndarray, counts: list, total: int, kind: str, grad: bool) -> None:
+        """``add_steps`` of steps whose rows are all of one kind (``counts``: ``tiles`` as a list,
+        ``total`` their sum)."""
+        self.ops += total if kind != "view" else 0
         fwd_s = float(tiles @ st.fwd_s)
         self.fwd_s += fwd_s
         self.flops_fwd += sum(map(operator.mul, counts, st.flops.tolist()))
@@ -164,7 +167,12 @@ def grads(split: Split, need: dict, input_grad: bool) -> dict:
 
 
 def grad_in(split: Split, node, grad: dict) -> bool:
-    return any(grad[i] for i in split.ops[node].inputs if i in grad)
+    """Whether some input of ``node`` needs a gradient (``any`` without a generator: asked per node
+    and pass, 51,000 times a prediction)."""
+    for i in split.ops[node].inputs:
+        if grad.get(i):
+            return True
+    return False
 
 
 def bytes_of(split: Split, node, numel, item: int):
