@@ -29,6 +29,7 @@ from bigpicture.perf.rate_tables import _logs, _near_points, _nearest, _nearest_
 from bigpicture.perf.rates import Rates
 from bigpicture.perf.row_memo import Rows
 from bigpicture.perf.schedule import analyse
+from bigpicture.perf.unique_rows import unique_rows
 
 CALIBRATIONS = {"made up": _calibration, "this machine's": load_calibration}
 
@@ -201,14 +202,15 @@ def test_predictions_equal_the_old(name, calibration, monkeypatch):
     seed=st.integers(0, 1 << 16),
 )
 def test_distinct_rows_equal_numpys(columns, rows, top, negative, seed):
-    """``conv_rates._distinct`` (rows keyed by one int64 where they fit, else numpy's rows) against
+    """The distinct rows ``conv_rates`` rates (``unique_rows``: rows packed into int64 keys) against
     ``np.unique(axis=0)``: repeated rows, a column of one value, keys just within and beyond 63 bits,
-    negative entries (numpy's rows)."""
+    negative entries."""
     rng = np.random.default_rng(seed)
     pool = rng.integers(-top if negative else 0, top + 1, size=(max(rows // 3, 1), columns), dtype=np.int64)
     pool[:, 0] = pool[0, 0] if seed % 3 == 0 else pool[:, 0]
     table = pool[rng.integers(0, len(pool), size=rows)]
-    distinct, inverse = conv_rates._distinct(table)
+    first, inverse = unique_rows(table)
+    distinct = table[first]
     want, back = np.unique(table, axis=0, return_inverse=True)
     assert distinct.dtype == want.dtype and distinct.shape == want.shape and np.array_equal(distinct, want)
     assert inverse.tolist() == back.reshape(-1).tolist()

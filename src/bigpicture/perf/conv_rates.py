@@ -7,7 +7,7 @@ that family at the row's output positions (``Rates.convs``). A node's rows repea
 all), so the rows are deduplicated first and each distinct one asked once, then spread back:
 
     rows (box, positions) --_classes--> class of each box --backends_of--> kernel family per class
-                          --_distinct--> distinct (class, positions) --Rates.conv_rows--> flops/s
+                          --unique_rows--> distinct (class, positions) --Rates.conv_rows--> flops/s
                           <--inverse-- the same floats per row
 
 Torch's choice (``_select_conv_backend``, aten/src/ATen/native/Convolution.cpp, torch 2.3 to 2.x) reads
@@ -22,7 +22,7 @@ elements or more, a bound torch's GPU paths read): boxes of one key get one answ
 asked once per key and convolution (``tests/test_backends_fast.py`` checks it against torch box by
 box). Boxes whose key could overflow int64, or with negative lengths, are each a class of their own.
 
-``_distinct`` is ``np.unique`` on one int64 key per row; ``Rates.conv_rows`` keeps a convolution's
+``unique_rows`` is ``np.unique(axis=0)`` on packed int64 keys; ``Rates.conv_rows`` keeps a convolution's
 rates in sorted arrays, so rows already rated are looked up by numpy, not one at a time.
 """
 
@@ -35,6 +35,7 @@ import numpy as np
 import torch
 
 from bigpicture.perf.rates import Rates
+from bigpicture.perf.unique_rows import unique_rows
 
 _known: dict = {}  # signature -> class key -> kernel family (None: torch cannot say); a few keys each
 MKLDNN_NUMEL = 20480  # use_mkldnn: "N*C*H*W > 20480" (native is faster below, for a batch of 1)
@@ -58,7 +59,9 @@ def conv_rates(
         bwd[live] = rates.convs(nd, fan_in, cout, at, stride, True, *case, [None] * len(at))
         return fwd, bwd
     kinds, families = _kinds(op, lengths[live], n, cin, cout, transposed, rates)
-    distinct, inverse = _distinct(np.column_stack([kinds, positions[live]]))
+    table = np.column_stack([kinds, positions[live]])
+    first, inverse = unique_rows(table)
+    distinct = table[first]
     which = distinct[:, 0]
     found = rates.conv_rows(nd, fan_in, cout, stride, *case, distinct[:, 1], families, which)
     if found is None:  # positions too many for ``conv_rows``' keys: as lists
@@ -67,26 +70,6 @@ def conv_rates(
                  for backward in (False, True)]  # fmt: skip
     fwd[live], bwd[live] = found[0][inverse], found[1][inverse]
     return fwd, bwd
-
-
-def _distinct(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """``np.unique(rows, axis=0, return_inverse=True)`` (the inverse flat), the same arrays: where the
-    rows' entries (non-negative) fit one int64 in mixed radix (each column's maximum + 1), which
-    orders them as the rows sort, numpy sorts those keys instead of the rows as bytes."""
-    top = rows.max(axis=0).tolist() if len(rows) else []
-    if not len(rows) or rows.min() < 0 or math.prod(t + 1 for t in top) >= 1 << 63:
-        distinct, inverse = np.unique(rows, axis=0, return_inverse=True)
-        return distinct, inverse.reshape(-1)
-    key = rows[:, 0].copy()
-    for column, t in zip(rows.T[1:], top[1:], strict=True):
-        key *= t + 1
-        key += column
-    order = key.argsort()
-    first = np.ones(len(key), dtype=bool)
-    first[1:] = key[order[1:]] != key[order[:-1]]
-    inverse = np.empty(len(key), dtype=np.intp)
-    inverse[order] = np.cumsum(first) - 1
-    return rows[order[first]], inverse
 
 
 def backends_of(op, boxes: list, n: int, cin: int, cout: int, transposed: bool, rates: Rates) -> list:
@@ -126,8 +109,8 @@ def _classes(boxes: np.ndarray, channels: int, kernel: tuple, dilation: tuple, t
     nd = boxes.shape[1]
     top = boxes.max(axis=0).tolist() if len(boxes) else [0] * nd
     if len(boxes) and (boxes.min() < 0 or channels * math.prod(top) >= 1 << 62):
-        distinct, inverse = np.unique(boxes, axis=0, return_inverse=True)
-        return None, (distinct, inverse.reshape(-1))
+        first, inverse = unique_rows(boxes)
+        return None, (boxes[first], inverse)
     code = (boxes == 0).any(axis=1).astype(np.int64)  # numel 0: an error
     if not transposed:  # too small for the dilated kernel: an error
         reach = np.array([d * (k - 1) + 1 for d, k in zip(dilation, kernel, strict=True)], dtype=np.int64)
