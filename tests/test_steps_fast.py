@@ -19,7 +19,7 @@ from test_least_features import NETS as LEAST_NETS
 from test_random_architectures import blueprints, examples
 from test_step_memo_fast import CASES, SETTINGS, _calls, _rates
 
-from bigpicture.perf import memory_bound
+from bigpicture.perf import memory_bound, steps
 from bigpicture.perf.bytes_only import byte_steps, bytes_only
 from bigpicture.perf.memory_bound import least_memories
 from bigpicture.perf.schedule import analyse, candidates
@@ -52,6 +52,19 @@ def test_byte_steps_equal_the_old_steps(case, setting, counting):
     for k, (split, node, rows, grad_in) in enumerate(calls):
         want = _old_steps.old__steps_of(split, node, rows, 4, old, grad_in)
         _assert_same(byte_steps(split, node, rows, 4, new), want, BYTES, k)
+
+
+@settings(max_examples=60, deadline=None, derandomize=True, database=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])  # fmt: skip
+@given(case=_calls(), setting=st.sampled_from(list(SETTINGS)))
+def test_byte_steps_equal_the_live_steps(case, setting):
+    """``byte_steps`` restates ``steps._steps_of``'s byte rules: against the live ``_steps_of`` too, so a
+    change to one that the other does not follow fails here."""
+    _, calls, _ = case
+    new, live = _rates(setting), _rates(setting)
+    for k, (split, node, rows, grad_in) in enumerate(calls):
+        _assert_same(byte_steps(split, node, rows, 4, new), steps._steps_of(split, node, rows, 4, live, grad_in),
+                     BYTES, k)  # fmt: skip
 
 
 def _bounds(splits, shape, tiles, old: bool, monkeypatch) -> list:
