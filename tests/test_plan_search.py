@@ -378,36 +378,3 @@ def test_a_candidate_with_too_many_kinds_of_tiles_is_skipped_and_its_error_raise
         got = best_tile(splits, shape, budget, "cpu", torch.float32, True)
         assert got == want.with_note(got.note), (budget, got.tile, want.tile)
     grid._CLASSES.clear()
-
-
-@pytest.mark.parametrize("enabled", [True, False], ids=["collector on", "collector off"])
-def test_the_search_pauses_the_cycle_collector_and_restores_it(enabled, monkeypatch):
-    """The search runs without the cyclic collector (``search.without_cycle_collector``) and leaves it as
-    it found it, also when a prediction raises."""
-    import gc
-
-    from bigpicture.perf import search as search_module
-
-    splits = analyse(wide_field().eval(), (1, 1, 160, 144))
-    tiles, seen = candidates(splits, (1, 1, 160, 144)), []
-    real = search_module.predict_splits
-
-    def spy(*args, **kwargs):
-        seen.append(gc.isenabled())
-        return real(*args, **kwargs)
-
-    def fail(*args, **kwargs):
-        raise RuntimeError("a prediction failed")
-
-    was = gc.isenabled()
-    try:
-        gc.enable() if enabled else gc.disable()
-        monkeypatch.setattr(search_module, "predict_splits", spy)
-        search(splits, (1, 1, 160, 144), tiles, 2**40, get_device("cpu"), torch.float32, True, least_time)
-        assert seen and not any(seen) and gc.isenabled() == enabled
-        monkeypatch.setattr(search_module, "predict_splits", fail)
-        with pytest.raises(RuntimeError, match="a prediction failed"):
-            search(splits, (1, 1, 160, 144), tiles, 2**40, get_device("cpu"), torch.float32, True, least_time)
-        assert gc.isenabled() == enabled
-    finally:
-        gc.enable() if was else gc.disable()

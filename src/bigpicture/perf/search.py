@@ -21,8 +21,6 @@ not fit; its error is raised only if no other tile fits.
 
 from __future__ import annotations
 
-import contextlib
-import gc
 import math
 
 from bigpicture.errors import TilingError
@@ -36,30 +34,6 @@ ROUNDING = 1 - 1e-9  # the bound sums in another order than the prediction
 
 
 def search(splits, input_shape, tiles, budget: int, dev, dtype, training: bool, least_time, exhaustive=False):
-    """``_search`` without the cyclic garbage collector (``without_cycle_collector``)."""
-    with without_cycle_collector():
-        return _search(splits, input_shape, tiles, budget, dev, dtype, training, least_time, exhaustive)
-
-
-@contextlib.contextmanager
-def without_cycle_collector():
-    """Python's cyclic garbage collector paused, as it was before afterwards (also on an error).
-
-    The search makes millions of short-lived lists and tuples (rows read off numpy arrays), hardly any
-    of them in a reference cycle: reference counting frees them as before. The collector's passes over
-    each fresh batch of them freed nothing and took 4-7% of the planning time of the slowest census
-    rows (0.25-0.5 s of SENet154-2d, SEResNet152-2d and DenseNet264-2d at 16,384^2 on the CPU, measured
-    with ``gc.callbacks``), and their peak RSS is the same without them (``ru_maxrss``)."""
-    enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if enabled:
-            gc.enable()
-
-
-def _search(splits, input_shape, tiles, budget: int, dev, dtype, training: bool, least_time, exhaustive):
     """(the predictions made, newest and smallest first; each visited tile's memory bound; the
     ``shared`` dict of the predictions; how many tiles the time bound skipped; the predicted peak of
     the next larger tile than the choice where the time bound skipped it, for the note). ``least_time``:
