@@ -102,6 +102,8 @@ def _values(flat: np.ndarray, m: int) -> tuple[list[tuple], np.ndarray]:
     if not (flat[first][inverse] == flat).all():  # two rows share a hash: the exact way
         first, inverse = unique_rows(flat)
     rows = flat[first]
+    if not len(rows):  # no kinds (a network that returns its input: no node but the input's)
+        return [], inverse
     boxes = m - (rows[:, :m] < 0).sum(axis=1)  # per row, its boxes (the rest padding)
     if (boxes == boxes[0]).all():  # one group: the rows in their order
         groups, order = [np.arange(len(rows))], None
