@@ -1,8 +1,8 @@
 """Many nodes' distinct steps over their combinations of per-dimension geometries, built at once.
 
-``classes._combos`` builds one node's rows with a few dozen numpy calls over its table of
-combinations (products of lengths, flags, a convolution's input shape), most of its time numpy's
-cost per call on tables of 9 to 300 rows: SEResNet152-2d at 16,384^2 builds 2,636 of them for one
+``classes._combos`` built one node's rows (tests/_old_node_combos.py) with a few dozen numpy calls
+over its table of combinations (products of lengths, flags, a convolution's input shape), most of its
+time numpy's cost per call on tables of 9 to 300 rows: SEResNet152-2d at 16,384^2 builds 2,636 of them for one
 prediction, 50 us each. Here every build asked for one prediction's passes (``node_rows.RowShare``)
 is one table: its builds of one width stacked, each row led by its build's number,
 
@@ -30,8 +30,8 @@ CHUNK = 2**16  # combinations in one table: a few MB
 
 
 def combos_many(builds: list[tuple]) -> list[tuple[Rows, np.ndarray, np.ndarray]]:
-    """``[classes._combos(*b) for b in builds]``: each build (per_dim, lengths, boxes, shaped)'s
-    (rows, tiles, the distinct row of each combination)."""
+    """``[classes._combos(*b) for b in builds]`` as it was (tests/_old_node_combos.py): each build
+    (per_dim, lengths, boxes, shaped)'s (rows, tiles, the distinct row of each combination)."""
     out: list = [None] * len(builds)
     groups: dict = {}  # builds whose tables have the same columns: dimensions, lengths, shaped
     for k, (per_dim, lengths, _, shaped) in enumerate(builds):

@@ -70,10 +70,10 @@ class RowShare:
         self.columns: dict = {}  # id of a column -> (the column, kept so its id is its own; its number)
 
     def get(self, node, op, per_dim: list, boxes: list, shaped: bool, lengths) -> tuple:
-        """A ticket for the (rows, tiles, the distinct row of each combination) of ``classes._combos
-        (per_dim, lengths, boxes, shaped)``, or of the same rows built for other nodes (their inputs
-        renamed): ``rows(ticket)`` after ``build``. ``lengths()``: the lengths from the boxes
-        (``classes._lengths``), where the geometries do not give them."""
+        """A ticket for the (rows, tiles, the distinct row of each combination) of the build
+        (per_dim, lengths, boxes, shaped) (``combos.combos_many``), or of the same rows built for
+        other nodes (their inputs renamed): ``rows(ticket)`` after ``build``. ``lengths()``: the
+        lengths from the boxes (``classes._lengths``), where the geometries do not give them."""
         if node not in self.reach:
             self.reach[node] = reach(op)
         window, found = self.reach[node], None
