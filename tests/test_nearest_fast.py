@@ -81,7 +81,7 @@ def test_rates_nearest_equal_per_head_reading(calibration):
         if not points:
             continue
         near = [(p["fan_in"], p["cout"], p["positions"], 4 ** (p["stride"] - 1)) for p in points]
-        values = ([p["forward"] for p in points], [p["backward"] for p in points])
+        values = tuple([p[v] for p in points] for v in ("forward", "backward", "backward_weight"))
         for head in ((9, 16, 1), (576, 64, 1), (27, 3, 4), (1152, 128, 4), (1, 1, 1)):
             logs = np.array([_logs(p) for p in near])
             want = old._nearest_rates(_near_points(logs, _logs((*head[:2], 1, head[2])), values),

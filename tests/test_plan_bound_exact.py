@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 from test_plan_search import net3d, wide_field
 from test_planning_speed import calibrated, unet2d
 from test_random_architectures import blueprints, examples
-from test_step_memo import _calibration, _Dense, _old_conv, _se
+from test_step_memo import _calibration, _Dense, _old_conv, _se, one_backward
 from torch import nn
 
 from bigpicture.engine.plan import tile_of
@@ -37,7 +37,9 @@ from bigpicture.perf.work_bound import work_bound
 
 CALIBRATIONS = {  # name: the CPU's calibration (None: uncalibrated)
     "uncalibrated": lambda: None,
-    "made up": _calibration,  # a grid with holes: the nearest points answer too
+    # a grid with holes: the nearest points answer too; as the old code's copies read it (every
+    # backward at the full one's rate)
+    "made up": lambda: one_backward(_calibration()),
     "by backend": lambda: {"ops": calibrated().ops},  # rates that differ by backend and size
 }
 DEVICES = {"cpu": torch.float32, "H100-SXM": torch.bfloat16, "L4": torch.float32}

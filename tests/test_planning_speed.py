@@ -94,7 +94,8 @@ def calibrated() -> Rates:
     backend by the shape of a tile's input, so steps of one size but other shapes differ."""
     conv = [
         {"nd": nd, "cin": c, "cout": o, "kernel": k, "fan_in": c * k, "positions": p, "stride": 1,
-         "transposed": False, "backend": b, "forward": f * c * o * p, "backward": f * c * o * p / 3}
+         "transposed": False, "backend": b, "forward": f * c * o * p, "backward": f * c * o * p / 3,
+         "backward_weight": f * c * o * p / 2}
         for nd, b, f in ((2, "Mkldnn", 1e3), (2, "Slow2d", 7e2), (3, "Slow3d", 5e2), (3, "Mkldnn", 9e2))
         for c in (1, 4) for o in (2, 4) for p in (16, 4096) for k in (9, 25, 27)
     ]  # fmt: skip

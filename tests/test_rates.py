@@ -97,6 +97,37 @@ def test_grid_rate_keeps_to_the_backend_kernel_and_stride_measured():
     assert _grid_rate(holes, "forward", 16, 16, 1024, 1, 9, None) > 0
 
 
+@pytest.mark.parametrize("nd", [2, 3])
+def test_a_first_layers_backward_runs_at_the_weights_gradient_rate(nd):
+    """A convolution whose input needs no gradient (a network's first layer on the image) computes the
+    weights' gradient alone: its backward is its forward's flops at the calibration's
+    ``backward_weight`` rate (the whole grid 3x the full backward's here: a third of the seconds), and
+    with the input's gradient too, twice the flops at the full rate, as a calibration without
+    ``backward_weight`` predicts both (the full rate for the weights alone)."""
+    conv = (nn.Conv2d, nn.Conv3d)[nd - 2]
+    model = conv(3, 8, 3, padding=1).train()
+    x_shape = (1, 3) + (40,) * nd
+    plan = bp.make_plan(model, x_shape, tile=16)
+    one = [_point(c, o, p, 1e10 * c * o / p**0.5, kernel=3**nd, backend=b, nd=nd) for c in (2, 8)
+           for o in (4, 8) for p in (256, 4096) for b in ("Slow2d", "Mkldnn", "Slow3d")]  # fmt: skip
+    apart = [{**p, "backward_weight": 3 * p["backward"]} for p in one]
+    # memory-bound ops, the gradient sums and the engine take no time here
+    stream = {k: [[1, 1e30], [2**30, 1e30]] for k in ("unary", "binary", "norm", "copy")}
+    base = {"dtype": "float32", "stream": stream, "pool": {"forward": [[1, 1e9]], "backward": [[1, 1e9]]},
+            "engine_node_s": 0.0, "engine_train_node_s": 0.0}  # fmt: skip
+
+    def backward(points, input_grad):
+        rates = Rates(local_cpu(), torch.float32, {"ops": {**base, "conv": points}})
+        lay = layout(plan.split, x_shape, 16)
+        p = _predict_pass(plan.split, x_shape, torch.float32, lay, rates.device, rates, True, input_grad, True)
+        return dict((s.name, s.seconds) for s in p.stages)["backward"]
+
+    first = backward(one, False)
+    assert first > 0
+    assert backward(apart, False) == pytest.approx(first / 3, rel=1e-12)
+    assert backward(apart, True) == backward(one, True) == pytest.approx(2 * first, rel=1e-12)
+
+
 def test_prediction_uses_the_grid_of_a_calibration():
     """Two calibrations that differ only in the rate of one backend give different conv times, and
     an old calibration (no channels or backends recorded) still predicts through the nearest points."""
@@ -159,6 +190,8 @@ def test_quick_calibration_records_the_wait_policy(tmp_path, monkeypatch):
     cal = calibrate(tmp_path / "cal.json", quick=True)
     assert cal["omp_wait_policy"] == "PASSIVE" and cal["ops"]["wake_s"] >= 0.0
     assert all("backend" in p and "cin" in p for p in cal["ops"]["conv"])
+    # the weights' gradient alone is measured apart (a first layer's backward)
+    assert all(p["backward_weight"] > 0 for p in cal["ops"]["conv"])
 
 
 def test_a_calibration_without_convolutions_falls_back_to_half_the_peak():

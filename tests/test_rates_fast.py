@@ -18,7 +18,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from test_step_memo import _calibration, _old_nearest_logs
+from test_step_memo import _calibration, _old_nearest_logs, one_backward
 from test_step_rates_fast import NAMED, convolutions
 from torch import nn
 
@@ -39,8 +39,14 @@ def _one_thread(one_thread):
     yield
 
 
+def _old_conv_rates(*args):
+    """The old ``conv_rates``, called as ``steps`` calls the new one (whose last argument, whether the
+    input needs a gradient, the old one did not take: its backward was always at the full rate)."""
+    return old.conv_rates(*args[:12])
+
+
 def _new_and_old(calibration: str) -> tuple[Rates, old.OldRates]:
-    cal = CALIBRATIONS[calibration]()
+    cal = one_backward(CALIBRATIONS[calibration]())  # the old code rates every backward at the full one's
     if cal is None:
         pytest.skip("this machine is not calibrated")
     return Rates(local_cpu(), torch.float32, cal), old.OldRates(local_cpu(), torch.float32, cal)
@@ -163,7 +169,7 @@ def test_conv_steps_equal_the_old(calibration, case, grad_in, batch, monkeypatch
     _fresh_backends(monkeypatch)
     new, was = _new_and_old(calibration)
     with monkeypatch.context() as patch:
-        patch.setattr(steps, "conv_rates", old.conv_rates)
+        patch.setattr(steps, "conv_rates", _old_conv_rates)
         want = steps._steps_of(split, node, rows, 4, was, grad_in)
     for _ in range(2):
         got = steps._steps_of(split, node, rows, 4, new, grad_in)
@@ -184,7 +190,7 @@ def test_predictions_equal_the_old(name, calibration, monkeypatch):
     for training, input_grad in modes:
         for tile in tiles:
             with monkeypatch.context() as patch:
-                patch.setattr(steps, "conv_rates", old.conv_rates)
+                patch.setattr(steps, "conv_rates", _old_conv_rates)
                 patch.setattr(steps, "MEMO", False)
                 want = predict_splits(splits, shape, torch.float32, tile, "cpu", training, input_grad,
                                       shared={"rates": was})  # fmt: skip

@@ -13,7 +13,7 @@ from _old_conv_steps import old_backend, old_conv_steps
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from test_pass_batch import CASES, _monai
-from test_step_memo import _calibration
+from test_step_memo import _calibration, one_backward
 from torch import nn
 
 from bigpicture.perf import conv_rates, steps
@@ -42,7 +42,8 @@ def _rates(setting: str) -> Rates:
     cal = calibration()
     if setting == "cpu-this-machine" and cal is None:
         pytest.skip("this machine is not calibrated")
-    return Rates(get_device(device) if device != "cpu" else local_cpu(), dtype, cal)
+    # the old code's copies rate every backward at the full one's
+    return Rates(get_device(device) if device != "cpu" else local_cpu(), dtype, one_backward(cal))
 
 
 def _fresh_backends(monkeypatch) -> None:

@@ -1,6 +1,7 @@
 """Measurement of the local CPU for the performance model: what ``bigpicture calibrate`` stores.
 
-    convolutions   a grid of channels, kernels, strides and sizes, forward and backward, each with
+    convolutions   a grid of channels, kernels, strides and sizes, forward, backward and the weights'
+                   gradient alone (a first layer's backward), each with
                    the backend torch picks for it (im2col or oneDNN): ``rate_tables._grid_rate`` reads it
     memory-bound   unary, binary, normalisation and copy ops by size
     pooling        max pooling windows by size
@@ -124,13 +125,20 @@ def _conv(dtype: torch.dtype, quick: bool, seconds, min_time: float) -> list[dic
             _cycling(lambda y, x, w=w, g=g: torch.autograd.grad(y, (x, w), g, retain_graph=True), graphs),
             min_time,
         )
+        # the weights' gradient alone, as for a network's first layer, whose input (the image) needs
+        # none: kernels of their own (an RGB 7x7 stem's ran at 5x the full backward's flops/s here)
+        weight = seconds(
+            _cycling(lambda y, x, w=w, g=g: torch.autograd.grad(y, (w,), g, retain_graph=True), graphs),
+            min_time,
+        )
         del graphs
         strides, ones = (stride,) * nd, (1,) * nd
         backend = conv_backend(tuple(x.shape), tuple(w.shape), strides, ones, 1, transposed, dtype)
         shape = {"nd": nd, "cin": cin, "cout": cout, "kernel": k**nd, "fan_in": cin * k**nd,
                  "positions": side**nd, "stride": stride, "transposed": transposed,
                  "backend": backend}  # fmt: skip
-        out.append({**shape, "forward": flops / fwd, "backward": 2 * flops / bwd})
+        rates = {"forward": flops / fwd, "backward": 2 * flops / bwd, "backward_weight": flops / weight}
+        out.append({**shape, **rates})
     return out
 
 

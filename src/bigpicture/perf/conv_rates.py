@@ -43,12 +43,14 @@ MKLDNN_NUMEL = 20480  # use_mkldnn: "N*C*H*W > 20480" (native is faster below, f
 
 def conv_rates(
     op, lengths: np.ndarray, positions: np.ndarray, n: int, cin: int, cout: int, transposed: bool, nd: int,
-    fan_in: int, stride: int, case: tuple, rates: Rates,
+    fan_in: int, stride: int, case: tuple, rates: Rates, grad_in: bool = True,
 ) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
     """(forward, backward) flops/s of each row of a convolution's steps: ``lengths`` (rows, nd) its
     input box (the padded box, a transposed convolution's input), ``positions`` its work's positions
     (``Rates.convs``' argument; 0: no work, rate 1). ``case``: (transposed, input channels per group,
-    kernel volume)."""
+    kernel volume). Without ``grad_in`` (its input needs no gradient) the backward's rate is that of
+    the weights' gradient alone (``Rates.conv``'s "weight")."""
+    back = True if grad_in else "weight"
     fwd, bwd = np.ones(len(positions)), np.ones(len(positions))
     live = positions != 0
     if not live.any():
@@ -56,18 +58,18 @@ def conv_rates(
     if rates.gpu or not rates.measured:  # no kernel family: a formula or one rate, memoised per positions
         at = positions[live].tolist()
         fwd[live] = rates.convs(nd, fan_in, cout, at, stride, False, *case, [None] * len(at))
-        bwd[live] = rates.convs(nd, fan_in, cout, at, stride, True, *case, [None] * len(at))
+        bwd[live] = rates.convs(nd, fan_in, cout, at, stride, back, *case, [None] * len(at))
         return fwd, bwd
     kinds, families = _kinds(op, lengths[live], n, cin, cout, transposed, rates)
     table = np.column_stack([kinds, positions[live]])
     first, inverse = unique_rows(table)
     distinct = table[first]
     which = distinct[:, 0]
-    found = rates.conv_rows(nd, fan_in, cout, stride, *case, distinct[:, 1], families, which)
+    found = rates.conv_rows(nd, fan_in, cout, stride, *case, distinct[:, 1], families, which, back)
     if found is None:  # positions too many for ``conv_rows``' keys: as lists
         at, backends = distinct[:, 1].tolist(), [families[i] for i in which.tolist()]
         found = [np.array(rates.convs(nd, fan_in, cout, at, stride, backward, *case, backends))
-                 for backward in (False, True)]  # fmt: skip
+                 for backward in (False, back)]  # fmt: skip
     fwd[live], bwd[live] = found[0][inverse], found[1][inverse]
     return fwd, bwd
 

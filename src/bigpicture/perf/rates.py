@@ -61,6 +61,8 @@ GPU_ENGINE_NODE_S = 60e-6
 NOMINAL_ENGINE_NODE_S = 60e-6  # an uncalibrated CPU: Python per node per tile (typical, measured here once)
 
 STREAM_KINDS = ("unary", "binary", "norm", "copy", "prelu")
+# a convolution's calibrated rates (``Rates.conv``'s `backward` -> the calibration's field)
+_VALUES = {False: "forward", True: "backward", "weight": "backward_weight"}
 PARALLEL_ELEMENTS = 32768  # at::internal::GRAIN_SIZE: smaller elementwise ops run on one thread
 
 
@@ -112,13 +114,17 @@ class Rates:
     def measured(self) -> bool:
         return self.ops is not None
 
-    def conv(self, nd: int, fan_in: int, cout: int, positions: int, stride: int = 1, backward: bool = False,
-             transposed: bool = False, *, cin: int | None = None, kernel: int | None = None,
-             backend: str | None = None) -> float:  # fmt: skip
+    def conv(self, nd: int, fan_in: int, cout: int, positions: int, stride: int = 1,
+             backward: bool | str = False, transposed: bool = False, *, cin: int | None = None,
+             kernel: int | None = None, backend: str | None = None) -> float:  # fmt: skip
         """Flops/s of a convolution: fan_in = input channels per group x kernel volume; positions are
         the output's (the input's for a transposed convolution). With the input channels `cin`, the
         kernel volume and torch's `backend` (`conv_rates.conv_backend`), a CPU rate is interpolated among the
-        measurements of that backend and kernel (`rate_tables._grid_rate`); else from the nearest ones."""
+        measurements of that backend and kernel (`rate_tables._grid_rate`); else from the nearest ones.
+        `backward`: False the forward, True the backward (both gradients: flops/s of twice the forward's
+        flops), "weight" the backward of a convolution whose input needs no gradient (a network's first
+        layer on the image: the weights' gradient alone, flops/s of the forward's flops; CPU kernels
+        run it at rates of their own, several times the full backward's for an RGB stem)."""
         if self.gpu:  # a formula of these numbers only (the backward runs at the forward's rate)
             key = (nd, fan_in, cout, positions, stride, transposed, cin, kernel)
             if key not in self._conv:
@@ -131,7 +137,7 @@ class Rates:
             self._conv[key] = self.convs(*key[:3], [positions], *key[4:9], [backend])[0]
         return self._conv[key]
 
-    def convs(self, nd: int, fan_in: int, cout: int, positions: list[int], stride: int, backward: bool,
+    def convs(self, nd: int, fan_in: int, cout: int, positions: list[int], stride: int, backward: bool | str,
               transposed: bool, cin: int | None, kernel: int | None, backends: list) -> list:  # fmt: skip
         """``conv`` at each of ``positions`` with its entry of ``backends``: a node's rows at once, those
         the calibration grid does not cover from their nearest measurements together."""
@@ -153,8 +159,10 @@ class Rates:
         return [memo[q] for q in asked]
 
     def conv_rows(self, nd: int, fan_in: int, cout: int, stride: int, transposed: bool, cin: int | None,
-                  kernel: int | None, positions: np.ndarray, backends: list, which: np.ndarray):  # fmt: skip
-        """(forward, backward) ``convs`` of a measured CPU as arrays, at distinct rows: ``positions``
+                  kernel: int | None, positions: np.ndarray, backends: list, which: np.ndarray,
+                  back: bool | str = True):  # fmt: skip
+        """(forward, backward) ``convs`` of a measured CPU as arrays (the backward ``back``: True, or
+        "weight" for the weights' gradient alone, ``conv``), at distinct rows: ``positions``
         (int64) with the backend ``backends[which[row]]``. Kept per convolution in sorted arrays of
         keys (positions x 256 + the backend's code), so known rows are found by numpy, not per row;
         the new ones are ``convs``' (``_cpu_convs``), the same floats. None where the positions or
@@ -166,7 +174,7 @@ class Rates:
         if len(self._families) > 256:
             return None
         key = (positions << 8) + np.array(codes, dtype=np.int64)[which]
-        context = (nd, fan_in, cout, stride, transposed, cin, kernel)
+        context = (nd, fan_in, cout, stride, transposed, cin, kernel, back)
         keys, fwd, bwd = self._arrays.get(context) or (np.empty(0, dtype=np.int64), np.empty(0), np.empty(0))
         at = np.searchsorted(keys, key)
         if not (at < len(keys)).all() or not (keys[np.minimum(at, len(keys) - 1)] == key).all():
@@ -177,7 +185,7 @@ class Rates:
             asked = list(zip((miss >> 8).tolist(), [names[c] for c in (miss & 255).tolist()], strict=True))
             case = (cin, kernel, asked)
             forward = self._cpu_convs(nd, fan_in, cout, stride, False, transposed, *case)
-            backward = self._cpu_convs(nd, fan_in, cout, stride, True, transposed, *case)
+            backward = self._cpu_convs(nd, fan_in, cout, stride, back, transposed, *case)
             where = np.searchsorted(keys, miss)  # both sorted, none in common: merged in order
             merged = ((keys, miss), (fwd, forward), (bwd, backward))
             keys, fwd, bwd = (np.insert(known, where, new) for known, new in merged)
@@ -185,11 +193,11 @@ class Rates:
             at = np.searchsorted(keys, key)
         return fwd[at], bwd[at]
 
-    def _cpu_convs(self, nd: int, fan_in: int, cout: int, stride: int, backward: bool, transposed: bool,
+    def _cpu_convs(self, nd: int, fan_in: int, cout: int, stride: int, backward: bool | str, transposed: bool,
                    cin: int | None, kernel: int | None, asked: list[tuple]) -> list[float]:  # fmt: skip
         """A measured CPU's rates at each (positions, backend) of ``asked`` (distinct): those the
         calibration grid covers from it, the rest from their nearest measurements, together."""
-        value, found = "backward" if backward else "forward", {}
+        value, found = _VALUES[backward], {}
         points, gridded = self._points(nd, transposed)
         if not points:  # a calibration without convolutions
             return [0.5 * self.peak] * len(asked)
@@ -205,20 +213,22 @@ class Rates:
         if rest:
             head = (fan_in, cout, 4 ** (min(stride, 2) - 1))
             rates = self._nearest(nd, transposed, head, [p for p, _ in rest])
-            found.update(zip(rest, (r[backward] for r in rates), strict=True))
+            index = list(_VALUES.values()).index(value)
+            found.update(zip(rest, (r[index] for r in rates), strict=True))
         return [found[q] for q in asked]
 
     def _nearest(self, nd: int, transposed: bool, head: tuple, positions: list[int]) -> list[tuple]:
-        """(forward, backward) rates of a convolution (``head``: its fan-in, output channels and stride
-        class) at each of ``positions`` from the nearest measurements (``rate_tables._nearest_rates``),
-        kept per convolution and positions: the forward's and the backward's rates are asked apart."""
+        """(forward, backward, weights' gradient) rates of a convolution (``head``: its fan-in, output
+        channels and stride class) at each of ``positions`` from the nearest measurements
+        (``rate_tables._nearest_rates``), kept per convolution and positions: the forward's and the
+        backward's rates are asked apart."""
         near = self._tables.get((nd, transposed, "nearest", head))
         if near is None:
             measured = self._tables.get((nd, transposed, "nearest points"))
             if measured is None:  # the points' logs and rates, once per kind of convolution (not per head)
                 points = self._points(nd, transposed)[0]
                 near = [(p["fan_in"], p["cout"], p["positions"], 4 ** (p["stride"] - 1)) for p in points]
-                values = ([p["forward"] for p in points], [p["backward"] for p in points])
+                values = tuple([p[v] for p in points] for v in _VALUES.values())
                 measured = np.array([_logs(p) for p in near]), values
                 self._tables[nd, transposed, "nearest points"] = measured
             near = _near_points(measured[0], _logs((*head[:2], 1, head[2])), measured[1]), {}
@@ -234,6 +244,10 @@ class Rates:
         if (nd, transposed) not in self._tables:
             conv = self.ops["conv"]
             points = [p for p in conv if p["nd"] == nd and p.get("transposed", False) == transposed] or conv
+            # calibrations before the weights' gradient was measured apart: the full backward's rate
+            # for it too (its flops the forward's: half the full backward's seconds, as before)
+            points = [p if "backward_weight" in p else {**p, "backward_weight": p["backward"]}
+                      for p in points]  # fmt: skip
             self._tables[nd, transposed] = points, all("cin" in p for p in points)
         return self._tables[nd, transposed]
 

@@ -234,7 +234,9 @@ def _conv_steps(split: Split, op, st: Step, rows: Rows, n: int, c: int, item: in
     case = (transposed, cin // (1 if transposed else op.groups), math.prod(op.kernel))
     lengths = rows.extra if transposed else rows.padded
     # a transposed convolution of an empty input box (a tile reading padding only): no work, no seconds
-    fwd, bwd = conv_rates(op, lengths, positions, n, cin, c, transposed, nd, fan_in, stride, case, rates)
+    fwd, bwd = conv_rates(
+        op, lengths, positions, n, cin, c, transposed, nd, fan_in, stride, case, rates, grad_in
+    )
     st.fwd_s, st.bwd_s = st.flops / fwd, st.flops_bwd / bwd
 
 

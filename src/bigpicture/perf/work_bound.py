@@ -37,6 +37,7 @@ from bigpicture.engine.rules.resample import ConvTranspose, Pad, Resample, Slice
 from bigpicture.engine.rules.window import Conv, Pool
 from bigpicture.engine.split import Split
 from bigpicture.perf.rates import (
+    _VALUES,
     GPU_CONV_EFFICIENCY,
     PARALLEL_ELEMENTS,
     WINOGRAD_3X3,
@@ -183,8 +184,9 @@ def _node(split: Split, node, fact: _Fact, at: _At, woken: tuple, grad: dict) ->
     if fact.kind == "view":
         return (0.0, 0.0), 0.0, 0
     if fact.kind == "conv":
-        f0, f1, b = _conv_seconds(split.nd, fact.conv, at, fact.positions)
-        bwd = (2 if grad_in(split, node, grad) else 1) * b
+        full = grad_in(split, node, grad)
+        f0, f1, b = _conv_seconds(split.nd, fact.conv, at, fact.positions, full)
+        bwd = (2 if full else 1) * b
         bwd += woken[0] if not fact.conv.transposed else 0.0  # (an empty input box: no work)
         return (f0 + woken[0], f1 + woken[1]), bwd, 1
     (p0, p1), (lo, hi), item, rates, memo = at
@@ -217,10 +219,13 @@ def _node(split: Split, node, fact: _Fact, at: _At, woken: tuple, grad: dict) ->
     return fwd, bwd, 1
 
 
-def _conv_seconds(nd: int, conv: _Conv, at: _At, column: int) -> tuple[float, float, float]:
+def _conv_seconds(
+    nd: int, conv: _Conv, at: _At, column: int, full: bool = True
+) -> tuple[float, float, float]:
     """A convolution's forward seconds (``steps._conv_steps``) over every tile and every tile but the
-    last, and its backward seconds over every tile (the input's or the weights' gradient), from
-    below; ``column``: its positions' (a transposed one's: its input's)."""
+    last, and its backward seconds over every tile (the input's or the weights' gradient; ``full``:
+    at the full backward's rate, else at that of the weights' gradient alone), from below;
+    ``column``: its positions' (a transposed one's: its input's)."""
     (p0, p1), (lo, hi), item, rates, memo = at
     n, c, stride, kernel, fan_in, cq, transposed, groups = conv
     positions = (n * p0[column], n * p1[column])
@@ -230,7 +235,7 @@ def _conv_seconds(nd: int, conv: _Conv, at: _At, column: int) -> tuple[float, fl
         flops = (2 * positions[0] * fan_in * c, 2 * positions[1] * fan_in * c)
     reach = (n * lo[column], n * hi[column])
     rate = _conv_rate_max(memo, rates, nd, cq, c, kernel, stride, fan_in, transposed, False, reach)
-    back = _conv_rate_max(memo, rates, nd, cq, c, kernel, stride, fan_in, transposed, True, reach)
+    back = _conv_rate_max(memo, rates, nd, cq, c, kernel, stride, fan_in, transposed, full or "weight", reach)
     f0, f1, b = flops[0] / rate, flops[1] / rate, flops[0] / back
     if rates.gpu and rates.peak > 1.01 * rates.device.peak("fp32") and not rates.channels_last:
         # ``rates.gpu_conv_rate``: cuDNN's transposes to NHWC and back, at the stream peak
@@ -245,7 +250,7 @@ def _conv_seconds(nd: int, conv: _Conv, at: _At, column: int) -> tuple[float, fl
 
 def _conv_rate_max(
     memo: dict, rates: Rates, nd: int, cin: int, cout: int, kernel: int, stride: int, fan_in: int,
-    transposed: bool, backward: bool, reach: tuple[int, int],
+    transposed: bool, backward: bool | str, reach: tuple[int, int],
 ) -> float:  # fmt: skip
     """The largest flops/s ``rates.conv`` gives this convolution at positions within ``reach``
     (least, most), any backend; kept per query (the passes of a candidate share most shapes)."""
@@ -258,7 +263,7 @@ def _conv_rate_max(
 
 def _conv_rate_most(
     memo: dict, rates: Rates, nd: int, cin: int, cout: int, kernel: int, stride: int, fan_in: int,
-    transposed: bool, backward: bool, reach: tuple[int, int],
+    transposed: bool, backward: bool | str, reach: tuple[int, int],
 ) -> float:  # fmt: skip
     """``_conv_rate_max``, found."""
     if rates.gpu:  # ``rates.gpu_conv_rate``: its quantization is at most 1
@@ -270,7 +275,7 @@ def _conv_rate_most(
         return rate * MARGIN
     if rates.ops is None or not rates._points(nd, transposed)[0]:
         return 0.5 * rates.peak * MARGIN
-    value = "backward" if backward else "forward"
+    value = _VALUES[backward]
     tables, anywhere = _conv_tables(memo, rates, nd, transposed, value, stride, kernel)
     # per table (one per backend), the positions of its grid the query's corners can reach
     spans = tuple(_span(axes[2], *reach) for _, axes in tables)
