@@ -16,6 +16,8 @@ without the parameters, which are resident before the baseline.
     python benchmarks/perfmodel.py --smoke               # small images, a rough calibration: a minute
     python benchmarks/perfmodel.py --threads 2 --clock wall --calibrate --write   # a quiet machine
     python benchmarks/perfmodel.py --quick --threads 2 --clock wall --calibrate --write   # ~8 minutes
+    # a shared host: each side the best of its rounds (calibration: ~4 min a round)
+    python benchmarks/perfmodel.py --threads 2 --clock wall --calibrate --calibrate-rounds 3 --no-sweep
 
 `--quick` keeps the full calibration and the 14 configurations but times each 3 times in one
 round and skips the planner's sweep (so its regret table).
@@ -524,6 +526,12 @@ def main() -> None:
     ap.add_argument(
         "--calibrate", action="store_true", help="calibrate this CPU first (same threads and clock)"
     )
+    ap.add_argument(
+        "--calibrate-rounds",
+        type=int,
+        default=1,
+        help="with --calibrate: rounds of it, each figure's best kept (`bigpicture calibrate --rounds`)",
+    )
     ap.add_argument("--quick", action="store_true", help="3 repeats, one round, no sweep (~8 min)")
     ap.add_argument("--smoke", action="store_true", help="small images, rough calibration, one repeat")
     ap.add_argument("--no-sweep", action="store_true", help="skip the planner's tile sweep")
@@ -553,6 +561,7 @@ def main() -> None:
     if a.calibrate:
         subprocess.run(
             [sys.executable, "-m", "bigpicture", "calibrate", "--threads", str(a.threads), "--clock", a.clock]
+            + ["--rounds", str(a.calibrate_rounds)]
             + (["--quick"] if a.smoke else []),
             check=True,
         )
