@@ -23,7 +23,7 @@ demo: setup
 	$(PYTHON) examples/pathology_demo.py $(DEMO_ARGS)
 
 test: setup
-	$(PYTHON) -m pytest -q
+	$(PYTHON) -m pytest -q --durations=30
 
 lint:
 	$(PYTHON) -m ruff check .
