@@ -40,7 +40,7 @@ CALIBRATIONS = {  # name: the CPU's calibration (None: uncalibrated)
     # a grid with holes: the nearest points answer too; as the old code's copies read it (every
     # backward at the full one's rate)
     "made up": lambda: one_backward(_calibration()),
-    "by backend": lambda: {"ops": calibrated().ops},  # rates that differ by backend and size
+    "by backend": lambda: one_backward({"ops": calibrated().ops}),  # rates that differ by backend and size
 }
 DEVICES = {"cpu": torch.float32, "H100-SXM": torch.bfloat16, "L4": torch.float32}
 
