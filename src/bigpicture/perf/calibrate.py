@@ -322,7 +322,7 @@ def measure(
     dtype: torch.dtype = torch.float32,
     clock: Callable[[], float] = time.perf_counter,
 ) -> dict[str, Any]:
-    """Rates of this CPU for `dtype` (about a minute; `quick` takes a second, for tests)."""
+    """Rates of this CPU for `dtype` (about four minutes; `quick` takes seconds, for tests)."""
     min_time = 0.005 if quick else 0.01
     seconds = functools.partial(seconds_per_call, clock=clock)
     ops = {
