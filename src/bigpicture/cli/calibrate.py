@@ -26,7 +26,8 @@ def _calibrate(a: argparse.Namespace) -> int:
         f"{best / 1e9:.1f} GFLOP/s, copy {cpu.bandwidth_bytes_per_s / 1e9:.1f} GB/s, "
         f"{1e6 * cal['ops']['engine_node_s']:.0f} us per node per tile, "
         f"{1e6 * cal['ops']['wake_s']:.0f} us per multi-threaded op to wake idle threads "
-        f"(OMP_WAIT_POLICY={cal['omp_wait_policy'] or 'unset'}: calibrate and run under the same)"
+        f"(OMP_WAIT_POLICY={cal['omp_wait_policy'] or 'unset'}, host heap "
+        f"{cal.get('host_heap', 'system')}: calibrate and run under the same)"
     )
     return 0
 

@@ -17,7 +17,7 @@ import torch
 from torch.fx.node import map_arg
 
 from bigpicture.engine import capture as g
-from bigpicture.engine import held
+from bigpicture.engine import held, host_heap
 from bigpicture.engine import stages as staging
 from bigpicture.engine.amp import autocast, autocast_state
 from bigpicture.engine.background import BackgroundTiles
@@ -44,6 +44,8 @@ class Runner:
         compiled=None,
     ) -> None:
         plan.lint()  # the plan's tiles checked once, before its first tile runs
+        if device.type == "cpu":
+            host_heap.keep()  # every tile's tensors from reused pages, not fresh ones (host_heap.py)
         self.plan, self.split, self.args, self.params = plan, plan.split, args, params
         self.device, self.progress = device, progress
         self.derived = derived or {}  # values of earlier passes that the tiles use

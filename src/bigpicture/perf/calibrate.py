@@ -28,6 +28,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from bigpicture.engine import host_heap
 from bigpicture.perf.calibrate_engine import engine_costs
 from bigpicture.perf.calibration_rounds import best_of
 from bigpicture.perf.conv_rates import conv_backend
@@ -365,6 +366,7 @@ def calibrate(
 
 def _measure_all(quick: bool, clock: str) -> dict[str, Any]:
     """One round of ``calibrate``: the whole calibration, not stored."""
+    host_heap.keep()  # measured under the heap policy the tile interpreter runs under (it sets it)
     min_time = 0.01 if quick else 0.2
     sizes = [64, 128] if quick else [256, 512, 1024]
     cases = [((1, 8, 32, 32), (8, 8, 3, 3))] if quick else [
@@ -385,6 +387,8 @@ def _measure_all(quick: bool, clock: str) -> dict[str, Any]:
         "clock": clock,
         # idle OpenMP threads spin or sleep: the per-op wake-up measured depends on it
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", ""),
+        # freed tensors' pages kept or handed back: a tiled run's page faults depend on it
+        "host_heap": host_heap.policy(),
         "ops": measure(quick, torch.float32, CLOCKS[clock]),
     }
     return cal

@@ -3,6 +3,7 @@ op rates give their ops (``calibrate.measure`` calls it)."""
 
 from __future__ import annotations
 
+import statistics
 from collections.abc import Callable
 
 import torch
@@ -85,35 +86,42 @@ def engine_costs(
     open parallel regions (convolutions and pooling always do), whose cost would be counted per node.
 
     Third, the seconds each op that runs on every thread (``steps``: convolutions and pooling, and
-    elementwise ops over ``PARALLEL_ELEMENTS``) adds in a tiled run over its rate measured back to
-    back: the idle OpenMP threads it wakes after the interpreter's Python and waits for at its end.
-    Tens of microseconds on an idle machine; milliseconds where any other process, even at nice 19,
-    holds a core the sleeping threads must take back (measured here: a 2-thread tiled ResNet step took
-    3.4x its 1-thread time while two niced jobs ran, a ReLU 2.1 ms against 0.16 ms). Measured as the
-    network of ``_blocks`` on tiles whose ops run on every thread, minus its ops and its nodes, the
-    best of several steps as every figure here: what the machine gives when it is least disturbed."""
+    elementwise ops over ``PARALLEL_ELEMENTS``) adds in a tiled run over the same op run back to back:
+    the idle OpenMP threads it wakes after the interpreter's Python and waits for at its end. Tens of
+    microseconds on an idle machine; milliseconds where any other process, even at nice 19, holds a
+    core the sleeping threads must take back (measured here: a 2-thread tiled ResNet step took 3.4x
+    its 1-thread time while two niced jobs ran, a ReLU 2.1 ms against 0.16 ms). Measured as an A/B at
+    one moment (``_in_situ``): the network of ``_blocks`` on tiles whose ops run on every thread,
+    alternated with the very aten calls of one of its steps replayed back to back; the median of the
+    differences, less its nodes' interpreter cost, per op. Both sides run in the same seconds, so the
+    host's speed, which swings by a quarter for minutes at a time, cancels (measured against rates
+    timed minutes earlier, the figure swung 49-280 us between calibrations of one idle machine).
+    Both run under the host heap's policy (``engine.host_heap``): with glibc's default one, the
+    tiled run's pages freed between tiles and faulted in again would count here too."""
     rates = Rates(
         get_device("cpu"), dtype, {"ops": {**ops, "engine_node_s": 0.0, "engine_train_node_s": 0.0}}
     )
 
-    def run(nd: int, side: int, tile: int, training: bool, blocks: bool = False) -> tuple[float, float, dict]:
-        """Measured seconds, of which in its ops, and predicted ones with unit costs:
-        {(node_s, train_node_s, wake_s): s}."""
-        shape = (1, 3 if blocks else 1) + (side,) * nd
-        model = (_blocks() if blocks else _reference(nd)).to(dtype)
-        model = freeze_batchnorm(model.train()) if training else model.eval()
-        net, split = _tiled(model, shape, dtype, tile)
-        x = torch.randn(shape, dtype=dtype)
-        measured, in_ops = _best_step(net, model, x, training, clock, 3 if quick else 7)
-        lay = layout(split, shape, tile)
-        times = {}
+    def unit_times(split, shape, tile: int, training: bool) -> dict:
+        """Predicted seconds with unit costs: {(node_s, train_node_s, wake_s): s}."""
+        times, lay = {}, layout(split, shape, tile)
         for costs in ((0.0, 0.0, 0.0), (1.0, 0.0, 0.0), (0.0, 2.0, 0.0), (0.0, 0.0, 1.0)):
             rates.node_s, rates.train_node_s, rates.wake_s = costs
             times[costs] = _predict_pass(
                 split, shape, dtype, lay, rates.device, rates, training, False, True
             ).time
         rates.node_s = rates.train_node_s = rates.wake_s = 0.0
-        return measured, in_ops, times
+        return times
+
+    def run(nd: int, side: int, tile: int, training: bool) -> tuple[float, float, dict]:
+        """Measured seconds, of which in its ops, and predicted ones with unit costs."""
+        shape = (1, 1) + (side,) * nd
+        model = _reference(nd).to(dtype)
+        model = freeze_batchnorm(model.train()) if training else model.eval()
+        net, split = _tiled(model, shape, dtype, tile)
+        x = torch.randn(shape, dtype=dtype)
+        measured, in_ops = _best_step(net, model, x, training, clock, 3 if quick else 7)
+        return measured, in_ops, unit_times(split, shape, tile, training)
 
     zero, node, grad, wake = (0.0, 0.0, 0.0), (1.0, 0.0, 0.0), (0.0, 2.0, 0.0), (0.0, 0.0, 1.0)
     forward, train, threads = [], [], torch.get_num_threads()
@@ -136,10 +144,12 @@ def engine_costs(
     wake_s = 0.0
     if threads > 1 and not quick:
         # 16-32 channels x 48^2 or more > PARALLEL_ELEMENTS: every op runs on every thread
-        measured, _, times = run(2, 384, 192, False, blocks=True)
+        shape, tile = (1, 3, 384, 384), 192
+        net, split = _tiled(_blocks().to(dtype).eval(), shape, dtype, tile)
+        times = unit_times(split, shape, tile, False)
+        extra = _in_situ(net, torch.randn(shape, dtype=dtype), clock, 21)
         parallel_ops = times[wake] - times[zero]
-        left = measured - times[zero] - node_s * (times[node] - times[zero])
-        wake_s = max(left, 0.0) / max(parallel_ops, 1)
+        wake_s = max(extra - node_s * (times[node] - times[zero]), 0.0) / max(parallel_ops, 1)
     return node_s, sum(train) / len(train), wake_s
 
 
@@ -175,6 +185,43 @@ def _best_step(
             step()
         in_ops.append(ops.seconds)
     return min(times), min(in_ops)
+
+
+def _in_situ(net, x: torch.Tensor, clock: Callable[[], float], repeats: int) -> float:
+    """Seconds one tiled inference ``net(x)`` takes over its own aten calls replayed back to back
+    (the same calls on the same tensors, recorded from one step): the median of ``repeats``
+    differences, each of a tiled step and a replay run one after the other."""
+    with torch.no_grad():
+        net(x)  # plans
+        with _Recorder() as rec:
+            net(x)
+
+        def replay() -> None:
+            for func, args, kwargs in rec.calls:
+                func(*args, **kwargs)
+
+        replay()
+        differences = []
+        for _ in range(repeats):
+            start = clock()
+            net(x)
+            middle = clock()
+            replay()
+            differences.append((middle - start) - (clock() - middle))
+    return statistics.median(differences)
+
+
+class _Recorder(TorchDispatchMode):
+    """The aten calls of a run, with their arguments, to replay."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        self.calls.append((func, args, kwargs or {}))
+        return out
 
 
 class _OpClock(TorchDispatchMode):
