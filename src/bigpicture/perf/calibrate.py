@@ -82,8 +82,10 @@ def _conv_grid(quick: bool) -> list[tuple[int, int, int, int, int, int, bool]]:
     grid = [(nd, cin, cout, k, 1, side, False) for nd in (2, 3) for cin in channels[nd][0]
             for cout in channels[nd][1] for k in (1, 3) for side in sides[nd]]  # fmt: skip
     # a segmentation head's last layers run on as few channels as it has classes: 2 in, few out (a
-    # 2 -> 2 3x3 convolution's backward ran at half the rate of the 3 -> 2 one it was held at)
-    grid += [(2, 2, cout, k, 1, side, False) for cout in (2, 8, 16) for k in (1, 3) for side in sides[2]]
+    # 2 -> 2 3x3 convolution's backward ran at half the rate of the 3 -> 2 one it was held at; in 3D
+    # a 2 -> 2 3x3x3 one at ~5 GFLOP/s, half of what 1 and 4 input channels interpolate to)
+    grid += [(nd, 2, cout, k, 1, side, False) for nd in (2, 3) for cout in (2, 8, 16) for k in (1, 3)
+             for side in sides[nd]]  # fmt: skip
     # downsampling: channels kept or doubled, and from RGB (a UNet's first layer); a 7x7 stem on RGB.
     # Sides reach the tiles' (a 384 tile's first downsampling is 192 wide): beyond the grid a rate is
     # held at its last point, and there rates still change 1.3-2x (operands leaving the core's L2,
