@@ -352,7 +352,9 @@ also on the strided view a natively padded convolution leaves at the image borde
 op timed cycling through copies of its operands that exceed the core's caches, as a network finds
 them; the interpreter's own cost per node per tile, from one-thread tiled runs of a small reference network
 less its ops timed one by one; what each op on every thread (convolutions and pooling always,
-elementwise ops over 32,768 elements) adds in a tiled run, from tiled runs of convolution blocks). An
+elementwise ops over 32,768 elements) adds in a tiled run, from tiled runs of convolution blocks
+alternated with their own aten calls replayed back to back; all under the host heap kept between
+tiles, `engine/host_heap.py`). An
 inference's peak is the largest over the tiles in run order of the tile's working set and the pages of
 the output written so far (the OS backs them as tiles write them). A training step is
 the forward over the tiles (the last one with autograd, its graph kept), the recompute of every

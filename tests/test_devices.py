@@ -95,13 +95,29 @@ def test_calibration_round_trip(tmp_path):
     assert cpu.peak(torch.float32) == max(measured["matmul"]["float32"].values())
 
 
-def test_calibration_goes_to_the_cache_directory(tmp_path):
+@pytest.fixture(scope="module")
+def measured_once(tmp_path_factory) -> dict:
+    """One quick calibration (seconds) for the tests about where calibrations go, not what they hold."""
+    return calibrate(tmp_path_factory.mktemp("once") / "calibration.json", quick=True)
+
+
+@pytest.fixture
+def measured_again(measured_once, monkeypatch):
+    """``calibrate`` gives that calibration again instead of measuring (its storing still runs)."""
+    import copy
+
+    import bigpicture.perf.calibrate as calibrate_module
+
+    monkeypatch.setattr(calibrate_module, "_measure_all", lambda quick, clock: copy.deepcopy(measured_once))
+
+
+def test_calibration_goes_to_the_cache_directory(tmp_path, measured_again):
     calibrate(quick=True)
     assert (tmp_path / "cache" / "calibration.json").is_file()
     assert load_calibration() is not None and local_cpu().source.startswith("calibrated")
 
 
-def test_missing_corrupt_or_foreign_calibration_is_none(tmp_path):
+def test_missing_corrupt_or_foreign_calibration_is_none(tmp_path, measured_again):
     path = tmp_path / "calibration.json"
     assert load_calibration(path) is None
     path.write_text("{not json")

@@ -189,6 +189,9 @@ def test_quick_calibration_records_the_wait_policy(tmp_path, monkeypatch):
     monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")
     cal = calibrate(tmp_path / "cal.json", quick=True)
     assert cal["omp_wait_policy"] == "PASSIVE" and cal["ops"]["wake_s"] >= 0.0
+    from bigpicture.engine import host_heap
+
+    assert cal["host_heap"] == host_heap.policy()  # page faults of a tiled run depend on it
     assert all("backend" in p and "cin" in p for p in cal["ops"]["conv"])
     # the weights' gradient alone is measured apart (a first layer's backward)
     assert all(p["backward_weight"] > 0 for p in cal["ops"]["conv"])
@@ -249,12 +252,12 @@ def test_full_grid_reaches_the_geometries_tiles_take():
     """Beyond the grid a rate is held at its last point; the full calibration measures the first and
     last layers of common networks at the sides their tiles reach: a UNet's first downsampling from
     RGB (a 384 tile: 192 wide), a 7x7 stem on a 512 tile (320 wide), a transposed convolution to 2
-    classes at 192, a 2 -> 2 head; none costs more than the grid's 2 GFLOP cap."""
+    classes at 192, a 2 -> 2 head in 2D and 3D; none costs more than the grid's 2 GFLOP cap."""
     from bigpicture.perf.calibrate import _conv_grid
 
     grid = _conv_grid(False)
     for point in [(2, 3, 16, 3, 2, 192, False), (2, 3, 16, 7, 2, 320, False), (2, 32, 2, 3, 2, 192, True),
-                  (2, 2, 2, 3, 1, 256, False)]:  # fmt: skip
+                  (2, 2, 2, 3, 1, 256, False), (3, 2, 2, 3, 1, 56, False)]:  # fmt: skip
         assert point in grid
     assert all(2 * cin * cout * k**nd * side**nd <= 2e9 for nd, cin, cout, k, _, side, _ in grid)
     assert len(set(grid)) == len(grid)
