@@ -78,8 +78,18 @@ def test_the_policy_follows_the_environment(monkeypatch):
     assert host_heap.policy() == "user"
     monkeypatch.setenv("GLIBC_TUNABLES", "glibc.cpu.hwcaps=-AVX")
     assert host_heap.policy() == ("kept" if host_heap._libc() is not None else "other")
+    monkeypatch.delenv("GLIBC_TUNABLES")
+
+    class Refusing:  # a glibc whose mallopt refuses the settings: its defaults stand
+        def mallopt(self, param, value):
+            return 0
+
+    monkeypatch.setattr(host_heap, "_libc", Refusing)
+    assert host_heap.policy() == "kept"  # not asked yet: it would apply
+    assert not host_heap.keep() and host_heap.policy() == "system"
+    monkeypatch.setitem(host_heap._state, "kept", None)
     monkeypatch.setattr(host_heap, "_libc", lambda: None)
-    assert host_heap.policy() == "other" and not host_heap.keep()
+    assert host_heap.policy() == "other" and not host_heap.keep() and host_heap.policy() == "other"
     host_heap.release()  # nothing to do: no error
 
 

@@ -50,10 +50,16 @@ def _libc():
 
 def policy() -> str:
     """``"kept"`` where ``keep`` applies (or has applied) here, else why not: ``"system"`` (turned off
-    with BIGPICTURE_HOST_HEAP=system), ``"user"`` (malloc tuned by the environment), ``"other"``
-    (not glibc)."""
-    if _state["kept"]:
-        return "kept"
+    with BIGPICTURE_HOST_HEAP=system, or glibc refused the settings), ``"user"`` (malloc tuned by
+    the environment), ``"other"`` (not glibc)."""
+    if _state["kept"] is not None:  # asked already: what happened
+        return "kept" if _state["kept"] else _why_not()
+    return _why_not() or "kept"
+
+
+def _why_not() -> str:
+    """Why ``keep`` does not apply here (see ``policy``), or "" where it would, or "system" where
+    it was tried and glibc refused."""
     setting = os.environ.get("BIGPICTURE_HOST_HEAP", "kept").strip().lower()
     if setting not in ("kept", "system"):
         raise ValueError(f"BIGPICTURE_HOST_HEAP={setting!r}: use 'kept' (the default) or 'system'")
@@ -62,13 +68,15 @@ def policy() -> str:
     tunables = os.environ.get("GLIBC_TUNABLES", "")
     if any(v in os.environ for v in _USER_VARIABLES) or "glibc.malloc" in tunables:
         return "user"
-    return "kept" if _libc() is not None else "other"
+    if _libc() is None:
+        return "other"
+    return "system" if _state["kept"] is False else ""
 
 
 def keep() -> bool:
     """Keep freed host memory for reuse (see the module); True where it applies. Once per process."""
     if _state["kept"] is None:
-        libc = _libc() if policy() == "kept" else None
+        libc = _libc() if not _why_not() else None
         _state["kept"] = bool(
             libc is not None
             and libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)
