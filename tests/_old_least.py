@@ -14,14 +14,14 @@ from bigpicture.perf.least import _within
 from bigpicture.perf.steps import _stored, geometries, padded_bounds, spatial_inputs
 
 
-def holder(s: Split, cg: ClassGrid, copy: bool) -> tuple[int, ...] | None:
+def holder(s: Split, cg: ClassGrid, copy: bool, cpu: bool = True) -> tuple[int, ...] | None:
     """A grid index whose kind bounds every kind in each dimension (the module's docstring), or None."""
     nodes = list(cg.diagonal.working_row(0)[1])
     ops = []  # the nodes whose steps read flags (their rule), or may alias a value the tile does not compute
     for n in nodes:
         if n in s.ops:
             op = s.ops[n]
-            rule = ("native" if op.pads_natively() else "window") if isinstance(op, Window) else None
+            rule = ("native" if op.pads_natively(cpu) else "window") if isinstance(op, Window) else None
             rule = "pad" if isinstance(op, Pad) else rule
             first = op.inputs[0] if op.inputs else None
             aliasing = first is not s.input and first not in nodes

@@ -173,7 +173,7 @@ def old__steps_of(split, node, rows, item: int, rates, grad_in: bool, least: boo
     pad_copy = zero
     padded_numel = rows.padded.prod(axis=1)
     if isinstance(op, Window):
-        native = op.pads_natively()
+        native = op.pads_natively(not rates.gpu)
         copied = rows.copied & ~rows.outside if native else rows.copied
         pad_copy = np.where(copied, math.prod(split.shapes[ins[0]][:2]) * padded_numel * item, 0)
         st.temp = pad_copy

@@ -91,7 +91,7 @@ def old__steps_of(
         # An op that pads natively (engine/rules/window.py) reads a view of its input at the image
         # border, padded by the kernel itself: no padded copy, and autograd keeps the input. Its
         # sub-box reads inside the image are still charged a contiguous copy.
-        native = op.pads_natively()
+        native = op.pads_natively(not rates.gpu)
         copied = rows.copied & ~rows.outside if native else rows.copied
         pad_copy = np.where(copied, math.prod(split.shapes[ins[0]][:2]) * padded_numel * item, 0)
         st.temp = pad_copy

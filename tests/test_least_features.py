@@ -62,7 +62,7 @@ def check(splits, shape, tiles) -> int:
                 continue
             nodes = list(cg.diagonal.working_row(0)[1])
             for copy in (True, False):
-                assert least.holder(s, cg, copy) == _old_least.holder(s, cg, copy), (tile, k, copy)
+                assert least.holder(s, cg, copy, True) == _old_least.holder(s, cg, copy, True), (tile, k, copy)
                 new_ops, old_ops = ops(s, nodes)
                 for j in {j for kinds in cg.per_dim for _, j in kinds}:
                     new = least._features(s, cg, j, copy, nodes, new_ops)
@@ -79,7 +79,7 @@ def ops(s, nodes):
     for n in nodes:
         if n in s.ops:
             op = s.ops[n]
-            rule = ("native" if op.pads_natively() else "window") if isinstance(op, Window) else None
+            rule = ("native" if op.pads_natively(True) else "window") if isinstance(op, Window) else None
             rule = "pad" if isinstance(op, Pad) else rule
             first = op.inputs[0] if op.inputs else None
             aliasing = first is not s.input and first not in nodes

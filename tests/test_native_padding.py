@@ -2,7 +2,9 @@
 instead of a padded copy of their input: tiled equals untiled in float64 (outputs, parameter and
 input gradients) where a tile reaches outside the image by different amounts below and above,
 with strides, dilations and even kernels, in 1D, 2D and 3D, on grids with tiles at every border
-and in the interior; and no padded copy is made for a zero-padded convolution."""
+and in the interior; and no padded copy is made for a zero-padded convolution, but for a 3D one on
+a CPU (``Conv.pads_natively``). The rule a GPU follows (native everywhere) is run here too, on the
+CPU, by asking every op as if it were not one."""
 
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ from torch import nn
 
 import bigpicture as bp
 from bigpicture.engine import padding
+from bigpicture.engine.rules import window
 
 CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 MAXPOOL = {1: nn.MaxPool1d, 2: nn.MaxPool2d, 3: nn.MaxPool3d}
@@ -49,10 +52,22 @@ def model(nd, middle):
     return nn.Sequential(CONV[nd](3, 4, 3, padding=1), nn.ReLU(), middle(), CONV[nd](4, 2, 3, padding=1))
 
 
+def as_on(device: str, monkeypatch) -> bool:
+    """Whether the ops decide as on a CPU (the device the tests run on) or, for "gpu", as on
+    another device: every ``pads_natively`` asked with ``cpu=False``. Returns ``cpu``."""
+    if device == "gpu":
+        for kind in (window.Conv, window.MaxPool):
+            asked = kind.pads_natively
+            monkeypatch.setattr(kind, "pads_natively", lambda self, cpu, asked=asked: asked(self, False))
+    return device == "cpu"
+
+
+@pytest.mark.parametrize("device", ["cpu", "gpu"])
 @pytest.mark.parametrize("nd", [1, 2, 3])
 @pytest.mark.parametrize("name", sorted(CASES))
-def test_natively_padded_window_tiled_equals_untiled(name, nd, one_thread, monkeypatch):
+def test_natively_padded_window_tiled_equals_untiled(name, nd, device, one_thread, monkeypatch):
     make, may_copy = CASES[name]
+    cpu = as_on(device, monkeypatch)
     copies = []
     pad = padding._Pad.apply
     monkeypatch.setattr(padding._Pad, "apply", lambda *a: copies.append(1) or pad(*a))
@@ -61,7 +76,10 @@ def test_natively_padded_window_tiled_equals_untiled(name, nd, one_thread, monke
     x = torch.randn(shape, dtype=torch.float64)
     net = assert_tiled_matches(model(nd, make(nd)).double(), x, tile)
     assert min(net.plan.grid) >= 3, "tiles at every border and in the interior"
-    assert may_copy or not copies, f"{len(copies)} padded copies of a zero-padded convolution's input"
+    if cpu and nd == 3 and name.startswith("conv"):  # the 3D convolution pads by a copy on a CPU
+        assert copies, "a 3D zero-padded convolution on a CPU reads a padded copy at the border"
+    else:
+        assert may_copy or not copies, f"{len(copies)} padded copies of a zero-padded convolution's input"
 
 
 @pytest.mark.parametrize("training", [False, True])
@@ -94,12 +112,14 @@ def test_whole_image_tile_of_a_cut_pads_natively(training, one_thread, monkeypat
     assert not copies
 
 
+@pytest.mark.parametrize("device", ["cpu", "gpu"])
 @pytest.mark.parametrize("nd", [1, 2, 3])
 @pytest.mark.parametrize("name", sorted(CASES))
-def test_crops_says_which_outputs_are_strided_views(name, nd, one_thread):
+def test_crops_says_which_outputs_are_strided_views(name, nd, device, one_thread, monkeypatch):
     """``crops`` (what the performance model reads) is true exactly where the tile interpreter's
     natively padded result is a strided view: the outputs the symmetric padding adds dropped."""
     make, _ = CASES[name]
+    cpu = as_on(device, monkeypatch)
     shape, tile = SHAPES[nd]
     torch.manual_seed(0)
     m = model(nd, make(nd)).double().eval()
@@ -112,12 +132,15 @@ def test_crops_says_which_outputs_are_strided_views(name, nd, one_thread):
 
     def recorded(out, *args):
         y = run(out, *args)
-        seen.append((any(op.crops(out)), not y.is_contiguous()))
+        seen.append((any(op.crops(out, cpu)), not y.is_contiguous()))
         return y
 
     op.padded_natively = recorded
     with torch.no_grad():
         net(x)
+    if cpu and nd == 3 and name.startswith("conv"):
+        assert not seen, "a 3D convolution on a CPU reads a padded copy, never pads natively"
+        return
     assert len(seen) == len(plan.tiles)
     assert all(a == b for a, b in seen), seen
     assert any(a for a, _ in seen) or name.startswith("maxpool"), "a padded convolution crops somewhere"

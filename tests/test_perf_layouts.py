@@ -92,6 +92,9 @@ def test_strided_batchnorm_inputs_are_the_ones_the_engine_makes(nd, shape, tile,
     with torch.no_grad(), mode:
         net(x)
     assert mode.contiguous == expected
+    if nd == 3:  # on a CPU a 3D convolution reads a padded copy (``Conv.pads_natively``): nothing crops
+        assert all(expected)
+        return
     assert not all(expected) and any(expected), "tiles at the border crop, interior ones do not"
 
 

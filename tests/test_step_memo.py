@@ -367,7 +367,7 @@ def _old_strided_input(split, op, box, need):
         return (False,) * split.nd
     sub = tuple(box.dim(d) != need[first].dim(d) for d in range(split.nd))
     producer = split.ops.get(first)
-    if isinstance(producer, Window) and producer.pads_natively():
+    if isinstance(producer, Window) and producer.pads_natively(True):
         return tuple(a or b for a, b in zip(sub, producer.crops(need[first]), strict=True))
     return sub
 
@@ -471,7 +471,7 @@ def _windows() -> list:
     split = analyse(net, (1, 2, 37, 41))[-1]
     from bigpicture.engine.rules import Window
 
-    return [op for op in split.ops.values() if isinstance(op, Window) and op.pads_natively()]
+    return [op for op in split.ops.values() if isinstance(op, Window) and op.pads_natively(True)]
 
 
 _WINDOWS = functools.cache(_windows)

@@ -83,7 +83,7 @@ def byte_steps(split: Split, node, rows: Rows, item: int, rates: Rates) -> Step:
     temp = padded = saved_extra = zero
     keeps_padded = saves_inputs = saves_output = no
     if window:
-        copied = rows.copied & ~rows.outside if op.pads_natively() else rows.copied
+        copied = rows.copied & ~rows.outside if op.pads_natively(not rates.gpu) else rows.copied
         channels = math.prod(split.shapes[op.inputs[0]][:2])
         temp = np.where(copied, channels * rows.padded.prod(axis=1) * item, 0)
         padded = np.where(outside, temp, 0)

@@ -178,7 +178,8 @@ class _Static:
             firsts = [s.ops[self.ops[i]].inputs[0] for i in self.norms]
             self.norm_boxes = [where[self.ops[i]] for i in self.norms]
             self.norm_firsts = [where[f] for f in firsts]
-            natively = [isinstance(s.ops.get(f), Window) and s.ops[f].pads_natively() for f in firsts]
+            # as on a CPU, the only device whose rates tell a strided input apart (``NativePadding.crops``)
+            natively = [isinstance(s.ops.get(f), Window) and s.ops[f].pads_natively(True) for f in firsts]
             self.cropping = [k for k, n in enumerate(natively) if n]
             self.crop_ops = [s.ops[firsts[k]] for k in self.cropping]
             self.crop_params = _params(self.crop_ops) if self.crop_ops else None

@@ -97,18 +97,19 @@ def _held(s: Split, lay, training: bool, gpu: bool, rates, on_device: bool):
     if not cg.separable or not cg.diagonal.cover:
         return cg, None, None
     copy = not on_device or cg.tiles > 1  # as predict._predict_pass
-    return cg, copy, holder(s, cg, copy)
+    return cg, copy, holder(s, cg, copy, not gpu)
 
 
-def holder(s: Split, cg: ClassGrid, copy: bool) -> tuple[int, ...] | None:
-    """A grid index whose kind bounds every kind in each dimension (the module's docstring), or None."""
+def holder(s: Split, cg: ClassGrid, copy: bool, cpu: bool) -> tuple[int, ...] | None:
+    """A grid index whose kind bounds every kind in each dimension (the module's docstring), or None;
+    ``cpu``: whether the device predicted is a CPU (``Window.pads_natively``)."""
     nodes = list(cg.diagonal.working_row(0)[1])
     computed = set(nodes)
     ops = []  # the nodes whose steps read flags (their rule), or may alias a value the tile does not compute
     for n in nodes:
         if n in s.ops:
             op = s.ops[n]
-            rule = ("native" if op.pads_natively() else "window") if isinstance(op, Window) else None
+            rule = ("native" if op.pads_natively(cpu) else "window") if isinstance(op, Window) else None
             rule = "pad" if isinstance(op, Pad) else rule
             first = op.inputs[0] if op.inputs else None
             aliasing = first is not s.input and first not in computed

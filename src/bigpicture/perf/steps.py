@@ -166,7 +166,7 @@ def _steps_of(
         # An op that pads natively (engine/rules/window.py) reads a view of its input at the image
         # border, padded by the kernel itself: no padded copy, and autograd keeps the input. Its
         # sub-box reads inside the image are still charged a contiguous copy.
-        native = op.pads_natively()
+        native = op.pads_natively(not rates.gpu)
         copied = rows.copied & ~rows.outside if native else rows.copied
         pad_copy = np.where(copied, math.prod(split.shapes[ins[0]][:2]) * padded_numel * item, 0)
         st.temp = pad_copy
@@ -358,7 +358,7 @@ def _strided_input(split: Split, op, box: Box, need: dict) -> tuple[bool, ...]:
         return (False,) * split.nd
     sub = tuple(box.dim(d) != need[first].dim(d) for d in range(split.nd))
     producer = split.ops.get(first)
-    if isinstance(producer, Window) and producer.pads_natively():
+    if isinstance(producer, Window) and producer.pads_natively(True):  # as on a CPU (``NativePadding.crops``)
         return tuple(a or b for a, b in zip(sub, _crops(producer, need[first]), strict=True))
     return sub
 

@@ -139,9 +139,10 @@ class Window(Op):
     def read(self, out, value, fill=0.0):
         return read(value, self.padded_box(out), self.in_extents[0], self.mode, fill)
 
-    def pads_natively(self) -> bool:
+    def pads_natively(self, cpu: bool) -> bool:
         """Whether the op pads the image border with its own ``padding=`` instead of reading a padded
-        copy (``window.NativePadding``); the performance model reads it too."""
+        copy (``window.NativePadding``) when it runs on a CPU (``cpu``) or not: the engine asks with
+        its input's device, the performance model with the device it predicts."""
         return False
 
 

@@ -24,9 +24,9 @@ class NativePadding:
     and PyTorch's padding is the same on both sides: we pad both by the larger, rounded so that the
     extra positions below are whole output steps, and drop the outputs they add."""
 
-    def pads_natively(self) -> bool:
-        """Whether this op pads the border with its own ``padding=`` (``padded_natively``); the
-        performance model reads it too, to charge no padded copy."""
+    def pads_natively(self, cpu: bool) -> bool:
+        """Whether this op pads the border with its own ``padding=`` (``padded_natively``) on a CPU
+        (``cpu``) or another device; the performance model reads it too, to charge no padded copy."""
         return True
 
     def native_padding(self, pad) -> bool:
@@ -45,12 +45,13 @@ class NativePadding:
             skip.append(steps)
         return inside, tuple(pad), tuple(skip)
 
-    def crops(self, out: Box) -> tuple[bool, ...]:
+    def crops(self, out: Box, cpu: bool = True) -> tuple[bool, ...]:
         """Per dimension, whether ``padded_natively`` drops outputs the symmetric padding adds there:
         its result is then a strided view of a larger output (the performance model charges what
-        reads it so: PyTorch's CPU BatchNorm takes a slower path on a strided input)."""
+        reads it so: PyTorch's CPU BatchNorm takes a slower path on a strided input; hence on a CPU
+        by default, the only device whose rates tell a strided input apart)."""
         inside, pad, _ = self.native_pads(out)
-        if not self.pads_natively() or inside.empty or not self.native_padding(pad):
+        if not self.pads_natively(cpu) or inside.empty or not self.native_padding(pad):
             return (False,) * self.nd
         made = [
             (n + 2 * p - d * (k - 1) - 1) // s + 1
@@ -103,14 +104,21 @@ class Conv(NativePadding, Window):
     def run(self, out, args, kwargs):
         weight, bias = self.weights(args, kwargs)
         conv = (F.conv1d, F.conv2d, F.conv3d)[self.nd - 1]
-        if self.pads_natively():
+        if self.pads_natively(args[0].tensor.device.type == "cpu"):
             return self.padded_natively(out, args[0], lambda x, p: conv(x, weight, bias, self.step, p,
                                                                          self.dilation, self.groups))
         return conv(self.read(out, args[0]), weight, bias, self.step, 0, self.dilation, self.groups)
 
-    def pads_natively(self) -> bool:
-        """Zeros at the border: the convolution's own padding, no padded copy."""
-        return self.mode == "constant"
+    def pads_natively(self, cpu: bool) -> bool:
+        """Zeros at the border: the convolution's own padding, no padded copy; except 3D on a CPU,
+        where PyTorch's im2col kernel (``Slow3d``, its choice for 3D inputs of up to 20,480
+        channels x depth x height) tests every position against the padding in its inner loop and
+        ran natively padded 3x3x3 convolutions 1.2-2x slower forward and 1.3-1.8x backward here
+        than on a padded copy, and a natively padded call's smaller input can keep a convolution
+        there that the copy moves to oneDNN (32 -> 32 channels at 24^3: 4.8x). oneDNN's own 3D
+        convolutions ran natively padded 0-13% faster, which this gives up at the image border on
+        a CPU; 1D and 2D ones (oneDNN almost always) within noise of the copy, so native."""
+        return self.mode == "constant" and not (cpu and self.nd == 3)
 
     def flops(self, out, channels):
         return 2 * out.numel * channels * math.prod(self.kernel) * self.cin_per_group
@@ -156,7 +164,7 @@ class MaxPool(NativePadding, Pool):
         self.indices = bool(a["return_indices"]) or node.target in _WITH_INDICES
 
     def run(self, out, args, kwargs):
-        if self.pads_natively():
+        if self.pads_natively(args[0].tensor.device.type == "cpu"):
             pool = (F.max_pool1d, F.max_pool2d, F.max_pool3d)[self.nd - 1]
             return self.padded_natively(out, args[0], lambda x, p: pool(x, self.kernel, self.step, p,
                                                                          self.dilation), -math.inf)
@@ -164,7 +172,7 @@ class MaxPool(NativePadding, Pool):
         values, local = _WITH_INDICES[self.nd - 1](x, self.kernel, self.step, 0, self.dilation)
         return values, image_indices(local, self.padded_box(out), self.in_extents[0])
 
-    def pads_natively(self) -> bool:
+    def pads_natively(self, cpu: bool) -> bool:
         """Without indices (those are in the padded box's coordinates, ``image_indices``)."""
         return not self.indices
 
