@@ -16,7 +16,6 @@ the RSS at once), the peak RSS above the RSS before one step (``perfmodel.py``'s
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import os
 import subprocess
@@ -100,17 +99,12 @@ def times(cfg: dict) -> dict:
 
 def memory(cfg: dict) -> dict:
     """In a fresh process: the peak RSS of one step of ``cfg["way"]`` above the RSS before it."""
-    from perfmodel import _status
+    from perfmodel import step_peak
 
     way(cfg["way"])
     model, step = setup(cfg)
-    step()
-    model.zero_grad(set_to_none=True)
-    gc.collect()
-    Path("/proc/self/clear_refs").write_text("5")  # the peak-RSS mark restarts from the current RSS
-    base = _status("VmRSS")
-    step()
-    return {"memory": _status("VmHWM") - base}
+    step()  # warm-up: plans
+    return {"memory": step_peak(model, step)}
 
 
 def child(cfg: dict, **env) -> dict:

@@ -104,6 +104,18 @@ def _status(key: str) -> int:
     return int(re.search(rf"{key}:\s+(\d+) kB", Path("/proc/self/status").read_text())[1]) * 1024
 
 
+def step_peak(model, step) -> int:
+    """The peak RSS of one more ``step()`` above the RSS before it, the gradients freed first: the
+    peak of live memory where the process started with MALLOC_MMAP_THRESHOLD_=65536 (freed tensors
+    leave the RSS at once)."""
+    model.zero_grad(set_to_none=True)
+    gc.collect()
+    Path("/proc/self/clear_refs").write_text("5")  # the peak-RSS mark restarts from the current RSS
+    base = _status("VmRSS")
+    step()
+    return _status("VmHWM") - base
+
+
 def one(cfg: dict) -> dict:
     import torch
 
@@ -134,12 +146,7 @@ def one(cfg: dict) -> dict:
 
     step()  # warm-up: plans, and pays for one-time kernel and thread set-up
     if cfg["measure"] == "memory":  # started with every allocation over 64 KiB served by mmap
-        model.zero_grad(set_to_none=True)
-        gc.collect()
-        Path("/proc/self/clear_refs").write_text("5")  # the peak-RSS mark restarts from the current RSS
-        base = _status("VmRSS")
-        step()
-        return {"memory": _status("VmHWM") - base}
+        return {"memory": step_peak(model, step)}
     times = []
     for _ in range(cfg["repeats"]):
         start = clock()
