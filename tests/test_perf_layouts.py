@@ -1,6 +1,7 @@
 """What the CPU model charges for the memory layouts its ops meet: a transposed convolution's
 workspace (its own calibration, "2t"), and a BatchNorm reading the strided view a natively padded
-convolution leaves at the image border (its own rate, "norm_strided")."""
+convolution leaves at the image border (its own rate, "norm_strided"), and a padded copy of a
+border tile's input exactly where the engine makes one (3D convolutions on a CPU)."""
 
 from __future__ import annotations
 
@@ -157,3 +158,37 @@ def test_parameter_gradients_summed_in_float64_per_tile(one_thread):
     moved = 3 * 8 * need[norm].numel * F32  # the gradient and the saved input read, the input's written
     elements = 8 + 8  # the norm's weight and bias
     assert st.bwd_s == pytest.approx(moved / 2e9 + elements * 12 / 1e9 + elements * 24 / 1e9)
+
+
+@pytest.mark.parametrize("nd", [2, 3])
+def test_padded_copy_charged_where_the_engine_makes_one(nd, one_thread, monkeypatch):
+    """A zero-padded convolution at the image border: the model charges a padded copy of its input
+    exactly where the engine makes one (3D on a CPU, ``Conv.pads_natively``), counted on the CPU;
+    a GPU prediction (native padding) charges none."""
+    from bigpicture.engine import padding
+    from bigpicture.perf.devices import get_device
+
+    conv = (nn.Conv2d, nn.Conv3d)[nd - 2]
+    torch.manual_seed(0)
+    m = nn.Sequential(conv(3, 4, 3, padding=1), nn.ReLU(), conv(4, 2, 3, padding=1)).eval()
+    x = torch.randn((1, 3) + (12,) * nd)
+    net = bp.tiled(m, tile=6)
+    plan = net.plan_for(x, training=False)
+    split = plan.split
+    convs = [n for n in split.order if n.op == "call_module" and isinstance(m.get_submodule(n.target), conv)]
+    copies = []
+    pad = padding._Pad.apply
+    monkeypatch.setattr(padding._Pad, "apply", lambda *a: copies.append(1) or pad(*a))
+    with torch.no_grad():
+        net(x)
+    cpu = bytes_only(Rates(local_cpu(), torch.float32, _calibration()))
+    gpu = bytes_only(Rates(get_device("H100-SXM"), torch.float32))
+    charged = {"cpu": 0, "gpu": 0}
+    for t in plan.tiles:
+        need = plan.needs(t)
+        for n in convs:
+            charged["cpu"] += node_step(split, n, need, False, True, F32, cpu, {}).padded > 0
+            charged["gpu"] += node_step(split, n, need, False, True, F32, gpu, {}).padded > 0
+    assert charged["cpu"] == len(copies)
+    assert (len(copies) > 0) == (nd == 3), "3D pads by a copy on a CPU, 2D natively"
+    assert charged["gpu"] == 0
