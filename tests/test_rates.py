@@ -263,6 +263,28 @@ def test_full_grid_reaches_the_geometries_tiles_take():
     assert len(set(grid)) == len(grid)
 
 
+def test_full_grid_measures_each_kernel_from_the_side_torch_switches_to_it():
+    """Rates are interpolated within one kernel family's points and held below its smallest: every
+    run of a family's sides on one kernel starts at the side where torch switches to it (a 3 -> 16
+    3x3 convolution's input reaches oneDNN at 83 x 83, 3 x 83 x 83 > 20,480 elements)."""
+    from bigpicture.perf.calibrate import _backend_at, _conv_grid
+
+    grid = _conv_grid(False)
+    assert (2, 3, 16, 3, 1, 81, False) in grid and (2, 3, 16, 3, 1, 80, False) not in grid
+    sides: dict = {}
+    for nd, cin, cout, k, stride, side, transposed in grid:
+        sides.setdefault((nd, cin, cout, k, stride, transposed), []).append(side)
+    checked = 0
+    for (nd, cin, cout, k, stride, transposed), measured in sides.items():
+        measured = sorted(measured)
+        for a, b in zip(measured, measured[1:], strict=False):
+            kernel = _backend_at(nd, cin, cout, k, stride, b, transposed)
+            if kernel != _backend_at(nd, cin, cout, k, stride, a, transposed) and kernel is not None:
+                assert _backend_at(nd, cin, cout, k, stride, b - 1, transposed) != kernel, (nd, cin, cout, k, b)
+                checked += 1
+    assert checked > 100
+
+
 @pytest.mark.parametrize(
     "module, channels, side, woken",
     [

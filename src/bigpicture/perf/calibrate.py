@@ -101,8 +101,42 @@ def _conv_grid(quick: bool) -> list[tuple[int, int, int, int, int, int, bool]]:
              for cout in (2, 8, 16, 32, 64) if cout <= cin for k in (2, 3)
              for side in ((8, 48) if nd == 2 else (4, 16)) + ((192,) if nd == 2 and cout <= 16 else ())
              ]  # fmt: skip
+    grid += _switches(grid)
     # skip the few cases that would take seconds each; neighbours cover them
     return [g for g in grid if 2 * g[1] * g[2] * g[3] ** g[0] * g[5] ** g[0] <= 2e9]
+
+
+def _backend_at(nd: int, cin: int, cout: int, k: int, stride: int, side: int, transposed: bool):
+    """``conv_backend`` of a grid point, its input as ``_conv`` makes it."""
+    n = side if transposed else (side - 1) * stride + k
+    weight = (cin, cout) + (k,) * nd if transposed else (cout, cin) + (k,) * nd
+    return conv_backend((1, cin) + (n,) * nd, weight, (stride,) * nd, (1,) * nd, 1, transposed)
+
+
+def _switches(grid: list[tuple]) -> list[tuple]:
+    """Per family of the grid (all but the side), the smallest side at which torch's kernel choice
+    switches between two measured sides, where it is not measured already. A rate is interpolated
+    within one kernel's points and held beyond its smallest: oneDNN's fixed cost per call makes its
+    smallest convolutions far slower per flop than the smallest point above the switch said (64 ->
+    128 1x1 / 2 on 10 x 10 outputs: 0.09 ms measured, 0.025 ms held from 32 x 32)."""
+    sides: dict[tuple, list[int]] = {}
+    for nd, cin, cout, k, stride, side, transposed in grid:
+        sides.setdefault((nd, cin, cout, k, stride, transposed), []).append(side)
+    added = []
+    for (nd, cin, cout, k, stride, transposed), measured in sides.items():
+        at = functools.partial(_backend_at, nd, cin, cout, k, stride, transposed=transposed)
+        measured = sorted(set(measured))
+        for a, b in itertools.pairwise(measured):
+            above = at(side=b)
+            if at(side=a) == above or above is None:
+                continue
+            lo, hi = a, b  # the kernel at lo differs from the one at hi: the first side with hi's
+            while hi - lo > 1:
+                mid = (lo + hi) // 2
+                lo, hi = (lo, mid) if at(side=mid) == above else (mid, hi)
+            if hi != b:
+                added.append((nd, cin, cout, k, stride, hi, transposed))
+    return added
 
 
 def _conv(dtype: torch.dtype, quick: bool, seconds, min_time: float) -> list[dict[str, Any]]:
