@@ -253,7 +253,7 @@ def test_full_grid_reaches_the_geometries_tiles_take():
     last layers of common networks at the sides their tiles reach: a UNet's first downsampling from
     RGB (a 384 tile: 192 wide), a 7x7 stem on a 512 tile (320 wide), a transposed convolution to 2
     classes at 192, a 2 -> 2 head in 2D and 3D; none costs more than the grid's 2 GFLOP cap."""
-    from bigpicture.perf.calibrate import _conv_grid
+    from bigpicture.perf.calibration_grid import _conv_grid
 
     grid = _conv_grid(False)
     for point in [(2, 3, 16, 3, 2, 192, False), (2, 3, 16, 7, 2, 320, False), (2, 32, 2, 3, 2, 192, True),
@@ -267,7 +267,7 @@ def test_full_grid_measures_each_kernel_from_the_side_torch_switches_to_it():
     """Rates are interpolated within one kernel family's points and held below its smallest: every
     run of a family's sides on one kernel starts at the side where torch switches to it (a 3 -> 16
     3x3 convolution's input reaches oneDNN at 83 x 83, 3 x 83 x 83 > 20,480 elements)."""
-    from bigpicture.perf.calibrate import _backend_at, _conv_grid
+    from bigpicture.perf.calibration_grid import _backend_at, _conv_grid
 
     grid = _conv_grid(False)
     assert (2, 3, 16, 3, 1, 81, False) in grid and (2, 3, 16, 3, 1, 80, False) not in grid

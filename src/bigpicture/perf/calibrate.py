@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 from bigpicture.engine import host_heap
 from bigpicture.perf.calibrate_engine import engine_costs
-from bigpicture.perf.calibration_grid import _backend_at, _conv_grid  # noqa: F401 (tests import them here)
+from bigpicture.perf.calibration_grid import _conv_grid
 from bigpicture.perf.calibration_rounds import best_of
 from bigpicture.perf.conv_rates import conv_backend
 from bigpicture.perf.devices import calibration_path, machine
@@ -62,7 +62,6 @@ def _cycling(fn: Callable, operands: list[tuple]) -> Callable[[], object]:
     """A call of `fn` on the next of `operands` (argument tuples) in turn, each time it is called."""
     turn = itertools.cycle(operands)
     return lambda: fn(*next(turn))
-
 
 
 def _conv(dtype: torch.dtype, quick: bool, seconds, min_time: float) -> list[dict[str, Any]]:
